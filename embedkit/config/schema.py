@@ -1,0 +1,278 @@
+"""The config schema: fixed sections as dataclasses, component blocks checked against the registry.
+
+``validate(raw)`` takes the merged recipe + overrides (plain dicts) and returns a complete plain
+dict with every default filled in, or raises ConfigError naming the offending key and what is
+accepted. Component blocks (``model.backbone``, ``model.pooling``, ``loss`` ...) are
+``{name: <registered name>, **params}``; their params come from the component's constructor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from embedkit.config import registry
+from embedkit.errors import ConfigError
+
+
+def component(kind: str, default: str):
+    """A dataclass field holding a component block of ``kind``."""
+    return field(default_factory=lambda: {"name": default}, metadata={"component": kind})
+
+
+@dataclass
+class RunSection:
+    name: Optional[str] = None  # default: <recipe>-<timestamp>
+    dir: Optional[str] = None  # default: runs/<run.name>
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    dora: bool = False
+    target: Optional[str] = None  # anchored regex; default: the backbone's language-model projections
+
+
+@dataclass
+class ModelSection:
+    backbone: dict = component("backbone", "qwen2_vl")
+    pooling: dict = component("pooling", "last_token")
+    normalize: bool = True
+    lora: LoraSection = field(default_factory=LoraSection)
+
+
+@dataclass
+class DemoData:
+    scenes: Literal["single", "pair", "mixed"] = "single"
+    train_size: int = 20000
+    val_size: int = 120  # held-out queries, each ranked against all val images
+    image_size: int = 56
+    holdout_combinations: int = 10  # caption combinations that never occur in training
+    seed: int = 1234  # the data's own seed: the drawn scenes do not change with the run seed
+    cache_dir: Optional[str] = None  # default: $EMBEDKIT_CACHE or ~/.cache/embedkit
+    text_only: bool = False  # captions on both sides (for text-only backbones)
+
+
+@dataclass
+class TrainData:
+    shards: Optional[str] = None  # a folder of .tar shards or a brace pattern; None: the demo data
+    num_negatives: int = 0  # hard negatives per example (K); padded or cut to exactly K
+    num_workers: int = 1  # DataLoader workers; processing runs there
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class ValData:
+    shards: Optional[str] = None  # None: the demo's held-out split
+    max_queries: int = 1000
+    enabled: bool = True
+
+
+@dataclass
+class EvalData:
+    root: Optional[str] = None
+    datasets: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataSection:
+    train: TrainData = field(default_factory=TrainData)
+    val: ValData = field(default_factory=ValData)
+    eval: EvalData = field(default_factory=EvalData)
+    demo: DemoData = field(default_factory=DemoData)
+
+
+@dataclass
+class TrainSection:
+    global_batch_size: int = 64  # the contrastive batch across all ranks
+    chunk_size: int = 64  # items encoded per forward pass, per device (GradCache sub-batch)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.0  # sgd only
+    warmup: float = 0.03  # fraction of max_steps spent warming up linearly
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    clip_grad_norm: Optional[float] = 1.0
+    accumulate_steps: int = 1
+
+
+@dataclass
+class TrainerSection:
+    max_steps: int = 1000
+    devices: Union[int, str] = 1
+    num_nodes: int = 1
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    precision: str = "32-true"
+    val_check_interval: Optional[int] = None  # optimizer steps between validations; None: at the end
+    log_every_n_steps: int = 10
+    progress: Literal["auto", "bar", "log", "none"] = "auto"
+
+
+@dataclass
+class TrackingSection:
+    enabled: bool = True
+    uri: Optional[str] = None  # default: sqlite:///runs/mlflow.db of the working directory
+    experiment: str = "embedkit"
+    tags: dict = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    recipe: Optional[str] = None  # set by the loader
+    plugins: list[str] = field(default_factory=list)
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    loss: dict = component("loss", "infonce")
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+def validate(raw: dict) -> dict:
+    """Fill defaults and check keys, types and component names; ConfigError on the first problem."""
+    registry.load_plugins(list(raw.get("plugins") or []))
+    return _section(Config, raw, "")
+
+
+def _section(cls, raw: Any, prefix: str) -> dict:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(raw, fields, prefix)
+    out = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if "component" in f.metadata:
+            out[name] = _component(f.metadata["component"], raw.get(name), f.default_factory()["name"], key)
+        elif dataclasses.is_dataclass(hints[name]):
+            out[name] = _section(hints[name], raw.get(name), key + ".")
+        elif name in raw:
+            out[name] = coerce(raw[name], hints[name], key)
+        else:
+            out[name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return out
+
+
+def _component(kind: str, raw: Any, default: str, key: str) -> dict:
+    if raw is None:
+        raw = {"name": default}
+    elif isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a {kind} name or a mapping with 'name', got {raw!r}")
+    name = raw.get("name", default)
+    if not isinstance(name, str):
+        raise ConfigError(f"{key}.name: expected a {kind} name, got {name!r}")
+    comp = registry.get(kind, name, key=f"{key}.name")
+    _reject_unknown(raw, {"name": None, **comp.params}, key + ".", what=f"{kind} {name!r}")
+    out = {"name": name}
+    for pname, param in comp.params.items():
+        pkey = f"{key}.{pname}"
+        if pname in comp.nested:
+            out[pname] = _component(comp.nested[pname], raw.get(pname), param.default, pkey)
+        elif pname in raw:
+            out[pname] = coerce(raw[pname], param.annotation, pkey)
+        else:
+            out[pname] = param.default
+    check = getattr(comp.factory, "check_config", None)
+    if check is not None:
+        # a component rejects bad values by raising ValueError("<param>: <why>")
+        try:
+            check(out)
+        except ValueError as exc:
+            raise ConfigError(f"{key}.{exc}") from None
+    return out
+
+
+def _reject_unknown(raw: dict, accepted, prefix: str, what: str | None = None) -> None:
+    for k in raw:
+        if k not in accepted:
+            owner = f" of {what}" if what else ""
+            raise ConfigError(
+                f"{prefix}{k}: unknown key{owner}; accepted: {', '.join(sorted(accepted))}"
+            )
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as type ``tp`` (numeric strings such as '3e-3' become numbers), else ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise _type_error(key, value, tp)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not accepted; choices: {', '.join(map(str, args))}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise _type_error(key, value, tp)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise _type_error(key, value, tp)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _type_error(key, value, tp)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _type_error(key, value, tp)
+    if origin is list or tp is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise _type_error(key, value, tp)
+        if not args:
+            return value
+        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _type_error(key, value, tp)
+        return dict(value)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _type_error(key, value, tp)
+
+
+def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
+    name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return ConfigError(f"{key}: expected {name}, got {value!r}")

@@ -1,0 +1,125 @@
+"""The shard codec: ``Example`` <-> WebDataset sample, and an atomic shard writer.
+
+A sample is the WebDataset convention (files sharing a key in a tar):
+    <key>.json      {"task": str, "query": slot, "positive": slot, "negatives": [slot, ...]}
+                    slot = {"text": str | null, "image": "<file extension>" | null}
+    <key>.q.<ext>   the query's image bytes, <key>.p.<ext> the positive's, <key>.n<i>.<ext> negatives'
+Image bytes are stored as they came (MMEB's JPEGs are not re-encoded); the demo writes PNG.
+Shards are written under a temporary name and renamed when complete, so a reader never sees a
+partial shard and an interrupted writer can be re-run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+
+from embedkit.data.schema import Example, Item
+
+
+@dataclass
+class ImageBytes:
+    """An image kept as its encoded bytes (no decode/re-encode on the way into a shard)."""
+
+    data: bytes
+    ext: str  # "png", "jpg", ...
+
+
+def _image_bytes(image) -> ImageBytes:
+    if isinstance(image, ImageBytes):
+        return image
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return ImageBytes(buf.getvalue(), "png")
+
+
+def encode_example(example: Example, key: str) -> dict[str, bytes]:
+    """Files of one sample: {"<key>.json": ..., "<key>.q.png": ...}."""
+    files: dict[str, bytes] = {}
+
+    def slot(item: Item, tag: str) -> dict:
+        ext = None
+        if item.image is not None:
+            img = _image_bytes(item.image)
+            ext = img.ext
+            files[f"{key}.{tag}.{ext}"] = img.data
+        return {"text": item.text, "image": ext}
+
+    meta = {
+        "task": example.task,
+        "query": slot(example.query, "q"),
+        "positive": slot(example.positive, "p"),
+        "negatives": [slot(item, f"n{i}") for i, item in enumerate(example.negatives)],
+    }
+    files[f"{key}.json"] = json.dumps(meta).encode()
+    return files
+
+
+def decode_sample(key: str, files: dict[str, bytes]) -> Example:
+    """An ``Example`` from one sample's files; raises on a corrupt image or missing part."""
+    meta = json.loads(files[f"{key}.json"])
+
+    def item(slot: dict, tag: str) -> Item:
+        image = None
+        if slot.get("image"):
+            image = Image.open(io.BytesIO(files[f"{key}.{tag}.{slot['image']}"]))
+            image.load()
+            image = image.convert("RGB")
+        return Item(text=slot.get("text"), image=image)
+
+    return Example(
+        query=item(meta["query"], "q"),
+        positive=item(meta["positive"], "p"),
+        negatives=[item(s, f"n{i}") for i, s in enumerate(meta.get("negatives", []))],
+        task=meta.get("task", "default"),
+    )
+
+
+def iter_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, files) per sample of a tar, grouping consecutive files by key (up to the first dot)."""
+    key, files = None, {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = os.path.basename(member.name)
+            k = name.split(".", 1)[0]
+            if key is not None and k != key:
+                yield key, files
+                files = {}
+            key = k
+            files[name] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, files
+
+
+def write_shard(path: str | Path, samples: list[dict[str, bytes]]) -> None:
+    """Write one tar of samples atomically: ``<path>.tmp`` first, renamed when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for files in samples:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = 0  # reproducible bytes: same input, same shard
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+
+
+def list_shards(spec: str | Path) -> list[str]:
+    """Shard paths from a folder (every .tar under it, sorted) or a brace pattern / single file."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return sorted(str(x) for x in p.rglob("*.tar"))
+    import braceexpand
+
+    return [s for s in braceexpand.braceexpand(str(spec))]

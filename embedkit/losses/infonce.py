@@ -1,0 +1,36 @@
+"""InfoNCE (van den Oord et al. 2018, arXiv 1807.03748), as used by VLM2Vec (arXiv 2410.05160).
+
+For query q_i the candidates are all positives and all hard negatives of the batch:
+    L_q2c = -1/B Σ_i log( exp(s(q_i,p_i)/τ) / Σ_c exp(s(q_i,c)/τ) )
+with s the dot product (embeddings are L2-normalised upstream, so cosine). Bidirectional adds the
+candidate→query direction over the positives, L_c2q, and averages the two.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from embedkit.config.registry import register
+from embedkit.losses.base import Loss, LossOutput, Temperature, candidates
+
+
+@register("loss", "infonce")
+class InfoNCE(Loss):
+    """Inputs q [B,D], p [B,D], n [B,K,D] | None. Output: mean cross-entropy over candidates."""
+
+    def __init__(self, temperature: float = 0.02, learnable_temperature: bool = False, bidirectional: bool = False):
+        super().__init__()
+        self.temperature = Temperature(temperature, learnable_temperature)
+        self.bidirectional = bidirectional
+
+    def forward(self, q, p, n=None) -> LossOutput:
+        tau = self.temperature()
+        targets = torch.arange(q.shape[0], device=q.device)
+        q2c = F.cross_entropy(q @ candidates(p, n).T / tau, targets)
+        parts = {"q2c": q2c.detach(), "temperature": tau.detach()}
+        if not self.bidirectional:
+            return LossOutput(q2c, parts)
+        c2q = F.cross_entropy(p @ q.T / tau, targets)
+        parts["c2q"] = c2q.detach()
+        return LossOutput((q2c + c2q) / 2, parts)

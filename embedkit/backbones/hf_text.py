@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from embedkit.backbones import _common
+from embedkit.backbones.loading import check_path, load_tokenizer, supported_families
 from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, torch_dtype
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
@@ -30,9 +31,11 @@ LORA_TARGETS = (
 
 
 class TextChunkProcessor(ChunkProcessor):
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer, max_length: int, append_eos: bool = True):
         self.tokenizer = tokenizer
         self.max_length = max_length
+        eos = tokenizer.eos_token_id
+        self.eos = eos if append_eos and eos is not None else None
 
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
         if any(item.image is not None for item in items):
@@ -40,16 +43,21 @@ class TextChunkProcessor(ChunkProcessor):
                 f"{FAMILY}: an item has an image, but backbone {FAMILY!r} embeds text only "
                 "(use a vision-language backbone, or data.demo.text_only=true for the demo)"
             )
-        enc = self.tokenizer(
-            [item.text for item in items], padding=True, truncation=True, max_length=self.max_length,
-            return_tensors="pt",
-        )
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        cut = self.max_length - (self.eos is not None)
+        rows = self.tokenizer([item.text for item in items], truncation=True, max_length=cut)["input_ids"]
+        if self.eos is not None:
+            rows = [r if r and r[-1] == self.eos else r + [self.eos] for r in rows]
+        input_ids, attention_mask = _common.pad_right(rows, self.tokenizer.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 @register("backbone", FAMILY)
 class HFText(Backbone):
-    """Any transformers AutoModel text encoder or decoder; ``max_length`` truncates (tokens)."""
+    """Any transformers AutoModel text encoder or decoder; ``max_length`` truncates (tokens).
+
+    ``append_eos``: end every sequence with the tokenizer's EOS token when it has one and did not add
+    it itself (decoders: the state last-token pooling reads; BERT-style tokenizers have none).
+    """
 
     vision_prefixes = ()
     projector_prefixes = ()
@@ -64,14 +72,16 @@ class HFText(Backbone):
         freeze_vision: bool = True,
         train_projector: bool = False,
         gradient_checkpointing: bool = False,
+        append_eos: bool = True,
         max_length: int = 512,
     ):
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, Qwen2Config, Qwen2Model
+        from transformers import AutoConfig, AutoModel, Qwen2Config, Qwen2Model
 
         if (path is None) == (not tiny):
             raise UserError(f"model.backbone: {FAMILY} needs exactly one of path=<dir or hub id> or tiny=true")
         self.max_length = max_length
+        self.append_eos = append_eos
         self.train_projector = train_projector  # accepted for a uniform config; text models have none
         if tiny:
             from embedkit.backbones.processors import tiny_tokenizer
@@ -86,25 +96,25 @@ class HFText(Backbone):
             with _common.seeded(seed):
                 self.model = Qwen2Model(cfg)
         else:
-            _common.checkpoint_model_type(path, FAMILY)  # a missing local directory -> one-line error
+            path = check_path(path, FAMILY)  # a missing local directory -> one-line error
             try:
                 config = AutoConfig.from_pretrained(path)
             except (OSError, ValueError, KeyError) as exc:
                 raise UserError(
                     f"model.backbone.path: {path} is not a checkpoint transformers can read "
                     f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                    f"supported families: {_common.supported_families()}"
+                    f"supported families: {supported_families()}"
                 ) from None
             if hasattr(config, "vision_config") or hasattr(config, "text_config"):
                 raise UserError(
                     f"model.backbone.path: {path} holds a multimodal {config.model_type!r} checkpoint; "
-                    f"{FAMILY} loads text models; supported families: {_common.supported_families()}"
+                    f"{FAMILY} loads text models; supported families: {supported_families()}"
                 )
             try:
                 self.model = AutoModel.from_pretrained(
                     path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
                 )
-                self.tokenizer = AutoTokenizer.from_pretrained(path)
+                self.tokenizer = load_tokenizer(path)
             except (OSError, ValueError) as exc:
                 raise _common.load_error(path, FAMILY, exc) from None
         self.model.to(torch_dtype(dtype)).eval()
@@ -122,7 +132,7 @@ class HFText(Backbone):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def make_processor(self) -> TextChunkProcessor:
-        return TextChunkProcessor(self.tokenizer, self.max_length)
+        return TextChunkProcessor(self.tokenizer, self.max_length, self.append_eos)
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
         out = self.model(

@@ -26,6 +26,7 @@ from embedkit.backbones import _common
 from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, torch_dtype
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
+from embedkit.errors import UserError
 
 FAMILY = "llava_onevision"
 IMAGE_TOKEN = "<image>"
@@ -60,8 +61,9 @@ def num_image_tokens(
 
 class LlavaOnevisionChunkProcessor(ChunkProcessor):
     def __init__(self, tokenizer, image_processor, image_token_id: int, tile: int, patch: int,
-                 pinpoints: list[list[int]], anyres_max: int):
+                 pinpoints: list[list[int]], anyres_max: int, append_eos: bool = True):
         self.tokenizer = tokenizer
+        self.end = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
         self.image_processor = image_processor
         self.image_token_id = image_token_id
         self.tile, self.patch, self.pinpoints, self.anyres_max = tile, patch, pinpoints, anyres_max
@@ -76,7 +78,7 @@ class LlavaOnevisionChunkProcessor(ChunkProcessor):
             if item.image is None:
                 if _common.IMAGE_PLACEHOLDER in text:
                     raise _common.placeholder_error(FAMILY)
-                rows.append(self._ids(text))
+                rows.append(self._ids(text) + self.end)
                 continue
             image = item.image.convert("RGB")
             images.append(image)
@@ -87,7 +89,7 @@ class LlavaOnevisionChunkProcessor(ChunkProcessor):
             before, _, after = text.partition(_common.IMAGE_PLACEHOLDER)
             if _common.IMAGE_PLACEHOLDER in after:
                 raise ValueError(f"{FAMILY}: one image per item; the text holds several {_common.IMAGE_PLACEHOLDER}")
-            rows.append(self._ids(before) + [self.image_token_id] * n + self._ids(after))
+            rows.append(self._ids(before) + [self.image_token_id] * n + self._ids(after) + self.end)
         if any(len(r) == 0 for r in rows):
             raise ValueError(f"{FAMILY}: an item tokenized to nothing")
         input_ids, attention_mask = _common.pad_right(rows, self.tokenizer.pad_token_id)
@@ -103,6 +105,8 @@ class LlavaOnevisionChunkProcessor(ChunkProcessor):
 @register("backbone", FAMILY)
 class LlavaOnevision(Backbone):
     """LLaVA-OneVision (transformers ``LlavaOnevisionModel``) with right padding and AnyRes-Max tiling.
+
+    ``append_eos``: end every sequence with the EOS token (the state last-token pooling reads).
 
     ``anyres_max`` caps the tiled features at that many tiles' worth (reference: 9, "anyres_max_9");
     ``max_grid`` builds the tile grids 1..max_grid squared (reference: 6, i.e. up to 2304 px with 384-px
@@ -125,15 +129,17 @@ class LlavaOnevision(Backbone):
         freeze_vision: bool = True,
         train_projector: bool = False,
         gradient_checkpointing: bool = False,
+        append_eos: bool = True,
         anyres_max: Optional[int] = None,
         max_grid: Optional[int] = None,
     ):
         super().__init__()
-        from transformers import AutoTokenizer, LlavaOnevisionImageProcessorPil, LlavaOnevisionModel
+        from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionModel
 
         if (path is None) == (not tiny):
-            raise _common.UserError(f"model.backbone: {FAMILY} needs exactly one of path=<dir or hub id> or tiny=true")
+            raise UserError(f"model.backbone: {FAMILY} needs exactly one of path=<dir or hub id> or tiny=true")
         self.train_projector = train_projector
+        self.append_eos = append_eos
         if tiny:
             self.tokenizer = _tiny_tokenizer()
             with _common.seeded(seed):
@@ -143,15 +149,13 @@ class LlavaOnevision(Backbone):
                 size={"height": tile, "width": tile}, image_grid_pinpoints=anyres_pinpoints(tile, 6)
             )
         else:
-            _common.require_model_type(path, FAMILY, ("llava_onevision",))
-            try:
-                self.model = LlavaOnevisionModel.from_pretrained(
-                    path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
-                ).eval()
-                self.tokenizer = AutoTokenizer.from_pretrained(path)
-                self.image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(path)
-            except (OSError, ValueError) as exc:
-                raise _common.load_error(path, FAMILY, exc) from None
+            from embedkit.backbones.loading import load_pretrained
+
+            self.model, self.tokenizer, self.image_processor = load_pretrained(
+                path, FAMILY, torch_dtype(dtype), attn_implementation,
+                image_processor_cls=LlavaOnevisionImageProcessorPil, image_processor_kwargs={},
+            )
+            self.model.eval()
         cfg = self.model.config
         if max_grid is not None:
             cfg.image_grid_pinpoints = anyres_pinpoints(cfg.vision_config.image_size, max_grid)
@@ -183,7 +187,7 @@ class LlavaOnevision(Backbone):
             self.tokenizer, self.image_processor, cfg.image_token_id,
             tile=cfg.vision_config.image_size, patch=cfg.vision_config.patch_size,
             pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
-            anyres_max=int(cfg.vision_aspect_ratio.removeprefix("anyres_max_")),
+            anyres_max=int(cfg.vision_aspect_ratio.removeprefix("anyres_max_")), append_eos=self.append_eos,
         )
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:

@@ -19,7 +19,8 @@ Architecture (Phi-3 technical report, arXiv 2404.14219, sec. "Phi-3-Vision"; the
 Checkpoint key layout (official name -> this module), loaded with strict key checks:
 
     model.embed_tokens.*, model.layers.*, model.norm.*        -> language_model.*
-    model.vision_embed_tokens.img_processor.*                 -> vision_tower.*  (CLIPVisionModel keys)
+    model.vision_embed_tokens.img_processor.vision_model.*    -> vision_tower.*  (transformers 5's
+                                                              CLIPVisionModel has no vision_model level)
     model.vision_embed_tokens.img_projection.{0,2}.*          -> projector.{0,2}.*
     model.vision_embed_tokens.glb_GN / sub_GN                 -> glb_GN / sub_GN
     model.vision_embed_tokens.wte.weight                      an alias of model.embed_tokens.weight (used
@@ -44,6 +45,7 @@ import torch
 from torch import nn
 
 from embedkit.backbones import _common
+from embedkit.backbones.loading import load_tokenizer, supported_families
 from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, torch_dtype
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
@@ -93,8 +95,9 @@ def num_image_tokens(h: int, w: int, merged_side: int) -> int:
 
 
 class Phi3VChunkProcessor(ChunkProcessor):
-    def __init__(self, tokenizer, num_crops: int, crop: int, merged_side: int):
+    def __init__(self, tokenizer, num_crops: int, crop: int, merged_side: int, append_eos: bool = True):
         self.tokenizer = tokenizer
+        self.end = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
         self.num_crops, self.crop, self.merged_side = num_crops, crop, merged_side
 
     def _ids(self, text: str) -> list[int]:
@@ -122,7 +125,7 @@ class Phi3VChunkProcessor(ChunkProcessor):
             if item.image is None:
                 if _common.IMAGE_PLACEHOLDER in text:
                     raise _common.placeholder_error(FAMILY)
-                rows.append(bos + self._ids(text))
+                rows.append(bos + self._ids(text) + self.end)
                 continue
             if _common.IMAGE_PLACEHOLDER not in text:
                 text = _common.IMAGE_PLACEHOLDER + ("\n" + text if text else "")
@@ -133,7 +136,7 @@ class Phi3VChunkProcessor(ChunkProcessor):
             pixels.append(pix)
             sizes.append((H, W))
             n = num_image_tokens(H // self.crop, W // self.crop, self.merged_side)
-            rows.append(bos + self._ids(before) + [-1] * n + self._ids(after))
+            rows.append(bos + self._ids(before) + [-1] * n + self._ids(after) + self.end)
         if any(len(r) == 0 for r in rows):
             raise ValueError(f"{FAMILY}: an item tokenized to nothing")
         input_ids, attention_mask = _common.pad_right(rows, self.tokenizer.pad_token_id)
@@ -149,6 +152,7 @@ class Phi3V(Backbone):
     """Phi-3.5-Vision (Phi3Model + CLIP ViT-L/14-336 + HD crops + MLP projector), official key layout.
 
     ``num_crops``: the HD transform's crop budget (reference: 4 for Phi-3.5-V, 16 for Phi-3-V).
+    ``append_eos``: end every sequence with the EOS token (the state last-token pooling reads).
     """
 
     lora_target = r"^language_model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))$"
@@ -165,30 +169,32 @@ class Phi3V(Backbone):
         freeze_vision: bool = True,
         train_projector: bool = False,
         gradient_checkpointing: bool = False,
+        append_eos: bool = True,
         num_crops: int = 4,
     ):
         super().__init__()
-        from transformers import AutoTokenizer
-
         if (path is None) == (not tiny):
             raise UserError(f"model.backbone: {FAMILY} needs exactly one of path=<dir> or tiny=true")
         self.num_crops = num_crops
         self.train_projector = train_projector
+        self.append_eos = append_eos
         if tiny:
             self.tokenizer = _tiny_tokenizer()
             config = _tiny_config(self.tokenizer)
             with _common.seeded(seed):
                 self._build(config, attn_implementation)
         else:
-            _common.require_model_type(path, FAMILY, ("phi3_v",))
-            root = Path(path).expanduser()
-            if not root.is_dir():
-                raise UserError(f"model.backbone.path: {path} is not a local directory; {FAMILY} loads local checkpoints only")
+            root = _checkpoint_dir(path)
             config = json.loads((root / "config.json").read_text())
+            if config.get("model_type") != "phi3_v":
+                raise UserError(
+                    f"model.backbone.path: {path} holds a {config.get('model_type')!r} model, not {FAMILY} "
+                    f"(type phi3_v); supported families: {supported_families()}"
+                )
             self._build(config, attn_implementation)
             self._load_weights(root)
             try:
-                self.tokenizer = AutoTokenizer.from_pretrained(str(root))
+                self.tokenizer = load_tokenizer(str(root))
             except (OSError, ValueError) as exc:
                 raise _common.load_error(path, FAMILY, exc) from None
         self.config = config
@@ -245,8 +251,8 @@ class Phi3V(Backbone):
             return None
         if key == vis + "wte.weight":
             return "language_model.embed_tokens.weight"
-        if key.startswith(vis + "img_processor."):
-            return "vision_tower." + key[len(vis + "img_processor."):]
+        if key.startswith(vis + "img_processor.vision_model."):
+            return "vision_tower." + key[len(vis + "img_processor.vision_model."):]
         if key.startswith(vis + "img_projection."):
             return "projector." + key[len(vis + "img_projection."):]
         if key in (vis + "glb_GN", vis + "sub_GN"):
@@ -261,7 +267,7 @@ class Phi3V(Backbone):
         out = {}
         for key, value in self.state_dict().items():
             if key.startswith("vision_tower."):
-                name = vis + "img_processor." + key[len("vision_tower."):]
+                name = vis + "img_processor.vision_model." + key[len("vision_tower."):]
             elif key.startswith("projector."):
                 name = vis + "img_projection." + key[len("projector."):]
             elif key in ("glb_GN", "sub_GN"):
@@ -312,7 +318,7 @@ class Phi3V(Backbone):
     # -- the contract ------------------------------------------------------------------------------
 
     def make_processor(self) -> Phi3VChunkProcessor:
-        return Phi3VChunkProcessor(self.tokenizer, self.num_crops, self.crop, self.merged_side)
+        return Phi3VChunkProcessor(self.tokenizer, self.num_crops, self.crop, self.merged_side, self.append_eos)
 
     def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
         """All images' projected token features, concatenated in order: ``[sum of tokens, hidden]``."""
@@ -350,6 +356,22 @@ class Phi3V(Backbone):
         return BackboneOutput(
             out.last_hidden_state, inputs["attention_mask"], tuple(out.hidden_states) if output_all_layers else None
         )
+
+
+def _checkpoint_dir(path: str) -> Path:
+    """A local checkpoint directory with a config.json (remote code cannot be fetched: no hub ids)."""
+    from embedkit.backbones.loading import check_path
+
+    root = Path(check_path(path, FAMILY)).expanduser()
+    if not root.is_dir():
+        raise UserError(f"model.backbone.path: {path} is not a local directory; {FAMILY} loads local checkpoints only")
+    if not (root / "config.json").is_file():
+        raise UserError(f"model.backbone.path: {path} has no config.json")
+    try:
+        json.loads((root / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"model.backbone.path: {root / 'config.json'} is not valid JSON ({exc})") from None
+    return root
 
 
 def _tiny_tokenizer():

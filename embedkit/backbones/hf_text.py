@@ -129,7 +129,7 @@ class HFText(Backbone):
         names = [n for n, _ in self.named_modules()]
         self.lora_target = next((t for t in LORA_TARGETS if any(re.fullmatch(t, n) for n in names)), "")
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def make_processor(self) -> TextChunkProcessor:
         return TextChunkProcessor(self.tokenizer, self.max_length, self.append_eos)

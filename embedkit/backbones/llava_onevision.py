@@ -172,7 +172,7 @@ class LlavaOnevision(Backbone):
             self.freeze_vision_tower()
         _common.set_trainable(self, self.projector_prefixes, train_projector)
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     @staticmethod
     def check_config(params: dict) -> None:

@@ -207,9 +207,9 @@ class Phi3V(Backbone):
             self.freeze_vision_tower()
         _common.set_trainable(self, self.projector_prefixes, train_projector)
         if gradient_checkpointing:
-            kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-            self.language_model.gradient_checkpointing_enable(**kw)
-            self.vision_tower.gradient_checkpointing_enable(**kw)
+            kw = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+            self.language_model.activation_checkpointing_enable(**kw)
+            self.vision_tower.activation_checkpointing_enable(**kw)
 
     @staticmethod
     def check_config(params: dict) -> None:

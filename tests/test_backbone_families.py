@@ -46,6 +46,7 @@ def items_for(family: str) -> list[Item]:
 
 
 def last_token(backbone, items):
+    backbone.eval()
     inputs = backbone.make_processor()(items)
     with torch.no_grad():
         out = backbone(inputs)
@@ -90,7 +91,9 @@ def test_all_layers_and_sizes(tiny):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_same_seed_same_outputs(family):
     items = items_for(family)
-    a = last_token(FAMILIES[family](seed=7, tiny=True), items)
+    first = FAMILIES[family](seed=7, tiny=True)
+    assert first.training  # built like a fresh module; the trainer/evaluator sets the mode
+    a = last_token(first, items)
     b = last_token(FAMILIES[family](seed=7, tiny=True), items)
     c = last_token(FAMILIES[family](seed=8, tiny=True), items)
     assert torch.equal(a, b)

@@ -117,7 +117,8 @@ class HFText(Backbone):
                 self.tokenizer = load_tokenizer(path)
             except (OSError, ValueError) as exc:
                 raise _common.load_error(path, FAMILY, exc) from None
-        self.model.to(torch_dtype(dtype)).eval()
+        self.model.to(torch_dtype(dtype))
+        self.train()  # from_pretrained returns eval mode; the trainer/evaluator sets the mode
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False  # an encoder pass keeps no KV cache
         self.tokenizer.padding_side = "right"

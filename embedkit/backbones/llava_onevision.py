@@ -143,7 +143,7 @@ class LlavaOnevision(Backbone):
         if tiny:
             self.tokenizer = _tiny_tokenizer()
             with _common.seeded(seed):
-                self.model = LlavaOnevisionModel(_tiny_config(self.tokenizer)).eval()
+                self.model = LlavaOnevisionModel(_tiny_config(self.tokenizer))
             tile = self.model.config.vision_config.image_size
             self.image_processor = LlavaOnevisionImageProcessorPil(
                 size={"height": tile, "width": tile}, image_grid_pinpoints=anyres_pinpoints(tile, 6)
@@ -155,7 +155,6 @@ class LlavaOnevision(Backbone):
                 path, FAMILY, torch_dtype(dtype), attn_implementation,
                 image_processor_cls=LlavaOnevisionImageProcessorPil, image_processor_kwargs={},
             )
-            self.model.eval()
         cfg = self.model.config
         if max_grid is not None:
             cfg.image_grid_pinpoints = anyres_pinpoints(cfg.vision_config.image_size, max_grid)
@@ -163,6 +162,7 @@ class LlavaOnevision(Backbone):
             cfg.vision_aspect_ratio = f"anyres_max_{anyres_max}"
         self.image_processor.image_grid_pinpoints = cfg.image_grid_pinpoints
         self.model.to(torch_dtype(dtype))
+        self.train()  # from_pretrained returns eval mode; the trainer/evaluator sets the mode
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -199,7 +199,7 @@ class Phi3V(Backbone):
                 raise _common.load_error(path, FAMILY, exc) from None
         self.config = config
         self.to(torch_dtype(dtype))
-        self.eval()
+        self.train()  # like a fresh module: the trainer/evaluator sets the mode
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

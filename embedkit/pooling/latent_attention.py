@@ -7,6 +7,11 @@ latents and 8 heads.
 
 Each token attends only to the latents, never to other tokens, so a row's output depends on its
 own real tokens only: left and right padding give the same embedding.
+
+``residual`` (default on, our choice, not in the paper's equations) adds each sublayer's input to
+its output, a = x + attn(x), out = a + MLP(a): at initialisation the attention over r random
+latents is near-uniform, so without it every sequence starts out with nearly the same embedding.
+``residual=false`` is the paper's form, out = MLP(attn(x)).
 """
 
 from __future__ import annotations
@@ -26,11 +31,20 @@ class LatentAttentionPooling(Pooling):
 
     ``num_latents``: rows of the trainable latent array (r). ``num_heads``: attention heads (must
     divide the hidden size). ``mlp_ratio``: the MLP's inner width as a multiple of H.
+    ``residual``: skip connections around attention and MLP.
     ``hidden_size`` is supplied by the builder.
     """
 
-    def __init__(self, hidden_size: int, num_latents: int = 512, num_heads: int = 8, mlp_ratio: float = 1.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_latents: int = 512,
+        num_heads: int = 8,
+        mlp_ratio: float = 1.0,
+        residual: bool = True,
+    ):
         super().__init__()
+        self.residual = residual
         if hidden_size % num_heads:
             raise ConfigError(
                 f"model.pooling.num_heads: {num_heads} does not divide the hidden size {hidden_size}"
@@ -51,4 +65,7 @@ class LatentAttentionPooling(Pooling):
     def forward(self, hidden, mask, all_layers=None) -> torch.Tensor:
         latents = self.latents.to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
         attended, _ = self.attention(hidden, latents, latents, need_weights=False)
-        return masked_mean(self.mlp(attended), mask)
+        if not self.residual:
+            return masked_mean(self.mlp(attended), mask)
+        a = hidden + attended
+        return masked_mean(a + self.mlp(a), mask)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from embedkit.config import registry, schema
+from embedkit.config.loader import compose
 from embedkit.errors import ConfigError
 from embedkit.losses.hardness_weighted import HardnessWeighted
 from embedkit.losses.infonce import InfoNCE
@@ -138,37 +139,29 @@ def test_matryoshka_rejects_dims_larger_than_the_embedding_at_build_time():
     assert registry.build("loss", {**block, "dims": None}, embedding_dim=32).dims == [4, 8, 16, 32]
 
 
-@registry.register("backbone", "_test_stub_backbone")
-class _StubBackbone:  # lets schema.validate run without a real backbone
-    def __init__(self, tiny: bool = True):
-        pass
-
-
-def validate(loss_block) -> dict:
-    return schema.validate({"model": {"backbone": {"name": "_test_stub_backbone"}}, "loss": loss_block})
-
-
 @pytest.mark.parametrize(
-    "block, key",
+    "overrides, key",
     [
-        ({"name": "matryoshka", "dims": []}, "loss.dims"),
-        ({"name": "matryoshka", "dims": [8, 16], "weights": [1.0]}, "loss.weights"),
-        ({"name": "matryoshka", "dims": [8, 8]}, "loss.dims"),
-        ({"name": "matryoshka", "inner": {"name": "hardness_weighted", "alpha": -1}}, "loss.inner.alpha"),
-        ({"name": "hardness_weighted", "alpha": -0.5}, "loss.alpha"),
-        ({"name": "infonce", "temperature": 0}, "loss.temperature"),
-        ({"name": "matryoshka", "bogus": 1}, "loss.bogus"),
+        (["loss=matryoshka", "loss.dims=[]"], "loss.dims"),
+        (["loss=matryoshka", "loss.dims=[8,16]", "loss.weights=[1.0]"], "loss.weights"),
+        (["loss=matryoshka", "loss.weights=[1.0]"], "loss.weights"),
+        (["loss=matryoshka", "loss.dims=[8,8]"], "loss.dims"),
+        (["loss=matryoshka", "loss.dims=[0,8]"], "loss.dims"),
+        (["loss=matryoshka", "loss.inner=hardness_weighted", "loss.inner.alpha=-1"], "loss.inner.alpha"),
+        (["loss=hardness_weighted", "loss.alpha=-0.5"], "loss.alpha"),
+        (["loss=infonce", "loss.temperature=0"], "loss.temperature"),
+        (["loss=matryoshka", "loss.bogus=1"], "loss.bogus"),
     ],
 )
-def test_bad_loss_configs_name_the_key(block, key):
+def test_bad_loss_configs_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as info:
-        validate(block)
+        compose(["recipe=demo", *overrides])
     message = str(info.value)
     assert message.startswith(key + ":") and "\n" not in message
 
 
 def test_good_matryoshka_config_validates_and_builds():
-    cfg = validate({"name": "matryoshka", "inner": "hardness_weighted", "dims": [8, 16], "weights": [1, 2]})
+    cfg = compose(["loss=matryoshka", "loss.inner=hardness_weighted", "loss.dims=[8,16]", "loss.weights=[1,2]"])
     assert cfg["loss"]["inner"]["name"] == "hardness_weighted" and cfg["loss"]["inner"]["alpha"] >= 0
     loss = registry.build("loss", cfg["loss"], embedding_dim=D)
     assert isinstance(loss.inner, HardnessWeighted) and loss.weights == [1.0, 2.0]

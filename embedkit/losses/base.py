@@ -71,7 +71,8 @@ class Temperature(nn.Module):
     """τ, fixed or learnable; learnable τ is stored as log(1/τ) (CLIP's parametrisation).
 
     A fixed τ stays a Python float (exact in any dtype; a float32 buffer would round 0.05 and shift
-    float64 losses by ~1e-6). 1/τ is capped at 100, as in CLIP, to keep training stable.
+    float64 losses by ~1e-6) and is used as given. A learnable τ's 1/τ is capped at 100, as in
+    CLIP, so it cannot drift into an unstable scale.
     """
 
     MAX_SCALE = 100.0
@@ -81,7 +82,7 @@ class Temperature(nn.Module):
         if value <= 0:
             raise ValueError("temperature must be positive")
         self.learnable = learnable
-        self.value = max(float(value), 1.0 / self.MAX_SCALE)
+        self.value = float(value)
         if learnable:
             self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / value)))
 

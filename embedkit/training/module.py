@@ -73,10 +73,11 @@ class EmbeddingModule(L.LightningModule):
                 self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
             opt.step()
             self.lr_schedulers().step()
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=B)
+        # distributed, each rank's loss is over its own rows: sync_dist reports the full-batch mean
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=B, sync_dist=True)
         self.log("train/lr", opt.param_groups[0]["lr"], batch_size=B)
         for name, value in out.parts.items():
-            self.log(f"train/loss/{name}", value, batch_size=B)
+            self.log(f"train/loss/{name}", value, batch_size=B, sync_dist=True)
         return out.loss
 
     def configure_optimizers(self):

@@ -266,3 +266,17 @@ def test_phi3v_sharded_checkpoint_loads(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     items = items_for("phi3_v")
     assert torch.equal(last_token(backbone, items), last_token(Phi3V(seed=1, path=str(tmp_path)), items))
+
+
+@pytest.mark.parametrize("rope_type", ["su", "longrope"])
+def test_phi3v_loads_the_official_long_context_rope_config(tmp_path, rope_type):
+    """Phi-3.5-V's config.json carries LongRoPE factors (older files call the type "su")."""
+    Phi3V(seed=0, tiny=True).save_pretrained(str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    head_half = cfg["hidden_size"] // cfg["num_attention_heads"] // 2
+    cfg.update(max_position_embeddings=131072, original_max_position_embeddings=4096, sliding_window=262144,
+               rope_scaling={"type": rope_type, "long_factor": [1.5] * head_half, "short_factor": [1.0] * head_half})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = Phi3V(seed=0, path=str(tmp_path))
+    assert loaded.language_model.config.rope_parameters["rope_type"] == "longrope"
+    assert torch.isfinite(last_token(loaded, items_for("phi3_v"))).all()

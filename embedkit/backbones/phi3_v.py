@@ -224,7 +224,11 @@ class Phi3V(Backbone):
         embd = config.get("embd_layer", {})
         if embd.get("hd_transform_order", "sub_glb") != "sub_glb" or not embd.get("use_hd_transform", True):
             raise UserError(f"model.backbone.path: {FAMILY} supports the HD transform in 'sub_glb' order only")
-        text_cfg = Phi3Config(**{k: v for k, v in config.items() if k not in _TEXT_SKIP})
+        text_fields = {k: v for k, v in config.items() if k not in _TEXT_SKIP}
+        rope = text_fields.get("rope_scaling")
+        if isinstance(rope, dict) and rope.get("type") == "su":  # "su" is LongRoPE's old name
+            text_fields["rope_scaling"] = {**rope, "type": "longrope"}
+        text_cfg = Phi3Config(**text_fields)
         img = config.get("img_processor", {})
         vision_cfg = CLIPVisionConfig(**img.get("embedkit_vision_config", CLIP_L_336))
         text_cfg._attn_implementation = attn_implementation

@@ -280,3 +280,28 @@ def test_phi3v_loads_the_official_long_context_rope_config(tmp_path, rope_type):
     loaded = Phi3V(seed=0, path=str(tmp_path))
     assert loaded.language_model.config.rope_parameters["rope_type"] == "longrope"
     assert torch.isfinite(last_token(loaded, items_for("phi3_v"))).all()
+
+
+def test_phi3v_loads_in_bfloat16_without_a_float32_copy(tmp_path):
+    backbone = Phi3V(seed=0, tiny=True)
+    backbone.save_pretrained(str(tmp_path))
+    loaded = Phi3V(seed=0, path=str(tmp_path), dtype="bfloat16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32
+    ref = last_token(backbone, items_for("phi3_v"))
+    torch.testing.assert_close(last_token(loaded, items_for("phi3_v")).float(), ref, atol=0.15, rtol=0.1)
+
+
+def test_llava_loads_a_conditional_generation_checkpoint(tmp_path):
+    """Hub checkpoints are LlavaOnevisionForConditionalGeneration (with an LM head): the base loads."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    backbone = LlavaOnevision(seed=0, tiny=True)
+    full = LlavaOnevisionForConditionalGeneration(backbone.model.config)
+    full.model.load_state_dict(backbone.model.state_dict())
+    full.save_pretrained(str(tmp_path))
+    backbone.tokenizer.save_pretrained(str(tmp_path))
+    backbone.image_processor.save_pretrained(str(tmp_path))
+    loaded = LlavaOnevision(seed=5, path=str(tmp_path))
+    items = items_for("llava_onevision")
+    assert torch.equal(last_token(backbone, items), last_token(loaded, items))

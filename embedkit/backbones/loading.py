@@ -73,6 +73,8 @@ def load_pretrained(path, family, dtype, attn_implementation, *, image_processor
     path = check_path(path, family)
     check_model_type(path, family)
     model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    # from_pretrained returns eval mode and Lightning keeps submodules' modes: dropout would stay off
+    model.train()
     tokenizer = load_tokenizer(path)
     image_processor = image_processor_cls.from_pretrained(path, **image_processor_kwargs)
     return model, tokenizer, image_processor

@@ -1,0 +1,157 @@
+"""Qwen2-VL / Qwen2.5-VL as an embedding backbone (VLM2Vec arXiv 2410.05160 uses Qwen2-VL 2B/7B).
+
+Processing: an image becomes ``<|vision_start|>`` + N x ``<|image_pad|>`` + ``<|vision_end|>`` with
+N = (grid_h * grid_w) / merge_size^2 from the PIL image processor (no torchvision); MMEB's
+``<|image_1|>`` marks where it goes (else it leads the text). Resolution policy: at most
+``max_pixels`` (reference default 1280*28*28, Qwen2-VL model card) and at least ``min_pixels``.
+Sequences are right-padded and end with the EOS token, the state that last-token pooling reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import torch
+
+from embedkit.backbones.base import IMAGE_PLACEHOLDER, Backbone, BackboneOutput, ChunkProcessor, torch_dtype
+from embedkit.config.registry import register
+from embedkit.data.schema import Item
+
+VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+
+class Qwen2VLChunkProcessor(ChunkProcessor):
+    def __init__(self, tokenizer, image_processor, merge_size: int, max_length: int):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.merge_size = merge_size
+        self.max_length = max_length
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+
+    def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        images = [it.image for it in items if it.image is not None]
+        out: dict[str, torch.Tensor] = {}
+        counts = []
+        if images:
+            vision = self.image_processor(images=images, return_tensors="pt")
+            out["pixel_values"] = vision["pixel_values"]
+            out["image_grid_thw"] = vision["image_grid_thw"]
+            counts = (vision["image_grid_thw"].prod(-1) // self.merge_size**2).tolist()
+        texts, k = [], 0
+        for it in items:
+            text = it.text or ""
+            if it.image is not None:
+                image = VISION_START + IMAGE_PAD * counts[k] + VISION_END
+                k += 1
+                text = text.replace(IMAGE_PLACEHOLDER, image, 1) if IMAGE_PLACEHOLDER in text else image + text
+            texts.append(text + self.tokenizer.eos_token)
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        if enc["input_ids"].shape[1] > self.max_length:
+            raise ValueError(
+                f"a sequence of {enc['input_ids'].shape[1]} tokens exceeds max_length={self.max_length}; "
+                "lower model.backbone.max_pixels or raise model.backbone.max_length"
+            )
+        out["input_ids"] = enc["input_ids"]
+        out["attention_mask"] = enc["attention_mask"]
+        out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).int()
+        return out
+
+
+@register("backbone", "qwen2_vl")
+class Qwen2VLBackbone(Backbone):
+    """Qwen2-VL / Qwen2.5-VL adapter. ``tiny=true`` builds a small random model (tests, demo)."""
+
+    lora_target = r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+    vision_prefixes = ("model.visual.",)
+
+    def __init__(
+        self,
+        seed: int,
+        path: Optional[str] = None,
+        tiny: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str = "sdpa",
+        freeze_vision: bool = True,
+        gradient_checkpointing: bool = False,
+        min_pixels: int = 56 * 56,
+        max_pixels: int = 1280 * 28 * 28,
+        max_length: int = 4096,
+        tiny_hidden_size: int = 64,
+        tiny_layers: int = 2,
+        tiny_vision_layers: int = 2,
+    ):
+        super().__init__()
+        from transformers import Qwen2VLImageProcessorPil
+
+        if tiny:
+            from embedkit.backbones.processors import tiny_tokenizer
+
+            self.tokenizer = tiny_tokenizer([VISION_START, IMAGE_PAD, VISION_END], pad=PAD, eos=EOS)
+            self.image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                self.model = _tiny_model(self.tokenizer, tiny_hidden_size, tiny_layers, tiny_vision_layers,
+                                         attn_implementation)
+            self.model.to(torch_dtype(dtype))
+        else:
+            from embedkit.backbones.loading import load_pretrained
+
+            self.model, self.tokenizer, self.image_processor = load_pretrained(
+                path, "qwen2_vl", torch_dtype(dtype), attn_implementation,
+                image_processor_cls=Qwen2VLImageProcessorPil,
+                image_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels},
+            )
+            self.tokenizer.padding_side = "right"
+        self.max_length = max_length
+        config = self.model.config
+        self.hidden_size = config.text_config.hidden_size
+        self.num_layers = config.text_config.num_hidden_layers
+        self.merge_size = config.vision_config.spatial_merge_size
+        if freeze_vision:
+            self.freeze_vision_tower()
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def make_processor(self) -> ChunkProcessor:
+        return Qwen2VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length)
+
+    def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
+        out = self.model(**inputs, output_hidden_states=output_all_layers, use_cache=False)
+        return BackboneOutput(out.last_hidden_state, inputs["attention_mask"],
+                              out.hidden_states if output_all_layers else None)
+
+    def save_pretrained(self, directory: str) -> None:
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+
+
+def _tiny_model(tokenizer, hidden: int, layers: int, vision_layers: int, attn_implementation: str):
+    from transformers import Qwen2VLConfig, Qwen2VLModel
+
+    heads = 4
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
+            max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+            # M-RoPE sections (temporal, height, width) must sum to head_dim / 2
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": _mrope_sections(hidden // heads // 2)},
+        ),
+        vision_config=dict(depth=vision_layers, embed_dim=hidden, hidden_size=hidden, num_heads=heads,
+                           mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PAD),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids(VISION_END),
+    )
+    config._attn_implementation = attn_implementation
+    return Qwen2VLModel(config)
+
+
+def _mrope_sections(half: int) -> list[int]:
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]

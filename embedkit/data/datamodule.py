@@ -1,0 +1,71 @@
+"""EmbeddingDataModule: training batches streamed from shards, and the held-out validation set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from embedkit.data import demo
+from embedkit.data.shards import decode_sample, iter_samples, list_shards
+from embedkit.data.stream import ChunkCollate, ShardStream, ValCollate, ValItems
+from embedkit.errors import UserError
+
+
+def resolve_shards(cfg: dict, log=print) -> tuple[list[str], list[str]]:
+    """(training shards, validation shards) from ``data.train.shards`` / ``data.val.shards`` or the demo."""
+    data = cfg["data"]
+    demo_dir = None
+    if data["train"]["shards"] is None or data["val"]["shards"] is None:
+        demo_dir = demo.ensure_demo_shards(data["demo"], log=log)
+    if data["train"]["shards"] is None:
+        train = sorted(str(p) for p in Path(demo_dir).glob("train-*.tar"))
+    else:
+        train = list_shards(data["train"]["shards"])
+        if not train or not all(Path(s).is_file() for s in train):
+            raise UserError(f"data.train.shards: no .tar shards found at {data['train']['shards']}")
+    if data["val"]["shards"] is None:
+        val = [str(Path(demo_dir) / "val-000000.tar")]
+    else:
+        val = list_shards(data["val"]["shards"])
+        if not val or not all(Path(s).is_file() for s in val):
+            raise UserError(f"data.val.shards: no .tar shards found at {data['val']['shards']}")
+    return train, val
+
+
+def read_examples(shards: list[str], limit: int):
+    out = []
+    for shard in shards:
+        for key, files in iter_samples(shard):
+            out.append(decode_sample(key, files))
+            if len(out) >= limit:
+                return out
+    return out
+
+
+class EmbeddingDataModule(L.LightningDataModule):
+    def __init__(self, cfg: dict, processor, train_shards: list[str], val_shards: list[str]):
+        super().__init__()
+        self.cfg = cfg
+        self.processor = processor
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.val_examples = read_examples(val_shards, cfg["data"]["val"]["max_queries"]) if cfg["data"]["val"]["enabled"] else []
+
+    def train_dataloader(self):
+        cfg, t = self.cfg, self.cfg["data"]["train"]
+        world = self.trainer.world_size if self.trainer else 1
+        rank = self.trainer.global_rank if self.trainer else 0
+        gbs = cfg["train"]["global_batch_size"]
+        if gbs % world:
+            raise UserError(f"train.global_batch_size={gbs} is not divisible by the {world} devices")
+        collate = ChunkCollate(self.processor, cfg["train"]["chunk_size"], t["num_negatives"])
+        stream = ShardStream(self.train_shards, collate, gbs // world, cfg["seed"], rank, world, t["shuffle_buffer"])
+        workers = t["num_workers"]
+        return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                          prefetch_factor=4 if workers > 0 else None)
+
+    def val_dataloader(self):
+        return DataLoader(ValItems(self.val_examples), batch_size=self.cfg["train"]["chunk_size"],
+                          collate_fn=ValCollate(self.processor), num_workers=0)

@@ -1,0 +1,97 @@
+"""``embedkit fit``: compose the config, build model + data, train, validate before and after."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+
+def run_paths(cfg: dict) -> tuple[str, Path]:
+    name = cfg["run"]["name"] or f"{cfg['recipe'] or 'run'}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(cfg["run"]["dir"] or Path("runs") / name)
+    return name, run_dir
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def progress_mode(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bar" if sys.stderr.isatty() and not os.environ.get("CI") else "log"
+
+
+def main(args: list[str]) -> int:
+    started = time.monotonic()
+    from embedkit.config.loader import compose, split_args
+
+    cfg = compose(args)
+    _, overrides = split_args(args)
+    name, run_dir = run_paths(cfg)
+    cfg["run"]["name"], cfg["run"]["dir"] = name, str(run_dir)
+
+    import warnings
+
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from embedkit.data.datamodule import EmbeddingDataModule, resolve_shards
+    from embedkit.tracking.mlflow_setup import log_run_inputs, make_logger
+    from embedkit.training.callbacks import AtomicLastCheckpoint, LogProgress
+    from embedkit.training.module import EmbeddingModule
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+    config_path = run_dir / "config.yaml"
+    write_atomic(config_path, OmegaConf.to_yaml(cfg))
+    print(f"run {name}: {run_dir}", flush=True)
+
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    module = EmbeddingModule(cfg)
+    train_shards, val_shards = resolve_shards(cfg, log=lambda m: print(m, flush=True))
+    data = EmbeddingDataModule(cfg, module.backbone.make_processor(), train_shards, val_shards)
+
+    t, tr = cfg["trainer"], cfg["train"]
+    logger = make_logger(cfg, name) if cfg["tracking"]["enabled"] else False
+    mode = progress_mode(t["progress"])
+    callbacks = [AtomicLastCheckpoint(run_dir / "checkpoints", every=t["val_check_interval"])]
+    if mode == "log":
+        callbacks.append(LogProgress(max(t["log_every_n_steps"], t["max_steps"] // 20)))
+    accumulate = tr["accumulate_steps"]
+    interval = t["val_check_interval"]
+    validate = cfg["data"]["val"]["enabled"] and len(data.val_examples) > 0
+    trainer = L.Trainer(
+        max_steps=t["max_steps"], devices=t["devices"], num_nodes=t["num_nodes"], accelerator=t["accelerator"],
+        strategy=t["strategy"], precision=t["precision"], logger=logger, callbacks=callbacks,
+        log_every_n_steps=t["log_every_n_steps"], enable_progress_bar=mode == "bar",
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        check_val_every_n_epoch=None, use_distributed_sampler=False, default_root_dir=str(run_dir),
+        val_check_interval=(interval if interval and validate else t["max_steps"] + 1) * accumulate,
+        limit_val_batches=None if validate else 0,
+    )
+    if logger:
+        log_run_inputs(logger, cfg, config_path, overrides)
+
+    before = after = None
+    if validate:
+        trainer.validate(module, datamodule=data, verbose=False)
+        before = module.val_results.get("val/p@1")
+    trainer.fit(module, datamodule=data)
+    if validate:
+        trainer.validate(module, datamodule=data, verbose=False)
+        after = module.val_results.get("val/p@1")
+    if trainer.is_global_zero:
+        if before is not None:
+            n = module.val_results["num_queries"]
+            print(f"held-out P@1 ({n} queries, each against {n} candidates): "
+                  f"before {before:.3f} -> after {after:.3f}  (chance {1 / n:.3f})", flush=True)
+        print(f"checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}  "
+              f"({time.monotonic() - started:.0f}s wall)", flush=True)
+    return 0

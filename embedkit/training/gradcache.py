@@ -1,0 +1,68 @@
+"""GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
+Setup", arXiv 2101.06983): a contrastive batch far larger than one forward pass, with exact gradients.
+
+    pass 1  encode every chunk under no_grad, recording the RNG state per chunk
+    cache   loss on all the (detached) embeddings; autograd gives d loss / d embedding
+    pass 2  re-encode each chunk with grad under its recorded RNG state (dropout replays exactly)
+            and backpropagate the surrogate sum(embedding * cached_grad)
+
+One chunk means no cache: the chunk is encoded once with grad and the loss backpropagated
+directly. The same function runs both ways, so there is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Sequence
+
+import torch
+
+from embedkit.losses.base import LossOutput
+
+
+class RngState:
+    """The CPU and (if present) CUDA generator states, to replay a forward pass's randomness."""
+
+    def __init__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        devices = list(range(torch.cuda.device_count())) if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
+
+
+def cached_step(
+    encode: Callable[[Any], torch.Tensor],
+    chunks: Sequence[Any],
+    loss_fn: Callable[[list[torch.Tensor]], LossOutput],
+    backward: Callable[[torch.Tensor], None],
+    scale: float = 1.0,
+) -> LossOutput:
+    """Encode ``chunks``, compute ``loss_fn(embeddings per chunk)``, backpropagate ``scale * loss``.
+
+    ``backward(tensor)`` runs a backward pass (``LightningModule.manual_backward``); gradients
+    accumulate in the parameters. Returns the LossOutput (its loss detached).
+    """
+    if len(chunks) == 1:
+        out = loss_fn([encode(chunks[0])])
+        backward(out.loss * scale)
+        return LossOutput(out.loss.detach(), out.parts)
+
+    states, cached = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(RngState())
+            cached.append(encode(chunk).detach().requires_grad_())
+    out = loss_fn(cached)
+    backward(out.loss * scale)  # fills cached[i].grad, and the loss's own parameters' grads
+    for chunk, state, emb in zip(chunks, states, cached):
+        with state.replay():
+            fresh = encode(chunk)
+        backward(torch.sum(fresh * emb.grad.to(fresh.dtype)))
+    return LossOutput(out.loss.detach(), out.parts)

@@ -1,0 +1,99 @@
+"""EmbeddingModule: backbone + pooling head + loss, trained with GradCache under manual optimization.
+
+A training batch (``TrainBatch``) arrives already split into processed chunks. The module encodes
+chunks into embeddings, the loss sees embeddings only, and ``gradcache.cached_step`` backpropagates
+(through the cache when there is more than one chunk). The module owns gradient clipping, the LR
+schedule and the optimizer step (manual optimization), so the same code serves one chunk or many.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from embedkit.config import registry
+from embedkit.data.stream import TrainBatch
+from embedkit.losses.base import LossOutput
+from embedkit.training import gradcache
+from embedkit.training.optim import build_optimizer, build_scheduler
+
+
+class EmbeddingModule(L.LightningModule):
+    def __init__(self, config: dict):
+        super().__init__()
+        self.save_hyperparameters({"config": config}, logger=False)
+        self.cfg = config
+        model = config["model"]
+        self.backbone = registry.build("backbone", model["backbone"], seed=config["seed"])
+        if model["lora"]["enabled"]:
+            from embedkit.backbones.lora import apply_lora
+
+            apply_lora(self.backbone, model["lora"])
+        self.pooling = registry.build("pooling", model["pooling"], hidden_size=self.backbone.hidden_size,
+                                      num_layers=self.backbone.num_layers)
+        self.loss_fn = registry.build("loss", config["loss"])
+        self.automatic_optimization = False
+        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.val_results: dict[str, float] = {}
+
+    # -- encoding ---------------------------------------------------------------------------
+    def encode(self, inputs: dict) -> torch.Tensor:
+        """Processed chunk -> embeddings [n, D] (L2-normalised unless model.normalize=false)."""
+        out = self.backbone(inputs, output_all_layers=self.pooling.needs_all_layers)
+        emb = self.pooling(out.hidden, out.mask, out.all_layers).float()
+        return F.normalize(emb, dim=-1) if self.cfg["model"]["normalize"] else emb
+
+    def compute_loss(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None) -> LossOutput:
+        return self.loss_fn(q, p, n)
+
+    # -- training ---------------------------------------------------------------------------
+    def training_step(self, batch: TrainBatch, batch_idx: int):
+        opt = self.optimizers()
+        accumulate = self.cfg["train"]["accumulate_steps"]
+        if batch_idx % accumulate == 0:
+            opt.zero_grad(set_to_none=True)
+        nq = len(batch.query_chunks)
+        B, K = batch.batch_size, batch.num_negatives
+
+        def loss_of(embs: list[torch.Tensor]) -> LossOutput:
+            q, c = torch.cat(embs[:nq]), torch.cat(embs[nq:])
+            n = c[B:].view(B, K, -1) if K else None
+            return self.compute_loss(q, c[:B], n)
+
+        out = gradcache.cached_step(self.encode, batch.query_chunks + batch.candidate_chunks, loss_of,
+                                    self.manual_backward, scale=1.0 / accumulate)
+        if (batch_idx + 1) % accumulate == 0:
+            clip = self.cfg["train"]["clip_grad_norm"]
+            if clip:
+                self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            opt.step()
+            self.lr_schedulers().step()
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=B)
+        self.log("train/lr", opt.param_groups[0]["lr"], batch_size=B)
+        for name, value in out.parts.items():
+            self.log(f"train/loss/{name}", value, batch_size=B)
+        return out.loss
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.parameters(), self.cfg["train"])
+        scheduler = build_scheduler(optimizer, self.cfg["train"], self.cfg["trainer"]["max_steps"])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- validation: held-out queries ranked against every held-out candidate ----------------
+    def validation_step(self, batch, batch_idx):
+        roles, index, inputs = batch
+        self._val.append((roles.cpu(), index.cpu(), self.encode(inputs).cpu()))
+
+    def on_validation_epoch_end(self):
+        if not self._val:
+            return
+        roles = torch.cat([r for r, _, _ in self._val])
+        index = torch.cat([i for _, i, _ in self._val])
+        emb = torch.cat([e for _, _, e in self._val])
+        self._val.clear()
+        q = emb[roles == 0][index[roles == 0].argsort()]
+        c = emb[roles == 1][index[roles == 1].argsort()]
+        hits = (q @ c.T).argmax(dim=1) == torch.arange(len(q))
+        self.val_results = {"val/p@1": hits.float().mean().item(), "num_queries": len(q)}
+        self.log("val/p@1", hits.float().mean(), batch_size=len(q))

@@ -28,6 +28,13 @@ def tracking_uri(cfg: dict) -> str:
     return uri
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store go beside the database (``runs/mlartifacts``), not into ./mlruns."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts")
+    return None
+
+
 def mlflow_metric_name(name: str) -> str:
     return name.replace("@", "_at_")
 
@@ -62,8 +69,9 @@ def make_logger(cfg: dict, run_name: str) -> EmbedkitMLFlowLogger:
 
     tags = {"recipe": cfg["recipe"] or "", "git_sha": git_sha(), "embedkit_version": __version__,
             **{str(k): str(v) for k, v in cfg["tracking"]["tags"].items()}}
+    uri = tracking_uri(cfg)
     return EmbedkitMLFlowLogger(experiment_name=cfg["tracking"]["experiment"], run_name=run_name,
-                                tracking_uri=tracking_uri(cfg), tags=tags)
+                                tracking_uri=uri, tags=tags, artifact_location=artifact_location(uri))
 
 
 @rank_zero_only

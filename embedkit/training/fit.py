@@ -28,6 +28,21 @@ def progress_mode(setting: str) -> str:
     return "bar" if sys.stderr.isatty() and not os.environ.get("CI") else "log"
 
 
+def quiet_third_party_noise() -> None:
+    """Keep the console to embedkit's own lines: drop tips, deprecations and INFO chatter we can't act on."""
+    import logging
+    import warnings
+
+    import mlflow  # noqa: F401  (mlflow sets its own log level on import: import first, then override)
+
+    for name in ("mlflow", "alembic", "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*weights_only.*")
+
+
 def main(args: list[str]) -> int:
     started = time.monotonic()
     from embedkit.config.loader import compose, split_args
@@ -37,8 +52,6 @@ def main(args: list[str]) -> int:
     name, run_dir = run_paths(cfg)
     cfg["run"]["name"], cfg["run"]["dir"] = name, str(run_dir)
 
-    import warnings
-
     import lightning as L
     from omegaconf import OmegaConf
 
@@ -47,8 +60,7 @@ def main(args: list[str]) -> int:
     from embedkit.training.callbacks import AtomicLastCheckpoint, LogProgress
     from embedkit.training.module import EmbeddingModule
 
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+    quiet_third_party_noise()
     config_path = run_dir / "config.yaml"
     write_atomic(config_path, OmegaConf.to_yaml(cfg))
     print(f"run {name}: {run_dir}", flush=True)
@@ -70,7 +82,7 @@ def main(args: list[str]) -> int:
     trainer = L.Trainer(
         max_steps=t["max_steps"], devices=t["devices"], num_nodes=t["num_nodes"], accelerator=t["accelerator"],
         strategy=t["strategy"], precision=t["precision"], logger=logger, callbacks=callbacks,
-        log_every_n_steps=t["log_every_n_steps"], enable_progress_bar=mode == "bar",
+        log_every_n_steps=min(t["log_every_n_steps"], t["max_steps"]), enable_progress_bar=mode == "bar",
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
         check_val_every_n_epoch=None, use_distributed_sampler=False, default_root_dir=str(run_dir),
         val_check_interval=(interval if interval and validate else t["max_steps"] + 1) * accumulate,

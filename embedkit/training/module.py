@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from embedkit.config import registry
 from embedkit.data.stream import TrainBatch
+from embedkit.distributed import distributed_loss
 from embedkit.losses.base import LossOutput
 from embedkit.training import gradcache
 from embedkit.training.optim import build_optimizer, build_scheduler
@@ -32,7 +33,8 @@ class EmbeddingModule(L.LightningModule):
             apply_lora(self.backbone, model["lora"])
         self.pooling = registry.build("pooling", model["pooling"], hidden_size=self.backbone.hidden_size,
                                       num_layers=self.backbone.num_layers)
-        self.loss_fn = registry.build("loss", config["loss"])
+        # embedding_dim: known only here (Matryoshka rejects dims larger than it, naming loss.dims)
+        self.loss_fn = registry.build("loss", config["loss"], embedding_dim=self.backbone.hidden_size)
         self.automatic_optimization = False
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.val_results: dict[str, float] = {}
@@ -45,7 +47,9 @@ class EmbeddingModule(L.LightningModule):
         return F.normalize(emb, dim=-1) if self.cfg["model"]["normalize"] else emb
 
     def compute_loss(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None) -> LossOutput:
-        return self.loss_fn(q, p, n)
+        # cross-device negatives when distributed (the plain loss otherwise); DDP's gradient
+        # averaging then gives the full-batch gradient: see embedkit/distributed/loss.py
+        return distributed_loss(self.loss_fn, q, p, n)
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch: TrainBatch, batch_idx: int):
@@ -69,10 +73,11 @@ class EmbeddingModule(L.LightningModule):
                 self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
             opt.step()
             self.lr_schedulers().step()
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=B)
+        # distributed, each rank's loss is over its own rows: sync_dist reports the full-batch mean
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=B, sync_dist=True)
         self.log("train/lr", opt.param_groups[0]["lr"], batch_size=B)
         for name, value in out.parts.items():
-            self.log(f"train/loss/{name}", value, batch_size=B)
+            self.log(f"train/loss/{name}", value, batch_size=B, sync_dist=True)
         return out.loss
 
     def configure_optimizers(self):

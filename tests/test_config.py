@@ -1,0 +1,115 @@
+"""The override grammar, recipe lookup and schema validation."""
+
+import zipfile
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from embedkit.cli import main as cli_main
+from embedkit.config import loader
+from embedkit.config.loader import apply_overrides, compose
+from embedkit.errors import ConfigError
+
+from conftest import REPO
+
+
+def test_no_recipe_means_demo():
+    cfg = compose([])
+    assert cfg["recipe"] == "demo"
+    assert cfg["model"]["backbone"]["name"] == "qwen2_vl"
+    assert cfg["model"]["backbone"]["tiny"] is True  # from the recipe, not the default
+
+
+def test_key_value_types_are_parsed_and_coerced():
+    cfg = compose(["train.lr=3e-3", "trainer.max_steps=7", "model.normalize=false", "data.eval.datasets=[A,B]"])
+    assert cfg["train"]["lr"] == pytest.approx(3e-3) and isinstance(cfg["train"]["lr"], float)
+    assert cfg["trainer"]["max_steps"] == 7
+    assert cfg["model"]["normalize"] is False
+    assert cfg["data"]["eval"]["datasets"] == ["A", "B"]
+
+
+def test_component_shorthand_replaces_block_with_defaults():
+    cfg = compose(["loss=infonce"])
+    # the demo recipe sets learnable_temperature: true; the shorthand resets to the defaults
+    assert cfg["loss"] == {"name": "infonce", "temperature": 0.02, "learnable_temperature": False,
+                           "bidirectional": False}
+
+
+def test_tilde_removes_a_key_so_the_default_applies():
+    cfg = compose(["~trainer.max_steps"])
+    assert cfg["trainer"]["max_steps"] == 1000
+    assert compose([])["trainer"]["max_steps"] != 1000
+
+
+def test_base_recipe_chain(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: demo\ntrain:\n  lr: 0.5\n")
+    cfg = compose([f"recipe={child}"])
+    assert cfg["train"]["lr"] == 0.5
+    assert cfg["train"]["global_batch_size"] == 64  # inherited from demo
+    assert cfg["recipe"] == "child"
+
+
+@pytest.mark.parametrize(
+    "override, key_in_message",
+    [
+        ("model.nonexistent=1", "model.nonexistent"),
+        ("train.lr=fast", "train.lr"),
+        ("loss=nosuchloss", "loss.name"),
+        ("model.pooling.name=nope", "model.pooling.name"),
+        ("loss.bogus=1", "loss.bogus"),
+        ("train.optimizer=adam", "train.optimizer"),
+    ],
+)
+def test_bad_config_names_the_key(override, key_in_message):
+    with pytest.raises(ConfigError) as exc:
+        compose([override])
+    message = str(exc.value)
+    assert message.startswith(key_in_message) and "\n" not in message
+
+
+def test_unknown_component_lists_choices():
+    with pytest.raises(ConfigError, match="choices: .*infonce"):
+        compose(["loss=nosuchloss"])
+
+
+def test_cli_config_error_exits_2_with_one_line(capsys):
+    assert cli_main(["fit", "recipe=demo", "model.nonexistent=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.nonexistent" in err and "accepted" in err
+
+
+def test_unknown_recipe_lists_available(capsys):
+    assert cli_main(["config", "show", "recipe=nope"]) == 2
+    assert "demo" in capsys.readouterr().err
+
+
+def test_config_show_prints_resolved_yaml(capsys):
+    assert cli_main(["config", "show", "train.lr=0.25"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["lr"] == 0.25 and shown["recipe"] == "demo"
+
+
+def test_every_shipped_recipe_validates():
+    names = loader.available_recipes()
+    assert "demo" in names
+    for name in names:
+        compose([f"recipe={name}"])
+
+
+def test_wheel_carries_the_recipes(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    wheel = next(tmp_path.glob("embedkit-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {p.stem for p in (REPO / "recipes").glob("*.yaml")}
+    assert {n.rsplit("/", 1)[-1][:-5] for n in names if n.startswith("embedkit/recipes/")} >= shipped
+
+
+def test_apply_overrides_does_not_mutate_input():
+    raw = {"train": {"lr": 1.0}}
+    apply_overrides(raw, ["train.lr=2"])
+    assert raw == {"train": {"lr": 1.0}}

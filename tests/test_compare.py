@@ -165,3 +165,29 @@ def test_ui_answers_on_localhost_and_stops_with_its_process_group(store, tmp_pat
 def test_ui_rejects_bad_arguments(capsys):
     assert cli(["ui", "port=http"]) == 2
     assert "port" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_demo_runs_with_different_losses_side_by_side(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    common = [
+        "recipe=demo", f"data.demo.cache_dir={tmp_path / 'cache'}", "data.demo.train_size=64",
+        "data.demo.val_size=12", "train.global_batch_size=8", "train.chunk_size=8", "trainer.max_steps=4",
+        "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "data.train.num_workers=0",
+        "tracking.experiment=e2e",
+    ]  # fmt: skip
+    assert cli(["fit", *common, "run.name=demo-infonce"]) == 0
+    assert cli(["fit", *common, "run.name=demo-hardness", "loss=hardness_weighted"]) == 0
+    capsys.readouterr()
+    code, out, _ = run_cli(capsys, ["metric=val/p@1"])  # default store runs/mlflow.db, latest experiment
+    assert code == 0 and "experiment e2e: 2 runs" in out
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert "loss.name" in header and "val/p@1 best" in header and "val/p@1 final" in header
+    rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines[2:])}
+    assert set(rows) == {"demo-infonce", "demo-hardness"}
+    col = header.index("loss.name")
+    assert rows["demo-infonce"][col] == "infonce" and rows["demo-hardness"][col] == "hardness_weighted"
+    for row in rows.values():
+        best, final = float(row[header.index("val/p@1 best")]), float(row[header.index("val/p@1 final")])
+        assert 0.0 <= final <= best <= 1.0

@@ -230,3 +230,69 @@ def test_missing_eval_files_is_a_user_error(root, tmp_path):
         mmeb.evaluate(tmp_path / "nowhere", [], fx.perfect_encoder)
     with pytest.raises(UserError, match="data.eval.root"):
         mmeb.evaluate(None, [], fx.perfect_encoder)
+
+
+# ------------------------------------------------------------------ end to end: fit -> embedkit eval
+
+
+def tiny_fit_args(run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        "recipe=demo", f"run.dir={run_dir}", f"run.name={run_dir.name}", f"data.demo.cache_dir={cache}",
+        "data.demo.train_size=64", "data.demo.val_size=12", "train.global_batch_size=8", "train.chunk_size=8",
+        "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+        "data.train.num_workers=0", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_eval_cli_end_to_end_on_a_demo_checkpoint(root, tmp_path, monkeypatch):
+    from embedkit.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli(["fit", *tiny_fit_args(tmp_path / "runs" / "tiny", tmp_path / "cache")]) == 0
+    ckpt = tmp_path / "runs" / "tiny" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedkit", "eval", f"ckpt={ckpt}", f"data.eval.root={root}",
+         "data.eval.datasets=[N24News,RefCOCO]", "train.chunk_size=16"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out_dir = tmp_path / "runs" / "tiny" / "eval"
+    scores = {n: json.loads((out_dir / f"{n}_score.json").read_text()) for n in ("N24News", "RefCOCO")}
+    for s in scores.values():
+        assert set(s) == {"acc", "num_correct", "num_pred"} and s["num_pred"] == fx.ROWS
+        assert s["acc"] == s["num_correct"] / fx.ROWS
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["aggregate"]["overall"] == pytest.approx((scores["N24News"]["acc"] + scores["RefCOCO"]["acc"]) / 2)
+    assert "| overall | 2 |" in (out_dir / "summary.md").read_text()
+    assert "overall P@1" in proc.stdout
+    # logged to the MLflow run that trained the checkpoint
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("demo")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.run_name == "tiny" and run.data.params["loss.name"] == "infonce"
+    assert run.data.metrics["eval/N24News/p_at_1"] == pytest.approx(scores["N24News"]["acc"])
+    assert run.data.metrics["eval/overall/p_at_1"] == pytest.approx(summary["aggregate"]["overall"])
+    assert "val/p_at_1" in run.data.metrics
+    # logged at the checkpoint's step (4 optimizer steps)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/overall/p_at_1")] == [4]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} == {"eval/summary.json", "eval/summary.md"}
+
+
+def test_eval_cli_user_errors_exit_2_with_one_line(root, tmp_path, capsys):
+    from embedkit.cli import main as cli
+
+    code = cli(["eval", "ckpt=x.ckpt", f"data.eval.root={root}", "data.eval.datasets=[Nope]"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Nope" in err and "N24News, RefCOCO" in err
+    code = cli(["eval", "ckpt=x.ckpt", f"data.eval.root={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no MMEB eval dataset" in err
+    code = cli(["eval", f"ckpt={tmp_path / 'missing.ckpt'}", f"data.eval.root={root}"])
+    assert code == 2 and "ckpt: file not found" in capsys.readouterr().err
+    assert cli(["eval", f"data.eval.root={root}"]) == 2
+    assert "ckpt=PATH" in capsys.readouterr().err

@@ -67,6 +67,7 @@ def load_module(ckpt: Path):
     registry.load_plugins(list(config.get("plugins") or []))
     module = EmbeddingModule(config)
     module.load_state_dict(state["state_dict"], strict=True)
+    module.checkpoint_step = int(state.get("global_step", 0))  # eval metrics are logged at this step
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     return module.to(device).eval()
 
@@ -85,30 +86,37 @@ def make_encoder(module):
     return encode
 
 
-def find_training_run(client, experiment: str, run_name: str | None):
-    if not run_name:
+def find_training_run(client, experiment: str, run_name: str | None, run_dir: str | None = None):
+    """The latest run of ``experiment`` named ``run_name`` (and with param ``run.dir``, if given)."""
+    if not run_name or "'" in run_name or (run_dir and "'" in run_dir):
         return None
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
+    query = f"tags.`mlflow.runName` = '{run_name}'"
+    if run_dir:
+        query += f" and params.`run.dir` = '{run_dir}'"
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`mlflow.runName` = '{run_name}'",
+        filter_string=query,
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
     return runs[0] if runs else None
 
 
-def log_to_mlflow(cfg: dict, ckpt_cfg: dict, ckpt: Path, summary: dict, out_dir: Path) -> str:
+def log_to_mlflow(cfg: dict, ckpt_cfg: dict, ckpt: Path, summary: dict, out_dir: Path, step: int = 0) -> str:
     """Log metrics and files to the training run (or a new eval run); returns the run id."""
+    import time
+
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     from embedkit.tracking.mlflow_setup import mlflow_metric_name, tracking_uri
 
     client = MlflowClient(tracking_uri=tracking_uri(cfg))
     experiment = ckpt_cfg.get("tracking", {}).get("experiment") or cfg["tracking"]["experiment"]
-    run = find_training_run(client, experiment, ckpt_cfg.get("run", {}).get("name"))
+    run = find_training_run(client, experiment, ckpt_cfg.get("run", {}).get("name"), ckpt_cfg.get("run", {}).get("dir"))
     if run is not None:
         run_id = run.info.run_id
     else:
@@ -118,11 +126,8 @@ def log_to_mlflow(cfg: dict, ckpt_cfg: dict, ckpt: Path, summary: dict, out_dir:
         run_id = client.create_run(exp_id, run_name=name, tags={"embedkit.kind": "eval"}).info.run_id
     client.set_tag(run_id, "embedkit.eval.ckpt", str(ckpt.resolve()))
     client.set_tag(run_id, "embedkit.eval.root", str(cfg["data"]["eval"]["root"]))
-    from mlflow.entities import Metric
-    import time
-
     now = int(time.time() * 1000)
-    metrics = [Metric(mlflow_metric_name(k), float(v), now, 0) for k, v in metric_items(summary).items()]
+    metrics = [Metric(mlflow_metric_name(k), float(v), now, step) for k, v in metric_items(summary).items()]
     client.log_batch(run_id, metrics=metrics)
     for name in ("summary.json", "summary.md"):
         client.log_artifact(run_id, str(out_dir / name), artifact_path="eval")
@@ -175,7 +180,7 @@ def main(args: list[str]) -> int:
         print(mmeb.markdown_table(summary, manifest), end="")
         print(f"overall P@1 {agg['overall']:.4f} over {len(summary['datasets'])} datasets; files in {out_dir}")
         if cfg["tracking"]["enabled"]:
-            run_id = log_to_mlflow(cfg, ckpt_cfg, ckpt, summary, out_dir)
+            run_id = log_to_mlflow(cfg, ckpt_cfg, ckpt, summary, out_dir, module.checkpoint_step)
             print(f"logged to MLflow run {run_id}")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

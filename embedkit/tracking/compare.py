@@ -230,11 +230,13 @@ def plot_curves(curves: dict, path: str | Path, title: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     n = max(1, len(curves))
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6), squeeze=False)
+    labels = list(dict.fromkeys(label for per_run in curves.values() for label in per_run))
+    colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per run everywhere
     for ax, (metric, per_run) in zip(axes[0], curves.items()):
         for label, points in per_run.items():
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, marker="o" if len(points) < 30 else None, label=label)
+                ax.plot(steps, values, marker="o" if len(points) < 30 else None, label=label, color=colour[label])
         ax.set_title(metric)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -249,7 +249,9 @@ def test_eval_cli_end_to_end_on_a_demo_checkpoint(root, tmp_path, monkeypatch):
     from embedkit.cli import main as cli
 
     monkeypatch.chdir(tmp_path)
-    assert cli(["fit", *tiny_fit_args(tmp_path / "runs" / "tiny", tmp_path / "cache")]) == 0
+    # validation during fit also scores the first rows of each eval dataset: val/<dataset>/p@1
+    assert cli(["fit", *tiny_fit_args(tmp_path / "runs" / "tiny", tmp_path / "cache"), f"data.eval.root={root}",
+                "data.eval.datasets=[N24News,RefCOCO]", "data.eval.val_rows=5"]) == 0
     ckpt = tmp_path / "runs" / "tiny" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -278,6 +280,9 @@ def test_eval_cli_end_to_end_on_a_demo_checkpoint(root, tmp_path, monkeypatch):
     assert run.data.metrics["eval/N24News/p_at_1"] == pytest.approx(scores["N24News"]["acc"])
     assert run.data.metrics["eval/overall/p_at_1"] == pytest.approx(summary["aggregate"]["overall"])
     assert "val/p_at_1" in run.data.metrics
+    for name in ("val/N24News/p_at_1", "val/RefCOCO/p_at_1", "val/mmeb/p_at_1"):
+        assert 0.0 <= run.data.metrics[name] <= 1.0
+        assert len(client.get_metric_history(run.info.run_id, name)) == 4  # before, steps 2 and 4, after
     # logged at the checkpoint's step (4 optimizer steps)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/overall/p_at_1")] == [4]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} == {"eval/summary.json", "eval/summary.md"}

@@ -85,6 +85,13 @@ class EmbeddingModule(L.LightningModule):
         scheduler = build_scheduler(optimizer, self.cfg["train"], self.cfg["trainer"]["max_steps"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def encode_items(self, items) -> torch.Tensor:
+        """Raw ``Item``s -> embeddings (processing in this process: for evaluation, not training)."""
+        if not hasattr(self, "_processor"):
+            self._processor = self.backbone.make_processor()
+        inputs = self._processor(items)
+        return self.encode({k: v.to(self.device) for k, v in inputs.items()})
+
     # -- validation: held-out queries ranked against every held-out candidate ----------------
     def validation_step(self, batch, batch_idx):
         roles, index, inputs = batch
@@ -102,3 +109,18 @@ class EmbeddingModule(L.LightningModule):
         hits = (q @ c.T).argmax(dim=1) == torch.arange(len(q))
         self.val_results = {"val/p@1": hits.float().mean().item(), "num_queries": len(q)}
         self.log("val/p@1", hits.float().mean(), batch_size=len(q))
+        self._validate_on_eval_subset()
+
+    def _validate_on_eval_subset(self):
+        """``val/<dataset>/p@1`` on the first ``data.eval.val_rows`` rows of each MMEB eval dataset."""
+        ev = self.cfg["data"]["eval"]
+        if not ev["root"] or ev["val_rows"] <= 0:
+            return
+        from embedkit.eval.mmeb import validation_metrics
+
+        metrics = validation_metrics(self.encode_items, ev["root"], ev["datasets"], max_rows=ev["val_rows"],
+                                     batch_size=self.cfg["train"]["chunk_size"], prefix="val")
+        metrics["val/mmeb/p@1"] = metrics.pop("val/p@1")  # the held-out set above owns val/p@1
+        for name, value in metrics.items():
+            self.log(name, value)
+        self.val_results.update(metrics)

@@ -39,6 +39,16 @@ class LogProgress(L.Callback):
                    flush=True)
 
 
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.training:
+            return  # before/after figures are printed by `embedkit fit` itself
+        shown = {k: v for k, v in pl_module.val_results.items() if k.startswith("val/")}
+        if shown:
+            self.print(f"validation at step {trainer.global_step}: "
+                       + "  ".join(f"{k} {v:.3f}" for k, v in shown.items()), flush=True)
+
+
 class AtomicLastCheckpoint(L.Callback):
     """``<dir>/last.ckpt`` every ``every`` steps and at the end, written to a temporary name first."""
 

@@ -41,7 +41,7 @@ class LogProgress(L.Callback):
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not trainer.training:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
             return  # before/after figures are printed by `embedkit fit` itself
         shown = {k: v for k, v in pl_module.val_results.items() if k.startswith("val/")}
         if shown:

@@ -61,3 +61,37 @@ def test_without_dropout_chunk_size_does_not_matter():
 
     for a, b in zip(grads(8), grads(2)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_trainer_options_that_clash_with_manual_optimization_are_refused():
+    import pytest
+
+    from embedkit.config.loader import compose
+    from embedkit.errors import UserError
+
+    for key, value, instead in [("accumulate_grad_batches", 4, "train.accumulate_steps"),
+                                ("gradient_clip_val", 1.0, "train.clip_grad_norm")]:
+        with pytest.raises(UserError, match=rf"trainer\.{key}: refused.*{instead.replace('.', '[.]')}"):
+            compose(["recipe=demo", f"trainer.{key}={value}"])
+
+
+def test_gradient_checkpointing_non_reentrant_with_dropout_replays_exactly():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(Encoder):
+        def forward(self, x):
+            return nn.functional.normalize(checkpoint(self.net, x, use_reentrant=False), dim=-1)
+
+    def grads(cls, chunk):
+        torch.manual_seed(0)
+        enc, loss = cls(), InfoNCE(temperature=0.1)
+        x = torch.randn(8, 6)
+        chunks = list(x.split(chunk)) + list((x.flip(0) + 0.1).split(chunk))
+        torch.manual_seed(3)
+        cached_step(enc, chunks, lambda e: loss(torch.cat(e[: 8 // chunk]), torch.cat(e[8 // chunk :])),
+                    lambda t: t.backward())
+        return [p.grad for p in enc.parameters()]
+
+    # same dropout draws with and without checkpointing (both replay the per-chunk RNG state)
+    for a, b in zip(grads(Checkpointed, 2), grads(Encoder, 2)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

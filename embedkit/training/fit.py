@@ -51,7 +51,9 @@ def make_strategy(t: dict):
         raise UserError(f"trainer.strategy=fsdp2 needs an integer trainer.devices, got {t['devices']!r}")
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    return ModelParallelStrategy(data_parallel_size=t["devices"] * t["num_nodes"], tensor_parallel_size=1)
+    # one consolidated last.ckpt file (as with DDP), not a distributed-checkpoint folder
+    return ModelParallelStrategy(data_parallel_size=t["devices"] * t["num_nodes"], tensor_parallel_size=1,
+                                 save_distributed_checkpoint=False)
 
 
 def main(args: list[str]) -> int:

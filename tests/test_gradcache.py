@@ -1,5 +1,6 @@
 """GradCache equals the full-batch gradient, with dropout replayed per chunk."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -61,3 +62,74 @@ def test_without_dropout_chunk_size_does_not_matter():
 
     for a, b in zip(grads(8), grads(2)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_trainer_options_that_clash_with_manual_optimization_are_refused():
+    import pytest
+
+    from embedkit.config.loader import compose
+    from embedkit.errors import UserError
+
+    for key, value, instead in [("accumulate_grad_batches", 4, "train.accumulate_steps"),
+                                ("gradient_clip_val", 1.0, "train.clip_grad_norm")]:
+        with pytest.raises(UserError, match=rf"trainer\.{key}: refused.*{instead.replace('.', '[.]')}"):
+            compose(["recipe=demo", f"trainer.{key}={value}"])
+
+
+def test_gradient_checkpointing_non_reentrant_with_dropout_replays_exactly():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(Encoder):
+        def forward(self, x):
+            return nn.functional.normalize(checkpoint(self.net, x, use_reentrant=False), dim=-1)
+
+    def grads(cls, chunk):
+        torch.manual_seed(0)
+        enc, loss = cls(), InfoNCE(temperature=0.1)
+        x = torch.randn(8, 6)
+        chunks = list(x.split(chunk)) + list((x.flip(0) + 0.1).split(chunk))
+        torch.manual_seed(3)
+        cached_step(enc, chunks, lambda e: loss(torch.cat(e[: 8 // chunk]), torch.cat(e[8 // chunk :])),
+                    lambda t: t.backward())
+        return [p.grad for p in enc.parameters()]
+
+    # same dropout draws with and without checkpointing (both replay the per-chunk RNG state)
+    for a, b in zip(grads(Checkpointed, 2), grads(Encoder, 2)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _every_loss():
+    from embedkit.config import registry
+
+    return registry.choices("loss")
+
+
+@pytest.mark.parametrize("name", _every_loss())
+def test_every_loss_chunked_equals_one_graph_with_dropout(name):
+    from embedkit.config import registry
+    from embedkit.config.loader import compose
+
+    block = compose(["recipe=demo", f"loss={name}"])["loss"]
+
+    def run(cached):
+        torch.manual_seed(0)
+        enc, loss = Encoder(), registry.build("loss", block, embedding_dim=8)
+        x = torch.randn(8, 6)
+        chunks = list(x.split(2)) + list((x.flip(0) + 0.1).split(2)) + list((x.roll(3, 0) - 0.2).split(2))
+
+        def loss_of(e):  # 8 queries, 8 positives, 1 hard negative each
+            return loss(torch.cat(e[:4]), torch.cat(e[4:8]), torch.cat(e[8:]).view(8, 1, -1))
+
+        torch.manual_seed(5)
+        if cached:
+            out = cached_step(enc, chunks, loss_of, lambda t: t.backward())
+        else:
+            out = loss_of([enc(c) for c in chunks])
+            out.loss.backward()
+        return out.loss.detach(), [p.grad for p in list(enc.parameters()) + list(loss.parameters())]
+
+    (loss_c, grads_c), (loss_r, grads_r) = run(True), run(False)
+    torch.testing.assert_close(loss_c, loss_r, atol=1e-6, rtol=0)
+    assert all(g is not None for g in grads_c)
+    for a, b in zip(grads_c, grads_r):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -198,8 +198,21 @@ def _component(kind: str, raw: Any, default: str, key: str) -> dict:
     return out
 
 
+#: Lightning Trainer options that clash with the module's manual optimization (GradCache): the
+#: module accumulates, clips and steps itself, so these would be silently ignored or double-applied
+MANUAL_OPTIMIZATION_CLASHES = {
+    "trainer.accumulate_grad_batches": "train.accumulate_steps",
+    "trainer.gradient_clip_val": "train.clip_grad_norm",
+    "trainer.gradient_clip_algorithm": "train.clip_grad_norm (always the global L2 norm)",
+    "trainer.automatic_optimization": "nothing: the module always optimizes manually (GradCache)",
+}
+
+
 def _reject_unknown(raw: dict, accepted, prefix: str, what: str | None = None) -> None:
     for k in raw:
+        if prefix + k in MANUAL_OPTIMIZATION_CLASHES:
+            raise ConfigError(f"{prefix}{k}: refused, the module optimizes manually (GradCache); "
+                              f"use {MANUAL_OPTIMIZATION_CLASHES[prefix + k]} instead")
         if k not in accepted:
             owner = f" of {what}" if what else ""
             raise ConfigError(

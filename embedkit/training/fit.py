@@ -43,6 +43,21 @@ def quiet_third_party_noise() -> None:
     warnings.filterwarnings("ignore", message=".*weights_only.*")
 
 
+def make_strategy(t: dict):
+    """``trainer.strategy``, with ``fsdp2``: FSDP2 (``fully_shard``) data parallel over every device."""
+    if t["strategy"] != "fsdp2":
+        return t["strategy"]
+    from embedkit.errors import UserError
+
+    if not isinstance(t["devices"], int):
+        raise UserError(f"trainer.strategy=fsdp2 needs an integer trainer.devices, got {t['devices']!r}")
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    # one consolidated last.ckpt file (as with DDP), not a distributed-checkpoint folder
+    return ModelParallelStrategy(data_parallel_size=t["devices"] * t["num_nodes"], tensor_parallel_size=1,
+                                 save_distributed_checkpoint=False)
+
+
 def main(args: list[str]) -> int:
     started = time.monotonic()
     from embedkit.config.loader import compose, split_args
@@ -81,7 +96,7 @@ def main(args: list[str]) -> int:
     validate = cfg["data"]["val"]["enabled"] and len(data.val_examples) > 0
     trainer = L.Trainer(
         max_steps=t["max_steps"], devices=t["devices"], num_nodes=t["num_nodes"], accelerator=t["accelerator"],
-        strategy=t["strategy"], precision=t["precision"], logger=logger, callbacks=callbacks,
+        strategy=make_strategy(t), precision=t["precision"], logger=logger, callbacks=callbacks,
         log_every_n_steps=min(t["log_every_n_steps"], t["max_steps"]), enable_progress_bar=mode == "bar",
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
         check_val_every_n_epoch=None, use_distributed_sampler=False, default_root_dir=str(run_dir),

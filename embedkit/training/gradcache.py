@@ -43,14 +43,19 @@ def cached_step(
     loss_fn: Callable[[list[torch.Tensor]], LossOutput],
     backward: Callable[[torch.Tensor], None],
     scale: float = 1.0,
+    before_last_backward: Callable[[], None] | None = None,
 ) -> LossOutput:
     """Encode ``chunks``, compute ``loss_fn(embeddings per chunk)``, backpropagate ``scale * loss``.
 
     ``backward(tensor)`` runs a backward pass (``LightningModule.manual_backward``); gradients
-    accumulate in the parameters. Returns the LossOutput (its loss detached).
+    accumulate in the parameters. ``before_last_backward()`` runs just before the step's last
+    backward pass (FSDP2 turns its gradient reduce-scatter back on there). Returns the LossOutput
+    (its loss detached).
     """
+    last = before_last_backward or (lambda: None)
     if len(chunks) == 1:
         out = loss_fn([encode(chunks[0])])
+        last()
         backward(out.loss * scale)
         return LossOutput(out.loss.detach(), out.parts)
 
@@ -61,8 +66,10 @@ def cached_step(
             cached.append(encode(chunk).detach().requires_grad_())
     out = loss_fn(cached)
     backward(out.loss * scale)  # fills cached[i].grad, and the loss's own parameters' grads
-    for chunk, state, emb in zip(chunks, states, cached):
+    for i, (chunk, state, emb) in enumerate(zip(chunks, states, cached)):
         with state.replay():
             fresh = encode(chunk)
+        if i == len(chunks) - 1:
+            last()
         backward(torch.sum(fresh * emb.grad.to(fresh.dtype)))
     return LossOutput(out.loss.detach(), out.parts)

@@ -16,7 +16,7 @@ from embedkit.config import registry
 from embedkit.data.stream import TrainBatch
 from embedkit.distributed import distributed_loss
 from embedkit.losses.base import LossOutput
-from embedkit.training import gradcache
+from embedkit.training import grad_sync, gradcache
 from embedkit.training.optim import build_optimizer, build_scheduler
 
 
@@ -52,11 +52,46 @@ class EmbeddingModule(L.LightningModule):
         return distributed_loss(self.loss_fn, q, p, n)
 
     # -- training ---------------------------------------------------------------------------
+    def configure_model(self):
+        """FSDP2 (Lightning ``ModelParallelStrategy``): shard the backbone and the pooling head.
+
+        The loss's own parameters (a learnable temperature) stay plain tensors, replicated; their
+        gradients are averaged over ranks with the other unsharded ones (``_sync_gradients``).
+        """
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or grad_sync.fsdp2_roots(self):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"]
+        fully_shard(self.backbone, mesh=dp_mesh)
+        if any(p.requires_grad for p in self.pooling.parameters()):
+            fully_shard(self.pooling, mesh=dp_mesh)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # before the DDP wrapper's forward: the reducer stays out of every backward of the step
+        grad_sync.keep_reducer_out(self.trainer.strategy)
+
+    def _sync_gradients(self) -> None:
+        """Once per optimizer step: average over ranks every gradient no data-parallel engine reduced."""
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in self.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+        grad_sync.average_gradients(params)
+
     def training_step(self, batch: TrainBatch, batch_idx: int):
         opt = self.optimizers()
         accumulate = self.cfg["train"]["accumulate_steps"]
         if batch_idx % accumulate == 0:
             opt.zero_grad(set_to_none=True)
+        steps_now = (batch_idx + 1) % accumulate == 0  # the last micro-batch of an optimizer step
+        sharded = bool(grad_sync.fsdp2_roots(self))
+        if sharded:  # FSDP2: accumulate unsharded grads; reduce-scatter on the step's last backward
+            grad_sync.set_fsdp_sync(self, False)
+
+        def before_last_backward():
+            if sharded and steps_now:
+                grad_sync.set_fsdp_sync(self, True)
         nq = len(batch.query_chunks)
         B, K = batch.batch_size, batch.num_negatives
 
@@ -66,8 +101,10 @@ class EmbeddingModule(L.LightningModule):
             return self.compute_loss(q, c[:B], n)
 
         out = gradcache.cached_step(self.encode, batch.query_chunks + batch.candidate_chunks, loss_of,
-                                    self.manual_backward, scale=1.0 / accumulate)
-        if (batch_idx + 1) % accumulate == 0:
+                                    self.manual_backward, scale=1.0 / accumulate,
+                                    before_last_backward=before_last_backward)
+        if steps_now:
+            self._sync_gradients()
             clip = self.cfg["train"]["clip_grad_norm"]
             if clip:
                 self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")

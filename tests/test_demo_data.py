@@ -41,7 +41,7 @@ def test_generated_once_then_reused(tmp_path):
 
 def test_split_holds_out_combinations_and_captions_are_unique(tmp_path):
     root = demo.ensure_demo_shards({**PARAMS, "cache_dir": str(tmp_path)}, log=lambda m: None)
-    train = {c for shard in sorted(root.glob("train-*.tar")) for c in _captions(shard)}
+    train = {c for shard in sorted(root.glob("*/train-*.tar")) for c in _captions(shard)}
     val = _captions(root / "val-000000.tar")
     held = demo.held_out_captions(PARAMS)
     assert len(val) == PARAMS["val_size"] and len(set(val)) == len(val)  # unique among candidates
@@ -52,13 +52,15 @@ def test_split_holds_out_combinations_and_captions_are_unique(tmp_path):
 
 def test_examples_go_both_ways_and_images_decode(tmp_path):
     root = demo.ensure_demo_shards({**PARAMS, "cache_dir": str(tmp_path)}, log=lambda m: None)
-    tasks = set()
-    for key, files in iter_samples(next(root.glob("train-*.tar"))):
-        ex = decode_sample(key, files)
-        tasks.add(ex.task)
-        image = ex.positive.image if ex.task == "demo_t2i" else ex.query.image
-        assert image.size == (56, 56) and image.mode == "RGB"
-    assert tasks == {"demo_t2i", "demo_i2t"}
+    folders = set()
+    for shard in root.glob("*/train-*.tar"):
+        folders.add(Path(shard).parent.name)
+        for key, files in iter_samples(shard):
+            ex = decode_sample(key, files)
+            assert ex.task == Path(shard).parent.name  # one task per folder (subset)
+            image = ex.positive.image if ex.task == "demo_t2i" else ex.query.image
+            assert image.size == (56, 56) and image.mode == "RGB"
+    assert folders == {"demo_t2i", "demo_i2t"}
 
 
 def test_val_fresh_draws_differ_from_training_images():

@@ -20,7 +20,7 @@ def resolve_shards(cfg: dict, log=print) -> tuple[list[str], list[str]]:
     if data["train"]["shards"] is None or data["val"]["shards"] is None:
         demo_dir = demo.ensure_demo_shards(data["demo"], log=log)
     if data["train"]["shards"] is None:
-        train = sorted(str(p) for p in Path(demo_dir).glob("train-*.tar"))
+        train = sorted(str(p) for p in Path(demo_dir).glob("*/train-*.tar"))
     else:
         train = list_shards(data["train"]["shards"])
         if not train or not all(Path(s).is_file() for s in train):

@@ -47,7 +47,7 @@ DEMO_WORDS = sorted(
     | {"a"}
 )
 SHARD_SIZE = 1000
-FORMAT_VERSION = 1  # bump when drawing or captions change: the cache key includes it
+FORMAT_VERSION = 2  # bump when drawing or captions change: the cache key includes it
 
 
 def single_combinations() -> list[tuple]:
@@ -173,7 +173,8 @@ def cache_root(p: dict) -> Path:
 
 
 def ensure_demo_shards(p: dict, log=print) -> Path:
-    """The demo's shard folder (``train-*.tar``, ``val-000000.tar``), generating it on first use."""
+    """The demo's shard folder (``demo_t2i/train-*.tar``, ``demo_i2t/train-*.tar``, ``val-000000.tar``),
+    generated on first use."""
     from embedkit.data.shards import encode_example, write_shard
 
     root = cache_root(p)
@@ -183,10 +184,21 @@ def ensure_demo_shards(p: dict, log=print) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root.parent))
     log(f"drawing demo data ({p['train_size']} training examples, {p['val_size']} held out) into {root}")
     try:
-        for s, start in enumerate(range(0, p["train_size"], SHARD_SIZE)):
-            stop = min(start + SHARD_SIZE, p["train_size"])
-            samples = [encode_example(ex, f"{i:08d}") for i, ex in enumerate(train_examples(p, start, stop), start)]
-            write_shard(tmp / f"train-{s:06d}.tar", samples)
+        # one folder per task, like MMEB's subsets: task-homogeneous batching keys on the folder
+        pending: dict[str, list] = {}
+        written: dict[str, int] = {}
+
+        def flush(task: str) -> None:
+            n = written.get(task, 0)
+            write_shard(tmp / task / f"train-{n:06d}.tar", pending.pop(task))
+            written[task] = n + 1
+
+        for i, ex in enumerate(train_examples(p, 0, p["train_size"])):
+            pending.setdefault(ex.task, []).append(encode_example(ex, f"{i:08d}"))
+            if len(pending[ex.task]) == SHARD_SIZE:
+                flush(ex.task)
+        for task in list(pending):
+            flush(task)
         write_shard(tmp / "val-000000.tar", [encode_example(ex, f"{i:08d}") for i, ex in enumerate(val_examples(p))])
         (tmp / "done.json").write_text(json.dumps(p, sort_keys=True))
         try:

@@ -107,6 +107,8 @@ def test_wheel_carries_the_recipes(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {p.stem for p in (REPO / "recipes").glob("*.yaml")}
     assert {n.rsplit("/", 1)[-1][:-5] for n in names if n.startswith("embedkit/recipes/")} >= shipped
+    manifests = {p.name for p in (REPO / "data" / "mmeb").glob("*.yaml")}
+    assert manifests and {n.rsplit("/", 1)[-1] for n in names if n.startswith("embedkit/manifests/")} >= manifests
 
 
 def test_apply_overrides_does_not_mutate_input():

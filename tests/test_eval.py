@@ -45,7 +45,9 @@ def test_manifest_has_the_36_mmeb_datasets():
         "Grounding": 4,
     }
     assert all(isinstance(v["candidates"], int) and v["candidates"] >= 2 for v in m.values())
-    assert "2410.05160" in mmeb.MANIFEST_PATH.read_text().split("\ndatasets:")[0]
+    from embedkit.data.manifests import manifest_path
+
+    assert "2410.05160" in manifest_path("eval.yaml").read_text().split("\ndatasets:")[0]
 
 
 # ------------------------------------------------------------------ pure scoring

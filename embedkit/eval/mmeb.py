@@ -41,7 +41,6 @@ from embedkit.eval import retrieval
 
 Encoder = Callable[[list[Item]], torch.Tensor]
 
-MANIFEST_PATH = Path(__file__).resolve().parents[2] / "data" / "mmeb" / "eval.yaml"
 COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 FILE_PATTERNS = ("test.parquet", "test-*.parquet", "test.jsonl")
 
@@ -59,7 +58,9 @@ class Row:
 
 def load_manifest(path: str | Path | None = None) -> dict[str, dict]:
     """``{dataset: {meta_task, split, candidates}}`` in the manifest's order."""
-    data = yaml.safe_load(Path(path or MANIFEST_PATH).read_text())
+    from embedkit.data.manifests import manifest_path
+
+    data = yaml.safe_load(Path(path or manifest_path("eval.yaml")).read_text())
     return dict(data["datasets"])
 
 

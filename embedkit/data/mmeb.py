@@ -192,6 +192,7 @@ def write_one(job: dict) -> dict:
         side["bytes"] = shard.stat().st_size
         side["sha256"] = _sha256(shard)
     sidecar = _sidecar(shard)
+    sidecar.parent.mkdir(parents=True, exist_ok=True)  # a shard whose rows all failed has no folder yet
     tmp = sidecar.with_name(sidecar.name + ".tmp")
     tmp.write_text(json.dumps(side, sort_keys=True))
     os.replace(tmp, sidecar)
@@ -235,9 +236,10 @@ def load_train_yaml(path: Path | None) -> dict[str, dict]:
 class Progress:
     """A bar on a TTY, plain lines otherwise (CI logs)."""
 
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.done, self.stream = total, 0, stream
-        self.tty = stream.isatty() and not os.environ.get("CI")
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.tty = sys.stderr.isatty() and not os.environ.get("CI")
+        self.stream = sys.stderr if self.tty else sys.stdout  # the bar on the terminal, lines with the log
         self.started = time.monotonic()
 
     def step(self, what: str) -> None:

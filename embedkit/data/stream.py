@@ -147,7 +147,7 @@ class _SourceReader:
                             got += 1
                             yield shard, key, files
                 except Exception as exc:  # a truncated or unreadable tar: keep what was read, move on
-                    self.owner.skip(f"stopped reading {shard} early ({exc})")
+                    self.owner.skip(f"the rest of {shard} ({exc})", shard)
             if got == 0:
                 if fallback:
                     raise RuntimeError(f"training source {self.name!r} has no readable sample")
@@ -165,7 +165,7 @@ class _SourceReader:
             try:
                 return decode_sample(key, files)
             except Exception as exc:  # a corrupt image or a malformed sample: skip, count
-                self.owner.skip(f"sample {key} in {shard} ({type(exc).__name__}: {exc})")
+                self.owner.skip(f"sample {key} in {shard} ({type(exc).__name__}: {exc})", f"{shard}#{key}")
 
 
 class ShardStream(IterableDataset):
@@ -186,6 +186,7 @@ class ShardStream(IterableDataset):
         self.task_batch_size = task_batch_size
         self.epoch_steps = epoch_steps
         self.skipped = 0
+        self._warned: set[str] = set()  # samples and shards already warned about
         self.epoch = -1  # counted per process: persistent workers keep their copy across epochs
 
     def __len__(self):
@@ -193,9 +194,12 @@ class ShardStream(IterableDataset):
             return self.epoch_steps
         raise TypeError("an endless stream has no length (data.train.epoch_steps=0)")
 
-    def skip(self, what: str) -> None:
+    def skip(self, what: str, where: str) -> None:
+        """Count a skip; warn the first time a given sample or shard fails (resampling meets it again)."""
         self.skipped += 1
-        log.warning("skipped %s; %d skipped so far on rank %d", what, self.skipped, self.rank)
+        level = logging.DEBUG if where in self._warned else logging.WARNING
+        self._warned.add(where)
+        log.log(level, "skipped %s; %d skipped so far on rank %d", what, self.skipped, self.rank)
 
     # -- the plan: which source feeds which example, by step --------------------------------
     def step_sources(self, step: int) -> list[str]:

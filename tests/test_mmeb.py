@@ -143,6 +143,13 @@ def test_cap_and_subsets(source, tmp_path):
     assert _convert(source, tmp_path, "--subsets", "T2I", "--cap", "4") == 0
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert list(m["subsets"]) == ["T2I"] and m["subsets"]["T2I"]["count"] == 4
+    assert sum(1 for _ in iter_samples(tmp_path / "T2I" / "train-000001.tar")) == 1
+    assert _convert(source, tmp_path, "--subsets", "T2I", "--cap", "5") == 0  # shard 1 now holds 2 rows: rewritten
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert [s["count"] for s in m["subsets"]["T2I"]["shards"]] == [3, 2]
+    assert sum(1 for _ in iter_samples(tmp_path / "T2I" / "train-000001.tar")) == 2
+    assert _convert(source, tmp_path, "--subsets", "T2I", "--cap", "3") == 0  # a lower cap: fewer shards
+    assert sorted(p.name for p in (tmp_path / "T2I").iterdir()) == [".train-000000.tar.json", "train-000000.tar"]
 
 
 def test_missing_column_names_column_and_file(source, tmp_path):

@@ -186,7 +186,7 @@ def write_one(job: dict) -> dict:
         files[next(k for k in files if k.endswith(".json"))] = json.dumps(meta).encode()
         samples.append(files)
     shard = Path(job["path"])
-    side = {"count": len(samples), "rows": len(job["rows"]), "skipped": dict(skipped)}
+    side = {"count": len(samples), "rows": len(job["rows"]), "skipped": dict(skipped), "plan": job["plan"]}
     if samples:
         write_shard(shard, samples)
         side["bytes"] = shard.stat().st_size
@@ -211,15 +211,33 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _done(shard: Path) -> dict | None:
-    """The sidecar of a completed shard (tar present, or no sample at all), else None."""
+def _done(shard: Path, plan: str) -> dict | None:
+    """The sidecar of a shard completed from the same plan (tar present, or no sample at all), else None."""
     sidecar = _sidecar(shard)
     if not sidecar.is_file():
         return None
     side = json.loads(sidecar.read_text())
-    if side["count"] and not shard.is_file():
+    if side.get("plan") != plan or (side["count"] and not shard.is_file()):
         return None
     return side
+
+
+def _plan_digest(job: dict) -> str:
+    """What a shard is made of (its rows, subset, meta-task, image root): a changed source, cap or
+    shard size changes it, and the shard is rewritten instead of kept."""
+    what = [FORMAT_VERSION, job["subset"], job["meta_task"], job["key"], job["images"], job["rows"]]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def _remove_stale(folder: Path, keep: set[str]) -> None:
+    """Shards of an earlier run beyond this plan (a lower cap, a larger shard size) would be trained on."""
+    if folder.is_dir():
+        for path in folder.glob("train-*.tar*"):
+            if path.name not in keep:
+                path.unlink()
+        for path in folder.glob(".train-*.tar.json"):
+            if path.name[1:-5] not in keep:
+                path.unlink()
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -322,11 +340,13 @@ def convert(ns: argparse.Namespace, log=print) -> int:
             shards.append(path)
             jobs.append({"subset": subset, "meta_task": meta_task, "key": key, "images": str(images),
                          "path": str(path), "rows": kept[start : start + ns.shard_size]})
+            jobs[-1]["plan"] = _plan_digest(jobs[-1])
+        _remove_stale(out / subset, {p.name for p in shards})
         subsets[subset] = {"meta_task": meta_task, "cap": cap, "source": [str(p) for p in files],
                            "skipped": skipped, "shards": shards}
 
     # write: resumable (completed shards are skipped), in parallel
-    todo = [j for j in jobs if _done(Path(j["path"])) is None]
+    todo = [j for j in jobs if _done(Path(j["path"]), j["plan"]) is None]
     for j in todo:  # a leftover .tmp from an interrupted run is rewritten from scratch
         Path(j["path"] + ".tmp").unlink(missing_ok=True)
     log(f"mmeb: {len(subsets)} subsets, {len(jobs)} shards ({len(jobs) - len(todo)} already complete) -> {out}")
@@ -346,10 +366,11 @@ def convert(ns: argparse.Namespace, log=print) -> int:
     # manifest, from the sidecars (this run's and earlier runs')
     manifest = {"format": FORMAT_VERSION, "split": ns.split, "src": str(src), "images": str(images), "subsets": {}}
     empty = []
+    plans = {j["path"]: j["plan"] for j in jobs}
     for subset, info in subsets.items():
         skipped, shards = info["skipped"], []
         for path in info["shards"]:
-            side = _done(path)
+            side = _done(path, plans[str(path)])
             skipped.update(side["skipped"])
             if side["count"]:
                 shards.append({"path": str(path.relative_to(out)), "count": side["count"],

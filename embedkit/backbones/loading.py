@@ -9,7 +9,15 @@ from embedkit.errors import UserError
 #: family -> the transformers model_type values it accepts
 MODEL_TYPES = {
     "qwen2_vl": ("qwen2_vl", "qwen2_5_vl"),
+    "llava_onevision": ("llava_onevision",),
 }
+
+
+def supported_families() -> str:
+    """Every registered backbone name (the families a user can pick)."""
+    from embedkit.config import registry
+
+    return ", ".join(registry.choices("backbone"))
 
 
 def check_path(path: str | None, family: str) -> str:
@@ -31,20 +39,42 @@ def check_model_type(path: str, family: str) -> None:
         raise UserError(f"model.backbone.path: cannot read a model config from {path} ({str(exc).splitlines()[0]})") from None
     accepted = MODEL_TYPES.get(family, (family,))
     if config.model_type not in accepted:
-        families = ", ".join(sorted(MODEL_TYPES))
+        families = supported_families()
         raise UserError(
             f"model.backbone.path: {path} holds a {config.model_type!r} model, not {family} "
             f"(types {', '.join(accepted)}); supported families: {families}"
         )
 
 
+def load_tokenizer(path: str):
+    """The tokenizer saved at ``path``, as saved.
+
+    ``AutoTokenizer`` swaps a saved generic fast tokenizer (``tokenizer_class: TokenizersBackend``) for
+    the model type's own class when it deems the declared class wrong (e.g. ``Qwen2Tokenizer`` for
+    ``qwen2``), which rebuilds a different pipeline from the vocabulary: a tiny word-level tokenizer
+    saved and loaded back then splits words into characters (docs/bugs-and-fixes.md).
+    """
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg = Path(path) / "tokenizer_config.json"
+    if cfg.is_file() and json.loads(cfg.read_text()).get("tokenizer_class") in (
+        "TokenizersBackend", "PreTrainedTokenizerFast"
+    ):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_pretrained(path, family, dtype, attn_implementation, *, image_processor_cls, image_processor_kwargs):
     """(model without LM head, tokenizer, image processor) from a hub id or local folder."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     path = check_path(path, family)
     check_model_type(path, family)
     model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # from_pretrained returns eval mode and Lightning keeps submodules' modes: dropout would stay off
+    model.train()
+    tokenizer = load_tokenizer(path)
     image_processor = image_processor_cls.from_pretrained(path, **image_processor_kwargs)
     return model, tokenizer, image_processor

@@ -122,6 +122,11 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
         value = parse_value(text)
         if isinstance(value, str) and component_kind_at(cfg, key) is not None:
             value = {"name": value}  # component shorthand: that component with its defaults
+        parent = key.rpartition(".")[0]
+        if key.endswith(".name") and isinstance(value, str) and component_kind_at(cfg, parent) is not None:
+            old = _get(cfg, parent)
+            if (old.get("name") if isinstance(old, dict) else old) != value:
+                key, value = parent, {"name": value}  # a new component's name replaces the block (its keys differ)
         _set(cfg, key, value)
     return cfg
 
@@ -180,6 +185,13 @@ def _set(cfg: dict, key: str, value: Any) -> None:
         node[part] = child
         node = child
     node[parts[-1]] = value
+
+
+def _get(cfg: dict, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _remove(cfg: dict, key: str) -> None:

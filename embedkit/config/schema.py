@@ -81,6 +81,7 @@ class ValData:
 class EvalData:
     root: Optional[str] = None
     datasets: list[str] = field(default_factory=list)
+    val_rows: int = 0  # >0: during fit, each validation also scores this many rows per dataset (val/<dataset>/p@1)
 
 
 @dataclass

@@ -3,7 +3,11 @@
 For query q_i the candidates are all positives and all hard negatives of the batch:
     L_q2c = -1/B Σ_i log( exp(s(q_i,p_i)/τ) / Σ_c exp(s(q_i,c)/τ) )
 with s the dot product (embeddings are L2-normalised upstream, so cosine). Bidirectional adds the
-candidate→query direction over the positives, L_c2q, and averages the two.
+candidate→query direction over the positives (for p_i the candidates are all queries, the target
+q_i), L_c2q, and averages the two. τ is fixed or learnable (``learnable_temperature``).
+
+Under cross-device negatives the loss gets the gathered batch and ``rows`` (this rank's examples):
+only those rows are computed, their targets are global indices, the mean runs over those rows.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from embedkit.config.registry import register
-from embedkit.losses.base import Loss, LossOutput, Temperature, candidates
+from embedkit.losses.base import Loss, LossOutput, Temperature, candidates, row_slice
 
 
 @register("loss", "infonce")
@@ -24,13 +28,19 @@ class InfoNCE(Loss):
         self.temperature = Temperature(temperature, learnable_temperature)
         self.bidirectional = bidirectional
 
-    def forward(self, q, p, n=None) -> LossOutput:
+    @staticmethod
+    def check_config(params: dict) -> None:
+        if params["temperature"] <= 0:
+            raise ValueError(f"temperature: must be positive, got {params['temperature']}")
+
+    def forward(self, q, p, n=None, rows=None) -> LossOutput:
         tau = self.temperature()
-        targets = torch.arange(q.shape[0], device=q.device)
-        q2c = F.cross_entropy(q @ candidates(p, n).T / tau, targets)
+        own = row_slice(rows, q.shape[0])
+        targets = torch.arange(own.start, own.stop, device=q.device)
+        q2c = F.cross_entropy(q[own] @ candidates(p, n).T / tau, targets)
         parts = {"q2c": q2c.detach(), "temperature": tau.detach()}
         if not self.bidirectional:
             return LossOutput(q2c, parts)
-        c2q = F.cross_entropy(p @ q.T / tau, targets)
+        c2q = F.cross_entropy(p[own] @ q.T / tau, targets)
         parts["c2q"] = c2q.detach()
         return LossOutput((q2c + c2q) / 2, parts)

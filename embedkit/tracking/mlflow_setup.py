@@ -4,7 +4,7 @@ The store is ``sqlite:///<cwd>/runs/mlflow.db`` unless ``tracking.uri`` says oth
 MLflow refuses its file store). Params are the flattened resolved config with dotted keys; tags
 are the recipe, the git sha and the embedkit version; the resolved config and the command-line
 overrides are artifacts. Metric names keep ``/`` namespaces; MLflow refuses ``@``, so
-``val/p@1`` is stored as ``val/p_at_1`` (``mlflow_metric_name``; ``compare`` maps the same way).
+``val/p@1`` is stored as ``val/p_at_1`` (``store.stored_name``, which ``compare`` shares).
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
+
+from embedkit.tracking.store import artifact_location, default_uri, stored_name
 from lightning.pytorch.utilities import rank_zero_only
-
-
-def default_uri() -> str:
-    return f"sqlite:///{Path.cwd() / 'runs' / 'mlflow.db'}"
 
 
 def tracking_uri(cfg: dict) -> str:
@@ -26,17 +24,6 @@ def tracking_uri(cfg: dict) -> str:
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     return uri
-
-
-def artifact_location(uri: str) -> str | None:
-    """Artifacts of a sqlite store go beside the database (``runs/mlartifacts``), not into ./mlruns."""
-    if uri.startswith("sqlite:///"):
-        return str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts")
-    return None
-
-
-def mlflow_metric_name(name: str) -> str:
-    return name.replace("@", "_at_")
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -57,11 +44,11 @@ def git_sha() -> str:
 
 
 class EmbedkitMLFlowLogger(MLFlowLogger):
-    """Lightning's MLflow logger, with ``@`` mapped instead of silently stripped (``p@1`` -> ``p1``)."""
+    """Lightning's MLflow logger, with ``@`` mapped (``stored_name``) instead of silently stripped."""
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        super().log_metrics({mlflow_metric_name(k): v for k, v in metrics.items()}, step)
+        super().log_metrics({stored_name(k): v for k, v in metrics.items()}, step)
 
 
 def make_logger(cfg: dict, run_name: str) -> EmbedkitMLFlowLogger:

@@ -33,6 +33,8 @@ def quiet_third_party_noise() -> None:
     import logging
     import warnings
 
+    import mlflow  # noqa: F401  (mlflow sets its own log level on import: import first, then override)
+
     for name in ("mlflow", "alembic", "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

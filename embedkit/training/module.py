@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from embedkit.config import registry
 from embedkit.data.stream import TrainBatch
+from embedkit.distributed import distributed_loss
 from embedkit.losses.base import LossOutput
 from embedkit.training import gradcache
 from embedkit.training.optim import build_optimizer, build_scheduler
@@ -32,7 +33,8 @@ class EmbeddingModule(L.LightningModule):
             apply_lora(self.backbone, model["lora"])
         self.pooling = registry.build("pooling", model["pooling"], hidden_size=self.backbone.hidden_size,
                                       num_layers=self.backbone.num_layers)
-        self.loss_fn = registry.build("loss", config["loss"])
+        # embedding_dim: known only here (Matryoshka rejects dims larger than it, naming loss.dims)
+        self.loss_fn = registry.build("loss", config["loss"], embedding_dim=self.backbone.hidden_size)
         self.automatic_optimization = False
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.val_results: dict[str, float] = {}
@@ -45,7 +47,9 @@ class EmbeddingModule(L.LightningModule):
         return F.normalize(emb, dim=-1) if self.cfg["model"]["normalize"] else emb
 
     def compute_loss(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None) -> LossOutput:
-        return self.loss_fn(q, p, n)
+        # cross-device negatives when distributed (the plain loss otherwise); DDP's gradient
+        # averaging then gives the full-batch gradient: see embedkit/distributed/loss.py
+        return distributed_loss(self.loss_fn, q, p, n)
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch: TrainBatch, batch_idx: int):
@@ -69,16 +73,24 @@ class EmbeddingModule(L.LightningModule):
                 self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
             opt.step()
             self.lr_schedulers().step()
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=B)
+        # distributed, each rank's loss is over its own rows: sync_dist reports the full-batch mean
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=B, sync_dist=True)
         self.log("train/lr", opt.param_groups[0]["lr"], batch_size=B)
         for name, value in out.parts.items():
-            self.log(f"train/loss/{name}", value, batch_size=B)
+            self.log(f"train/loss/{name}", value, batch_size=B, sync_dist=True)
         return out.loss
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.parameters(), self.cfg["train"])
         scheduler = build_scheduler(optimizer, self.cfg["train"], self.cfg["trainer"]["max_steps"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def encode_items(self, items) -> torch.Tensor:
+        """Raw ``Item``s -> embeddings (processing in this process: for evaluation, not training)."""
+        if not hasattr(self, "_processor"):
+            self._processor = self.backbone.make_processor()
+        inputs = self._processor(items)
+        return self.encode({k: v.to(self.device) for k, v in inputs.items()})
 
     # -- validation: held-out queries ranked against every held-out candidate ----------------
     def validation_step(self, batch, batch_idx):
@@ -97,3 +109,18 @@ class EmbeddingModule(L.LightningModule):
         hits = (q @ c.T).argmax(dim=1) == torch.arange(len(q))
         self.val_results = {"val/p@1": hits.float().mean().item(), "num_queries": len(q)}
         self.log("val/p@1", hits.float().mean(), batch_size=len(q))
+        self._validate_on_eval_subset()
+
+    def _validate_on_eval_subset(self):
+        """``val/<dataset>/p@1`` on the first ``data.eval.val_rows`` rows of each MMEB eval dataset."""
+        ev = self.cfg["data"]["eval"]
+        if not ev["root"] or ev["val_rows"] <= 0:
+            return
+        from embedkit.eval.mmeb import validation_metrics
+
+        metrics = validation_metrics(self.encode_items, ev["root"], ev["datasets"], max_rows=ev["val_rows"],
+                                     batch_size=self.cfg["train"]["chunk_size"], prefix="val")
+        metrics["val/mmeb/p@1"] = metrics.pop("val/p@1")  # the held-out set above owns val/p@1
+        for name, value in metrics.items():
+            self.log(name, value)
+        self.val_results.update(metrics)

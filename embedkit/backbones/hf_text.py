@@ -1,0 +1,149 @@
+"""Text-only backbone: any transformers ``AutoModel`` encoder or decoder (BERT, Qwen2, Llama, ...).
+
+Loads ``AutoModel`` + ``AutoTokenizer`` from ``path`` (hub id or local directory), or builds a tiny
+random ``Qwen2Model`` with the offline word-level tokenizer (``tiny=true``). Items carrying an image are
+refused with a clear error. The LoRA target regex is chosen from the module names the model actually
+has (decoder-style ``q/k/v/o_proj`` + MLP projections, or BERT-style ``query/key/value`` + dense layers).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional
+
+import torch
+
+from embedkit.backbones import _common
+from embedkit.backbones.loading import check_path, load_tokenizer, supported_families
+from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, torch_dtype
+from embedkit.config.registry import register
+from embedkit.data.schema import Item
+from embedkit.errors import UserError
+
+FAMILY = "hf_text"
+#: anchored LoRA targets by module-naming style; the first that matches any module is used
+LORA_TARGETS = (
+    r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$",  # Llama/Qwen2/Mistral
+    r"^model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))$",  # Phi-3
+    r"^model\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+    r"|intermediate\.dense|output\.dense)$",  # BERT/RoBERTa/XLM-R
+)
+
+
+class TextChunkProcessor(ChunkProcessor):
+    def __init__(self, tokenizer, max_length: int, append_eos: bool = True):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        eos = tokenizer.eos_token_id
+        self.eos = eos if append_eos and eos is not None else None
+
+    def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        if any(item.image is not None for item in items):
+            raise UserError(
+                f"{FAMILY}: an item has an image, but backbone {FAMILY!r} embeds text only "
+                "(use a vision-language backbone, or data.demo.text_only=true for the demo)"
+            )
+        cut = self.max_length - (self.eos is not None)
+        rows = self.tokenizer([item.text for item in items], truncation=True, max_length=cut)["input_ids"]
+        if self.eos is not None:
+            rows = [r if r and r[-1] == self.eos else r + [self.eos] for r in rows]
+        input_ids, attention_mask = _common.pad_right(rows, self.tokenizer.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@register("backbone", FAMILY)
+class HFText(Backbone):
+    """Any transformers AutoModel text encoder or decoder; ``max_length`` truncates (tokens).
+
+    ``append_eos``: end every sequence with the tokenizer's EOS token when it has one and did not add
+    it itself (decoders: the state last-token pooling reads; BERT-style tokenizers have none).
+    """
+
+    vision_prefixes = ()
+    projector_prefixes = ()
+
+    def __init__(
+        self,
+        seed: int,
+        path: Optional[str] = None,
+        tiny: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str = "sdpa",
+        freeze_vision: bool = True,
+        train_projector: bool = False,
+        gradient_checkpointing: bool = False,
+        append_eos: bool = True,
+        max_length: int = 512,
+    ):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, Qwen2Config, Qwen2Model
+
+        if (path is None) == (not tiny):
+            raise UserError(f"model.backbone: {FAMILY} needs exactly one of path=<dir or hub id> or tiny=true")
+        self.max_length = max_length
+        self.append_eos = append_eos
+        self.train_projector = train_projector  # accepted for a uniform config; text models have none
+        if tiny:
+            from embedkit.backbones.processors import tiny_tokenizer
+
+            self.tokenizer = tiny_tokenizer([], pad="<|endoftext|>", eos="<|im_end|>")
+            cfg = Qwen2Config(
+                vocab_size=len(self.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            )
+            cfg._attn_implementation = attn_implementation
+            with _common.seeded(seed):
+                self.model = Qwen2Model(cfg)
+        else:
+            path = check_path(path, FAMILY)  # a missing local directory -> one-line error
+            try:
+                config = AutoConfig.from_pretrained(path)
+            except (OSError, ValueError, KeyError) as exc:
+                raise UserError(
+                    f"model.backbone.path: {path} is not a checkpoint transformers can read "
+                    f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                    f"supported families: {supported_families()}"
+                ) from None
+            if hasattr(config, "vision_config") or hasattr(config, "text_config"):
+                raise UserError(
+                    f"model.backbone.path: {path} holds a multimodal {config.model_type!r} checkpoint; "
+                    f"{FAMILY} loads text models; supported families: {supported_families()}"
+                )
+            try:
+                self.model = AutoModel.from_pretrained(
+                    path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
+                )
+                self.tokenizer = load_tokenizer(path)
+            except (OSError, ValueError) as exc:
+                raise _common.load_error(path, FAMILY, exc) from None
+        self.model.to(torch_dtype(dtype))
+        self.train()  # from_pretrained returns eval mode; the trainer/evaluator sets the mode
+        if hasattr(self.model.config, "use_cache"):
+            self.model.config.use_cache = False  # an encoder pass keeps no KV cache
+        self.tokenizer.padding_side = "right"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        cfg = self.model.config
+        self.hidden_size = cfg.hidden_size
+        self.num_layers = cfg.num_hidden_layers
+        names = [n for n, _ in self.named_modules()]
+        self.lora_target = next((t for t in LORA_TARGETS if any(re.fullmatch(t, n) for n in names)), "")
+        if gradient_checkpointing:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    def make_processor(self) -> TextChunkProcessor:
+        return TextChunkProcessor(self.tokenizer, self.max_length, self.append_eos)
+
+    def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
+        out = self.model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+            output_hidden_states=output_all_layers, return_dict=True,
+        )
+        return BackboneOutput(
+            out.last_hidden_state, inputs["attention_mask"], tuple(out.hidden_states) if output_all_layers else None
+        )
+
+    def save_pretrained(self, directory: str) -> None:
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)

@@ -1,0 +1,240 @@
+"""LLaVA-OneVision backbone: SigLIP vision tower + projector + Qwen2 language model.
+
+The model is transformers' ``LlavaOnevisionModel`` (no LM head; hidden states out), loaded from a
+hub id or a local directory (``path``), or built tiny and random (``tiny=true``: small SigLIP and
+Qwen2 configs, the offline word-level tokenizer).
+
+Images follow the OneVision "AnyRes-Max" policy (Li et al., LLaVA-OneVision, arXiv 2408.03326,
+sec. 3): the image is fitted to the best grid of tiles from ``image_grid_pinpoints``, each tile and a
+resized base view go through the vision tower, the tiled features are unpadded to the image's aspect
+ratio, shrunk (bilinear) when they exceed ``anyres_max`` tiles' worth, and a learned newline vector
+ends every feature row. The processor computes that token count itself, with the model's own
+arithmetic, and expands MMEB's ``<|image_1|>`` into that many image tokens; the model checks the count.
+
+Processing is image-only and PIL-based (``LlavaOnevisionImageProcessorPil``): the stock processor
+insists on a torchvision video processor, and torchvision does not import beside the CPU torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional
+
+import torch
+
+from embedkit.backbones import _common
+from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, torch_dtype
+from embedkit.config.registry import register
+from embedkit.data.schema import Item
+from embedkit.errors import UserError
+
+FAMILY = "llava_onevision"
+IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
+
+
+def anyres_pinpoints(tile: int, max_grid: int) -> list[list[int]]:
+    """Every grid of 1..max_grid x 1..max_grid tiles; max_grid=6 with 384-px tiles is the reference list."""
+    return [[tile * i, tile * j] for i in range(1, max_grid + 1) for j in range(1, max_grid + 1)]
+
+
+def num_image_tokens(
+    height: int, width: int, *, tile: int, patch: int, pinpoints: list[list[int]], anyres_max: int
+) -> int:
+    """Image tokens for one single-image item, with the arithmetic of ``pack_image_features``."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    side = tile // patch
+    best_h, best_w = select_best_resolution((height, width), pinpoints)
+    cur_h, cur_w = best_h // tile * side, best_w // tile * side
+    if width / height > cur_w / cur_h:  # letterboxed top and bottom: unpad rows
+        new_h = int(round(height * (cur_w / width), 7))
+        cur_h -= 2 * ((cur_h - new_h) // 2)
+    else:  # pillarboxed: unpad columns
+        new_w = int(round(width * (cur_h / height), 7))
+        cur_w -= 2 * ((cur_w - new_w) // 2)
+    ratio = math.sqrt(cur_h * cur_w / (anyres_max * side**2))
+    if ratio > 1.1:
+        cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
+    return side * side + cur_h * (cur_w + 1)  # base view + tiled rows, each ended by a newline
+
+
+class LlavaOnevisionChunkProcessor(ChunkProcessor):
+    def __init__(self, tokenizer, image_processor, image_token_id: int, tile: int, patch: int,
+                 pinpoints: list[list[int]], anyres_max: int, append_eos: bool = True):
+        self.tokenizer = tokenizer
+        self.end = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
+        self.image_processor = image_processor
+        self.image_token_id = image_token_id
+        self.tile, self.patch, self.pinpoints, self.anyres_max = tile, patch, pinpoints, anyres_max
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        rows, images = [], []
+        for item in items:
+            text = item.text or ""
+            if item.image is None:
+                if _common.IMAGE_PLACEHOLDER in text:
+                    raise _common.placeholder_error(FAMILY)
+                rows.append(self._ids(text) + self.end)
+                continue
+            image = item.image.convert("RGB")
+            images.append(image)
+            if _common.IMAGE_PLACEHOLDER not in text:
+                text = _common.IMAGE_PLACEHOLDER + ("\n" + text if text else "")
+            n = num_image_tokens(image.height, image.width, tile=self.tile, patch=self.patch,
+                                 pinpoints=self.pinpoints, anyres_max=self.anyres_max)
+            before, _, after = text.partition(_common.IMAGE_PLACEHOLDER)
+            if _common.IMAGE_PLACEHOLDER in after:
+                raise ValueError(f"{FAMILY}: one image per item; the text holds several {_common.IMAGE_PLACEHOLDER}")
+            rows.append(self._ids(before) + [self.image_token_id] * n + self._ids(after) + self.end)
+        if any(len(r) == 0 for r in rows):
+            raise ValueError(f"{FAMILY}: an item tokenized to nothing")
+        input_ids, attention_mask = _common.pad_right(rows, self.tokenizer.pad_token_id)
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if images:
+            pix = self.image_processor(images=images, image_grid_pinpoints=self.pinpoints, return_tensors="pt")
+            out["pixel_values"] = pix["pixel_values"]
+            out["image_sizes"] = pix["image_sizes"]
+            out["batch_num_images"] = torch.ones(len(images), dtype=torch.long)
+        return out
+
+
+@register("backbone", FAMILY)
+class LlavaOnevision(Backbone):
+    """LLaVA-OneVision (transformers ``LlavaOnevisionModel``) with right padding and AnyRes-Max tiling.
+
+    ``append_eos``: end every sequence with the EOS token (the state last-token pooling reads).
+
+    ``anyres_max`` caps the tiled features at that many tiles' worth (reference: 9, "anyres_max_9");
+    ``max_grid`` builds the tile grids 1..max_grid squared (reference: 6, i.e. up to 2304 px with 384-px
+    tiles); None keeps the checkpoint's own values (tiny form: 9 and 6).
+    """
+
+    lora_target = (
+        r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+    )
+    vision_prefixes = ("model.vision_tower.",)
+    projector_prefixes = ("model.multi_modal_projector.", "model.image_newline")
+
+    def __init__(
+        self,
+        seed: int,
+        path: Optional[str] = None,
+        tiny: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str = "sdpa",
+        freeze_vision: bool = True,
+        train_projector: bool = False,
+        gradient_checkpointing: bool = False,
+        append_eos: bool = True,
+        anyres_max: Optional[int] = None,
+        max_grid: Optional[int] = None,
+    ):
+        super().__init__()
+        from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionModel
+
+        if (path is None) == (not tiny):
+            raise UserError(f"model.backbone: {FAMILY} needs exactly one of path=<dir or hub id> or tiny=true")
+        self.train_projector = train_projector
+        self.append_eos = append_eos
+        if tiny:
+            self.tokenizer = _tiny_tokenizer()
+            with _common.seeded(seed):
+                self.model = LlavaOnevisionModel(_tiny_config(self.tokenizer))
+            tile = self.model.config.vision_config.image_size
+            self.image_processor = LlavaOnevisionImageProcessorPil(
+                size={"height": tile, "width": tile}, image_grid_pinpoints=anyres_pinpoints(tile, 6)
+            )
+        else:
+            from embedkit.backbones.loading import load_pretrained
+
+            self.model, self.tokenizer, self.image_processor = load_pretrained(
+                path, FAMILY, torch_dtype(dtype), attn_implementation,
+                image_processor_cls=LlavaOnevisionImageProcessorPil, image_processor_kwargs={},
+            )
+        cfg = self.model.config
+        if max_grid is not None:
+            cfg.image_grid_pinpoints = anyres_pinpoints(cfg.vision_config.image_size, max_grid)
+        if anyres_max is not None:
+            cfg.vision_aspect_ratio = f"anyres_max_{anyres_max}"
+        self.image_processor.image_grid_pinpoints = cfg.image_grid_pinpoints
+        self.model.to(torch_dtype(dtype))
+        self.train()  # from_pretrained returns eval mode; the trainer/evaluator sets the mode
+        self.tokenizer.padding_side = "right"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.hidden_size = cfg.text_config.hidden_size
+        self.num_layers = cfg.text_config.num_hidden_layers
+        if freeze_vision:
+            self.freeze_vision_tower()
+        _common.set_trainable(self, self.projector_prefixes, train_projector)
+        if gradient_checkpointing:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    @staticmethod
+    def check_config(params: dict) -> None:
+        if params.get("anyres_max") is not None and params["anyres_max"] < 1:
+            raise ValueError("anyres_max: must be >= 1")
+        if params.get("max_grid") is not None and params["max_grid"] < 1:
+            raise ValueError("max_grid: must be >= 1")
+
+    def make_processor(self) -> LlavaOnevisionChunkProcessor:
+        cfg = self.model.config
+        return LlavaOnevisionChunkProcessor(
+            self.tokenizer, self.image_processor, cfg.image_token_id,
+            tile=cfg.vision_config.image_size, patch=cfg.vision_config.patch_size,
+            pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
+            anyres_max=int(cfg.vision_aspect_ratio.removeprefix("anyres_max_")), append_eos=self.append_eos,
+        )
+
+    def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
+        kwargs = {}
+        if "pixel_values" in inputs:
+            kwargs = {
+                "pixel_values": inputs["pixel_values"].to(self.model.dtype),
+                "image_sizes": inputs["image_sizes"],
+                "batch_num_images": inputs["batch_num_images"],
+            }
+        out = self.model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+            output_hidden_states=output_all_layers, return_dict=True, **kwargs,
+        )
+        return BackboneOutput(
+            out.last_hidden_state, inputs["attention_mask"], tuple(out.hidden_states) if output_all_layers else None
+        )
+
+    def save_pretrained(self, directory: str) -> None:
+        """Model, tokenizer and image-processor files: a directory ``path=`` loads back."""
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+
+
+def _tiny_tokenizer():
+    from embedkit.backbones.processors import tiny_tokenizer
+
+    return tiny_tokenizer([IMAGE_TOKEN, VIDEO_TOKEN], pad="<|endoftext|>", eos="<|im_end|>")
+
+
+def _tiny_config(tokenizer):
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=28, patch_size=14, vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision, text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        image_grid_pinpoints=anyres_pinpoints(vision.image_size, 6),
+        vision_aspect_ratio="anyres_max_9", vision_feature_layer=-1, vision_feature_select_strategy="full",
+    )

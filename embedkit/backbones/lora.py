@@ -1,0 +1,60 @@
+"""LoRA / DoRA on a backbone's language model, through PEFT, in place.
+
+``apply_lora(backbone, lora_cfg)`` takes the ``model.lora`` section (``LoraSection``: enabled, r,
+alpha, dropout, dora, target). When enabled, PEFT LoRA layers (Hu et al., arXiv 2106.09685; DoRA:
+Liu et al., arXiv 2402.09353) are injected into every module whose full name matches the anchored
+regex ``target`` (default: the backbone's ``lora_target``, language model only); every other weight is
+frozen, except the projector when the backbone was built with ``train_projector=true``.
+When disabled (full fine-tuning) the backbone is returned unchanged: its constructor already froze the
+vision tower (``freeze_vision``) and, unless ``train_projector``, the projector.
+
+The backbone object stays the same class (``inject_adapter_in_model`` mutates it), so its
+``forward`` and ``make_processor`` are unchanged and module names gain only the LoRA sub-modules.
+"""
+
+from __future__ import annotations
+
+import re
+
+from embedkit.backbones import _common
+from embedkit.backbones.base import Backbone
+from embedkit.errors import ConfigError
+
+
+def adapted_module_names(backbone: Backbone) -> set[str]:
+    """Names of the modules that carry a LoRA adapter."""
+    return {name for name, module in backbone.named_modules() if hasattr(module, "lora_A")}
+
+
+def apply_lora(backbone: Backbone, lora_cfg: dict) -> Backbone:
+    if not lora_cfg.get("enabled", False):
+        return backbone
+    from peft import LoraConfig, inject_adapter_in_model
+
+    target = lora_cfg.get("target") or backbone.lora_target
+    if not target:
+        raise ConfigError(f"model.lora.target: backbone {type(backbone).__name__} declares no LoRA target; set one")
+    try:
+        pattern = re.compile(target)
+    except re.error as exc:
+        raise ConfigError(f"model.lora.target: invalid regex {target!r} ({exc})") from None
+    names = [n for n, _ in backbone.named_modules() if pattern.fullmatch(n)]
+    if not names:
+        raise ConfigError(f"model.lora.target: {target!r} matches no module of the backbone")
+    vision = tuple(getattr(backbone, "vision_prefixes", ()))
+    if vision and any(n.startswith(vision) for n in names):
+        raise ConfigError(f"model.lora.target: {target!r} matches vision-tower modules; LoRA is for the language model")
+    config = LoraConfig(
+        r=int(lora_cfg.get("r", 16)),
+        lora_alpha=int(lora_cfg.get("alpha", 32)),
+        lora_dropout=float(lora_cfg.get("dropout", 0.0)),
+        use_dora=bool(lora_cfg.get("dora", False)),
+        target_modules=target,  # a string: PEFT full-matches it against each module name
+        bias="none",
+    )
+    inject_adapter_in_model(config, backbone)
+    for name, param in backbone.named_parameters():
+        param.requires_grad_("lora_" in name)
+    if getattr(backbone, "train_projector", False):
+        _common.set_trainable(backbone, tuple(getattr(backbone, "projector_prefixes", ())), True)
+    return backbone

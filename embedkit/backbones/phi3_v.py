@@ -1,0 +1,419 @@
+"""Phi-3.5-Vision backbone, built in-project: transformers has no Phi-3.5-V, and remote code is not run.
+
+Architecture (Phi-3 technical report, arXiv 2404.14219, sec. "Phi-3-Vision"; the checkpoint
+``microsoft/Phi-3.5-vision-instruct``):
+
+- a ``Phi3Model`` language model (fused ``qkv_proj`` and ``gate_up_proj``);
+- a CLIP ViT-L/14-336 vision tower (``CLIPVisionModel``); features are the penultimate layer's
+  hidden states without the CLS token (24 x 24 patches per 336-px crop);
+- the HD transform: the image (transposed to landscape if portrait) is scaled so that a whole number
+  of 336-px crops fits across with at most ``num_crops`` crops in all (reference: 4 for Phi-3.5-V), its
+  height white-padded (centred) to a multiple of 336; the crops plus a bicubic global 336-px view are
+  encoded separately;
+- every 2 x 2 block of patch features is concatenated (4 x 1024 channels, 12 x 12 tokens per crop); the
+  crops are stitched into one ``(h*12) x (w*12)`` feature map; a learned ``sub_GN`` vector ends every row,
+  of the stitched map and of the global view; the order is sub-images, then ``glb_GN``, then the global
+  view ("sub_glb"); a 2-layer MLP (Linear, GELU, Linear) projects to the LM width.
+  Image tokens per image: ``(h*w + 1) * 144 + 1 + (h + 1) * 12`` for an ``h x w`` crop grid.
+
+Checkpoint key layout (official name -> this module), loaded with strict key checks:
+
+    model.embed_tokens.*, model.layers.*, model.norm.*        -> language_model.*
+    model.vision_embed_tokens.img_processor.vision_model.*    -> vision_tower.*  (transformers 5's
+                                                              CLIPVisionModel has no vision_model level)
+    model.vision_embed_tokens.img_projection.{0,2}.*          -> projector.{0,2}.*
+    model.vision_embed_tokens.glb_GN / sub_GN                 -> glb_GN / sub_GN
+    model.vision_embed_tokens.wte.weight                      an alias of model.embed_tokens.weight (used
+                                                              only when the latter is absent)
+    lm_head.weight                                            dropped: an encoder has no LM head
+    *.position_ids                                            dropped (old non-persistent buffers)
+
+``config.json`` is the official one (``model_type: phi3_v``, Phi-3 text fields, ``embd_layer``,
+``img_processor``); the vision tower is CLIP ViT-L/14-336 unless ``img_processor.embedkit_vision_config``
+holds a CLIPVisionConfig (written by the tiny form, so that a tiny checkpoint round-trips).
+In the token ids the processor marks image positions with ``-1``, as the reference processor does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+import torch
+from torch import nn
+
+from embedkit.backbones import _common
+from embedkit.backbones.loading import load_tokenizer, supported_families
+from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, torch_dtype
+from embedkit.config.registry import register
+from embedkit.data.schema import Item
+from embedkit.errors import UserError
+
+FAMILY = "phi3_v"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: CLIP ViT-L/14-336, the vision tower of the official checkpoint (its config.json does not carry it)
+CLIP_L_336 = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+)
+EMBD_LAYER = {
+    "embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
+    "use_hd_transform": True, "with_learnable_separator": True,
+}
+_TEXT_SKIP = {"model_type", "architectures", "auto_map", "embd_layer", "img_processor",
+              "transformers_version", "torch_dtype", "dtype"}
+
+
+def hd_transform(image, num_crops: int, crop: int):
+    """Resize + white-pad so the image is a ``h x w`` grid of ``crop``-px crops, ``h*w <= num_crops``."""
+    from PIL import Image
+
+    transposed = image.width < image.height
+    if transposed:
+        image = image.transpose(Image.Transpose.TRANSPOSE)
+    ratio = image.width / image.height
+    scale = 1
+    while scale * math.ceil(scale / ratio) <= num_crops:  # widest grid whose rows still fit
+        scale += 1
+    scale -= 1
+    new_w = scale * crop
+    new_h = max(1, int(new_w / ratio))
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    target_h = math.ceil(new_h / crop) * crop
+    canvas = Image.new("RGB", (new_w, target_h), (255, 255, 255))
+    canvas.paste(image, (0, (target_h - new_h) // 2))
+    return canvas.transpose(Image.Transpose.TRANSPOSE) if transposed else canvas
+
+
+def num_image_tokens(h: int, w: int, merged_side: int) -> int:
+    """Tokens for an ``h x w`` crop grid; ``merged_side`` = 12 for the official model."""
+    m = merged_side
+    return (h * w + 1) * m * m + 1 + (h + 1) * m
+
+
+class Phi3VChunkProcessor(ChunkProcessor):
+    def __init__(self, tokenizer, num_crops: int, crop: int, merged_side: int, append_eos: bool = True):
+        self.tokenizer = tokenizer
+        self.end = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
+        self.num_crops, self.crop, self.merged_side = num_crops, crop, merged_side
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _pixels(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
+        import numpy as np
+
+        hd = hd_transform(image.convert("RGB"), self.num_crops, self.crop)
+        t = torch.from_numpy(np.asarray(hd, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        t = (t - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+        c = self.crop
+        H, W = t.shape[1:]
+        glb = torch.nn.functional.interpolate(t[None], size=(c, c), mode="bicubic", align_corners=False)
+        crops = t.reshape(3, H // c, c, W // c, c).permute(1, 3, 0, 2, 4).reshape(-1, 3, c, c)
+        pix = torch.zeros(self.num_crops + 1, 3, c, c)
+        pix[: 1 + crops.shape[0]] = torch.cat([glb, crops])
+        return pix, (H, W)
+
+    def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        bos = [self.tokenizer.bos_token_id] if getattr(self.tokenizer, "add_bos_token", False) else []
+        rows, pixels, sizes = [], [], []
+        for item in items:
+            text = item.text or ""
+            if item.image is None:
+                if _common.IMAGE_PLACEHOLDER in text:
+                    raise _common.placeholder_error(FAMILY)
+                rows.append(bos + self._ids(text) + self.end)
+                continue
+            if _common.IMAGE_PLACEHOLDER not in text:
+                text = _common.IMAGE_PLACEHOLDER + ("\n" + text if text else "")
+            before, _, after = text.partition(_common.IMAGE_PLACEHOLDER)
+            if _common.IMAGE_PLACEHOLDER in after:
+                raise ValueError(f"{FAMILY}: one image per item; the text holds several {_common.IMAGE_PLACEHOLDER}")
+            pix, (H, W) = self._pixels(item.image)
+            pixels.append(pix)
+            sizes.append((H, W))
+            n = num_image_tokens(H // self.crop, W // self.crop, self.merged_side)
+            rows.append(bos + self._ids(before) + [-1] * n + self._ids(after) + self.end)
+        if any(len(r) == 0 for r in rows):
+            raise ValueError(f"{FAMILY}: an item tokenized to nothing")
+        input_ids, attention_mask = _common.pad_right(rows, self.tokenizer.pad_token_id)
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if pixels:
+            out["pixel_values"] = torch.stack(pixels)
+            out["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+        return out
+
+
+@register("backbone", FAMILY)
+class Phi3V(Backbone):
+    """Phi-3.5-Vision (Phi3Model + CLIP ViT-L/14-336 + HD crops + MLP projector), official key layout.
+
+    ``num_crops``: the HD transform's crop budget (reference: 4 for Phi-3.5-V, 16 for Phi-3-V).
+    ``append_eos``: end every sequence with the EOS token (the state last-token pooling reads).
+    """
+
+    lora_target = r"^language_model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))$"
+    vision_prefixes = ("vision_tower.",)
+    projector_prefixes = ("projector.", "glb_GN", "sub_GN")
+
+    def __init__(
+        self,
+        seed: int,
+        path: Optional[str] = None,
+        tiny: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str = "sdpa",
+        freeze_vision: bool = True,
+        train_projector: bool = False,
+        gradient_checkpointing: bool = False,
+        append_eos: bool = True,
+        num_crops: int = 4,
+    ):
+        super().__init__()
+        if (path is None) == (not tiny):
+            raise UserError(f"model.backbone: {FAMILY} needs exactly one of path=<dir> or tiny=true")
+        self.num_crops = num_crops
+        self.train_projector = train_projector
+        self.append_eos = append_eos
+        if tiny:
+            self.tokenizer = _tiny_tokenizer()
+            config = _tiny_config(self.tokenizer)
+            with _common.seeded(seed):
+                self._build(config, attn_implementation)
+        else:
+            root = _checkpoint_dir(path)
+            config = json.loads((root / "config.json").read_text())
+            if config.get("model_type") != "phi3_v":
+                raise UserError(
+                    f"model.backbone.path: {path} holds a {config.get('model_type')!r} model, not {FAMILY} "
+                    f"(type phi3_v); supported families: {supported_families()}"
+                )
+            from transformers.initialization import no_init_weights
+
+            with no_init_weights(), _default_dtype(torch_dtype(dtype)):  # the checkpoint fills every weight
+                self._build(config, attn_implementation)
+            self._load_weights(root)
+            try:
+                self.tokenizer = load_tokenizer(str(root))
+            except (OSError, ValueError) as exc:
+                raise _common.load_error(path, FAMILY, exc) from None
+        self.config = config
+        self.to(torch_dtype(dtype))
+        self.train()  # like a fresh module: the trainer/evaluator sets the mode
+        self.tokenizer.padding_side = "right"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if freeze_vision:
+            self.freeze_vision_tower()
+        _common.set_trainable(self, self.projector_prefixes, train_projector)
+        if gradient_checkpointing:
+            kw = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+            self.language_model.activation_checkpointing_enable(**kw)
+            self.vision_tower.activation_checkpointing_enable(**kw)
+
+    @staticmethod
+    def check_config(params: dict) -> None:
+        if params.get("num_crops", 1) < 1:
+            raise ValueError("num_crops: must be >= 1")
+
+    # -- construction and loading ------------------------------------------------------------------
+
+    def _build(self, config: dict, attn_implementation: str) -> None:
+        from transformers import CLIPVisionConfig, CLIPVisionModel, Phi3Config, Phi3Model
+
+        embd = config.get("embd_layer", {})
+        if embd.get("hd_transform_order", "sub_glb") != "sub_glb" or not embd.get("use_hd_transform", True):
+            raise UserError(f"model.backbone.path: {FAMILY} supports the HD transform in 'sub_glb' order only")
+        text_fields = {k: v for k, v in config.items() if k not in _TEXT_SKIP}
+        rope = text_fields.get("rope_scaling")
+        if isinstance(rope, dict) and rope.get("type") == "su":  # "su" is LongRoPE's old name
+            text_fields["rope_scaling"] = {**rope, "type": "longrope"}
+        text_cfg = Phi3Config(**text_fields)
+        img = config.get("img_processor", {})
+        vision_cfg = CLIPVisionConfig(**img.get("embedkit_vision_config", CLIP_L_336))
+        text_cfg._attn_implementation = attn_implementation
+        vision_cfg._attn_implementation = attn_implementation
+        self.language_model = Phi3Model(text_cfg)
+        self.vision_tower = CLIPVisionModel(vision_cfg)
+        c = vision_cfg.hidden_size
+        self.glb_GN = nn.Parameter(0.02 * torch.randn(1, 1, 4 * c))  # loaded checkpoints overwrite these
+        self.sub_GN = nn.Parameter(0.02 * torch.randn(1, 1, 1, 4 * c))
+        self.projector = nn.Sequential(
+            nn.Linear(4 * c, text_cfg.hidden_size), nn.GELU(), nn.Linear(text_cfg.hidden_size, text_cfg.hidden_size)
+        )
+        self.feature_layer = int(img.get("layer_idx", -2))
+        self.crop = vision_cfg.image_size
+        self.merged_side = vision_cfg.image_size // vision_cfg.patch_size // 2
+        self.hidden_size = text_cfg.hidden_size
+        self.num_layers = text_cfg.num_hidden_layers
+
+    @staticmethod
+    def map_key(key: str) -> str | None:
+        """Official checkpoint key -> this module's key (None: dropped)."""
+        vis = "model.vision_embed_tokens."
+        if key == "lm_head.weight" or key.endswith("position_ids"):
+            return None
+        if key == vis + "wte.weight":
+            return "language_model.embed_tokens.weight"
+        if key.startswith(vis + "img_processor.vision_model."):
+            return "vision_tower." + key[len(vis + "img_processor.vision_model."):]
+        if key.startswith(vis + "img_projection."):
+            return "projector." + key[len(vis + "img_projection."):]
+        if key in (vis + "glb_GN", vis + "sub_GN"):
+            return key[len(vis):]
+        if key.startswith("model."):
+            return "language_model." + key[len("model."):]
+        return key  # unknown: reported as unexpected
+
+    def official_state_dict(self) -> dict[str, torch.Tensor]:
+        """This module's weights under the official key names (the inverse of ``map_key``)."""
+        vis = "model.vision_embed_tokens."
+        out = {}
+        for key, value in self.state_dict().items():
+            if key.startswith("vision_tower."):
+                name = vis + "img_processor.vision_model." + key[len("vision_tower."):]
+            elif key.startswith("projector."):
+                name = vis + "img_projection." + key[len("projector."):]
+            elif key in ("glb_GN", "sub_GN"):
+                name = vis + key
+            elif key.startswith("language_model."):
+                name = "model." + key[len("language_model."):]
+            else:
+                raise AssertionError(f"unmapped key {key}")
+            out[name] = value.detach().contiguous()
+        return out
+
+    def _load_weights(self, root: Path) -> None:
+        from safetensors.torch import load_file
+
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (root / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise UserError(f"model.backbone.path: {root} has no model.safetensors(.index.json)")
+        raw: dict[str, torch.Tensor] = {}
+        for f in files:
+            raw.update(load_file(str(root / f)))
+        state = {}
+        for key, value in raw.items():
+            new = self.map_key(key)
+            if new is None or (key.endswith("wte.weight") and "model.embed_tokens.weight" in raw):
+                continue
+            state[new] = value
+        result = self.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise UserError(
+                f"model.backbone.path: {root} does not match the {FAMILY} layout "
+                f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
+            )
+
+    def save_pretrained(self, directory: str) -> None:
+        """Official-layout ``config.json`` + ``model.safetensors`` + tokenizer files."""
+        from safetensors.torch import save_file
+
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "config.json").write_text(json.dumps(self.config, indent=2))
+        save_file(self.official_state_dict(), str(root / "model.safetensors"), metadata={"format": "pt"})
+        self.tokenizer.save_pretrained(str(root))
+
+    # -- the contract ------------------------------------------------------------------------------
+
+    def make_processor(self) -> Phi3VChunkProcessor:
+        return Phi3VChunkProcessor(self.tokenizer, self.num_crops, self.crop, self.merged_side, self.append_eos)
+
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """All images' projected token features, concatenated in order: ``[sum of tokens, hidden]``."""
+        grids = [(int(H) // self.crop, int(W) // self.crop) for H, W in image_sizes.tolist()]
+        crops = torch.cat([pixel_values[i, : 1 + h * w] for i, (h, w) in enumerate(grids)])
+        out = self.vision_tower(crops.to(self.projector[0].weight.dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.feature_layer][:, 1:]  # drop CLS: [N, side*side, C]
+        m = self.merged_side
+        n, _, c = feats.shape
+        # concatenate each 2x2 block of patches: [N, m, m, 4C]
+        feats = feats.reshape(n, m, 2, m, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(n, m, m, 4 * c)
+        pieces, start = [], 0
+        for h, w in grids:
+            glb, sub = feats[start], feats[start + 1: start + 1 + h * w]
+            start += 1 + h * w
+            sub = sub.reshape(h, w, m, m, 4 * c).permute(0, 2, 1, 3, 4).reshape(h * m, w * m, 4 * c)
+            sub = torch.cat([sub, self.sub_GN[0].expand(h * m, 1, 4 * c)], dim=1).reshape(-1, 4 * c)
+            glb = torch.cat([glb, self.sub_GN[0].expand(m, 1, 4 * c)], dim=1).reshape(-1, 4 * c)
+            pieces.append(torch.cat([sub, self.glb_GN[0], glb]))
+        return self.projector(torch.cat(pieces))
+
+    def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
+        ids = inputs["input_ids"]
+        image_mask = ids < 0
+        embeds = self.language_model.embed_tokens(ids.clamp(min=0))
+        if "pixel_values" in inputs:
+            feats = self.image_features(inputs["pixel_values"], inputs["image_sizes"]).to(embeds.dtype)
+            if feats.shape[0] != int(image_mask.sum()):
+                raise ValueError(f"{FAMILY}: {int(image_mask.sum())} image tokens but {feats.shape[0]} image features")
+            embeds = embeds.masked_scatter(image_mask[..., None], feats)
+        out = self.language_model(
+            inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=False,
+            output_hidden_states=output_all_layers, return_dict=True,
+        )
+        return BackboneOutput(
+            out.last_hidden_state, inputs["attention_mask"], tuple(out.hidden_states) if output_all_layers else None
+        )
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Allocate parameters in ``dtype`` directly (a 4B model in bf16 never exists in float32)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def _checkpoint_dir(path: str) -> Path:
+    """A local checkpoint directory with a config.json (remote code cannot be fetched: no hub ids)."""
+    from embedkit.backbones.loading import check_path
+
+    root = Path(check_path(path, FAMILY)).expanduser()
+    if not root.is_dir():
+        raise UserError(f"model.backbone.path: {path} is not a local directory; {FAMILY} loads local checkpoints only")
+    if not (root / "config.json").is_file():
+        raise UserError(f"model.backbone.path: {path} has no config.json")
+    try:
+        json.loads((root / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"model.backbone.path: {root / 'config.json'} is not valid JSON ({exc})") from None
+    return root
+
+
+def _tiny_tokenizer():
+    from embedkit.backbones.processors import tiny_tokenizer
+
+    return tiny_tokenizer(["<|user|>", "<|assistant|>"], pad="<|endoftext|>", eos="<|end|>")
+
+
+def _tiny_config(tokenizer) -> dict:
+    """An official-style config.json dict with a tiny Phi-3 and a tiny CLIP (4 tokens per crop)."""
+    return {
+        "model_type": "phi3_v",
+        "architectures": ["Phi3VForCausalLM"],
+        "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "embd_layer": dict(EMBD_LAYER),
+        "img_processor": {
+            "image_dim_out": 32, "model_name": "tiny-clip", "name": "clip_vision_model", "num_img_tokens": 4,
+            "embedkit_vision_config": dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                image_size=28, patch_size=7, projection_dim=32, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+            ),
+        },
+    }

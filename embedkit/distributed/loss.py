@@ -1,0 +1,65 @@
+"""Cross-device negatives: one call, ``distributed_loss(loss_fn, q, p, n) -> LossOutput``.
+
+The LightningModule (and GradCache's cache step) calls only this. Not distributed (or one rank):
+it is exactly ``loss_fn(q, p, n)``. Distributed, on each rank with its local q [b,D], p [b,D],
+n [b,K,D] | None:
+
+1. One all-gather with gradients of the packed rows ``[q; p; n.flatten]`` (a single collective,
+   so the backward collectives cannot be ordered differently on different ranks).
+2. Unpack into the GLOBAL batch in rank order: Q [W*b,D], P [W*b,D], N [W*b,K,D]. Global example
+   i = rank*b + j keeps its own query, positive and K negatives together, so the candidate layout
+   is the same as single-process on the full batch: all positives P (column i is the target of
+   query i), then every example's negatives in order. Negatives are never mistaken for positives
+   (the bug class of sentence-transformers PR #3453, where anchors were trained toward hard
+   negatives because gathered columns and labels disagreed).
+3. ``loss_fn(Q, P, N, rows=slice(rank*b, rank*b+b))``: this rank's loss rows only, targets offset
+   by ``rank*b``, averaged over the b local rows.
+
+Scaling convention (what gradient each rank ends with):
+    Let L = full-batch loss (mean over the W*b rows) and L_r = the mean over rank r's rows, so
+    L = (1/W) Σ_r L_r. The gather's backward sums over ranks, so rank r's local embeddings get
+    Σ_r' ∂L_r'/∂e_r = W · ∂L/∂e_r, and its parameters end with W · (the full-batch gradient that
+    flows through rank r's embeddings). Parameters inside the loss (a learnable τ) get ∂L_r/∂τ.
+    The gradient sync must therefore AVERAGE over ranks (what DDP does): (1/W) Σ_r W·∂L/∂θ|_r
+    = ∂L/∂θ, and (1/W) Σ_r ∂L_r/∂τ = ∂L/∂τ, exactly the single-process full-batch gradient. A
+    hand-written sync (e.g. GradCache with the DDP reducer kept out of the chunk backwards) must
+    all-reduce with SUM and divide by W, never SUM alone. The loss VALUE on each rank is L_r; log
+    its mean over ranks (``sync_dist=True``) to report L.
+
+    A loss that does not take ``rows`` gets the whole gathered batch on every rank: each rank then
+    computes L itself, the gather backward gives W · ∂L/∂e_r, and DDP's average again yields ∂L/∂θ;
+    correct, just W-fold redundant loss compute. Wrappers may mix both forms.
+
+Every rank must have the same b and K (the per-rank batch is fixed; hard negatives are padded or
+cut to exactly K by the data pipeline).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from embedkit.distributed.gather import all_gather_with_grad, is_distributed
+from embedkit.losses.base import LossOutput, call_loss
+
+
+def gather_batch(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None, group=None):
+    """(Q, P, N, rows): the global batch in rank order and this rank's slice of it."""
+    b, d = q.shape
+    k = 0 if n is None else n.shape[1]
+    packed = torch.cat([q, p] + ([n.reshape(b * k, d)] if k else []), dim=0)
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    per_rank = all_gather_with_grad(packed, group).view(world, (2 + k) * b, d)
+    Q = per_rank[:, :b].reshape(world * b, d)
+    P = per_rank[:, b : 2 * b].reshape(world * b, d)
+    N = per_rank[:, 2 * b :].reshape(world * b, k, d) if k else None
+    return Q, P, N, slice(rank * b, (rank + 1) * b)
+
+
+def distributed_loss(loss_fn, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, group=None) -> LossOutput:
+    """``loss_fn`` over the candidates of all ranks for this rank's queries; plain call otherwise."""
+    if not is_distributed():
+        return loss_fn(q, p, n)
+    Q, P, N, rows = gather_batch(q, p, n, group)
+    return call_loss(loss_fn, Q, P, N, rows=rows)

@@ -1,0 +1,341 @@
+"""The MMEB evaluation protocol: read datasets, de-duplicate, encode (split across ranks), score.
+
+Protocol (as VLM2Vec's eval script runs it, arXiv 2410.05160): every row of a dataset has a query
+(``qry_text``, ``qry_img_path``) and a candidate list (``tgt_text``, ``tgt_img_path``, two parallel
+lists) whose first entry is the answer. The distinct queries and the distinct candidates, each keyed
+by ``(text, image path)``, are encoded once; each query is ranked against its own row's list and
+Precision@1 is the share of rows whose top candidate is candidate 0 (``retrieval.py``).
+
+Folder layout of ``data.eval.root`` (the Hugging Face dataset TIGER-Lab/MMEB-eval as downloaded,
+plus its image archive unpacked into ``images/``)::
+
+    <root>/<Dataset>/test.parquet | test-*.parquet | test.jsonl     one file per dataset
+    <root>/images/<...>                                             the images
+
+Image paths in the files are relative: each is looked up as ``<root>/images/<path>``, then as
+``<root>/<path>``. An empty path means no image, an empty text means no text. Dataset names are
+those of ``data/mmeb/eval.yaml``.
+
+Nothing here knows about models: ``encode(items: list[Item]) -> Tensor[N, D]`` is any callable, so
+the protocol is tested with fake encoders. Under ``torch.distributed`` each rank encodes a
+contiguous share of the distinct items and the shares are gathered, so every rank ends with the
+same embeddings and the same scores as one process would (the encoder must not depend on what else
+is in the batch, which the pooling contract already demands).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import yaml
+
+from embedkit.data.schema import Item
+from embedkit.errors import UserError
+from embedkit.eval import retrieval
+
+Encoder = Callable[[list[Item]], torch.Tensor]
+
+MANIFEST_PATH = Path(__file__).resolve().parents[2] / "data" / "mmeb" / "eval.yaml"
+COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
+FILE_PATTERNS = ("test.parquet", "test-*.parquet", "test.jsonl")
+
+
+@dataclass
+class Row:
+    qry_text: str
+    qry_img_path: str
+    tgt_text: list[str]
+    tgt_img_path: list[str]
+
+
+# ---------------------------------------------------------------- manifest and files
+
+
+def load_manifest(path: str | Path | None = None) -> dict[str, dict]:
+    """``{dataset: {meta_task, split, candidates}}`` in the manifest's order."""
+    data = yaml.safe_load(Path(path or MANIFEST_PATH).read_text())
+    return dict(data["datasets"])
+
+
+def dataset_files(root: Path, name: str) -> list[Path]:
+    folder = root / name
+    for pattern in FILE_PATTERNS:
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found
+    return []
+
+
+def available(root: str | Path, manifest: dict[str, dict]) -> list[str]:
+    """Manifest datasets that have a data file under ``root``."""
+    root = Path(root)
+    return [name for name in manifest if dataset_files(root, name)]
+
+
+def resolve_datasets(root: str | Path | None, names: Sequence[str], manifest: dict[str, dict]) -> list[str]:
+    """The datasets to evaluate (``names``, or all found under root); UserError naming the choices."""
+    if not root:
+        raise UserError("data.eval.root: not set; give data.eval.root=DIR (a folder of MMEB eval datasets)")
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data.eval.root: folder not found: {root}")
+    found = available(root, manifest)
+    listing = ", ".join(found) if found else "none found"
+    expect = "<root>/<Dataset>/" + "|".join(FILE_PATTERNS)
+    unknown = [n for n in names if n not in manifest]
+    if unknown:
+        raise UserError(
+            f"data.eval.datasets: {', '.join(map(repr, unknown))} not in data/mmeb/eval.yaml; "
+            f"available under {root}: {listing}"
+        )
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise UserError(
+            f"data.eval.datasets: no eval file for {', '.join(missing)} ({expect}); "
+            f"available under {root}: {listing}"
+        )
+    if not names and not found:
+        raise UserError(f"data.eval.root: no MMEB eval dataset under {root} ({expect}); available: none")
+    return list(names) if names else found
+
+
+def read_rows(path: Path) -> list[Row]:
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(path, columns=list(COLUMNS)).to_pylist()
+    rows = []
+    for i, rec in enumerate(records):
+        missing = [c for c in COLUMNS if c not in rec]
+        if missing:
+            raise UserError(f"{path}: row {i} lacks {', '.join(missing)} (MMEB eval columns: {', '.join(COLUMNS)})")
+        texts = [t or "" for t in rec["tgt_text"]]
+        paths = [p or "" for p in rec["tgt_img_path"]]
+        if not texts or len(texts) != len(paths):
+            raise UserError(f"{path}: row {i}: tgt_text and tgt_img_path must be non-empty lists of one length")
+        rows.append(Row(rec["qry_text"] or "", rec["qry_img_path"] or "", texts, paths))
+    return rows
+
+
+def load_dataset(root: str | Path, name: str, max_rows: int | None = None) -> list[Row]:
+    rows: list[Row] = []
+    for path in dataset_files(Path(root), name):
+        rows.extend(read_rows(path))
+        if max_rows is not None and len(rows) >= max_rows:
+            break
+    return rows[:max_rows] if max_rows is not None else rows
+
+
+def resolve_image(root: Path, rel: str) -> Path:
+    for base in (root / "images", root):
+        if (base / rel).is_file():
+            return base / rel
+    raise UserError(f"image not found: {rel} (looked in {root / 'images'} and {root})")
+
+
+def make_item(root: Path, key: tuple[str, str]) -> Item:
+    text, img = key
+    image = None
+    if img:
+        from PIL import Image
+
+        with Image.open(resolve_image(root, img)) as im:
+            image = im.convert("RGB")
+    if not text and image is None:
+        raise UserError(f"an MMEB entry has neither text nor image under {root}")
+    return Item(text=text or None, image=image)
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def unique_keys(keys: Sequence[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[int]]:
+    """Distinct keys in first-occurrence order, and each input's position among them."""
+    pos: dict[tuple[str, str], int] = {}
+    index = []
+    for k in keys:
+        index.append(pos.setdefault(k, len(pos)))
+    return list(pos), index
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous share ``[start, stop)`` of ``n`` items for ``rank`` (sizes differ by at most 1)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def encode_keys(
+    keys: Sequence[tuple[str, str]], encode: Encoder, root: Path, batch_size: int = 16
+) -> torch.Tensor:
+    """Embeddings ``[len(keys), D]``: this rank encodes its share, then all shares are gathered."""
+    rank, world = _dist()
+    start, stop = shard_bounds(len(keys), rank, world)
+    parts = []
+    with torch.no_grad():
+        for b in range(start, stop, batch_size):
+            items = [make_item(root, k) for k in keys[b : min(b + batch_size, stop)]]
+            emb = encode(items)
+            if emb.shape[0] != len(items):
+                raise RuntimeError(f"encode returned {emb.shape[0]} embeddings for {len(items)} items")
+            parts.append(emb.detach().float().cpu())
+    local = torch.cat(parts) if parts else None
+    if world == 1:
+        return local if local is not None else torch.empty(0, 0)
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, local)
+    return torch.cat([g for g in gathered if g is not None])
+
+
+# ---------------------------------------------------------------- one dataset, several datasets
+
+
+def evaluate_rows(
+    rows: Sequence[Row],
+    encode: Encoder,
+    root: str | Path,
+    batch_size: int = 16,
+    normalize: bool = True,
+    encode_candidates: Encoder | None = None,
+) -> dict:
+    """Scores of one dataset: the reference's ``acc/num_correct/num_pred`` plus recall@k, MRR, ties."""
+    root = Path(root)
+    queries, q_index = unique_keys([(r.qry_text, r.qry_img_path) for r in rows])
+    flat = [(t, p) for r in rows for t, p in zip(r.tgt_text, r.tgt_img_path)]
+    cands, flat_index = unique_keys(flat)
+    c_index, at = [], 0
+    for r in rows:
+        c_index.append(flat_index[at : at + len(r.tgt_text)])
+        at += len(r.tgt_text)
+    q_emb = encode_keys(queries, encode, root, batch_size)
+    c_emb = encode_keys(cands, encode_candidates or encode, root, batch_size)
+    scores = retrieval.row_scores(q_emb, c_emb, q_index, c_index, normalize=normalize)
+    result = retrieval.precision_at_1(scores)
+    details = retrieval.ranking_metrics(scores)
+    details["ties_at_top"] = int(retrieval.top_ties(scores).sum())
+    details["candidates"] = max(len(c) for c in c_index) if c_index else 0
+    details["unique_queries"] = len(queries)
+    details["unique_candidates"] = len(cands)
+    return {**result, "details": details}
+
+
+def evaluate(
+    root: str | Path,
+    datasets: Sequence[str],
+    encode: Encoder,
+    *,
+    batch_size: int = 16,
+    normalize: bool = True,
+    max_rows: int | None = None,
+    out_dir: str | Path | None = None,
+    manifest: dict[str, dict] | None = None,
+    encode_candidates: Encoder | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Evaluate ``datasets`` (all found under root when empty); write outputs on rank 0.
+
+    Returns the summary: ``{"datasets": {name: score dict}, "aggregate": {...}}``. Every rank must
+    call this under torch.distributed (the encodings are gathered).
+    """
+    manifest = manifest or load_manifest()
+    names = resolve_datasets(root, list(datasets), manifest)
+    results = {}
+    for i, name in enumerate(names):
+        if log:
+            log(f"[{i + 1}/{len(names)}] {name}")
+        rows = load_dataset(root, name, max_rows)
+        results[name] = evaluate_rows(rows, encode, root, batch_size, normalize, encode_candidates)
+        if log:
+            log(f"  {name}: P@1 {results[name]['acc']:.4f} ({results[name]['num_correct']}/{results[name]['num_pred']})")
+    summary = {
+        "datasets": results,
+        "aggregate": retrieval.aggregate({n: r["acc"] for n, r in results.items()}, manifest),
+    }
+    if out_dir is not None and _dist()[0] == 0:
+        write_outputs(out_dir, summary, manifest)
+    return summary
+
+
+def validation_metrics(
+    encode: Encoder,
+    root: str | Path,
+    datasets: Sequence[str] = (),
+    max_rows: int = 100,
+    batch_size: int = 16,
+    normalize: bool = True,
+    prefix: str = "val",
+) -> dict[str, float]:
+    """For validation during fit: ``{"<prefix>/<dataset>/p@1": acc, "<prefix>/p@1": mean}``.
+
+    Uses the first ``max_rows`` rows of each dataset. Call it on every rank under DDP (each rank
+    encodes a share); every rank gets the same numbers. The caller maps ``@`` for MLflow (see
+    ``embedkit.tracking.names``).
+    """
+    summary = evaluate(root, datasets, encode, batch_size=batch_size, normalize=normalize, max_rows=max_rows)
+    out = {f"{prefix}/{name}/p@1": r["acc"] for name, r in summary["datasets"].items()}
+    out[f"{prefix}/p@1"] = summary["aggregate"]["overall"]
+    return out
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(out_dir: str | Path, summary: dict, manifest: dict[str, dict]) -> list[Path]:
+    """``<Dataset>_score.json`` (the reference's shape), ``summary.json`` and ``summary.md``."""
+    out_dir = Path(out_dir)
+    written = []
+    for name, r in summary["datasets"].items():
+        path = out_dir / f"{name}_score.json"
+        write_atomic(path, json.dumps({k: r[k] for k in ("acc", "num_correct", "num_pred")}, indent=4) + "\n")
+        written.append(path)
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out_dir / "summary.md", markdown_table(summary, manifest))
+    return written + [out_dir / "summary.json", out_dir / "summary.md"]
+
+
+def markdown_table(summary: dict, manifest: dict[str, dict]) -> str:
+    lines = [
+        "| dataset | meta-task | split | candidates | P@1 | R@5 | MRR |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for name, r in summary["datasets"].items():
+        info, d = manifest[name], r["details"]
+        lines.append(
+            f"| {name} | {info['meta_task']} | {info['split']} | {d['candidates']} | "
+            f"{100 * r['acc']:.2f} | {100 * d.get('recall@5', float('nan')):.2f} | {d.get('mrr', float('nan')):.4f} |"
+        )
+    agg = summary["aggregate"]
+    lines += ["", "| group | datasets | P@1 |", "|---|---:|---:|"]
+    groups = list(agg["meta_task"].items()) + [("IND", agg["IND"]), ("OOD", agg["OOD"]), ("overall", agg["overall"])]
+    for group, value in groups:
+        if value is not None:
+            lines.append(f"| {group} | {agg['counts'][group]} | {100 * value:.2f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,97 @@
+"""Matryoshka representation learning (Kusupati et al. 2022, arXiv 2205.13147) around any loss.
+
+    L = Σ_m c_m · L_inner( norm(q[:, :d_m]), norm(p[:, :d_m]), norm(n[..., :d_m]) )
+
+Each nesting dimension d_m truncates the embeddings to their first d_m coordinates, re-normalises
+them to unit length (so the inner loss still sees cosine similarities), and the weighted inner
+losses are summed (MRL uses c_m = 1). The wrapper sees embeddings only, so it composes with every
+registered loss and runs unchanged under GradCache and cross-device negatives (``rows`` is passed
+through to the inner loss).
+
+Config: ``loss=matryoshka loss.inner=hardness_weighted loss.dims=[64,128,256]``. Parts are logged
+per dimension as ``dim_<d>``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from embedkit.config.registry import register
+from embedkit.errors import ConfigError
+from embedkit.losses.base import Loss, LossOutput, call_loss
+
+
+def default_dims(embedding_dim: int) -> list[int]:
+    """The full size and its halvings: D, D/2, D/4, D/8 (each at least 1, no repeats)."""
+    return sorted({max(1, embedding_dim // f) for f in (8, 4, 2, 1)})
+
+
+@register("loss", "matryoshka", nested={"inner": "loss"})
+class Matryoshka(Loss):
+    """Inputs q [B,D], p [B,D], n [B,K,D] | None. Output: Σ_m weight_m · inner loss at dims[m].
+
+    ``dims``: the nesting dimensions (None: D, D/2, D/4, D/8 of the embedding size D); each must be
+    at most D. ``weights``: one per dim (None: all 1). ``embedding_dim`` (D) is supplied by the
+    builder (``registry.build("loss", block, embedding_dim=D)``), not the config.
+    """
+
+    def __init__(
+        self,
+        inner: Loss = "infonce",
+        dims: Optional[list[int]] = None,
+        weights: Optional[list[float]] = None,
+        *,
+        embedding_dim: int,
+    ):
+        super().__init__()
+        if isinstance(inner, str):
+            from embedkit.config import registry
+
+            inner = registry.build("loss", {"name": inner})
+        self.inner = inner
+        try:
+            self.check_config({"dims": dims, "weights": weights})
+        except ValueError as exc:
+            raise ConfigError(f"loss.{exc}") from None
+        if dims is None:
+            dims = default_dims(embedding_dim)
+        if max(dims) > embedding_dim:
+            raise ConfigError(
+                f"loss.dims: {max(dims)} is larger than the embedding ({embedding_dim} dimensions)"
+            )
+        self.dims = [int(d) for d in dims]
+        self.weights = [1.0] * len(self.dims) if weights is None else [float(w) for w in weights]
+        self.embedding_dim = embedding_dim
+
+    @staticmethod
+    def check_config(params: dict) -> None:
+        dims, weights = params.get("dims"), params.get("weights")
+        if dims is not None:
+            if len(dims) == 0:
+                raise ValueError("dims: must list at least one dimension")
+            if any(int(d) < 1 for d in dims):
+                raise ValueError(f"dims: every dimension must be >= 1, got {list(dims)}")
+            if len(set(dims)) != len(dims):
+                raise ValueError(f"dims: repeated dimension in {list(dims)}")
+        if weights is not None:
+            if dims is None:
+                raise ValueError("weights: set dims too (one weight per dim)")
+            if len(weights) != len(dims):
+                raise ValueError(f"weights: expected {len(dims)} weights (one per dim), got {len(weights)}")
+            if any(w < 0 for w in weights):
+                raise ValueError(f"weights: must be >= 0, got {list(weights)}")
+
+    def forward(self, q, p, n=None, rows=None) -> LossOutput:
+        if max(self.dims) > q.shape[-1]:
+            raise ConfigError(f"loss.dims: {max(self.dims)} is larger than the embedding ({q.shape[-1]} dimensions)")
+        total = q.new_zeros(())
+        parts: dict[str, torch.Tensor] = {}
+        for d, w in zip(self.dims, self.weights):
+            cut = [F.normalize(x[..., :d], dim=-1) if x is not None else None for x in (q, p, n)]
+            out = call_loss(self.inner, *cut, rows=rows)
+            total = total + w * out.loss
+            parts[f"dim_{d}"] = out.loss.detach()
+        return LossOutput(total, parts)

@@ -1,0 +1,265 @@
+"""``embedkit compare``: the runs of one MLflow experiment side by side.
+
+    embedkit compare [experiment=NAME] [metric=val/p@1,train/loss ...] [tracking.uri=URI]
+                     [--format markdown|csv] [--plot out.png]
+
+One row per run (oldest first): the run's name, the params whose values differ between the runs
+(params are the flattened config, dotted keys: ``loss.name``, ``train.lr``; ``run.name`` and
+``run.dir`` always differ and are left out), and for each chosen metric its best value (the lowest
+for a metric whose name holds ``loss``, else the highest) and its final value (at the last step).
+
+Defaults: the store is ``sqlite:///runs/mlflow.db`` of the working directory; no experiment means
+the experiment of the most recently started run in the store; no metric means those of
+``DEFAULT_METRICS`` the runs have (else every metric they have). Metric names are given as logged
+in code (``val/p@1``); MLflow refuses ``@`` so the store holds ``val/p_at_1``, mapped here both
+ways. ``--plot`` draws each metric's curve per run (matplotlib, Agg backend) and logs the PNG as an
+artifact of a run tagged ``embedkit.kind=compare`` in the same experiment (such runs are never
+compared themselves).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from embedkit.errors import UserError
+from embedkit.tracking.store import default_uri, display_name, stored_name
+
+USAGE = (
+    "usage: embedkit compare [experiment=NAME] [metric=NAME[,NAME...]] [tracking.uri=URI] "
+    "[--format markdown|csv] [--plot out.png]"
+)
+DEFAULT_METRICS = ("val/p@1", "eval/overall/p@1", "train/loss")
+HIDDEN_PARAMS = ("run.name", "run.dir")
+KIND_TAG = "embedkit.kind"
+
+
+@dataclass
+class Options:
+    experiment: str | None = None
+    metrics: list[str] = field(default_factory=list)
+    uri: str | None = None
+    format: str = "markdown"
+    plot: str | None = None
+
+
+def parse_args(args: list[str]) -> Options:
+    opts = Options()
+    words = list(args)
+    while words:
+        word = words.pop(0)
+        if word.startswith("--"):
+            flag, _, value = word[2:].partition("=")
+            if flag not in ("format", "plot"):
+                raise UserError(f"compare: unknown option --{flag}; {USAGE}")
+            if not value:
+                if not words:
+                    raise UserError(f"compare: --{flag} needs a value; {USAGE}")
+                value = words.pop(0)
+            if flag == "format":
+                if value not in ("markdown", "csv"):
+                    raise UserError(f"compare: --format {value!r} is not accepted; choices: markdown, csv")
+                opts.format = value
+            else:
+                opts.plot = value
+            continue
+        key, eq, value = word.partition("=")
+        if not eq:
+            raise UserError(f"compare: unexpected {word!r}; {USAGE}")
+        if key == "experiment":
+            opts.experiment = value
+        elif key in ("metric", "metrics"):
+            opts.metrics += [m.strip() for m in value.strip("[]").split(",") if m.strip()]
+        elif key == "tracking.uri":
+            opts.uri = value
+        elif key == "format":
+            opts.format = value
+            if value not in ("markdown", "csv"):
+                raise UserError(f"compare: format {value!r} is not accepted; choices: markdown, csv")
+        elif key == "plot":
+            opts.plot = value
+        else:
+            raise UserError(f"compare: unknown key {key!r}; accepted: experiment, metric, tracking.uri, format, plot")
+    return opts
+
+
+# ------------------------------------------------------------------ names
+
+
+# ------------------------------------------------------------------ reading the store
+
+
+def open_store(uri: str | None):
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or default_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise UserError(f"tracking.uri: no MLflow store at {uri[len('sqlite:///'):]} (run embedkit fit first)")
+    return MlflowClient(tracking_uri=uri)
+
+
+def _is_compare(run) -> bool:
+    return run.data.tags.get(KIND_TAG) == "compare"
+
+
+def pick_experiment(client, name: str | None):
+    experiments = client.search_experiments()
+    if name is not None:
+        for exp in experiments:
+            if exp.name == name:
+                return exp
+        names = ", ".join(sorted(e.name for e in experiments)) or "none"
+        raise UserError(f"experiment: no experiment {name!r} in the store; experiments: {names}")
+    ids = [e.experiment_id for e in experiments]
+    latest = None
+    for run in client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=20):
+        if not _is_compare(run):
+            latest = run
+            break
+    if latest is None:
+        raise UserError("compare: the store holds no runs (run embedkit fit first)")
+    return client.get_experiment(latest.info.experiment_id)
+
+
+def list_runs(client, experiment_id: str) -> list:
+    runs = client.search_runs([experiment_id], order_by=["attributes.start_time ASC"], max_results=10000)
+    return [r for r in runs if not _is_compare(r)]
+
+
+def differing_params(runs: list) -> list[str]:
+    keys = sorted({k for r in runs for k in r.data.params} - set(HIDDEN_PARAMS))
+    return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+
+
+def choose_metrics(runs: list, requested: list[str]) -> list[str]:
+    if requested:
+        return requested
+    present = {display_name(k) for r in runs for k in r.data.metrics}
+    chosen = [m for m in DEFAULT_METRICS if m in present]
+    return chosen or sorted(present)
+
+
+def history(client, run, name: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of metric ``name`` (display form), in step order."""
+    for key in (stored_name(name), name, name.replace("@", "")):
+        if key in run.data.metrics:
+            points = client.get_metric_history(run.info.run_id, key)
+            return [(p.step, p.value) for p in sorted(points, key=lambda p: (p.step, p.timestamp))]
+    return []
+
+
+def lower_is_better(name: str) -> bool:
+    return "loss" in name
+
+
+def build_table(client, runs: list, metrics: list[str]) -> tuple[list[str], list[list], dict]:
+    """Header, rows and the curves ``{metric: {run label: [(step, value)]}}``."""
+    params = differing_params(runs)
+    header = ["run", "run_id"] + params
+    for m in metrics:
+        header += [f"{m} best", f"{m} final"]
+    rows, curves = [], {m: {} for m in metrics}
+    for r in runs:
+        label = r.info.run_name or r.info.run_id[:8]
+        row = [label, r.info.run_id] + [r.data.params.get(k, "") for k in params]
+        for m in metrics:
+            points = history(client, r, m)
+            curves[m][label] = points
+            if points:
+                values = [v for _, v in points]
+                best = min(values) if lower_is_better(m) else max(values)
+                row += [best, points[-1][1]]
+            else:
+                row += ["", ""]
+        rows.append(row)
+    return header, rows, curves
+
+
+# ------------------------------------------------------------------ output
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def to_markdown(header: list[str], rows: list[list]) -> str:
+    short = [[r[0], r[1][:8]] + r[2:] for r in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in r) + " |" for r in short]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(header: list[str], rows: list[list]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[_cell(v) if isinstance(v, float) else v for v in r] for r in rows])
+    return buf.getvalue()
+
+
+def plot_curves(curves: dict, path: str | Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = max(1, len(curves))
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6), squeeze=False)
+    labels = list(dict.fromkeys(label for per_run in curves.values() for label in per_run))
+    colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per run everywhere
+    for ax, (metric, per_run) in zip(axes[0], curves.items()):
+        for label, points in per_run.items():
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="o" if len(points) < 30 else None, label=label, color=colour[label])
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def log_plot(client, experiment_id: str, png: Path, runs: list) -> str:
+    run = client.create_run(
+        experiment_id,
+        run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={KIND_TAG: "compare", "embedkit.compare.runs": ",".join(r.info.run_id for r in runs)},
+    )
+    client.log_artifact(run.info.run_id, str(png), artifact_path="compare")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def main(args: list[str]) -> int:
+    opts = parse_args(args)
+    client = open_store(opts.uri)
+    exp = pick_experiment(client, opts.experiment)
+    runs = list_runs(client, exp.experiment_id)
+    if not runs:
+        raise UserError(f"experiment {exp.name!r} has no runs")
+    metrics = choose_metrics(runs, opts.metrics)
+    header, rows, curves = build_table(client, runs, metrics)
+    text = to_csv(header, rows) if opts.format == "csv" else to_markdown(header, rows)
+    if opts.format == "markdown":
+        print(f"experiment {exp.name}: {len(runs)} runs\n")
+    print(text, end="")
+    if opts.plot:
+        png = plot_curves(curves, opts.plot, f"experiment {exp.name}")
+        run_id = log_plot(client, exp.experiment_id, png, runs)
+        print(f"plot: {png} (logged to MLflow run {run_id})", file=sys.stderr)
+    return 0

@@ -185,3 +185,19 @@ def test_fit_trains_on_converted_shards_despite_a_truncated_tar(converted, tmp_p
     assert "step 5/5" in out.stdout
     assert "truncated" in out.stderr and "skipped" in out.stderr
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_train_yaml_lists_the_20_ind_subsets_of_eval_yaml():
+    import yaml
+
+    from embedkit.data.mmeb import TRAIN_YAML, load_train_yaml
+
+    train = load_train_yaml(TRAIN_YAML)
+    evals = yaml.safe_load((TRAIN_YAML.parent / "eval.yaml").read_text())["datasets"]
+    ind = {name: spec["meta_task"] for name, spec in evals.items() if spec["split"] == "IND"}
+    assert len(train) == 20 and all(spec["cap"] == 50000 for spec in train.values())
+    assert {spec.get("eval", name): spec["meta_task"] for name, spec in train.items()} == ind
+    from collections import Counter
+
+    assert Counter(s["meta_task"] for s in train.values()) == {"Classification": 5, "VQA": 6, "Retrieval": 8,
+                                                                 "Grounding": 1}

@@ -177,3 +177,12 @@ def test_iter_samples_raises_on_any_cut_and_never_yields_a_partial_sample(tmp_pa
             for key, files in iter_samples(path):
                 got.append(decode_sample(key, files))  # every yielded sample is complete
         assert len(got) <= cut // 2048
+
+
+def test_fixed_epoch_length_and_the_next_epoch_continues_the_steps(shards):
+    st = stream(shards, rank=0, task_batch_size=2, epoch_steps=5)
+    loader = DataLoader(st, batch_size=None, num_workers=2, persistent_workers=True)
+    first, second = [b.tasks for b in loader], [b.tasks for b in loader]
+    assert len(first) == len(second) == 5
+    assert first == [st.step_sources(s) for s in range(5)]
+    assert second == [st.step_sources(s) for s in range(5, 10)]  # steps go on: epoch 2 is not epoch 1 again

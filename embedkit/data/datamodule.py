@@ -61,7 +61,11 @@ class EmbeddingDataModule(L.LightningDataModule):
         if gbs % world:
             raise UserError(f"train.global_batch_size={gbs} is not divisible by the {world} devices")
         collate = ChunkCollate(self.processor, cfg["train"]["chunk_size"], t["num_negatives"])
-        stream = ShardStream(self.train_shards, collate, gbs // world, cfg["seed"], rank, world, t["shuffle_buffer"])
+        try:
+            stream = ShardStream(self.train_shards, collate, gbs // world, cfg["seed"], rank, world, t["shuffle_buffer"],
+                                 mix=t["mix"], task_batch_size=t["task_batch_size"], epoch_steps=t["epoch_steps"])
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         workers = t["num_workers"]
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                           prefetch_factor=4 if workers > 0 else None)

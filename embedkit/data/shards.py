@@ -83,7 +83,10 @@ def decode_sample(key: str, files: dict[str, bytes]) -> Example:
 
 
 def iter_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, files) per sample of a tar, grouping consecutive files by key (up to the first dot)."""
+    """(key, files) per sample of a tar, grouping consecutive files by key (up to the first dot).
+
+    A truncated tar raises ``tarfile.ReadError`` after the complete samples before the cut; the
+    sample being read when the data ended is never yielded."""
     key, files = None, {}
     with tarfile.open(path, "r") as tar:
         for member in tar:
@@ -96,8 +99,19 @@ def iter_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 files = {}
             key = k
             files[name] = tar.extractfile(member).read()
+            if len(files[name]) != member.size:
+                raise tarfile.ReadError(f"{path}: truncated inside {name}")
+        _check_end_marker(tar, path)  # tarfile ends silently at a cut header: the last sample may be partial
     if key is not None:
         yield key, files
+
+
+def _check_end_marker(tar: tarfile.TarFile, path) -> None:
+    """Raise ReadError unless a zero block (end of archive) follows the last member."""
+    tar.fileobj.seek(tar.offset)
+    tail = tar.fileobj.read(tarfile.BLOCKSIZE)
+    if len(tail) < tarfile.BLOCKSIZE or tail.strip(b"\0"):
+        raise tarfile.ReadError(f"{path}: truncated (no end-of-archive block at byte {tar.offset})")
 
 
 def write_shard(path: str | Path, samples: list[dict[str, bytes]]) -> None:

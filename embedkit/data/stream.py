@@ -1,17 +1,35 @@
-"""Streaming training batches from shards, processed per chunk inside the DataLoader workers.
+"""Streaming training batches from shards: subsets mixed by weight, task-homogeneous sub-batches,
+split by rank and worker, processed per chunk inside the DataLoader workers.
 
-``ShardStream`` is an endless IterableDataset: every (rank, worker) pair reads its own share of the
-shards, resampled with a seeded RNG, through a shuffle buffer, and yields ready ``TrainBatch``es of
-``local_batch_size`` examples. Being endless, every rank yields the same number of batches (the run
-length is ``trainer.max_steps``), so DDP never waits on a rank that ran dry. A sample that fails to
-decode, or a truncated tar, is skipped and counted; batches are always full.
+A *source* is one folder of shards (an MMEB subset after ``embedkit data mmeb``; the demo is one
+source). ``ShardStream`` is an IterableDataset; every (rank, worker) pair is a *reader slot* and
+reads a disjoint share of every source: its own shards when a source has at least as many shards as
+there are slots, else every ``slots``-th sample of each shard. Shards are resampled (a fresh seeded
+permutation per pass) so a source never runs dry, and samples go through a per-source shuffle buffer
+(raw bytes; decoding happens when a sample is drawn, so the buffer stays cheap).
+
+Batches are made by *step*, not by reader: worker ``w`` of ``W`` builds the steps ``s`` with
+``s % W == w`` (the DataLoader takes workers round-robin, so batch ``s`` of every rank comes from
+step ``s``). A local batch of ``B`` examples is ``B / task_batch_size`` sub-batches; the source of
+sub-batch ``j`` at step ``s`` is drawn from the mixture weights by an RNG seeded with
+``(seed, s, j)`` only -- the same source on every rank, so gathered negatives come from one task
+(VLM2Vec/LLaVE task-homogeneous batching). ``task_batch_size=0`` draws each example's source
+independently (fully mixed). ``epoch_steps`` > 0 gives every rank exactly that many batches per
+epoch (``len()`` of the stream); 0 is endless (the run length is ``trainer.max_steps``). Either way,
+every rank yields the same number of full batches, so DDP never waits on a rank that ran dry.
+
+A sample that fails to decode (a corrupt image, a missing part) or a truncated tar is skipped,
+counted and logged, and the batch is filled from the next sample: batches are always full.
+Everything is deterministic in ``seed``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -45,18 +63,25 @@ class ChunkCollate:
         self.chunk_size = chunk_size
         self.num_negatives = num_negatives
 
-    def negatives(self, ex: Example) -> list[Item]:
-        k = self.num_negatives
+    def negatives(self, i: int, examples: list[Example]) -> list[Item]:
+        """Exactly K negatives for example i: its own, cycled; an example with none (most MMEB
+        subsets) borrows the positives of the other examples of its batch, which are true
+        in-batch negatives of its query."""
+        k, ex = self.num_negatives, examples[i]
         if k == 0:
             return []
-        if not ex.negatives:
-            raise ValueError(f"data.train.num_negatives={k} but an example of task {ex.task!r} has none")
-        # pad by cycling through the example's own negatives: exactly K per example
-        return [ex.negatives[i % len(ex.negatives)] for i in range(k)]
+        if ex.negatives:
+            return [ex.negatives[j % len(ex.negatives)] for j in range(k)]
+        others = [e.positive for j, e in enumerate(examples) if j != i]
+        if not others:
+            raise ValueError(f"data.train.num_negatives={k} but an example of task {ex.task!r} has none "
+                             "and its batch has no other example to borrow from")
+        return [others[(i + j) % len(others)] for j in range(k)]
 
     def __call__(self, examples: list[Example]) -> TrainBatch:
         queries = [ex.query for ex in examples]
-        cands = [ex.positive for ex in examples] + [n for ex in examples for n in self.negatives(ex)]
+        cands = [ex.positive for ex in examples]
+        cands += [n for i in range(len(examples)) for n in self.negatives(i, examples)]
         return TrainBatch(
             query_chunks=[self.processor(c) for c in chunked(queries, self.chunk_size)],
             candidate_chunks=[self.processor(c) for c in chunked(cands, self.chunk_size)],
@@ -66,60 +91,157 @@ class ChunkCollate:
         )
 
 
+# -- sources and weights ------------------------------------------------------------------------
+def group_shards(shards: list[str]) -> dict[str, list[str]]:
+    """Source name (the shard's folder name) -> its shards, sorted."""
+    by_dir: dict[Path, list[str]] = {}
+    for s in shards:
+        by_dir.setdefault(Path(s).parent, []).append(str(s))
+    names = [d.name or str(d) for d in by_dir]
+    unique = len(set(names)) == len(names)
+    return {(d.name or str(d)) if unique else str(d): sorted(v) for d, v in sorted(by_dir.items())}
+
+
+def source_weights(sources: dict[str, list[str]], mix: dict | None = None) -> dict[str, float]:
+    """Mixture weights: ``mix`` where given, else the source's example count from the conversion
+    manifest (``<root>/manifest.json``), else its number of shards. Weight 0 leaves a source out."""
+    mix = dict(mix or {})
+    unknown = sorted(set(mix) - set(sources))
+    if unknown:
+        raise ValueError(f"data.train.mix: unknown subset(s) {', '.join(unknown)}; sources: {', '.join(sources)}")
+    counts: dict[str, float] = {}
+    for name, shards in sources.items():
+        manifest = Path(shards[0]).parent.parent / "manifest.json"
+        count = None
+        if manifest.is_file():
+            entry = json.loads(manifest.read_text()).get("subsets", {}).get(Path(shards[0]).parent.name)
+            count = entry and entry.get("count")
+        counts[name] = float(count or len(shards))
+    weights = {n: float(mix.get(n, counts[n])) for n in sources}
+    if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+        raise ValueError(f"data.train.mix: weights must be >= 0 with one > 0, got {weights}")
+    return {n: w for n, w in weights.items() if w > 0}
+
+
+class _SourceReader:
+    """Endless decoded examples of one source, for one reader slot (see the module docstring)."""
+
+    def __init__(self, name: str, shards: list[str], slot: int, slots: int, rng: random.Random,
+                 buffer: int, owner: "ShardStream"):
+        self.name, self.shards, self.rng, self.buffer_size, self.owner = name, shards, rng, buffer, owner
+        if len(shards) >= slots:
+            self.mine, self.stride, self.offset = shards[slot::slots], 1, 0
+        else:  # fewer shards than readers: split samples instead
+            self.mine, self.stride, self.offset = shards, slots, slot
+        self.raw = self._raw()
+        self.buffer: list = []
+
+    def _raw(self):
+        fallback = False
+        while True:
+            got = 0
+            for shard in self.rng.sample(self.mine, len(self.mine)):  # a fresh permutation per pass
+                try:
+                    for i, (key, files) in enumerate(iter_samples(shard)):
+                        if i % self.stride == self.offset:
+                            got += 1
+                            yield shard, key, files
+                except Exception as exc:  # a truncated or unreadable tar: keep what was read, move on
+                    self.owner.skip(f"the rest of {shard} ({exc})", shard)
+            if got == 0:
+                if fallback:
+                    raise RuntimeError(f"training source {self.name!r} has no readable sample")
+                log.warning("source %s: this reader's share is empty (fewer samples than readers); "
+                            "reading all of it", self.name)
+                self.mine, self.stride, self.offset, fallback = self.shards, 1, 0, True
+
+    def next(self) -> Example:
+        while True:
+            while len(self.buffer) < self.buffer_size:
+                self.buffer.append(next(self.raw))
+            i = self.rng.randrange(len(self.buffer))
+            self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+            shard, key, files = self.buffer.pop()
+            try:
+                return decode_sample(key, files)
+            except Exception as exc:  # a corrupt image or a malformed sample: skip, count
+                self.owner.skip(f"sample {key} in {shard} ({type(exc).__name__}: {exc})", f"{shard}#{key}")
+
+
 class ShardStream(IterableDataset):
-    def __init__(self, shards: list[str], collate: ChunkCollate, local_batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000):
-        self.shards = list(shards)
+    def __init__(self, shards: list[str] | dict[str, list[str]], collate: ChunkCollate, local_batch_size: int,
+                 seed: int, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
+                 mix: dict | None = None, task_batch_size: int = 0, epoch_steps: int = 0):
+        self.sources = dict(shards) if isinstance(shards, dict) else group_shards(list(shards))
+        self.weights = source_weights(self.sources, mix)
+        if task_batch_size < 0 or (task_batch_size and local_batch_size % task_batch_size):
+            raise ValueError(f"data.train.task_batch_size={task_batch_size} must divide the per-device batch "
+                             f"({local_batch_size} examples)")
         self.collate = collate
         self.local_batch_size = local_batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.shuffle_buffer = max(1, shuffle_buffer)
+        self.task_batch_size = task_batch_size
+        self.epoch_steps = epoch_steps
         self.skipped = 0
+        self._warned: set[str] = set()  # samples and shards already warned about
+        self.epoch = -1  # counted per process: persistent workers keep their copy across epochs
 
-    def _share(self, worker: int, num_workers: int) -> tuple[list[str], int, int]:
-        """(shards this reader resamples from, sample stride, sample offset)."""
+    def __len__(self):
+        if self.epoch_steps > 0:
+            return self.epoch_steps
+        raise TypeError("an endless stream has no length (data.train.epoch_steps=0)")
+
+    def skip(self, what: str, where: str) -> None:
+        """Count a skip; warn the first time a given sample or shard fails (resampling meets it again)."""
+        self.skipped += 1
+        level = logging.DEBUG if where in self._warned else logging.WARNING
+        self._warned.add(where)
+        log.log(level, "skipped %s; %d skipped so far on rank %d", what, self.skipped, self.rank)
+
+    # -- the plan: which source feeds which example, by step --------------------------------
+    def step_sources(self, step: int) -> list[str]:
+        """The source of each example of this rank's batch at ``step``."""
+        names, weights = list(self.weights), list(self.weights.values())
+        b, t = self.local_batch_size, self.task_batch_size
+        if t:  # seeded by step only: the same subset on every rank
+            out = []
+            for j in range(b // t):
+                out += random.Random(f"{self.seed}-task-{step}-{j}").choices(names, weights)[0:1] * t
+            return out
+        return random.Random(f"{self.seed}-mix-{step}-{self.rank}").choices(names, weights, k=b)
+
+    def batches(self, worker: int = 0, num_workers: int = 1, epoch: int = 0):
+        """The examples of each batch this (rank, worker) builds, in order (before collation)."""
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
-        if len(self.shards) >= slots:
-            return self.shards[slot::slots], 1, 0
-        return self.shards, slots, slot  # fewer shards than readers: split samples instead
-
-    def examples(self):
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        shards, stride, offset = self._share(worker, num_workers)
-        rng = random.Random(f"{self.seed}-{self.rank}-{worker}")
-        while True:
-            shard = shards[rng.randrange(len(shards))]
-            try:
-                for i, (key, files) in enumerate(iter_samples(shard)):
-                    if i % stride != offset:
-                        continue
-                    try:
-                        yield decode_sample(key, files)
-                    except Exception as exc:  # a corrupt image or a malformed sample: skip, count
-                        self.skipped += 1
-                        log.warning("skipped sample %s in %s (%s); %d skipped so far", key, shard, exc, self.skipped)
-            except Exception as exc:  # a truncated or unreadable tar: keep what was read, move on
-                self.skipped += 1
-                log.warning("stopped reading %s early (%s); %d skipped so far", shard, exc, self.skipped)
+        buffer = max(1, -(-self.shuffle_buffer // len(self.weights)))
+        readers = {
+            name: _SourceReader(name, self.sources[name], slot, slots,
+                                random.Random(f"{self.seed}-read-{epoch}-{self.rank}-{worker}-{name}"), buffer, self)
+            for name in self.weights
+        }
+        if self.epoch_steps > 0:
+            steps = (epoch * self.epoch_steps + i for i in range(worker, self.epoch_steps, num_workers))
+        else:
+            steps = (worker + n * num_workers for n in _count())
+        for step in steps:
+            yield [readers[name].next() for name in self.step_sources(step)]
 
     def __iter__(self):
-        rng = random.Random(f"shuffle-{self.seed}-{self.rank}-{(get_worker_info() or _Solo).id}")
-        buffer, batch = [], []
-        for ex in self.examples():
-            buffer.append(ex)
-            if len(buffer) < self.shuffle_buffer:
-                continue
-            batch.append(buffer.pop(rng.randrange(len(buffer))))
-            if len(batch) == self.local_batch_size:
-                yield self.collate(batch)
-                batch = []
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        self.epoch += 1
+        for examples in self.batches(worker, num_workers, self.epoch):
+            yield self.collate(examples)
 
 
-class _Solo:
-    id = 0
+def _count():
+    n = 0
+    while True:
+        yield n
+        n += 1
 
 
 class ValItems(torch.utils.data.Dataset):

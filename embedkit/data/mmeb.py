@@ -1,0 +1,402 @@
+"""``embedkit data mmeb``: MMEB-train (parquet or jsonl) -> per-subset WebDataset shards + a manifest.
+
+Source layouts accepted under ``--src`` (columns ``qry``, ``qry_image_path``, ``pos_text``,
+``pos_image_path`` and optionally ``neg_text``, ``neg_image_path``; image paths relative to
+``--images``):
+
+    <src>/<subset>/<split>-*.parquet     the MMEB-train download (split: original, diverse_instruction, train)
+    <src>/<subset>.parquet               a user's own subset
+    <src>/<subset>.jsonl                 the same, one JSON object per line
+
+Output: ``<out>/<subset>/train-000000.tar ...`` (the sample layout of ``embedkit.data.shards``; the
+task of every example is its subset name, the manifest gives its meta-task) and
+``<out>/manifest.json`` with counts, bytes and a sha256 digest per shard, and skipped rows by reason.
+
+How it scales: the parent reads the tables (columns only, cheap) and applies the row checks that need
+no image; the cap (``--cap``, or the subset's ``cap`` in ``data/mmeb/train.yaml``) takes the first
+N rows that pass them, in file order (as VLM2Vec takes the first N rows). Shards are planned over
+those rows and written by a process pool (bounded by cores): each job reads its images, skips the
+ones missing or unreadable, and writes its shard atomically, with a sidecar ``.<shard>.json``
+holding its counts. A re-run skips every shard whose tar and sidecar exist (resumable), so an
+interrupted conversion finishes with the same bytes it would have had. Image bytes are stored as
+they came (``ImageBytes``), never re-encoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from embedkit.errors import UserError
+
+REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
+OPTIONAL = ("neg_text", "neg_image_path")
+REASONS = ("wrong_type", "empty_text", "missing_image", "unreadable_image")
+SPLITS = ("original", "diverse_instruction", "train")
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+from embedkit.data.manifests import manifest_path
+
+TRAIN_YAML = manifest_path("train.yaml")
+
+
+# -- reading sources --------------------------------------------------------------------------
+def find_sources(src: Path, split: str) -> dict[str, list[Path]]:
+    """subset -> its source files (sorted), from either layout."""
+    out: dict[str, list[Path]] = {}
+    for child in sorted(src.iterdir()):
+        if child.is_dir():
+            files = sorted(child.glob(f"{split}-*.parquet"))
+            if files:
+                out[child.name] = files
+        elif child.suffix in (".parquet", ".jsonl"):
+            out.setdefault(child.stem, []).append(child)
+    return out
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of one file as dicts of the MMEB columns; UserError naming a missing column and the file."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+        _check_columns(names, path)
+        table = pq.read_table(path, columns=[c for c in REQUIRED + OPTIONAL if c in names])
+        return table.to_pylist()
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}: line {n} is not JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}: line {n} is not a JSON object")
+            rows.append(row)
+    if rows:
+        _check_columns(set().union(*(r.keys() for r in rows)), path)
+    return rows
+
+
+def _check_columns(names, path: Path) -> None:
+    for col in REQUIRED:
+        if col not in names:
+            raise UserError(f"{path}: missing column {col!r} (MMEB columns: {', '.join(REQUIRED + OPTIONAL)})")
+
+
+def _as_list(value) -> list | None:
+    """A negative column value as a list of str|None (a single value or a list); None if the type is wrong."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(v is None or isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
+def check_row(row: dict) -> tuple[dict | None, str | None]:
+    """(plan entry, None) or (None, reason) for the checks that need no image file."""
+    for col in REQUIRED:
+        if row.get(col) is not None and not isinstance(row[col], str):
+            return None, "wrong_type"
+    negs_text, negs_image = _as_list(row.get("neg_text")), _as_list(row.get("neg_image_path"))
+    if negs_text is None or negs_image is None:
+        return None, "wrong_type"
+    sides = {}
+    for side, tcol, icol in (("query", "qry", "qry_image_path"), ("positive", "pos_text", "pos_image_path")):
+        text, image = (row.get(tcol) or "").strip(), (row.get(icol) or "").strip()
+        if not text and not image:
+            return None, "empty_text"
+        sides[side] = {"text": row.get(tcol) or None, "image": image or None}
+    negatives = []
+    for i in range(max(len(negs_text), len(negs_image))):
+        text = negs_text[i] if i < len(negs_text) else None
+        image = (negs_image[i] if i < len(negs_image) else None) or None
+        if (text or "").strip() or image:  # an empty negative slot is no negative (most MMEB rows)
+            negatives.append({"text": text or None, "image": image})
+    return {**sides, "negatives": negatives}, None
+
+
+# -- writing shards (in pool workers) ---------------------------------------------------------
+def _load_image(images: Path, rel: str):
+    """ImageBytes of one file, or a skip reason."""
+    from PIL import Image
+
+    from embedkit.data.shards import ImageBytes
+
+    path = images / rel
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return "missing_image"
+    except OSError:
+        return "unreadable_image"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()  # header and structure, no full decode
+            fmt = (im.format or "").lower()
+    except Exception:
+        return "unreadable_image"
+    ext = {"jpeg": "jpg", "": Path(rel).suffix.lstrip(".").lower() or "img"}.get(fmt, fmt)
+    return ImageBytes(data, ext)
+
+
+def write_one(job: dict) -> dict:
+    """Write one planned shard: read its images, skip bad rows, write tar + sidecar. Returns the sidecar."""
+    from embedkit.data.schema import Example, Item
+    from embedkit.data.shards import encode_example, write_shard
+
+    images = Path(job["images"])
+    samples, skipped = [], Counter()
+    for index, entry in job["rows"]:
+        items, reason = {}, None
+        for side in ("query", "positive"):
+            slot = entry[side]
+            image = None
+            if slot["image"]:
+                image = _load_image(images, slot["image"])
+                if isinstance(image, str):
+                    reason = image
+                    break
+            items[side] = Item(text=slot["text"], image=image)
+        negatives = []
+        if reason is None:
+            for slot in entry["negatives"]:
+                image = _load_image(images, slot["image"]) if slot["image"] else None
+                if isinstance(image, str):
+                    reason = image
+                    break
+                negatives.append(Item(text=slot["text"], image=image))
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        ex = Example(query=items["query"], positive=items["positive"], negatives=negatives, task=job["subset"])
+        files = encode_example(ex, f"{job['key']}-{index:09d}")
+        meta = json.loads(files[next(k for k in files if k.endswith(".json"))])
+        meta["meta_task"] = job["meta_task"]  # additive: decode_sample ignores it
+        files[next(k for k in files if k.endswith(".json"))] = json.dumps(meta).encode()
+        samples.append(files)
+    shard = Path(job["path"])
+    side = {"count": len(samples), "rows": len(job["rows"]), "skipped": dict(skipped), "plan": job["plan"]}
+    if samples:
+        write_shard(shard, samples)
+        side["bytes"] = shard.stat().st_size
+        side["sha256"] = _sha256(shard)
+    sidecar = _sidecar(shard)
+    sidecar.parent.mkdir(parents=True, exist_ok=True)  # a shard whose rows all failed has no folder yet
+    tmp = sidecar.with_name(sidecar.name + ".tmp")
+    tmp.write_text(json.dumps(side, sort_keys=True))
+    os.replace(tmp, sidecar)
+    return side
+
+
+def _sidecar(shard: Path) -> Path:
+    return shard.with_name(f".{shard.name}.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _done(shard: Path, plan: str) -> dict | None:
+    """The sidecar of a shard completed from the same plan (tar present, or no sample at all), else None."""
+    sidecar = _sidecar(shard)
+    if not sidecar.is_file():
+        return None
+    side = json.loads(sidecar.read_text())
+    if side.get("plan") != plan or (side["count"] and not shard.is_file()):
+        return None
+    return side
+
+
+def _plan_digest(job: dict) -> str:
+    """What a shard is made of (its rows, subset, meta-task, image root): a changed source, cap or
+    shard size changes it, and the shard is rewritten instead of kept."""
+    what = [FORMAT_VERSION, job["subset"], job["meta_task"], job["key"], job["images"], job["rows"]]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def _remove_stale(folder: Path, keep: set[str]) -> None:
+    """Shards of an earlier run beyond this plan (a lower cap, a larger shard size) would be trained on."""
+    if folder.is_dir():
+        for path in folder.glob("train-*.tar*"):
+            if path.name not in keep:
+                path.unlink()
+        for path in folder.glob(".train-*.tar.json"):
+            if path.name[1:-5] not in keep:
+                path.unlink()
+
+
+# -- the command ------------------------------------------------------------------------------
+def load_train_yaml(path: Path | None) -> dict[str, dict]:
+    """subset -> {meta_task, cap} from data/mmeb/train.yaml (empty when it is not there)."""
+    if path is None or not Path(path).is_file():
+        return {}
+    import yaml
+
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    return {name: dict(spec or {}) for name, spec in (doc.get("subsets") or {}).items()}
+
+
+class Progress:
+    """A bar on a TTY, plain lines otherwise (CI logs)."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.tty = sys.stderr.isatty() and not os.environ.get("CI")
+        self.stream = sys.stderr if self.tty else sys.stdout  # the bar on the terminal, lines with the log
+        self.started = time.monotonic()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if self.tty:
+            width = 30
+            fill = int(width * self.done / max(1, self.total))
+            self.stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} shards  {what[:50]:<50}")
+            if self.done == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(f"shard {self.done}/{self.total}: {what}\n")
+        self.stream.flush()
+
+
+def parse(args: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="embedkit data mmeb", description="convert MMEB-train to WebDataset shards")
+    p.add_argument("what", choices=["mmeb"], help="the dataset to convert")
+    p.add_argument("--src", required=True, help="MMEB-train folder (<subset>/original-*.parquet) or <subset>.parquet/.jsonl files")
+    p.add_argument("--images", help="image root the *_image_path columns are relative to (default: --src)")
+    p.add_argument("--out", required=True, help="output folder: <subset>/train-*.tar and manifest.json")
+    p.add_argument("--subsets", nargs="+", help="subsets to convert (default: every subset found)")
+    p.add_argument("--split", default="original", choices=SPLITS, help="which parquet files of the download")
+    p.add_argument("--cap", type=int, default=None, help="rows per subset (default: train.yaml's cap, else 50000; 0: all)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: the cores)")
+    p.add_argument("--config", default=str(TRAIN_YAML), help="subset list with meta-tasks and caps")
+    return p.parse_args(args)
+
+
+def main(args: list[str]) -> int:
+    try:
+        ns = parse(args)
+    except SystemExit as exc:  # argparse: usage errors exit 2 with its own message
+        return int(exc.code or 0)
+    return convert(ns)
+
+
+def convert(ns: argparse.Namespace, log=print) -> int:
+    src, out = Path(ns.src).expanduser(), Path(ns.out).expanduser()
+    images = Path(ns.images).expanduser() if ns.images else src
+    if not src.is_dir():
+        raise UserError(f"--src: {src} is not a folder")
+    if not images.is_dir():
+        raise UserError(f"--images: {images} is not a folder")
+    if ns.shard_size < 1:
+        raise UserError("--shard-size: must be at least 1")
+    spec = load_train_yaml(Path(ns.config) if ns.config else None)
+    sources = find_sources(src, ns.split)
+    if ns.subsets:
+        missing = [s for s in ns.subsets if s not in sources]
+        if missing:
+            raise UserError(f"--subsets: {', '.join(missing)} not found in {src} (found: {', '.join(sources) or 'none'})")
+        sources = {s: sources[s] for s in ns.subsets}
+    if not sources:
+        raise UserError(f"--src: no {ns.split}-*.parquet subset folders and no .parquet/.jsonl files in {src}")
+
+    # plan: cheap checks in the parent, shards planned over the rows that pass
+    jobs, subsets = [], {}
+    for subset, files in sources.items():
+        cap = ns.cap if ns.cap is not None else int(spec.get(subset, {}).get("cap", 50000))
+        meta_task = spec.get(subset, {}).get("meta_task")
+        skipped, kept, seen = Counter(), [], 0
+        for path in files:
+            if cap and len(kept) >= cap:
+                break
+            for row in read_rows(path):
+                if cap and len(kept) >= cap:
+                    break
+                entry, reason = check_row(row)
+                if reason:
+                    skipped[reason] += 1
+                else:
+                    kept.append((seen, entry))
+                seen += 1
+        key = subset.replace(".", "_")
+        shards = []
+        for n, start in enumerate(range(0, len(kept), ns.shard_size)):
+            path = out / subset / f"train-{n:06d}.tar"
+            shards.append(path)
+            jobs.append({"subset": subset, "meta_task": meta_task, "key": key, "images": str(images),
+                         "path": str(path), "rows": kept[start : start + ns.shard_size]})
+            jobs[-1]["plan"] = _plan_digest(jobs[-1])
+        _remove_stale(out / subset, {p.name for p in shards})
+        subsets[subset] = {"meta_task": meta_task, "cap": cap, "source": [str(p) for p in files],
+                           "skipped": skipped, "shards": shards}
+
+    # write: resumable (completed shards are skipped), in parallel
+    todo = [j for j in jobs if _done(Path(j["path"]), j["plan"]) is None]
+    for j in todo:  # a leftover .tmp from an interrupted run is rewritten from scratch
+        Path(j["path"] + ".tmp").unlink(missing_ok=True)
+    log(f"mmeb: {len(subsets)} subsets, {len(jobs)} shards ({len(jobs) - len(todo)} already complete) -> {out}")
+    progress = Progress(len(todo))
+    workers = max(1, min(ns.workers or os.cpu_count() or 1, len(todo) or 1))
+    if workers == 1:
+        for j in todo:
+            write_one(j)
+            progress.step(f"{j['subset']}/{Path(j['path']).name}")
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            for j, _ in zip(todo, pool.map(write_one, todo)):
+                progress.step(f"{j['subset']}/{Path(j['path']).name}")
+
+    # manifest, from the sidecars (this run's and earlier runs')
+    manifest = {"format": FORMAT_VERSION, "split": ns.split, "src": str(src), "images": str(images), "subsets": {}}
+    empty = []
+    plans = {j["path"]: j["plan"] for j in jobs}
+    for subset, info in subsets.items():
+        skipped, shards = info["skipped"], []
+        for path in info["shards"]:
+            side = _done(path, plans[str(path)])
+            skipped.update(side["skipped"])
+            if side["count"]:
+                shards.append({"path": str(path.relative_to(out)), "count": side["count"],
+                               "bytes": side["bytes"], "sha256": side["sha256"]})
+        count = sum(s["count"] for s in shards)
+        if count == 0:
+            empty.append(subset)
+        manifest["subsets"][subset] = {
+            "meta_task": info["meta_task"], "cap": info["cap"], "count": count,
+            "bytes": sum(s["bytes"] for s in shards),
+            "digest": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
+            "skipped": {r: skipped[r] for r in REASONS if skipped[r]}, "shards": shards, "source": info["source"],
+        }
+        why = ", ".join(f"{n} {r}" for r, n in manifest["subsets"][subset]["skipped"].items()) or "none"
+        log(f"  {subset}: {count} examples in {len(shards)} shards; skipped: {why}")
+    total = {"count": sum(s["count"] for s in manifest["subsets"].values()),
+             "bytes": sum(s["bytes"] for s in manifest["subsets"].values()),
+             "skipped": dict(sum((Counter(s["skipped"]) for s in manifest["subsets"].values()), Counter()))}
+    manifest["total"] = total
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, out / MANIFEST)
+    log(f"mmeb: {total['count']} examples, {total['bytes'] / 1e6:.1f} MB; manifest {out / MANIFEST}")
+    if empty:
+        raise UserError(f"no valid row in subset(s) {', '.join(empty)}: see skipped counts in {out / MANIFEST}")
+    return 0

@@ -66,7 +66,7 @@ class TrainData:
     num_workers: int = 1  # DataLoader workers; processing runs there
     shuffle_buffer: int = 1000
     mix: dict = field(default_factory=dict)  # subset -> weight; unlisted: its example count (manifest) or shard count; 0 drops it
-    task_batch_size: int = 0  # examples per device drawn from one subset in a row, same subset on every rank; 0: fully mixed
+    task_batch_size: int = 0  # examples per device drawn from one subset in a row (capped at the device's batch), same subset on every rank; 0: fully mixed
     epoch_steps: int = 0  # batches per rank per epoch (resampled shards); 0: endless, trainer.max_steps ends the run
 
 

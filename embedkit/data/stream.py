@@ -174,6 +174,8 @@ class ShardStream(IterableDataset):
                  mix: dict | None = None, task_batch_size: int = 0, epoch_steps: int = 0):
         self.sources = dict(shards) if isinstance(shards, dict) else group_shards(list(shards))
         self.weights = source_weights(self.sources, mix)
+        # a sub-batch larger than the device's batch means "the whole batch from one subset"
+        task_batch_size = min(task_batch_size, local_batch_size)
         if task_batch_size < 0 or (task_batch_size and local_batch_size % task_batch_size):
             raise ValueError(f"data.train.task_batch_size={task_batch_size} must divide the per-device batch "
                              f"({local_batch_size} examples)")

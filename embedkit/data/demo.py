@@ -47,7 +47,7 @@ DEMO_WORDS = sorted(
     | {"a"}
 )
 SHARD_SIZE = 1000
-FORMAT_VERSION = 2  # bump when drawing or captions change: the cache key includes it
+FORMAT_VERSION = 3  # bump when drawing or captions change: the cache key includes it
 
 
 def single_combinations() -> list[tuple]:
@@ -77,7 +77,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
     elif shape == "diamond":
         draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
     elif shape == "cross":
-        w = r / 2.5
+        w = r / 4  # thin arms: a thick cross and a diamond look alike at 56 px (docs/bugs-and-fixes.md)
         draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
         draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
 

@@ -59,7 +59,8 @@ class AtomicLastCheckpoint(L.Callback):
     def save(self, trainer):
         path = self.dirpath / "last.ckpt"
         tmp = self.dirpath / "last.ckpt.tmp"
-        trainer.save_checkpoint(str(tmp))  # every rank calls it (sharded strategies gather)
+        # weights_only=False: a full, resumable checkpoint (optimizer, loops), said explicitly
+        trainer.save_checkpoint(str(tmp), weights_only=False)  # every rank calls it (sharded strategies gather)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             os.replace(tmp, path)

@@ -38,19 +38,10 @@ def loader_rate(cfg, data, workers: int, steps: int) -> float:
 def model_rate(module, batches) -> float:
     import torch
 
-    from embedkit.training import gradcache
-
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
 
     def step(batch):
-        nq, B, K = len(batch.query_chunks), batch.batch_size, batch.num_negatives
-
-        def loss_of(embs):
-            q, c = torch.cat(embs[:nq]), torch.cat(embs[nq:])
-            return module.compute_loss(q, c[:B], c[B:].view(B, K, -1) if K else None)
-
-        gradcache.cached_step(module.encode, batch.query_chunks + batch.candidate_chunks, loss_of,
-                              lambda loss: loss.backward())
+        module.backward_batch(batch, lambda loss: loss.backward())
         opt.step()
         opt.zero_grad(set_to_none=True)
 

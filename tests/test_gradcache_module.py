@@ -76,3 +76,35 @@ def test_real_module_under_bf16_autocast(setup):
     num = sum((grads[n].float() - ref[n].float()).norm() ** 2 for n in ref) ** 0.5
     den = sum(ref[n].float().norm() ** 2 for n in ref) ** 0.5
     assert num / den < 2e-2, (num / den).item()
+
+
+def test_backward_batch_skips_the_cache_when_each_side_fits_one_chunk(setup):
+    """chunk_size >= batch: one forward per side with grad (no extra no-grad pass), same gradients."""
+    from embedkit.data.stream import ChunkCollate
+
+    module, _, _ = setup
+    module.eval()  # no dropout: layouts are comparable
+    examples = list(train_examples(module.cfg["data"]["demo"], 0, B))
+    processor = module.backbone.make_processor()
+    calls = []
+    encode = module.encode
+
+    def counting_encode(inputs):
+        calls.append(torch.is_grad_enabled())
+        return encode(inputs)
+
+    results = {}
+    try:
+        module.encode = counting_encode
+        for chunk in (B, CHUNK):
+            calls.clear()
+            out = module.backward_batch(ChunkCollate(processor, chunk, 0)(examples), lambda t: t.backward())
+            results[chunk] = (out.loss, _grads(module), list(calls))
+    finally:
+        del module.encode
+        module.train()
+    assert results[B][2] == [True, True]  # queries, candidates: with grad, once each
+    assert results[CHUNK][2] == [False] * 8 + [True] * 8  # the cache: no-grad pass, then replay
+    torch.testing.assert_close(results[B][0], results[CHUNK][0], atol=1e-5, rtol=0)
+    for n, g in results[B][1].items():
+        torch.testing.assert_close(results[CHUNK][1][n], g, atol=1e-5, rtol=1e-4, msg=n)

@@ -6,8 +6,10 @@ Setup", arXiv 2101.06983): a contrastive batch far larger than one forward pass,
     pass 2  re-encode each chunk with grad under its recorded RNG state (dropout replays exactly)
             and backpropagate the surrogate sum(embedding * cached_grad)
 
-One chunk means no cache: the chunk is encoded once with grad and the loss backpropagated
-directly. The same function runs both ways, so there is no silent fallback.
+Without the cache (``use_cache=False``; by default when there is only one chunk) every chunk is
+encoded once with grad and the loss backpropagated directly: the module turns the cache off when
+each side (queries, candidates) fits in one chunk, saving the extra forward pass. The same
+function runs both ways, so there is no silent fallback.
 """
 
 from __future__ import annotations
@@ -44,17 +46,20 @@ def cached_step(
     backward: Callable[[torch.Tensor], None],
     scale: float = 1.0,
     before_last_backward: Callable[[], None] | None = None,
+    use_cache: bool | None = None,
 ) -> LossOutput:
     """Encode ``chunks``, compute ``loss_fn(embeddings per chunk)``, backpropagate ``scale * loss``.
 
     ``backward(tensor)`` runs a backward pass (``LightningModule.manual_backward``); gradients
     accumulate in the parameters. ``before_last_backward()`` runs just before the step's last
-    backward pass (FSDP2 turns its gradient reduce-scatter back on there). Returns the LossOutput
-    (its loss detached).
+    backward pass (FSDP2 turns its gradient reduce-scatter back on there). ``use_cache``: None
+    caches when there is more than one chunk. Returns the LossOutput (its loss detached).
     """
     last = before_last_backward or (lambda: None)
-    if len(chunks) == 1:
-        out = loss_fn([encode(chunks[0])])
+    if use_cache is None:
+        use_cache = len(chunks) > 1
+    if not use_cache:
+        out = loss_fn([encode(chunk) for chunk in chunks])
         last()
         backward(out.loss * scale)
         return LossOutput(out.loss.detach(), out.parts)

@@ -92,17 +92,9 @@ class EmbeddingModule(L.LightningModule):
         def before_last_backward():
             if sharded and steps_now:
                 grad_sync.set_fsdp_sync(self, True)
-        nq = len(batch.query_chunks)
-        B, K = batch.batch_size, batch.num_negatives
 
-        def loss_of(embs: list[torch.Tensor]) -> LossOutput:
-            q, c = torch.cat(embs[:nq]), torch.cat(embs[nq:])
-            n = c[B:].view(B, K, -1) if K else None
-            return self.compute_loss(q, c[:B], n)
-
-        out = gradcache.cached_step(self.encode, batch.query_chunks + batch.candidate_chunks, loss_of,
-                                    self.manual_backward, scale=1.0 / accumulate,
-                                    before_last_backward=before_last_backward)
+        out = self.backward_batch(batch, self.manual_backward, scale=1.0 / accumulate,
+                                  before_last_backward=before_last_backward)
         if steps_now:
             self._sync_gradients()
             clip = self.cfg["train"]["clip_grad_norm"]
@@ -111,11 +103,30 @@ class EmbeddingModule(L.LightningModule):
             opt.step()
             self.lr_schedulers().step()
         # distributed, each rank's loss is over its own rows: sync_dist reports the full-batch mean
+        B = batch.batch_size
         self.log("train/loss", out.loss, prog_bar=True, batch_size=B, sync_dist=True)
         self.log("train/lr", opt.param_groups[0]["lr"], batch_size=B)
         for name, value in out.parts.items():
             self.log(f"train/loss/{name}", value, batch_size=B, sync_dist=True)
         return out.loss
+
+    def backward_batch(self, batch: TrainBatch, backward, scale: float = 1.0,
+                       before_last_backward=None) -> LossOutput:
+        """Encode a TrainBatch, compute the loss, backpropagate ``scale * loss`` (GradCache when a
+        side spans several chunks). ``backward(tensor)`` runs one backward pass. Returns the loss."""
+        nq = len(batch.query_chunks)
+        B, K = batch.batch_size, batch.num_negatives
+
+        def loss_of(embs: list[torch.Tensor]) -> LossOutput:
+            q, c = torch.cat(embs[:nq]), torch.cat(embs[nq:])
+            n = c[B:].view(B, K, -1) if K else None
+            return self.compute_loss(q, c[:B], n)
+
+        # each side in one forward pass: no cache, no extra forward (memory: both sides' activations)
+        use_cache = nq > 1 or len(batch.candidate_chunks) > 1
+        return gradcache.cached_step(self.encode, batch.query_chunks + batch.candidate_chunks, loss_of,
+                                     backward, scale=scale, before_last_backward=before_last_backward,
+                                     use_cache=use_cache)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.parameters(), self.cfg["train"])

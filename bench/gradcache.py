@@ -1,18 +1,21 @@
 """GradCache benchmark: step time and peak memory against the global batch size, with and without the cache.
 
     python bench/gradcache.py                          # global batch 16, 64, 256, 1024; chunk 16
-    python bench/gradcache.py --sizes 16 64 --seq 64 --dim 128 --layers 2   # small, for a CPU
+    python bench/gradcache.py --sizes 16 64 256 1024 --seq 64 --dim 128 --layers 2 --threads 2   # a CPU
 
 The model is a stack of transformer encoder layers over ``--seq`` tokens: its activations grow with
 the batch while its weights do not, so activations dominate memory, as in a VLM on images. Each
 (global batch, mode) runs in its own subprocess, one warm-up step then ``--steps`` timed steps of
 ``gradcache.cached_step`` + SGD, with the InfoNCE loss (queries vs. candidates, 2 x G items).
-Modes: ``cached`` (chunks of ``--chunk`` items) and ``uncached`` (one chunk: the whole batch).
+Modes: ``cached`` (chunks of ``--chunk`` items through the cache) and ``uncached`` (one forward
+pass with grad per side, what the module runs when each side fits in one chunk).
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the subprocess's peak resident
-set size (``getrusage``) minus its resident size just before the first step (imports, weights and
-inputs excluded). Prints a table and the ratios: cached/uncached time at each global batch, and
-peak memory at the largest global batch over peak memory at global batch = chunk size.
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the peak resident set size
+(``getrusage``) minus the resident size just before the first step (imports, weights and inputs
+excluded), in a separate process whose large tensors are each mapped on their own
+(``MALLOC_MMAP_THRESHOLD_``) so freed memory leaves the RSS. Prints a table and the ratios:
+cached/uncached time at each global batch, and peak memory at the largest global batch over peak
+memory at global batch = chunk size (uncached: both sides' activations at once; cached: one chunk).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def one_config(args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    layer = nn.TransformerEncoderLayer(args.dim, nhead=4, dim_feedforward=4 * args.dim, dropout=0.1,
+    layer = nn.TransformerEncoderLayer(args.dim, nhead=4, dim_feedforward=4 * args.dim, dropout=args.dropout,
                                        batch_first=True)
     encoder = nn.TransformerEncoder(layer, args.layers, enable_nested_tensor=False).to(device)
     loss_fn = InfoNCE(temperature=0.05).to(device)
@@ -66,7 +69,7 @@ def one_config(args) -> dict:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        cached_step(encode, chunks, loss_of, lambda t: t.backward())
+        cached_step(encode, chunks, loss_of, lambda t: t.backward(), use_cache=args.cache)
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -78,13 +81,13 @@ def one_config(args) -> dict:
         base = rss_bytes()
     step()  # warm-up (allocator, grads)
     times = []
-    for _ in range(args.steps):
+    for _ in range(args.steps if args.measure != "memory" else 0):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()) - base
-    return {"global_batch": G, "chunk_size": chunk, "mode": "cached" if chunk < G else "uncached",
-            "step_s": min(times), "peak_mib": peak / 2**20, "device": device.type}
+    return {"global_batch": G, "chunk_size": chunk, "mode": "cached" if args.cache else "uncached",
+            "step_s": min(times) if times else None, "peak_mib": peak / 2**20, "device": device.type}
 
 
 def main(argv=None) -> int:
@@ -95,43 +98,62 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)
+    # 0 by default, as in the backbones we train (Qwen2-VL's attention_dropout is 0.0): on a CPU,
+    # drawing dropout masks costs more than the matmuls they mask (2/3 of a forward at dim 128) and
+    # would make the extra forward look dearer than on a GPU. Exactness with dropout is a test.
+    ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is present")
-    ap.add_argument("--child", type=int, nargs=2, metavar=("GLOBAL", "CHUNK"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, metavar=("GLOBAL", "CHUNK", "CACHE", "MEASURE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        args.global_batch, args.chunk_size = args.child
+        G, chunk, cache, args.measure = args.child
+        args.global_batch, args.chunk_size, args.cache = int(G), int(chunk), cache == "1"
         print(json.dumps(one_config(args)))
         return 0
 
-    rows = []
     passthrough = ["--seq", str(args.seq), "--dim", str(args.dim), "--layers", str(args.layers),
-                   "--steps", str(args.steps), "--threads", str(args.threads)] + (["--cpu"] if args.cpu else [])
+                   "--steps", str(args.steps), "--threads", str(args.threads), "--dropout", str(args.dropout)] + (["--cpu"] if args.cpu else [])
+    import torch
+
+    on_cpu = args.cpu or not torch.cuda.is_available()
+    # CPU: time and memory in separate processes. For memory, every tensor of 64 KiB or more gets
+    # its own mapping, returned to the system when freed, so the peak RSS follows live tensors and
+    # not glibc's heap high-water mark; that makes allocation slow, so time runs with plain malloc.
+    runs = [("time", {}), ("memory", {"MALLOC_MMAP_THRESHOLD_": "65536"})] if on_cpu else [("both", {})]
+
+    def child(G: int, chunk: int, cache: bool, measure: str, env: dict) -> dict | None:
+        out = subprocess.run([sys.executable, __file__, "--child", str(G), str(chunk), str(int(cache)), measure,
+                              *passthrough], capture_output=True, text=True, env=dict(os.environ, **env))
+        if out.returncode != 0:
+            print(f"G={G} chunk={chunk} cache={cache}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            return None
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    by = {}
     for G in args.sizes:
-        for chunk in sorted({min(args.chunk, G), G}):
-            out = subprocess.run([sys.executable, __file__, "--child", str(G), str(chunk), *passthrough],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"G={G} chunk={chunk}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+        for cache in (True, False):
+            chunk = min(args.chunk, G) if cache else G
+            parts = [child(G, chunk, cache, measure, env) for measure, env in runs]
+            if None in parts:
                 continue
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"G={G:5d} chunk={chunk:5d} {row['mode']:8s} step {row['step_s']:8.3f} s   "
+            row = dict(parts[0], step_s=parts[0]["step_s"], peak_mib=parts[-1]["peak_mib"])
+            by[G, row["mode"]] = row
+            print(f"G={G:5d} chunk={row['chunk_size']:5d} {row['mode']:8s} step {row['step_s']:8.3f} s   "
                   f"peak {row['peak_mib']:9.1f} MiB ({row['device']})", flush=True)
 
-    by = {(r["global_batch"], r["mode"]): r for r in rows}
-    print("\ncached / uncached at the same global batch (time; memory):")
+    print("\ncached / uncached at the same global batch (time; peak memory):")
     for G in args.sizes:
         a, b = by.get((G, "cached")), by.get((G, "uncached"))
         if a and b:
             print(f"  G={G:5d}: time x{a['step_s'] / b['step_s']:.2f}; peak memory x{a['peak_mib'] / b['peak_mib']:.2f}")
-    small = by.get((min(args.chunk, args.sizes[0]), "uncached"))
-    big = by.get((args.sizes[-1], "cached"))
-    if small and big:
-        print(f"peak memory, cached G={args.sizes[-1]} over G=chunk={small['global_batch']}: "
-              f"x{big['peak_mib'] / small['peak_mib']:.2f}  (uncached G={args.sizes[-1]}: "
-              f"x{by[(args.sizes[-1], 'uncached')]['peak_mib'] / small['peak_mib']:.2f})"
-              if (args.sizes[-1], "uncached") in by else "")
+    top, small = args.sizes[-1], min(args.chunk, args.sizes[0])
+    big = by.get((top, "cached"))
+    for mode, what in (("uncached", "what global batch = chunk size runs: one pass per side"),
+                       ("cached", "the same passes of one chunk at a time")):
+        ref = by.get((small, mode))
+        if big and ref:
+            print(f"peak memory, cached G={top} over {mode} G={small} ({what}): x{big['peak_mib'] / ref['peak_mib']:.2f}")
     return 0
 
 

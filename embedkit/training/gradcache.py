@@ -6,6 +6,10 @@ Setup", arXiv 2101.06983): a contrastive batch far larger than one forward pass,
     pass 2  re-encode each chunk with grad under its recorded RNG state (dropout replays exactly)
             and backpropagate the surrogate sum(embedding * cached_grad)
 
+The last chunk of pass 1 is encoded with grad and its graph kept for pass 2, which backpropagates
+it first: one chunk fewer to re-encode, at no cost in peak memory (pass 2 holds one chunk's
+activations anyway). With 2 chunks that halves the extra forward.
+
 Without the cache (``use_cache=False``; by default when there is only one chunk) every chunk is
 encoded once with grad and the loss backpropagated directly: the module turns the cache off when
 each side (queries, candidates) fits in one chunk, saving the extra forward pass. The same
@@ -64,17 +68,26 @@ def cached_step(
         backward(out.loss * scale)
         return LossOutput(out.loss.detach(), out.parts)
 
+    *replayed, kept_chunk = chunks
     states, cached = [], []
     with torch.no_grad():
-        for chunk in chunks:
+        for chunk in replayed:
             states.append(RngState())
             cached.append(encode(chunk).detach().requires_grad_())
+    kept = encode(kept_chunk)  # with grad: no replay needed for this one
+    cached.append(kept.detach().requires_grad_())
     out = loss_fn(cached)
     backward(out.loss * scale)  # fills cached[i].grad, and the loss's own parameters' grads
-    for i, (chunk, state, emb) in enumerate(zip(chunks, states, cached)):
-        with state.replay():
-            fresh = encode(chunk)
-        if i == len(chunks) - 1:
+
+    def surrogate_backward(fresh: torch.Tensor, emb: torch.Tensor, is_last: bool) -> None:
+        if is_last:
             last()
         backward(torch.sum(fresh * emb.grad.to(fresh.dtype)))
+
+    surrogate_backward(kept, cached[-1], not replayed)
+    del kept  # frees its activations before the replays
+    for i, (chunk, state, emb) in enumerate(zip(replayed, states, cached)):
+        with state.replay():
+            fresh = encode(chunk)
+        surrogate_backward(fresh, emb, i == len(replayed) - 1)
     return LossOutput(out.loss.detach(), out.parts)

@@ -61,6 +61,9 @@ def test_base_recipe_chain(tmp_path):
         ("model.pooling.name=nope", "model.pooling.name"),
         ("loss.bogus=1", "loss.bogus"),
         ("train.optimizer=adam", "train.optimizer"),
+        ("train.chunk_size=0", "train.chunk_size"),
+        ("train.chunk_tokens=-1", "train.chunk_tokens"),
+        ("data.train.num_workers=-2", "data.train.num_workers"),
     ],
 )
 def test_bad_config_names_the_key(override, key_in_message):
@@ -68,6 +71,17 @@ def test_bad_config_names_the_key(override, key_in_message):
         compose([override])
     message = str(exc.value)
     assert message.startswith(key_in_message) and "\n" not in message
+
+
+def test_every_bounded_key_exists_and_its_minimum_is_accepted():
+    from embedkit.config.schema import MINIMUMS
+
+    for key, low in MINIMUMS.items():
+        cfg = compose([f"{key}={low}"])
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        assert node == low, key
 
 
 def test_unknown_component_lists_choices():

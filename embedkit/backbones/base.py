@@ -39,6 +39,11 @@ class ChunkProcessor:
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def num_tokens(self, item: Item) -> int:
+        """Sequence length of ``item`` once processed (token-budget chunking). Exact by default, by
+        processing it; adapters override it with arithmetic on the image size where they can."""
+        return int(self([item])["input_ids"].shape[1])
+
 
 class Backbone(nn.Module):
     """Base class of backbone adapters; subclasses register with ``@register("backbone", name)``."""

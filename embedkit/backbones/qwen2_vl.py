@@ -57,6 +57,15 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
         out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).int()
         return out
 
+    def num_tokens(self, item: Item) -> int:
+        """The processed length by arithmetic: text tokens, image tokens from the image size, EOS."""
+        parts = (item.text or "").split(IMAGE_PLACEHOLDER, 1)
+        n = sum(len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in parts if p) + 1
+        if item.image is not None:
+            width, height = item.image.size
+            n += self.image_processor.get_number_of_image_patches(height, width) // self.merge_size**2 + 2
+        return n
+
 
 @register("backbone", "qwen2_vl")
 class Qwen2VLBackbone(Backbone):

@@ -96,6 +96,10 @@ class DataSection:
 class TrainSection:
     global_batch_size: int = 64  # the contrastive batch across all ranks
     chunk_size: int = 64  # items encoded per forward pass, per device (GradCache sub-batch)
+    # also cap each forward pass at this many padded tokens (items x longest sequence), so chunks
+    # of high-resolution images cost alike; 0: off. Not with trainer.strategy=fsdp2 (ranks would
+    # run different numbers of sharded forward passes)
+    chunk_tokens: int = 0
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -142,6 +146,18 @@ class Config:
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
 
+#: numeric keys with a lower bound (a batch of 0 would fail deep inside torch, far from its cause)
+MINIMUMS = {
+    "train.global_batch_size": 1, "train.chunk_size": 1, "train.chunk_tokens": 0, "train.accumulate_steps": 1,
+    "train.lr": 0.0, "train.weight_decay": 0.0, "train.warmup": 0.0, "train.min_lr_ratio": 0.0,
+    "trainer.max_steps": 1, "trainer.num_nodes": 1, "trainer.log_every_n_steps": 1, "trainer.val_check_interval": 1,
+    "data.train.num_negatives": 0, "data.train.num_workers": 0, "data.train.shuffle_buffer": 1,
+    "data.train.task_batch_size": 0, "data.train.epoch_steps": 0,
+    "data.demo.train_size": 1, "data.demo.val_size": 1, "data.demo.image_size": 28, "data.demo.holdout_combinations": 0,
+    "model.lora.r": 1,
+}
+
+
 def validate(raw: dict) -> dict:
     """Fill defaults and check keys, types and component names; ConfigError on the first problem."""
     registry.load_plugins(list(raw.get("plugins") or []))
@@ -165,6 +181,9 @@ def _section(cls, raw: Any, prefix: str) -> dict:
             out[name] = _section(hints[name], raw.get(name), key + ".")
         elif name in raw:
             out[name] = coerce(raw[name], hints[name], key)
+            low = MINIMUMS.get(key)
+            if low is not None and out[name] is not None and out[name] < low:
+                raise ConfigError(f"{key}: {out[name]!r} is below its minimum, {low}")
         else:
             out[name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
     return out

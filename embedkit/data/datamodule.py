@@ -60,7 +60,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         gbs = cfg["train"]["global_batch_size"]
         if gbs % world:
             raise UserError(f"train.global_batch_size={gbs} is not divisible by the {world} devices")
-        collate = ChunkCollate(self.processor, cfg["train"]["chunk_size"], t["num_negatives"])
+        collate = ChunkCollate(self.processor, cfg["train"]["chunk_size"], t["num_negatives"],
+                               cfg["train"]["chunk_tokens"])
         try:
             stream = ShardStream(self.train_shards, collate, gbs // world, cfg["seed"], rank, world, t["shuffle_buffer"],
                                  mix=t["mix"], task_batch_size=t["task_batch_size"], epoch_steps=t["epoch_steps"])

@@ -55,13 +55,38 @@ def chunked(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def chunked_by_tokens(items: list, lengths: list[int], size: int, budget: int) -> list[list]:
+    """Contiguous chunks of at most ``size`` items and ``budget`` padded tokens (items x longest).
+
+    Order is kept (the loss pairs rows by position). An item longer than the budget alone gets a
+    chunk of its own: it cannot be split.
+    """
+    chunks, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        grown = max(longest, n)
+        if i > start and (i - start + 1 > size or (i - start + 1) * grown > budget):
+            chunks.append(items[start:i])
+            start, grown = i, n
+        longest = grown
+    if items:
+        chunks.append(items[start:])
+    return chunks
+
+
 class ChunkCollate:
     """Examples -> TrainBatch: lays out candidates, splits into chunks, runs the backbone processor."""
 
-    def __init__(self, processor, chunk_size: int, num_negatives: int):
+    def __init__(self, processor, chunk_size: int, num_negatives: int, chunk_tokens: int = 0):
         self.processor = processor
         self.chunk_size = chunk_size
         self.num_negatives = num_negatives
+        self.chunk_tokens = chunk_tokens
+
+    def split(self, items: list[Item]) -> list[list[Item]]:
+        if not self.chunk_tokens:
+            return chunked(items, self.chunk_size)
+        lengths = [self.processor.num_tokens(it) for it in items]
+        return chunked_by_tokens(items, lengths, self.chunk_size, self.chunk_tokens)
 
     def negatives(self, i: int, examples: list[Example]) -> list[Item]:
         """Exactly K negatives for example i: its own, cycled; an example with none (most MMEB
@@ -83,8 +108,8 @@ class ChunkCollate:
         cands = [ex.positive for ex in examples]
         cands += [n for i in range(len(examples)) for n in self.negatives(i, examples)]
         return TrainBatch(
-            query_chunks=[self.processor(c) for c in chunked(queries, self.chunk_size)],
-            candidate_chunks=[self.processor(c) for c in chunked(cands, self.chunk_size)],
+            query_chunks=[self.processor(c) for c in self.split(queries)],
+            candidate_chunks=[self.processor(c) for c in self.split(cands)],
             batch_size=len(examples),
             num_negatives=self.num_negatives,
             tasks=[ex.task for ex in examples],

@@ -43,7 +43,7 @@ def quiet_third_party_noise() -> None:
     warnings.filterwarnings("ignore", message=".*weights_only.*")
 
 
-def make_strategy(t: dict):
+def make_strategy(t: dict, chunk_tokens: int = 0):
     """``trainer.strategy``, with ``fsdp2``: FSDP2 (``fully_shard``) data parallel over every device."""
     if t["strategy"] != "fsdp2":
         return t["strategy"]
@@ -51,6 +51,10 @@ def make_strategy(t: dict):
 
     if not isinstance(t["devices"], int):
         raise UserError(f"trainer.strategy=fsdp2 needs an integer trainer.devices, got {t['devices']!r}")
+    if chunk_tokens:
+        # every sharded forward pass all-gathers parameters: ranks must run as many passes
+        raise UserError(f"train.chunk_tokens={chunk_tokens} is refused with trainer.strategy=fsdp2 "
+                        "(ranks would run different numbers of forward passes); use train.chunk_size")
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     # one consolidated last.ckpt file (as with DDP), not a distributed-checkpoint folder
@@ -96,7 +100,7 @@ def main(args: list[str]) -> int:
     validate = cfg["data"]["val"]["enabled"] and len(data.val_examples) > 0
     trainer = L.Trainer(
         max_steps=t["max_steps"], devices=t["devices"], num_nodes=t["num_nodes"], accelerator=t["accelerator"],
-        strategy=make_strategy(t), precision=t["precision"], logger=logger, callbacks=callbacks,
+        strategy=make_strategy(t, cfg["train"]["chunk_tokens"]), precision=t["precision"], logger=logger, callbacks=callbacks,
         log_every_n_steps=min(t["log_every_n_steps"], t["max_steps"]), enable_progress_bar=mode == "bar",
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
         check_val_every_n_epoch=None, use_distributed_sampler=False, default_root_dir=str(run_dir),

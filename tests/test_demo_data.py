@@ -50,6 +50,20 @@ def test_split_holds_out_combinations_and_captions_are_unique(tmp_path):
     assert len(train) > 100  # training covers the rest of the space
 
 
+def test_pair_scenes_hold_out_and_validate_by_scene_not_by_caption():
+    """"A above B" and "B below A" are one scene: held out together, never both in validation."""
+    p = {**PARAMS, "scenes": "pair", "val_size": 300, "holdout_combinations": 40}
+    train, held = demo.split_combinations(p["scenes"], p["holdout_combinations"], p["seed"])
+    train_scenes = {demo.scene_key(c) for c in train}
+    assert len(held) == 40 and not {demo.scene_key(c) for c in held} & train_scenes
+    assert len(train) == 2 * len(train_scenes)  # both phrasings of every training scene are trained
+    val = [ex.query.text for ex in demo.val_examples(p)]
+    by_caption = {demo.caption(c): c for c in train + held}
+    keys = [demo.scene_key(by_caption[t]) for t in val]
+    assert len(set(keys)) == len(keys) == 300
+    assert any(demo.scene_key(c) != c for c in (by_caption[t] for t in val))  # both phrasings appear
+
+
 def test_examples_go_both_ways_and_images_decode(tmp_path):
     root = demo.ensure_demo_shards({**PARAMS, "cache_dir": str(tmp_path)}, log=lambda m: None)
     folders = set()

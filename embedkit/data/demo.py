@@ -42,12 +42,13 @@ PLACES = {  # name -> centre as a fraction of the canvas
     "in the centre": (0.5, 0.5),
 }
 RELATIONS = ("above", "below", "left of", "right of")
+INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 DEMO_WORDS = sorted(
     {w for name in list(COLOURS) + list(SHAPES) + list(PLACES) + list(RELATIONS) for w in name.split()}
     | {"a"}
 )
 SHARD_SIZE = 1000
-FORMAT_VERSION = 3  # bump when drawing or captions change: the cache key includes it
+FORMAT_VERSION = 4  # bump when drawing or captions change: the cache key includes it
 
 
 def single_combinations() -> list[tuple]:
@@ -120,12 +121,34 @@ def _combinations(scenes: str) -> list[tuple]:
     return single_combinations() + pair_combinations()
 
 
+def scene_key(combo: tuple) -> tuple:
+    """Captions of the same scene share a key: "A above B" is "B below A"."""
+    if len(combo) == 3 and isinstance(combo[0], str):
+        return combo
+    a, rel, b = combo
+    return combo if rel in ("above", "left of") else (b, INVERSE[rel], a)
+
+
+def _scenes(combos: list[tuple]) -> dict[tuple, list[tuple]]:
+    """scene key -> its captions' combinations, in order of first appearance."""
+    out: dict[tuple, list[tuple]] = {}
+    for c in combos:
+        out.setdefault(scene_key(c), []).append(c)
+    return out
+
+
 def split_combinations(scenes: str, holdout: int, seed: int) -> tuple[list[tuple], list[tuple]]:
-    """(training combinations, held-out combinations that never occur in training)."""
-    combos = _combinations(scenes)
+    """(training combinations, held-out combinations whose scene never occurs in training).
+
+    Held out by scene, not by caption: with "A above B" held out, "B below A" is held out too (one
+    phrasing is validated).
+    """
+    by_scene = _scenes(_combinations(scenes))
+    keys = list(by_scene)
     rng = random.Random(f"holdout-{seed}")
-    held = set(rng.sample(range(len(combos)), holdout))
-    return [c for i, c in enumerate(combos) if i not in held], [c for i, c in enumerate(combos) if i in held]
+    held = {keys[i] for i in rng.sample(range(len(keys)), holdout)}
+    train = [c for k in keys if k not in held for c in by_scene[k]]
+    return train, [by_scene[k][0] for k in keys if k in held]
 
 
 def make_example(combo: tuple, rng: random.Random, size: int, reverse: bool, text_only: bool) -> Example:
@@ -150,13 +173,16 @@ def train_examples(p: dict, start: int, stop: int):
 
 
 def val_examples(p: dict) -> list[Example]:
-    """Held-out caption -> image examples: fresh draws, captions unique, all held-out combos in."""
+    """Held-out caption -> image examples: fresh draws, scenes unique, all held-out scenes in."""
     train_combos, held = split_combinations(p["scenes"], p["holdout_combinations"], p["seed"])
     n = p["val_size"]
-    if n > len(train_combos) + len(held):
-        raise ValueError(f"data.demo.val_size={n} exceeds the {len(train_combos) + len(held)} distinct captions")
     rng = random.Random(f"val-{p['seed']}")
-    chosen = held[:n] + rng.sample(train_combos, max(0, n - len(held)))
+    # one caption per scene: two phrasings of one scene would make each other's negative
+    by_scene = list(_scenes(train_combos).values())
+    if n > len(by_scene) + len(held):
+        raise ValueError(f"data.demo.val_size={n} exceeds the {len(by_scene) + len(held)} distinct scenes")
+    picked = rng.sample(by_scene, max(0, n - len(held)))
+    chosen = held[:n] + [ph[0] if len(ph) == 1 else rng.choice(ph) for ph in picked]
     rng.shuffle(chosen)
     return [make_example(c, rng, p["image_size"], reverse=False, text_only=p["text_only"]) for c in chosen]
 

@@ -137,7 +137,7 @@ def main(argv=None) -> int:
             parts = [child(G, chunk, cache, measure, env) for measure, env in runs]
             if None in parts:
                 continue
-            row = dict(parts[0], step_s=parts[0]["step_s"], peak_mib=parts[-1]["peak_mib"])
+            row = dict(parts[0], peak_mib=parts[-1]["peak_mib"])  # time from the first run, memory from the last
             by[G, row["mode"]] = row
             print(f"G={G:5d} chunk={row['chunk_size']:5d} {row['mode']:8s} step {row['step_s']:8.3f} s   "
                   f"peak {row['peak_mib']:9.1f} MiB ({row['device']})", flush=True)

@@ -182,6 +182,7 @@ def val_examples(p: dict) -> list[Example]:
     if n > len(by_scene) + len(held):
         raise ValueError(f"data.demo.val_size={n} exceeds the {len(by_scene) + len(held)} distinct scenes")
     picked = rng.sample(by_scene, max(0, n - len(held)))
+    # no draw for a single phrasing: single-object validation stays what it was before scene keys
     chosen = held[:n] + [ph[0] if len(ph) == 1 else rng.choice(ph) for ph in picked]
     rng.shuffle(chosen)
     return [make_example(c, rng, p["image_size"], reverse=False, text_only=p["text_only"]) for c in chosen]

@@ -65,10 +65,12 @@ def main() -> int:
     from embedkit.training.module import EmbeddingModule
 
     cfg = compose(["recipe=demo", "data.demo.train_size=2000", "data.val.enabled=false", *ns.overrides])
-    module = EmbeddingModule(cfg)
-    train, val = resolve_shards(cfg, log=lambda m: print(m, flush=True))
-    data = EmbeddingDataModule(cfg, module.backbone.make_processor(), train, val)
+    module = EmbeddingModule.from_config(cfg)
+    train, val = resolve_shards(cfg["data"], log=lambda m: print(m, flush=True))
     gbs = cfg["train"]["global_batch_size"]
+    data = EmbeddingDataModule(cfg["data"], module.encoder.processor(), train, val, seed=cfg["seed"],
+                               global_batch_size=gbs, chunk_size=cfg["train"]["chunk_size"],
+                               chunk_tokens=cfg["train"]["chunk_tokens"])
     print(f"demo model, global_batch_size={gbs}, chunk_size={cfg['train']['chunk_size']}, "
           f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
 

@@ -1,6 +1,6 @@
 """The ``embedkit`` command line. Heavy imports happen inside the verbs: ``--help`` answers fast.
 
-Each verb is a function ``main(args: list[str]) -> int`` in the module that owns it; a
+This is the verb table: each verb is ``embedkit/commands/<verb>.py``'s ``main(args) -> int``. A
 ``UserError`` anywhere becomes one line on stderr and exit code 2.
 """
 
@@ -27,35 +27,8 @@ examples:
   embedkit config show recipe=demo model.pooling=mean
 """
 
-#: verb -> "module:function"; the function takes the remaining words and returns an exit code
-VERBS = {
-    "fit": "embedkit.training.fit:main",
-    "eval": "embedkit.eval.run:main",
-    "data": "embedkit.data.mmeb:main",
-    "compare": "embedkit.tracking.compare:main",
-    "ui": "embedkit.tracking.ui:main",
-    "config": "embedkit.cli:config_main",
-    "recipes": "embedkit.cli:recipes_main",
-}
-
-
-def config_main(args: list[str]) -> int:
-    from omegaconf import OmegaConf
-
-    from embedkit.config.loader import compose
-    from embedkit.errors import UserError
-
-    if not args or args[0] != "show":
-        raise UserError("usage: embedkit config show [recipe=NAME] [key=value ...]")
-    print(OmegaConf.to_yaml(compose(args[1:])), end="")
-    return 0
-
-
-def recipes_main(args: list[str]) -> int:
-    from embedkit.config.loader import available_recipes
-
-    print("\n".join(available_recipes()))
-    return 0
+#: each verb is the module embedkit/commands/<verb>.py, whose ``main(args) -> int`` runs it
+VERBS = ("fit", "eval", "data", "compare", "ui", "config", "recipes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0
     if argv[0] in ("-V", "--version"):
-        from embedkit import __version__
+        from embedkit.version import __version__
 
         print(__version__)
         return 0
@@ -74,9 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from embedkit.errors import UserError
 
-    module, func = VERBS[verb].split(":")
     try:
-        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+        return int(importlib.import_module(f"embedkit.commands.{verb}").main(rest) or 0)
     except UserError as exc:
         print(f"embedkit: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -38,7 +38,7 @@ def test_an_item_over_the_budget_gets_a_chunk_of_its_own():
 def module():
     cfg = compose(["recipe=demo", *SMALL_DEMO, "model.backbone.min_pixels=3136",
                    "model.backbone.max_pixels=50176"])  # 56..224 px: images of uneven cost
-    return EmbeddingModule(cfg).eval()
+    return EmbeddingModule.from_config(cfg).eval()
 
 
 def _uneven_examples(n: int) -> list[Example]:
@@ -53,7 +53,7 @@ def _uneven_examples(n: int) -> list[Example]:
 
 
 def test_qwen2_vl_num_tokens_matches_processing(module):
-    processor = module.backbone.make_processor()
+    processor = module.encoder.processor()
     items = [ex.positive for ex in _uneven_examples(6)] + [ex.query for ex in _uneven_examples(3)]
     items.append(Item(text="left <|image_1|> right", image=items[0].image))
     lengths = [processor.num_tokens(it) for it in items]
@@ -64,7 +64,7 @@ def test_qwen2_vl_num_tokens_matches_processing(module):
 
 def test_token_chunks_give_the_gradients_of_one_pass_per_side(module):
     examples = _uneven_examples(8)
-    processor = module.backbone.make_processor()
+    processor = module.encoder.processor()
     budget = 3 * max(processor.num_tokens(ex.positive) for ex in examples)
     by_tokens = ChunkCollate(processor, 8, 0, chunk_tokens=budget)(examples)
     assert len(by_tokens.candidate_chunks) > 2  # the budget split the images
@@ -86,9 +86,7 @@ def test_token_chunks_give_the_gradients_of_one_pass_per_side(module):
 
 
 def test_fsdp2_refuses_a_token_budget():
-    from embedkit.errors import UserError
-    from embedkit.training.fit import make_strategy
+    from embedkit.errors import ConfigError
 
-    cfg = compose(["recipe=demo", "trainer.strategy=fsdp2", "trainer.devices=2", "train.chunk_tokens=4096"])
-    with pytest.raises(UserError, match=r"train\.chunk_tokens=4096 is refused with trainer\.strategy=fsdp2"):
-        make_strategy(cfg["trainer"], cfg["train"]["chunk_tokens"])
+    with pytest.raises(ConfigError, match=r"train\.chunk_tokens=4096 is refused with trainer\.strategy=fsdp2"):
+        compose(["recipe=demo", "trainer.strategy=fsdp2", "trainer.devices=2", "train.chunk_tokens=4096"])

@@ -24,7 +24,7 @@ def test_run_folder_holds_config_and_checkpoint(fitted):
     assert config["trainer"]["max_steps"] == 3 and config["run"]["dir"] == str(run_dir)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3
-    assert any(k.startswith("backbone.model.") for k in ckpt["state_dict"])
+    assert any(k.startswith("encoder.backbone.model.") for k in ckpt["state_dict"])
     assert not list(run_dir.rglob("*.tmp"))
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from embedkit.config import registry
-from embedkit.training import fit
+from embedkit.commands import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = {
@@ -48,7 +48,7 @@ def test_loss_and_pooling_train_three_steps(loss, pooling, tmp_path, tmp_path_fa
     assert ckpt["global_step"] == 3
     state = ckpt["state_dict"]
     if pooling in ("latent_attention", "multi_layer"):  # the head's trained parameters are saved
-        assert any(k.startswith("pooling.") for k in state)
+        assert any(k.startswith("encoder.pooling.") for k in state)
     assert ckpt["hyper_parameters"]["config"]["loss"]["name"] == loss
 
 

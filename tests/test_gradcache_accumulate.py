@@ -33,14 +33,14 @@ class Accumulating(dist_script.EmbeddingModule):
 def test_two_accumulated_batches_make_one_step_of_their_mean_gradient():
     cfg = dist_script.config()
     cfg["train"].update(accumulate_steps=2, clip_grad_norm=None)
-    module = Accumulating(cfg)
+    module = Accumulating.from_config(cfg)
     init = {n: p.detach().clone() for n, p in module.named_parameters()}
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module)
     assert trainer.global_step == 1
 
-    ref = dist_script.EmbeddingModule(cfg)
+    ref = dist_script.EmbeddingModule.from_config(cfg)
     for i in range(2):  # each batch its own contrastive loss, same chunks and dropout seeds, one graph
         qc, cc = dist_script.rank_chunks(i)
         torch.manual_seed(500 + i)

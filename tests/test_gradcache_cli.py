@@ -21,7 +21,7 @@ def test_one_sgd_step_same_weights_chunk_32_and_4(tmp_path):
     from embedkit.config.loader import compose
     from embedkit.training.module import EmbeddingModule
 
-    init = EmbeddingModule(compose(["recipe=demo", "seed=0"])).state_dict()
+    init = EmbeddingModule.from_config(compose(["recipe=demo", "seed=0"])).state_dict()
     moved = max((whole[k].float() - init[k].float()).abs().max().item() for k in whole)
     assert moved > 1e-4  # the step really changed the weights
     for k in whole:

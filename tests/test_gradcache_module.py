@@ -19,13 +19,13 @@ B, CHUNK = 8, 2
 @pytest.fixture(scope="module")
 def setup():
     cfg = compose(["recipe=demo", *SMALL_DEMO])
-    module = EmbeddingModule(cfg).train()
+    module = EmbeddingModule.from_config(cfg).train()
     dropped = [m for m in module.modules() if hasattr(m, "attention_dropout")]
     assert dropped
     for m in dropped:  # the tiny model is built with attention dropout 0; switch it on
         m.attention_dropout = 0.2
     examples = list(train_examples(cfg["data"]["demo"], 0, B))
-    processor = module.backbone.make_processor()
+    processor = module.encoder.processor()
     q = [processor([ex.query for ex in examples[i : i + CHUNK]]) for i in range(0, B, CHUNK)]
     c = [processor([ex.positive for ex in examples[i : i + CHUNK]]) for i in range(0, B, CHUNK)]
     return module, q + c, len(q)
@@ -84,8 +84,8 @@ def test_backward_batch_skips_the_cache_when_each_side_fits_one_chunk(setup):
 
     module, _, _ = setup
     module.eval()  # no dropout: layouts are comparable
-    examples = list(train_examples(module.cfg["data"]["demo"], 0, B))
-    processor = module.backbone.make_processor()
+    examples = list(train_examples(module.hparams["config"]["data"]["demo"], 0, B))
+    processor = module.encoder.processor()
     calls = []
     encode = module.encode
 

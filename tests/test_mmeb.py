@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from embedkit.data.mmeb import main as mmeb_main
+from embedkit.commands.data import main as mmeb_main
 from embedkit.data.shards import decode_sample, iter_samples, list_shards
 from embedkit.errors import UserError
 
@@ -122,14 +122,12 @@ def test_resume_after_interruption_gives_identical_shards(converted, source, tmp
     shutil.copytree(converted, out)
     want = _digests(converted)
     (out / "T2I" / "train-000001.tar").unlink()  # a shard that never finished...
-    (out / "T2I" / "train-000001.tar.tmp").write_bytes(b"half a shard")  # ...and its leftover
+    (out / "T2I" / ".train-000001.tar.tmp").write_bytes(b"half a shard")  # ...and its leftover
     (out / "ImgCls" / "train-000000.tar").write_bytes(b"stale")  # a shard left complete: not touched
     lines = []
-    import embedkit.data.mmeb as mmeb
+    from embedkit.data.mmeb import convert
 
-    ns = mmeb.parse(["mmeb", "--src", str(source[1]), "--images", str(source[2]), "--out", str(out),
-                     "--shard-size", "3", "--workers", "1"])
-    assert mmeb.convert(ns, log=lines.append) == 0
+    assert convert(source[1], out, images=source[2], shard_size=3, workers=1, log=lines.append) == 0
     assert any("(7 already complete)" in line for line in lines)  # 8 shards planned, 1 rewritten
     got = _digests(out)
     assert got["T2I/train-000001.tar"] == want["T2I/train-000001.tar"]

@@ -204,6 +204,16 @@ def _remove(cfg: dict, key: str) -> None:
     node.pop(parts[-1], None)
 
 
+def to_yaml(cfg: dict) -> str:
+    """The config as YAML text (``config.yaml`` of a run, ``embedkit config show``)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    # a JSON round trip makes plain containers of any mapping type (OmegaConf takes only dicts)
+    return OmegaConf.to_yaml(json.loads(json.dumps(cfg)))
+
+
 def compose(args: list[str]) -> dict:
     """Validated config (a plain dict) from command-line words such as ``recipe=demo a.b=1``."""
     recipe, overrides = split_args(args)

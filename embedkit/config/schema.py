@@ -161,7 +161,27 @@ MINIMUMS = {
 def validate(raw: dict) -> dict:
     """Fill defaults and check keys, types and component names; ConfigError on the first problem."""
     registry.load_plugins(list(raw.get("plugins") or []))
-    return _section(Config, raw, "")
+    cfg = _section(Config, raw, "")
+    check_combinations(cfg)
+    return cfg
+
+
+def check_combinations(cfg: dict) -> None:
+    """Rules that involve more than one key, all here: ConfigError naming the keys."""
+    trainer, train = cfg["trainer"], cfg["train"]
+    if trainer["strategy"] == "fsdp2":
+        if not isinstance(trainer["devices"], int):
+            raise ConfigError(f"trainer.strategy=fsdp2 needs an integer trainer.devices, got {trainer['devices']!r}")
+        if train["chunk_tokens"]:
+            # every sharded forward pass all-gathers parameters: ranks must run as many passes
+            raise ConfigError(f"train.chunk_tokens={train['chunk_tokens']} is refused with trainer.strategy=fsdp2 "
+                              "(ranks would run different numbers of forward passes); use train.chunk_size")
+    devices = trainer["devices"]
+    if isinstance(devices, int) and devices > 0:
+        world = devices * trainer["num_nodes"]
+        if train["global_batch_size"] % world:
+            raise ConfigError(f"train.global_batch_size={train['global_batch_size']} is not divisible by the "
+                              f"{world} devices (trainer.devices x trainer.num_nodes)")
 
 
 def _section(cls, raw: Any, prefix: str) -> dict:

@@ -13,9 +13,9 @@ from embedkit.data.stream import ChunkCollate, ShardStream, ValCollate, ValItems
 from embedkit.errors import UserError
 
 
-def resolve_shards(cfg: dict, log=print) -> tuple[list[str], list[str]]:
-    """(training shards, validation shards) from ``data.train.shards`` / ``data.val.shards`` or the demo."""
-    data = cfg["data"]
+def resolve_shards(data: dict, log=print) -> tuple[list[str], list[str]]:
+    """(training shards, validation shards) of the ``data`` section: ``train.shards`` / ``val.shards``,
+    or the demo's."""
     demo_dir = None
     if data["train"]["shards"] is None or data["val"]["shards"] is None:
         demo_dir = demo.ensure_demo_shards(data["demo"], log=log)
@@ -45,25 +45,37 @@ def read_examples(shards: list[str], limit: int):
 
 
 class EmbeddingDataModule(L.LightningDataModule):
-    def __init__(self, cfg: dict, processor, train_shards: list[str], val_shards: list[str]):
+    """Training batches of the ``data`` section's ``train`` block, validation of its ``val`` block.
+
+    ``global_batch_size`` is the contrastive batch across all ranks, split evenly; ``chunk_size``
+    and ``chunk_tokens`` cut each side of a device's batch into forward passes; ``processor`` (the
+    encoder's) runs in the DataLoader workers.
+    """
+
+    def __init__(self, data: dict, processor, train_shards: list[str], val_shards: list[str], *, seed: int,
+                 global_batch_size: int, chunk_size: int, chunk_tokens: int = 0):
         super().__init__()
-        self.cfg = cfg
+        self.train_data = data["train"]
         self.processor = processor
         self.train_shards = train_shards
         self.val_shards = val_shards
-        self.val_examples = read_examples(val_shards, cfg["data"]["val"]["max_queries"]) if cfg["data"]["val"]["enabled"] else []
+        self.seed = seed
+        self.global_batch_size = global_batch_size
+        self.chunk_size = chunk_size
+        self.chunk_tokens = chunk_tokens
+        val = data["val"]
+        self.val_examples = read_examples(val_shards, val["max_queries"]) if val["enabled"] else []
 
     def train_dataloader(self):
-        cfg, t = self.cfg, self.cfg["data"]["train"]
+        t = self.train_data
         world = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
-        gbs = cfg["train"]["global_batch_size"]
+        gbs = self.global_batch_size
         if gbs % world:
             raise UserError(f"train.global_batch_size={gbs} is not divisible by the {world} devices")
-        collate = ChunkCollate(self.processor, cfg["train"]["chunk_size"], t["num_negatives"],
-                               cfg["train"]["chunk_tokens"])
+        collate = ChunkCollate(self.processor, self.chunk_size, t["num_negatives"], self.chunk_tokens)
         try:
-            stream = ShardStream(self.train_shards, collate, gbs // world, cfg["seed"], rank, world, t["shuffle_buffer"],
+            stream = ShardStream(self.train_shards, collate, gbs // world, self.seed, rank, world, t["shuffle_buffer"],
                                  mix=t["mix"], task_batch_size=t["task_batch_size"], epoch_steps=t["epoch_steps"])
         except ValueError as exc:
             raise UserError(str(exc)) from None
@@ -72,5 +84,5 @@ class EmbeddingDataModule(L.LightningDataModule):
                           prefetch_factor=4 if workers > 0 else None)
 
     def val_dataloader(self):
-        return DataLoader(ValItems(self.val_examples), batch_size=self.cfg["train"]["chunk_size"],
+        return DataLoader(ValItems(self.val_examples), batch_size=self.chunk_size,
                           collate_fn=ValCollate(self.processor), num_workers=0)

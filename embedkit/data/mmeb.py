@@ -24,7 +24,6 @@ they came (``ImageBytes``), never re-encoded.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -35,7 +34,9 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from embedkit.console import interactive
 from embedkit.errors import UserError
+from embedkit.files import write_atomic
 
 REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 OPTIONAL = ("neg_text", "neg_image_path")
@@ -193,11 +194,7 @@ def write_one(job: dict) -> dict:
         write_shard(shard, samples)
         side["bytes"] = shard.stat().st_size
         side["sha256"] = _sha256(shard)
-    sidecar = _sidecar(shard)
-    sidecar.parent.mkdir(parents=True, exist_ok=True)  # a shard whose rows all failed has no folder yet
-    tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(json.dumps(side, sort_keys=True))
-    os.replace(tmp, sidecar)
+    write_atomic(_sidecar(shard), json.dumps(side, sort_keys=True))
     return side
 
 
@@ -258,7 +255,7 @@ class Progress:
 
     def __init__(self, total: int):
         self.total, self.done = total, 0
-        self.tty = sys.stderr.isatty() and not os.environ.get("CI")
+        self.tty = interactive()
         self.stream = sys.stderr if self.tty else sys.stdout  # the bar on the terminal, lines with the log
         self.started = time.monotonic()
 
@@ -275,52 +272,32 @@ class Progress:
         self.stream.flush()
 
 
-def parse(args: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="embedkit data mmeb", description="convert MMEB-train to WebDataset shards")
-    p.add_argument("what", choices=["mmeb"], help="the dataset to convert")
-    p.add_argument("--src", required=True, help="MMEB-train folder (<subset>/original-*.parquet) or <subset>.parquet/.jsonl files")
-    p.add_argument("--images", help="image root the *_image_path columns are relative to (default: --src)")
-    p.add_argument("--out", required=True, help="output folder: <subset>/train-*.tar and manifest.json")
-    p.add_argument("--subsets", nargs="+", help="subsets to convert (default: every subset found)")
-    p.add_argument("--split", default="original", choices=SPLITS, help="which parquet files of the download")
-    p.add_argument("--cap", type=int, default=None, help="rows per subset (default: train.yaml's cap, else 50000; 0: all)")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: the cores)")
-    p.add_argument("--config", default=str(TRAIN_YAML), help="subset list with meta-tasks and caps")
-    return p.parse_args(args)
-
-
-def main(args: list[str]) -> int:
-    try:
-        ns = parse(args)
-    except SystemExit as exc:  # argparse: usage errors exit 2 with its own message
-        return int(exc.code or 0)
-    return convert(ns)
-
-
-def convert(ns: argparse.Namespace, log=print) -> int:
-    src, out = Path(ns.src).expanduser(), Path(ns.out).expanduser()
-    images = Path(ns.images).expanduser() if ns.images else src
+def convert(src: str | Path, out: str | Path, *, images: str | Path | None = None, subsets: list[str] | None = None,
+            split: str = "original", cap: int | None = None, shard_size: int = 1000, workers: int | None = None,
+            config: str | Path | None = TRAIN_YAML, log=print) -> int:
+    """Convert the subsets under ``src`` into shards under ``out`` (see the module docstring)."""
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    images = Path(images).expanduser() if images else src
     if not src.is_dir():
         raise UserError(f"--src: {src} is not a folder")
     if not images.is_dir():
         raise UserError(f"--images: {images} is not a folder")
-    if ns.shard_size < 1:
+    if shard_size < 1:
         raise UserError("--shard-size: must be at least 1")
-    spec = load_train_yaml(Path(ns.config) if ns.config else None)
-    sources = find_sources(src, ns.split)
-    if ns.subsets:
-        missing = [s for s in ns.subsets if s not in sources]
+    spec = load_train_yaml(Path(config) if config else None)
+    sources = find_sources(src, split)
+    if subsets:
+        missing = [s for s in subsets if s not in sources]
         if missing:
             raise UserError(f"--subsets: {', '.join(missing)} not found in {src} (found: {', '.join(sources) or 'none'})")
-        sources = {s: sources[s] for s in ns.subsets}
+        sources = {s: sources[s] for s in subsets}
     if not sources:
-        raise UserError(f"--src: no {ns.split}-*.parquet subset folders and no .parquet/.jsonl files in {src}")
+        raise UserError(f"--src: no {split}-*.parquet subset folders and no .parquet/.jsonl files in {src}")
 
     # plan: cheap checks in the parent, shards planned over the rows that pass
     jobs, subsets = [], {}
     for subset, files in sources.items():
-        cap = ns.cap if ns.cap is not None else int(spec.get(subset, {}).get("cap", 50000))
+        cap = cap if cap is not None else int(spec.get(subset, {}).get("cap", 50000))
         meta_task = spec.get(subset, {}).get("meta_task")
         skipped, kept, seen = Counter(), [], 0
         for path in files:
@@ -337,11 +314,11 @@ def convert(ns: argparse.Namespace, log=print) -> int:
                 seen += 1
         key = subset.replace(".", "_")
         shards = []
-        for n, start in enumerate(range(0, len(kept), ns.shard_size)):
+        for n, start in enumerate(range(0, len(kept), shard_size)):
             path = out / subset / f"train-{n:06d}.tar"
             shards.append(path)
             jobs.append({"subset": subset, "meta_task": meta_task, "key": key, "images": str(images),
-                         "path": str(path), "rows": kept[start : start + ns.shard_size]})
+                         "path": str(path), "rows": kept[start : start + shard_size]})
             jobs[-1]["plan"] = _plan_digest(jobs[-1])
         _remove_stale(out / subset, {p.name for p in shards})
         subsets[subset] = {"meta_task": meta_task, "cap": cap, "source": [str(p) for p in files],
@@ -349,11 +326,9 @@ def convert(ns: argparse.Namespace, log=print) -> int:
 
     # write: resumable (completed shards are skipped), in parallel
     todo = [j for j in jobs if _done(Path(j["path"]), j["plan"]) is None]
-    for j in todo:  # a leftover .tmp from an interrupted run is rewritten from scratch
-        Path(j["path"] + ".tmp").unlink(missing_ok=True)
     log(f"mmeb: {len(subsets)} subsets, {len(jobs)} shards ({len(jobs) - len(todo)} already complete) -> {out}")
     progress = Progress(len(todo))
-    workers = max(1, min(ns.workers or os.cpu_count() or 1, len(todo) or 1))
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     if workers == 1:
         for j in todo:
             write_one(j)
@@ -366,7 +341,7 @@ def convert(ns: argparse.Namespace, log=print) -> int:
                 progress.step(f"{j['subset']}/{Path(j['path']).name}")
 
     # manifest, from the sidecars (this run's and earlier runs')
-    manifest = {"format": FORMAT_VERSION, "split": ns.split, "src": str(src), "images": str(images), "subsets": {}}
+    manifest = {"format": FORMAT_VERSION, "split": split, "src": str(src), "images": str(images), "subsets": {}}
     empty = []
     plans = {j["path"]: j["plan"] for j in jobs}
     for subset, info in subsets.items():
@@ -392,10 +367,7 @@ def convert(ns: argparse.Namespace, log=print) -> int:
              "bytes": sum(s["bytes"] for s in manifest["subsets"].values()),
              "skipped": dict(sum((Counter(s["skipped"]) for s in manifest["subsets"].values()), Counter()))}
     manifest["total"] = total
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, out / MANIFEST)
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     log(f"mmeb: {total['count']} examples, {total['bytes'] / 1e6:.1f} MB; manifest {out / MANIFEST}")
     if empty:
         raise UserError(f"no valid row in subset(s) {', '.join(empty)}: see skipped counts in {out / MANIFEST}")

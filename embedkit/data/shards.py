@@ -22,6 +22,7 @@ from typing import Iterator
 from PIL import Image
 
 from embedkit.data.schema import Example, Item
+from embedkit.files import atomic_path
 
 
 @dataclass
@@ -115,18 +116,14 @@ def _check_end_marker(tar: tarfile.TarFile, path) -> None:
 
 
 def write_shard(path: str | Path, samples: list[dict[str, bytes]]) -> None:
-    """Write one tar of samples atomically: ``<path>.tmp`` first, renamed when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w") as tar:
+    """Write one tar of samples atomically (under a temporary name, renamed when complete)."""
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
         for files in samples:
             for name, data in files.items():
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 info.mtime = 0  # reproducible bytes: same input, same shard
                 tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
 
 
 def list_shards(spec: str | Path) -> list[str]:

@@ -26,8 +26,6 @@ is in the batch, which the pooling contract already demands).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,8 +34,10 @@ import torch
 import yaml
 
 from embedkit.data.schema import Item
+from embedkit.distributed.gather import rank_and_world
 from embedkit.errors import UserError
 from embedkit.eval import retrieval
+from embedkit.files import write_atomic
 
 Encoder = Callable[[list[Item]], torch.Tensor]
 
@@ -174,17 +174,11 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def encode_keys(
     keys: Sequence[tuple[str, str]], encode: Encoder, root: Path, batch_size: int = 16
 ) -> torch.Tensor:
     """Embeddings ``[len(keys), D]``: this rank encodes its share, then all shares are gathered."""
-    rank, world = _dist()
+    rank, world = rank_and_world()
     start, stop = shard_bounds(len(keys), rank, world)
     parts = []
     with torch.no_grad():
@@ -266,7 +260,7 @@ def evaluate(
         "datasets": results,
         "aggregate": retrieval.aggregate({n: r["acc"] for n, r in results.items()}, manifest),
     }
-    if out_dir is not None and _dist()[0] == 0:
+    if out_dir is not None and rank_and_world()[0] == 0:
         write_outputs(out_dir, summary, manifest)
     return summary
 
@@ -295,20 +289,6 @@ def validation_metrics(
 # ---------------------------------------------------------------- outputs
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_outputs(out_dir: str | Path, summary: dict, manifest: dict[str, dict]) -> list[Path]:
     """``<Dataset>_score.json`` (the reference's shape), ``summary.json`` and ``summary.md``."""
     out_dir = Path(out_dir)
@@ -320,6 +300,21 @@ def write_outputs(out_dir: str | Path, summary: dict, manifest: dict[str, dict])
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_atomic(out_dir / "summary.md", markdown_table(summary, manifest))
     return written + [out_dir / "summary.json", out_dir / "summary.md"]
+
+
+def metric_items(summary: dict) -> dict[str, float]:
+    """Display names (``eval/<name>/p@1``, ``eval/<name>/recall@5`` ...) of everything the summary holds."""
+    out = {f"eval/{name}/p@1": r["acc"] for name, r in summary["datasets"].items()}
+    agg = summary["aggregate"]
+    out.update({f"eval/{task}/p@1": v for task, v in agg["meta_task"].items()})
+    for group in ("IND", "OOD", "overall"):
+        if agg[group] is not None:
+            out[f"eval/{group}/p@1"] = agg[group]
+    for name, r in summary["datasets"].items():
+        for k in ("recall@5", "recall@10", "mrr"):
+            if k in r["details"]:
+                out[f"eval/{name}/{k}"] = r["details"][k]
+    return out
 
 
 def markdown_table(summary: dict, manifest: dict[str, dict]) -> str:

@@ -1,4 +1,4 @@
-"""``embedkit compare``: the runs of one MLflow experiment side by side.
+"""The runs of one MLflow experiment side by side (the ``embedkit compare`` verb: commands/compare.py).
 
     embedkit compare [experiment=NAME] [metric=val/p@1,train/loss ...] [tracking.uri=URI]
                      [--format markdown|csv] [--plot out.png]
@@ -21,71 +21,16 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from embedkit.errors import UserError
+from embedkit.files import atomic_path
 from embedkit.tracking.store import default_uri, display_name, stored_name
 
-USAGE = (
-    "usage: embedkit compare [experiment=NAME] [metric=NAME[,NAME...]] [tracking.uri=URI] "
-    "[--format markdown|csv] [--plot out.png]"
-)
 DEFAULT_METRICS = ("val/p@1", "eval/overall/p@1", "train/loss")
 HIDDEN_PARAMS = ("run.name", "run.dir")
 KIND_TAG = "embedkit.kind"
-
-
-@dataclass
-class Options:
-    experiment: str | None = None
-    metrics: list[str] = field(default_factory=list)
-    uri: str | None = None
-    format: str = "markdown"
-    plot: str | None = None
-
-
-def parse_args(args: list[str]) -> Options:
-    opts = Options()
-    words = list(args)
-    while words:
-        word = words.pop(0)
-        if word.startswith("--"):
-            flag, _, value = word[2:].partition("=")
-            if flag not in ("format", "plot"):
-                raise UserError(f"compare: unknown option --{flag}; {USAGE}")
-            if not value:
-                if not words:
-                    raise UserError(f"compare: --{flag} needs a value; {USAGE}")
-                value = words.pop(0)
-            if flag == "format":
-                if value not in ("markdown", "csv"):
-                    raise UserError(f"compare: --format {value!r} is not accepted; choices: markdown, csv")
-                opts.format = value
-            else:
-                opts.plot = value
-            continue
-        key, eq, value = word.partition("=")
-        if not eq:
-            raise UserError(f"compare: unexpected {word!r}; {USAGE}")
-        if key == "experiment":
-            opts.experiment = value
-        elif key in ("metric", "metrics"):
-            opts.metrics += [m.strip() for m in value.strip("[]").split(",") if m.strip()]
-        elif key == "tracking.uri":
-            opts.uri = value
-        elif key == "format":
-            opts.format = value
-            if value not in ("markdown", "csv"):
-                raise UserError(f"compare: format {value!r} is not accepted; choices: markdown, csv")
-        elif key == "plot":
-            opts.plot = value
-        else:
-            raise UserError(f"compare: unknown key {key!r}; accepted: experiment, metric, tracking.uri, format, plot")
-    return opts
 
 
 # ------------------------------------------------------------------ names
@@ -227,10 +172,9 @@ def plot_curves(curves: dict, path: str | Path, title: str) -> Path:
         ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -243,23 +187,3 @@ def log_plot(client, experiment_id: str, png: Path, runs: list) -> str:
     client.log_artifact(run.info.run_id, str(png), artifact_path="compare")
     client.set_terminated(run.info.run_id)
     return run.info.run_id
-
-
-def main(args: list[str]) -> int:
-    opts = parse_args(args)
-    client = open_store(opts.uri)
-    exp = pick_experiment(client, opts.experiment)
-    runs = list_runs(client, exp.experiment_id)
-    if not runs:
-        raise UserError(f"experiment {exp.name!r} has no runs")
-    metrics = choose_metrics(runs, opts.metrics)
-    header, rows, curves = build_table(client, runs, metrics)
-    text = to_csv(header, rows) if opts.format == "csv" else to_markdown(header, rows)
-    if opts.format == "markdown":
-        print(f"experiment {exp.name}: {len(runs)} runs\n")
-    print(text, end="")
-    if opts.plot:
-        png = plot_curves(curves, opts.plot, f"experiment {exp.name}")
-        run_id = log_plot(client, exp.experiment_id, png, runs)
-        print(f"plot: {png} (logged to MLflow run {run_id})", file=sys.stderr)
-    return 0

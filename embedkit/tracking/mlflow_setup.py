@@ -19,8 +19,9 @@ from embedkit.tracking.store import artifact_location, default_uri, stored_name
 from lightning.pytorch.utilities import rank_zero_only
 
 
-def tracking_uri(cfg: dict) -> str:
-    uri = cfg["tracking"]["uri"] or default_uri()
+def tracking_uri(tracking: dict) -> str:
+    """The store of the ``tracking`` section (its ``uri``, else the default), its folder created."""
+    uri = tracking["uri"] or default_uri()
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     return uri
@@ -51,13 +52,14 @@ class EmbedkitMLFlowLogger(MLFlowLogger):
         super().log_metrics({stored_name(k): v for k, v in metrics.items()}, step)
 
 
-def make_logger(cfg: dict, run_name: str) -> EmbedkitMLFlowLogger:
-    from embedkit import __version__
+def make_logger(tracking: dict, recipe: str | None, run_name: str) -> EmbedkitMLFlowLogger:
+    """The run's logger from the ``tracking`` section; tags: the recipe, git sha, version, ``tags``."""
+    from embedkit.version import __version__
 
-    tags = {"recipe": cfg["recipe"] or "", "git_sha": git_sha(), "embedkit_version": __version__,
-            **{str(k): str(v) for k, v in cfg["tracking"]["tags"].items()}}
-    uri = tracking_uri(cfg)
-    return EmbedkitMLFlowLogger(experiment_name=cfg["tracking"]["experiment"], run_name=run_name,
+    tags = {"recipe": recipe or "", "git_sha": git_sha(), "embedkit_version": __version__,
+            **{str(k): str(v) for k, v in tracking["tags"].items()}}
+    uri = tracking_uri(tracking)
+    return EmbedkitMLFlowLogger(experiment_name=tracking["experiment"], run_name=run_name,
                                 tracking_uri=uri, tags=tags, artifact_location=artifact_location(uri))
 
 

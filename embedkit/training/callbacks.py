@@ -9,6 +9,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from embedkit.files import temp_path
+
 
 class LogProgress(L.Callback):
     """One line every ``every`` optimizer steps: step, loss, lr, speed, time left (CI-readable)."""
@@ -58,7 +60,7 @@ class AtomicLastCheckpoint(L.Callback):
 
     def save(self, trainer):
         path = self.dirpath / "last.ckpt"
-        tmp = self.dirpath / "last.ckpt.tmp"
+        tmp = temp_path(path)
         # weights_only=False: a full, resumable checkpoint (optimizer, loops), said explicitly
         trainer.save_checkpoint(str(tmp), weights_only=False)  # every rank calls it (sharded strategies gather)
         trainer.strategy.barrier()

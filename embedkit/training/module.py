@@ -1,50 +1,67 @@
-"""EmbeddingModule: backbone + pooling head + loss, trained with GradCache under manual optimization.
+"""EmbeddingModule: an ``Encoder`` and a loss, trained with GradCache under manual optimization.
 
-A training batch (``TrainBatch``) arrives already split into processed chunks. The module encodes
+A training batch (``TrainBatch``) arrives already split into processed chunks. The encoder turns
 chunks into embeddings, the loss sees embeddings only, and ``gradcache.cached_step`` backpropagates
 (through the cache when there is more than one chunk). The module owns gradient clipping, the LR
 schedule and the optimizer step (manual optimization), so the same code serves one chunk or many.
+Held-out validation ranks each validation query against every validation candidate (``val/p@1``);
+further validation (MMEB subsets) is a callback the fit command installs.
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
-from embedkit.config import registry
 from embedkit.data.stream import TrainBatch
 from embedkit.distributed import distributed_loss
-from embedkit.losses.base import LossOutput
+from embedkit.encoder import Encoder
+from embedkit.losses.base import Loss, LossOutput
 from embedkit.training import grad_sync, gradcache
 from embedkit.training.optim import build_optimizer, build_scheduler
 
 
 class EmbeddingModule(L.LightningModule):
-    def __init__(self, config: dict):
+    """``encoder`` and ``loss_fn`` trained by the ``train`` config section for ``max_steps`` steps.
+
+    ``config`` (the whole resolved config) is stored in checkpoints, never read here: it is what
+    ``Encoder.from_checkpoint`` and ``embedkit eval`` rebuild the model from.
+    """
+
+    def __init__(self, encoder: Encoder, loss_fn: Loss, train: dict, max_steps: int, config: dict | None = None):
         super().__init__()
         self.save_hyperparameters({"config": config}, logger=False)
-        self.cfg = config
-        model = config["model"]
-        self.backbone = registry.build("backbone", model["backbone"], seed=config["seed"])
-        if model["lora"]["enabled"]:
-            from embedkit.backbones.lora import apply_lora
-
-            apply_lora(self.backbone, model["lora"])
-        self.pooling = registry.build("pooling", model["pooling"], hidden_size=self.backbone.hidden_size,
-                                      num_layers=self.backbone.num_layers)
-        # embedding_dim: known only here (Matryoshka rejects dims larger than it, naming loss.dims)
-        self.loss_fn = registry.build("loss", config["loss"], embedding_dim=self.backbone.hidden_size)
+        self.encoder = encoder
+        self.loss_fn = loss_fn
+        self.train_cfg = train
+        self.max_steps = max_steps
+        self.accumulate = train["accumulate_steps"]
+        self.clip = train["clip_grad_norm"]
         self.automatic_optimization = False
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.val_results: dict[str, float] = {}
 
+    @classmethod
+    def build(cls, model: dict, loss: dict, train: dict, *, seed: int, max_steps: int,
+              config: dict | None = None) -> "EmbeddingModule":
+        """The encoder from the ``model`` section, the loss from ``loss`` (told the embedding size, so
+        Matryoshka can reject larger dims), the optimization from ``train``."""
+        from embedkit.config import registry
+
+        encoder = Encoder.from_config(model, seed=seed)
+        loss_fn = registry.build("loss", loss, embedding_dim=encoder.embedding_dim)
+        return cls(encoder, loss_fn, train, max_steps, config=config)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "EmbeddingModule":
+        """``build`` from a whole resolved config (notebooks, tests)."""
+        return cls.build(config["model"], config["loss"], config["train"], seed=config["seed"],
+                         max_steps=config["trainer"]["max_steps"], config=config)
+
     # -- encoding ---------------------------------------------------------------------------
     def encode(self, inputs: dict) -> torch.Tensor:
-        """Processed chunk -> embeddings [n, D] (L2-normalised unless model.normalize=false)."""
-        out = self.backbone(inputs, output_all_layers=self.pooling.needs_all_layers)
-        emb = self.pooling(out.hidden, out.mask, out.all_layers).float()
-        return F.normalize(emb, dim=-1) if self.cfg["model"]["normalize"] else emb
+        """Processed chunk -> embeddings [n, D] (the encoder's forward)."""
+        return self.encoder(inputs)
 
     def compute_loss(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None) -> LossOutput:
         # cross-device negatives when distributed (the plain loss otherwise); DDP's gradient
@@ -64,9 +81,9 @@ class EmbeddingModule(L.LightningModule):
         from torch.distributed.fsdp import fully_shard
 
         dp_mesh = mesh["data_parallel"]
-        fully_shard(self.backbone, mesh=dp_mesh)
-        if any(p.requires_grad for p in self.pooling.parameters()):
-            fully_shard(self.pooling, mesh=dp_mesh)
+        fully_shard(self.encoder.backbone, mesh=dp_mesh)
+        if any(p.requires_grad for p in self.encoder.pooling.parameters()):
+            fully_shard(self.encoder.pooling, mesh=dp_mesh)
 
     def on_train_batch_start(self, batch, batch_idx):
         # before the DDP wrapper's forward: the reducer stays out of every backward of the step
@@ -81,7 +98,7 @@ class EmbeddingModule(L.LightningModule):
 
     def training_step(self, batch: TrainBatch, batch_idx: int):
         opt = self.optimizers()
-        accumulate = self.cfg["train"]["accumulate_steps"]
+        accumulate = self.accumulate
         if batch_idx % accumulate == 0:
             opt.zero_grad(set_to_none=True)
         steps_now = (batch_idx + 1) % accumulate == 0  # the last micro-batch of an optimizer step
@@ -97,9 +114,8 @@ class EmbeddingModule(L.LightningModule):
                                   before_last_backward=before_last_backward)
         if steps_now:
             self._sync_gradients()
-            clip = self.cfg["train"]["clip_grad_norm"]
-            if clip:
-                self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            if self.clip:
+                self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
             opt.step()
             self.lr_schedulers().step()
         # distributed, each rank's loss is over its own rows: sync_dist reports the full-batch mean
@@ -129,21 +145,17 @@ class EmbeddingModule(L.LightningModule):
                                      use_cache=use_cache)
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.parameters(), self.cfg["train"])
-        scheduler = build_scheduler(optimizer, self.cfg["train"], self.cfg["trainer"]["max_steps"])
+        optimizer = build_optimizer(self.parameters(), self.train_cfg)
+        scheduler = build_scheduler(optimizer, self.train_cfg, self.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def encode_items(self, items) -> torch.Tensor:
-        """Raw ``Item``s -> embeddings (processing in this process: for evaluation, not training)."""
-        if not hasattr(self, "_processor"):
-            self._processor = self.backbone.make_processor()
-        inputs = self._processor(items)
-        return self.encode({k: v.to(self.device) for k, v in inputs.items()})
 
     # -- validation: held-out queries ranked against every held-out candidate ----------------
     def validation_step(self, batch, batch_idx):
         roles, index, inputs = batch
         self._val.append((roles.cpu(), index.cpu(), self.encode(inputs).cpu()))
+
+    def on_validation_epoch_start(self):
+        self.val_results = {}
 
     def on_validation_epoch_end(self):
         if not self._val:
@@ -155,20 +167,5 @@ class EmbeddingModule(L.LightningModule):
         q = emb[roles == 0][index[roles == 0].argsort()]
         c = emb[roles == 1][index[roles == 1].argsort()]
         hits = (q @ c.T).argmax(dim=1) == torch.arange(len(q))
-        self.val_results = {"val/p@1": hits.float().mean().item(), "num_queries": len(q)}
+        self.val_results.update({"val/p@1": hits.float().mean().item(), "num_queries": len(q)})
         self.log("val/p@1", hits.float().mean(), batch_size=len(q))
-        self._validate_on_eval_subset()
-
-    def _validate_on_eval_subset(self):
-        """``val/<dataset>/p@1`` on the first ``data.eval.val_rows`` rows of each MMEB eval dataset."""
-        ev = self.cfg["data"]["eval"]
-        if not ev["root"] or ev["val_rows"] <= 0:
-            return
-        from embedkit.eval.mmeb import validation_metrics
-
-        metrics = validation_metrics(self.encode_items, ev["root"], ev["datasets"], max_rows=ev["val_rows"],
-                                     batch_size=self.cfg["train"]["chunk_size"], prefix="val")
-        metrics["val/mmeb/p@1"] = metrics.pop("val/p@1")  # the held-out set above owns val/p@1
-        for name, value in metrics.items():
-            self.log(name, value)
-        self.val_results.update(metrics)

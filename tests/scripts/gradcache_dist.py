@@ -103,7 +103,7 @@ def full(t):
 
 def reference(cfg):
     """Single process, full batch: every rank's chunks with grad in one graph, the same dropout draws."""
-    module = EmbeddingModule(cfg)
+    module = EmbeddingModule.from_config(cfg)
     init = {n: p.detach().clone() for n, p in module.named_parameters()}
     qs, cs = [], []
     for rank in range(WORLD):
@@ -134,7 +134,7 @@ def main(mode: str, out_path: str) -> None:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
-    module = Probed(cfg)
+    module = Probed.from_config(cfg)
     trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0)
@@ -158,7 +158,7 @@ def main(mode: str, out_path: str) -> None:
     result["rank_diff"] = max((theirs[1]["grads"][n] - synced[n]).abs().max().item() for n in synced)
     # dropout is on: the reference under other seeds gives another gradient
     torch.manual_seed(0)
-    other = EmbeddingModule(cfg)
+    other = EmbeddingModule.from_config(cfg)
     qc, cc = rank_chunks(0)
     embs = [other.encode(c) for c in qc + cc]
     result["dropout_active"] = not torch.allclose(embs[0], other.encode(qc[0]))

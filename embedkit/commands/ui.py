@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from embedkit.errors import UserError
+from embedkit.tracking.store import default_uri
 
 HOST = "127.0.0.1"
 
@@ -36,7 +37,7 @@ def command(args: list[str]) -> list[str]:
         raise UserError(f"port: expected a port number, got {port!r}")
     if not workers.isdigit() or int(workers) < 1:
         raise UserError(f"workers: expected a positive integer, got {workers!r}")
-    uri = uri or f"sqlite:///{Path.cwd() / 'runs' / 'mlflow.db'}"
+    uri = uri or default_uri()
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     return [

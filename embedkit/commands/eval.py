@@ -1,0 +1,112 @@
+"""``embedkit eval``: MMEB evaluation of a checkpoint.
+
+    embedkit eval [recipe=NAME] ckpt=PATH data.eval.root=DIR [data.eval.datasets=[A,B]] [out=DIR]
+
+The model (architecture and weights) comes from the checkpoint, which carries its resolved config;
+the command line supplies the eval settings: ``data.eval.*``, ``train.chunk_size`` (items per
+forward pass), ``tracking.*``. Outputs go to ``out=`` (default ``<run dir>/eval/``, next to the
+checkpoints folder): ``<Dataset>_score.json``, ``summary.json``, ``summary.md``, each written
+atomically. Metrics (``eval/<Dataset>/p@1``, ``eval/<MetaTask>/p@1``, ``eval/IND/p@1``,
+``eval/OOD/p@1``, ``eval/overall/p@1``; ``@`` stored as ``_at_``) and the summary files go to the
+MLflow run that trained the checkpoint (found by its run name in its experiment), or else to a new
+run named ``eval-<run name>`` tagged with the checkpoint path.
+
+Under ``torchrun`` (WORLD_SIZE > 1) every process encodes a share of the distinct items; the result
+is the one a single process gives.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from embedkit.errors import UserError
+
+VERB_KEYS = ("ckpt", "out")
+
+
+def split_verb_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """(``ckpt=``/``out=`` words, the config overrides)."""
+    verb: dict[str, str] = {}
+    rest = []
+    for arg in args:
+        key = arg.split("=", 1)[0]
+        if key in VERB_KEYS and "=" in arg:
+            verb[key] = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return verb, rest
+
+
+def init_distributed() -> int:
+    """Join the process group torchrun describes (if any); this process's rank."""
+    import torch
+
+    from embedkit.distributed.gather import rank_and_world
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return rank_and_world()[0]
+
+
+def main(args: list[str]) -> int:
+    from embedkit.config.loader import compose
+
+    verb, rest = split_verb_args(args)
+    if "ckpt" not in verb:
+        raise UserError("eval: give ckpt=PATH (a checkpoint written by embedkit fit)")
+    cfg = compose(rest)
+    from embedkit.eval import mmeb
+
+    manifest = mmeb.load_manifest()
+    ev, tracking = cfg["data"]["eval"], cfg["tracking"]
+    datasets = mmeb.resolve_datasets(ev["root"], ev["datasets"], manifest)  # user errors before loading
+    ckpt = Path(verb["ckpt"]).expanduser()
+    if not ckpt.is_file():
+        raise UserError(f"ckpt: file not found: {ckpt}")
+    out_dir = Path(verb["out"]) if "out" in verb else ckpt.resolve().parent.parent / "eval"
+    batch_size = cfg["train"]["chunk_size"]
+
+    import torch
+
+    from embedkit.encoder import Encoder
+
+    rank = init_distributed()
+    encoder = Encoder.from_checkpoint(ckpt)
+    if torch.cuda.is_available():
+        encoder.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+    summary = mmeb.evaluate(
+        ev["root"],
+        datasets,
+        lambda items: encoder.encode(items, batch_size),
+        batch_size=batch_size,
+        normalize=encoder.normalize,
+        out_dir=out_dir,
+        manifest=manifest,
+        log=lambda m: print(m, flush=True) if rank == 0 else None,
+    )
+    if rank == 0:
+        agg = summary["aggregate"]
+        print(mmeb.markdown_table(summary, manifest), end="")
+        print(f"overall P@1 {agg['overall']:.4f} over {len(summary['datasets'])} datasets; files in {out_dir}")
+        if tracking["enabled"]:
+            from embedkit.tracking.eval_log import log_eval
+            from embedkit.tracking.mlflow_setup import tracking_uri
+
+            trained = encoder.config
+            run = trained.get("run", {})
+            run_id = log_eval(
+                tracking_uri(tracking), trained.get("tracking", {}).get("experiment") or tracking["experiment"],
+                run.get("name") or ckpt.stem, run.get("dir"),
+                tags={"embedkit.eval.ckpt": str(ckpt.resolve()), "embedkit.eval.root": str(ev["root"])},
+                metrics=mmeb.metric_items(summary), files=[out_dir / "summary.json", out_dir / "summary.md"],
+                step=encoder.checkpoint_step,
+            )
+            print(f"logged to MLflow run {run_id}")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0

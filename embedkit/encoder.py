@@ -1,0 +1,113 @@
+"""Encoder: backbone + pooling head + normalisation, with its processor. A plain ``nn.Module``.
+
+This is the trained model outside the training loop: the LightningModule wraps one (with a loss),
+and evaluation, export, encoding and mining use it without Lightning.
+
+    encoder = Encoder.from_config(cfg["model"], seed=cfg["seed"])     # a new model
+    encoder = Encoder.from_checkpoint("runs/demo/checkpoints/last.ckpt")
+    emb = encoder.encode([Item(text="a red circle"), Item(image=img)])  # [N, D], no grad
+
+``forward(inputs)`` takes one processed chunk (what ``processor()`` makes of a list of ``Item``s,
+in the DataLoader workers during training) and returns its embeddings ``[n, D]``, L2-normalised
+unless ``model.normalize=false``. An embedding never depends on what else is in the chunk (the
+pooling contract: padding invariance).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedkit.backbones.base import Backbone, ChunkProcessor
+from embedkit.data.schema import Item
+from embedkit.errors import UserError
+
+#: the prefix of the encoder's weights in a training checkpoint's state_dict
+CHECKPOINT_PREFIX = "encoder."
+
+
+class Encoder(nn.Module):
+    """``backbone`` (a registered adapter), ``pooling`` (a registered head), ``normalize``."""
+
+    def __init__(self, backbone: Backbone, pooling: nn.Module, normalize: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.normalize = normalize
+        self._processor: ChunkProcessor | None = None
+
+    @classmethod
+    def from_config(cls, model: dict, seed: int = 0) -> "Encoder":
+        """The ``model`` config section: ``backbone``, ``lora``, ``pooling``, ``normalize``."""
+        from embedkit.backbones.lora import apply_lora
+        from embedkit.config import registry
+
+        backbone = registry.build("backbone", model["backbone"], seed=seed)
+        apply_lora(backbone, model["lora"])
+        pooling = registry.build("pooling", model["pooling"], hidden_size=backbone.hidden_size,
+                                 num_layers=backbone.num_layers)
+        return cls(backbone, pooling, model["normalize"])
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "Encoder":
+        """The encoder of a checkpoint written by ``embedkit fit`` (its config travels inside it)."""
+        config, state = read_checkpoint(path, map_location)
+        encoder = cls.from_config(config["model"], seed=config["seed"])
+        own = {k[len(CHECKPOINT_PREFIX):]: v for k, v in state["state_dict"].items() if k.startswith(CHECKPOINT_PREFIX)}
+        encoder.load_state_dict(own, strict=True)
+        encoder.config = config
+        encoder.checkpoint_step = int(state.get("global_step", 0))
+        return encoder.eval()
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.backbone.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def processor(self) -> ChunkProcessor:
+        """The picklable ``Item``s -> model inputs function (made once, shared)."""
+        if self._processor is None:
+            self._processor = self.backbone.make_processor()
+        return self._processor
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        """One processed chunk -> embeddings [n, D] (float32)."""
+        out = self.backbone(inputs, output_all_layers=self.pooling.needs_all_layers)
+        emb = self.pooling(out.hidden, out.mask, out.all_layers).float()
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    @torch.no_grad()
+    def encode(self, items: Sequence[Item], batch_size: int = 32) -> torch.Tensor:
+        """Raw ``Item``s -> embeddings [N, D] on the CPU, ``batch_size`` items per forward pass."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        process, device = self.processor(), self.device
+        parts = []
+        for start in range(0, len(items), batch_size):
+            inputs = process(list(items[start : start + batch_size]))
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            parts.append(self(inputs).cpu())
+        return torch.cat(parts) if parts else torch.empty(0, self.embedding_dim)
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, dict]:
+    """(resolved config, checkpoint dict) of an ``embedkit fit`` checkpoint; plugins loaded first."""
+    from embedkit.config import registry
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"ckpt: file not found: {path}")
+    state = torch.load(str(path), map_location=map_location, weights_only=False, mmap=True)
+    try:
+        config = state["hyper_parameters"]["config"]
+    except (KeyError, TypeError):
+        raise UserError(f"ckpt: {path} is not an embedkit checkpoint (no hyper_parameters.config)") from None
+    registry.load_plugins(list(config.get("plugins") or []))
+    return config, state

@@ -1,0 +1,32 @@
+"""Validation on MMEB eval subsets during fit, as a Lightning callback the fit command installs.
+
+At every validation, ``val/<dataset>/p@1`` on the first ``max_rows`` rows of each dataset and
+their mean as ``val/mmeb/p@1`` (the held-out set of the training data owns ``val/p@1``). Under DDP
+every rank encodes a share (``mmeb.evaluate``) and every rank gets the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import lightning as L
+
+from embedkit.eval.mmeb import validation_metrics
+
+
+class MMEBValidation(L.Callback):
+    def __init__(self, root: str, datasets: Sequence[str] = (), max_rows: int = 100, batch_size: int = 16):
+        self.root = root
+        self.datasets = list(datasets)
+        self.max_rows = max_rows
+        self.batch_size = batch_size
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        encoder = pl_module.encoder
+        metrics = validation_metrics(lambda items: encoder.encode(items, self.batch_size), self.root,
+                                     self.datasets, max_rows=self.max_rows, batch_size=self.batch_size,
+                                     prefix="val")
+        metrics["val/mmeb/p@1"] = metrics.pop("val/p@1")
+        for name, value in metrics.items():
+            pl_module.log(name, value)
+        pl_module.val_results.update(metrics)

@@ -102,6 +102,43 @@ def test_hardness_weighted_alpha_zero_is_infonce_and_bidirectional_default():
 
 
 @pytest.mark.parametrize("k", [0, K])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("rows", [None, slice(0, 2), slice(2, B)])
+def test_infonce_is_hardness_weighted_at_alpha_zero(k, bidirectional, rows):
+    """One core: InfoNCE == hardness_weighted(α=0) in loss, parts and gradient, for every row set."""
+    q, p, n = batch(k, seed=6)
+    q.requires_grad_(True)
+    info = InfoNCE(temperature=0.05, bidirectional=bidirectional).double()(q, p, n, rows=rows)
+    hw = HardnessWeighted(alpha=0.0, temperature=0.05, bidirectional=bidirectional).double()(q, p, n, rows=rows)
+    assert set(info.parts) == set(hw.parts) == {"q2c", "temperature"} | ({"c2q"} if bidirectional else set())
+    for name in info.parts:
+        assert abs(info.parts[name].item() - hw.parts[name].item()) <= 1e-6, name
+    assert abs(info.loss.item() - hw.loss.item()) <= 1e-6
+    (g_info,) = torch.autograd.grad(info.loss, q)
+    (g_hw,) = torch.autograd.grad(hw.loss, q)
+    assert torch.allclose(g_info, g_hw, atol=1e-6)
+    # ... and α > 0 really changes it (so the equality above is not vacuous)
+    weighted = HardnessWeighted(alpha=3.0, temperature=0.05, bidirectional=bidirectional).double()(q, p, n, rows=rows)
+    assert abs(weighted.loss.item() - info.loss.item()) > 1e-6
+
+
+def test_contrastive_core_targets_are_global_indices_under_rows():
+    """rows=slice(a, b): row i's target is candidate i of the whole batch (the reference, sliced)."""
+    from embedkit.losses.base import contrastive_loss
+
+    q, p, n = batch(K, seed=7)
+    tau = torch.tensor(0.05, dtype=torch.float64)
+    out = contrastive_loss(q, p, n, temperature=tau, rows=slice(1, 4), alpha=2.0, bidirectional=True)
+    first = lambda xs, i: xs[i:] + xs[:i]  # noqa: E731  (one anchor: its target, candidate i, first)
+    cands, queries = cand_list(p, n), [q[j] for j in range(B)]
+    q2c = sum(ref_direction(q[i : i + 1], first(cands, i), 0.05, 2.0) for i in range(1, 4)) / 3
+    c2q = sum(ref_direction(p[i : i + 1], first(queries, i), 0.05, 2.0) for i in range(1, 4)) / 3
+    assert abs(out.parts["q2c"].item() - q2c.item()) < 1e-9
+    assert abs(out.parts["c2q"].item() - c2q.item()) < 1e-9
+    assert abs(out.loss.item() - (q2c + c2q).item() / 2) < 1e-9
+
+
+@pytest.mark.parametrize("k", [0, K])
 @pytest.mark.parametrize("inner_name", ["infonce", "hardness_weighted"])
 def test_matryoshka_matches_formula(k, inner_name):
     q, p, n = batch(k, seed=3)

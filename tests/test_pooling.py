@@ -156,3 +156,45 @@ def test_bad_pooling_configs_name_the_key():
         build("latent_attention", num_latents=0)
     with pytest.raises(ConfigError, match=r"^model\.pooling\.token: 'first' is not accepted"):
         build("multi_layer", token="first")
+
+
+ATTENTION_KEYS = [
+    "latents",
+    "attention.in_proj_weight",
+    "attention.in_proj_bias",
+    "attention.out_proj.weight",
+    "attention.out_proj.bias",
+    "mlp.0.weight",
+    "mlp.0.bias",
+    "mlp.2.weight",
+    "mlp.2.bias",
+]
+
+
+@pytest.mark.parametrize("name", ["latent_attention", "multi_layer"])
+def test_shared_attention_block_keeps_keys_order_and_seeded_init(name):
+    """The heads share one block (pooling/_attention.py) without changing what checkpoints hold:
+    the same state_dict keys in the same order (saved optimizer state follows parameter order),
+    and, seeded alike, the same initial values as the heads' original construction."""
+    from torch import nn
+
+    r, heads, ratio = 4, 2, 2.0
+    torch.manual_seed(0)
+    block = schema._component(
+        "pooling", {"name": name, "num_latents": r, "num_heads": heads, "mlp_ratio": ratio}, "last_token", "model.pooling"
+    )
+    head = registry.build("pooling", block, hidden_size=H, num_layers=L)
+    expected_keys = (["layer_embedding"] if name == "multi_layer" else []) + ATTENTION_KEYS
+    assert list(head.state_dict()) == expected_keys
+    assert [k for k, _ in head.named_parameters()] == expected_keys
+
+    torch.manual_seed(0)  # the original construction, written out: latents, attention, MLP
+    reference = {"latents": torch.randn(r, H) * H**-0.5}
+    reference.update({f"attention.{k}": v for k, v in nn.MultiheadAttention(H, heads, batch_first=True).state_dict().items()})
+    mlp = nn.Sequential(nn.Linear(H, int(H * ratio)), nn.GELU(), nn.Linear(int(H * ratio), H))
+    reference.update({f"mlp.{k}": v for k, v in mlp.state_dict().items()})
+    if name == "multi_layer":
+        reference["layer_embedding"] = torch.zeros(L + 1, H)
+    state = head.state_dict()
+    for key in expected_keys:
+        assert torch.equal(state[key], reference[key]), key

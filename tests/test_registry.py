@@ -70,3 +70,62 @@ def test_missing_plugin_module_is_a_config_error():
 
     with pytest.raises(ConfigError, match="plugins: cannot import module 'no_such_mod'"):
         compose(["plugins=[no_such_mod]"])
+
+
+@pytest.mark.parametrize(
+    "kind, block, context, message",
+    [
+        ("loss", {"name": "hardness_weighted", "alpha": -1.0}, {}, r"^loss\.alpha: must be >= 0, got -1\.0$"),
+        ("loss", {"name": "infonce", "temperature": 0.0}, {}, r"^loss\.temperature: must be positive"),
+        (
+            "loss",
+            {"name": "matryoshka", "inner": {"name": "hardness_weighted", "alpha": -1.0}, "dims": [4, 8]},
+            {"embedding_dim": 8},
+            r"^loss\.inner\.alpha: must be >= 0, got -1\.0$",
+        ),
+        ("loss", {"name": "matryoshka", "dims": [4, 16]}, {"embedding_dim": 8}, r"^loss\.dims: 16 is larger"),
+        (
+            "pooling",
+            {"name": "latent_attention", "num_heads": 3},
+            {"hidden_size": 16},
+            r"^model\.pooling\.num_heads: 3 does not divide the hidden size 16$",
+        ),
+        (
+            "pooling",
+            {"name": "multi_layer", "num_latents": 0},
+            {"hidden_size": 16, "num_layers": 2},
+            r"^model\.pooling\.num_latents: must be >= 1",
+        ),
+    ],
+)
+def test_build_names_the_full_key_of_a_bad_parameter(kind, block, context, message):
+    """A component raises ValueError('<param>: ...'); build() reports it as '<key>.<param>: ...'."""
+    from embedkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as info:
+        registry.build(kind, block, **context)
+    assert "\n" not in str(info.value)
+
+
+def test_build_key_is_explicit_or_from_the_kind_and_other_errors_pass_through():
+    from embedkit.errors import ConfigError, UserError
+
+    with pytest.raises(ConfigError, match=r"^eval\.loss\.alpha: "):
+        registry.build("loss", {"name": "hardness_weighted", "alpha": -1.0}, key="eval.loss")
+    with pytest.raises(ConfigError, match=r"^model\.pooling\.name: unknown pooling 'nope'"):
+        registry.build("pooling", {"name": "nope"})
+
+    @registry.register("loss", "_test_raising")
+    def raising(what: str = "value"):
+        if what == "value":
+            raise ValueError("something went wrong")  # names no parameter: the block's key only
+        raise UserError("checkpoint missing")  # not a ValueError: untouched
+
+    try:
+        with pytest.raises(ConfigError, match=r"^loss: something went wrong$"):
+            registry.build("loss", {"name": "_test_raising"})
+        with pytest.raises(UserError, match=r"^checkpoint missing$") as info:
+            registry.build("loss", {"name": "_test_raising", "what": "user"})
+        assert not isinstance(info.value, ConfigError)
+    finally:
+        registry._registry["loss"].pop("_test_raising", None)

@@ -11,6 +11,8 @@ user's loss is configured exactly by its constructor:
 
 A component may define ``check_config(params: dict)`` (a static or class method) that raises
 ``ValueError("<param>: <why>")``; validation turns it into a one-line error naming the full key.
+Checks that need builder context (``hidden_size``, ``embedding_dim``) live in the constructor and
+raise the same ``ValueError("<param>: <why>")``; ``build`` names the full key for those.
 
 Built-in components are discovered by importing every module of their package
 (``embedkit/losses/*.py`` ...): adding a component touches one new file. A user's module is loaded
@@ -33,6 +35,13 @@ KINDS: dict[str, str] = {
     "backbone": "embedkit.backbones",
     "pooling": "embedkit.pooling",
     "loss": "embedkit.losses",
+}
+
+#: kind -> where a block of that kind sits in the config (``build``'s default ``key``)
+BLOCK_KEYS: dict[str, str] = {
+    "backbone": "model.backbone",
+    "pooling": "model.pooling",
+    "loss": "loss",
 }
 
 ENTRY_POINT_GROUP = "embedkit.plugins"
@@ -133,17 +142,29 @@ def get(kind: str, name: str, *, key: str | None = None) -> Component:
         ) from None
 
 
-def build(kind: str, block: dict[str, Any], **context: Any) -> Any:
-    """Instantiate the component described by a validated block ``{name: ..., **params}``."""
-    component = get(kind, block["name"])
+def build(kind: str, block: dict[str, Any], *, key: str | None = None, **context: Any) -> Any:
+    """Instantiate the component described by a validated block ``{name: ..., **params}``.
+
+    ``key`` is where the block sits in the config (default: ``BLOCK_KEYS[kind]``; a nested
+    component's is ``<key>.<param>``, e.g. ``loss.inner``). A ``ValueError("<param>: <why>")`` from
+    the component's constructor becomes a ``ConfigError("<key>.<param>: <why>")``; other errors
+    (a backbone's ``UserError`` for a bad checkpoint, say) pass through unchanged.
+    """
+    key = key or BLOCK_KEYS[kind]
+    component = get(kind, block["name"], key=f"{key}.name")
     kwargs = {}
-    for key, value in block.items():
-        if key == "name":
+    for param, value in block.items():
+        if param == "name":
             continue
-        if key in component.nested:
-            value = build(component.nested[key], value, **context)
-        kwargs[key] = value
+        if param in component.nested:
+            value = build(component.nested[param], value, key=f"{key}.{param}", **context)
+        kwargs[param] = value
     target = component.factory.__init__ if inspect.isclass(component.factory) else component.factory
     accepted = inspect.signature(target).parameters
     kwargs.update({k: v for k, v in context.items() if k in accepted and k not in kwargs})
-    return component.factory(**kwargs)
+    try:
+        return component.factory(**kwargs)
+    except ValueError as exc:
+        param, sep, _ = str(exc).partition(":")
+        where = f"{key}.{exc}" if sep and param in accepted else f"{key}: {exc}"
+        raise ConfigError(where) from exc

@@ -7,7 +7,8 @@ candidates t_j (every other positive and every hard negative of the gathered bat
 
 with s the cosine similarity (embeddings are L2-normalised upstream) and the weight w_ij treated
 as a constant (no gradient flows through it). Positives weigh 1. So this is cross-entropy over the
-logits s/τ with α·stopgrad(s) added to every negative logit. α = 0 gives InfoNCE.
+logits s/τ with α·stopgrad(s) added to every negative logit. α = 0 gives InfoNCE: both are
+``losses.base.contrastive_loss``.
 
 ``bidirectional`` (default on) adds the target→query direction over the positives (for p_i the
 candidates are the queries q_j, weighted the same way) and averages the two directions.
@@ -15,18 +16,8 @@ candidates are the queries q_j, weighted the same way) and averages the two dire
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 from embedkit.config.registry import register
-from embedkit.losses.base import Loss, LossOutput, Temperature, candidates, row_slice
-
-
-def weighted_ce(sim: torch.Tensor, targets: torch.Tensor, tau: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Mean over rows of -log softmax at ``targets`` of sim/τ + α·sg(sim) on the non-target entries."""
-    boost = alpha * sim.detach()
-    boost = boost.scatter(1, targets[:, None], 0.0)  # the positive keeps weight 1
-    return F.cross_entropy(sim / tau + boost, targets)
+from embedkit.losses.base import Loss, LossOutput, Temperature, check_temperature, contrastive_loss
 
 
 @register("loss", "hardness_weighted")
@@ -45,8 +36,7 @@ class HardnessWeighted(Loss):
         bidirectional: bool = True,
     ):
         super().__init__()
-        if alpha < 0:
-            raise ValueError("alpha must be >= 0")
+        self.check_config({"alpha": alpha, "temperature": temperature})
         self.alpha = float(alpha)
         self.temperature = Temperature(temperature, learnable_temperature)
         self.bidirectional = bidirectional
@@ -55,17 +45,9 @@ class HardnessWeighted(Loss):
     def check_config(params: dict) -> None:
         if params["alpha"] < 0:
             raise ValueError(f"alpha: must be >= 0, got {params['alpha']}")
-        if params["temperature"] <= 0:
-            raise ValueError(f"temperature: must be positive, got {params['temperature']}")
+        check_temperature(params)
 
     def forward(self, q, p, n=None, rows=None) -> LossOutput:
-        tau = self.temperature()
-        own = row_slice(rows, q.shape[0])
-        targets = torch.arange(own.start, own.stop, device=q.device)
-        q2c = weighted_ce(q[own] @ candidates(p, n).T, targets, tau, self.alpha)
-        parts = {"q2c": q2c.detach(), "temperature": tau.detach()}
-        if not self.bidirectional:
-            return LossOutput(q2c, parts)
-        c2q = weighted_ce(p[own] @ q.T, targets, tau, self.alpha)
-        parts["c2q"] = c2q.detach()
-        return LossOutput((q2c + c2q) / 2, parts)
+        return contrastive_loss(
+            q, p, n, temperature=self.temperature(), rows=rows, alpha=self.alpha, bidirectional=self.bidirectional
+        )

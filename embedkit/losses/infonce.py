@@ -8,15 +8,15 @@ q_i), L_c2q, and averages the two. τ is fixed or learnable (``learnable_tempera
 
 Under cross-device negatives the loss gets the gathered batch and ``rows`` (this rank's examples):
 only those rows are computed, their targets are global indices, the mean runs over those rows.
+
+The computation is ``losses.base.contrastive_loss`` with α = 0; ``hardness_weighted`` is the same
+core with α > 0.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 from embedkit.config.registry import register
-from embedkit.losses.base import Loss, LossOutput, Temperature, candidates, row_slice
+from embedkit.losses.base import Loss, LossOutput, Temperature, check_temperature, contrastive_loss
 
 
 @register("loss", "infonce")
@@ -25,22 +25,13 @@ class InfoNCE(Loss):
 
     def __init__(self, temperature: float = 0.02, learnable_temperature: bool = False, bidirectional: bool = False):
         super().__init__()
+        self.check_config({"temperature": temperature})
         self.temperature = Temperature(temperature, learnable_temperature)
         self.bidirectional = bidirectional
 
     @staticmethod
     def check_config(params: dict) -> None:
-        if params["temperature"] <= 0:
-            raise ValueError(f"temperature: must be positive, got {params['temperature']}")
+        check_temperature(params)
 
     def forward(self, q, p, n=None, rows=None) -> LossOutput:
-        tau = self.temperature()
-        own = row_slice(rows, q.shape[0])
-        targets = torch.arange(own.start, own.stop, device=q.device)
-        q2c = F.cross_entropy(q[own] @ candidates(p, n).T / tau, targets)
-        parts = {"q2c": q2c.detach(), "temperature": tau.detach()}
-        if not self.bidirectional:
-            return LossOutput(q2c, parts)
-        c2q = F.cross_entropy(p[own] @ q.T / tau, targets)
-        parts["c2q"] = c2q.detach()
-        return LossOutput((q2c + c2q) / 2, parts)
+        return contrastive_loss(q, p, n, temperature=self.temperature(), rows=rows, bidirectional=self.bidirectional)

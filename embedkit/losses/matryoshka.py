@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from embedkit.config.registry import register
-from embedkit.errors import ConfigError
 from embedkit.losses.base import Loss, LossOutput, call_loss
 
 
@@ -52,16 +51,11 @@ class Matryoshka(Loss):
 
             inner = registry.build("loss", {"name": inner})
         self.inner = inner
-        try:
-            self.check_config({"dims": dims, "weights": weights})
-        except ValueError as exc:
-            raise ConfigError(f"loss.{exc}") from None
+        self.check_config({"dims": dims, "weights": weights})
         if dims is None:
             dims = default_dims(embedding_dim)
         if max(dims) > embedding_dim:
-            raise ConfigError(
-                f"loss.dims: {max(dims)} is larger than the embedding ({embedding_dim} dimensions)"
-            )
+            raise ValueError(f"dims: {max(dims)} is larger than the embedding ({embedding_dim} dimensions)")
         self.dims = [int(d) for d in dims]
         self.weights = [1.0] * len(self.dims) if weights is None else [float(w) for w in weights]
         self.embedding_dim = embedding_dim
@@ -86,7 +80,7 @@ class Matryoshka(Loss):
 
     def forward(self, q, p, n=None, rows=None) -> LossOutput:
         if max(self.dims) > q.shape[-1]:
-            raise ConfigError(f"loss.dims: {max(self.dims)} is larger than the embedding ({q.shape[-1]} dimensions)")
+            raise ValueError(f"dims: {max(self.dims)} is larger than the embedding ({q.shape[-1]} dimensions)")
         total = q.new_zeros(())
         parts: dict[str, torch.Tensor] = {}
         for d, w in zip(self.dims, self.weights):

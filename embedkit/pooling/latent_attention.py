@@ -17,16 +17,14 @@ latents is near-uniform, so without it every sequence starts out with nearly the
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from embedkit.config.registry import register
-from embedkit.errors import ConfigError
-from embedkit.pooling.base import Pooling
+from embedkit.pooling._attention import LatentAttentionHead
 from embedkit.pooling.mean import masked_mean
 
 
 @register("pooling", "latent_attention")
-class LatentAttentionPooling(Pooling):
+class LatentAttentionPooling(LatentAttentionHead):
     """Inputs: hidden [B,T,H], mask [B,T]. Output: [B,H].
 
     ``num_latents``: rows of the trainable latent array (r). ``num_heads``: attention heads (must
@@ -45,26 +43,11 @@ class LatentAttentionPooling(Pooling):
     ):
         super().__init__()
         self.residual = residual
-        if hidden_size % num_heads:
-            raise ConfigError(
-                f"model.pooling.num_heads: {num_heads} does not divide the hidden size {hidden_size}"
-            )
-        self.latents = nn.Parameter(torch.randn(num_latents, hidden_size) * hidden_size**-0.5)
-        self.attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
-        inner = max(1, int(round(hidden_size * mlp_ratio)))
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, inner), nn.GELU(), nn.Linear(inner, hidden_size))
-
-    @staticmethod
-    def check_config(params: dict) -> None:
-        for key in ("num_latents", "num_heads"):
-            if params[key] < 1:
-                raise ValueError(f"{key}: must be >= 1, got {params[key]}")
-        if params["mlp_ratio"] <= 0:
-            raise ValueError(f"mlp_ratio: must be positive, got {params['mlp_ratio']}")
+        self.add_latent_attention(hidden_size, num_latents, num_heads, mlp_ratio)
 
     def forward(self, hidden, mask, all_layers=None) -> torch.Tensor:
-        latents = self.latents.to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
-        attended, _ = self.attention(hidden, latents, latents, need_weights=False)
+        latents = self.latent_batch(hidden.shape[0], hidden.dtype)
+        attended = self.cross_attend(hidden, latents)
         if not self.residual:
             return masked_mean(self.mlp(attended), mask)
         a = hidden + attended

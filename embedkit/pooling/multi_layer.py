@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from embedkit.config.registry import register
-from embedkit.errors import ConfigError
-from embedkit.pooling.base import Pooling, last_token_index
+from embedkit.pooling._attention import LatentAttentionHead
+from embedkit.pooling.base import last_token_index
 from embedkit.pooling.mean import masked_mean
 
 
 @register("pooling", "multi_layer")
-class MultiLayerPooling(Pooling):
+class MultiLayerPooling(LatentAttentionHead):
     """Inputs: hidden [B,T,H], mask [B,T], all_layers (L or L+1 tensors [B,T,H]). Output: [B,H].
 
     ``token``: the per-layer summary (``last``: last real token, ``mean``: masked mean).
@@ -46,25 +46,10 @@ class MultiLayerPooling(Pooling):
         mlp_ratio: float = 1.0,
     ):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ConfigError(
-                f"model.pooling.num_heads: {num_heads} does not divide the hidden size {hidden_size}"
-            )
         self.token = token
         self.num_layers = num_layers
-        self.layer_embedding = nn.Parameter(torch.zeros(num_layers + 1, hidden_size))
-        self.latents = nn.Parameter(torch.randn(num_latents, hidden_size) * hidden_size**-0.5)
-        self.attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
-        inner = max(1, int(round(hidden_size * mlp_ratio)))
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, inner), nn.GELU(), nn.Linear(inner, hidden_size))
-
-    @staticmethod
-    def check_config(params: dict) -> None:
-        for key in ("num_latents", "num_heads"):
-            if params[key] < 1:
-                raise ValueError(f"{key}: must be >= 1, got {params[key]}")
-        if params["mlp_ratio"] <= 0:
-            raise ValueError(f"mlp_ratio: must be positive, got {params['mlp_ratio']}")
+        self.layer_embedding = nn.Parameter(torch.zeros(num_layers + 1, hidden_size))  # first: parameter order
+        self.add_latent_attention(hidden_size, num_latents, num_heads, mlp_ratio)
 
     def summarise(self, layer: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.token == "mean":
@@ -80,6 +65,5 @@ class MultiLayerPooling(Pooling):
             raise ValueError(f"multi_layer pooling: expected {self.num_layers} or {self.num_layers + 1} layers, got {n}")
         layers = torch.stack([self.summarise(h, mask) for h in all_layers], dim=1)  # [B, n, H]
         layers = layers + self.layer_embedding[-n:].to(layers.dtype)
-        latents = self.latents.to(layers.dtype).unsqueeze(0).expand(layers.shape[0], -1, -1)
-        attended, _ = self.attention(latents, layers, layers, need_weights=False)
+        attended = self.cross_attend(self.latent_batch(layers.shape[0], layers.dtype), layers)
         return self.mlp(attended).mean(dim=1)

@@ -5,12 +5,12 @@ BIN := $(VENV)/bin
 # The CPU torch pin lives here (constraints/cpu.txt), not in the package: GPU users keep their torch.
 PIP_INSTALL := $(BIN)/pip install -c constraints/cpu.txt
 
-.PHONY: venv demo test clean
+.PHONY: venv demo lint test clean
 
 $(BIN)/embedkit: pyproject.toml constraints/cpu.txt
 	$(PY) -m venv $(VENV)
 	$(PIP_INSTALL) -q torch==2.13.0
-	$(PIP_INSTALL) -q -e '.[test,plot]'
+	$(PIP_INSTALL) -q -e '.[test,plot,lint]'
 	touch $@
 
 venv: $(BIN)/embedkit
@@ -18,7 +18,11 @@ venv: $(BIN)/embedkit
 demo: venv
 	$(BIN)/embedkit fit
 
-test: venv
+# the lint gate: pyflakes, import order, bugbear, complexity (rules in pyproject.toml)
+lint: venv
+	$(BIN)/ruff check embedkit tests bench
+
+test: venv lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 clean:

@@ -4,10 +4,10 @@ import random
 
 import pytest
 import torch
-
 from conftest import SMALL_DEMO
+
 from embedkit.config.loader import compose
-from embedkit.data.demo import draw_scene, single_combinations, train_examples
+from embedkit.data.demo import draw_scene, single_combinations
 from embedkit.data.schema import Example, Item
 from embedkit.data.stream import ChunkCollate, chunked_by_tokens
 from embedkit.training.module import EmbeddingModule
@@ -44,7 +44,7 @@ def module():
 def _uneven_examples(n: int) -> list[Example]:
     rng = random.Random(1)
     out = []
-    for i in range(n):
+    for _ in range(n):
         combo = rng.choice(single_combinations())
         size = rng.choice([56, 112, 224])
         out.append(Example(query=Item(text="a " * rng.randint(1, 12) + "scene"),

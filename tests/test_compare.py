@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from embedkit.cli import main as cli
-from embedkit.tracking import compare
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,18 +1,17 @@
 """The override grammar, recipe lookup and schema validation."""
 
-import zipfile
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import yaml
+from conftest import REPO
 
 from embedkit.cli import main as cli_main
 from embedkit.config import loader
 from embedkit.config.loader import apply_overrides, compose
 from embedkit.errors import ConfigError
-
-from conftest import REPO
 
 
 def test_no_recipe_means_demo():

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import yaml
-
 from conftest import SMALL_DEMO, run_cli
 
 

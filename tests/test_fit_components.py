@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from embedkit.config import registry
 from embedkit.commands import fit
+from embedkit.config import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = {

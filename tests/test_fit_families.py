@@ -1,6 +1,5 @@
 """End to end: `embedkit fit` on the demo completes for each tiny family (in-process, few steps)."""
 
-import os
 
 import pytest
 import torch

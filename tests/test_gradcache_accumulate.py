@@ -4,7 +4,6 @@ import importlib.util
 
 import lightning as L
 import torch
-
 from conftest import REPO
 
 spec = importlib.util.spec_from_file_location("gradcache_dist", REPO / "tests" / "scripts" / "gradcache_dist.py")

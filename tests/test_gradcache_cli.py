@@ -1,7 +1,6 @@
 """From the command line: one SGD step gives the same weights with and without the cache (2 launches)."""
 
 import torch
-
 from conftest import SMALL_DEMO, run_cli
 
 

@@ -6,8 +6,8 @@ and every trainable gradient to 1e-5 (float32); under bf16 autocast the two agre
 
 import pytest
 import torch
-
 from conftest import SMALL_DEMO
+
 from embedkit.config.loader import compose
 from embedkit.data.demo import train_examples
 from embedkit.training.gradcache import cached_step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 from embedkit.backbones.hf_text import HFText
 from embedkit.backbones.llava_onevision import LlavaOnevision
@@ -11,7 +12,6 @@ from embedkit.backbones.lora import adapted_module_names, apply_lora
 from embedkit.backbones.phi3_v import Phi3V
 from embedkit.data.schema import Item
 from embedkit.errors import ConfigError
-from PIL import Image
 
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "dora": False, "target": None}
 DECODER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

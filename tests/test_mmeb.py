@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from embedkit.commands.data import main as mmeb_main
 from embedkit.data.shards import decode_sample, iter_samples, list_shards
 from embedkit.errors import UserError

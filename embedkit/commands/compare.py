@@ -68,8 +68,17 @@ def parse_args(args: list[str]) -> Options:
 
 
 def main(args: list[str]) -> int:
-    from embedkit.tracking.compare import (build_table, choose_metrics, list_runs, log_plot, open_store,
-                                           pick_experiment, plot_curves, to_csv, to_markdown)
+    from embedkit.tracking.compare import (
+        build_table,
+        choose_metrics,
+        list_runs,
+        log_plot,
+        open_store,
+        pick_experiment,
+        plot_curves,
+        to_csv,
+        to_markdown,
+    )
 
     opts = parse_args(args)
     client = open_store(opts.uri)

@@ -140,7 +140,7 @@ def component_kind_at(cfg: dict, key: str) -> str | None:
     cls: Any = schema.Config
     node: Any = cfg
     kind = None
-    for i, part in enumerate(parts):
+    for part in parts:
         if kind is not None:  # inside a component block: only nested components continue
             name = node.get("name") if isinstance(node, dict) else None
             if name is None:

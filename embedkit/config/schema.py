@@ -262,6 +262,60 @@ def _reject_unknown(raw: dict, accepted, prefix: str, what: str | None = None) -
             )
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _to_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return _REFUSED
+
+
+def _to_int(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(value) if isinstance(value, str) else _REFUSED
+    except ValueError:
+        return _REFUSED
+
+
+def _to_float(value: Any) -> Any:
+    if _is_number(value):
+        return float(value)
+    try:
+        return float(value) if isinstance(value, str) else _REFUSED
+    except ValueError:
+        return _REFUSED
+
+
+def _to_str(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
+    return str(value) if _is_number(value) else _REFUSED
+
+
+_REFUSED = object()
+#: scalar type -> converter returning the value as that type, or _REFUSED
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    """The first member type of ``tp`` that takes ``value`` (None for an Optional)."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in (a for a in args if a is not type(None)):
+        try:
+            return coerce(value, arg, key)
+        except ConfigError:
+            pass
+    raise _type_error(key, value, tp)
+
+
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` as type ``tp`` (numeric strings such as '3e-3' become numbers), else ConfigError."""
     origin = typing.get_origin(tp)
@@ -269,57 +323,22 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise _type_error(key, value, tp)
+        return _coerce_union(value, tp, key)
     if origin is Literal:
         if value in args:
             return value
         raise ConfigError(f"{key}: {value!r} is not accepted; choices: {', '.join(map(str, args))}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise _type_error(key, value, tp)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise _type_error(key, value, tp)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise _type_error(key, value, tp)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise _type_error(key, value, tp)
+    if tp in _SCALARS:
+        out = _SCALARS[tp](value)
+        if out is _REFUSED:
+            raise _type_error(key, value, tp)
+        return out
     if origin is list or tp is list:
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
             raise _type_error(key, value, tp)
-        if not args:
-            return value
-        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise _type_error(key, value, tp)

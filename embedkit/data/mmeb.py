@@ -272,6 +272,52 @@ class Progress:
         self.stream.flush()
 
 
+def write_jobs(todo: list[dict], workers: int | None) -> None:
+    """Write the planned shards, in a process pool (bounded by the cores) with a progress line each."""
+    progress = Progress(len(todo))
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    if workers == 1:
+        for j in todo:
+            write_one(j)
+            progress.step(f"{j['subset']}/{Path(j['path']).name}")
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        for j, _ in zip(todo, pool.map(write_one, todo)):
+            progress.step(f"{j['subset']}/{Path(j['path']).name}")
+
+
+def _plan_subset(subset: str, files: list[Path], cap: int, meta_task: str | None, out: Path, images: Path,
+                 shard_size: int, jobs: list[dict]) -> dict:
+    """Check the rows of one subset (no images read), keep the first ``cap`` that pass, plan their
+    shards (appended to ``jobs``) and remove shards of an earlier, longer plan."""
+    skipped, kept, seen = Counter(), [], 0
+    for path in files:
+        for row in read_rows(path):
+            if cap and len(kept) >= cap:
+                break
+            entry, reason = check_row(row)
+            if reason:
+                skipped[reason] += 1
+            else:
+                kept.append((seen, entry))
+            seen += 1
+        if cap and len(kept) >= cap:
+            break
+    key = subset.replace(".", "_")
+    shards = []
+    for n, start in enumerate(range(0, len(kept), shard_size)):
+        path = out / subset / f"train-{n:06d}.tar"
+        shards.append(path)
+        jobs.append({"subset": subset, "meta_task": meta_task, "key": key, "images": str(images),
+                     "path": str(path), "rows": kept[start : start + shard_size]})
+        jobs[-1]["plan"] = _plan_digest(jobs[-1])
+    _remove_stale(out / subset, {p.name for p in shards})
+    return {"meta_task": meta_task, "cap": cap, "source": [str(p) for p in files], "skipped": skipped,
+            "shards": shards}
+
+
 def convert(src: str | Path, out: str | Path, *, images: str | Path | None = None, subsets: list[str] | None = None,
             split: str = "original", cap: int | None = None, shard_size: int = 1000, workers: int | None = None,
             config: str | Path | None = TRAIN_YAML, log=print) -> int:
@@ -295,56 +341,22 @@ def convert(src: str | Path, out: str | Path, *, images: str | Path | None = Non
         raise UserError(f"--src: no {split}-*.parquet subset folders and no .parquet/.jsonl files in {src}")
 
     # plan: cheap checks in the parent, shards planned over the rows that pass
-    jobs, subsets = [], {}
+    jobs, planned = [], {}
     for subset, files in sources.items():
-        cap = cap if cap is not None else int(spec.get(subset, {}).get("cap", 50000))
-        meta_task = spec.get(subset, {}).get("meta_task")
-        skipped, kept, seen = Counter(), [], 0
-        for path in files:
-            if cap and len(kept) >= cap:
-                break
-            for row in read_rows(path):
-                if cap and len(kept) >= cap:
-                    break
-                entry, reason = check_row(row)
-                if reason:
-                    skipped[reason] += 1
-                else:
-                    kept.append((seen, entry))
-                seen += 1
-        key = subset.replace(".", "_")
-        shards = []
-        for n, start in enumerate(range(0, len(kept), shard_size)):
-            path = out / subset / f"train-{n:06d}.tar"
-            shards.append(path)
-            jobs.append({"subset": subset, "meta_task": meta_task, "key": key, "images": str(images),
-                         "path": str(path), "rows": kept[start : start + shard_size]})
-            jobs[-1]["plan"] = _plan_digest(jobs[-1])
-        _remove_stale(out / subset, {p.name for p in shards})
-        subsets[subset] = {"meta_task": meta_task, "cap": cap, "source": [str(p) for p in files],
-                           "skipped": skipped, "shards": shards}
+        subset_cap = cap if cap is not None else int(spec.get(subset, {}).get("cap", 50000))
+        planned[subset] = _plan_subset(subset, files, subset_cap, spec.get(subset, {}).get("meta_task"),
+                                       out, images, shard_size, jobs)
 
     # write: resumable (completed shards are skipped), in parallel
     todo = [j for j in jobs if _done(Path(j["path"]), j["plan"]) is None]
-    log(f"mmeb: {len(subsets)} subsets, {len(jobs)} shards ({len(jobs) - len(todo)} already complete) -> {out}")
-    progress = Progress(len(todo))
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    if workers == 1:
-        for j in todo:
-            write_one(j)
-            progress.step(f"{j['subset']}/{Path(j['path']).name}")
-    else:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            for j, _ in zip(todo, pool.map(write_one, todo)):
-                progress.step(f"{j['subset']}/{Path(j['path']).name}")
+    log(f"mmeb: {len(planned)} subsets, {len(jobs)} shards ({len(jobs) - len(todo)} already complete) -> {out}")
+    write_jobs(todo, workers)
 
     # manifest, from the sidecars (this run's and earlier runs')
     manifest = {"format": FORMAT_VERSION, "split": split, "src": str(src), "images": str(images), "subsets": {}}
     empty = []
     plans = {j["path"]: j["plan"] for j in jobs}
-    for subset, info in subsets.items():
+    for subset, info in planned.items():
         skipped, shards = info["skipped"], []
         for path in info["shards"]:
             side = _done(path, plans[str(path)])

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from embedkit.tracking.store import artifact_location, default_uri, stored_name
-from lightning.pytorch.utilities import rank_zero_only
 
 
 def tracking_uri(tracking: dict) -> str:

@@ -11,17 +11,36 @@ model's inputs. The two halves are separate objects because they live in differe
 
 Adapters also declare their LoRA targets as one anchored regex over module names of the language
 model only (``lora_target``), and freeze the vision tower unless asked (``freeze_vision=False``).
+
+Every family's constructor has the same shape; only the middle is its own::
+
+    def __init__(self, seed, path=None, tiny=False, dtype="float32", ..., gradient_checkpointing=False):
+        super().__init__()
+        one_source(FAMILY, path, tiny)        # exactly one of path= / tiny=true, one-line error
+        if tiny:
+            with seeded(seed):                # the same weights for the same seed, caller's RNG untouched
+                self.model = ...              # built in float32
+        else:
+            self.model = ...                  # loaded in ``dtype`` by the loader
+        ...                                   # the family's own attributes (sizes, tokenizer padding)
+        self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=..., gradient_checkpointing=...)
+
+``finish_init`` is the shared tail: dtype cast of a tiny build, train mode, vision freezing, projector
+trainability, non-reentrant gradient checkpointing. A family accepts only the keys it uses (its
+constructor's keyword parameters are its config keys): a text model takes no ``freeze_vision``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from embedkit.data.schema import Item
+from embedkit.errors import UserError
 
 IMAGE_PLACEHOLDER = "<|image_1|>"  # MMEB's image placeholder; each backbone swaps in its own token
 
@@ -52,6 +71,10 @@ class Backbone(nn.Module):
     lora_target: str = ""
     #: module-name prefixes of the vision tower (frozen unless ``freeze_vision=False``)
     vision_prefixes: tuple[str, ...] = ()
+    #: module-name prefixes of the vision-to-language projector (trainable only with ``train_projector``)
+    projector_prefixes: tuple[str, ...] = ()
+    #: whether LoRA leaves the projector trainable (``lora.apply_lora`` reads it)
+    train_projector: bool = False
 
     hidden_size: int
     num_layers: int
@@ -63,9 +86,70 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def freeze_vision_tower(self) -> None:
-        for name, param in self.named_parameters():
-            if any(name.startswith(p) for p in self.vision_prefixes):
-                param.requires_grad_(False)
+        set_trainable(self, self.vision_prefixes, False)
+
+    def finish_init(
+        self,
+        *,
+        tiny: bool,
+        dtype: str,
+        freeze_vision: bool = False,
+        train_projector: bool = False,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        """The constructor tail every family ends with, once its modules exist.
+
+        - A tiny build (made in float32) is cast to ``dtype``; a loaded checkpoint is not cast again,
+          because its loader already loaded it in ``dtype`` and ``from_pretrained`` deliberately keeps
+          computed buffers (RoPE ``inv_freq``) in float32 (docs/bugs-and-fixes.md).
+        - Train mode, like a fresh module (``from_pretrained`` returns eval mode; the trainer or the
+          evaluator sets the mode).
+        - The vision tower frozen when ``freeze_vision``; the projector trainable iff ``train_projector``
+          (full fine-tuning; ``lora.apply_lora`` re-applies ``train_projector`` after freezing).
+        - Non-reentrant activation checkpointing on every transformers model directly under the adapter
+          (``self.model``, or Phi-3.5-V's language model and vision tower).
+        """
+        if tiny:
+            self.to(torch_dtype(dtype))
+        self.train()
+        if freeze_vision:
+            self.freeze_vision_tower()
+        self.train_projector = train_projector
+        set_trainable(self, self.projector_prefixes, train_projector)
+        if gradient_checkpointing:
+            from transformers import PreTrainedModel
+
+            models = [m for m in self.children() if isinstance(m, PreTrainedModel)]
+            if not models:
+                raise TypeError(f"{type(self).__name__}: no transformers model to checkpoint")
+            for model in models:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def one_source(family: str, path: str | None, tiny: bool) -> None:
+    """A backbone comes from a checkpoint (``path``) or is built tiny and random, never both or neither."""
+    if (path is None) == (not tiny):
+        raise UserError(f"model.backbone: {family} needs exactly one of path=<dir or hub id> or tiny=true")
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block (a tiny model's random init) on the CPU generator seeded with ``seed``; the caller's
+    CPU RNG stream is restored afterwards and no accelerator generator is touched.
+
+    Only ``torch.default_generator`` is seeded: ``torch.manual_seed`` would also reseed every CUDA
+    generator, which ``fork_rng(devices=[])`` does not restore (docs/bugs-and-fixes.md).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def set_trainable(module: nn.Module, prefixes: tuple[str, ...], trainable: bool) -> None:
+    """``requires_grad = trainable`` for the parameters whose names start with one of ``prefixes``."""
+    for name, param in module.named_parameters():
+        if any(name.startswith(p) for p in prefixes):
+            param.requires_grad_(trainable)
 
 
 def torch_dtype(name: str) -> torch.dtype:

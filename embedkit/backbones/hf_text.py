@@ -15,7 +15,7 @@ import torch
 
 from embedkit.backbones import _common
 from embedkit.backbones.loading import check_path, load_tokenizer, supported_families
-from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, torch_dtype
+from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, one_source, seeded, torch_dtype
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
 from embedkit.errors import UserError
@@ -57,10 +57,9 @@ class HFText(Backbone):
 
     ``append_eos``: end every sequence with the tokenizer's EOS token when it has one and did not add
     it itself (decoders: the state last-token pooling reads; BERT-style tokenizers have none).
-    """
 
-    vision_prefixes = ()
-    projector_prefixes = ()
+    Text only: no ``freeze_vision`` or ``train_projector`` key (there is no vision tower or projector).
+    """
 
     def __init__(
         self,
@@ -69,8 +68,6 @@ class HFText(Backbone):
         tiny: bool = False,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         attn_implementation: str = "sdpa",
-        freeze_vision: bool = True,
-        train_projector: bool = False,
         gradient_checkpointing: bool = False,
         append_eos: bool = True,
         max_length: int = 512,
@@ -78,11 +75,9 @@ class HFText(Backbone):
         super().__init__()
         from transformers import AutoConfig, AutoModel, Qwen2Config, Qwen2Model
 
-        if (path is None) == (not tiny):
-            raise UserError(f"model.backbone: {FAMILY} needs exactly one of path=<dir or hub id> or tiny=true")
+        one_source(FAMILY, path, tiny)
         self.max_length = max_length
         self.append_eos = append_eos
-        self.train_projector = train_projector  # accepted for a uniform config; text models have none
         if tiny:
             from embedkit.backbones.processors import tiny_tokenizer
 
@@ -93,7 +88,7 @@ class HFText(Backbone):
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             )
             cfg._attn_implementation = attn_implementation
-            with _common.seeded(seed):
+            with seeded(seed):
                 self.model = Qwen2Model(cfg)
         else:
             path = check_path(path, FAMILY)  # a missing local directory -> one-line error
@@ -117,8 +112,6 @@ class HFText(Backbone):
                 self.tokenizer = load_tokenizer(path)
             except (OSError, ValueError) as exc:
                 raise _common.load_error(path, FAMILY, exc) from None
-        self.model.to(torch_dtype(dtype))
-        self.train()  # from_pretrained returns eval mode; the trainer/evaluator sets the mode
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False  # an encoder pass keeps no KV cache
         self.tokenizer.padding_side = "right"
@@ -129,8 +122,7 @@ class HFText(Backbone):
         self.num_layers = cfg.num_hidden_layers
         names = [n for n, _ in self.named_modules()]
         self.lora_target = next((t for t in LORA_TARGETS if any(re.fullmatch(t, n) for n in names)), "")
-        if gradient_checkpointing:
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.finish_init(tiny=tiny, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
 
     def make_processor(self) -> TextChunkProcessor:
         return TextChunkProcessor(self.tokenizer, self.max_length, self.append_eos)

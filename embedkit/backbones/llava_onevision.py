@@ -23,10 +23,9 @@ from typing import Any, Literal, Optional
 import torch
 
 from embedkit.backbones import _common
-from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, torch_dtype
+from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, one_source, seeded, torch_dtype
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
-from embedkit.errors import UserError
 
 FAMILY = "llava_onevision"
 IMAGE_TOKEN = "<image>"
@@ -136,13 +135,11 @@ class LlavaOnevision(Backbone):
         super().__init__()
         from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionModel
 
-        if (path is None) == (not tiny):
-            raise UserError(f"model.backbone: {FAMILY} needs exactly one of path=<dir or hub id> or tiny=true")
-        self.train_projector = train_projector
+        one_source(FAMILY, path, tiny)
         self.append_eos = append_eos
         if tiny:
             self.tokenizer = _tiny_tokenizer()
-            with _common.seeded(seed):
+            with seeded(seed):
                 self.model = LlavaOnevisionModel(_tiny_config(self.tokenizer))
             tile = self.model.config.vision_config.image_size
             self.image_processor = LlavaOnevisionImageProcessorPil(
@@ -161,18 +158,13 @@ class LlavaOnevision(Backbone):
         if anyres_max is not None:
             cfg.vision_aspect_ratio = f"anyres_max_{anyres_max}"
         self.image_processor.image_grid_pinpoints = cfg.image_grid_pinpoints
-        self.model.to(torch_dtype(dtype))
-        self.train()  # from_pretrained returns eval mode; the trainer/evaluator sets the mode
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.hidden_size = cfg.text_config.hidden_size
         self.num_layers = cfg.text_config.num_hidden_layers
-        if freeze_vision:
-            self.freeze_vision_tower()
-        _common.set_trainable(self, self.projector_prefixes, train_projector)
-        if gradient_checkpointing:
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision, train_projector=train_projector,
+                         gradient_checkpointing=gradient_checkpointing)
 
     @staticmethod
     def check_config(params: dict) -> None:

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import re
 
-from embedkit.backbones import _common
-from embedkit.backbones.base import Backbone
+from embedkit.backbones.base import Backbone, set_trainable
 from embedkit.errors import ConfigError
 
 
@@ -55,6 +54,6 @@ def apply_lora(backbone: Backbone, lora_cfg: dict) -> Backbone:
     inject_adapter_in_model(config, backbone)
     for name, param in backbone.named_parameters():
         param.requires_grad_("lora_" in name)
-    if getattr(backbone, "train_projector", False):
-        _common.set_trainable(backbone, tuple(getattr(backbone, "projector_prefixes", ())), True)
+    if backbone.train_projector:
+        set_trainable(backbone, backbone.projector_prefixes, True)
     return backbone

@@ -47,7 +47,7 @@ from torch import nn
 
 from embedkit.backbones import _common
 from embedkit.backbones.loading import load_tokenizer, supported_families
-from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, torch_dtype
+from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, one_source, seeded, torch_dtype
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
 from embedkit.errors import UserError
@@ -174,15 +174,13 @@ class Phi3V(Backbone):
         num_crops: int = 4,
     ):
         super().__init__()
-        if (path is None) == (not tiny):
-            raise UserError(f"model.backbone: {FAMILY} needs exactly one of path=<dir> or tiny=true")
+        one_source(FAMILY, path, tiny)
         self.num_crops = num_crops
-        self.train_projector = train_projector
         self.append_eos = append_eos
         if tiny:
             self.tokenizer = _tiny_tokenizer()
             config = _tiny_config(self.tokenizer)
-            with _common.seeded(seed):
+            with seeded(seed):
                 self._build(config, attn_implementation)
         else:
             root = _checkpoint_dir(path)
@@ -202,18 +200,11 @@ class Phi3V(Backbone):
             except (OSError, ValueError) as exc:
                 raise _common.load_error(path, FAMILY, exc) from None
         self.config = config
-        self.to(torch_dtype(dtype))
-        self.train()  # like a fresh module: the trainer/evaluator sets the mode
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        if freeze_vision:
-            self.freeze_vision_tower()
-        _common.set_trainable(self, self.projector_prefixes, train_projector)
-        if gradient_checkpointing:
-            kw = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
-            self.language_model.activation_checkpointing_enable(**kw)
-            self.vision_tower.activation_checkpointing_enable(**kw)
+        self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision, train_projector=train_projector,
+                         gradient_checkpointing=gradient_checkpointing)
 
     @staticmethod
     def check_config(params: dict) -> None:

@@ -13,10 +13,13 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from embedkit.backbones.base import IMAGE_PLACEHOLDER, Backbone, BackboneOutput, ChunkProcessor, torch_dtype
+from embedkit.backbones.base import (
+    IMAGE_PLACEHOLDER, Backbone, BackboneOutput, ChunkProcessor, one_source, seeded, torch_dtype,
+)
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
 
+FAMILY = "qwen2_vl"
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -67,9 +70,13 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
         return n
 
 
-@register("backbone", "qwen2_vl")
+@register("backbone", FAMILY)
 class Qwen2VLBackbone(Backbone):
-    """Qwen2-VL / Qwen2.5-VL adapter. ``tiny=true`` builds a small random model (tests, demo)."""
+    """Qwen2-VL / Qwen2.5-VL adapter. ``tiny=true`` builds a small random model (tests, demo).
+
+    No ``train_projector`` key: the projector (``model.visual.merger``) is part of the vision tower and
+    trains exactly when it does (``freeze_vision=false``).
+    """
 
     lora_target = r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
     vision_prefixes = ("model.visual.",)
@@ -93,21 +100,20 @@ class Qwen2VLBackbone(Backbone):
         super().__init__()
         from transformers import Qwen2VLImageProcessorPil
 
+        one_source(FAMILY, path, tiny)
         if tiny:
             from embedkit.backbones.processors import tiny_tokenizer
 
             self.tokenizer = tiny_tokenizer([VISION_START, IMAGE_PAD, VISION_END], pad=PAD, eos=EOS)
             self.image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
+            with seeded(seed):
                 self.model = _tiny_model(self.tokenizer, tiny_hidden_size, tiny_layers, tiny_vision_layers,
                                          attn_implementation)
-            self.model.to(torch_dtype(dtype))
         else:
             from embedkit.backbones.loading import load_pretrained
 
             self.model, self.tokenizer, self.image_processor = load_pretrained(
-                path, "qwen2_vl", torch_dtype(dtype), attn_implementation,
+                path, FAMILY, torch_dtype(dtype), attn_implementation,
                 image_processor_cls=Qwen2VLImageProcessorPil,
                 image_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels},
             )
@@ -117,10 +123,8 @@ class Qwen2VLBackbone(Backbone):
         self.hidden_size = config.text_config.hidden_size
         self.num_layers = config.text_config.num_hidden_layers
         self.merge_size = config.vision_config.spatial_merge_size
-        if freeze_vision:
-            self.freeze_vision_tower()
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision,
+                         gradient_checkpointing=gradient_checkpointing)
 
     def make_processor(self) -> ChunkProcessor:
         return Qwen2VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length)

@@ -25,6 +25,6 @@ def test_fit_demo_completes(family, tmp_path, monkeypatch):
     assert cli_main(["fit", "recipe=demo", *CASES[family], *SMALL, f"run.dir={run_dir}"]) == 0
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
-    assert any(k.startswith("backbone.") for k in ckpt["state_dict"])
+    assert any(k.startswith("encoder.backbone.") for k in ckpt["state_dict"])
     if family == "phi3_v":  # LoRA run: adapters are in the checkpoint
         assert any("lora_A" in k for k in ckpt["state_dict"])

@@ -14,7 +14,13 @@ from typing import Any, Literal, Optional
 import torch
 
 from embedkit.backbones.base import (
-    IMAGE_PLACEHOLDER, Backbone, BackboneOutput, ChunkProcessor, one_source, seeded, torch_dtype,
+    IMAGE_PLACEHOLDER,
+    Backbone,
+    BackboneOutput,
+    ChunkProcessor,
+    one_source,
+    seeded,
+    torch_dtype,
 )
 from embedkit.config.registry import register
 from embedkit.data.schema import Item

@@ -81,7 +81,7 @@ def main(args: list[str]) -> int:
     summary = mmeb.evaluate(
         ev["root"],
         datasets,
-        lambda items: encoder.encode(items, batch_size),
+        lambda items: encoder.encode_items(items, batch_size),
         batch_size=batch_size,
         normalize=encoder.normalize,
         out_dir=out_dir,

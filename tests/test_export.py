@@ -206,3 +206,44 @@ def test_qwen2_vl_chat_template_gives_embedkit_token_ids(tmp_path):
         assert got == want["input_ids"].tolist(), (text, image is not None)
         if image is not None:
             assert torch.equal(vision["pixel_values"], want["pixel_values"])
+
+
+def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):
+    import numpy as np
+
+    from embedkit.cli import main as cli
+    from embedkit.encoder import Encoder
+
+    run, module = trained_run(tmp_path, ["model.backbone=hf_text", "model.backbone.tiny=true"])
+    out = export_model(run, tmp_path / "export", log=lambda m: None)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    args = [f"model={out}", f"input={corpus}", "part_size=2", "batch_size=3"]
+    assert cli(["encode", *args, f"out={tmp_path / 'whole.npy'}"]) == 0
+    whole = np.load(tmp_path / "whole.npy")
+    ref = reference(module, [Item(text=t) for t in TEXTS]).numpy()
+    assert whole.shape == ref.shape and np.abs(whole - ref).max() <= 1e-5
+
+    real, calls = Encoder.encode, []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    target = tmp_path / "resumed.npy"
+    monkeypatch.setattr(Encoder, "encode", interrupted)
+    assert cli(["encode", *args, f"out={target}"]) == 130
+    assert not target.exists() and len(list((tmp_path / "resumed.npy.parts").glob("part-*.npy"))) == 2
+    monkeypatch.setattr(Encoder, "encode", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    calls.clear()
+    assert cli(["encode", *args, f"out={target}"]) == 0
+    assert len(calls) == 3  # 5 parts, 2 were already written
+    assert target.read_bytes() == (tmp_path / "whole.npy").read_bytes()
+    assert not (tmp_path / "resumed.npy.parts").exists()
+    assert cli(["encode", *args, f"out={tmp_path / 'emb.parquet'}"]) == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "emb.parquet")
+    assert np.allclose(np.array(table.column("embedding").to_pylist()), whole)

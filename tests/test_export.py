@@ -247,3 +247,22 @@ def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):
 
     table = pq.read_table(tmp_path / "emb.parquet")
     assert np.allclose(np.array(table.column("embedding").to_pylist()), whole)
+
+
+def test_eval_scores_an_export_folder(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _mmeb_fixture as fx
+
+    from embedkit.cli import main as cli
+
+    root = tmp_path / "mmeb"
+    fx.build(root, rows=8)
+    run, _ = trained_run(tmp_path, ["model.backbone=qwen2_vl", "model.backbone.tiny=true"])
+    out = export_model(run, tmp_path / "export", log=lambda m: None)
+    assert cli(["eval", f"model={out}", f"data.eval.root={root}", "data.eval.datasets=[N24News]",
+                "tracking.enabled=false", f"out={tmp_path / 'scores'}"]) == 0
+    summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
+    assert "N24News" in json.dumps(summary)
+    assert cli(["eval", f"model={out}", f"ckpt={run}", f"data.eval.root={root}"]) == 2

@@ -10,7 +10,7 @@ PIP_INSTALL := $(BIN)/pip install -c constraints/cpu.txt
 $(BIN)/embedkit: pyproject.toml constraints/cpu.txt
 	$(PY) -m venv $(VENV)
 	$(PIP_INSTALL) -q torch==2.13.0
-	$(PIP_INSTALL) -q -e '.[test,plot,lint]'
+	$(PIP_INSTALL) -q -e '.[test,plot,lint,st]'
 	touch $@
 
 venv: $(BIN)/embedkit

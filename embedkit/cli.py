@@ -13,12 +13,14 @@ USAGE = """usage: embedkit <verb> [recipe=NAME|path.yaml] [key=value ...] [~key 
 
 verbs:
   fit            train (no recipe: the demo, a tiny VLM on drawn scenes, CPU, minutes)
-  eval           MMEB evaluation of a checkpoint: ckpt=PATH data.eval.root=DIR
+  eval           MMEB evaluation: ckpt=PATH | model=DIR (export or sentence-transformers) data.eval.root=DIR
   data mmeb      convert MMEB-train to WebDataset shards: --src DIR --out DIR
   compare        runs side by side from MLflow: [experiment=NAME] [metric=...]
   config show    print the resolved config
   ui             the MLflow UI on 127.0.0.1 over runs/mlflow.db
   recipes        list the shipped recipes
+  export         a run as a self-contained model folder: RUN_DIR|CKPT out=DIR [merge_lora=true]
+  encode         embed a corpus: model=PATH input=FILE(.jsonl|.parquet) out=FILE(.npy|.parquet)
 
 examples:
   embedkit fit
@@ -28,7 +30,7 @@ examples:
 """
 
 #: each verb is the module embedkit/commands/<verb>.py, whose ``main(args) -> int`` runs it
-VERBS = ("fit", "eval", "data", "compare", "ui", "config", "recipes")
+VERBS = ("fit", "eval", "data", "compare", "ui", "config", "recipes", "export", "encode")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,11 @@ and evaluation, export, encoding and mining use it without Lightning.
 
     encoder = Encoder.from_config(cfg["model"], seed=cfg["seed"])     # a new model
     encoder = Encoder.from_checkpoint("runs/demo/checkpoints/last.ckpt")
-    emb = encoder.encode([Item(text="a red circle"), Item(image=img)])  # [N, D], no grad
+    emb = encoder.encode(texts=["a red circle", None], images=[None, img])  # [N, D], no grad
+    emb = encoder.encode_items([Item(text="a red circle"), Item(image=img)])  # the same, from Items
+
+``embedkit.load(path)`` (``embedkit/export/``) returns one from an export folder, a run dir or a
+checkpoint.
 
 ``forward(inputs)`` takes one processed chunk (what ``processor()`` makes of a list of ``Item``s,
 in the DataLoader workers during training) and returns its embeddings ``[n, D]``, L2-normalised
@@ -39,6 +43,10 @@ class Encoder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self._processor: ChunkProcessor | None = None
+        #: Matryoshka nesting dims the model was trained for (``encode(dim=)`` accepts these), or None
+        self.matryoshka_dims: list[int] | None = None
+        #: named instruction prompts (``encode(instruction="query")`` looks a name up here)
+        self.prompts: dict[str, str] = {}
 
     @classmethod
     def from_config(cls, model: dict, seed: int = 0) -> "Encoder":
@@ -84,7 +92,35 @@ class Encoder(nn.Module):
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
     @torch.no_grad()
-    def encode(self, items: Sequence[Item], batch_size: int = 32) -> torch.Tensor:
+    def encode(
+        self,
+        texts: Sequence[str | None] | Sequence[Item] | None = None,
+        images: Sequence | None = None,
+        instruction: str | None = None,
+        batch_size: int = 32,
+        dim: int | None = None,
+    ) -> torch.Tensor:
+        """Texts and/or images (PIL) -> embeddings [N, D] on the CPU, float32, no grad.
+
+        ``texts`` and ``images`` are parallel lists (``None`` entries for a missing half); ``texts``
+        may instead be a list of ``Item``s. ``instruction`` (a prompt name of ``prompts`` or a literal
+        string) is prepended to every text, as sentence-transformers' prompts are. ``dim`` keeps the
+        first ``dim`` coordinates (Matryoshka), re-normalised when the encoder normalises.
+        """
+        items = make_items(texts, images, self.prompts.get(instruction, instruction) if instruction else None)
+        emb = self.encode_items(items, batch_size)
+        return self.truncate(emb, dim)
+
+    def truncate(self, emb: torch.Tensor, dim: int | None) -> torch.Tensor:
+        if dim is None or dim == emb.shape[-1]:
+            return emb
+        if not 1 <= dim <= emb.shape[-1]:
+            raise UserError(f"dim: must be between 1 and {emb.shape[-1]}, got {dim}")
+        emb = emb[..., :dim]
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    @torch.no_grad()
+    def encode_items(self, items: Sequence[Item], batch_size: int = 32) -> torch.Tensor:
         """Raw ``Item``s -> embeddings [N, D] on the CPU, ``batch_size`` items per forward pass."""
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
@@ -96,6 +132,25 @@ class Encoder(nn.Module):
             parts.append(self(inputs).cpu())
         return torch.cat(parts) if parts else torch.empty(0, self.embedding_dim)
 
+
+def make_items(texts, images, prefix: str | None = None) -> list[Item]:
+    """Parallel ``texts`` / ``images`` lists (or a list of ``Item``s as ``texts``) -> ``Item``s."""
+    if texts is not None and len(texts) and all(isinstance(t, Item) for t in texts):
+        if images is not None:
+            raise ValueError("encode: give Items, or texts and images, not both")
+        items = list(texts)
+    else:
+        if isinstance(texts, str):
+            texts = [texts]
+        n = len(texts) if texts is not None else len(images) if images is not None else 0
+        texts = list(texts) if texts is not None else [None] * n
+        images = list(images) if images is not None else [None] * n
+        if len(texts) != len(images):
+            raise ValueError(f"encode: {len(texts)} texts but {len(images)} images")
+        items = [Item(text=t, image=i) for t, i in zip(texts, images)]
+    if prefix:
+        items = [Item(text=prefix + (it.text or ""), image=it.image) for it in items]
+    return items
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, dict]:
     """(resolved config, checkpoint dict) of an ``embedkit fit`` checkpoint; plugins loaded first."""

@@ -14,7 +14,7 @@ LAYERS = [
     {"config"},
     {"data", "backbones", "pooling", "losses"},
     {"distributed", "encoder"},
-    {"training", "eval", "tracking"},
+    {"training", "eval", "tracking", "export"},
     {"commands"},
     {"cli", "__main__", "__init__"},
 ]

@@ -57,3 +57,34 @@ def apply_lora(backbone: Backbone, lora_cfg: dict) -> Backbone:
     if backbone.train_projector:
         set_trainable(backbone, backbone.projector_prefixes, True)
     return backbone
+
+
+def lora_layers(backbone: Backbone) -> list[tuple[str, object]]:
+    """``(name, PEFT LoRA layer)`` for every adapted module."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in backbone.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def lora_is_zero(backbone: Backbone) -> bool:
+    """True when the backbone has LoRA layers and every ``lora_B`` is still all zeros (PEFT's
+    initialisation: the adapter adds nothing, so a run that leaves it so trained nothing)."""
+    b = [p for n, p in backbone.named_parameters() if "lora_B" in n]
+    return bool(b) and all(not bool(p.detach().any()) for p in b)
+
+
+def lora_state_dict(backbone: Backbone) -> dict:
+    """The adapter's own tensors (``lora_*``: A, B and DoRA magnitudes), by backbone-relative name."""
+    return {n: t.detach().clone() for n, t in backbone.state_dict().items() if "lora_" in n}
+
+
+def remove_lora(backbone: Backbone, merge: bool) -> Backbone:
+    """Replace every LoRA layer by its base layer, in place; ``merge``: fold the adapter
+    (LoRA or DoRA) into the base weight first (PEFT's ``merge``), else drop it."""
+    for name, layer in lora_layers(backbone):
+        if merge:
+            layer.merge(safe_merge=True)
+        parent_name, _, child = name.rpartition(".")
+        parent = backbone.get_submodule(parent_name) if parent_name else backbone
+        setattr(parent, child, layer.get_base_layer())
+    return backbone

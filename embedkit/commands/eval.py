@@ -1,6 +1,8 @@
 """``embedkit eval``: MMEB evaluation of a checkpoint.
 
     embedkit eval [recipe=NAME] ckpt=PATH data.eval.root=DIR [data.eval.datasets=[A,B]] [out=DIR]
+    embedkit eval model=DIR data.eval.root=DIR ...   # an export folder, a run dir, or any
+                                                     # sentence-transformers folder (text only)
 
 The model (architecture and weights) comes from the checkpoint, which carries its resolved config;
 the command line supplies the eval settings: ``data.eval.*``, ``train.chunk_size`` (items per
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from embedkit.errors import UserError
 
-VERB_KEYS = ("ckpt", "out")
+VERB_KEYS = ("ckpt", "model", "out")
 
 
 def split_verb_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -56,18 +58,22 @@ def main(args: list[str]) -> int:
     from embedkit.config.loader import compose
 
     verb, rest = split_verb_args(args)
-    if "ckpt" not in verb:
-        raise UserError("eval: give ckpt=PATH (a checkpoint written by embedkit fit)")
+    if ("ckpt" in verb) == ("model" in verb):
+        raise UserError("eval: give ckpt=PATH (a checkpoint written by embedkit fit) or model=DIR (an export "
+                        "folder, a run dir or a sentence-transformers folder)")
     cfg = compose(rest)
     from embedkit.eval import mmeb
 
     manifest = mmeb.load_manifest()
     ev, tracking = cfg["data"]["eval"], cfg["tracking"]
     datasets = mmeb.resolve_datasets(ev["root"], ev["datasets"], manifest)  # user errors before loading
-    ckpt = Path(verb["ckpt"]).expanduser()
-    if not ckpt.is_file():
+    ckpt = Path(verb.get("ckpt") or verb["model"]).expanduser()
+    if "ckpt" in verb and not ckpt.is_file():
         raise UserError(f"ckpt: file not found: {ckpt}")
-    out_dir = Path(verb["out"]) if "out" in verb else ckpt.resolve().parent.parent / "eval"
+    if "model" in verb and not ckpt.exists():
+        raise UserError(f"model: {ckpt} does not exist")
+    default_out = ckpt.resolve().parent.parent / "eval" if "ckpt" in verb else ckpt.resolve() / "eval"
+    out_dir = Path(verb["out"]) if "out" in verb else default_out
     batch_size = cfg["train"]["chunk_size"]
 
     import torch
@@ -75,13 +81,13 @@ def main(args: list[str]) -> int:
     from embedkit.encoder import Encoder
 
     rank = init_distributed()
-    encoder = Encoder.from_checkpoint(ckpt)
+    encoder = Encoder.from_checkpoint(ckpt) if "ckpt" in verb else load_model(ckpt)
     if torch.cuda.is_available():
         encoder.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     summary = mmeb.evaluate(
         ev["root"],
         datasets,
-        lambda items: encoder.encode(items, batch_size),
+        lambda items: encoder.encode_items(items, batch_size),
         batch_size=batch_size,
         normalize=encoder.normalize,
         out_dir=out_dir,
@@ -110,3 +116,14 @@ def main(args: list[str]) -> int:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
+
+
+def load_model(path: Path):
+    """An export folder or run dir (``embedkit.load``), else a sentence-transformers folder."""
+    if (path / "modules.json").is_file() and not (path / "embedkit.json").is_file():
+        from embedkit.export.st_encoder import STEncoder
+
+        return STEncoder(path)
+    from embedkit.export.reader import load
+
+    return load(path)

@@ -23,7 +23,7 @@ class MMEBValidation(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         encoder = pl_module.encoder
-        metrics = validation_metrics(lambda items: encoder.encode(items, self.batch_size), self.root,
+        metrics = validation_metrics(lambda items: encoder.encode_items(items, self.batch_size), self.root,
                                      self.datasets, max_rows=self.max_rows, batch_size=self.batch_size,
                                      prefix="val")
         metrics["val/mmeb/p@1"] = metrics.pop("val/p@1")

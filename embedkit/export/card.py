@@ -1,0 +1,54 @@
+"""The model card (README.md) of an export folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def render(meta: dict, ckpt: Path) -> str:
+    config = meta["training_config"]
+    model = meta["model"]
+    backbone, head = model["backbone"], model["pooling"]["name"]
+    run = config.get("run") or {}
+    base = config["model"]["backbone"].get("path") or f"tiny random {backbone['name']} (tests/demo)"
+    lora = config["model"].get("lora") or {}
+    lines = [
+        "---", "library_name: sentence-transformers", "tags: [embedkit, sentence-transformers, feature-extraction]",
+        "---", "", f"# {run.get('name') or ckpt.parent.parent.name}", "",
+        f"An embedding model trained with embedkit: backbone `{backbone['name']}` (base model: `{base}`), "
+        f"pooling `{head}`, {'L2-normalised' if meta['normalize'] else 'unnormalised'}, "
+        f"{meta['embedding_dim']} dimensions.", "",
+        "## Training", "",
+        f"- recipe: `{config.get('recipe', 'n/a')}`; run: `{run.get('name', 'n/a')}` (step {meta['step']})",
+        f"- loss: `{(config.get('loss') or {}).get('name', 'n/a')}`",
+        f"- LoRA: {'r=%s alpha=%s dora=%s, ' % (lora.get('r'), lora.get('alpha'), lora.get('dora')) if lora.get('enabled') else 'none (full fine-tuning)'}"
+        f"{('merged into the weights' if meta['merged'] else 'kept beside the base (embedkit_adapter.safetensors)') if lora.get('enabled') else ''}",
+        f"- MLflow: experiment `{(config.get('tracking') or {}).get('experiment', 'n/a')}`, run name `{run.get('name', 'n/a')}`"
+        + (f", run id `{meta['mlflow_run_id']}`" if meta.get("mlflow_run_id") else ""),
+    ]
+    if meta.get("matryoshka_dims"):
+        lines.append(f"- Matryoshka dims: {meta['matryoshka_dims']} (embedkit `encode(dim=...)`, "
+                     "sentence-transformers `truncate_dim=`)")
+    if meta.get("metrics"):
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in sorted(meta["metrics"].items())]
+    if head not in ("last_token", "mean"):
+        lines += ["", f"Note: sentence-transformers has no `{head}` pooling; this folder's `1_EmbedkitPooling` "
+                  "module imports it from embedkit (`pip install embedkit`, `trust_remote_code` not needed)."]
+    prompt = next(iter(meta["prompts"]), None)
+    lines += [
+        "", "## Usage", "", "embedkit:", "", "```python", "import embedkit", "",
+        'model = embedkit.load("PATH")',
+        'emb = model.encode(texts=["a red circle"]' + (f', instruction="{prompt}"' if prompt else "") + ")  # [N, D]",
+        "```", "", "sentence-transformers (text):", "", "```python",
+        "from sentence_transformers import SentenceTransformer", "",
+        'model = SentenceTransformer("PATH")',
+        'emb = model.encode(["a red circle"]' + (f', prompt_name="{prompt}"' if prompt else "") + ")",
+        "```", "", "transformers (the backbone alone; add the pooling and normalisation yourself):", "",
+        "```python", "from transformers import AutoModel", "", 'backbone = AutoModel.from_pretrained("PATH")', "```",
+        "", "Serving: the merged weights plus `1_Pooling/config.json` are what vLLM's embedding runner and "
+        "text-embeddings-inference read.",
+        "", "## Training config", "", "```json", json.dumps(config, indent=2, default=str), "```", "",
+    ]
+    return "\n".join(lines)

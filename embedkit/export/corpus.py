@@ -1,0 +1,117 @@
+"""Embedding a corpus file, resumably: ``encode_file(encoder, input, out)``.
+
+Input: JSONL (one object a line) or parquet, with a ``text`` and/or an ``image`` column (an image is
+a path, relative to the input file's folder, or encoded bytes; parquet image structs with ``bytes``
+or ``path`` are read too). Output: ``.npy`` (float32 [N, D]) or ``.parquet`` (an ``embedding`` list
+column). Rows are encoded in parts of ``part_size`` rows, each written atomically into
+``<out>.parts/`` as it completes; an interrupted run re-run with the same arguments skips the parts
+already there, and the final file is written atomically from the parts (identical to an
+uninterrupted run's), then the parts are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from embedkit.errors import UserError
+from embedkit.files import atomic_path, write_atomic
+
+OUTPUTS = (".npy", ".parquet")
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"input: file not found: {path}")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"input: {path}:{n} is not JSON ({exc.msg})") from None
+        return rows
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise UserError(f"input: {path} must be .jsonl or .parquet")
+
+
+def to_image(value, root: Path):
+    from PIL import Image
+
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value)).convert("RGB")
+    path = Path(value) if Path(value).is_absolute() else root / value
+    if not path.is_file():
+        raise UserError(f"input: image not found: {path}")
+    return Image.open(path).convert("RGB")
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
+
+
+def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruction: str | None = None,
+                dim: int | None = None, part_size: int = 1024, model_id: str = "",
+                log: Callable[[str], None] = print) -> Path:
+    input_path, out = Path(input_path).expanduser(), Path(out_path).expanduser()
+    if out.suffix not in OUTPUTS:
+        raise UserError(f"out: {out} must end in {' or '.join(OUTPUTS)}")
+    rows = read_rows(input_path)
+    if not rows:
+        raise UserError(f"input: {input_path} has no rows")
+    if not any("text" in r or "image" in r for r in rows[:1]):
+        raise UserError(f"input: {input_path} needs a text and/or an image column; has {sorted(rows[0])}")
+    stat = input_path.stat()
+    key = fingerprint(input_path.resolve(), stat.st_size, stat.st_mtime_ns, model_id, instruction, dim, part_size)
+    parts_dir = out.with_name(out.name + ".parts")
+    stamp = parts_dir / "run.json"
+    if parts_dir.is_dir() and (not stamp.is_file() or json.loads(stamp.read_text()).get("key") != key):
+        shutil.rmtree(parts_dir)  # parts of another input, model or setting: start over
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(stamp, json.dumps({"key": key, "rows": len(rows)}))
+    root = input_path.parent
+    starts = range(0, len(rows), part_size)
+    done = sum((parts_dir / f"part-{s:09d}.npy").is_file() for s in starts)
+    if done:
+        log(f"encode: resuming, {done} of {len(starts)} parts already written")
+    began, encoded = time.monotonic(), 0
+    for start in starts:
+        part = parts_dir / f"part-{start:09d}.npy"
+        if part.is_file():
+            continue
+        chunk = rows[start : start + part_size]
+        emb = encoder.encode(texts=[r.get("text") for r in chunk], images=[to_image(r.get("image"), root) for r in chunk],
+                             instruction=instruction, batch_size=batch_size, dim=dim)
+        with atomic_path(part) as tmp, open(tmp, "wb") as f:
+            np.save(f, emb.numpy().astype(np.float32))
+        encoded += len(chunk)
+        rate = encoded / max(time.monotonic() - began, 1e-9)
+        log(f"encode: {min(start + part_size, len(rows))}/{len(rows)} rows ({rate:.1f} rows/s)")
+    emb = np.concatenate([np.load(parts_dir / f"part-{s:09d}.npy") for s in starts])
+    with atomic_path(out) as tmp:
+        if out.suffix == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, emb)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"embedding": list(emb)}), tmp)
+    shutil.rmtree(parts_dir)
+    log(f"encode: wrote {out} ({emb.shape[0]} x {emb.shape[1]})")
+    return out

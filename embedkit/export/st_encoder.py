@@ -1,0 +1,36 @@
+"""A sentence-transformers model folder behind the ``Encoder`` interface eval uses (text only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from embedkit.errors import UserError
+
+
+class STEncoder(nn.Module):
+    """``encode_items(items, batch_size)`` through ``SentenceTransformer.encode``; items with an
+    image are refused (sentence-transformers' image path needs torchvision, absent on CPU torch)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            raise UserError("model: scoring a sentence-transformers folder needs the `st` extra "
+                            "(pip install 'embedkit[st]')") from None
+        self.model = SentenceTransformer(str(path), device="cpu")
+        self.normalize = True
+        self.config: dict = {"run": {"name": Path(path).name}}
+        self.checkpoint_step = 0
+
+    @torch.no_grad()
+    def encode_items(self, items, batch_size: int = 32) -> torch.Tensor:
+        if any(it.image is not None for it in items):
+            raise UserError("model: this sentence-transformers folder is scored on text only; an item has an image "
+                            "(choose text datasets with data.eval.datasets=[...])")
+        emb = self.model.encode([it.text or "" for it in items], batch_size=batch_size, convert_to_tensor=True,
+                                normalize_embeddings=True)
+        return emb.float().cpu()

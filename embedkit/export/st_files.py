@@ -1,0 +1,117 @@
+"""The sentence-transformers side of an export, and what ST does not do that embedkit does.
+
+sentence-transformers reads ``modules.json`` (Transformer -> Pooling -> Normalize),
+``sentence_bert_config.json``, ``config_sentence_transformers.json`` (prompts, similarity) and each
+module's folder. Two things embedkit does that ST does not are baked into the saved files:
+
+- text backbones append the tokenizer's EOS (the state last-token pooling reads); ST never appends
+  one, so the saved tokenizer's post-processor appends it (``bake_eos``);
+- VLM backbones build one input string (image tokens, then the text, then EOS); ST's multimodal
+  path renders messages through the chat template, so the saved one renders exactly that string
+  (``CHAT_TEMPLATES``), and ``modality_config`` routes text, image and message inputs to ``forward``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+#: pooling heads ST has built in: embedkit name -> ST ``pooling_mode`` (legacy boolean key too)
+ST_POOLING = {"last_token": ("lasttoken", "pooling_mode_lasttoken"), "mean": ("mean", "pooling_mode_mean_tokens")}
+LEGACY_POOLING_KEYS = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
+                       "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
+                       "pooling_mode_lasttoken")
+
+#: chat templates rendering a message list as embedkit's processor input string (before image
+#: tokens are expanded by the processor): each message's parts in order, images as the family's
+#: image marker, then EOS
+CHAT_TEMPLATES = {
+    "qwen2_vl": (
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
+        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}{%- endfor -%}{{ eos_token }}"
+    ),
+}
+VLM_FAMILIES = ("qwen2_vl", "llava_onevision", "phi3_v")
+
+
+def prepare_tokenizer(backbone, family: str) -> None:
+    """Before saving: right padding (what embedkit's processors use) and the family's chat template."""
+    tokenizer = backbone.tokenizer
+    tokenizer.padding_side = "right"
+    if family in CHAT_TEMPLATES:
+        tokenizer.chat_template = CHAT_TEMPLATES[family]
+
+
+def appends_eos(backbone, family: str) -> bool:
+    """Does embedkit append an EOS that the tokenizer itself does not add (text backbones)?"""
+    tok = backbone.tokenizer
+    if family != "hf_text" or not getattr(backbone, "append_eos", False) or tok.eos_token_id is None:
+        return False
+    ids = tok("a")["input_ids"]
+    return not ids or ids[-1] != tok.eos_token_id
+
+
+def bake_eos(folder: Path, backbone, family: str) -> None:
+    """Make the saved ``tokenizer.json`` append EOS after every sequence (as embedkit does)."""
+    if not appends_eos(backbone, family) or not (folder / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer, processors
+
+    tok = backbone.tokenizer
+    eos, eos_id = tok.eos_token, tok.eos_token_id
+    fast = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    template = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, eos_id)])
+    existing = fast.post_processor
+    fast.post_processor = template if existing is None else processors.Sequence([existing, template])
+    fast.save(str(folder / "tokenizer.json"))
+
+
+def write(folder: Path, meta: dict, encoder) -> None:
+    """modules.json, config_sentence_transformers.json, sentence_bert_config.json, the pooling and
+    normalisation modules."""
+    model = meta["model"]
+    family, head = model["backbone"]["name"], model["pooling"]["name"]
+    dim = meta["embedding_dim"]
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"}]
+    if head in ST_POOLING:
+        mode, legacy = ST_POOLING[head]
+        pool = {"embedding_dimension": dim, "pooling_mode": mode, "include_prompt": True,
+                "word_embedding_dimension": dim, **{k: k == legacy for k in LEGACY_POOLING_KEYS}}
+        modules.append({"idx": 1, "name": "1", "path": "1_Pooling",
+                        "type": "sentence_transformers.sentence_transformer.modules.pooling.Pooling"})
+        dump(folder / "1_Pooling" / "config.json", pool)
+    else:
+        # a head ST lacks: a custom module that imports from embedkit (embedkit must be installed)
+        modules.append({"idx": 1, "name": "1", "path": "1_EmbedkitPooling",
+                        "type": "embedkit.export.st_module.EmbedkitPooling"})
+        dump(folder / "1_EmbedkitPooling" / "config.json", {"pooling": model["pooling"], "embedding_dimension": dim})
+    if meta["normalize"]:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.base.modules.normalize.Normalize"})
+        dump(folder / "2_Normalize" / "config.json",
+             {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"})
+    dump(folder / "modules.json", modules)
+    forward = {"method": "forward", "method_output_name": "last_hidden_state"}
+    bert = {"transformer_task": "feature-extraction", "module_output_name": "token_embeddings"}
+    if family in VLM_FAMILIES:
+        bert["modality_config"] = {"text": forward, "image": forward, ("message"): {**forward, "format": "structured"}}
+        bert["unpad_inputs"] = False
+    else:
+        bert["modality_config"] = {"text": forward}
+        bert["max_seq_length"] = int(model["backbone"].get("max_length") or getattr(encoder.backbone, "max_length", 512))
+    dump(folder / "sentence_bert_config.json", bert)
+    dump(folder / "config_sentence_transformers.json", {
+        "model_type": "SentenceTransformer",
+        "prompts": meta["prompts"],
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine" if meta["normalize"] else "dot",
+    })
+
+
+def dump(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")

@@ -1,0 +1,268 @@
+"""Export and inference (issue 14): an export folder gives the training module's embeddings.
+
+Models are built in-process (``EmbeddingModule.from_config``), their trainable weights moved off
+their initialisation (as a short run would: the LoRA B matrices leave zero), and saved as an
+``embedkit fit`` checkpoint; ``embedkit.load(export)`` must then embed exactly as the module does,
+whatever the batch size or the padding side, with LoRA merged or kept beside the base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import embedkit
+from embedkit.data.schema import Item
+from embedkit.export.writer import export_model
+
+FAMILIES = ("hf_text", "qwen2_vl", "llava_onevision", "phi3_v")
+TEXTS = ["a red circle at the top left", "blue square", "a green cross below a small red circle",
+         "what shape is there", "one", "the large dog beside the car", "two cats", "a", "left right top"]
+
+
+def items_for(family: str) -> list[Item]:
+    if family == "hf_text":
+        return [Item(text=t) for t in TEXTS]
+    red, blue = Image.new("RGB", (56, 56), (200, 30, 30)), Image.new("RGB", (84, 56), (30, 30, 200))
+    return [Item(text=TEXTS[0]), Item(image=red), Item(text=TEXTS[1], image=blue), Item(text=TEXTS[2]),
+            Item(image=blue), Item(text=TEXTS[3], image=red), Item(text=TEXTS[4]), Item(text=TEXTS[5])]
+
+
+def trained_run(tmp: Path, overrides: list[str], *, perturb: bool = True):
+    """(run dir, module): a module whose trainable weights moved, saved as a fit checkpoint."""
+    from embedkit.config.loader import compose
+    from embedkit.training.module import EmbeddingModule
+
+    cfg = compose(["recipe=demo", *overrides])
+    module = EmbeddingModule.from_config(cfg)
+    if perturb:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen).to(p.dtype))
+    module.eval()
+    run = tmp / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": cfg}, "global_step": 3},
+               run / "checkpoints" / "last.ckpt")
+    return run, module
+
+
+def reference(module, items):
+    with torch.no_grad():
+        return module.encoder(module.encoder.processor()(items))
+
+
+def assert_equal_embeddings(encoder, items, ref):
+    for batch_size in (1, 3, 8):
+        got = encoder.encode(items, batch_size=batch_size)
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max().item() <= 1e-5, batch_size
+    # the other padding side: a tokenizer saved (or set) to pad on the left must not change anything
+    tokenizer = encoder.processor().tokenizer
+    tokenizer.padding_side = "left"
+    try:
+        got = encoder.encode(items, batch_size=8)
+    finally:
+        tokenizer.padding_side = "right"
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_load_equals_the_training_module(family, tmp_path):
+    run, module = trained_run(tmp_path, [f"model.backbone={family}", "model.backbone.tiny=true",
+                                         "model.lora.enabled=true", "loss=matryoshka"])
+    items = items_for(family)
+    ref = reference(module, items)
+    for merge in (True, False):
+        out = export_model(run, tmp_path / f"export-{merge}", merge_lora=merge, log=lambda m: None)
+        meta = json.loads((out / "embedkit.json").read_text())
+        assert meta["merged"] is merge and (out / "embedkit_adapter.safetensors").is_file() is not merge
+        assert (out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file()
+        encoder = embedkit.load(out)
+        assert not encoder.training
+        assert_equal_embeddings(encoder, items, ref)
+        # Matryoshka dims recorded; encode(dim=) is the re-normalised prefix
+        assert encoder.matryoshka_dims and encoder.matryoshka_dims[0] == ref.shape[1]
+        d = encoder.matryoshka_dims[1]
+        sliced = torch.nn.functional.normalize(ref[:, :d], dim=-1)
+        got = encoder.encode(texts=[it.text for it in items], images=[it.image for it in items], dim=d)
+        assert (got - sliced).abs().max().item() <= 1e-5
+    # a run dir and a checkpoint load too
+    assert (embedkit.load(run).encode(items[:3]) - ref[:3]).abs().max().item() <= 1e-5
+
+
+def test_export_refuses_a_zero_adapter(tmp_path):
+    from embedkit.cli import main as cli
+
+    run, _ = trained_run(tmp_path, ["model.backbone=hf_text", "model.backbone.tiny=true", "model.lora.enabled=true"],
+                         perturb=False)
+    assert cli(["export", str(run), f"out={tmp_path / 'out'}"]) == 2
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial*"))
+
+
+def test_export_cli_errors(tmp_path, capsys):
+    from embedkit.cli import main as cli
+
+    assert cli(["export", str(tmp_path / "missing"), f"out={tmp_path / 'o'}"]) == 2
+    assert cli(["export", str(tmp_path)]) == 2
+    assert cli(["export", str(tmp_path), "out=x", "colour=red"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("embedkit: error:") for line in err)
+
+
+# -- sentence-transformers -------------------------------------------------------------------------
+
+def tiny_text_model(kind: str, folder: Path) -> Path:
+    """A tiny BERT (no EOS: BERT has none) or a tiny Llama decoder (EOS appended by embedkit), saved
+    with the offline word-level tokenizer. The decoder is a Llama: transformers replaces a saved
+    generic tokenizer by the model type's own class for some types (qwen2 among them), which
+    sentence-transformers' AutoTokenizer would do too (docs/bugs-and-fixes.md)."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    from embedkit.backbones.processors import tiny_tokenizer
+
+    torch.manual_seed(0)
+    if kind == "bert":
+        tok = tiny_tokenizer(["[CLS]", "[SEP]"], pad="[PAD]", eos="[SEP]")
+        tok.eos_token = None
+        model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, pad_token_id=tok.pad_token_id), add_pooling_layer=False)
+    else:
+        tok = tiny_tokenizer([], pad="<pad>", eos="</s>")
+        model = LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                       eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("kind,pooling", [("bert", "mean"), ("llama", "last_token"), ("llama", "mean")])
+def test_sentence_transformers_equals_embedkit(kind, pooling, tmp_path):
+    st = pytest.importorskip("sentence_transformers", reason="the `st` extra (sentence-transformers) is not installed")
+    base = tiny_text_model(kind, tmp_path / "base")
+    run, module = trained_run(tmp_path, ["model.backbone=hf_text", f"model.backbone.path={base}",
+                                         f"model.pooling={pooling}", "model.lora.enabled=true", "loss=matryoshka"])
+    out = export_model(run, tmp_path / "export", prompts={"query": "find the picture of "}, log=lambda m: None)
+    encoder = embedkit.load(out)
+    ref = encoder.encode(texts=TEXTS)
+    assert (ref - reference(module, [Item(text=t) for t in TEXTS])).abs().max().item() <= 1e-5
+    model = st.SentenceTransformer(str(out), device="cpu")
+    got = torch.as_tensor(model.encode(TEXTS, batch_size=4))
+    assert (got - ref).abs().max().item() <= 1e-5
+    # an instruction prompt: ST's prompt_name == embedkit's instruction (by name or literally)
+    q = encoder.encode(texts=TEXTS, instruction="query")
+    assert (q - encoder.encode(texts=TEXTS, instruction="find the picture of ")).abs().max().item() == 0
+    assert (q - ref).abs().max().item() > 1e-3
+    got = torch.as_tensor(model.encode(TEXTS, prompt_name="query", batch_size=3))
+    assert (got - q).abs().max().item() <= 1e-5
+    # truncate_dim == embedkit's Matryoshka slice
+    d = encoder.matryoshka_dims[1]
+    small = st.SentenceTransformer(str(out), device="cpu", truncate_dim=d)
+    got = torch.as_tensor(small.encode(TEXTS, normalize_embeddings=True))
+    assert got.shape[1] == d
+    assert (got - encoder.encode(texts=TEXTS, dim=d)).abs().max().item() <= 1e-5
+
+
+def test_qwen2_vl_chat_template_gives_embedkit_token_ids(tmp_path):
+    """The written chat template + the saved processor files == embedkit's processor, token for token.
+
+    transformers' ``Qwen2VLProcessor`` cannot be built here (it insists on a torchvision video
+    processor, and torchvision does not import beside the CPU torch build), so the test applies its
+    documented rule itself: render the chat template, expand each ``<|image_pad|>`` to
+    ``prod(image_grid_thw) / merge_size**2`` copies using the saved image processor, tokenize without
+    special tokens. The full sentence-transformers image round trip needs that stock processor too,
+    so it is not run on this build.
+    """
+    from transformers import Qwen2VLImageProcessorPil
+
+    from embedkit.backbones.loading import load_tokenizer
+
+    run, module = trained_run(tmp_path, ["model.backbone=qwen2_vl", "model.backbone.tiny=true"])
+    out = export_model(run, tmp_path / "export", log=lambda m: None)
+    sbert = json.loads((out / "sentence_bert_config.json").read_text())
+    assert set(sbert["modality_config"]) == {"text", "image", "message"} and sbert["unpad_inputs"] is False
+    tokenizer = load_tokenizer(str(out))
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(out))
+    merge = json.loads((out / "config.json").read_text())["vision_config"]["spatial_merge_size"]
+    ours = embedkit.load(out).processor()
+    img = Image.new("RGB", (84, 56), (30, 30, 200))
+    for text, image in [("a blue square", img), ("a red circle", None), (None, img)]:
+        content = ([{"type": "image"}] if image is not None else []) + ([{"type": "text", "text": text}] if text else [])
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        if image is not None:
+            vision = image_processor(images=[image], return_tensors="pt")
+            n = int(vision["image_grid_thw"][0].prod()) // merge**2
+            rendered = rendered.replace("<|image_pad|>", "<|image_pad|>" * n)
+        got = tokenizer([rendered], add_special_tokens=False)["input_ids"]
+        want = ours([Item(text=text, image=image)])
+        assert got == want["input_ids"].tolist(), (text, image is not None)
+        if image is not None:
+            assert torch.equal(vision["pixel_values"], want["pixel_values"])
+
+
+def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):
+    import numpy as np
+
+    from embedkit.cli import main as cli
+    from embedkit.encoder import Encoder
+
+    run, module = trained_run(tmp_path, ["model.backbone=hf_text", "model.backbone.tiny=true"])
+    out = export_model(run, tmp_path / "export", log=lambda m: None)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    args = [f"model={out}", f"input={corpus}", "part_size=2", "batch_size=3"]
+    assert cli(["encode", *args, f"out={tmp_path / 'whole.npy'}"]) == 0
+    whole = np.load(tmp_path / "whole.npy")
+    ref = reference(module, [Item(text=t) for t in TEXTS]).numpy()
+    assert whole.shape == ref.shape and np.abs(whole - ref).max() <= 1e-5
+
+    real, calls = Encoder.encode, []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    target = tmp_path / "resumed.npy"
+    monkeypatch.setattr(Encoder, "encode", interrupted)
+    assert cli(["encode", *args, f"out={target}"]) == 130
+    assert not target.exists() and len(list((tmp_path / "resumed.npy.parts").glob("part-*.npy"))) == 2
+    monkeypatch.setattr(Encoder, "encode", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    calls.clear()
+    assert cli(["encode", *args, f"out={target}"]) == 0
+    assert len(calls) == 3  # 5 parts, 2 were already written
+    assert target.read_bytes() == (tmp_path / "whole.npy").read_bytes()
+    assert not (tmp_path / "resumed.npy.parts").exists()
+    assert cli(["encode", *args, f"out={tmp_path / 'emb.parquet'}"]) == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "emb.parquet")
+    assert np.allclose(np.array(table.column("embedding").to_pylist()), whole)
+
+
+def test_eval_scores_an_export_folder(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _mmeb_fixture as fx
+
+    from embedkit.cli import main as cli
+
+    root = tmp_path / "mmeb"
+    fx.build(root, rows=8)
+    run, _ = trained_run(tmp_path, ["model.backbone=qwen2_vl", "model.backbone.tiny=true"])
+    out = export_model(run, tmp_path / "export", log=lambda m: None)
+    assert cli(["eval", f"model={out}", f"data.eval.root={root}", "data.eval.datasets=[N24News]",
+                "tracking.enabled=false", f"out={tmp_path / 'scores'}"]) == 0
+    summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
+    assert "N24News" in json.dumps(summary)
+    assert cli(["eval", f"model={out}", f"ckpt={run}", f"data.eval.root={root}"]) == 2

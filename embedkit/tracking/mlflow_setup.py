@@ -1,9 +1,10 @@
 """MLflow wiring: the store, run params/tags/artifacts, and metric names MLflow accepts.
 
-The store is ``sqlite:///<cwd>/runs/mlflow.db`` unless ``tracking.uri`` says otherwise (current
-MLflow refuses its file store). Params are the flattened resolved config with dotted keys; tags
-are the recipe, the git sha and the embedkit version; the resolved config and the command-line
-overrides are artifacts. Metric names keep ``/`` namespaces; MLflow refuses ``@``, so
+The store is ``store.resolve_uri``: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///<cwd>/runs/mlflow.db`` (current MLflow refuses its file store). Params are the
+flattened resolved config with dotted keys; tags are the recipe, the git sha and the embedkit
+version; the resolved config and the command-line overrides are artifacts (on a tracking server,
+in the server's artifact store). Metric names keep ``/`` namespaces; MLflow refuses ``@``, so
 ``val/p@1`` is stored as ``val/p_at_1`` (``store.stored_name``, which ``compare`` shares).
 """
 
@@ -15,15 +16,12 @@ from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
 
-from embedkit.tracking.store import artifact_location, default_uri, stored_name
+from embedkit.tracking.store import artifact_location, resolve_uri, stored_name
 from lightning.pytorch.utilities import rank_zero_only
 
 
 def tracking_uri(cfg: dict) -> str:
-    uri = cfg["tracking"]["uri"] or default_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return uri
+    return resolve_uri(cfg["tracking"]["uri"], create=True)
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

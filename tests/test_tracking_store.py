@@ -46,3 +46,19 @@ def test_ui_on_a_database_from_the_environment_and_refuses_a_server(tmp_path, mo
     monkeypatch.setenv(ENV_VAR, "http://mlflow:5000")
     with pytest.raises(UserError, match="serves its own UI: open http://mlflow:5000"):
         ui.command([])
+
+
+def test_a_fit_leaves_the_environment_as_it_found_it(tmp_path, monkeypatch):
+    """MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI; the next fit in this process (or a child
+    process) must not take that for the user's choice."""
+    import os
+
+    from embedkit.tracking.mlflow_setup import EmbedkitMLFlowLogger
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    logger = EmbedkitMLFlowLogger(experiment_name="e", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                                  artifact_location=str(tmp_path / "a"))
+    assert logger.experiment is not None and logger.run_id
+    assert ENV_VAR not in os.environ
+    monkeypatch.setenv(ENV_VAR, "http://127.0.0.1:9")
+    assert logger.experiment is not None and os.environ[ENV_VAR] == "http://127.0.0.1:9"

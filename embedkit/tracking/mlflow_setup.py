@@ -10,13 +10,14 @@ in the server's artifact store). Metric names keep ``/`` namespaces; MLflow refu
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
 
-from embedkit.tracking.store import artifact_location, resolve_uri, stored_name
+from embedkit.tracking.store import ENV_VAR, artifact_location, resolve_uri, stored_name
 from lightning.pytorch.utilities import rank_zero_only
 
 
@@ -42,7 +43,22 @@ def git_sha() -> str:
 
 
 class EmbedkitMLFlowLogger(MLFlowLogger):
-    """Lightning's MLflow logger, with ``@`` mapped (``stored_name``) instead of silently stripped."""
+    """Lightning's MLflow logger, with ``@`` mapped (``stored_name``) instead of silently stripped,
+    and the process environment left as it was found."""
+
+    @property
+    def experiment(self):
+        # mlflow.set_tracking_uri (called by Lightning here) exports MLFLOW_TRACKING_URI for
+        # subprocesses; undone, or the next fit of this process would take this run's store for the
+        # user's choice (resolve_uri reads the variable) and every later child process would inherit it
+        before = os.environ.get(ENV_VAR)
+        try:
+            return super().experiment
+        finally:
+            if before is None:
+                os.environ.pop(ENV_VAR, None)
+            else:
+                os.environ[ENV_VAR] = before
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:

@@ -1,11 +1,12 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv first.
+# `make test` runs `make lint` first (the docker/ files, checked without a Docker engine).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The CPU torch pin lives here (constraints/cpu.txt), not in the package: GPU users keep their torch.
 PIP_INSTALL := $(BIN)/pip install -c constraints/cpu.txt
 
-.PHONY: venv demo lint test clean
+.PHONY: venv demo lint test docker-smoke clean
 
 $(BIN)/embedkit: pyproject.toml constraints/cpu.txt
 	$(PY) -m venv $(VENV)
@@ -18,12 +19,22 @@ venv: $(BIN)/embedkit
 demo: venv
 	$(BIN)/embedkit fit
 
-# the lint gate: pyflakes, import order, bugbear, complexity (rules in pyproject.toml)
+# the lint gate: ruff (pyflakes, import order, bugbear, complexity; rules in pyproject.toml), then
+# hadolint and Compose, binaries inside pip packages (the `lint` extra). Compose is called as its
+# binary: the Python wrapper exits 0 on errors. check-jsonschema carries the compose-spec schema.
 lint: venv
 	$(BIN)/ruff check embedkit tests bench
+	$(BIN)/hadolint --failure-threshold warning docker/Dockerfile
+	$(BIN)/docker-compose -f docker/compose.yaml config -q
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
 
 test: venv lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# Needs a Docker engine (not run in CI): build the image, run a short demo fit in it on the CPU.
+docker-smoke:
+	docker build -f docker/Dockerfile -t embedkit:smoke .
+	docker run --rm embedkit:smoke fit trainer.max_steps=5 data.demo.train_size=256 data.demo.val_size=16
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -4,17 +4,18 @@
 
 Runs ``python -m mlflow ui --backend-store-uri <store> --host 127.0.0.1 --port <port>`` in place of
 this process (exec), so stopping it (Ctrl-C, or killing its process group) stops the server and its
-workers. The store defaults to ``sqlite:///runs/mlflow.db`` of the working directory.
+workers. The store is the one ``fit`` writes (``store.resolve_uri``: ``tracking.uri``, else
+``$MLFLOW_TRACKING_URI``, else ``sqlite:///runs/mlflow.db`` of the working directory). A tracking
+server (``http://...``) already serves its own UI: ``ui`` says so and starts nothing.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from embedkit.errors import UserError
-from embedkit.tracking.store import default_uri
+from embedkit.tracking.store import resolve_uri
 
 HOST = "127.0.0.1"
 
@@ -37,9 +38,10 @@ def command(args: list[str]) -> list[str]:
         raise UserError(f"port: expected a port number, got {port!r}")
     if not workers.isdigit() or int(workers) < 1:
         raise UserError(f"workers: expected a positive integer, got {workers!r}")
-    uri = uri or default_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    uri = resolve_uri(uri, create=True)
+    if uri.startswith(("http://", "https://")):
+        raise UserError(f"ui: the store {uri} is a tracking server, which serves its own UI: open {uri} "
+                        "in a browser (embedkit ui starts a UI over a database store only)")
     return [
         sys.executable, "-m", "mlflow", "ui",
         "--backend-store-uri", uri,

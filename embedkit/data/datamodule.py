@@ -8,6 +8,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from embedkit.data import demo
+from embedkit.data.remote import is_remote
 from embedkit.data.shards import decode_sample, iter_samples, list_shards
 from embedkit.data.stream import ChunkCollate, ShardStream, ValCollate, ValItems
 from embedkit.errors import UserError
@@ -22,16 +23,32 @@ def resolve_shards(data: dict, log=print) -> tuple[list[str], list[str]]:
     if data["train"]["shards"] is None:
         train = sorted(str(p) for p in Path(demo_dir).glob("*/train-*.tar"))
     else:
-        train = list_shards(data["train"]["shards"])
-        if not train or not all(Path(s).is_file() for s in train):
-            raise UserError(f"data.train.shards: no .tar shards found at {data['train']['shards']}")
+        train = checked_shards("data.train.shards", data["train"]["shards"])
     if data["val"]["shards"] is None:
         val = [str(Path(demo_dir) / "val-000000.tar")]
     else:
-        val = list_shards(data["val"]["shards"])
-        if not val or not all(Path(s).is_file() for s in val):
-            raise UserError(f"data.val.shards: no .tar shards found at {data['val']['shards']}")
+        val = checked_shards("data.val.shards", data["val"]["shards"])
     return train, val
+
+
+def checked_shards(key: str, spec) -> list[str]:
+    """The shards of ``spec``: local files must exist; of remote ones (URLs, ``pipe:``) the first is
+    probed, so a wrong host, bucket or credential fails here, in one line naming the URL."""
+    if not is_remote(spec):
+        shards = list_shards(spec)
+        if not shards or not all(Path(s).is_file() for s in shards):
+            raise UserError(f"{key}: no .tar shards found at {spec}")
+        return shards
+    from embedkit.data.remote import probe
+
+    try:
+        shards = list_shards(spec)
+        if not shards:
+            raise UserError(f"no .tar shards found at {spec}")
+        probe(shards[0])
+    except UserError as exc:
+        raise UserError(f"{key}: {exc}") from None
+    return shards
 
 
 def read_examples(shards: list[str], limit: int):

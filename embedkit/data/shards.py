@@ -21,6 +21,7 @@ from typing import Iterator
 
 from PIL import Image
 
+from embedkit.data.remote import is_remote
 from embedkit.data.schema import Example, Item
 from embedkit.files import atomic_path
 
@@ -87,9 +88,20 @@ def iter_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, files) per sample of a tar, grouping consecutive files by key (up to the first dot).
 
     A truncated tar raises ``tarfile.ReadError`` after the complete samples before the cut; the
-    sample being read when the data ended is never yielded."""
+    sample being read when the data ended is never yielded. ``path`` may be a URL or ``pipe:``
+    command (read by ``embedkit.data.remote``, which retries and resumes a dropped connection)."""
+    if is_remote(path):  # a URL or pipe: (embedkit.data.remote); local files never go there
+        from embedkit.data.remote import open_shard
+
+        with open_shard(path) as f:
+            yield from _samples(tarfile.open(fileobj=f, mode="r:"), path)
+        return
+    yield from _samples(tarfile.open(path, "r"), path)
+
+
+def _samples(tar: tarfile.TarFile, path) -> Iterator[tuple[str, dict[str, bytes]]]:
     key, files = None, {}
-    with tarfile.open(path, "r") as tar:
+    with tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -127,7 +139,12 @@ def write_shard(path: str | Path, samples: list[dict[str, bytes]]) -> None:
 
 
 def list_shards(spec: str | Path) -> list[str]:
-    """Shard paths from a folder (every .tar under it, sorted) or a brace pattern / single file."""
+    """Shard paths from a folder (every .tar under it, sorted) or a brace pattern / single file;
+    a URL or ``pipe:`` spec gives URLs (``remote.expand``: brace expansion or a prefix listing)."""
+    if is_remote(spec):
+        from embedkit.data.remote import expand
+
+        return expand(str(spec))
     p = Path(spec).expanduser()
     if p.is_dir():
         return sorted(str(x) for x in p.rglob("*.tar"))

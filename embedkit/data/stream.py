@@ -19,7 +19,10 @@ epoch (``len()`` of the stream); 0 is endless (the run length is ``trainer.max_s
 every rank yields the same number of full batches, so DDP never waits on a rank that ran dry.
 
 A sample that fails to decode (a corrupt image, a missing part) or a truncated tar is skipped,
-counted and logged, and the batch is filled from the next sample: batches are always full.
+counted and logged, and the batch is filled from the next sample: batches are always full. Shards
+may be URLs or ``pipe:`` commands (``embedkit.data.remote``): a dropped connection is resumed
+below the tar reader, so the stream is the same as over local copies; a remote shard that cannot
+be had after the retries stops the run with ``ShardUnavailable`` (one line naming the URL).
 Everything is deterministic in ``seed``.
 """
 
@@ -34,6 +37,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from embedkit.data.remote import ShardUnavailable
 from embedkit.data.schema import Example, Item
 from embedkit.data.shards import decode_sample, iter_samples
 
@@ -171,6 +175,8 @@ class _SourceReader:
                         if i % self.stride == self.offset:
                             got += 1
                             yield shard, key, files
+                except ShardUnavailable:  # a remote shard that cannot be had (retries spent): stop, say which
+                    raise
                 except Exception as exc:  # a truncated or unreadable tar: keep what was read, move on
                     self.owner.skip(f"the rest of {shard} ({exc})", shard)
             if got == 0:

@@ -8,7 +8,8 @@ One row per run (oldest first): the run's name, the params whose values differ b
 ``run.dir`` always differ and are left out), and for each chosen metric its best value (the lowest
 for a metric whose name holds ``loss``, else the highest) and its final value (at the last step).
 
-Defaults: the store is ``sqlite:///runs/mlflow.db`` of the working directory; no experiment means
+Defaults: the store is ``store.resolve_uri`` (``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///runs/mlflow.db`` of the working directory); no experiment means
 the experiment of the most recently started run in the store; no metric means those of
 ``DEFAULT_METRICS`` the runs have (else every metric they have). Metric names are given as logged
 in code (``val/p@1``); MLflow refuses ``@`` so the store holds ``val/p_at_1``, mapped here both
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from embedkit.errors import UserError
 from embedkit.files import atomic_path
-from embedkit.tracking.store import default_uri, display_name, stored_name
+from embedkit.tracking.store import display_name, is_sqlite, resolve_uri, sqlite_path, stored_name
 
 DEFAULT_METRICS = ("val/p@1", "eval/overall/p@1", "train/loss")
 HIDDEN_PARAMS = ("run.name", "run.dir")
@@ -42,9 +43,9 @@ KIND_TAG = "embedkit.kind"
 def open_store(uri: str | None):
     from mlflow.tracking import MlflowClient
 
-    uri = uri or default_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise UserError(f"tracking.uri: no MLflow store at {uri[len('sqlite:///'):]} (run embedkit fit first)")
+    uri = resolve_uri(uri)
+    if is_sqlite(uri) and not sqlite_path(uri).is_file():
+        raise UserError(f"tracking.uri: no MLflow store at {sqlite_path(uri)} (run embedkit fit first)")
     return MlflowClient(tracking_uri=uri)
 
 

@@ -1,14 +1,16 @@
 """MLflow wiring: the store, run params/tags/artifacts, and metric names MLflow accepts.
 
-The store is ``sqlite:///<cwd>/runs/mlflow.db`` unless ``tracking.uri`` says otherwise (current
-MLflow refuses its file store). Params are the flattened resolved config with dotted keys; tags
-are the recipe, the git sha and the embedkit version; the resolved config and the command-line
-overrides are artifacts. Metric names keep ``/`` namespaces; MLflow refuses ``@``, so
+The store is ``store.resolve_uri``: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///<cwd>/runs/mlflow.db`` (current MLflow refuses its file store). Params are the
+flattened resolved config with dotted keys; tags are the recipe, the git sha and the embedkit
+version; the resolved config and the command-line overrides are artifacts (on a tracking server,
+in the server's artifact store). Metric names keep ``/`` namespaces; MLflow refuses ``@``, so
 ``val/p@1`` is stored as ``val/p_at_1`` (``store.stored_name``, which ``compare`` shares).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,15 +18,12 @@ from typing import Any
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from embedkit.tracking.store import artifact_location, default_uri, stored_name
+from embedkit.tracking.store import ENV_VAR, artifact_location, resolve_uri, stored_name
 
 
 def tracking_uri(tracking: dict) -> str:
-    """The store of the ``tracking`` section (its ``uri``, else the default), its folder created."""
-    uri = tracking["uri"] or default_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return uri
+    """The store of the ``tracking`` section (``store.resolve_uri``), its folder created."""
+    return resolve_uri(tracking["uri"], create=True)
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -45,7 +44,22 @@ def git_sha() -> str:
 
 
 class EmbedkitMLFlowLogger(MLFlowLogger):
-    """Lightning's MLflow logger, with ``@`` mapped (``stored_name``) instead of silently stripped."""
+    """Lightning's MLflow logger, with ``@`` mapped (``stored_name``) instead of silently stripped,
+    and the process environment left as it was found."""
+
+    @property
+    def experiment(self):
+        # mlflow.set_tracking_uri (called by Lightning here) exports MLFLOW_TRACKING_URI for
+        # subprocesses; undone, or the next fit of this process would take this run's store for the
+        # user's choice (resolve_uri reads the variable) and every later child process would inherit it
+        before = os.environ.get(ENV_VAR)
+        try:
+            return super().experiment
+        finally:
+            if before is None:
+                os.environ.pop(ENV_VAR, None)
+            else:
+                os.environ[ENV_VAR] = before
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:

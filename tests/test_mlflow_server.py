@@ -1,0 +1,125 @@
+"""A real ``mlflow server`` on 127.0.0.1 (as in docker/compose.yaml: sqlite backend, proxied artifacts):
+``MLFLOW_TRACKING_URI`` alone sends a 5-step demo fit there, its training shards streamed over HTTP
+with a connection cut mid-shard; params, ``train/loss`` and the config artifact read back with
+``MlflowClient``; ``embedkit compare`` reads the same server. One fit process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+from _http_shards import serve
+from conftest import SMALL_DEMO, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``mlflow server`` in its own session, /health polled up to 60 s, stopped by its process group."""
+    tmp = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+         "--serve-artifacts", "--artifacts-destination", str(tmp / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}: {(tmp / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy after 60 s: {(tmp / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url, tmp
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def fitted(server, tmp_path_factory):
+    from embedkit.config.loader import compose
+    from embedkit.data import demo
+
+    url, _ = server
+    work = tmp_path_factory.mktemp("fit-to-server")
+    # the demo shards, drawn here (the fit's process shares EMBEDKIT_CACHE), served over HTTP
+    root = demo.ensure_demo_shards(compose(["recipe=demo", *SMALL_DEMO])["data"]["demo"], log=lambda *a: None)
+    with serve(root) as shards:
+        shards.cut_at = 16384  # a few samples in: the fit reads only a part of each shard in 5 steps
+        shards.drop["/demo_t2i/train-000000.tar"] = 1  # its first GET (the probe reads demo_i2t's)
+        args = ["fit", "recipe=demo", "trainer.max_steps=5", f"run.dir={work / 'run'}", "run.name=to-server",
+                "tracking.experiment=server", "train.global_batch_size=8", "train.chunk_size=4", *SMALL_DEMO,
+                f"data.train.shards={shards.url}/demo_{{i2t,t2i}}/train-000000.tar"]
+        out = run_cli(args, cwd=work, MLFLOW_TRACKING_URI=url)
+        assert out.returncode == 0, out.stderr[-3000:]
+        requests = list(shards.requests)
+        dropped = list(shards.dropped)
+    return work, out, requests, dropped
+
+
+def test_fit_logs_to_the_server_named_by_the_environment(server, fitted):
+    from mlflow import MlflowClient
+
+    url, tmp = server
+    work, _, _, _ = fitted
+    assert not (work / "runs" / "mlflow.db").exists()  # nothing went to the default store
+    client = MlflowClient(tracking_uri=url)
+    exp = client.get_experiment_by_name("server")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "to-server"
+    assert run.data.params["trainer.max_steps"] == "5" and run.data.params["loss.name"] == "infonce"
+    assert run.data.params["data.train.shards"].startswith("http://127.0.0.1:")
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert losses and all(m.value == m.value for m in losses)  # logged, not NaN
+    config = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(work))).read())
+    assert config["run"]["name"] == "to-server" and config["trainer"]["max_steps"] == 5
+    assert list((tmp / "artifacts").rglob("config.yaml"))  # proxied: stored by the server
+
+
+def test_training_shards_streamed_over_http_through_a_cut(fitted):
+    _, _, requests, dropped = fitted
+    path = "/demo_t2i/train-000000.tar"
+    assert dropped == [path]
+    resumed = [rng for p, rng in requests if p == path and rng]
+    assert resumed and resumed[0].startswith("bytes=")  # resumed at the byte already read
+
+
+def test_compare_reads_the_server(server, fitted, capsys, monkeypatch):
+    from embedkit.cli import main as cli
+
+    url, _ = server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    assert cli(["compare", "experiment=server", "metric=train/loss"]) == 0
+    out = capsys.readouterr().out
+    assert "to-server" in out and "train/loss" in out

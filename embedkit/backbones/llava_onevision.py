@@ -60,9 +60,14 @@ def num_image_tokens(
 
 class LlavaOnevisionChunkProcessor(ChunkProcessor):
     def __init__(self, tokenizer, image_processor, image_token_id: int, tile: int, patch: int,
-                 pinpoints: list[list[int]], anyres_max: int, append_eos: bool = True):
+                 pinpoints: list[list[int]], anyres_max: int, append_eos: bool = True,
+                 max_length: int | None = None, system_prompt: str | None = None):
         self.tokenizer = tokenizer
         self.end = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
+        self.max_length = max_length
+        self.before, self.after = [], []
+        if system_prompt is not None:  # prompt=chat: Qwen's chat template around every item
+            self.before, self.after = _common.chat_frame(self._ids, system_prompt)
         self.image_processor = image_processor
         self.image_token_id = image_token_id
         self.tile, self.patch, self.pinpoints, self.anyres_max = tile, patch, pinpoints, anyres_max
@@ -77,7 +82,10 @@ class LlavaOnevisionChunkProcessor(ChunkProcessor):
             if item.image is None:
                 if _common.IMAGE_PLACEHOLDER in text:
                     raise _common.placeholder_error(FAMILY)
-                rows.append(self._ids(text) + self.end)
+                content = self._ids(text)
+                if self.max_length is not None:  # text-only items are cut to max_length tokens in all
+                    content = content[: max(0, self.max_length - len(self.before) - len(self.after) - len(self.end))]
+                rows.append(self.before + content + self.after + self.end)
                 continue
             image = item.image.convert("RGB")
             images.append(image)
@@ -88,7 +96,11 @@ class LlavaOnevisionChunkProcessor(ChunkProcessor):
             before, _, after = text.partition(_common.IMAGE_PLACEHOLDER)
             if _common.IMAGE_PLACEHOLDER in after:
                 raise ValueError(f"{FAMILY}: one image per item; the text holds several {_common.IMAGE_PLACEHOLDER}")
-            rows.append(self._ids(before) + [self.image_token_id] * n + self._ids(after) + self.end)
+            row = self.before + self._ids(before) + [self.image_token_id] * n + self._ids(after) + self.after + self.end
+            if self.max_length is not None and len(row) > self.max_length:
+                raise ValueError(f"{FAMILY}: an image item of {len(row)} tokens exceeds max_length={self.max_length}; "
+                                 "lower model.backbone.max_grid / anyres_max or raise model.backbone.max_length")
+            rows.append(row)
         if any(len(r) == 0 for r in rows):
             raise ValueError(f"{FAMILY}: an item tokenized to nothing")
         input_ids, attention_mask = _common.pad_right(rows, self.tokenizer.pad_token_id)
@@ -106,6 +118,12 @@ class LlavaOnevision(Backbone):
     """LLaVA-OneVision (transformers ``LlavaOnevisionModel``) with right padding and AnyRes-Max tiling.
 
     ``append_eos``: end every sequence with the EOS token (the state last-token pooling reads).
+
+    ``prompt``: ``none`` (the item's text as it is) or ``chat``: Qwen's chat template with the system
+    message ``system_prompt``, the item as the user turn and a lone "\n" as the assistant turn, as LLaVE
+    trains (see ``_common.chat_frame``); the pooled state is then the final "\n", so ``append_eos`` must
+    be false. ``max_length``: text-only items are cut to this many tokens; a longer image item is an
+    error (its image tokens cannot be cut). None: no limit.
 
     ``anyres_max`` caps the tiled features at that many tiles' worth (reference: 9, "anyres_max_9");
     ``max_grid`` builds the tile grids 1..max_grid squared (reference: 6, i.e. up to 2304 px with 384-px
@@ -131,12 +149,17 @@ class LlavaOnevision(Backbone):
         append_eos: bool = True,
         anyres_max: Optional[int] = None,
         max_grid: Optional[int] = None,
+        max_length: Optional[int] = None,
+        prompt: Literal["none", "chat"] = "none",
+        system_prompt: str = "You are a helpful assistant.",
     ):
         super().__init__()
         from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionModel
 
         one_source(FAMILY, path, tiny)
         self.append_eos = append_eos
+        self.max_length = max_length
+        self.system_prompt = system_prompt if prompt == "chat" else None
         if tiny:
             self.tokenizer = _tiny_tokenizer()
             with seeded(seed):
@@ -172,6 +195,10 @@ class LlavaOnevision(Backbone):
             raise ValueError("anyres_max: must be >= 1")
         if params.get("max_grid") is not None and params["max_grid"] < 1:
             raise ValueError("max_grid: must be >= 1")
+        if params.get("max_length") is not None and params["max_length"] < 1:
+            raise ValueError("max_length: must be >= 1")
+        if params.get("prompt") == "chat" and params.get("append_eos"):
+            raise ValueError("append_eos: must be false with prompt=chat (the template's final \"\\n\" is pooled)")
 
     def make_processor(self) -> LlavaOnevisionChunkProcessor:
         cfg = self.model.config
@@ -180,6 +207,7 @@ class LlavaOnevision(Backbone):
             tile=cfg.vision_config.image_size, patch=cfg.vision_config.patch_size,
             pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
             anyres_max=int(cfg.vision_aspect_ratio.removeprefix("anyres_max_")), append_eos=self.append_eos,
+            max_length=self.max_length, system_prompt=self.system_prompt,
         )
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
@@ -208,7 +236,8 @@ class LlavaOnevision(Backbone):
 def _tiny_tokenizer():
     from embedkit.backbones.processors import tiny_tokenizer
 
-    return tiny_tokenizer([IMAGE_TOKEN, VIDEO_TOKEN], pad="<|endoftext|>", eos="<|im_end|>")
+    # the chat markers and "\n" as tokens of their own, as in the Qwen2 tokenizer (prompt=chat)
+    return tiny_tokenizer([IMAGE_TOKEN, VIDEO_TOKEN, _common.IM_START, "\n"], pad="<|endoftext|>", eos=_common.IM_END)
 
 
 def _tiny_config(tokenizer):

@@ -1,10 +1,12 @@
 """LoRA / DoRA on a backbone's language model, through PEFT, in place.
 
 ``apply_lora(backbone, lora_cfg)`` takes the ``model.lora`` section (``LoraSection``: enabled, r,
-alpha, dropout, dora, target). When enabled, PEFT LoRA layers (Hu et al., arXiv 2106.09685; DoRA:
-Liu et al., arXiv 2402.09353) are injected into every module whose full name matches the anchored
-regex ``target`` (default: the backbone's ``lora_target``, language model only); every other weight is
-frozen, except the projector when the backbone was built with ``train_projector=true``.
+alpha, dropout, dora, target, vision, init). When enabled, PEFT LoRA layers (Hu et al., arXiv
+2106.09685; DoRA: Liu et al., arXiv 2402.09353) are injected into every module whose full name matches
+the anchored regex ``target`` (default: the backbone's ``lora_target``, language model only); a target
+matching vision-tower modules is refused unless ``vision=true`` (VLM2Vec's suffix-matched targets adapt
+Phi-3.5-V's CLIP attention). ``init``: PEFT ``init_lora_weights`` (``default`` or ``gaussian``). Every
+other weight is frozen, except the projector when the backbone was built with ``train_projector=true``.
 When disabled (full fine-tuning) the backbone is returned unchanged: its constructor already froze the
 vision tower (``freeze_vision``) and, unless ``train_projector``, the projector.
 
@@ -41,14 +43,17 @@ def apply_lora(backbone: Backbone, lora_cfg: dict) -> Backbone:
     if not names:
         raise ConfigError(f"model.lora.target: {target!r} matches no module of the backbone")
     vision = tuple(getattr(backbone, "vision_prefixes", ()))
-    if vision and any(n.startswith(vision) for n in names):
-        raise ConfigError(f"model.lora.target: {target!r} matches vision-tower modules; LoRA is for the language model")
+    if vision and not lora_cfg.get("vision", False) and any(n.startswith(vision) for n in names):
+        raise ConfigError(f"model.lora.target: {target!r} matches vision-tower modules; "
+                          "set model.lora.vision=true to adapt them too")
     config = LoraConfig(
         r=int(lora_cfg.get("r", 16)),
         lora_alpha=int(lora_cfg.get("alpha", 32)),
         lora_dropout=float(lora_cfg.get("dropout", 0.0)),
         use_dora=bool(lora_cfg.get("dora", False)),
         target_modules=target,  # a string: PEFT full-matches it against each module name
+        # PEFT: True = Kaiming-uniform A, zero B; "gaussian" = A ~ N(0, 1/r), zero B (VLM2Vec)
+        init_lora_weights=True if lora_cfg.get("init", "default") == "default" else "gaussian",
         bias="none",
     )
     inject_adapter_in_model(config, backbone)

@@ -96,8 +96,10 @@ def num_image_tokens(h: int, w: int, merged_side: int) -> int:
 
 
 class Phi3VChunkProcessor(ChunkProcessor):
-    def __init__(self, tokenizer, num_crops: int, crop: int, merged_side: int, append_eos: bool = True):
+    def __init__(self, tokenizer, num_crops: int, crop: int, merged_side: int, append_eos: bool = True,
+                 max_length: int | None = None):
         self.tokenizer = tokenizer
+        self.max_length = max_length
         self.end = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
         self.num_crops, self.crop, self.merged_side = num_crops, crop, merged_side
 
@@ -126,7 +128,10 @@ class Phi3VChunkProcessor(ChunkProcessor):
             if item.image is None:
                 if _common.IMAGE_PLACEHOLDER in text:
                     raise _common.placeholder_error(FAMILY)
-                rows.append(bos + self._ids(text) + self.end)
+                row = bos + self._ids(text) + self.end
+                if self.max_length is not None:  # VLM2Vec --max_len: cuts text-only inputs, the end kept
+                    row = row[: max(0, self.max_length - len(self.end))] + self.end if len(row) > self.max_length else row
+                rows.append(row)
                 continue
             if _common.IMAGE_PLACEHOLDER not in text:
                 text = _common.IMAGE_PLACEHOLDER + ("\n" + text if text else "")
@@ -154,6 +159,8 @@ class Phi3V(Backbone):
 
     ``num_crops``: the HD transform's crop budget (reference: 4 for Phi-3.5-V, 16 for Phi-3-V).
     ``append_eos``: end every sequence with the EOS token (the state last-token pooling reads).
+    ``max_length``: text-only items are cut to this many tokens; items with an image are never cut, as in
+    VLM2Vec's Phi-3-V processor (``--max_len`` truncates text-only inputs only). None: no limit.
     """
 
     lora_target = r"^language_model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))$"
@@ -172,10 +179,12 @@ class Phi3V(Backbone):
         gradient_checkpointing: bool = False,
         append_eos: bool = True,
         num_crops: int = 4,
+        max_length: Optional[int] = None,
     ):
         super().__init__()
         one_source(FAMILY, path, tiny)
         self.num_crops = num_crops
+        self.max_length = max_length
         self.append_eos = append_eos
         if tiny:
             self.tokenizer = _tiny_tokenizer()
@@ -210,6 +219,8 @@ class Phi3V(Backbone):
     def check_config(params: dict) -> None:
         if params.get("num_crops", 1) < 1:
             raise ValueError("num_crops: must be >= 1")
+        if params.get("max_length") is not None and params["max_length"] < 1:
+            raise ValueError("max_length: must be >= 1")
 
     # -- construction and loading ------------------------------------------------------------------
 
@@ -317,7 +328,8 @@ class Phi3V(Backbone):
     # -- the contract ------------------------------------------------------------------------------
 
     def make_processor(self) -> Phi3VChunkProcessor:
-        return Phi3VChunkProcessor(self.tokenizer, self.num_crops, self.crop, self.merged_side, self.append_eos)
+        return Phi3VChunkProcessor(self.tokenizer, self.num_crops, self.crop, self.merged_side, self.append_eos,
+                                   max_length=self.max_length)
 
     def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
         """All images' projected token features, concatenated in order: ``[sum of tokens, hidden]``."""

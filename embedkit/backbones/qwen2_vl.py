@@ -4,7 +4,9 @@ Processing: an image becomes ``<|vision_start|>`` + N x ``<|image_pad|>`` + ``<|
 N = (grid_h * grid_w) / merge_size^2 from the PIL image processor (no torchvision); MMEB's
 ``<|image_1|>`` marks where it goes (else it leads the text). Resolution policy: at most
 ``max_pixels`` (reference default 1280*28*28, Qwen2-VL model card) and at least ``min_pixels``.
-Sequences are right-padded and end with the EOS token, the state that last-token pooling reads.
+Sequences are right-padded and end with the EOS token, the state that last-token pooling reads
+(``append_eos=false``: the last text token, as VLM2Vec pools). ``resize: [W, H]`` first resizes every
+image to exactly W x H (VLM2Vec v1's ``--image_resolution high``: 1344 x 1344, aspect not kept).
 """
 
 from __future__ import annotations
@@ -31,15 +33,22 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 
 class Qwen2VLChunkProcessor(ChunkProcessor):
-    def __init__(self, tokenizer, image_processor, merge_size: int, max_length: int):
+    def __init__(self, tokenizer, image_processor, merge_size: int, max_length: int, append_eos: bool = True,
+                 resize: Optional[list[int]] = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.merge_size = merge_size
         self.max_length = max_length
+        self.end = tokenizer.eos_token if append_eos else ""
+        self.resize = tuple(resize) if resize else None  # (width, height)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
+    def _image(self, image):
+        """The fixed pre-resize (``resize``, aspect not kept), before the processor's own policy."""
+        return image.convert("RGB").resize(self.resize) if self.resize else image
+
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
-        images = [it.image for it in items if it.image is not None]
+        images = [self._image(it.image) for it in items if it.image is not None]
         out: dict[str, torch.Tensor] = {}
         counts = []
         if images:
@@ -54,7 +63,7 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
                 image = VISION_START + IMAGE_PAD * counts[k] + VISION_END
                 k += 1
                 text = text.replace(IMAGE_PLACEHOLDER, image, 1) if IMAGE_PLACEHOLDER in text else image + text
-            texts.append(text + self.tokenizer.eos_token)
+            texts.append(text + self.end)
         enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         if enc["input_ids"].shape[1] > self.max_length:
             raise ValueError(
@@ -69,9 +78,9 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
     def num_tokens(self, item: Item) -> int:
         """The processed length by arithmetic: text tokens, image tokens from the image size, EOS."""
         parts = (item.text or "").split(IMAGE_PLACEHOLDER, 1)
-        n = sum(len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in parts if p) + 1
+        n = sum(len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in parts if p) + bool(self.end)
         if item.image is not None:
-            width, height = item.image.size
+            width, height = self.resize or item.image.size
             n += self.image_processor.get_number_of_image_patches(height, width) // self.merge_size**2 + 2
         return n
 
@@ -99,6 +108,8 @@ class Qwen2VLBackbone(Backbone):
         min_pixels: int = 56 * 56,
         max_pixels: int = 1280 * 28 * 28,
         max_length: int = 4096,
+        append_eos: bool = True,
+        resize: Optional[list[int]] = None,
         tiny_hidden_size: int = 64,
         tiny_layers: int = 2,
         tiny_vision_layers: int = 2,
@@ -125,6 +136,7 @@ class Qwen2VLBackbone(Backbone):
             )
             self.tokenizer.padding_side = "right"
         self.max_length = max_length
+        self.append_eos, self.resize = append_eos, resize
         config = self.model.config
         self.hidden_size = config.text_config.hidden_size
         self.num_layers = config.text_config.num_hidden_layers
@@ -133,7 +145,14 @@ class Qwen2VLBackbone(Backbone):
                          gradient_checkpointing=gradient_checkpointing)
 
     def make_processor(self) -> ChunkProcessor:
-        return Qwen2VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length)
+        return Qwen2VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length,
+                                     append_eos=self.append_eos, resize=self.resize)
+
+    @staticmethod
+    def check_config(params: dict) -> None:
+        resize = params.get("resize")
+        if resize is not None and (len(resize) != 2 or min(resize) < 1):
+            raise ValueError(f"resize: expected [width, height] in pixels, got {resize!r}")
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
         out = self.model(**inputs, output_hidden_states=output_all_layers, use_cache=False)

@@ -71,10 +71,18 @@ def main(args: list[str]) -> int:
     write_atomic(config_path, to_yaml(cfg))
     print(f"run {name}: {run_dir}", flush=True)
 
-    seed, max_steps = cfg["seed"], trainer_cfg["max_steps"]
-    L.seed_everything(seed, workers=True, verbose=False)
-    module = EmbeddingModule.build(cfg["model"], cfg["loss"], train, seed=seed, max_steps=max_steps, config=cfg)
+    from embedkit.training.optim import total_steps
+
+    seed = cfg["seed"]
     train_shards, val_shards = resolve_shards(cfg["data"], log=lambda m: print(m, flush=True))
+    L.seed_everything(seed, workers=True, verbose=False)
+    module = EmbeddingModule.build(cfg["model"], cfg["loss"], train, seed=seed, max_steps=trainer_cfg["max_steps"],
+                                   config=cfg)
+    # trainer.max_epochs > 0: the run length in optimizer steps, from the training examples' count
+    max_steps = module.max_steps = total_steps(module.max_steps, trainer_cfg["max_epochs"], train_shards,
+                                               train["global_batch_size"] * module.accumulate)
+    if trainer_cfg["max_epochs"]:
+        print(f"trainer.max_epochs={trainer_cfg['max_epochs']}: {max_steps} optimizer steps", flush=True)
     chunk_size = train["chunk_size"]
     data = EmbeddingDataModule(cfg["data"], module.encoder.processor(), train_shards, val_shards, seed=seed,
                                global_batch_size=train["global_batch_size"], chunk_size=chunk_size,

@@ -37,6 +37,8 @@ class LoraSection:
     dropout: float = 0.05
     dora: bool = False
     target: Optional[str] = None  # anchored regex; default: the backbone's language-model projections
+    vision: bool = False  # allow targets inside the vision tower (VLM2Vec's suffix-matched targets adapt CLIP)
+    init: Literal["default", "gaussian"] = "default"  # PEFT init_lora_weights: True or "gaussian" (VLM2Vec)
 
 
 @dataclass
@@ -109,11 +111,15 @@ class TrainSection:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     clip_grad_norm: Optional[float] = 1.0
     accumulate_steps: int = 1
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the linear warm-up: decay to lr * min_lr_ratio, or flat
 
 
 @dataclass
 class TrainerSection:
     max_steps: int = 1000
+    # >0: train this many passes over the training examples instead; optimizer steps =
+    # epochs * examples // (global_batch_size * accumulate_steps), examples from the shards' manifest.json
+    max_epochs: int = 0
     devices: Union[int, str] = 1
     num_nodes: int = 1
     accelerator: str = "auto"
@@ -133,6 +139,14 @@ class TrackingSection:
 
 
 @dataclass
+class PaperSection:
+    """What a recipe reproduces; shown by ``embedkit recipes``, never read by training."""
+
+    mmeb: Optional[float] = None  # the paper's MMEB overall score for this recipe's model
+    source: Optional[str] = None  # where that score is printed (paper + table)
+
+
+@dataclass
 class Config:
     seed: int = 0
     recipe: Optional[str] = None  # set by the loader
@@ -144,13 +158,14 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    paper: PaperSection = field(default_factory=PaperSection)
 
 
 #: numeric keys with a lower bound (a batch of 0 would fail deep inside torch, far from its cause)
 MINIMUMS = {
     "train.global_batch_size": 1, "train.chunk_size": 1, "train.chunk_tokens": 0, "train.accumulate_steps": 1,
     "train.lr": 0.0, "train.weight_decay": 0.0, "train.warmup": 0.0, "train.min_lr_ratio": 0.0,
-    "trainer.max_steps": 1, "trainer.num_nodes": 1, "trainer.log_every_n_steps": 1, "trainer.val_check_interval": 1,
+    "trainer.max_steps": 1, "trainer.max_epochs": 0, "trainer.num_nodes": 1, "trainer.log_every_n_steps": 1, "trainer.val_check_interval": 1,
     "data.train.num_negatives": 0, "data.train.num_workers": 0, "data.train.shuffle_buffer": 1,
     "data.train.task_batch_size": 0, "data.train.epoch_steps": 0,
     "data.demo.train_size": 1, "data.demo.val_size": 1, "data.demo.image_size": 28, "data.demo.holdout_combinations": 0,

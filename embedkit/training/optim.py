@@ -1,10 +1,25 @@
-"""Optimizer and learning-rate schedule: linear warm-up, then cosine decay to lr * min_lr_ratio."""
+"""Optimizer, learning-rate schedule and run length.
+
+Schedule (``train.schedule``): linear warm-up over ``train.warmup`` of the steps, then
+
+- ``cosine``: half-cosine decay to ``lr * min_lr_ratio`` (the LLaVE trainer's HF ``cosine``);
+- ``linear``: straight line to ``lr * min_lr_ratio`` at the last step (HF ``linear``, VLM2Vec);
+- ``constant``: flat at ``lr``.
+
+Run length: ``trainer.max_epochs > 0`` turns into optimizer steps from the training examples'
+count (``total_steps``), as an epoch-based HF Trainer run with ``dataloader_drop_last`` would.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import tarfile
+from pathlib import Path
 
 import torch
+
+from embedkit.errors import UserError
 
 
 def build_optimizer(params, train: dict) -> torch.optim.Optimizer:
@@ -14,16 +29,55 @@ def build_optimizer(params, train: dict) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=train["lr"], betas=tuple(train["betas"]), weight_decay=train["weight_decay"])
 
 
-def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float, schedule: str = "cosine") -> float:
     """The multiplier of the base lr at optimizer step ``step`` (0-based)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return min_ratio + (1 - min_ratio) * decay
 
 
 def build_scheduler(optimizer, train: dict, total_steps: int):
     warmup = int(train["warmup"] * total_steps)
+    schedule, min_ratio = train["schedule"], train["min_lr_ratio"]
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, total_steps, warmup, train["min_lr_ratio"])
+        optimizer, lambda s: lr_multiplier(s, total_steps, warmup, min_ratio, schedule)
     )
+
+
+# -- run length -----------------------------------------------------------------------------------
+def count_examples(shards: list[str]) -> int:
+    """Training examples in ``shards``: each source folder's count from ``<root>/manifest.json``
+    (written by ``embedkit data mmeb``), else the samples in its tar files (the demo's shards)."""
+    total = 0
+    by_dir: dict[Path, list[str]] = {}
+    for s in shards:
+        by_dir.setdefault(Path(s).parent, []).append(s)
+    for folder, files in by_dir.items():
+        manifest = folder.parent / "manifest.json"
+        entry = None
+        if manifest.is_file():
+            entry = json.loads(manifest.read_text()).get("subsets", {}).get(folder.name)
+        if entry and entry.get("count"):
+            total += int(entry["count"])
+            continue
+        for f in files:
+            with tarfile.open(f) as tar:
+                total += len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
+    return total
+
+
+def total_steps(max_steps: int, max_epochs: int, shards: list[str], examples_per_step: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, or with ``max_epochs > 0`` that many passes over
+    the examples of ``shards`` (the last incomplete step dropped)."""
+    if max_epochs <= 0:
+        return max_steps
+    examples = count_examples(shards)
+    steps = max_epochs * examples // examples_per_step
+    if steps < 1:
+        raise UserError(f"trainer.max_epochs={max_epochs}: {examples} training examples make no full optimizer "
+                        f"step of {examples_per_step} (train.global_batch_size x train.accumulate_steps)")
+    return steps

@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional
 import torch
 
 from embedkit.backbones import _common
-from embedkit.backbones.loading import check_path, load_tokenizer, supported_families
 from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, torch_dtype
+from embedkit.backbones.loading import check_path, load_tokenizer, supported_families
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
 from embedkit.errors import UserError

@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 from embedkit.backbones import _common
-from embedkit.backbones.loading import load_tokenizer, supported_families
 from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, torch_dtype
+from embedkit.backbones.loading import load_tokenizer, supported_families
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
 from embedkit.errors import UserError

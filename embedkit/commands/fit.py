@@ -290,7 +290,7 @@ class Fit:
             mark_ended(logger, "FAILED")
         if trainer.is_global_zero:
             good = checkpoints.last_good or newest_checkpoint(Path(self.cfg["run"]["dir"]))
-            print(f"stopped at step {module.diverged_at}: non-finite loss or gradient for {module.consecutive_skips} "
-                  f"consecutive steps (train.max_skipped_steps); no update was applied; last good checkpoint: "
+            print(f"stopped at step {module.diverged_at}: non-finite {module.nonfinite} for {module.consecutive_skips} "
+                  f"consecutive steps (train.max_skipped_steps), none applied; last good checkpoint: "
                   f"{good or 'none'}", flush=True)
         return EXIT_DIVERGED

@@ -65,6 +65,7 @@ class EmbeddingModule(L.LightningModule):
         self.consecutive_skips = 0
         self.diverged_at: int | None = None  # the step the run stopped at for non-finite steps
         self._cycle_bad = False  # a non-finite loss in the current accumulation cycle
+        self.nonfinite = ""  # what the last skipped step found non-finite (for the stop message)
         self._pending_rng: dict | None = None  # restored at the first batch after a resume
         self.automatic_optimization = False
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -168,6 +169,7 @@ class EmbeddingModule(L.LightningModule):
         moment; the step counter, schedule and data move on) and counted. ``max_skipped`` in a row
         stop the run (``diverged_at``)."""
         bad = self._cycle_bad or not self._grads_finite()
+        self.nonfinite = "loss" if self._cycle_bad else "gradient norm"
         if self.trainer.world_size > 1:  # all ranks decide together
             flag = torch.tensor([float(bad)], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)

@@ -11,8 +11,9 @@ import torch
 from embedkit.cli import main as cli
 from tests.conftest import SMALL_DEMO, run_cli
 
-# a small, fast demo: batch 16 (one task per batch), one forward pass per side
-FAST = SMALL_DEMO + ["train.global_batch_size=16", "train.chunk_size=16", "data.train.task_batch_size=16",
+# a small, fast demo: batch 8 (one task per batch), one forward pass per side
+FAST = SMALL_DEMO + ["train.global_batch_size=8", "train.chunk_size=8", "data.train.task_batch_size=8",
+                     "data.val.enabled=false",
                      "trainer.log_every_n_steps=1", "trainer.progress=log", "trainer.val_check_interval=null",
                      "train.lr=1e-3"]
 
@@ -33,7 +34,7 @@ def _losses(client, run) -> dict[int, float]:
 
 def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path):
     steps, stop_after = 60, 23
-    common = FAST + [f"trainer.max_steps={steps}", "trainer.checkpoint_every=10"]
+    common = FAST + [f"trainer.max_steps={steps}", "trainer.checkpoint_every=10", "trainer.log_every_n_steps=3"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     r = run_cli(["fit", *common, f"run.dir={whole}", f"tracking.uri=sqlite:///{tmp_path / 'whole.db'}"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -59,7 +60,7 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path):
     wclient, wruns = _runs(tmp_path / "whole.db")
     expected = _losses(wclient, wruns[0])
     after = {s: v for s, v in expected.items() if s >= stop_after}
-    assert len(after) >= steps - stop_after - 1
+    assert len(after) >= (steps - stop_after) // 3
     assert {s: resumed[s] for s in after} == after
     assert sorted(resumed) == sorted(expected)
 

@@ -62,7 +62,8 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path):
     after = {s: v for s, v in expected.items() if s >= stop_after}
     assert len(after) >= (steps - stop_after) // 3
     assert {s: resumed[s] for s in after} == after
-    assert sorted(resumed) == sorted(expected)
+    # before the stop too (the stopped run may add a point at its last step, on stopping)
+    assert {s: resumed[s] for s in expected} == expected
 
 
 def test_resume_refuses_an_override_that_changes_the_math(tmp_path, capsys):

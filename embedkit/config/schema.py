@@ -27,6 +27,7 @@ def component(kind: str, default: str):
 class RunSection:
     name: Optional[str] = None  # default: <recipe>-<timestamp>
     dir: Optional[str] = None  # default: runs/<run.name>
+    resume: Literal["never", "auto"] = "never"  # auto: continue run.dir's newest checkpoint when there is one
 
 
 @dataclass
@@ -51,6 +52,7 @@ class ModelSection:
 
 @dataclass
 class DemoData:
+    enabled: bool = False  # train on the drawn demo scenes (demo recipes); else data.train.shards is required
     scenes: Literal["single", "pair", "mixed"] = "single"
     train_size: int = 20000
     val_size: int = 120  # held-out queries, each ranked against all val images
@@ -112,6 +114,7 @@ class TrainSection:
     clip_grad_norm: Optional[float] = 1.0
     accumulate_steps: int = 1
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the linear warm-up: decay to lr * min_lr_ratio, or flat
+    max_skipped_steps: int = 10  # consecutive non-finite steps (skipped, no update) before the run stops
 
 
 @dataclass
@@ -128,6 +131,9 @@ class TrainerSection:
     val_check_interval: Optional[int] = None  # optimizer steps between validations; None: at the end
     log_every_n_steps: int = 10
     progress: Literal["auto", "bar", "log", "none"] = "auto"
+    checkpoint_every: Optional[int] = 500  # optimizer steps between checkpoints (plus one at the end); None: end only
+    keep_checkpoints: int = 3  # newest step-N.ckpt files kept (last.ckpt always points at the newest)
+    stop_signal: Optional[str] = None  # e.g. SIGUSR1 (SLURM --signal): stops cleanly like SIGTERM/SIGINT
 
 
 @dataclass
@@ -166,6 +172,7 @@ MINIMUMS = {
     "train.global_batch_size": 1, "train.chunk_size": 1, "train.chunk_tokens": 0, "train.accumulate_steps": 1,
     "train.lr": 0.0, "train.weight_decay": 0.0, "train.warmup": 0.0, "train.min_lr_ratio": 0.0,
     "trainer.max_steps": 1, "trainer.max_epochs": 0, "trainer.num_nodes": 1, "trainer.log_every_n_steps": 1, "trainer.val_check_interval": 1,
+    "trainer.checkpoint_every": 1, "trainer.keep_checkpoints": 1, "train.max_skipped_steps": 1,
     "data.train.num_negatives": 0, "data.train.num_workers": 0, "data.train.shuffle_buffer": 1,
     "data.train.task_batch_size": 0, "data.train.epoch_steps": 0,
     "data.demo.train_size": 1, "data.demo.val_size": 1, "data.demo.image_size": 28, "data.demo.holdout_combinations": 0,

@@ -11,21 +11,27 @@ from embedkit.data import demo
 from embedkit.data.remote import is_remote
 from embedkit.data.shards import decode_sample, iter_samples, list_shards
 from embedkit.data.stream import ChunkCollate, ShardStream, ValCollate, ValItems
-from embedkit.errors import UserError
+from embedkit.errors import ConfigError, UserError
 
 
 def resolve_shards(data: dict, log=print) -> tuple[list[str], list[str]]:
     """(training shards, validation shards) of the ``data`` section: ``train.shards`` / ``val.shards``,
-    or the demo's."""
+    or the demo's where the recipe asks for the demo data (``data.demo.enabled``). Without the demo,
+    ``train.shards`` is required and a missing ``val.shards`` means no held-out validation."""
     demo_dir = None
-    if data["train"]["shards"] is None or data["val"]["shards"] is None:
+    use_demo = data["demo"]["enabled"]
+    if data["train"]["shards"] is None and not use_demo:
+        raise ConfigError("data.train.shards is not set: this recipe trains on real data; convert MMEB with "
+                          "`embedkit data mmeb --src DIR --out SHARDS` and pass data.train.shards=SHARDS "
+                          "(or data.demo.enabled=true for the drawn demo data)")
+    if use_demo and (data["train"]["shards"] is None or data["val"]["shards"] is None):
         demo_dir = demo.ensure_demo_shards(data["demo"], log=log)
     if data["train"]["shards"] is None:
         train = sorted(str(p) for p in Path(demo_dir).glob("*/train-*.tar"))
     else:
         train = checked_shards("data.train.shards", data["train"]["shards"])
     if data["val"]["shards"] is None:
-        val = [str(Path(demo_dir) / "val-000000.tar")]
+        val = [str(Path(demo_dir) / "val-000000.tar")] if demo_dir else []
     else:
         val = checked_shards("data.val.shards", data["val"]["shards"])
     return train, val
@@ -70,7 +76,7 @@ class EmbeddingDataModule(L.LightningDataModule):
     """
 
     def __init__(self, data: dict, processor, train_shards: list[str], val_shards: list[str], *, seed: int,
-                 global_batch_size: int, chunk_size: int, chunk_tokens: int = 0):
+                 global_batch_size: int, chunk_size: int, chunk_tokens: int = 0, accumulate: int = 1):
         super().__init__()
         self.train_data = data["train"]
         self.processor = processor
@@ -80,8 +86,9 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.global_batch_size = global_batch_size
         self.chunk_size = chunk_size
         self.chunk_tokens = chunk_tokens
+        self.accumulate = accumulate  # training batches per optimizer step: where a resumed stream starts
         val = data["val"]
-        self.val_examples = read_examples(val_shards, val["max_queries"]) if val["enabled"] else []
+        self.val_examples = read_examples(val_shards, val["max_queries"]) if val["enabled"] and val_shards else []
 
     def train_dataloader(self):
         t = self.train_data
@@ -91,15 +98,25 @@ class EmbeddingDataModule(L.LightningDataModule):
         if gbs % world:
             raise UserError(f"train.global_batch_size={gbs} is not divisible by the {world} devices")
         collate = ChunkCollate(self.processor, self.chunk_size, t["num_negatives"], self.chunk_tokens)
+        # a resumed fit (trainer.global_step restored by now) starts the stream at its batch
+        start = self.trainer.global_step * self.accumulate if self.trainer else 0
         try:
             stream = ShardStream(self.train_shards, collate, gbs // world, self.seed, rank, world, t["shuffle_buffer"],
-                                 mix=t["mix"], task_batch_size=t["task_batch_size"], epoch_steps=t["epoch_steps"])
+                                 mix=t["mix"], task_batch_size=t["task_batch_size"], epoch_steps=t["epoch_steps"],
+                                 start_step=start)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         workers = t["num_workers"]
+        # own generators: creating a loader's iterator must not draw from the global torch RNG (a
+        # resumed run creates them at other points of the run than the uninterrupted one)
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                          prefetch_factor=4 if workers > 0 else None)
+                          prefetch_factor=4 if workers > 0 else None, generator=self._generator())
 
     def val_dataloader(self):
         return DataLoader(ValItems(self.val_examples), batch_size=self.chunk_size,
-                          collate_fn=ValCollate(self.processor), num_workers=0)
+                          collate_fn=ValCollate(self.processor), num_workers=0, generator=self._generator())
+
+    def _generator(self):
+        import torch
+
+        return torch.Generator().manual_seed(self.seed)

@@ -5,8 +5,10 @@ A *source* is one folder of shards (an MMEB subset after ``embedkit data mmeb``;
 source). ``ShardStream`` is an IterableDataset; every (rank, worker) pair is a *reader slot* and
 reads a disjoint share of every source: its own shards when a source has at least as many shards as
 there are slots, else every ``slots``-th sample of each shard. Shards are resampled (a fresh seeded
-permutation per pass) so a source never runs dry, and samples go through a per-source shuffle buffer
-(raw bytes; decoding happens when a sample is drawn, so the buffer stays cheap).
+permutation per pass) so a source never runs dry, and samples are shuffled per window of raw
+samples (raw bytes; decoding happens when a sample is drawn, so the window stays cheap). Every
+pass order and window permutation is seeded by its own index, so a resumed run starts the stream
+at its step (``start_step``) without decoding, or even reading, what came before.
 
 Batches are made by *step*, not by reader: worker ``w`` of ``W`` builds the steps ``s`` with
 ``s % W == w`` (the DataLoader takes workers round-robin, so batch ``s`` of every rank comes from
@@ -30,10 +32,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -152,33 +157,90 @@ def source_weights(sources: dict[str, list[str]], mix: dict | None = None) -> di
     return {n: w for n, w in weights.items() if w > 0}
 
 
-class _SourceReader:
-    """Endless decoded examples of one source, for one reader slot (see the module docstring)."""
+def count_samples(path: str) -> int:
+    """Samples in a tar shard as ``iter_samples`` yields them, from the member headers only (the
+    data is seeked over, never read): what lets a reader skip whole shards on resume."""
+    n, key = 0, None
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                if member.isfile():
+                    k = os.path.basename(member.name).split(".", 1)[0]
+                    if k != key:
+                        n, key = n + 1, k
+    except (tarfile.TarError, OSError):
+        return max(0, n - 1)  # a cut tar: its last sample is never yielded
+    return n
 
-    def __init__(self, name: str, shards: list[str], slot: int, slots: int, rng: random.Random,
-                 buffer: int, owner: "ShardStream"):
-        self.name, self.shards, self.rng, self.buffer_size, self.owner = name, shards, rng, buffer, owner
+
+class _SourceReader:
+    """Endless decoded examples of one source, for one reader slot (see the module docstring).
+
+    The raw sample sequence is a series of *passes*; pass ``p`` reads this slot's share of the
+    shards in an order drawn from ``(key, p)`` alone. Shuffling is by *window*: the raw samples
+    ``[w * buffer, (w + 1) * buffer)`` are permuted by an RNG drawn from ``(key, w)`` alone. So the
+    state after ``n`` examples is derivable without replaying them: ``start=n`` counts the shards'
+    samples from their tar headers, skips whole passes and shards, and reads (without decoding) at
+    most one shard and one window to land on sample ``n``.
+    """
+
+    def __init__(self, name: str, shards: list[str], slot: int, slots: int, key: str,
+                 buffer: int, owner: "ShardStream", start: int = 0):
+        self.name, self.shards, self.key, self.buffer_size, self.owner = name, shards, key, buffer, owner
         if len(shards) >= slots:
             self.mine, self.stride, self.offset = shards[slot::slots], 1, 0
         else:  # fewer shards than readers: split samples instead
             self.mine, self.stride, self.offset = shards, slots, slot
-        self.raw = self._raw()
-        self.buffer: list = []
+        self.window, skip = divmod(start, buffer)
+        self.raw = self._raw(self.window * buffer)
+        self.pending: list = []
+        self._fill()
+        del self.pending[len(self.pending) - skip:]  # pending is popped from the end
 
-    def _raw(self):
-        fallback = False
+    def _share(self, shard: str) -> int:
+        """How many of ``shard``'s samples this slot reads."""
+        c = count_samples(shard)
+        return max(0, -(-(c - self.offset) // self.stride)) if c > self.offset else 0
+
+    def _seek(self, start: int) -> tuple[int, int, bool]:
+        """(pass, raw samples to skip within it) of raw sample ``start``; falls back like ``_raw``."""
+        counts = {s: self._share(s) for s in self.mine}
+        first = 0
+        if not sum(counts.values()):  # this slot's share is empty: the fallback after one empty pass
+            self.mine, self.stride, self.offset = self.shards, 1, 0
+            counts, first = {s: self._share(s) for s in self.mine}, 1
+            if not sum(counts.values()):
+                raise RuntimeError(f"training source {self.name!r} has no readable sample")
+        p, rem = divmod(start, sum(counts.values()))
+        self._counts = counts
+        return first + p, rem, bool(first)
+
+    def _raw(self, start: int = 0):
+        fallback, p, rem = False, 0, 0
+        if start:
+            p, rem, fallback = self._seek(start)
         while True:
             got = 0
-            for shard in self.rng.sample(self.mine, len(self.mine)):  # a fresh permutation per pass
+            for shard in random.Random(f"{self.key}-pass-{p}").sample(self.mine, len(self.mine)):
+                if rem:
+                    n = self._counts[shard]
+                    if rem >= n:  # skip the whole shard: not even opened
+                        rem -= n
+                        got += n
+                        continue
                 try:
                     for i, (key, files) in enumerate(iter_samples(shard)):
                         if i % self.stride == self.offset:
                             got += 1
+                            if rem:
+                                rem -= 1
+                                continue
                             yield shard, key, files
                 except ShardUnavailable:  # a remote shard that cannot be had (retries spent): stop, say which
                     raise
                 except Exception as exc:  # a truncated or unreadable tar: keep what was read, move on
                     self.owner.skip(f"the rest of {shard} ({exc})", shard)
+            p += 1
             if got == 0:
                 if fallback:
                     raise RuntimeError(f"training source {self.name!r} has no readable sample")
@@ -186,13 +248,18 @@ class _SourceReader:
                             "reading all of it", self.name)
                 self.mine, self.stride, self.offset, fallback = self.shards, 1, 0, True
 
+    def _fill(self) -> None:
+        """The next window of raw samples, permuted by its own RNG (popped from the end)."""
+        window = [next(self.raw) for _ in range(self.buffer_size)]
+        random.Random(f"{self.key}-window-{self.window}").shuffle(window)
+        window.reverse()
+        self.pending, self.window = window, self.window + 1
+
     def next(self) -> Example:
         while True:
-            while len(self.buffer) < self.buffer_size:
-                self.buffer.append(next(self.raw))
-            i = self.rng.randrange(len(self.buffer))
-            self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
-            shard, key, files = self.buffer.pop()
+            if not self.pending:
+                self._fill()
+            shard, key, files = self.pending.pop()
             try:
                 return decode_sample(key, files)
             except Exception as exc:  # a corrupt image or a malformed sample: skip, count
@@ -202,9 +269,12 @@ class _SourceReader:
 class ShardStream(IterableDataset):
     def __init__(self, shards: list[str] | dict[str, list[str]], collate: ChunkCollate, local_batch_size: int,
                  seed: int, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
-                 mix: dict | None = None, task_batch_size: int = 0, epoch_steps: int = 0):
+                 mix: dict | None = None, task_batch_size: int = 0, epoch_steps: int = 0,
+                 start_step: int = 0):
         self.sources = dict(shards) if isinstance(shards, dict) else group_shards(list(shards))
         self.weights = source_weights(self.sources, mix)
+        w = np.array(list(self.weights.values()), dtype=np.float64)
+        self._cum = np.cumsum(w) / w.sum()
         # a sub-batch larger than the device's batch means "the whole batch from one subset"
         task_batch_size = min(task_batch_size, local_batch_size)
         if task_batch_size < 0 or (task_batch_size and local_batch_size % task_batch_size):
@@ -218,6 +288,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.task_batch_size = task_batch_size
         self.epoch_steps = epoch_steps
+        self.start_step = start_step  # resume: the first __iter__ starts at this step
         self.skipped = 0
         self._warned: set[str] = set()  # samples and shards already warned about
         self.epoch = -1  # counted per process: persistent workers keep their copy across epochs
@@ -235,46 +306,85 @@ class ShardStream(IterableDataset):
         log.log(level, "skipped %s; %d skipped so far on rank %d", what, self.skipped, self.rank)
 
     # -- the plan: which source feeds which example, by step --------------------------------
+    def _draws(self, steps) -> "np.ndarray":
+        """Source index of each draw at each of ``steps``: [len(steps), draws per step]. A draw is a
+        pure function of (seed, step, j) -- and of the rank when fully mixed -- so any step's plan,
+        or the counts of many steps, costs no history (vectorised: 10,000 steps in well under a ms)."""
+        b, t = self.local_batch_size, self.task_batch_size
+        steps = np.asarray(steps, dtype=np.uint64).reshape(-1, 1)
+        j = np.arange(b // t if t else b, dtype=np.uint64).reshape(1, -1)
+        tag = 0 if t else self.rank + 1  # task draws: the same subset on every rank
+        with np.errstate(over="ignore"):
+            x = (np.uint64(self.seed & _MASK) * _K1) ^ (np.uint64(tag) * _K2) ^ (steps * _K3) ^ (j * _K4)
+            for shift, mult in ((30, _M1), (27, _M2)):  # splitmix64's finaliser
+                x = (x ^ (x >> np.uint64(shift))) * mult
+            x ^= x >> np.uint64(31)
+        u = (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+        return np.minimum(np.searchsorted(self._cum, u, side="right"), len(self._cum) - 1)
+
     def step_sources(self, step: int) -> list[str]:
         """The source of each example of this rank's batch at ``step``."""
-        names, weights = list(self.weights), list(self.weights.values())
-        b, t = self.local_batch_size, self.task_batch_size
-        if t:  # seeded by step only: the same subset on every rank
-            out = []
-            for j in range(b // t):
-                out += random.Random(f"{self.seed}-task-{step}-{j}").choices(names, weights)[0:1] * t
-            return out
-        return random.Random(f"{self.seed}-mix-{step}-{self.rank}").choices(names, weights, k=b)
+        names, t = list(self.weights), self.task_batch_size
+        return [names[i] for i in self._draws([step])[0] for _ in range(t or 1)]
 
-    def batches(self, worker: int = 0, num_workers: int = 1, epoch: int = 0):
-        """The examples of each batch this (rank, worker) builds, in order (before collation)."""
+    def drawn_before(self, steps) -> dict[str, int]:
+        """Examples each source gives this rank over ``steps`` (the skipped steps of a resume)."""
+        names, t = list(self.weights), self.task_batch_size
+        if len(steps) == 0:
+            return {}
+        counts = np.bincount(self._draws(steps).ravel(), minlength=len(names)) * (t or 1)
+        return {n: int(c) for n, c in zip(names, counts)}
+
+    def batches(self, worker: int = 0, num_workers: int = 1, epoch: int = 0, start: int = 0):
+        """The examples of each batch this (rank, worker) builds, in order (before collation), from
+        step ``start`` on. Skipping costs the mixture draws of the skipped steps (a few seeded RNG
+        calls each) and the readers' ``start``: no skipped sample is decoded."""
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
         buffer = max(1, -(-self.shuffle_buffer // len(self.weights)))
+        if self.epoch_steps > 0:
+            first = epoch * self.epoch_steps
+            mine = range(first + worker, first + self.epoch_steps, num_workers)
+            skipped = np.array([s for s in mine if s < start], dtype=np.int64)
+            steps = iter([s for s in mine if s >= start])
+        else:
+            first = max(0, -(-(start - worker) // num_workers))
+            skipped = worker + num_workers * np.arange(first, dtype=np.int64)
+            steps = _count(worker + first * num_workers, num_workers)
+        drawn = self.drawn_before(skipped)  # examples each source gave the skipped steps
+        step = next(steps, None)
         readers = {
             name: _SourceReader(name, self.sources[name], slot, slots,
-                                random.Random(f"{self.seed}-read-{epoch}-{self.rank}-{worker}-{name}"), buffer, self)
+                                f"{self.seed}-read-{epoch}-{self.rank}-{worker}-{name}", buffer, self,
+                                drawn.get(name, 0))
             for name in self.weights
         }
-        if self.epoch_steps > 0:
-            steps = (epoch * self.epoch_steps + i for i in range(worker, self.epoch_steps, num_workers))
-        else:
-            steps = (worker + n * num_workers for n in _count())
-        for step in steps:
+        while step is not None:
             yield [readers[name].next() for name in self.step_sources(step)]
+            step = next(steps, None)
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        start = 0
+        if self.epoch < 0 and self.start_step:  # the first pass of a resumed run
+            start = self.start_step
+            self.epoch = start // self.epoch_steps - 1 if self.epoch_steps > 0 else -1
         self.epoch += 1
-        for examples in self.batches(worker, num_workers, self.epoch):
+        for examples in self.batches(worker, num_workers, self.epoch, start):
             yield self.collate(examples)
 
 
-def _count():
-    n = 0
+_MASK = (1 << 64) - 1
+_K1, _K2, _K3, _K4 = (np.uint64(k) for k in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                                              0xD6E8FEB86659FD93))
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _count(first: int = 0, stride: int = 1):
+    n = first
     while True:
         yield n
-        n += 1
+        n += stride
 
 
 class ValItems(torch.utils.data.Dataset):

@@ -66,15 +66,29 @@ class EmbedkitMLFlowLogger(MLFlowLogger):
         super().log_metrics({stored_name(k): v for k, v in metrics.items()}, step)
 
 
-def make_logger(tracking: dict, recipe: str | None, run_name: str) -> EmbedkitMLFlowLogger:
-    """The run's logger from the ``tracking`` section; tags: the recipe, git sha, version, ``tags``."""
+def make_logger(tracking: dict, recipe: str | None, run_name: str, run_id: str | None = None) -> EmbedkitMLFlowLogger:
+    """The run's logger from the ``tracking`` section; tags: the recipe, git sha, version, ``tags``.
+    ``run_id``: continue that MLflow run (a resumed fit) instead of starting one."""
     from embedkit.version import __version__
 
     tags = {"recipe": recipe or "", "git_sha": git_sha(), "embedkit_version": __version__,
             **{str(k): str(v) for k, v in tracking["tags"].items()}}
     uri = tracking_uri(tracking)
     return EmbedkitMLFlowLogger(experiment_name=tracking["experiment"], run_name=run_name,
-                                tracking_uri=uri, tags=tags, artifact_location=artifact_location(uri))
+                                tracking_uri=uri, tags=tags, artifact_location=artifact_location(uri), run_id=run_id)
+
+
+@rank_zero_only
+def mark_running(logger: EmbedkitMLFlowLogger) -> None:
+    """A resumed run is running again (it was KILLED or FAILED when it stopped)."""
+    logger.experiment.update_run(logger.run_id, status="RUNNING")
+
+
+@rank_zero_only
+def mark_ended(logger: EmbedkitMLFlowLogger, status: str) -> None:
+    """The true end status (Lightning marks every fit that returns FINISHED): KILLED for a stop on a
+    signal, FAILED for a run the non-finite guard stopped."""
+    logger.experiment.set_terminated(logger.run_id, status)
 
 
 @rank_zero_only

@@ -52,25 +52,163 @@ class LogProgress(L.Callback):
 
 
 class AtomicLastCheckpoint(L.Callback):
-    """``<dir>/last.ckpt`` every ``every`` steps and at the end, written to a temporary name first."""
+    """``<dir>/step-NNNNNNNN.ckpt`` every ``every`` optimizer steps and at the end (or at a clean
+    stop), each written to a temporary name first; ``last.ckpt`` is a hard link to the newest (a
+    copy where links are refused); only the newest ``keep`` step files are kept.
 
-    def __init__(self, dirpath: str | Path, every: int | None):
+    A checkpoint is never written with non-finite weights, and never while the module reports a
+    diverged run (``pl_module.diverged_at``): the last good one stays the newest.
+    """
+
+    def __init__(self, dirpath: str | Path, every: int | None, keep: int = 3):
         self.dirpath = Path(dirpath)
         self.every = every
+        self.keep = max(1, keep)
+        self.saved_step: int | None = None
+        self.last_good: Path | None = None
 
-    def save(self, trainer):
-        path = self.dirpath / "last.ckpt"
+    def save(self, trainer, pl_module=None) -> Path | None:
+        step = trainer.global_step
+        if self.saved_step == step:
+            return self.last_good
+        module = pl_module or trainer.lightning_module
+        if getattr(module, "diverged_at", None) is not None or not all_finite(module):
+            return None
+        path = self.dirpath / f"step-{step:08d}.ckpt"
         tmp = temp_path(path)
         # weights_only=False: a full, resumable checkpoint (optimizer, loops), said explicitly
         trainer.save_checkpoint(str(tmp), weights_only=False)  # every rank calls it (sharded strategies gather)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             os.replace(tmp, path)
+            link_atomic(path, self.dirpath / "last.ckpt")
+            for old in sorted(self.dirpath.glob("step-*.ckpt"))[:-self.keep]:
+                old.unlink(missing_ok=True)
+        trainer.strategy.barrier()
+        self.saved_step, self.last_good = step, path
+        return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every and step and step % self.every == 0 and step != trainer.max_steps:
-            self.save(trainer)
+        if (self.every and step and step % self.every == 0 and step != trainer.max_steps
+                and pl_module.at_step_boundary()):
+            self.save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        self.save(trainer)
+        self.save(trainer, pl_module)
+
+
+def all_finite(module) -> bool:
+    """Every parameter finite (local shards under FSDP2; one all-reduced answer when distributed)."""
+    import torch
+
+    ok = all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all()) for p in module.parameters())
+    if module.trainer is not None and module.trainer.world_size > 1:
+        ok = all_max(0 if ok else 1, module.device) == 0
+    return ok
+
+
+def all_max(value: int, device) -> int:
+    """The largest ``value`` over all ranks (the value itself when not distributed)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def link_atomic(src: Path, dst: Path) -> None:
+    """``dst`` becomes ``src`` (a hard link, else a copy) in one rename."""
+    import shutil
+
+    tmp = temp_path(dst)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+#: exit status of a run stopped by a signal (the shell's 128 + signal number)
+def exit_code_for(signum: int) -> int:
+    return 128 + int(signum)
+
+
+class CleanStop(L.Callback):
+    """SIGTERM, SIGINT (and ``extra`` signals, e.g. SIGUSR1 for SLURM's ``--signal``) finish the
+    current optimizer step, write a checkpoint and stop the run; a second SIGINT aborts at once.
+
+    The handlers are installed at ``on_train_start``, after Lightning's signal connector has put its
+    own SIGTERM handler in (which would raise ``SIGTERMException`` out of the loop without a
+    checkpoint), so these win. A handler only sets a flag; at each optimizer-step boundary the flag
+    is all-reduced, so every rank stops after the same step (no rank waits in a collective).
+
+    Test support: ``EMBEDKIT_TEST_SIGNAL_AFTER_BATCH=N`` makes global rank 0 send itself SIGTERM
+    after its N-th training batch (micro-batch; inside an accumulation cycle when N is not a
+    multiple of ``train.accumulate_steps``), so tests drive the real signal path deterministically.
+    """
+
+    def __init__(self, checkpoints: AtomicLastCheckpoint, extra: list[str] | None = None, print_fn=print):
+        self.checkpoints = checkpoints
+        self.extra = list(extra or [])
+        self.print = print_fn
+        self.received: int | None = None
+        self.stopped_at: int | None = None
+        self.signum: int | None = None
+        self._previous: dict = {}
+        self._batches = 0
+        test_at = os.environ.get("EMBEDKIT_TEST_SIGNAL_AFTER_BATCH")
+        self._test_at = int(test_at) if test_at else None
+
+    def signals(self) -> list[int]:
+        import signal
+
+        return [signal.SIGTERM, signal.SIGINT] + [int(getattr(signal, name)) for name in self.extra]
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.received is not None and signum == signal.SIGINT:
+            self.print("second interrupt: aborting now, without a checkpoint", flush=True)
+            os._exit(exit_code_for(signum))
+        if self.received is None:
+            self.received = signum
+            self.print(f"received {signal.Signals(signum).name}: stopping after this optimizer step "
+                       "(interrupt again to abort at once)", flush=True)
+
+    def on_train_start(self, trainer, pl_module):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.signals():
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import signal
+
+        self._batches += 1
+        if self._test_at is not None and self._batches == self._test_at and trainer.is_global_zero:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if not pl_module.at_step_boundary():
+            return  # finish the accumulation cycle: a stop lands on an optimizer step
+        flag = self.received or 0
+        if trainer.world_size > 1:  # every rank learns of a signal any rank received
+            flag = all_max(flag, pl_module.device)
+        if flag and self.stopped_at is None and getattr(pl_module, "diverged_at", None) is None:
+            self.signum = self.received or int(flag)
+            self.stopped_at = trainer.global_step
+            self.checkpoints.save(trainer, pl_module)
+            trainer.should_stop = True
+
+    def teardown(self, trainer, pl_module, stage):
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}

@@ -21,6 +21,28 @@ from embedkit.training import grad_sync, gradcache
 from embedkit.training.optim import build_optimizer, build_scheduler
 
 
+def rng_states() -> dict:
+    """Python's, numpy's and torch's (CPU and CUDA) generator states of this process."""
+    import random
+
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class EmbeddingModule(L.LightningModule):
     """``encoder`` and ``loss_fn`` trained by the ``train`` config section for ``max_steps`` steps.
 
@@ -37,6 +59,14 @@ class EmbeddingModule(L.LightningModule):
         self.max_steps = max_steps
         self.accumulate = train["accumulate_steps"]
         self.clip = train["clip_grad_norm"]
+        self.max_skipped = train["max_skipped_steps"]
+        self.micro = 0  # training batches seen (micro-batches), continued across a resume
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in all
+        self.consecutive_skips = 0
+        self.diverged_at: int | None = None  # the step the run stopped at for non-finite steps
+        self._cycle_bad = False  # a non-finite loss in the current accumulation cycle
+        self.nonfinite = ""  # what the last skipped step found non-finite (for the stop message)
+        self._pending_rng: dict | None = None  # restored at the first batch after a resume
         self.automatic_optimization = False
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.val_results: dict[str, float] = {}
@@ -85,10 +115,6 @@ class EmbeddingModule(L.LightningModule):
         if any(p.requires_grad for p in self.encoder.pooling.parameters()):
             fully_shard(self.encoder.pooling, mesh=dp_mesh)
 
-    def on_train_batch_start(self, batch, batch_idx):
-        # before the DDP wrapper's forward: the reducer stays out of every backward of the step
-        grad_sync.keep_reducer_out(self.trainer.strategy)
-
     def _sync_gradients(self) -> None:
         """Once per optimizer step: average over ranks every gradient no data-parallel engine reduced."""
         from torch.distributed.tensor import DTensor
@@ -96,12 +122,20 @@ class EmbeddingModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad and not isinstance(p, DTensor)]
         grad_sync.average_gradients(params)
 
+    def at_step_boundary(self) -> bool:
+        """True between optimizer steps (never inside an accumulation cycle)."""
+        return self.micro % self.accumulate == 0
+
     def training_step(self, batch: TrainBatch, batch_idx: int):
         opt = self.optimizers()
         accumulate = self.accumulate
-        if batch_idx % accumulate == 0:
+        # the module's own batch counter (not Lightning's batch_idx): it continues across a resume
+        index = self.micro
+        self.micro += 1
+        if index % accumulate == 0:
             opt.zero_grad(set_to_none=True)
-        steps_now = (batch_idx + 1) % accumulate == 0  # the last micro-batch of an optimizer step
+            self._cycle_bad = False
+        steps_now = (index + 1) % accumulate == 0  # the last micro-batch of an optimizer step
         sharded = bool(grad_sync.fsdp2_roots(self))
         if sharded:  # FSDP2: accumulate unsharded grads; reduce-scatter on the step's last backward
             grad_sync.set_fsdp_sync(self, False)
@@ -112,19 +146,78 @@ class EmbeddingModule(L.LightningModule):
 
         out = self.backward_batch(batch, self.manual_backward, scale=1.0 / accumulate,
                                   before_last_backward=before_last_backward)
+        self._cycle_bad |= not bool(torch.isfinite(out.loss))
         if steps_now:
             self._sync_gradients()
-            if self.clip:
-                self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
-            opt.step()
-            self.lr_schedulers().step()
+            self._guarded_step(opt)
         # distributed, each rank's loss is over its own rows: sync_dist reports the full-batch mean
         B = batch.batch_size
         self.log("train/loss", out.loss, prog_bar=True, batch_size=B, sync_dist=True)
         self.log("train/lr", opt.param_groups[0]["lr"], batch_size=B)
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=B)
         for name, value in out.parts.items():
             self.log(f"train/loss/{name}", value, batch_size=B, sync_dist=True)
         return out.loss
+
+    def _grads_finite(self) -> bool:
+        return all(bool(torch.isfinite(getattr(p.grad, "_local_tensor", p.grad)).all())
+                   for p in self.parameters() if p.grad is not None)
+
+    def _guarded_step(self, opt) -> None:
+        """Clip and step, unless the loss or a gradient is non-finite on any rank: then the step is
+        consumed without an update (gradients dropped, so the optimizer touches no parameter and no
+        moment; the step counter, schedule and data move on) and counted. ``max_skipped`` in a row
+        stop the run (``diverged_at``)."""
+        bad = self._cycle_bad or not self._grads_finite()
+        self.nonfinite = "loss" if self._cycle_bad else "gradient norm"
+        if self.trainer.world_size > 1:  # all ranks decide together
+            flag = torch.tensor([float(bad)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = bool(flag.item())
+        if bad:
+            opt.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+        else:
+            self.consecutive_skips = 0
+            if self.clip:
+                self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
+        opt.step()
+        self.lr_schedulers().step()
+        if self.consecutive_skips >= self.max_skipped and self.diverged_at is None:
+            self.diverged_at = self.trainer.global_step
+            self.trainer.should_stop = True
+
+    # -- exact resume: the counters and every RNG, per rank -----------------------------------
+    def on_train_start(self):
+        self.micro = self.trainer.global_step * self.accumulate
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # before the DDP wrapper's forward: the reducer stays out of every backward of the step
+        grad_sync.keep_reducer_out(self.trainer.strategy)
+        if self._pending_rng is not None:  # after the dataloader and anything else drew at startup
+            set_rng_states(self._pending_rng)
+            self._pending_rng = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        states = rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)
+        else:
+            gathered = [states]
+        checkpoint["embedkit"] = {"rng": gathered, "skipped_steps": self.skipped_steps,
+                                  "consecutive_skips": self.consecutive_skips}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("embedkit")
+        if not saved:
+            return
+        self.skipped_steps = saved["skipped_steps"]
+        self.consecutive_skips = saved["consecutive_skips"]
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank < len(saved["rng"]):
+            self._pending_rng = saved["rng"][rank]
 
     def backward_batch(self, batch: TrainBatch, backward, scale: float = 1.0,
                        before_last_backward=None) -> LossOutput:

@@ -171,6 +171,39 @@ def test_sentence_transformers_equals_embedkit(kind, pooling, tmp_path):
     assert (got - encoder.encode(texts=TEXTS, dim=d)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("pooling", ["latent_attention", "multi_layer"])
+def test_sentence_transformers_custom_pooling_module(pooling, tmp_path):
+    """Heads ST lacks: ``1_EmbedkitPooling`` (``embedkit.export.st_module``) pools like embedkit, with and
+    without a prompt, and survives ST's own save and reload (its weights copied into the module folder)."""
+    st = pytest.importorskip("sentence_transformers", reason="the `st` extra (sentence-transformers) is not installed")
+    base = tiny_text_model("llama", tmp_path / "base")
+    run, module = trained_run(tmp_path, ["model.backbone=hf_text", f"model.backbone.path={base}",
+                                         f"model.pooling={pooling}", "model.pooling.num_heads=4",
+                                         "model.lora.enabled=true"])
+    out = export_model(run, tmp_path / "export", prompts={"query": "find the picture of "}, log=lambda m: None)
+    modules = json.loads((out / "modules.json").read_text())
+    assert modules[1]["type"] == "embedkit.export.st_module.EmbedkitPooling"
+    encoder = embedkit.load(out)
+    ref = encoder.encode(texts=TEXTS)
+    assert (ref - reference(module, [Item(text=t) for t in TEXTS])).abs().max().item() <= 1e-5
+    q = encoder.encode(texts=TEXTS, instruction="query")
+    assert (q - ref).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        st.SentenceTransformer(str(out), device="cpu")  # sentence-transformers 6: code outside its package
+    model = st.SentenceTransformer(str(out), device="cpu", trust_remote_code=True)
+    assert model.get_embedding_dimension() == ref.shape[1]
+    for batch_size in (1, 3, 8):
+        got = torch.as_tensor(model.encode(TEXTS, batch_size=batch_size))
+        assert (got - ref).abs().max().item() <= 1e-5, batch_size
+    got = torch.as_tensor(model.encode(TEXTS, prompt_name="query", batch_size=4))
+    assert (got - q).abs().max().item() <= 1e-5
+    model.save(str(tmp_path / "resaved"))
+    assert (tmp_path / "resaved" / "1_EmbedkitPooling" / "model.safetensors").is_file()
+    again = st.SentenceTransformer(str(tmp_path / "resaved"), device="cpu", trust_remote_code=True)
+    got = torch.as_tensor(again.encode(TEXTS, prompt_name="query", batch_size=4))
+    assert (got - q).abs().max().item() <= 1e-5
+
+
 def test_qwen2_vl_chat_template_gives_embedkit_token_ids(tmp_path):
     """The written chat template + the saved processor files == embedkit's processor, token for token.
 

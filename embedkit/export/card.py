@@ -35,7 +35,9 @@ def render(meta: dict, ckpt: Path) -> str:
         lines += [f"| {k} | {v:.4f} |" for k, v in sorted(meta["metrics"].items())]
     if head not in ("last_token", "mean"):
         lines += ["", f"Note: sentence-transformers has no `{head}` pooling; this folder's `1_EmbedkitPooling` "
-                  "module imports it from embedkit (`pip install embedkit`, `trust_remote_code` not needed)."]
+                  "module is embedkit's (`embedkit.export.st_module`, `pip install embedkit`). sentence-transformers 6 "
+                  "imports a module from outside its own package only with `trust_remote_code=True`; the code it runs "
+                  "is the installed embedkit, nothing is downloaded."]
     prompt = next(iter(meta["prompts"]), None)
     lines += [
         "", "## Usage", "", "embedkit:", "", "```python", "import embedkit", "",
@@ -43,7 +45,8 @@ def render(meta: dict, ckpt: Path) -> str:
         'emb = model.encode(texts=["a red circle"]' + (f', instruction="{prompt}"' if prompt else "") + ")  # [N, D]",
         "```", "", "sentence-transformers (text):", "", "```python",
         "from sentence_transformers import SentenceTransformer", "",
-        'model = SentenceTransformer("PATH")',
+        'model = SentenceTransformer("PATH"' + (", trust_remote_code=True" if head not in ("last_token", "mean") else "")
+        + ")",
         'emb = model.encode(["a red circle"]' + (f', prompt_name="{prompt}"' if prompt else "") + ")",
         "```", "", "transformers (the backbone alone; add the pooling and normalisation yourself):", "",
         "```python", "from transformers import AutoModel", "", 'backbone = AutoModel.from_pretrained("PATH")', "```",

@@ -32,14 +32,36 @@ def items_for(family: str) -> list[Item]:
             Item(image=blue), Item(text=TEXTS[3], image=red), Item(text=TEXTS[4]), Item(text=TEXTS[5])]
 
 
-def trained_run(tmp: Path, overrides: list[str], *, perturb: bool = True):
-    """(run dir, module): a module whose trainable weights moved, saved as a fit checkpoint."""
+def train_steps(module, cfg: dict, steps: int, batch: int = 6) -> None:
+    """``steps`` real optimizer steps on demo examples: ChunkCollate (chunks of 4, so GradCache runs)
+    -> ``backward_batch`` -> AdamW at the recipe's lr (no warmup: its first step would be tiny)."""
+    from embedkit.data.demo import train_examples
+    from embedkit.data.stream import ChunkCollate
+    from embedkit.training.optim import build_optimizer
+
+    demo = {**cfg["data"]["demo"], "text_only": cfg["model"]["backbone"]["name"] == "hf_text"}
+    collate = ChunkCollate(module.encoder.processor(), chunk_size=4, num_negatives=1)
+    optimizer = build_optimizer(module.parameters(), cfg["train"])
+    module.train()
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        out = module.backward_batch(collate(list(train_examples(demo, step * batch, (step + 1) * batch))),
+                                    lambda t: t.backward())
+        assert torch.isfinite(out.loss)
+        optimizer.step()
+
+
+def trained_run(tmp: Path, overrides: list[str], *, perturb: bool = True, steps: int = 0):
+    """(run dir, module): a module whose trainable weights moved (``steps`` real optimizer steps, else
+    a random perturbation), saved as a fit checkpoint."""
     from embedkit.config.loader import compose
     from embedkit.training.module import EmbeddingModule
 
     cfg = compose(["recipe=demo", *overrides])
     module = EmbeddingModule.from_config(cfg)
-    if perturb:
+    if steps:
+        train_steps(module, cfg, steps)
+    elif perturb:
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for p in module.parameters():
@@ -95,6 +117,23 @@ def test_export_load_equals_the_training_module(family, tmp_path):
         assert (got - sliced).abs().max().item() <= 1e-5
     # a run dir and a checkpoint load too
     assert (embedkit.load(run).encode(items[:3]) - ref[:3]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["hf_text", "qwen2_vl"])
+def test_export_after_real_training_steps_equals_the_module(family, tmp_path):
+    """The end of a real (short) run: 2 AdamW steps through backward_batch with LoRA on, then export
+    (merged and separate) + load embeds as the module does, at batch sizes 1, 3 and 8."""
+    from embedkit.backbones.lora import lora_is_zero
+
+    run, module = trained_run(tmp_path, [f"model.backbone={family}", "model.backbone.tiny=true",
+                                         "model.lora.enabled=true", "model.pooling=latent_attention",
+                                         "model.pooling.num_latents=8", "model.pooling.num_heads=4"], steps=2)
+    assert not lora_is_zero(module.encoder.backbone)
+    items = items_for(family)
+    ref = reference(module, items)
+    for merge in (True, False):
+        encoder = embedkit.load(export_model(run, tmp_path / f"export-{merge}", merge_lora=merge, log=lambda m: None))
+        assert_equal_embeddings(encoder, items, ref)
 
 
 def test_export_refuses_a_zero_adapter(tmp_path):

@@ -146,6 +146,56 @@ def test_export_refuses_a_zero_adapter(tmp_path):
     assert not list(tmp_path.glob(".out.partial*"))
 
 
+def test_model_card_names_the_mlflow_run_and_its_metrics(tmp_path, monkeypatch):
+    """The card carries the training run's MLflow id and the latest value of each metric it logged
+    (found as ``embedkit eval`` finds it: name + run.dir, in the run's store); a missing store or run,
+    or tracking off, is said on the card and never fails the export (mlflow not even imported)."""
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # beside the run dir: where the default store would be
+    client = MlflowClient(tracking_uri=store)
+    exp = client.create_experiment("cards", artifact_location=str(tmp_path / "artifacts"))
+    other = client.create_run(exp, run_name="card-run").info.run_id  # same name, another run.dir
+    client.log_param(other, "run.dir", str(tmp_path / "elsewhere"))
+    run_id = client.create_run(exp, run_name="card-run").info.run_id
+    client.log_param(run_id, "run.dir", str(tmp_path / "run"))
+    for step, (loss, p1) in enumerate([(2.0, 0.25), (1.5, 0.5)]):
+        client.log_metric(run_id, "train/loss", loss, step=step)
+        client.log_metric(run_id, "val/p_at_1", p1, step=step)
+    client.log_metric(run_id, "eval/N24News/p_at_1", 0.375, step=1)
+    client.log_metric(other, "val/p_at_1", 0.9, step=0)
+    base = ["model.backbone=hf_text", "model.backbone.tiny=true", "run.name=card-run", f"run.dir={tmp_path / 'run'}",
+            "tracking.experiment=cards"]
+    run, _ = trained_run(tmp_path, base)
+    card = (export_model(run, tmp_path / "export", log=lambda m: None) / "README.md").read_text()
+    assert f"run id `{run_id}`" in card and other not in card
+    for line in ("| val/p@1 | 0.5000 |", "| train/loss | 1.5000 |", "| eval/N24News/p@1 | 0.3750 |"):
+        assert line in card
+    meta = json.loads((tmp_path / "export" / "embedkit.json").read_text())
+    assert meta["mlflow_run_id"] == run_id and meta["metrics"]["val/p@1"] == 0.5
+
+    # a configured store that does not exist: said on the card, and not created
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    (tmp_path / "run").rename(tmp_path / "run-old")
+    run, _ = trained_run(tmp_path, [*base, f"tracking.uri=sqlite:///{missing}"])
+    card = (export_model(run, tmp_path / "export2", log=lambda m: None) / "README.md").read_text()
+    assert "no MLflow store found" in card and "run id" not in card and not missing.parent.exists()
+    # a run the store does not hold
+    (tmp_path / "run").rename(tmp_path / "run-old2")
+    run, _ = trained_run(tmp_path, [*base, "run.name=never-logged"])
+    card = (export_model(run, tmp_path / "export3", log=lambda m: None) / "README.md").read_text()
+    assert "no run named 'never-logged' in experiment 'cards'" in card and "## Metrics" not in card
+    # tracking off: mlflow is not imported at all
+    (tmp_path / "run").rename(tmp_path / "run-old3")
+    run, _ = trained_run(tmp_path, [*base, "tracking.enabled=false"])
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
+    card = (export_model(run, tmp_path / "export4", log=lambda m: None) / "README.md").read_text()
+    assert "tracking was off for this run" in card
+
+
 def test_export_cli_errors(tmp_path, capsys):
     from embedkit.cli import main as cli
 

@@ -25,13 +25,15 @@ def render(meta: dict, ckpt: Path) -> str:
         f"- LoRA: {'r=%s alpha=%s dora=%s, ' % (lora.get('r'), lora.get('alpha'), lora.get('dora')) if lora.get('enabled') else 'none (full fine-tuning)'}"
         f"{('merged into the weights' if meta['merged'] else 'kept beside the base (embedkit_adapter.safetensors)') if lora.get('enabled') else ''}",
         f"- MLflow: experiment `{(config.get('tracking') or {}).get('experiment', 'n/a')}`, run name `{run.get('name', 'n/a')}`"
-        + (f", run id `{meta['mlflow_run_id']}`" if meta.get("mlflow_run_id") else ""),
+        + (f", run id `{meta['mlflow_run_id']}` (store `{meta.get('mlflow_store')}`)" if meta.get("mlflow_run_id") else "")
+        + (f"; {meta['mlflow_note']}" if meta.get("mlflow_note") else ""),
     ]
     if meta.get("matryoshka_dims"):
         lines.append(f"- Matryoshka dims: {meta['matryoshka_dims']} (embedkit `encode(dim=...)`, "
                      "sentence-transformers `truncate_dim=`)")
     if meta.get("metrics"):
-        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += ["", "## Metrics", "", "The latest value of each metric the MLflow run logged.", "",
+                  "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in sorted(meta["metrics"].items())]
     if head not in ("last_token", "mean"):
         lines += ["", f"Note: sentence-transformers has no `{head}` pooling; this folder's `1_EmbedkitPooling` "

@@ -330,6 +330,38 @@ def test_qwen2_vl_chat_template_gives_embedkit_token_ids(tmp_path):
             assert torch.equal(vision["pixel_values"], want["pixel_values"])
 
 
+@pytest.mark.parametrize("family,marker", [("llava_onevision", "<image>"), ("phi3_v", "<|image_1|>")])
+def test_vlm_chat_templates_give_embedkit_token_ids(family, marker, tmp_path):
+    """LLaVA-OneVision and Phi-3.5-V: the written chat template renders embedkit's input string (the
+    image marker, a newline, the text, EOS). The stock processors (not buildable here, as for Qwen2-VL)
+    expand the one marker into the image's tokens; the test does that with the count embedkit's
+    processor used (LLaVA-OV: ``<image>`` repeated; Phi-3.5-V: -1 ids, as its processor inserts) and
+    compares token ids."""
+    from embedkit.backbones.loading import load_tokenizer
+
+    run, module = trained_run(tmp_path, [f"model.backbone={family}", "model.backbone.tiny=true"])
+    out = export_model(run, tmp_path / "export", log=lambda m: None)
+    tokenizer = load_tokenizer(str(out))
+    ours = embedkit.load(out).processor()
+    img = Image.new("RGB", (84, 56), (30, 30, 200))
+    for text, image in [("a blue square", img), ("a red circle", None), (None, img)]:
+        content = ([{"type": "image"}] if image is not None else []) + ([{"type": "text", "text": text}] if text else [])
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        want = ours([Item(text=text, image=image)])["input_ids"][0].tolist()
+        before, found, after = rendered.partition(marker)
+        assert bool(found) == (image is not None) and marker not in after
+        ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
+        if family == "llava_onevision":
+            image_id = tokenizer.convert_tokens_to_ids(marker)
+            n = want.count(image_id)
+            got = ids(before + marker * n + after) if found else ids(rendered)
+        else:
+            n = want.count(-1)
+            got = ids(before) + [-1] * n + ids(after) if found else ids(rendered)
+        assert (n > 0) == (image is not None)
+        assert got == want, (family, text, image is not None)
+
+
 def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):
     import numpy as np
 

@@ -39,6 +39,29 @@ CHAT_TEMPLATES = {
         "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}{%- endfor -%}{{ eos_token }}"
     ),
+    # LLaVA-OneVision and Phi-3.5-V: the image marker (one ``<image>`` / ``<|image_1|>``, which the
+    # stock processors expand into the image's tokens), a newline before text that follows an image,
+    # then EOS; embedkit's one image per item is the message's first image
+    "llava_onevision": (
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}<image>"
+        "{%- elif part['type'] == 'text' -%}"
+        "{%- if not loop.first and loop.previtem['type'] == 'image' -%}{{ '\\n' }}{%- endif -%}{{ part['text'] }}"
+        "{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}{%- endfor -%}{{ eos_token }}"
+    ),
+    "phi3_v": (
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}<|image_1|>"
+        "{%- elif part['type'] == 'text' -%}"
+        "{%- if not loop.first and loop.previtem['type'] == 'image' -%}{{ '\\n' }}{%- endif -%}{{ part['text'] }}"
+        "{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}{%- endfor -%}{{ eos_token }}"
+    ),
 }
 VLM_FAMILIES = ("qwen2_vl", "llava_onevision", "phi3_v")
 

@@ -24,7 +24,7 @@ def render(meta: dict, ckpt: Path) -> str:
         f"- loss: `{(config.get('loss') or {}).get('name', 'n/a')}`",
         f"- LoRA: {'r=%s alpha=%s dora=%s, ' % (lora.get('r'), lora.get('alpha'), lora.get('dora')) if lora.get('enabled') else 'none (full fine-tuning)'}"
         f"{('merged into the weights' if meta['merged'] else 'kept beside the base (embedkit_adapter.safetensors)') if lora.get('enabled') else ''}",
-        f"- MLflow: experiment `{(config.get('tracking') or {}).get('experiment', 'n/a')}`, run name `{run.get('name', 'n/a')}`"
+        f"- MLflow: experiment `{meta.get('mlflow_experiment', 'n/a')}`, run name `{run.get('name', 'n/a')}`"
         + (f", run id `{meta['mlflow_run_id']}` (store `{meta.get('mlflow_store')}`)" if meta.get("mlflow_run_id") else "")
         + (f"; {meta['mlflow_note']}" if meta.get("mlflow_note") else ""),
     ]

@@ -42,10 +42,13 @@ def find(config: dict, ckpt: Path) -> dict:
     """``{"mlflow_run_id", "mlflow_store", "metrics"}`` of the training run, or ``{"mlflow_note": why}``."""
     tracking = config.get("tracking") or {}
     run = config.get("run") or {}
-    if not tracking.get("enabled", True):
-        return {"mlflow_note": "tracking was off for this run (tracking.enabled=false)"}
-    name, run_dir = run.get("name"), run.get("dir")
     experiment = tracking.get("experiment") or "embedkit"
+    if not tracking.get("enabled", True):
+        return {"mlflow_experiment": experiment, "mlflow_note": "tracking was off for this run (tracking.enabled=false)"}
+    return {"mlflow_experiment": experiment, **lookup(tracking, experiment, run.get("name"), run.get("dir"), ckpt)}
+
+
+def lookup(tracking: dict, experiment: str, name: str | None, run_dir, ckpt: Path) -> dict:
     stores = [uri for uri in candidate_stores(tracking, ckpt) if store_exists(uri)]
     if not stores:
         return {"mlflow_note": f"no MLflow store found ({', '.join(candidate_stores(tracking, ckpt))})"}

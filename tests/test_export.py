@@ -32,14 +32,36 @@ def items_for(family: str) -> list[Item]:
             Item(image=blue), Item(text=TEXTS[3], image=red), Item(text=TEXTS[4]), Item(text=TEXTS[5])]
 
 
-def trained_run(tmp: Path, overrides: list[str], *, perturb: bool = True):
-    """(run dir, module): a module whose trainable weights moved, saved as a fit checkpoint."""
+def train_steps(module, cfg: dict, steps: int, batch: int = 6) -> None:
+    """``steps`` real optimizer steps on demo examples: ChunkCollate (chunks of 4, so GradCache runs)
+    -> ``backward_batch`` -> AdamW at the recipe's lr (no warmup: its first step would be tiny)."""
+    from embedkit.data.demo import train_examples
+    from embedkit.data.stream import ChunkCollate
+    from embedkit.training.optim import build_optimizer
+
+    demo = {**cfg["data"]["demo"], "text_only": cfg["model"]["backbone"]["name"] == "hf_text"}
+    collate = ChunkCollate(module.encoder.processor(), chunk_size=4, num_negatives=1)
+    optimizer = build_optimizer(module.parameters(), cfg["train"])
+    module.train()
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        out = module.backward_batch(collate(list(train_examples(demo, step * batch, (step + 1) * batch))),
+                                    lambda t: t.backward())
+        assert torch.isfinite(out.loss)
+        optimizer.step()
+
+
+def trained_run(tmp: Path, overrides: list[str], *, perturb: bool = True, steps: int = 0):
+    """(run dir, module): a module whose trainable weights moved (``steps`` real optimizer steps, else
+    a random perturbation), saved as a fit checkpoint."""
     from embedkit.config.loader import compose
     from embedkit.training.module import EmbeddingModule
 
     cfg = compose(["recipe=demo", *overrides])
     module = EmbeddingModule.from_config(cfg)
-    if perturb:
+    if steps:
+        train_steps(module, cfg, steps)
+    elif perturb:
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for p in module.parameters():
@@ -97,6 +119,23 @@ def test_export_load_equals_the_training_module(family, tmp_path):
     assert (embedkit.load(run).encode(items[:3]) - ref[:3]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["hf_text", "qwen2_vl"])
+def test_export_after_real_training_steps_equals_the_module(family, tmp_path):
+    """The end of a real (short) run: 2 AdamW steps through backward_batch with LoRA on, then export
+    (merged and separate) + load embeds as the module does, at batch sizes 1, 3 and 8."""
+    from embedkit.backbones.lora import lora_is_zero
+
+    run, module = trained_run(tmp_path, [f"model.backbone={family}", "model.backbone.tiny=true",
+                                         "model.lora.enabled=true", "model.pooling=latent_attention",
+                                         "model.pooling.num_latents=8", "model.pooling.num_heads=4"], steps=2)
+    assert not lora_is_zero(module.encoder.backbone)
+    items = items_for(family)
+    ref = reference(module, items)
+    for merge in (True, False):
+        encoder = embedkit.load(export_model(run, tmp_path / f"export-{merge}", merge_lora=merge, log=lambda m: None))
+        assert_equal_embeddings(encoder, items, ref)
+
+
 def test_export_refuses_a_zero_adapter(tmp_path):
     from embedkit.cli import main as cli
 
@@ -105,6 +144,56 @@ def test_export_refuses_a_zero_adapter(tmp_path):
     assert cli(["export", str(run), f"out={tmp_path / 'out'}"]) == 2
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.partial*"))
+
+
+def test_model_card_names_the_mlflow_run_and_its_metrics(tmp_path, monkeypatch):
+    """The card carries the training run's MLflow id and the latest value of each metric it logged
+    (found as ``embedkit eval`` finds it: name + run.dir, in the run's store); a missing store or run,
+    or tracking off, is said on the card and never fails the export (mlflow not even imported)."""
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # beside the run dir: where the default store would be
+    client = MlflowClient(tracking_uri=store)
+    exp = client.create_experiment("cards", artifact_location=str(tmp_path / "artifacts"))
+    other = client.create_run(exp, run_name="card-run").info.run_id  # same name, another run.dir
+    client.log_param(other, "run.dir", str(tmp_path / "elsewhere"))
+    run_id = client.create_run(exp, run_name="card-run").info.run_id
+    client.log_param(run_id, "run.dir", str(tmp_path / "run"))
+    for step, (loss, p1) in enumerate([(2.0, 0.25), (1.5, 0.5)]):
+        client.log_metric(run_id, "train/loss", loss, step=step)
+        client.log_metric(run_id, "val/p_at_1", p1, step=step)
+    client.log_metric(run_id, "eval/N24News/p_at_1", 0.375, step=1)
+    client.log_metric(other, "val/p_at_1", 0.9, step=0)
+    base = ["model.backbone=hf_text", "model.backbone.tiny=true", "run.name=card-run", f"run.dir={tmp_path / 'run'}",
+            "tracking.experiment=cards"]
+    run, _ = trained_run(tmp_path, base)
+    card = (export_model(run, tmp_path / "export", log=lambda m: None) / "README.md").read_text()
+    assert f"run id `{run_id}`" in card and other not in card
+    for line in ("| val/p@1 | 0.5000 |", "| train/loss | 1.5000 |", "| eval/N24News/p@1 | 0.3750 |"):
+        assert line in card
+    meta = json.loads((tmp_path / "export" / "embedkit.json").read_text())
+    assert meta["mlflow_run_id"] == run_id and meta["metrics"]["val/p@1"] == 0.5
+
+    # a configured store that does not exist: said on the card, and not created
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    (tmp_path / "run").rename(tmp_path / "run-old")
+    run, _ = trained_run(tmp_path, [*base, f"tracking.uri=sqlite:///{missing}"])
+    card = (export_model(run, tmp_path / "export2", log=lambda m: None) / "README.md").read_text()
+    assert "no MLflow store found" in card and "run id" not in card and not missing.parent.exists()
+    # a run the store does not hold
+    (tmp_path / "run").rename(tmp_path / "run-old2")
+    run, _ = trained_run(tmp_path, [*base, "run.name=never-logged"])
+    card = (export_model(run, tmp_path / "export3", log=lambda m: None) / "README.md").read_text()
+    assert "no run named 'never-logged' in experiment 'cards'" in card and "## Metrics" not in card
+    # tracking off: mlflow is not imported at all
+    (tmp_path / "run").rename(tmp_path / "run-old3")
+    run, _ = trained_run(tmp_path, [*base, "tracking.enabled=false"])
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
+    card = (export_model(run, tmp_path / "export4", log=lambda m: None) / "README.md").read_text()
+    assert "tracking was off for this run" in card
 
 
 def test_export_cli_errors(tmp_path, capsys):
@@ -171,6 +260,39 @@ def test_sentence_transformers_equals_embedkit(kind, pooling, tmp_path):
     assert (got - encoder.encode(texts=TEXTS, dim=d)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("pooling", ["latent_attention", "multi_layer"])
+def test_sentence_transformers_custom_pooling_module(pooling, tmp_path):
+    """Heads ST lacks: ``1_EmbedkitPooling`` (``embedkit.export.st_module``) pools like embedkit, with and
+    without a prompt, and survives ST's own save and reload (its weights copied into the module folder)."""
+    import sentence_transformers as st  # the `st` extra: a missing one fails here rather than skipping
+    base = tiny_text_model("llama", tmp_path / "base")
+    run, module = trained_run(tmp_path, ["model.backbone=hf_text", f"model.backbone.path={base}",
+                                         f"model.pooling={pooling}", "model.pooling.num_heads=4",
+                                         "model.lora.enabled=true"])
+    out = export_model(run, tmp_path / "export", prompts={"query": "find the picture of "}, log=lambda m: None)
+    modules = json.loads((out / "modules.json").read_text())
+    assert modules[1]["type"] == "embedkit.export.st_module.EmbedkitPooling"
+    encoder = embedkit.load(out)
+    ref = encoder.encode(texts=TEXTS)
+    assert (ref - reference(module, [Item(text=t) for t in TEXTS])).abs().max().item() <= 1e-5
+    q = encoder.encode(texts=TEXTS, instruction="query")
+    assert (q - ref).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        st.SentenceTransformer(str(out), device="cpu")  # sentence-transformers 6: code outside its package
+    model = st.SentenceTransformer(str(out), device="cpu", trust_remote_code=True)
+    assert model.get_embedding_dimension() == ref.shape[1]
+    for batch_size in (1, 3, 8):
+        got = torch.as_tensor(model.encode(TEXTS, batch_size=batch_size))
+        assert (got - ref).abs().max().item() <= 1e-5, batch_size
+    got = torch.as_tensor(model.encode(TEXTS, prompt_name="query", batch_size=4))
+    assert (got - q).abs().max().item() <= 1e-5
+    model.save(str(tmp_path / "resaved"))
+    assert (tmp_path / "resaved" / "1_EmbedkitPooling" / "model.safetensors").is_file()
+    again = st.SentenceTransformer(str(tmp_path / "resaved"), device="cpu", trust_remote_code=True)
+    got = torch.as_tensor(again.encode(TEXTS, prompt_name="query", batch_size=4))
+    assert (got - q).abs().max().item() <= 1e-5
+
+
 def test_qwen2_vl_chat_template_gives_embedkit_token_ids(tmp_path):
     """The written chat template + the saved processor files == embedkit's processor, token for token.
 
@@ -206,6 +328,38 @@ def test_qwen2_vl_chat_template_gives_embedkit_token_ids(tmp_path):
         assert got == want["input_ids"].tolist(), (text, image is not None)
         if image is not None:
             assert torch.equal(vision["pixel_values"], want["pixel_values"])
+
+
+@pytest.mark.parametrize("family,marker", [("llava_onevision", "<image>"), ("phi3_v", "<|image_1|>")])
+def test_vlm_chat_templates_give_embedkit_token_ids(family, marker, tmp_path):
+    """LLaVA-OneVision and Phi-3.5-V: the written chat template renders embedkit's input string (the
+    image marker, a newline, the text, EOS). The stock processors (not buildable here, as for Qwen2-VL)
+    expand the one marker into the image's tokens; the test does that with the count embedkit's
+    processor used (LLaVA-OV: ``<image>`` repeated; Phi-3.5-V: -1 ids, as its processor inserts) and
+    compares token ids."""
+    from embedkit.backbones.loading import load_tokenizer
+
+    run, module = trained_run(tmp_path, [f"model.backbone={family}", "model.backbone.tiny=true"])
+    out = export_model(run, tmp_path / "export", log=lambda m: None)
+    tokenizer = load_tokenizer(str(out))
+    ours = embedkit.load(out).processor()
+    img = Image.new("RGB", (84, 56), (30, 30, 200))
+    for text, image in [("a blue square", img), ("a red circle", None), (None, img)]:
+        content = ([{"type": "image"}] if image is not None else []) + ([{"type": "text", "text": text}] if text else [])
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        want = ours([Item(text=text, image=image)])["input_ids"][0].tolist()
+        before, found, after = rendered.partition(marker)
+        assert bool(found) == (image is not None) and marker not in after
+        ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
+        if family == "llava_onevision":
+            image_id = tokenizer.convert_tokens_to_ids(marker)
+            n = want.count(image_id)
+            got = ids(before + marker * n + after) if found else ids(rendered)
+        else:
+            n = want.count(-1)
+            got = ids(before) + [-1] * n + ids(after) if found else ids(rendered)
+        assert (n > 0) == (image is not None)
+        assert got == want, (family, text, image is not None)
 
 
 def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):

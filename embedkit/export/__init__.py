@@ -9,7 +9,8 @@ checkpoint. The folder:
     pooling.safetensors                                        a pooling head's weights, if it has any
     embedkit.json                                              what ``load`` needs (model section, ...)
     modules.json, config_sentence_transformers.json,
-    sentence_bert_config.json, 1_Pooling/, 2_Normalize/        sentence-transformers
+    sentence_bert_config.json, 1_Pooling/, 2_Normalize/        sentence-transformers (1_EmbedkitPooling/ for
+                                                               heads ST lacks: ``st_module.py``)
     README.md                                                  the model card
 """
 

@@ -24,18 +24,22 @@ def render(meta: dict, ckpt: Path) -> str:
         f"- loss: `{(config.get('loss') or {}).get('name', 'n/a')}`",
         f"- LoRA: {'r=%s alpha=%s dora=%s, ' % (lora.get('r'), lora.get('alpha'), lora.get('dora')) if lora.get('enabled') else 'none (full fine-tuning)'}"
         f"{('merged into the weights' if meta['merged'] else 'kept beside the base (embedkit_adapter.safetensors)') if lora.get('enabled') else ''}",
-        f"- MLflow: experiment `{(config.get('tracking') or {}).get('experiment', 'n/a')}`, run name `{run.get('name', 'n/a')}`"
-        + (f", run id `{meta['mlflow_run_id']}`" if meta.get("mlflow_run_id") else ""),
+        f"- MLflow: experiment `{meta.get('mlflow_experiment', 'n/a')}`, run name `{run.get('name', 'n/a')}`"
+        + (f", run id `{meta['mlflow_run_id']}` (store `{meta.get('mlflow_store')}`)" if meta.get("mlflow_run_id") else "")
+        + (f"; {meta['mlflow_note']}" if meta.get("mlflow_note") else ""),
     ]
     if meta.get("matryoshka_dims"):
         lines.append(f"- Matryoshka dims: {meta['matryoshka_dims']} (embedkit `encode(dim=...)`, "
                      "sentence-transformers `truncate_dim=`)")
     if meta.get("metrics"):
-        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += ["", "## Metrics", "", "The latest value of each metric the MLflow run logged.", "",
+                  "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in sorted(meta["metrics"].items())]
     if head not in ("last_token", "mean"):
         lines += ["", f"Note: sentence-transformers has no `{head}` pooling; this folder's `1_EmbedkitPooling` "
-                  "module imports it from embedkit (`pip install embedkit`, `trust_remote_code` not needed)."]
+                  "module is embedkit's (`embedkit.export.st_module`, `pip install embedkit`). sentence-transformers 6 "
+                  "imports a module from outside its own package only with `trust_remote_code=True`; the code it runs "
+                  "is the installed embedkit, nothing is downloaded."]
     prompt = next(iter(meta["prompts"]), None)
     lines += [
         "", "## Usage", "", "embedkit:", "", "```python", "import embedkit", "",
@@ -43,7 +47,8 @@ def render(meta: dict, ckpt: Path) -> str:
         'emb = model.encode(texts=["a red circle"]' + (f', instruction="{prompt}"' if prompt else "") + ")  # [N, D]",
         "```", "", "sentence-transformers (text):", "", "```python",
         "from sentence_transformers import SentenceTransformer", "",
-        'model = SentenceTransformer("PATH")',
+        'model = SentenceTransformer("PATH"' + (", trust_remote_code=True" if head not in ("last_token", "mean") else "")
+        + ")",
         'emb = model.encode(["a red circle"]' + (f', prompt_name="{prompt}"' if prompt else "") + ")",
         "```", "", "transformers (the backbone alone; add the pooling and normalisation yourself):", "",
         "```python", "from transformers import AutoModel", "", 'backbone = AutoModel.from_pretrained("PATH")', "```",

@@ -9,6 +9,11 @@ module's folder. Two things embedkit does that ST does not are baked into the sa
 - VLM backbones build one input string (image tokens, then the text, then EOS); ST's multimodal
   path renders messages through the chat template, so the saved one renders exactly that string
   (``CHAT_TEMPLATES``), and ``modality_config`` routes text, image and message inputs to ``forward``.
+
+Heads ST has no pooling mode for (``latent_attention``, ``multi_layer``) get the custom module
+``embedkit.export.st_module.EmbedkitPooling`` (``1_EmbedkitPooling/``; loading it needs
+``trust_remote_code=True`` in sentence-transformers 6); a head that reads every layer also sets
+``config_kwargs.output_hidden_states`` so ST's Transformer hands ``all_layer_embeddings`` on.
 """
 
 from __future__ import annotations
@@ -32,6 +37,29 @@ CHAT_TEMPLATES = {
         "{%- else -%}{%- for part in message['content'] -%}"
         "{%- if part['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
         "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}{%- endfor -%}{{ eos_token }}"
+    ),
+    # LLaVA-OneVision and Phi-3.5-V: the image marker (one ``<image>`` / ``<|image_1|>``, which the
+    # stock processors expand into the image's tokens), a newline before text that follows an image,
+    # then EOS; embedkit's one image per item is the message's first image
+    "llava_onevision": (
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}<image>"
+        "{%- elif part['type'] == 'text' -%}"
+        "{%- if not loop.first and loop.previtem['type'] == 'image' -%}{{ '\\n' }}{%- endif -%}{{ part['text'] }}"
+        "{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}{%- endfor -%}{{ eos_token }}"
+    ),
+    "phi3_v": (
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}<|image_1|>"
+        "{%- elif part['type'] == 'text' -%}"
+        "{%- if not loop.first and loop.previtem['type'] == 'image' -%}{{ '\\n' }}{%- endif -%}{{ part['text'] }}"
+        "{%- endif -%}"
         "{%- endfor -%}{%- endif -%}{%- endfor -%}{{ eos_token }}"
     ),
 }
@@ -88,7 +116,11 @@ def write(folder: Path, meta: dict, encoder) -> None:
         # a head ST lacks: a custom module that imports from embedkit (embedkit must be installed)
         modules.append({"idx": 1, "name": "1", "path": "1_EmbedkitPooling",
                         "type": "embedkit.export.st_module.EmbedkitPooling"})
-        dump(folder / "1_EmbedkitPooling" / "config.json", {"pooling": model["pooling"], "embedding_dimension": dim})
+        dump(folder / "1_EmbedkitPooling" / "config.json", {
+            "pooling": model["pooling"], "embedding_dimension": dim,
+            "hidden_size": int(encoder.backbone.hidden_size), "num_layers": int(encoder.backbone.num_layers),
+            "plugins": list(meta.get("plugins") or []),
+        })
     if meta["normalize"]:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
                         "type": "sentence_transformers.base.modules.normalize.Normalize"})
@@ -103,6 +135,10 @@ def write(folder: Path, meta: dict, encoder) -> None:
     else:
         bert["modality_config"] = {"text": forward}
         bert["max_seq_length"] = int(model["backbone"].get("max_length") or getattr(encoder.backbone, "max_length", 512))
+    if getattr(encoder.pooling, "needs_all_layers", False):
+        # ST's Transformer hands every layer on (features["all_layer_embeddings"]) when the model
+        # config asks the model for them
+        bert["config_kwargs"] = {"output_hidden_states": True}
     dump(folder / "sentence_bert_config.json", bert)
     dump(folder / "config_sentence_transformers.json", {
         "model_type": "SentenceTransformer",

@@ -16,7 +16,7 @@ import torch
 
 from embedkit.encoder import Encoder
 from embedkit.errors import UserError
-from embedkit.export import FORMAT_VERSION, META, card, st_files
+from embedkit.export import FORMAT_VERSION, META, card, run_record, st_files
 from embedkit.export.reader import ADAPTER, POOLING
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,6 +103,7 @@ def export_model(source, out, *, merge_lora: bool = True, dtype: str | None = No
             "checkpoint": str(ckpt.resolve()),
             "training_config": config,
         }
+        meta.update(run_record.find(config, ckpt))  # the MLflow run id and metrics, or why there are none
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
         log("export: writing sentence-transformers files and the model card")
         st_files.write(tmp, meta, encoder)

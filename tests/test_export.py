@@ -235,7 +235,7 @@ def tiny_text_model(kind: str, folder: Path) -> Path:
 
 @pytest.mark.parametrize("kind,pooling", [("bert", "mean"), ("llama", "last_token"), ("llama", "mean")])
 def test_sentence_transformers_equals_embedkit(kind, pooling, tmp_path):
-    st = pytest.importorskip("sentence_transformers", reason="the `st` extra (sentence-transformers) is not installed")
+    import sentence_transformers as st  # the `st` extra, which make test installs
     base = tiny_text_model(kind, tmp_path / "base")
     run, module = trained_run(tmp_path, ["model.backbone=hf_text", f"model.backbone.path={base}",
                                          f"model.pooling={pooling}", "model.lora.enabled=true", "loss=matryoshka"])

@@ -297,3 +297,19 @@ def test_peft_adapter_over_a_missing_base_is_one_line(tmp_path):
     with pytest.raises(UserError) as err:
         Phi3V(seed=0, path=str(tmp_path / "adapter"))
     assert_one_line_naming(err, str(tmp_path / "gone"))
+
+
+def test_eval_a_released_checkpoint_through_the_path_key(llava, tmp_path, monkeypatch):
+    """``embedkit eval recipe=llave_2b model.backbone.path=<llava_qwen folder>``: no embedkit checkpoint."""
+    import tests._mmeb_fixture as fx
+    from embedkit.cli import main as cli
+
+    root = tmp_path / "mmeb"
+    fx.build(root)
+    write_llava_qwen(llava, tmp_path / "llave")
+    monkeypatch.chdir(tmp_path)
+    assert cli(["eval", "recipe=llave_2b", f"model.backbone.path={tmp_path / 'llave'}", "model.backbone.dtype=float32",
+                "model.backbone.gradient_checkpointing=false", "data.train.shards=/nowhere", f"data.eval.root={root}",
+                "data.eval.datasets=[N24News]", "tracking.enabled=false", "train.chunk_size=8"]) == 0
+    score = json.loads((tmp_path / "runs" / "eval-llave_2b" / "N24News_score.json").read_text())
+    assert score["num_pred"] == fx.ROWS

@@ -22,8 +22,9 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from embedkit.backbones import _common
+from embedkit.backbones import _common, _layouts
 from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, one_source, seeded, torch_dtype
+from embedkit.backbones.loading import merge, open_adapter
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
 
@@ -125,6 +126,11 @@ class LlavaOnevision(Backbone):
     be false. ``max_length``: text-only items are cut to this many tokens; a longer image item is an
     error (its image tokens cannot be cut). None: no limit.
 
+    ``path``: a hub id or local folder in the transformers (llava-hf) layout, in LLaVA-NeXT's ``llava_qwen``
+    layout (``BAAI/Aquila-VL-2B-llava-qwen``, ``lmms-lab/llava-onevision-qwen2-*-ov``, LLaVE's released
+    models; converted by key on load), or a PEFT LoRA/DoRA adapter folder over either (merged on load);
+    the layout is detected from ``config.json`` / ``adapter_config.json`` (``backbones/_layouts.py``).
+
     ``anyres_max`` caps the tiled features at that many tiles' worth (reference: 9, "anyres_max_9");
     ``max_grid`` builds the tile grids 1..max_grid squared (reference: 6, i.e. up to 2304 px with 384-px
     tiles); None keeps the checkpoint's own values (tiny form: 9 and 6).
@@ -157,6 +163,7 @@ class LlavaOnevision(Backbone):
         from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionModel
 
         one_source(FAMILY, path, tiny)
+        path, adapter = open_adapter(path, FAMILY)
         self.append_eos = append_eos
         self.max_length = max_length
         self.system_prompt = system_prompt if prompt == "chat" else None
@@ -188,6 +195,7 @@ class LlavaOnevision(Backbone):
         self.num_layers = cfg.text_config.num_hidden_layers
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision, train_projector=train_projector,
                          gradient_checkpointing=gradient_checkpointing)
+        merge(self, adapter, _layouts.llava_onevision_module, FAMILY)
 
     @staticmethod
     def check_config(params: dict) -> None:

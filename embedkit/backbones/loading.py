@@ -1,4 +1,14 @@
-"""Loading real checkpoints (hub id or local folder) with one-line errors for user mistakes."""
+"""Loading real checkpoints (hub id or local folder) with one-line errors for user mistakes.
+
+``model.backbone.path`` may hold, besides the transformers layout of the family, a layout converted by
+key on load (``_layouts``, detected from the folder's files):
+
+- ``config.json`` with ``model_type: llava_qwen`` (LLaVA-NeXT, e.g. ``BAAI/Aquila-VL-2B-llava-qwen`` and
+  LLaVE's released models) for ``llava_onevision``;
+- ``adapter_config.json`` + ``adapter_model.safetensors`` (a PEFT LoRA/DoRA adapter, e.g. VLM2Vec's
+  released checkpoints) for every VLM family: the base model it names is loaded, then the adapter is
+  merged into it (``open_adapter`` at the start of a family's constructor, ``merge`` at its end).
+"""
 
 from __future__ import annotations
 
@@ -70,7 +80,11 @@ def load_pretrained(path, family, dtype, attn_implementation, *, image_processor
     """(model without LM head, tokenizer, image processor) from a hub id or local folder."""
     from transformers import AutoModel
 
+    from embedkit.backbones import _layouts
+
     path = check_path(path, family)
+    if family == "llava_onevision" and _layouts.layout(path) == _layouts.LLAVA_QWEN:
+        return _layouts.load_llava_qwen(path, dtype, attn_implementation)
     check_model_type(path, family)
     model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     # from_pretrained returns eval mode and Lightning keeps submodules' modes: dropout would stay off
@@ -78,3 +92,21 @@ def load_pretrained(path, family, dtype, attn_implementation, *, image_processor
     tokenizer = load_tokenizer(path)
     image_processor = image_processor_cls.from_pretrained(path, **image_processor_kwargs)
     return model, tokenizer, image_processor
+
+
+def open_adapter(path: str | None, family: str):
+    """``(base path, adapter)`` when ``path`` holds a PEFT adapter, else ``(path, None)``."""
+    if not path:
+        return path, None
+    from embedkit.backbones import _layouts
+
+    adapter = _layouts.read_adapter(check_path(path, family))
+    return (path, None) if adapter is None else (adapter.base, adapter)
+
+
+def merge(backbone, adapter, map_module, family: str) -> None:
+    """Merge ``adapter`` (from ``open_adapter``; None: nothing) into the loaded ``backbone``."""
+    if adapter is not None:
+        from embedkit.backbones import _layouts
+
+        _layouts.merge_adapter(backbone, adapter, map_module, family)

@@ -47,7 +47,7 @@ from torch import nn
 
 from embedkit.backbones import _common
 from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, one_source, seeded, torch_dtype
-from embedkit.backbones.loading import load_tokenizer, supported_families
+from embedkit.backbones.loading import load_tokenizer, merge, open_adapter, supported_families
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
 from embedkit.errors import UserError
@@ -157,6 +157,12 @@ class Phi3VChunkProcessor(ChunkProcessor):
 class Phi3V(Backbone):
     """Phi-3.5-Vision (Phi3Model + CLIP ViT-L/14-336 + HD crops + MLP projector), official key layout.
 
+    ``path``: a local copy of the official checkpoint, or a PEFT LoRA/DoRA adapter folder over it
+    (VLM2Vec's released Phi-3.5-V checkpoints, whose DoRA also adapts the CLIP tower's attention):
+    ``adapter_config.json``'s ``base_model_name_or_path`` must then be that local copy (absolute, or
+    relative to the adapter folder); the adapter's official module names map through ``map_key`` and it
+    is merged on load (``backbones/_layouts.py``).
+
     ``num_crops``: the HD transform's crop budget (reference: 4 for Phi-3.5-V, 16 for Phi-3-V).
     ``append_eos``: end every sequence with the EOS token (the state last-token pooling reads).
     ``max_length``: text-only items are cut to this many tokens; items with an image are never cut, as in
@@ -183,6 +189,7 @@ class Phi3V(Backbone):
     ):
         super().__init__()
         one_source(FAMILY, path, tiny)
+        path, adapter = open_adapter(path, FAMILY)
         self.num_crops = num_crops
         self.max_length = max_length
         self.append_eos = append_eos
@@ -214,6 +221,7 @@ class Phi3V(Backbone):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision, train_projector=train_projector,
                          gradient_checkpointing=gradient_checkpointing)
+        merge(self, adapter, self.map_key, FAMILY)
 
     @staticmethod
     def check_config(params: dict) -> None:

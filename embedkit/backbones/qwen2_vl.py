@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from embedkit.backbones import _layouts
 from embedkit.backbones.base import (
     IMAGE_PLACEHOLDER,
     Backbone,
@@ -24,6 +25,7 @@ from embedkit.backbones.base import (
     seeded,
     torch_dtype,
 )
+from embedkit.backbones.loading import merge, open_adapter
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
 
@@ -89,6 +91,10 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
 class Qwen2VLBackbone(Backbone):
     """Qwen2-VL / Qwen2.5-VL adapter. ``tiny=true`` builds a small random model (tests, demo).
 
+    ``path``: a hub id or local folder in the transformers layout, or a PEFT LoRA/DoRA adapter folder
+    over one (VLM2Vec's released Qwen2-VL checkpoints: ``adapter_config.json`` names the base model; the
+    adapter is merged on load, old and new transformers key names alike; ``backbones/_layouts.py``).
+
     No ``train_projector`` key: the projector (``model.visual.merger``) is part of the vision tower and
     trains exactly when it does (``freeze_vision=false``).
     """
@@ -118,6 +124,7 @@ class Qwen2VLBackbone(Backbone):
         from transformers import Qwen2VLImageProcessorPil
 
         one_source(FAMILY, path, tiny)
+        path, adapter = open_adapter(path, FAMILY)
         if tiny:
             from embedkit.backbones.processors import tiny_tokenizer
 
@@ -143,6 +150,7 @@ class Qwen2VLBackbone(Backbone):
         self.merge_size = config.vision_config.spatial_merge_size
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision,
                          gradient_checkpointing=gradient_checkpointing)
+        merge(self, adapter, _layouts.qwen2_vl_module, FAMILY)
 
     def make_processor(self) -> ChunkProcessor:
         return Qwen2VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length,

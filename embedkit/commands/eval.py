@@ -3,6 +3,10 @@
     embedkit eval [recipe=NAME] ckpt=PATH data.eval.root=DIR [data.eval.datasets=[A,B]] [out=DIR]
     embedkit eval model=DIR data.eval.root=DIR ...   # an export folder, a run dir, or any
                                                      # sentence-transformers folder (text only)
+    embedkit eval recipe=NAME model.backbone.path=DIR data.eval.root=DIR ...
+                                                     # a released checkpoint as the recipe builds it
+                                                     # (e.g. LLaVE's llava_qwen weights, VLM2Vec's
+                                                     # PEFT adapters; outputs in runs/eval-<recipe>/)
 
 The model (architecture and weights) comes from the checkpoint, which carries its resolved config;
 the command line supplies the eval settings: ``data.eval.*``, ``train.chunk_size`` (items per
@@ -58,21 +62,26 @@ def main(args: list[str]) -> int:
     from embedkit.config.loader import compose
 
     verb, rest = split_verb_args(args)
-    if ("ckpt" in verb) == ("model" in verb):
-        raise UserError("eval: give ckpt=PATH (a checkpoint written by embedkit fit) or model=DIR (an export "
-                        "folder, a run dir or a sentence-transformers folder)")
+    from_config = "ckpt" not in verb and "model" not in verb and any(a.startswith("model.backbone.path=") for a in rest)
+    if ("ckpt" in verb) == ("model" in verb) and not from_config:
+        raise UserError("eval: give ckpt=PATH (a checkpoint written by embedkit fit), model=DIR (an export "
+                        "folder, a run dir or a sentence-transformers folder) or model.backbone.path=PATH "
+                        "(weights the recipe's backbone loads, e.g. a released checkpoint)")
+    recipe = next((a.split("=", 1)[1] for a in rest if a.startswith("recipe=")), "demo")
     cfg = compose(rest)
     from embedkit.eval import mmeb
 
     manifest = mmeb.load_manifest()
     ev, tracking = cfg["data"]["eval"], cfg["tracking"]
     datasets = mmeb.resolve_datasets(ev["root"], ev["datasets"], manifest)  # user errors before loading
-    ckpt = Path(verb.get("ckpt") or verb["model"]).expanduser()
+    ckpt = Path(verb.get("ckpt") or verb.get("model") or f"runs/eval-{Path(recipe).stem}").expanduser()
     if "ckpt" in verb and not ckpt.is_file():
         raise UserError(f"ckpt: file not found: {ckpt}")
     if "model" in verb and not ckpt.exists():
         raise UserError(f"model: {ckpt} does not exist")
     default_out = ckpt.resolve().parent.parent / "eval" if "ckpt" in verb else ckpt.resolve() / "eval"
+    if from_config:
+        default_out = ckpt
     out_dir = Path(verb["out"]) if "out" in verb else default_out
     batch_size = cfg["train"]["chunk_size"]
 
@@ -81,7 +90,11 @@ def main(args: list[str]) -> int:
     from embedkit.encoder import Encoder
 
     rank = init_distributed()
-    encoder = Encoder.from_checkpoint(ckpt) if "ckpt" in verb else load_model(ckpt)
+    if from_config:  # the recipe's model as it stands: model.backbone.path names the weights
+        encoder = Encoder.from_config(cfg["model"], seed=cfg["seed"]).eval()
+        encoder.config, encoder.checkpoint_step = {}, 0
+    else:
+        encoder = Encoder.from_checkpoint(ckpt) if "ckpt" in verb else load_model(ckpt)
     if torch.cuda.is_available():
         encoder.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     summary = mmeb.evaluate(

@@ -262,7 +262,9 @@ def test_peft_adapter_over_the_base_merges_to_the_adapted_model(family, dora, tm
     # merged weights vs the adapter's separate matmuls: float32 round-off only (states ~1, embeddings unit)
     assert (embed(loaded) - embed(adapted)).abs().max() <= 1e-5
     want = embed(adapted, normalize=True)
-    assert (embed(loaded, normalize=True) - want).abs().max() <= TOL
+    # not TOL: merging changes the arithmetic (W + BA vs Wx + B(Ax)), and the round-off of the two
+    # paths reached 1.01e-6 once under load (thread scheduling changes reduction order)
+    assert (embed(loaded, normalize=True) - want).abs().max() <= 5e-6
     assert (embed(base, normalize=True) - want).abs().max() > 1e-3  # the adapter changes the model
     # the vision tower stays frozen after the merge, the language model trains
     frozen = {n for n, p in loaded.named_parameters() if not p.requires_grad}

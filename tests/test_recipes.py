@@ -58,6 +58,7 @@ _LLAVE = [  # shared by the three LLaVE sizes (issue #11: "keep the other settin
     ("train.weight_decay", 0.0, LLAVE_2B),
     ("train.clip_grad_norm", 1.0, "LLaVE scripts/zero3.json gradient_clipping auto (HF 1.0)"),
     ("trainer.max_epochs", 1, LLAVE_2B + ": num_train_epochs 1"),
+    ("trainer.tf32", True, LLAVE_2B + ": tf32 True"),
     ("seed", 42, "HF TrainingArguments default"),
 ]
 _VLM2VEC_QWEN = [

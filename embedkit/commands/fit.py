@@ -205,6 +205,11 @@ class Fit:
         from embedkit.training.optim import total_steps
 
         seed = cfg["seed"]
+        if trainer_cfg["tf32"]:
+            import torch
+
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         L.seed_everything(seed, workers=True, verbose=False)
         module = EmbeddingModule.build(cfg["model"], cfg["loss"], train, seed=seed, max_steps=trainer_cfg["max_steps"],
                                        config=cfg)

@@ -128,6 +128,7 @@ class TrainerSection:
     accelerator: str = "auto"
     strategy: str = "auto"
     precision: str = "32-true"
+    tf32: bool = False  # TensorFloat-32 for float32 matmuls and convolutions on Ampere+ GPUs (speed only)
     val_check_interval: Optional[int] = None  # optimizer steps between validations; None: at the end
     log_every_n_steps: int = 10
     progress: Literal["auto", "bar", "log", "none"] = "auto"

@@ -21,6 +21,8 @@ from PIL import Image
 from embedkit.data.schema import Example, Item
 from embedkit.data.shards import encode_example, write_shard
 
+pytestmark = pytest.mark.slow
+
 STEPS, ACCUMULATE = 6, 2
 STOP_AFTER = 7  # micro-batches: inside the 4th accumulation cycle, so the stop lands on step 4
 STOP_STEP = -(-STOP_AFTER // ACCUMULATE)

@@ -9,6 +9,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 
 from embedkit.config.loader import compose
@@ -48,12 +49,45 @@ def test_kubernetes_job_overrides_are_valid():
     assert cfg["trainer"]["num_nodes"] == 2 and cfg["data"]["train"]["shards"].startswith("s3://")
 
 
-def test_slurm_script_asks_for_signal_and_requeue_and_marks_the_resume_line():
-    text = (REPO / "docker" / "slurm" / "train.sbatch").read_text()
-    assert "#SBATCH --signal=SIGUSR1@90" in text and "#SBATCH --requeue" in text
-    assert re.search(r"^# RESUME=.*RESUME KEY", text, re.M)  # commented out until run resume lands
-    compose(["recipe=llave_7b", "trainer.devices=8", "trainer.num_nodes=4", "run.name=x",
-             "data.train.shards=s3://bucket/mmeb/train/"])
+def _srun_fit(script: str, env: dict[str, str], user_args: list[str]) -> list[str]:
+    """The ``embedkit fit`` overrides of a batch script's ``srun`` line, its variables filled in."""
+    joined = script.replace("\\\n", " ")
+    (line,) = [ln for ln in joined.splitlines() if re.match(r"\s*srun ", ln)]
+    line = line.split("||")[0].replace('"$@"', " ".join(map(shlex.quote, user_args)))
+    line = re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], line)
+    return _fit_overrides(shlex.split(line))
+
+
+def _readme_slurm_script() -> str:
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = lines.index("    #!/bin/bash")
+    block = []
+    for ln in lines[start:]:
+        if not ln.startswith("    "):
+            break
+        block.append(ln[4:])
+    return "\n".join(block)
+
+
+@pytest.mark.parametrize("which", ["docker/slurm/train.sbatch", "README.md"])
+def test_slurm_scripts_requeue_on_a_stop_and_resume_the_same_run(which):
+    """Both SLURM scripts (the image's and the README's) ask for the signal and requeue, launch a fit
+    the config accepts with ``run.resume=auto`` in a run dir that survives the requeue, stop on
+    SIGUSR1 and requeue themselves on exit 138 (SIGUSR1) and 143 (SIGTERM)."""
+    text = (REPO / which).read_text() if which != "README.md" else _readme_slurm_script()
+    assert re.search(r"^#SBATCH .*--signal=SIGUSR1@90", text, re.M) and re.search(r"^#SBATCH .*--requeue", text, re.M)
+    env = {"RUN_NAME": "embedkit-1234", "RUN_DIR": "runs/embedkit-1234", "RUN": "runs/llave7b",
+           "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NUM_NODES": "4", "SIF": "embedkit.sif"}
+    user = ["recipe=llave_7b", "data.train.shards=s3://bucket/mmeb/train/"]
+    overrides = _srun_fit(text, env, user if which != "README.md" else [])
+    cfg = compose(overrides)
+    assert cfg["run"]["resume"] == "auto" and cfg["trainer"]["stop_signal"] == "SIGUSR1"
+    assert cfg["run"]["dir"] in ("runs/embedkit-1234", "runs/llave7b")  # not a per-launch timestamped name
+    assert cfg["trainer"]["num_nodes"] > 1 and cfg["trainer"]["devices"] == 8
+    assert "|| code=$?" in text.replace("\\\n", " ")  # a stopped run's status reaches the requeue test
+    (test,) = [ln for ln in text.splitlines() if "-eq 138" in ln]
+    assert "-eq 143" in test and ("scontrol requeue" in test or "scontrol requeue" in text.split(test)[1][:80])
+    assert not re.search(r"^\s*#\s*RESUME=", text, re.M)  # the old commented-out resume line is gone
 
 
 def test_docs_name_files_that_exist():

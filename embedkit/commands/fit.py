@@ -7,13 +7,19 @@ the logger its ``tracking`` section).
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime
 from pathlib import Path
 
+#: the run name the launching process chose, for the ranks Lightning's DDP launcher starts later by
+#: re-running the command line (a default name drawn from the clock again would be another run dir)
+RUN_NAME_ENV = "EMBEDKIT_RUN_NAME"
+
 
 def run_paths(cfg: dict) -> tuple[str, Path]:
-    name = cfg["run"]["name"] or f"{cfg['recipe'] or 'run'}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = (cfg["run"]["name"] or os.environ.get(RUN_NAME_ENV)
+            or f"{cfg['recipe'] or 'run'}-{datetime.now():%Y%m%d-%H%M%S}")
     run_dir = Path(cfg["run"]["dir"] or Path("runs") / name)
     return name, run_dir
 
@@ -168,12 +174,19 @@ def main(args: list[str]) -> int:
     shards = check_inputs(cfg)
     created = not run_dir.exists()
     fit = Fit(cfg, overrides, ckpt, shards)
+    inherited = os.environ.get(RUN_NAME_ENV)
+    os.environ[RUN_NAME_ENV] = name  # the launched ranks inherit it (only for this fit)
     try:
         return fit.run()
     except BaseException:
         if created and not fit.trained and run_dir.exists():  # failed before its first step: leave nothing
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:
+        if inherited is None:
+            os.environ.pop(RUN_NAME_ENV, None)
+        else:
+            os.environ[RUN_NAME_ENV] = inherited
 
 
 class Fit:

@@ -30,6 +30,7 @@ Everything is deterministic in ``seed``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from embedkit.data.remote import ShardUnavailable
+from embedkit.data.remote import ShardUnavailable, is_remote
 from embedkit.data.schema import Example, Item
 from embedkit.data.shards import decode_sample, iter_samples
 
@@ -159,10 +160,28 @@ def source_weights(sources: dict[str, list[str]], mix: dict | None = None) -> di
 
 def count_samples(path: str) -> int:
     """Samples in a tar shard as ``iter_samples`` yields them, from the member headers only (the
-    data is seeked over, never read): what lets a reader skip whole shards on resume."""
+    data is seeked over, never read): what lets a reader skip whole shards on resume. A remote
+    shard (URL, ``pipe:``) cannot be seeked over: it is read through once for its headers (nothing
+    decoded) and its count kept for the process."""
+    if is_remote(path):
+        return _remote_count(path)
+    return _count_members(lambda: tarfile.open(path, "r"))
+
+
+@functools.lru_cache(maxsize=None)
+def _remote_count(url: str) -> int:
+    # a local open of a URL failed: the count was 0, and a resumed remote stream stopped with
+    # "no readable sample"
+    from embedkit.data.remote import open_shard
+
+    with open_shard(url) as f:
+        return _count_members(lambda: tarfile.open(fileobj=f, mode="r:"))
+
+
+def _count_members(open_tar) -> int:
     n, key = 0, None
     try:
-        with tarfile.open(path, "r") as tar:
+        with open_tar() as tar:
             for member in tar:
                 if member.isfile():
                     k = os.path.basename(member.name).split(".", 1)[0]

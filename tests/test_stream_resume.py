@@ -1,5 +1,6 @@
 """Resuming a stream: starting at step S yields exactly what the uninterrupted stream yields from S
-on (every rank, worker and mixture mode), and costs the same at step 10,000 as at step 10."""
+on (every rank, worker and mixture mode; two-modality grouping in tests/test_stream_grouping.py),
+and costs the same at step 10,000 as at step 10."""
 
 import itertools
 import time
@@ -34,7 +35,8 @@ def texts(batches):
             for b in batches]
 
 
-@pytest.mark.parametrize("mode", [{"task_batch_size": 4}, {"task_batch_size": 0}])
+@pytest.mark.parametrize("mode", [{"task_batch_size": 4}, {"task_batch_size": 0},
+                                  {"group_by": "modality", "length_order": "balanced", "accumulate": 4}])
 @pytest.mark.parametrize("rank,worker,start", [(0, 0, 1), (1, 1, 7), (0, 1, 40)])
 def test_starting_at_a_step_is_the_uninterrupted_stream_from_there(shards, mode, rank, worker, start):
     full = texts(itertools.islice(make(shards, rank, **mode).batches(worker, 2), 30))

@@ -72,6 +72,8 @@ class TrainData:
     mix: dict = field(default_factory=dict)  # subset -> weight; unlisted: its example count (manifest) or shard count; 0 drops it
     task_batch_size: int = 0  # examples per device drawn from one subset in a row (capped at the device's batch), same subset on every rank; 0: fully mixed
     epoch_steps: int = 0  # batches per rank per epoch (resampled shards); 0: endless, trainer.max_steps ends the run
+    group_by: Literal["none", "modality"] = "none"  # modality: every optimizer step's queries all image or all text (drawn per step by the weights of each modality's subsets)
+    length_order: Literal["none", "sorted", "balanced"] = "none"  # re-deal a worker's micro-batches of one optimizer step by words: sorted = length-homogeneous, balanced = equal word totals
 
 
 @dataclass

@@ -103,7 +103,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         try:
             stream = ShardStream(self.train_shards, collate, gbs // world, self.seed, rank, world, t["shuffle_buffer"],
                                  mix=t["mix"], task_batch_size=t["task_batch_size"], epoch_steps=t["epoch_steps"],
-                                 start_step=start)
+                                 start_step=start, accumulate=self.accumulate, group_by=t["group_by"],
+                                 length_order=t["length_order"])
         except ValueError as exc:
             raise UserError(str(exc)) from None
         workers = t["num_workers"]

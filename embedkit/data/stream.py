@@ -20,6 +20,27 @@ independently (fully mixed). ``epoch_steps`` > 0 gives every rank exactly that m
 epoch (``len()`` of the stream); 0 is endless (the run length is ``trainer.max_steps``). Either way,
 every rank yields the same number of full batches, so DDP never waits on a rank that ran dry.
 
+An *optimizer step* is ``accumulate`` consecutive stream steps (``s // accumulate``; the module
+counts its micro-batches the same way, across epochs and resumes). ``group_by="modality"`` makes
+every optimizer step single-modality (LLaVE's ``--group_by_modality_length``): the step's query
+modality (image or text) is drawn from ``(seed, s // accumulate)`` alone, with the probability of
+the summed mixture weights of its sources, and every source draw of its micro-batches is made
+among the sources of that modality only -- the same on every rank and worker, and a pure function
+of the step, so a resume still starts anywhere without replay. A source's modality is its queries'
+(image when the query has one), read once per process from ``manifest.json``'s
+``subsets.<name>.query_modality`` where recorded, else from its first samples (up to 32): a source
+with both counts by the majority of those (ties: image), and its other examples ride along in the
+steps of that modality (MMEB's subsets are single-modality). ``length_order`` arranges examples by
+length (words of the query and positive texts, LLaVE's ``modality_lengths``; images count 0)
+within the micro-batches that one worker builds of one optimizer step -- all ``accumulate`` of
+them with ``num_workers`` <= 1, else the steps ``s % num_workers == worker`` among them:
+``"sorted"`` deals them longest first into consecutive micro-batches (length-homogeneous);
+``"balanced"`` gives each, longest first, to the micro-batch with the fewest words so far that is
+not full (equal word totals: LLaVE's ``split_to_even_chunks``). The group's examples are the ones
+the unordered stream draws for those steps, only re-dealt; a resume inside an optimizer step
+re-reads that worker's earlier micro-batches of it (at most ``accumulate - 1``), never more.
+Re-dealing moves examples between micro-batches, so it is refused with ``task_batch_size`` > 0.
+
 A sample that fails to decode (a corrupt image, a missing part) or a truncated tar is skipped,
 counted and logged, and the batch is filled from the next sample: batches are always full. Shards
 may be URLs or ``pipe:`` commands (``embedkit.data.remote``): a dropped connection is resumed
@@ -31,11 +52,13 @@ Everything is deterministic in ``seed``.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
 import random
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +179,68 @@ def source_weights(sources: dict[str, list[str]], mix: dict | None = None) -> di
     if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
         raise ValueError(f"data.train.mix: weights must be >= 0 with one > 0, got {weights}")
     return {n: w for n, w in weights.items() if w > 0}
+
+
+MODALITIES = ("image", "text")  # a query with an image, a text-only query
+
+
+@functools.lru_cache(maxsize=None)
+def query_modality(shards: tuple[str, ...], probe: int = 32) -> str:
+    """``"image"`` or ``"text"``: the query modality of the source of ``shards`` (see the module
+    docstring): ``manifest.json``'s ``query_modality`` for it where recorded, else the majority of
+    its first ``probe`` samples (their JSON only; ties: image). Once per process."""
+    first = Path(shards[0])
+    manifest = first.parent.parent / "manifest.json"
+    if not is_remote(shards[0]) and manifest.is_file():
+        entry = json.loads(manifest.read_text()).get("subsets", {}).get(first.parent.name) or {}
+        if entry.get("query_modality") in MODALITIES:
+            return entry["query_modality"]
+    votes: Counter = Counter()
+    for shard in shards:
+        try:
+            for key, files in iter_samples(shard):
+                try:
+                    votes[bool(json.loads(files[f"{key}.json"])["query"].get("image"))] += 1
+                except (KeyError, ValueError, TypeError, AttributeError):
+                    continue  # a malformed sample: the stream skips it too
+                if sum(votes.values()) >= probe:
+                    break
+        except ShardUnavailable:
+            raise
+        except Exception:  # a truncated or unreadable tar: what was read counts
+            pass
+        if sum(votes.values()) >= probe:
+            break
+    if not votes:
+        raise RuntimeError(f"training source {first.parent.name!r} has no readable sample")
+    return "image" if votes[True] >= votes[False] else "text"
+
+
+def example_length(ex: Example) -> int:
+    """Words of the query and positive texts: what ``length_order`` sorts by (LLaVE's
+    ``modality_lengths``: ``len(qry.split()) + len(pos_text.split())``; images count 0)."""
+    return len((ex.query.text or "").split()) + len((ex.positive.text or "").split())
+
+
+def arrange_by_length(batches: list[list[Example]], order: str) -> list[list[Example]]:
+    """The examples of equal-sized ``batches`` re-dealt by length, longest first (ties keep the draw
+    order): ``"sorted"`` into consecutive batches; ``"balanced"`` each to the batch with the fewest
+    words so far that is not full (the first such on ties), so word totals come out near equal."""
+    if order == "none" or not batches:
+        return batches
+    examples = [e for b in batches for e in b]
+    lengths = [example_length(e) for e in examples]
+    ranked = sorted(range(len(examples)), key=lambda i: -lengths[i])
+    size, n = len(batches[0]), len(batches)
+    if order == "sorted":
+        return [[examples[i] for i in ranked[k * size:(k + 1) * size]] for k in range(n)]
+    out: list[list[Example]] = [[] for _ in range(n)]
+    totals = [0] * n
+    for i in ranked:
+        k = min((k for k in range(n) if len(out[k]) < size), key=totals.__getitem__)
+        out[k].append(examples[i])
+        totals[k] += lengths[i]
+    return out
 
 
 def count_samples(path: str) -> int:
@@ -289,11 +374,33 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: list[str] | dict[str, list[str]], collate: ChunkCollate, local_batch_size: int,
                  seed: int, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
                  mix: dict | None = None, task_batch_size: int = 0, epoch_steps: int = 0,
-                 start_step: int = 0):
+                 start_step: int = 0, accumulate: int = 1, group_by: str = "none", length_order: str = "none"):
         self.sources = dict(shards) if isinstance(shards, dict) else group_shards(list(shards))
         self.weights = source_weights(self.sources, mix)
         w = np.array(list(self.weights.values()), dtype=np.float64)
         self._cum = np.cumsum(w) / w.sum()
+        if group_by not in ("none", "modality"):
+            raise ValueError(f"data.train.group_by={group_by!r}: choose none or modality")
+        if length_order not in ("none", "sorted", "balanced"):
+            raise ValueError(f"data.train.length_order={length_order!r}: choose none, sorted or balanced")
+        if length_order != "none" and task_batch_size:
+            raise ValueError(f"data.train.length_order={length_order} re-deals examples among the micro-batches of "
+                             f"an optimizer step, which would break data.train.task_batch_size={task_batch_size}'s "
+                             "one-subset runs; set one of them")
+        self.accumulate = max(1, accumulate)  # stream steps per optimizer step
+        self.group_by = group_by
+        self.length_order = length_order
+        self.modality: dict[str, str] = {}  # source -> query modality (group_by=modality)
+        self._groups: list[tuple[np.ndarray, np.ndarray]] = []  # per MODALITIES: (source indices, cum. weights)
+        self._p_image = 1.0
+        if group_by == "modality":
+            self.modality = {n: query_modality(tuple(self.sources[n])) for n in self.weights}
+            mass = {m: sum(wt for n, wt in self.weights.items() if self.modality[n] == m) for m in MODALITIES}
+            self._p_image = mass["image"] / sum(mass.values())
+            for m in MODALITIES:
+                idx = np.array([i for i, n in enumerate(self.weights) if self.modality[n] == m], dtype=np.int64)
+                mw = w[idx] if len(idx) else np.ones(1)
+                self._groups.append((idx, np.cumsum(mw) / mw.sum()))
         # a sub-batch larger than the device's batch means "the whole batch from one subset"
         task_batch_size = min(task_batch_size, local_batch_size)
         if task_batch_size < 0 or (task_batch_size and local_batch_size % task_batch_size):
@@ -327,19 +434,33 @@ class ShardStream(IterableDataset):
     # -- the plan: which source feeds which example, by step --------------------------------
     def _draws(self, steps) -> "np.ndarray":
         """Source index of each draw at each of ``steps``: [len(steps), draws per step]. A draw is a
-        pure function of (seed, step, j) -- and of the rank when fully mixed -- so any step's plan,
+        pure function of (seed, step, j) -- and of the rank when fully mixed; under group_by=modality
+        also of the step's modality, itself a function of (seed, optimizer step) -- so any step's plan,
         or the counts of many steps, costs no history (vectorised: 10,000 steps in well under a ms)."""
         b, t = self.local_batch_size, self.task_batch_size
         steps = np.asarray(steps, dtype=np.uint64).reshape(-1, 1)
         j = np.arange(b // t if t else b, dtype=np.uint64).reshape(1, -1)
         tag = 0 if t else self.rank + 1  # task draws: the same subset on every rank
-        with np.errstate(over="ignore"):
-            x = (np.uint64(self.seed & _MASK) * _K1) ^ (np.uint64(tag) * _K2) ^ (steps * _K3) ^ (j * _K4)
-            for shift, mult in ((30, _M1), (27, _M2)):  # splitmix64's finaliser
-                x = (x ^ (x >> np.uint64(shift))) * mult
-            x ^= x >> np.uint64(31)
-        u = (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-        return np.minimum(np.searchsorted(self._cum, u, side="right"), len(self._cum) - 1)
+        u = _uniform(self.seed, tag, steps, j)
+        if self.group_by != "modality":
+            return np.minimum(np.searchsorted(self._cum, u, side="right"), len(self._cum) - 1)
+        modality = self._step_modalities(steps.ravel())
+        out = np.zeros(u.shape, dtype=np.int64)
+        for m, (idx, cum) in enumerate(self._groups):
+            rows = modality == m
+            if rows.any():
+                out[rows] = idx[np.minimum(np.searchsorted(cum, u[rows], side="right"), len(cum) - 1)]
+        return out
+
+    def _step_modalities(self, steps) -> "np.ndarray":
+        """Index into MODALITIES of each stream step's optimizer step: a draw from (seed, step //
+        accumulate) alone, the same on every rank and worker."""
+        opt = np.asarray(steps, dtype=np.uint64) // np.uint64(self.accumulate)
+        return (_uniform(self.seed, _MODALITY_TAG, opt, np.uint64(0)) >= self._p_image).astype(np.int64)
+
+    def step_modality(self, step: int) -> str | None:
+        """The query modality of every example at ``step`` under group_by=modality, else None."""
+        return MODALITIES[int(self._step_modalities([step])[0])] if self.group_by == "modality" else None
 
     def step_sources(self, step: int) -> list[str]:
         """The source of each example of this rank's batch at ``step``."""
@@ -360,13 +481,17 @@ class ShardStream(IterableDataset):
         calls each) and the readers' ``start``: no skipped sample is decoded."""
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
         buffer = max(1, -(-self.shuffle_buffer // len(self.weights)))
+        a = self.accumulate
+        # length_order builds a worker's micro-batches of one optimizer step together: a start inside
+        # one reads that worker's earlier micro-batches of it again (and yields from ``start`` on)
+        read_from = start - start % a if self.length_order != "none" else start
         if self.epoch_steps > 0:
             first = epoch * self.epoch_steps
             mine = range(first + worker, first + self.epoch_steps, num_workers)
-            skipped = np.array([s for s in mine if s < start], dtype=np.int64)
-            steps = iter([s for s in mine if s >= start])
+            skipped = np.array([s for s in mine if s < read_from], dtype=np.int64)
+            steps = iter([s for s in mine if s >= read_from])
         else:
-            first = max(0, -(-(start - worker) // num_workers))
+            first = max(0, -(-(read_from - worker) // num_workers))
             skipped = worker + num_workers * np.arange(first, dtype=np.int64)
             steps = _count(worker + first * num_workers, num_workers)
         drawn = self.drawn_before(skipped)  # examples each source gave the skipped steps
@@ -377,9 +502,19 @@ class ShardStream(IterableDataset):
                                 drawn.get(name, 0))
             for name in self.weights
         }
-        while step is not None:
-            yield [readers[name].next() for name in self.step_sources(step)]
-            step = next(steps, None)
+        if self.length_order == "none":
+            while step is not None:
+                yield [readers[name].next() for name in self.step_sources(step)]
+                step = next(steps, None)
+            return
+        group: list[tuple[int, list[Example]]] = []  # this worker's steps of one optimizer step
+        for nxt in itertools.chain([step], steps, [None]):
+            if group and (nxt is None or nxt // a != group[0][0] // a):
+                arranged = arrange_by_length([b for _, b in group], self.length_order)
+                yield from (b for (s, _), b in zip(group, arranged) if s >= start)
+                group = []
+            if nxt is not None:
+                group.append((nxt, [readers[name].next() for name in self.step_sources(nxt)]))
 
     def __iter__(self):
         info = get_worker_info()
@@ -397,6 +532,17 @@ _MASK = (1 << 64) - 1
 _K1, _K2, _K3, _K4 = (np.uint64(k) for k in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
                                               0xD6E8FEB86659FD93))
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_MODALITY_TAG = 0xFFFF_FFFF  # the tag of the per-optimizer-step modality draw (ranks use tags 0 .. world)
+
+
+def _uniform(seed: int, tag: int, a, b) -> "np.ndarray":
+    """A uniform [0, 1) per (seed, tag, a, b), broadcast over the uint64 arrays ``a`` and ``b``."""
+    with np.errstate(over="ignore"):
+        x = (np.uint64(seed & _MASK) * _K1) ^ (np.uint64(tag) * _K2) ^ (a * _K3) ^ (b * _K4)
+        for shift, mult in ((30, _M1), (27, _M2)):  # splitmix64's finaliser
+            x = (x ^ (x >> np.uint64(shift))) * mult
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def _count(first: int = 0, stride: int = 1):

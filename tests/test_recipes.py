@@ -26,6 +26,7 @@ from embedkit.training.optim import build_optimizer, build_scheduler, lr_multipl
 
 LLAVE_2B = "DeepLearnXMU/LLaVE@2c23053 README.md Training (script)"
 LLAVE_CODE = "DeepLearnXMU/LLaVE@2c23053 llava/train/train.py, llava_qwen.py, loss.py"
+LLAVE_TRAINER = "DeepLearnXMU/LLaVE@2c23053 llava/train/llava_trainer.py"
 LLAVE_11 = "XMUDeepLIT/LLaVE#11 (maintainer: 0.5B/7B checkpoints, 7B lr 5e-6, rest unchanged)"
 V1_README = "TIGER-AI-Lab/VLM2Vec v1@28fdbdd README.md training command"
 V1_CODE = "TIGER-AI-Lab/VLM2Vec v1@28fdbdd src/arguments.py, src/model.py"
@@ -51,6 +52,8 @@ _LLAVE = [  # shared by the three LLaVE sizes (issue #11: "keep the other settin
     ("loss.temperature", 0.02, LLAVE_CODE + ": logit_scale 50"),
     ("loss.bidirectional", True, LLAVE_CODE),
     ("data.train.num_negatives", 0, LLAVE_CODE),
+    ("data.train.group_by", "modality", LLAVE_TRAINER + ": --group_by_modality_length"),
+    ("data.train.length_order", "balanced", LLAVE_TRAINER + ": split_to_even_chunks"),
     ("train.global_batch_size", 32, LLAVE_CODE + ": loss over 4/GPU x 8 GPUs"),
     ("train.accumulate_steps", 8, LLAVE_2B + ": gradient_accumulation_steps 8"),
     ("train.schedule", "cosine", LLAVE_2B),

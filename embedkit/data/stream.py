@@ -38,7 +38,9 @@ them with ``num_workers`` <= 1, else the steps ``s % num_workers == worker`` amo
 ``"balanced"`` gives each, longest first, to the micro-batch with the fewest words so far that is
 not full (equal word totals: LLaVE's ``split_to_even_chunks``). The group's examples are the ones
 the unordered stream draws for those steps, only re-dealt; a resume inside an optimizer step
-re-reads that worker's earlier micro-batches of it (at most ``accumulate - 1``), never more.
+re-reads that worker's earlier micro-batches of it (at most ``accumulate - 1``), never more; an
+optimizer step cut by the end of an epoch (``epoch_steps`` not a multiple of ``accumulate``) is
+arranged in its two parts.
 Re-dealing moves examples between micro-batches, so it is refused with ``task_batch_size`` > 0.
 
 A sample that fails to decode (a corrupt image, a missing part) or a truncated tar is skipped,

@@ -29,6 +29,8 @@ class Example:
     positive: Item
     negatives: list[Item] = field(default_factory=list)
     task: str = "default"
+    #: one score per negative where they were mined (``embedkit mine``: the judge's score), else None
+    negative_scores: list[float] | None = None
 
 
 def content_key(item: Item) -> int:

@@ -1,7 +1,7 @@
 """Classification-style demo: few labels, many queries per label; held-out P@1 with and without
 in-batch false-negative masking (``train.mask_duplicates``) at the same steps. Prints the figures.
 
-    python bench/mask_classification.py [--steps 150] [--seeds 0 1] [--out /tmp/maskcls]
+    python bench/mask_classification.py [--steps 150] [--seeds 0 1] [--masks false true] [--out /tmp/maskcls]
 
 Queries are drawn demo scenes (one shape, colour and place); the positive is the text label
 "a <shape>" (5 labels), so a batch of 32 holds each label about 6 times: without masking, InfoNCE
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--out", default="/tmp/maskcls")
+    ap.add_argument("--masks", nargs="+", default=["false", "true"], choices=["false", "true"])
     args = ap.parse_args()
     out = Path(args.out)
     shards = out / "shards" / "cls"
@@ -54,7 +55,7 @@ def main() -> None:
     from embedkit.encoder import Encoder
 
     for seed in args.seeds:
-        for mask in (False, True):
+        for mask in (m == "true" for m in args.masks):
             run = out / f"runs/seed{seed}-mask{int(mask)}"
             started = time.monotonic()
             assert cli(["fit", "recipe=demo", f"run.dir={run}", f"seed={seed}", f"data.train.shards={out / 'shards'}",

@@ -62,6 +62,7 @@ class EmbeddingModule(L.LightningModule):
         self.max_skipped = train["max_skipped_steps"]
         self.mask_duplicates = train["mask_duplicates"]
         self.false_negative_margin = train["false_negative_margin"]
+        self._batch_keys: torch.Tensor | None = None  # candidate content keys of the batch being trained
         if (self.mask_duplicates or self.false_negative_margin is not None) and not accepts_mask(loss_fn):
             import logging
 
@@ -105,7 +106,9 @@ class EmbeddingModule(L.LightningModule):
                      candidate_keys: torch.Tensor | None = None) -> LossOutput:
         # cross-device negatives when distributed (the plain loss otherwise); DDP's gradient
         # averaging then gives the full-batch gradient: see embedkit/distributed/loss.py
-        return distributed_loss(self.loss_fn, q, p, n, mask=self.candidate_mask(candidate_keys))
+        # the keys of the batch backward_batch is on (its loss_of keeps the (q, p, n) call form)
+        keys = candidate_keys if candidate_keys is not None else self._batch_keys
+        return distributed_loss(self.loss_fn, q, p, n, mask=self.candidate_mask(keys))
 
     def candidate_mask(self, candidate_keys: torch.Tensor | None) -> CandidateMask | None:
         """The in-batch false-negative mask of ``train.mask_duplicates`` / ``train.false_negative_margin``.
@@ -250,13 +253,17 @@ class EmbeddingModule(L.LightningModule):
         def loss_of(embs: list[torch.Tensor]) -> LossOutput:
             q, c = torch.cat(embs[:nq]), torch.cat(embs[nq:])
             n = c[B:].view(B, K, -1) if K else None
-            return self.compute_loss(q, c[:B], n, batch.candidate_keys)
+            return self.compute_loss(q, c[:B], n)
 
         # each side in one forward pass: no cache, no extra forward (memory: both sides' activations)
         use_cache = nq > 1 or len(batch.candidate_chunks) > 1
-        return gradcache.cached_step(self.encode, batch.query_chunks + batch.candidate_chunks, loss_of,
-                                     backward, scale=scale, before_last_backward=before_last_backward,
-                                     use_cache=use_cache)
+        self._batch_keys = batch.candidate_keys
+        try:
+            return gradcache.cached_step(self.encode, batch.query_chunks + batch.candidate_chunks, loss_of,
+                                         backward, scale=scale, before_last_backward=before_last_backward,
+                                         use_cache=use_cache)
+        finally:
+            self._batch_keys = None
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.parameters(), self.train_cfg)

@@ -186,6 +186,7 @@ class Miner:
                 self.mine_subset(subset, shards)
             else:
                 self.log(f"mine: {subset}: complete, skipped")
+                (self.state / f"{subset}.embeddings.npz").unlink(missing_ok=True)  # killed before its cleanup
             for _, rel in shards:
                 stats[rel] = json.loads((self.state / f"{rel}.json").read_text())
         return stats

@@ -44,6 +44,22 @@ def test_ddp_gradients_equal_single_process(ddp_results, name):
     assert r["layout_max_abs_diff"] == 0.0  # gathered Q, P, N are the full batch, in order
 
 
+MASKED = ["masked_infonce", "masked_infonce_bidirectional_learnable", "masked_hardness_weighted",
+          "masked_hardness_weighted_margin", "masked_matryoshka_hardness_weighted"]
+
+
+@pytest.mark.parametrize("name", MASKED)
+def test_ddp_masked_loss_and_gradients_equal_single_process_masked(ddp_results, name):
+    """Copies of a positive held by the other rank are masked too: the content keys are gathered."""
+    r = ddp_results[name]
+    assert r["grad_scale"] > 1e-3
+    assert r["grad_max_abs_diff"] < 1e-5, r
+    assert r["loss_abs_diff"] < 1e-8, r
+    assert r["unmasked_loss_abs_diff"] > 1e-3, r  # the planted copies change the loss: the check can fail
+    # q2c drops: p0<->p4 both ways, 3 planted negatives (+ whatever the margin adds), summed over ranks
+    assert r["masked_negatives"] == r["full_masked_negatives"] >= 5, r
+
+
 def test_the_check_catches_a_gather_without_gradients(ddp_results):
     assert ddp_results["detached_gather_bug"]["grad_max_abs_diff"] > 1e-4
 

@@ -128,7 +128,7 @@ SOURCED: dict[str, list[tuple[str, object, str]]] = {
 #: leaderboard; VLM2Vec-V2 image part)
 PAPER_SCORES = {"llave_0.5b": 59.1, "llave_2b": 65.2, "llave_7b": 70.3, "vlm2vec_phi35v_4b": 60.1,
                 "vlm2vec_qwen2vl_2b": 59.3, "vlm2vec_qwen2vl_7b": 65.8, "vlm2vec_v2_qwen2vl_2b": 64.9}
-BEYOND = ["llave_7b_gradcache", "vlm2vec_qwen2vl_2b_hw"]
+BEYOND = ["llave_7b_gradcache", "vlm2vec_qwen2vl_2b_hw", "llave_2b_mined"]
 
 
 def _get(cfg: dict, key: str):
@@ -159,6 +159,13 @@ def test_llave_gradcache_contrasts_1024_at_once():
     cfg = compose(["recipe=llave_7b_gradcache"])
     assert cfg["train"]["global_batch_size"] == 1024 and cfg["train"]["accumulate_steps"] == 1
     assert cfg["train"]["lr"] == 5e-6 and cfg["loss"]["name"] == "hardness_weighted"
+
+
+def test_llave_2b_mined_is_llave_2b_with_mined_negatives_and_masking():
+    base, mined = compose(["recipe=llave_2b"]), compose(["recipe=llave_2b_mined"])
+    assert mined["data"]["train"]["num_negatives"] == 4 and mined["train"]["mask_duplicates"] is True
+    assert mined["loss"] == base["loss"] and mined["loss"]["name"] == "hardness_weighted"
+    assert base["train"]["mask_duplicates"] is False  # the paper recipes do not mask (the papers did not)
 
 
 # -- every shipped recipe trains 2 steps with its family's tiny model ---------------------------------

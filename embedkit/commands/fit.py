@@ -269,12 +269,13 @@ class Fit:
             limit_val_batches=None if validate else 0,
         )
         if logger:
-            from embedkit.tracking.mlflow_setup import log_run_inputs, mark_running
+            from embedkit.tracking.mlflow_setup import log_run_inputs, mark_running, tag_mined_shards
 
             if ckpt:
                 mark_running(logger)
             else:
                 log_run_inputs(logger, cfg, config_path, self.overrides)
+                tag_mined_shards(logger, train_shards)
             if trainer.is_global_zero:
                 write_atomic(id_path, logger.run_id + "\n")
 

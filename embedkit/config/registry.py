@@ -1,4 +1,4 @@
-"""The component registry: backbones, pooling heads and losses, each under a short name.
+"""The component registry: backbones, pooling heads, losses and mining judges, each under a short name.
 
 A component is a class (or factory) registered with ``@register(kind, name)``. Its config keys are
 its keyword parameters that have defaults, with their annotations as types; parameters without a
@@ -35,6 +35,7 @@ KINDS: dict[str, str] = {
     "backbone": "embedkit.backbones",
     "pooling": "embedkit.pooling",
     "loss": "embedkit.losses",
+    "judge": "embedkit.judges",
 }
 
 #: kind -> where a block of that kind sits in the config (``build``'s default ``key``)
@@ -42,6 +43,7 @@ BLOCK_KEYS: dict[str, str] = {
     "backbone": "model.backbone",
     "pooling": "model.pooling",
     "loss": "loss",
+    "judge": "judge",
 }
 
 ENTRY_POINT_GROUP = "embedkit.plugins"

@@ -117,6 +117,11 @@ class TrainSection:
     accumulate_steps: int = 1
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the linear warm-up: decay to lr * min_lr_ratio, or flat
     max_skipped_steps: int = 10  # consecutive non-finite steps (skipped, no update) before the run stops
+    # drop in-batch false negatives: candidates with the same content (text and pixels) as a query's
+    # positive leave its softmax, across ranks and chunks (logged as train/masked_negatives)
+    mask_duplicates: bool = False
+    # also drop negatives scoring above (positive score - margin); UniME: -0.1. None: off
+    false_negative_margin: Optional[float] = None
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The shard codec: ``Example`` <-> WebDataset sample, and an atomic shard writer.
 
 A sample is the WebDataset convention (files sharing a key in a tar):
-    <key>.json      {"task": str, "query": slot, "positive": slot, "negatives": [slot, ...]}
+    <key>.json      {"task": str, "query": slot, "positive": slot, "negatives": [slot, ...],
+                     "negative_scores": [float, ...] (mined shards only)}
                     slot = {"text": str | null, "image": "<file extension>" | null}
     <key>.q.<ext>   the query's image bytes, <key>.p.<ext> the positive's, <key>.n<i>.<ext> negatives'
 Image bytes are stored as they came (MMEB's JPEGs are not re-encoded); the demo writes PNG.
@@ -60,6 +61,8 @@ def encode_example(example: Example, key: str) -> dict[str, bytes]:
         "positive": slot(example.positive, "p"),
         "negatives": [slot(item, f"n{i}") for i, item in enumerate(example.negatives)],
     }
+    if example.negative_scores is not None:
+        meta["negative_scores"] = [float(x) for x in example.negative_scores]
     files[f"{key}.json"] = json.dumps(meta).encode()
     return files
 
@@ -81,6 +84,7 @@ def decode_sample(key: str, files: dict[str, bytes]) -> Example:
         positive=item(meta["positive"], "p"),
         negatives=[item(s, f"n{i}") for i, s in enumerate(meta.get("negatives", []))],
         task=meta.get("task", "default"),
+        negative_scores=meta.get("negative_scores"),
     )
 
 

@@ -69,7 +69,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from embedkit.data.remote import ShardUnavailable, is_remote
-from embedkit.data.schema import Example, Item
+from embedkit.data.schema import Example, Item, content_key
 from embedkit.data.shards import decode_sample, iter_samples
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,10 @@ class TrainBatch:
     batch_size: int  # B
     num_negatives: int  # K
     tasks: list[str]
+    #: int64 [B + B*K]: ``content_key`` of each candidate, in the layout of ``candidate_chunks``
+    #: before chunking (positives, then negatives example-major); in-batch false-negative masking
+    #: (``train.mask_duplicates``) compares them. None: not computed (masking cannot run).
+    candidate_keys: torch.Tensor | None = None
 
 
 def chunked(items: list, size: int) -> list[list]:
@@ -148,6 +152,7 @@ class ChunkCollate:
             batch_size=len(examples),
             num_negatives=self.num_negatives,
             tasks=[ex.task for ex in examples],
+            candidate_keys=torch.tensor([content_key(c) for c in cands], dtype=torch.int64),
         )
 
 

@@ -30,6 +30,11 @@ Scaling convention (what gradient each rank ends with):
     computes L itself, the gather backward gives W · ∂L/∂e_r, and DDP's average again yields ∂L/∂θ;
     correct, just W-fold redundant loss compute. Wrappers may mix both forms.
 
+In-batch false negatives (``mask``, a ``losses.base.CandidateMask``): its ``keys`` are this rank's
+candidates' content keys [b + b*K]; they are all-gathered too (integers, no gradient) and laid out
+like the gathered candidates (every rank's positives, then every rank's negatives), so a copy of a
+query's positive held by another rank is masked as well.
+
 Every rank must have the same b and K (the per-rank batch is fixed; hard negatives are padded or
 cut to exactly K by the data pipeline).
 """
@@ -40,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from embedkit.distributed.gather import all_gather_with_grad, is_distributed
-from embedkit.losses.base import LossOutput, call_loss
+from embedkit.losses.base import CandidateMask, LossOutput, call_loss
 
 
 def gather_batch(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None, group=None):
@@ -57,9 +62,22 @@ def gather_batch(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None, group
     return Q, P, N, slice(rank * b, (rank + 1) * b)
 
 
-def distributed_loss(loss_fn, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, group=None) -> LossOutput:
-    """``loss_fn`` over the candidates of all ranks for this rank's queries; plain call otherwise."""
+def gather_keys(keys: torch.Tensor, b: int, group=None) -> torch.Tensor:
+    """Candidate keys [b + b*K] of every rank -> the gathered candidate layout [W*b + W*b*K]."""
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(keys) for _ in range(world)]
+    dist.all_gather(parts, keys.contiguous(), group=group)
+    per_rank = torch.stack(parts)  # [W, b + b*K]
+    return torch.cat([per_rank[:, :b].reshape(-1), per_rank[:, b:].reshape(-1)])
+
+
+def distributed_loss(loss_fn, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, group=None,
+                     mask: CandidateMask | None = None) -> LossOutput:
+    """``loss_fn`` over the candidates of all ranks for this rank's queries; plain call otherwise.
+    ``mask`` is passed to losses that take it (``call_loss``), its keys gathered like the candidates."""
     if not is_distributed():
-        return loss_fn(q, p, n)
+        return call_loss(loss_fn, q, p, n, mask=mask)
     Q, P, N, rows = gather_batch(q, p, n, group)
-    return call_loss(loss_fn, Q, P, N, rows=rows)
+    if mask is not None and mask.keys is not None:
+        mask = CandidateMask(gather_keys(mask.keys.to(q.device), q.shape[0], group), mask.margin)
+    return call_loss(loss_fn, Q, P, N, rows=rows, mask=mask)

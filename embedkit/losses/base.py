@@ -11,6 +11,12 @@ the GATHERED batch (every rank's examples, rank order) and the loss computes onl
 rows. ``rows=None`` (the default) means every row, so ``loss(q, p, n)`` is the whole-batch loss. A
 loss that does not take ``rows`` still trains correctly under ``embedkit.distributed`` (each rank
 then computes the whole gathered batch): see ``embedkit/distributed/loss.py`` for why.
+
+In-batch false negatives add another keyword: ``loss(q, p, n, rows=..., mask=CandidateMask)``.
+The mask says which candidates of a query are not negatives of it (a copy of its positive by
+content key, ``train.mask_duplicates``; or, with ``train.false_negative_margin``, one scoring
+within the margin of the positive); they leave the softmax of that query. A loss that does not
+take ``mask`` is called without it (``call_loss``), and trains as before, unmasked.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ class LossOutput:
 
 class Loss(nn.Module):
     def forward(
-        self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, rows: slice | None = None
+        self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, rows: slice | None = None,
+        mask: "CandidateMask | None" = None,
     ) -> LossOutput:
         raise NotImplementedError
 
@@ -45,20 +52,64 @@ def row_slice(rows: slice | None, batch: int) -> slice:
     return slice(start, stop)
 
 
-def accepts_rows(loss_fn) -> bool:
-    """Whether ``loss_fn`` takes the ``rows`` keyword (the local-rows form of the contract)."""
+def accepts(loss_fn, keyword: str) -> bool:
+    """Whether ``loss_fn`` takes ``keyword`` (by name, or through ``**kwargs``)."""
     import inspect
 
     target = loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn
     params = inspect.signature(target).parameters.values()
-    return any(p.name == "rows" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def call_loss(loss_fn, q, p, n=None, rows: slice | None = None) -> LossOutput:
-    """``loss_fn(q, p, n, rows=rows)``, or the whole batch when ``loss_fn`` does not take ``rows``."""
+def accepts_rows(loss_fn) -> bool:
+    """Whether ``loss_fn`` takes the ``rows`` keyword (the local-rows form of the contract)."""
+    return accepts(loss_fn, "rows")
+
+
+def accepts_mask(loss_fn) -> bool:
+    """Whether ``loss_fn`` takes the ``mask`` keyword (in-batch false-negative masking)."""
+    return accepts(loss_fn, "mask")
+
+
+def call_loss(loss_fn, q, p, n=None, rows: slice | None = None, mask: "CandidateMask | None" = None) -> LossOutput:
+    """``loss_fn(q, p, n, rows=rows, mask=mask)``, each keyword passed only when given and taken:
+    without ``rows`` the loss computes the whole batch, without ``mask`` it is unmasked."""
+    kwargs = {}
     if rows is not None and accepts_rows(loss_fn):
-        return loss_fn(q, p, n, rows=rows)
-    return loss_fn(q, p, n)
+        kwargs["rows"] = rows
+    if mask is not None and accepts_mask(loss_fn):
+        kwargs["mask"] = mask
+    return loss_fn(q, p, n, **kwargs)
+
+
+@dataclass
+class CandidateMask:
+    """Which candidates of a query are false negatives, left out of its softmax.
+
+    ``keys``: int64 [B + B*K], the content key (``data.schema.content_key``) of every candidate of
+    the (gathered) batch in candidate order (positives, then negatives example-major); a candidate
+    whose key equals the query's positive's is a copy of it (same text, same pixels) and is dropped
+    (``train.mask_duplicates``). In the candidate->query direction, a query whose positive has the
+    key of p_i is dropped from p_i's candidates. None: no duplicate masking.
+
+    ``margin``: also drop every non-target candidate whose similarity exceeds the target's minus
+    ``margin`` (UniME drops those above positive + 0.1, i.e. margin -0.1). None: no margin filter.
+    The target column is never dropped.
+    """
+
+    keys: torch.Tensor | None = None
+    margin: float | None = None
+
+    def excluded(self, sim: torch.Tensor, targets: torch.Tensor, column_keys: torch.Tensor | None) -> torch.Tensor:
+        """Bool [rows, C]: the columns of ``sim`` dropped from each row's softmax (never its target)."""
+        out = torch.zeros_like(sim, dtype=torch.bool)
+        if self.keys is not None and column_keys is not None:
+            column_keys = column_keys.to(sim.device)
+            out |= column_keys[None, :] == column_keys[targets][:, None]
+        if self.margin is not None:
+            s = sim.detach()
+            out |= s > s.gather(1, targets[:, None]) - self.margin
+        return out.scatter(1, targets[:, None], False)
 
 
 def candidates(p: torch.Tensor, n: torch.Tensor | None) -> torch.Tensor:
@@ -107,6 +158,7 @@ def contrastive_loss(
     rows: slice | None = None,
     alpha: float = 0.0,
     bidirectional: bool = False,
+    mask: CandidateMask | None = None,
 ) -> LossOutput:
     """The one contrastive core: InfoNCE, optionally hardness-weighted and bidirectional.
 
@@ -120,28 +172,46 @@ def contrastive_loss(
     pair gets weight w = exp(α · s), a constant (no gradient through it), which is α · stopgrad(s)
     added to its logit. α = 0 is InfoNCE (van den Oord et al. 2018, arXiv 1807.03748).
 
-    Parts (detached): ``q2c``, ``c2q`` when bidirectional, ``temperature``.
+    ``mask`` (``CandidateMask``) drops in-batch false negatives: in q2c the candidates that copy
+    q_i's positive (or score within the margin of it), in c2q the queries whose positive copies
+    p_i; the formulas are the same with those columns removed. Then the part
+    ``masked_negatives`` counts the dropped (query, candidate) pairs of q2c over ``rows``.
+
+    Parts (detached): ``q2c``, ``c2q`` when bidirectional, ``temperature``, ``masked_negatives``
+    when masked.
     """
     own = row_slice(rows, q.shape[0])
     targets = torch.arange(own.start, own.stop, device=q.device)
-    q2c = _cross_entropy(q[own] @ candidates(p, n).T, targets, temperature, alpha)
+    keys = mask.keys if mask is not None else None
+    q2c, dropped = _cross_entropy(q[own] @ candidates(p, n).T, targets, temperature, alpha, mask, keys)
     parts = {"q2c": q2c.detach(), "temperature": temperature.detach()}
+    if mask is not None:
+        parts["masked_negatives"] = dropped
     if not bidirectional:
         return LossOutput(q2c, parts)
-    c2q = _cross_entropy(p[own] @ q.T, targets, temperature, alpha)
+    c2q, _ = _cross_entropy(p[own] @ q.T, targets, temperature, alpha, mask,
+                            None if keys is None else keys[: p.shape[0]])
     parts["c2q"] = c2q.detach()
     return LossOutput((q2c + c2q) / 2, parts)
 
 
-def _cross_entropy(sim: torch.Tensor, targets: torch.Tensor, tau: torch.Tensor, alpha: float) -> torch.Tensor:
-    """One direction: mean over rows of -log softmax at ``targets`` of sim/τ + α·sg(sim) off-target.
+def _cross_entropy(sim: torch.Tensor, targets: torch.Tensor, tau: torch.Tensor, alpha: float,
+                   mask: CandidateMask | None = None, column_keys: torch.Tensor | None = None):
+    """One direction: (mean over rows of -log softmax at ``targets`` of sim/τ + α·sg(sim) off-target,
+    the number of dropped columns).
 
     ``sim`` [rows, C] holds each row's similarities to all C columns (its candidates). Every logit
-    of both directions is formed here, so a later change to which columns count (excluding in-batch
-    false negatives, say) is made in this one function.
+    of both directions is formed here, and this is the one place where columns are excluded: the
+    ``mask``'s false negatives of each row (``column_keys`` [C]: the content key of the positive
+    each column stands for) get logit -inf, i.e. leave the softmax.
     """
     logits = sim / tau
     if alpha:
         # the target keeps weight 1; skipped at α = 0 so InfoNCE runs no extra ops
         logits = logits + (alpha * sim.detach()).scatter(1, targets[:, None], 0.0)
-    return F.cross_entropy(logits, targets)
+    dropped = None
+    if mask is not None:
+        excluded = mask.excluded(sim, targets, column_keys)
+        logits = logits.masked_fill(excluded, float("-inf"))
+        dropped = excluded.sum().detach().to(torch.float32)
+    return F.cross_entropy(logits, targets), dropped

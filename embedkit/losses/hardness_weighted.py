@@ -47,7 +47,8 @@ class HardnessWeighted(Loss):
             raise ValueError(f"alpha: must be >= 0, got {params['alpha']}")
         check_temperature(params)
 
-    def forward(self, q, p, n=None, rows=None) -> LossOutput:
+    def forward(self, q, p, n=None, rows=None, mask=None) -> LossOutput:
         return contrastive_loss(
-            q, p, n, temperature=self.temperature(), rows=rows, alpha=self.alpha, bidirectional=self.bidirectional
+            q, p, n, temperature=self.temperature(), rows=rows, alpha=self.alpha, bidirectional=self.bidirectional,
+            mask=mask,
         )

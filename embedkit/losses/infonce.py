@@ -33,5 +33,6 @@ class InfoNCE(Loss):
     def check_config(params: dict) -> None:
         check_temperature(params)
 
-    def forward(self, q, p, n=None, rows=None) -> LossOutput:
-        return contrastive_loss(q, p, n, temperature=self.temperature(), rows=rows, bidirectional=self.bidirectional)
+    def forward(self, q, p, n=None, rows=None, mask=None) -> LossOutput:
+        return contrastive_loss(q, p, n, temperature=self.temperature(), rows=rows, bidirectional=self.bidirectional,
+                                mask=mask)

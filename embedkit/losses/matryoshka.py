@@ -5,8 +5,9 @@
 Each nesting dimension d_m truncates the embeddings to their first d_m coordinates, re-normalises
 them to unit length (so the inner loss still sees cosine similarities), and the weighted inner
 losses are summed (MRL uses c_m = 1). The wrapper sees embeddings only, so it composes with every
-registered loss and runs unchanged under GradCache and cross-device negatives (``rows`` is passed
-through to the inner loss).
+registered loss and runs unchanged under GradCache and cross-device negatives (``rows`` and the
+false-negative ``mask`` are passed through to the inner loss; ``masked_negatives`` is the inner
+loss's count at the largest dim).
 
 Config: ``loss=matryoshka loss.inner=hardness_weighted loss.dims=[64,128,256]``. Parts are logged
 per dimension as ``dim_<d>``.
@@ -78,14 +79,16 @@ class Matryoshka(Loss):
             if any(w < 0 for w in weights):
                 raise ValueError(f"weights: must be >= 0, got {list(weights)}")
 
-    def forward(self, q, p, n=None, rows=None) -> LossOutput:
+    def forward(self, q, p, n=None, rows=None, mask=None) -> LossOutput:
         if max(self.dims) > q.shape[-1]:
             raise ValueError(f"dims: {max(self.dims)} is larger than the embedding ({q.shape[-1]} dimensions)")
         total = q.new_zeros(())
         parts: dict[str, torch.Tensor] = {}
         for d, w in zip(self.dims, self.weights):
             cut = [F.normalize(x[..., :d], dim=-1) if x is not None else None for x in (q, p, n)]
-            out = call_loss(self.inner, *cut, rows=rows)
+            out = call_loss(self.inner, *cut, rows=rows, mask=mask)
             total = total + w * out.loss
             parts[f"dim_{d}"] = out.loss.detach()
+            if "masked_negatives" in out.parts and d == max(self.dims):  # the count at the full size
+                parts["masked_negatives"] = out.parts["masked_negatives"]
         return LossOutput(total, parts)

@@ -99,3 +99,17 @@ def log_run_inputs(logger: EmbedkitMLFlowLogger, cfg: dict, config_path: Path, o
     client, run_id = logger.experiment, logger.run_id
     client.log_artifact(run_id, str(config_path))
     client.log_text(run_id, "\n".join(overrides) + "\n", "overrides.txt")
+
+
+#: the tag naming the mining manifest a run trained on (``embedkit mine``'s DST/manifest.json)
+MINED_TAG = "embedkit.mined_manifest_sha256"
+
+
+@rank_zero_only
+def tag_mined_shards(logger: EmbedkitMLFlowLogger, train_shards: list[str]) -> None:
+    """Tag the run with the sha256 of its training shards' mining manifest, when they were mined."""
+    from embedkit.mining.provenance import manifest_sha256
+
+    digest = manifest_sha256(train_shards)
+    if digest:
+        logger.experiment.set_tag(logger.run_id, MINED_TAG, digest)

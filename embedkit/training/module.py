@@ -16,7 +16,7 @@ import torch
 from embedkit.data.stream import TrainBatch
 from embedkit.distributed import distributed_loss
 from embedkit.encoder import Encoder
-from embedkit.losses.base import Loss, LossOutput
+from embedkit.losses.base import CandidateMask, Loss, LossOutput, accepts_mask
 from embedkit.training import grad_sync, gradcache
 from embedkit.training.optim import build_optimizer, build_scheduler
 
@@ -60,6 +60,15 @@ class EmbeddingModule(L.LightningModule):
         self.accumulate = train["accumulate_steps"]
         self.clip = train["clip_grad_norm"]
         self.max_skipped = train["max_skipped_steps"]
+        self.mask_duplicates = train["mask_duplicates"]
+        self.false_negative_margin = train["false_negative_margin"]
+        self._batch_keys: torch.Tensor | None = None  # candidate content keys of the batch being trained
+        if (self.mask_duplicates or self.false_negative_margin is not None) and not accepts_mask(loss_fn):
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "train.mask_duplicates / train.false_negative_margin: the loss %s does not take `mask`; "
+                "it trains unmasked", type(loss_fn).__name__)
         self.micro = 0  # training batches seen (micro-batches), continued across a resume
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in all
         self.consecutive_skips = 0
@@ -93,10 +102,22 @@ class EmbeddingModule(L.LightningModule):
         """Processed chunk -> embeddings [n, D] (the encoder's forward)."""
         return self.encoder(inputs)
 
-    def compute_loss(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None) -> LossOutput:
+    def compute_loss(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None,
+                     candidate_keys: torch.Tensor | None = None) -> LossOutput:
         # cross-device negatives when distributed (the plain loss otherwise); DDP's gradient
         # averaging then gives the full-batch gradient: see embedkit/distributed/loss.py
-        return distributed_loss(self.loss_fn, q, p, n)
+        # the keys of the batch backward_batch is on (its loss_of keeps the (q, p, n) call form)
+        keys = candidate_keys if candidate_keys is not None else self._batch_keys
+        return distributed_loss(self.loss_fn, q, p, n, mask=self.candidate_mask(keys))
+
+    def candidate_mask(self, candidate_keys: torch.Tensor | None) -> CandidateMask | None:
+        """The in-batch false-negative mask of ``train.mask_duplicates`` / ``train.false_negative_margin``.
+        Training batches always carry the keys (``ChunkCollate``); a direct call without them (embeddings
+        of no known content) masks by margin only."""
+        keys = candidate_keys if self.mask_duplicates else None
+        if keys is None and self.false_negative_margin is None:
+            return None
+        return CandidateMask(keys, self.false_negative_margin)
 
     # -- training ---------------------------------------------------------------------------
     def configure_model(self):
@@ -155,6 +176,9 @@ class EmbeddingModule(L.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True, batch_size=B, sync_dist=True)
         self.log("train/lr", opt.param_groups[0]["lr"], batch_size=B)
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=B)
+        masked = out.parts.pop("masked_negatives", None)
+        if masked is not None:  # dropped (query, candidate) pairs of the whole global batch
+            self.log("train/masked_negatives", masked, batch_size=B, sync_dist=True, reduce_fx="sum")
         for name, value in out.parts.items():
             self.log(f"train/loss/{name}", value, batch_size=B, sync_dist=True)
         return out.loss
@@ -233,9 +257,13 @@ class EmbeddingModule(L.LightningModule):
 
         # each side in one forward pass: no cache, no extra forward (memory: both sides' activations)
         use_cache = nq > 1 or len(batch.candidate_chunks) > 1
-        return gradcache.cached_step(self.encode, batch.query_chunks + batch.candidate_chunks, loss_of,
-                                     backward, scale=scale, before_last_backward=before_last_backward,
-                                     use_cache=use_cache)
+        self._batch_keys = batch.candidate_keys
+        try:
+            return gradcache.cached_step(self.encode, batch.query_chunks + batch.candidate_chunks, loss_of,
+                                         backward, scale=scale, before_last_backward=before_last_backward,
+                                         use_cache=use_cache)
+        finally:
+            self._batch_keys = None
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.parameters(), self.train_cfg)

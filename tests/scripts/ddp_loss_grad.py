@@ -9,6 +9,11 @@ averages gradients). Rank 0 also computes the single-process full-batch gradient
 loss, the largest gradient difference, the loss-value difference and whether the gathered batch
 equals the full batch. A deliberately wrong variant (gather without gradients) is included so the
 check is shown to be able to fail.
+
+The ``masked_*`` variants plant copies across ranks (rank 1's positive repeats rank 0's; a hard
+negative on rank 0 copies a positive on rank 1; one copies its own example's positive) and pass
+``mask=CandidateMask(local content keys)``: the gathered masked loss and its gradient must equal the
+single-process full-batch masked loss (tests/test_false_negatives.py ties that to the formula).
 """
 
 from __future__ import annotations
@@ -35,6 +40,14 @@ LOSSES = {
     "matryoshka_hardness_weighted": {"name": "matryoshka", "inner": "hardness_weighted", "dims": [4, 8, 16]},
     "matryoshka_infonce": {"name": "matryoshka", "inner": {"name": "infonce", "bidirectional": True}, "dims": [8, 16], "weights": [0.5, 2.0]},
     "rowless_plugin_style": None,  # a loss without the ``rows`` keyword: whole batch on every rank
+}
+#: variant -> (loss, margin): in-batch false negatives masked by content key (and margin)
+MASKED = {
+    "masked_infonce": ("infonce", None),
+    "masked_infonce_bidirectional_learnable": ("infonce_bidirectional_learnable", None),
+    "masked_hardness_weighted": ("hardness_weighted", None),
+    "masked_hardness_weighted_margin": ("hardness_weighted", 0.2),
+    "masked_matryoshka_hardness_weighted": ("matryoshka_hardness_weighted", None),
 }
 
 
@@ -70,12 +83,28 @@ def build_loss(block):
     return registry.build("loss", schema._component("loss", block, "infonce", "loss"), embedding_dim=D)
 
 
-def global_batch(seed: int):
+def global_batch(seed: int, planted: bool = False):
     g = torch.Generator().manual_seed(seed)
     n = WORLD * B_LOCAL
-    return (torch.randn(n, D_IN, generator=g, dtype=torch.float64),
-            torch.randn(n, D_IN, generator=g, dtype=torch.float64),
-            torch.randn(n, K, D_IN, generator=g, dtype=torch.float64))
+    xq, xp, xn = (torch.randn(n, D_IN, generator=g, dtype=torch.float64),
+                  torch.randn(n, D_IN, generator=g, dtype=torch.float64),
+                  torch.randn(n, K, D_IN, generator=g, dtype=torch.float64))
+    keys = list(range(n)) + [100 + i for i in range(n * K)]  # global candidate layout
+    if planted:  # queries near their positives: a copy of the positive then weighs in every softmax
+        xq = xp + 0.3 * torch.randn(n, D_IN, generator=g, dtype=torch.float64)
+        for dst, src in ((4, 0),):  # rank 1's example 1 has rank 0's example 0's positive
+            xp[dst] = xp[src]
+            keys[dst] = keys[src]
+        for (i, m), src in (((1, 0), 5), ((5, 1), 5), ((2, 1), 3)):  # negatives copying positives
+            xn[i, m] = xp[src]
+            keys[n + i * K + m] = keys[src]
+    return xq, xp, xn, torch.tensor(keys, dtype=torch.int64)
+
+
+def local_keys(keys: torch.Tensor, rank: int) -> torch.Tensor:
+    n = WORLD * B_LOCAL
+    return torch.cat([keys[rank * B_LOCAL:(rank + 1) * B_LOCAL],
+                      keys[n + rank * B_LOCAL * K:n + (rank + 1) * B_LOCAL * K]])
 
 
 def encode(model, xq, xp, xn):
@@ -101,18 +130,29 @@ def worker(rank: int, port: int, out_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     from embedkit.distributed import distributed_loss
     from embedkit.distributed.loss import gather_batch
+    from embedkit.losses.base import CandidateMask
 
     results = {}
     own = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     variants = [(name, name, False) for name in LOSSES] + [("detached_gather_bug", "hardness_weighted", True)]
+    variants += [(name, MASKED[name][0], False) for name in MASKED]
     for i, (label, loss_name, buggy) in enumerate(variants):
         torch.manual_seed(i)
         model = Model(build_loss(LOSSES[loss_name])).double()
         reference = copy.deepcopy(model)
         ddp = nn.parallel.DistributedDataParallel(model)
-        xq, xp, xn = global_batch(seed=100 + i)
+        xq, xp, xn, keys = global_batch(seed=100 + i, planted=label in MASKED)
+        mask = full_mask = None
+        if label in MASKED:
+            mask = CandidateMask(local_keys(keys, rank), MASKED[label][1])
+            full_mask = CandidateMask(keys, MASKED[label][1])
         q, p, n = encode(ddp, xq[own], xp[own], xn[own])
-        out = (detached_gather_loss if buggy else distributed_loss)(model.loss, q, p, n)
+        if buggy:
+            out = detached_gather_loss(model.loss, q, p, n)
+        else:
+            out = distributed_loss(model.loss, q, p, n, mask=mask)
+        masked = out.parts.get("masked_negatives", torch.tensor(0.0)).clone().double()
+        dist.all_reduce(masked)
         out.loss.backward()
         loss_value = out.loss.detach().clone()
         dist.all_reduce(loss_value)
@@ -121,7 +161,7 @@ def worker(rank: int, port: int, out_path: str) -> None:
             Q, P, N, rows = gather_batch(q, p, n)
         if rank == 0:
             fq, fp, fn = encode(reference, xq, xp, xn)
-            full = reference.loss(fq, fp, fn)
+            full = reference.loss(fq, fp, fn, mask=full_mask) if full_mask else reference.loss(fq, fp, fn)
             full.loss.backward()
             grad_diff = max(
                 (a.grad - b.grad).abs().max().item()
@@ -134,6 +174,9 @@ def worker(rank: int, port: int, out_path: str) -> None:
                 "layout_max_abs_diff": max((X - F_).abs().max().item() for X, F_ in ((Q, fq), (P, fp), (N, fn))),
                 "rows": [rows.start, rows.stop],
                 "parts": sorted(out.parts),
+                "masked_negatives": masked.item(),
+                "full_masked_negatives": full.parts.get("masked_negatives", torch.tensor(0.0)).item(),
+                "unmasked_loss_abs_diff": abs(loss_value.item() - reference.loss(fq, fp, fn).loss.item()),
             }
         dist.barrier()
     if rank == 0:

@@ -1,0 +1,1 @@
+"""Hard-negative mining with false-negative filtering: ``embedkit mine`` (see ``mining/miner.py``)."""

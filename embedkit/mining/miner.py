@@ -1,0 +1,239 @@
+"""Mine hard negatives from a trained model, filter false negatives, write new shards with provenance.
+
+For each source (a folder of shards, e.g. one MMEB subset):
+
+1. encode every query and every target (positive) of the subset with the mining model, in chunks
+   of ``batch_size`` (progress lines); the embeddings are cached under ``DST/.mine/`` until the
+   subset is written, so an interrupted mine does not encode again;
+2. retrieve, for each query, its top ``window[1]`` targets by exact matmul, in blocks of queries
+   (the query's own positive is not a candidate); rank r is 1-based over the other targets;
+3. keep the rank window ``window=[lo, hi]`` (ranks lo..hi inclusive; mmE5 mines from ranks 30-100);
+4. drop exact duplicates of the positive (same text and pixels: ``data.schema.content_key``) and
+   false negatives: a candidate the judge scores above ``threshold * score(query, positive)``
+   (NV-Retriever's TopK-PercPos, threshold 0.95);
+5. keep K survivors (``pick=top``: the best-ranked; ``pick=random``: a sample seeded by ``seed`` and
+   the example's key) and write each example with its K negatives and their judge scores.
+
+The output keeps the source sharding: ``SRC/<rel>.tar`` becomes ``DST/<rel>.tar`` with the same
+examples in the same order. Every shard is written atomically with a sidecar of its counts
+(``DST/.mine/<rel>.json``); a shard with both is skipped, so a killed mine resumes. Everything is
+deterministic: re-mining the same inputs gives the same bytes. ``DST/manifest.json`` (written last)
+records the provenance (``mining/provenance.py``).
+
+Memory: the targets of one subset are held as their encoded bytes (what the new shards copy).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from embedkit.data.schema import Example, Item, content_key
+from embedkit.data.shards import ImageBytes, encode_example, iter_samples, write_shard
+from embedkit.files import atomic_path, write_atomic
+from embedkit.judges.base import Judge, Pairs
+
+REASONS = ("duplicate", "false_negative")
+
+
+@dataclass
+class MineSettings:
+    num_negatives: int
+    window: tuple[int, int] = (30, 100)
+    threshold: float = 0.95
+    pick: str = "top"  # or "random"
+    seed: int = 0
+    batch_size: int = 32
+    block: int = 1024  # queries per retrieval matmul
+
+
+@dataclass
+class Slot:
+    """One item as stored in a shard: its text and image bytes (copied into the new shards verbatim)."""
+
+    text: str | None
+    image: ImageBytes | None
+
+    def item(self) -> Item:
+        if self.image is None:
+            return Item(self.text, None)
+        image = Image.open(io.BytesIO(self.image.data))
+        image.load()
+        return Item(self.text, image.convert("RGB"))
+
+    def raw(self) -> Item:
+        return Item(self.text, self.image)
+
+
+def _slot(key: str, files: dict[str, bytes], meta: dict, role: str, tag: str) -> Slot:
+    s = meta[role]
+    ext = s.get("image")
+    return Slot(s.get("text"), ImageBytes(files[f"{key}.{tag}.{ext}"], ext) if ext else None)
+
+
+def read_shard(path: str) -> list[tuple[str, dict, Slot, Slot]]:
+    """(key, meta, query slot, positive slot) of every sample of a shard, in order."""
+    out = []
+    for key, files in iter_samples(path):
+        meta = json.loads(files[f"{key}.json"])
+        out.append((key, meta, _slot(key, files, meta, "query", "q"), _slot(key, files, meta, "positive", "p")))
+    return out
+
+
+def encode_slots(encoder, slots: Sequence[Slot], batch_size: int, log: Callable[[str], None], what: str) -> torch.Tensor:
+    """Embeddings [N, D] (float32, CPU) of ``slots``, ``batch_size`` items per forward pass."""
+    parts, every = [], max(1, len(slots) // 10)
+    for start in range(0, len(slots), batch_size):
+        items = [s.item() for s in slots[start : start + batch_size]]
+        parts.append(encoder.encode_items(items, batch_size=batch_size).float().cpu())
+        done = min(start + batch_size, len(slots))
+        if done == len(slots) or done // every != (done - len(items)) // every:
+            log(f"mine: {what}: encoded {done}/{len(slots)}")
+    return torch.cat(parts) if parts else torch.empty(0, 0)
+
+
+def retrieve(q: torch.Tensor, t: torch.Tensor, top: int, block: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, indices) [n, min(top, N-1)]: each query's best targets of ``t`` [N, D] by exact matmul
+    (float64), in blocks of ``block`` queries. Query r of ``q`` is example ``offset + r``: its own target
+    is never a candidate. Column r of the result is rank r + 1."""
+    n = q.shape[0]
+    top = min(top, t.shape[0] - 1)
+    scores, index = [], []
+    for start in range(0, n, block):
+        sim = q[start : start + block].double() @ t.double().T
+        rows = torch.arange(sim.shape[0])
+        sim[rows, rows + offset + start] = float("-inf")
+        s, i = sim.topk(max(top, 0), dim=1)
+        scores.append(s)
+        index.append(i)
+    return torch.cat(scores), torch.cat(index)
+
+
+def select(
+    q: torch.Tensor, t: torch.Tensor, keys: Sequence[int], settings: MineSettings, judge: Judge,
+    queries: Callable[[list[int]], list[Item]], targets: Callable[[list[int]], list[Item]],
+    start: int, stop: int, example_keys: Sequence[str],
+) -> tuple[list[list[int]], list[list[float]], dict[str, int]]:
+    """For each query ``start..stop-1``: the target indices of its mined negatives, their judge scores,
+    and the counts (``considered`` in the window, dropped by reason, ``kept``, ``short`` of K).
+    ``example_keys`` (one per query) seed ``pick=random``."""
+    lo, hi = settings.window
+    counts = {"considered": 0, "duplicate": 0, "false_negative": 0, "kept": 0, "short": 0}
+    _, index = retrieve(q[start:stop], t, hi, settings.block, offset=start)
+    windows = index[:, lo - 1 : hi].tolist()  # ranks lo..hi, 1-based
+    picked, picked_scores = [], []
+    for b0 in range(0, stop - start, settings.block):
+        block = list(range(start + b0, min(start + b0 + settings.block, stop)))
+        cands = []  # (position in block, query index, candidate index) after the duplicate filter
+        for j, i in enumerate(block):
+            cols = windows[i - start]
+            counts["considered"] += len(cols)
+            for c in cols:
+                if keys[c] == keys[i]:
+                    counts["duplicate"] += 1
+                else:
+                    cands.append((j, i, c))
+        everything = cands + [(j, i, i) for j, i in enumerate(block)]  # then each query's positive
+        qi = [i for _, i, _ in everything]
+        ci = [c for _, _, c in everything]
+        pairs = Pairs(q[qi], t[ci], lambda qi=qi: queries(qi), lambda ci=ci: targets(ci))
+        scores = [float(x) for x in judge.score(pairs).double().cpu().tolist()]
+        pos_score = scores[len(cands):]
+        survivors: list[list[tuple[int, float]]] = [[] for _ in block]
+        for (j, _, c), s in zip(cands, scores):
+            if s > settings.threshold * pos_score[j]:
+                counts["false_negative"] += 1
+            else:
+                survivors[j].append((c, s))
+        k = settings.num_negatives
+        for j, kept in enumerate(survivors):
+            if settings.pick == "random" and len(kept) > k:
+                rng = random.Random(f"{settings.seed}-{example_keys[block[j] - start]}")
+                kept = [kept[m] for m in sorted(rng.sample(range(len(kept)), k))]
+            kept = kept[:k]
+            counts["kept"] += len(kept)
+            counts["short"] += len(kept) < k
+            picked.append([c for c, _ in kept])
+            picked_scores.append([round(s, 6) for _, s in kept])
+    return picked, picked_scores, counts
+
+
+class Miner:
+    """``run()`` mines every shard of ``sources`` ({subset: [(src shard, rel path)]}) into ``out``."""
+
+    def __init__(self, encoder, judge: Judge, sources: dict[str, list[tuple[str, str]]], out: str | Path,
+                 settings: MineSettings, log: Callable[[str], None] = print):
+        self.encoder, self.judge, self.sources = encoder, judge, sources
+        self.out, self.settings, self.log = Path(out), settings, log
+        self.state = self.out / ".mine"
+
+    def done(self, rel: str) -> bool:
+        return (self.out / rel).is_file() and (self.state / f"{rel}.json").is_file()
+
+    def run(self) -> dict[str, dict]:
+        """{rel: the shard's stats}, every shard of every subset (read from sidecars where done)."""
+        stats: dict[str, dict] = {}
+        for subset, shards in self.sources.items():
+            if any(not self.done(rel) for _, rel in shards):
+                self.mine_subset(subset, shards)
+            else:
+                self.log(f"mine: {subset}: complete, skipped")
+                (self.state / f"{subset}.embeddings.npz").unlink(missing_ok=True)  # killed before its cleanup
+            for _, rel in shards:
+                stats[rel] = json.loads((self.state / f"{rel}.json").read_text())
+        return stats
+
+    def embeddings(self, subset: str, queries: list[Slot], targets: list[Slot]) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.state / f"{subset}.embeddings.npz"
+        if cache.is_file():
+            with np.load(cache) as z:
+                if z["q"].shape[0] == len(queries):
+                    self.log(f"mine: {subset}: embeddings from {cache}")
+                    return torch.from_numpy(z["q"]), torch.from_numpy(z["t"])
+        q = encode_slots(self.encoder, queries, self.settings.batch_size, self.log, f"{subset} queries")
+        t = encode_slots(self.encoder, targets, self.settings.batch_size, self.log, f"{subset} targets")
+        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+            np.savez(f, q=q.numpy(), t=t.numpy())
+        return q, t
+
+    def mine_subset(self, subset: str, shards: list[tuple[str, str]]) -> None:
+        samples = [(rel, read_shard(src)) for src, rel in shards]
+        rows = [s for _, shard in samples for s in shard]
+        n = len(rows)
+        if n - 1 < self.settings.window[0]:
+            self.log(f"mine: {subset}: {n} examples, fewer than the window's first rank: no negatives mined")
+        self.log(f"mine: {subset}: {n} examples in {len(shards)} shard(s)")
+        queries = [r[2] for r in rows]
+        targets = [r[3] for r in rows]
+        q, t = self.embeddings(subset, queries, targets)
+        keys = [content_key(s.item()) for s in targets]
+        start = 0
+        for rel, shard in samples:
+            stop = start + len(shard)
+            if self.done(rel):
+                self.log(f"mine: {rel}: complete, skipped")
+                start = stop
+                continue
+            picked, scores, counts = select(
+                q, t, keys, self.settings, self.judge, lambda idx: [queries[i].item() for i in idx],
+                lambda idx: [targets[i].item() for i in idx], start, stop, [r[0] for r in rows[start:stop]])
+            out = []
+            for (key, meta, qs, ps), neg, sc in zip(shard, picked, scores):
+                ex = Example(qs.raw(), ps.raw(), [targets[c].raw() for c in neg], meta.get("task", "default"),
+                             negative_scores=sc)
+                out.append(encode_example(ex, key))
+            write_shard(self.out / rel, out)
+            counts["examples"] = len(shard)
+            write_atomic(self.state / f"{rel}.json", json.dumps(counts, sort_keys=True) + "\n")
+            self.log(f"mine: wrote {rel}: {len(shard)} examples, {counts['kept']} negatives "
+                     f"(dropped {counts['duplicate']} duplicates, {counts['false_negative']} false negatives)")
+            start = stop
+        (self.state / f"{subset}.embeddings.npz").unlink(missing_ok=True)

@@ -1,0 +1,72 @@
+"""The mined shards' manifest: what produced them, and what mining dropped.
+
+``DST/manifest.json`` (written last, atomically; sorted keys, no timestamps, so re-mining the same
+inputs gives the same bytes)::
+
+    {"subsets": {name: {"count": examples}},          # what the training stream's mixture reads
+     "mining": {"source": SRC, "source_shards": {rel: sha256}, "model": MODEL,
+                "model_sha256": ..., "judge": {...}, "window": [lo, hi], "threshold": ...,
+                "num_negatives": K, "pick": ..., "seed": ..., "dropped": {reason: n},
+                "considered": n, "kept": n, "short": n}}
+
+``manifest_sha256(shards)`` is the sha256 of that file for a list of training shards (the manifest
+beside their subset folders), what ``embedkit fit`` tags its MLflow run with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_sha256(path: str | Path) -> str:
+    """The mining model's hash: its checkpoint file (a run dir's checkpoints/last.ckpt), or every file
+    of an export folder (names and contents, in sorted order)."""
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoints" / "last.ckpt").is_file():
+        return file_sha256(path / "checkpoints" / "last.ckpt")
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0" + file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def build_manifest(stats: dict[str, dict], mining: dict) -> dict:
+    """The manifest from each shard's stats ({rel: counts}) and the mining settings and inputs."""
+    subsets: dict[str, dict] = {}
+    totals = {"considered": 0, "duplicate": 0, "false_negative": 0, "kept": 0, "short": 0}
+    for rel, counts in sorted(stats.items()):
+        name = Path(rel).parent.name or "."
+        subsets.setdefault(name, {"count": 0})["count"] += counts["examples"]
+        for k in totals:
+            totals[k] += counts[k]
+    mining = {**mining, "considered": totals["considered"], "kept": totals["kept"], "short": totals["short"],
+              "dropped": {"duplicate": totals["duplicate"], "false_negative": totals["false_negative"]}}
+    return {"subsets": subsets, "mining": mining}
+
+
+def dumps(manifest: dict) -> str:
+    return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+
+
+def manifest_sha256(shards: list[str]) -> str | None:
+    """sha256 of the mining manifest of ``shards`` (beside their subset folders), None if not mined."""
+    for shard in shards[:1]:
+        for folder in (Path(shard).parent.parent, Path(shard).parent):
+            path = folder / MANIFEST
+            if path.is_file() and "mining" in json.loads(path.read_text()):
+                return file_sha256(path)
+    return None

@@ -22,6 +22,7 @@ from embedkit.backbones.base import (
     ChunkProcessor,
     one_source,
     seeded,
+    set_attention,
     torch_dtype,
 )
 from embedkit.config.registry import register
@@ -103,6 +104,7 @@ class Qwen2VLBackbone(Backbone):
         tiny: bool = False,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         attn_implementation: str = "sdpa",
+        attention: Literal["causal", "bidirectional"] = "causal",
         freeze_vision: bool = True,
         gradient_checkpointing: bool = False,
         min_pixels: int = 56 * 56,
@@ -141,6 +143,7 @@ class Qwen2VLBackbone(Backbone):
         self.hidden_size = config.text_config.hidden_size
         self.num_layers = config.text_config.num_hidden_layers
         self.merge_size = config.vision_config.spatial_merge_size
+        set_attention(self.model.language_model, attention, FAMILY)
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision,
                          gradient_checkpointing=gradient_checkpointing)
 

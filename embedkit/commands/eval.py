@@ -3,6 +3,13 @@
     embedkit eval [recipe=NAME] ckpt=PATH data.eval.root=DIR [data.eval.datasets=[A,B]] [out=DIR]
     embedkit eval model=DIR data.eval.root=DIR ...   # an export folder, a run dir, or any
                                                      # sentence-transformers folder (text only)
+    embedkit eval ... quantize=binary|int8|[int8,binary] [rescore=true] [rescore_k=10]
+
+``quantize`` also scores the same embeddings quantised (``eval/quantize.py``: binary codes by Hamming
+distance, int8 by per-dimension scalar quantisation) and prints P@1 next to bytes per vector for float
+and each mode; ``rescore=true`` adds binary with its top ``rescore_k`` candidates rescored by the float
+query. The score files and the main table stay float; ``summary.json`` holds ``quantized`` per dataset and
+MLflow gets ``eval/<Dataset>/p@1/<mode>``.
 
 The model (architecture and weights) comes from the checkpoint, which carries its resolved config;
 the command line supplies the eval settings: ``data.eval.*``, ``train.chunk_size`` (items per
@@ -24,7 +31,7 @@ from pathlib import Path
 
 from embedkit.errors import UserError
 
-VERB_KEYS = ("ckpt", "model", "out")
+VERB_KEYS = ("ckpt", "model", "out", "quantize", "rescore", "rescore_k")
 
 
 def split_verb_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -38,6 +45,29 @@ def split_verb_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
         else:
             rest.append(arg)
     return verb, rest
+
+
+def quantize_options(verb: dict[str, str]) -> tuple[list[str], int | None]:
+    """(``quantize`` modes, ``rescore_k`` or None) from the verb words; one-line errors."""
+    from embedkit.eval.quantize import MODES
+
+    raw = verb.get("quantize", "")
+    modes = [m.strip() for m in raw.strip("[]").split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise UserError(f"quantize: unknown mode {bad[0]!r}; choices: {', '.join(MODES)}")
+    rescore = verb.get("rescore", "false").lower()
+    if rescore not in ("true", "false"):
+        raise UserError(f"rescore: expected true or false, got {verb['rescore']!r}")
+    try:
+        k = int(verb.get("rescore_k", "10"))
+    except ValueError:
+        raise UserError(f"rescore_k: expected an integer, got {verb['rescore_k']!r}") from None
+    if k < 1:
+        raise UserError(f"rescore_k: must be >= 1, got {k}")
+    if rescore == "true" and "binary" not in modes:
+        raise UserError("rescore: rescoring applies to binary codes; add quantize=binary")
+    return modes, (k if rescore == "true" else None)
 
 
 def init_distributed() -> int:
@@ -61,6 +91,7 @@ def main(args: list[str]) -> int:
     if ("ckpt" in verb) == ("model" in verb):
         raise UserError("eval: give ckpt=PATH (a checkpoint written by embedkit fit) or model=DIR (an export "
                         "folder, a run dir or a sentence-transformers folder)")
+    modes, rescore_k = quantize_options(verb)
     cfg = compose(rest)
     from embedkit.eval import mmeb
 
@@ -93,6 +124,8 @@ def main(args: list[str]) -> int:
         out_dir=out_dir,
         manifest=manifest,
         log=lambda m: print(m, flush=True) if rank == 0 else None,
+        quantize=modes,
+        rescore_k=rescore_k,
     )
     if rank == 0:
         agg = summary["aggregate"]

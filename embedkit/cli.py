@@ -21,6 +21,7 @@ verbs:
   recipes        list the shipped recipes
   export         a run as a self-contained model folder: RUN_DIR|CKPT out=DIR [merge_lora=true]
   encode         embed a corpus: model=PATH input=FILE(.jsonl|.parquet) out=FILE(.npy|.parquet)
+  merge          merge runs of one base: RUN_A RUN_B ... out=DIR [method=average|slerp|ties] [weights=[..]]
 
 examples:
   embedkit fit
@@ -30,7 +31,7 @@ examples:
 """
 
 #: each verb is the module embedkit/commands/<verb>.py, whose ``main(args) -> int`` runs it
-VERBS = ("fit", "eval", "data", "compare", "ui", "config", "recipes", "export", "encode")
+VERBS = ("fit", "eval", "data", "compare", "ui", "config", "recipes", "export", "encode", "merge")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,17 +145,14 @@ class MuveraIndex:
     def search(self, q: torch.Tensor, q_mask: torch.Tensor | None = None, k: int = 10,
                candidates: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, ids) ``[Nq, k]``: the FDE candidates re-ranked by exact MaxSim."""
-        cand = self.candidates(q, q_mask, candidates)
-        scores, ids = [], []
-        for i in range(q.shape[0]):
-            c = cand[i]
-            dm = self.doc_mask[c] if self.doc_mask is not None else None
-            qm = q_mask[i:i + 1] if q_mask is not None else None
-            exact = maxsim(q[i:i + 1], qm, self.docs[c], dm)[0]
-            top = exact.topk(min(k, len(c)))
-            scores.append(top.values)
-            ids.append(c[top.indices])
-        return torch.stack(scores), torch.stack(ids)
+        cand = self.candidates(q, q_mask, candidates)  # [Nq, C]
+        docs = self.docs[cand].float()  # [Nq, C, T, d]
+        d_mask = self.doc_mask[cand].bool() if self.doc_mask is not None else torch.ones(docs.shape[:3], dtype=torch.bool)
+        q_mask = torch.ones(q.shape[:2], dtype=torch.bool) if q_mask is None else q_mask.bool()
+        sim = torch.einsum("aid,acjd->acij", q.float(), docs).masked_fill(~d_mask[:, :, None, :], float("-inf"))
+        exact = sim.max(-1).values.masked_fill(~q_mask[:, None, :], 0.0).sum(-1)  # [Nq, C]: MaxSim
+        top = exact.topk(min(k, cand.shape[1]), dim=1)
+        return top.values, cand.gather(1, top.indices)
 
 
 def clustered_corpus(num_docs: int = 3000, num_queries: int = 50, dim: int = 32, clusters: int = 200,

@@ -22,6 +22,7 @@ verbs:
   export         a run as a self-contained model folder: RUN_DIR|CKPT out=DIR [merge_lora=true]
   encode         embed a corpus: model=PATH input=FILE(.jsonl|.parquet) out=FILE(.npy|.parquet)
   mine           hard negatives with false-negative filtering: model=RUN_DIR shards=SRC out=DST num_negatives=K
+  merge          merge runs of one base: RUN_A RUN_B ... out=DIR [method=average|slerp|ties] [weights=[..]]
 
 examples:
   embedkit fit
@@ -31,7 +32,7 @@ examples:
 """
 
 #: each verb is the module embedkit/commands/<verb>.py, whose ``main(args) -> int`` runs it
-VERBS = ("fit", "eval", "data", "compare", "ui", "config", "recipes", "export", "encode", "mine")
+VERBS = ("fit", "eval", "data", "compare", "ui", "config", "recipes", "export", "encode", "mine", "merge")
 
 
 def main(argv: list[str] | None = None) -> int:

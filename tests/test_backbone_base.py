@@ -23,7 +23,7 @@ FAMILIES = {"qwen2_vl": Qwen2VLBackbone, "llava_onevision": LlavaOnevision, "phi
 VLMS = ["qwen2_vl", "llava_onevision", "phi3_v"]
 
 #: every family's ``model.backbone`` keys and defaults: recipes rely on them
-COMMON = {"path": None, "tiny": False, "dtype": "float32", "attn_implementation": "sdpa",
+COMMON = {"path": None, "tiny": False, "dtype": "float32", "attn_implementation": "sdpa", "attention": "causal",
           "gradient_checkpointing": False}
 VISION = {"freeze_vision": True}
 KEYS = {

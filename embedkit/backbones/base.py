@@ -126,6 +126,24 @@ class Backbone(nn.Module):
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
+def set_attention(language_model: nn.Module, attention: str, family: str) -> None:
+    """``attention=bidirectional``: every token of the language model attends to every real token (NV-Embed,
+    arXiv 2405.17428 sec. 3.1; "Pooling and Attention", arXiv 2409.02727), in training and inference alike.
+
+    The switch is transformers' own: ``config.is_causal = False`` on the language model's config. Its forward
+    wrapper (``utils.generic``, transformers 5) passes ``is_causal`` to every attention call, and
+    ``masking_utils.create_causal_mask`` then builds the padding-only bidirectional mask. The flag is saved in
+    the backbone's ``config.json``, so transformers and sentence-transformers read an export the same way.
+    A model with no causal attention module (an encoder such as BERT) is refused: it is bidirectional already.
+    """
+    if attention == "causal":
+        return
+    if not any(getattr(m, "is_causal", False) is True for m in language_model.modules()):
+        raise UserError(f"model.backbone.attention: bidirectional is for decoder models; this {family} model "
+                        "has no causal attention (an encoder such as BERT is bidirectional already)")
+    language_model.config.is_causal = False
+
+
 def one_source(family: str, path: str | None, tiny: bool) -> None:
     """A backbone comes from a checkpoint (``path``) or is built tiny and random, never both or neither."""
     if (path is None) == (not tiny):

@@ -14,7 +14,15 @@ from typing import Any, Literal, Optional
 import torch
 
 from embedkit.backbones import _common
-from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, one_source, seeded, torch_dtype
+from embedkit.backbones.base import (
+    Backbone,
+    BackboneOutput,
+    ChunkProcessor,
+    one_source,
+    seeded,
+    set_attention,
+    torch_dtype,
+)
 from embedkit.backbones.loading import check_path, load_tokenizer, supported_families
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
@@ -68,6 +76,7 @@ class HFText(Backbone):
         tiny: bool = False,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         attn_implementation: str = "sdpa",
+        attention: Literal["causal", "bidirectional"] = "causal",
         gradient_checkpointing: bool = False,
         append_eos: bool = True,
         max_length: int = 512,
@@ -122,6 +131,7 @@ class HFText(Backbone):
         self.num_layers = cfg.num_hidden_layers
         names = [n for n, _ in self.named_modules()]
         self.lora_target = next((t for t in LORA_TARGETS if any(re.fullmatch(t, n) for n in names)), "")
+        set_attention(self.model, attention, FAMILY)
         self.finish_init(tiny=tiny, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
 
     def make_processor(self) -> TextChunkProcessor:

@@ -23,7 +23,15 @@ from typing import Any, Literal, Optional
 import torch
 
 from embedkit.backbones import _common, _layouts
-from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, one_source, seeded, torch_dtype
+from embedkit.backbones.base import (
+    Backbone,
+    BackboneOutput,
+    ChunkProcessor,
+    one_source,
+    seeded,
+    set_attention,
+    torch_dtype,
+)
 from embedkit.backbones.loading import merge, open_adapter
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
@@ -149,6 +157,7 @@ class LlavaOnevision(Backbone):
         tiny: bool = False,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         attn_implementation: str = "sdpa",
+        attention: Literal["causal", "bidirectional"] = "causal",
         freeze_vision: bool = True,
         train_projector: bool = False,
         gradient_checkpointing: bool = False,
@@ -193,6 +202,7 @@ class LlavaOnevision(Backbone):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.hidden_size = cfg.text_config.hidden_size
         self.num_layers = cfg.text_config.num_hidden_layers
+        set_attention(self.model.language_model, attention, FAMILY)
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision, train_projector=train_projector,
                          gradient_checkpointing=gradient_checkpointing)
         merge(self, adapter, _layouts.llava_onevision_module, FAMILY)

@@ -46,7 +46,15 @@ import torch
 from torch import nn
 
 from embedkit.backbones import _common
-from embedkit.backbones.base import Backbone, BackboneOutput, ChunkProcessor, one_source, seeded, torch_dtype
+from embedkit.backbones.base import (
+    Backbone,
+    BackboneOutput,
+    ChunkProcessor,
+    one_source,
+    seeded,
+    set_attention,
+    torch_dtype,
+)
 from embedkit.backbones.loading import load_tokenizer, merge, open_adapter, supported_families
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
@@ -180,6 +188,7 @@ class Phi3V(Backbone):
         tiny: bool = False,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         attn_implementation: str = "sdpa",
+        attention: Literal["causal", "bidirectional"] = "causal",
         freeze_vision: bool = True,
         train_projector: bool = False,
         gradient_checkpointing: bool = False,
@@ -219,6 +228,7 @@ class Phi3V(Backbone):
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        set_attention(self.language_model, attention, FAMILY)
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision, train_projector=train_projector,
                          gradient_checkpointing=gradient_checkpointing)
         merge(self, adapter, self.map_key, FAMILY)

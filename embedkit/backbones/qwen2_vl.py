@@ -23,6 +23,7 @@ from embedkit.backbones.base import (
     ChunkProcessor,
     one_source,
     seeded,
+    set_attention,
     torch_dtype,
 )
 from embedkit.backbones.loading import merge, open_adapter
@@ -109,6 +110,7 @@ class Qwen2VLBackbone(Backbone):
         tiny: bool = False,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         attn_implementation: str = "sdpa",
+        attention: Literal["causal", "bidirectional"] = "causal",
         freeze_vision: bool = True,
         gradient_checkpointing: bool = False,
         min_pixels: int = 56 * 56,
@@ -148,6 +150,7 @@ class Qwen2VLBackbone(Backbone):
         self.hidden_size = config.text_config.hidden_size
         self.num_layers = config.text_config.num_hidden_layers
         self.merge_size = config.vision_config.spatial_merge_size
+        set_attention(self.model.language_model, attention, FAMILY)
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision,
                          gradient_checkpointing=gradient_checkpointing)
         merge(self, adapter, _layouts.qwen2_vl_module, FAMILY)

@@ -7,6 +7,13 @@
                                                      # a released checkpoint as the recipe builds it
                                                      # (e.g. LLaVE's llava_qwen weights, VLM2Vec's
                                                      # PEFT adapters; outputs in runs/eval-<recipe>/)
+    embedkit eval ... quantize=binary|int8|[int8,binary] [rescore=true] [rescore_k=10]
+
+``quantize`` also scores the same embeddings quantised (``eval/quantize.py``: binary codes by Hamming
+distance, int8 by per-dimension scalar quantisation) and prints P@1 next to bytes per vector for float
+and each mode; ``rescore=true`` adds binary with its top ``rescore_k`` candidates rescored by the float
+query. The score files and the main table stay float; ``summary.json`` holds ``quantized`` per dataset and
+MLflow gets ``eval/<Dataset>/p@1/<mode>``.
 
 The model (architecture and weights) comes from the checkpoint, which carries its resolved config;
 the command line supplies the eval settings: ``data.eval.*``, ``train.chunk_size`` (items per
@@ -28,7 +35,7 @@ from pathlib import Path
 
 from embedkit.errors import UserError
 
-VERB_KEYS = ("ckpt", "model", "out")
+VERB_KEYS = ("ckpt", "model", "out", "quantize", "rescore", "rescore_k")
 
 
 def split_verb_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -42,6 +49,29 @@ def split_verb_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
         else:
             rest.append(arg)
     return verb, rest
+
+
+def quantize_options(verb: dict[str, str]) -> tuple[list[str], int | None]:
+    """(``quantize`` modes, ``rescore_k`` or None) from the verb words; one-line errors."""
+    from embedkit.eval.quantize import MODES
+
+    raw = verb.get("quantize", "")
+    modes = [m.strip() for m in raw.strip("[]").split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise UserError(f"quantize: unknown mode {bad[0]!r}; choices: {', '.join(MODES)}")
+    rescore = verb.get("rescore", "false").lower()
+    if rescore not in ("true", "false"):
+        raise UserError(f"rescore: expected true or false, got {verb['rescore']!r}")
+    try:
+        k = int(verb.get("rescore_k", "10"))
+    except ValueError:
+        raise UserError(f"rescore_k: expected an integer, got {verb['rescore_k']!r}") from None
+    if k < 1:
+        raise UserError(f"rescore_k: must be >= 1, got {k}")
+    if rescore == "true" and "binary" not in modes:
+        raise UserError("rescore: rescoring applies to binary codes; add quantize=binary")
+    return modes, (k if rescore == "true" else None)
 
 
 def init_distributed() -> int:
@@ -67,14 +97,14 @@ def main(args: list[str]) -> int:
         raise UserError("eval: give ckpt=PATH (a checkpoint written by embedkit fit), model=DIR (an export "
                         "folder, a run dir or a sentence-transformers folder) or model.backbone.path=PATH "
                         "(weights the recipe's backbone loads, e.g. a released checkpoint)")
-    recipe = next((a.split("=", 1)[1] for a in rest if a.startswith("recipe=")), "demo")
+    modes, rescore_k = quantize_options(verb)
     cfg = compose(rest)
     from embedkit.eval import mmeb
 
     manifest = mmeb.load_manifest()
     ev, tracking = cfg["data"]["eval"], cfg["tracking"]
     datasets = mmeb.resolve_datasets(ev["root"], ev["datasets"], manifest)  # user errors before loading
-    ckpt = Path(verb.get("ckpt") or verb.get("model") or f"runs/eval-{Path(recipe).stem}").expanduser()
+    ckpt = Path(verb.get("ckpt") or verb.get("model") or f"runs/eval-{cfg['recipe']}").expanduser()
     if "ckpt" in verb and not ckpt.is_file():
         raise UserError(f"ckpt: file not found: {ckpt}")
     if "model" in verb and not ckpt.exists():
@@ -106,6 +136,8 @@ def main(args: list[str]) -> int:
         out_dir=out_dir,
         manifest=manifest,
         log=lambda m: print(m, flush=True) if rank == 0 else None,
+        quantize=modes,
+        rescore_k=rescore_k,
     )
     if rank == 0:
         agg = summary["aggregate"]

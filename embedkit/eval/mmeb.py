@@ -206,8 +206,14 @@ def evaluate_rows(
     batch_size: int = 16,
     normalize: bool = True,
     encode_candidates: Encoder | None = None,
+    quantize: Sequence[str] = (),
+    rescore_k: int | None = None,
 ) -> dict:
-    """Scores of one dataset: the reference's ``acc/num_correct/num_pred`` plus recall@k, MRR, ties."""
+    """Scores of one dataset: the reference's ``acc/num_correct/num_pred`` plus recall@k, MRR, ties.
+
+    ``quantize`` (``binary``, ``int8``) adds ``quantized[mode] = {acc, bytes_per_vector, ties_at_top}``
+    scored on quantised embeddings (``eval/quantize.py``); with ``rescore_k`` binary is also scored with
+    the top ``rescore_k`` candidates rescored by the float query (``binary_rescore``)."""
     root = Path(root)
     queries, q_index = unique_keys([(r.qry_text, r.qry_img_path) for r in rows])
     flat = [(t, p) for r in rows for t, p in zip(r.tgt_text, r.tgt_img_path)]
@@ -225,7 +231,30 @@ def evaluate_rows(
     details["candidates"] = max(len(c) for c in c_index) if c_index else 0
     details["unique_queries"] = len(queries)
     details["unique_candidates"] = len(cands)
-    return {**result, "details": details}
+    out = {**result, "details": details}
+    if quantize:
+        out["quantized"] = quantized_scores(q_emb, c_emb, q_index, c_index, quantize, normalize, rescore_k,
+                                            float_acc=result["acc"], float_ties=details["ties_at_top"])
+    return out
+
+
+def quantized_scores(q_emb, c_emb, q_index, c_index, modes, normalize, rescore_k, *, float_acc, float_ties) -> dict:
+    """``{mode: {acc, bytes_per_vector, ties_at_top}}`` for float and each quantisation mode."""
+    from embedkit.eval import quantize
+
+    dim = int(q_emb.shape[1])
+    out = {"float": {"acc": float_acc, "bytes_per_vector": quantize.bytes_per_vector("float", dim),
+                     "ties_at_top": float_ties}}
+    runs = [(m, m, False) for m in modes]
+    if rescore_k and "binary" in modes:
+        runs.append(("binary_rescore", "binary", True))
+    for name, mode, rescore in runs:
+        scores = quantize.quantized_row_scores(q_emb, c_emb, q_index, c_index, mode, normalize=normalize,
+                                               rescore=rescore, rescore_k=rescore_k or 1)
+        out[name] = {"acc": retrieval.precision_at_1(scores)["acc"],
+                     "bytes_per_vector": quantize.bytes_per_vector(mode, dim),
+                     "ties_at_top": int(retrieval.top_ties(scores).sum())}
+    return out
 
 
 def evaluate(
@@ -240,6 +269,8 @@ def evaluate(
     manifest: dict[str, dict] | None = None,
     encode_candidates: Encoder | None = None,
     log: Callable[[str], None] | None = None,
+    quantize: Sequence[str] = (),
+    rescore_k: int | None = None,
 ) -> dict:
     """Evaluate ``datasets`` (all found under root when empty); write outputs on rank 0.
 
@@ -253,7 +284,8 @@ def evaluate(
         if log:
             log(f"[{i + 1}/{len(names)}] {name}")
         rows = load_dataset(root, name, max_rows)
-        results[name] = evaluate_rows(rows, encode, root, batch_size, normalize, encode_candidates)
+        results[name] = evaluate_rows(rows, encode, root, batch_size, normalize, encode_candidates,
+                                      quantize=quantize, rescore_k=rescore_k)
         if log:
             log(f"  {name}: P@1 {results[name]['acc']:.4f} ({results[name]['num_correct']}/{results[name]['num_pred']})")
     summary = {
@@ -311,6 +343,9 @@ def metric_items(summary: dict) -> dict[str, float]:
         if agg[group] is not None:
             out[f"eval/{group}/p@1"] = agg[group]
     for name, r in summary["datasets"].items():
+        for mode, q in r.get("quantized", {}).items():
+            if mode != "float":
+                out[f"eval/{name}/p@1/{mode}"] = q["acc"]
         for k in ("recall@5", "recall@10", "mrr"):
             if k in r["details"]:
                 out[f"eval/{name}/{k}"] = r["details"][k]
@@ -334,4 +369,21 @@ def markdown_table(summary: dict, manifest: dict[str, dict]) -> str:
     for group, value in groups:
         if value is not None:
             lines.append(f"| {group} | {agg['counts'][group]} | {100 * value:.2f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + quantized_table(summary)) + "\n"
+
+
+def quantized_table(summary: dict) -> list[str]:
+    """P@1 next to bytes per vector for float and each quantisation, per dataset and over datasets."""
+    per = {n: r["quantized"] for n, r in summary["datasets"].items() if "quantized" in r}
+    if not per:
+        return []
+    modes = list(next(iter(per.values())))
+    lines = ["", "| scoring | bytes/vector | " + " | ".join(per) + " | mean P@1 | ties at top |",
+             "|---|---:|" + "---:|" * (len(per) + 2)]
+    for mode in modes:
+        accs = [per[n][mode]["acc"] for n in per]
+        size = next(iter(per.values()))[mode]["bytes_per_vector"]
+        ties = sum(per[n][mode]["ties_at_top"] for n in per)
+        lines.append(f"| {mode} | {size} | " + " | ".join(f"{100 * a:.2f}" for a in accs)
+                     + f" | {100 * sum(accs) / len(accs):.2f} | {ties} |")
+    return lines

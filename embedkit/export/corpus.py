@@ -67,7 +67,7 @@ def fingerprint(*parts) -> str:
 
 def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruction: str | None = None,
                 dim: int | None = None, part_size: int = 1024, model_id: str = "",
-                log: Callable[[str], None] = print) -> Path:
+                log: Callable[[str], None] = print, quantize: str | None = None) -> Path:
     input_path, out = Path(input_path).expanduser(), Path(out_path).expanduser()
     if out.suffix not in OUTPUTS:
         raise UserError(f"out: {out} must end in {' or '.join(OUTPUTS)}")
@@ -103,6 +103,8 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
         rate = encoded / max(time.monotonic() - began, 1e-9)
         log(f"encode: {min(start + part_size, len(rows))}/{len(rows)} rows ({rate:.1f} rows/s)")
     emb = np.concatenate([np.load(parts_dir / f"part-{s:09d}.npy") for s in starts])
+    if quantize:  # the parts stay float (resumable whatever the mode); the final file holds the codes
+        emb = quantized(emb, quantize, out)
     with atomic_path(out) as tmp:
         if out.suffix == ".npy":
             with open(tmp, "wb") as f:
@@ -113,5 +115,21 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
 
             pq.write_table(pa.table({"embedding": list(emb)}), tmp)
     shutil.rmtree(parts_dir)
-    log(f"encode: wrote {out} ({emb.shape[0]} x {emb.shape[1]})")
+    log(f"encode: wrote {out} ({emb.shape[0]} x {emb.shape[1]}{' ' + str(emb.dtype) if quantize else ''})")
     return out
+
+
+def quantized(emb: np.ndarray, mode: str, out: Path) -> np.ndarray:
+    """Binary: packed sign bits. int8: codes, with the per-dimension ranges written to
+    ``<out>.int8-ranges.npy`` (needed to dequantise; calibrated on this corpus)."""
+    import torch
+
+    from embedkit.eval import quantize
+
+    x = torch.from_numpy(emb)
+    if mode == "binary":
+        return quantize.binarize(x).numpy()
+    ranges = quantize.int8_ranges(x)
+    with atomic_path(out.with_name(out.name + ".int8-ranges.npy")) as tmp, open(tmp, "wb") as f:
+        np.save(f, ranges.numpy().astype(np.float32))
+    return quantize.int8_quantize(x, ranges).numpy()

@@ -1,0 +1,189 @@
+"""MUVERA: multi-vector retrieval through fixed-dimensional encodings (issue 19).
+
+Dhulipala, Hadian, Jayaram, Lee, Mirrokni, "MUVERA: Multi-Vector Retrieval via Fixed Dimensional
+Encodings", arXiv 2405.19588, Sec. 2. A query or document is a set of token vectors; late interaction
+scores a pair by MaxSim (Chamfer similarity), ``sum_{q in Q} max_{p in P} <q, p>``. MUVERA maps each
+set to one vector, its fixed-dimensional encoding (FDE), whose inner product approximates MaxSim, so
+single-vector search finds candidates that exact MaxSim then re-ranks. Per repetition ``r = 1..R``:
+
+- SimHash partition: ``k_sim`` Gaussian vectors ``g_1..g_k``; token ``x`` falls in bucket
+  ``phi(x) = sum_i [<g_i, x> > 0] 2^(i-1)``, one of ``B = 2^k_sim``.
+- Inner projection ``psi(x) = S x / sqrt(d_proj)`` with ``S`` a ``d_proj x d`` matrix of random +-1
+  (an AMS sketch); ``d_proj=None`` keeps ``psi(x) = x``.
+- Query block ``b``: the SUM of ``psi(q)`` over the query tokens in bucket ``b``.
+- Document block ``b``: the AVERAGE of ``psi(p)`` over the document tokens in bucket ``b``; an empty
+  bucket (``fill_empty``) takes ``psi(p)`` of the token whose SimHash code is nearest to ``b`` in
+  Hamming distance (ties: the earliest token).
+- The FDE concatenates the ``B`` blocks of every repetition (``R * B * d_proj`` numbers); an optional
+  final projection (``final_dim``) multiplies it by a ``final_dim x (R B d_proj)`` random +-1 matrix over
+  ``sqrt(final_dim)``. Queries and documents share every random draw (``seed``).
+
+Retrieval (``MuveraIndex.search``): the ``candidates`` best documents by FDE inner product, re-ranked
+by exact MaxSim; the top ``k`` are returned.
+
+This module works on token-vector sets given as padded tensors with masks. The multi-vector pooling
+head that produces such sets in a model is a separate component (``eval.retrieval=muvera`` wiring
+waits for it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class FDEConfig:
+    k_sim: int = 4
+    d_proj: int | None = 16
+    repetitions: int = 16
+    fill_empty: bool = True
+    final_dim: int | None = None
+    seed: int = 0
+
+
+class FDE:
+    """The random draws of one FDE configuration for token vectors of size ``dim``."""
+
+    def __init__(self, dim: int, config: FDEConfig | None = None):
+        c = self.config = config or FDEConfig()
+        if c.k_sim < 0 or c.repetitions < 1 or (c.d_proj is not None and c.d_proj < 1):
+            raise ValueError(f"FDE: need k_sim >= 0, repetitions >= 1, d_proj >= 1 or None; got {c}")
+        g = torch.Generator().manual_seed(c.seed)
+        self.dim = dim
+        self.buckets = 2**c.k_sim
+        self.planes = torch.randn(c.repetitions, c.k_sim, dim, generator=g)  # [R, k, d]
+        self.d_proj = c.d_proj or dim
+        self.proj = None
+        if c.d_proj is not None:
+            signs = torch.randint(0, 2, (c.repetitions, c.d_proj, dim), generator=g).float() * 2 - 1
+            self.proj = signs / math.sqrt(c.d_proj)  # [R, d_proj, d]
+        self.width = c.repetitions * self.buckets * self.d_proj
+        self.final = None
+        if c.final_dim is not None:
+            signs = torch.randint(0, 2, (c.final_dim, self.width), generator=g).float() * 2 - 1
+            self.final = signs / math.sqrt(c.final_dim)
+            self.width = c.final_dim
+
+    def bucket(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, T, d] -> [R, N, T]`` SimHash bucket of every token in every repetition."""
+        bits = (torch.einsum("ntd,rkd->rntk", x.float(), self.planes) > 0).long()
+        return (bits * (2 ** torch.arange(self.config.k_sim))).sum(-1)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, T, d] -> [R, N, T, d_proj]``: ``psi`` of every token in every repetition."""
+        if self.proj is None:
+            return x.float().unsqueeze(0).expand(self.config.repetitions, *x.shape)
+        return torch.einsum("ntd,rpd->rntp", x.float(), self.proj)
+
+    def _blocks(self, x: torch.Tensor, mask: torch.Tensor | None):
+        n, t, _ = x.shape
+        mask = torch.ones(n, t, dtype=torch.bool) if mask is None else mask.bool()
+        codes, psi = self.bucket(x), self.project(x) * mask[None, :, :, None]
+        sums = torch.zeros(self.config.repetitions, n, self.buckets, self.d_proj)
+        index = codes.unsqueeze(-1).expand_as(psi)
+        sums.scatter_add_(2, index, psi)
+        counts = torch.zeros(self.config.repetitions, n, self.buckets)
+        counts.scatter_add_(2, codes, mask[None].float().expand_as(codes))
+        return sums, counts, codes, psi, mask
+
+    def _finish(self, blocks: torch.Tensor) -> torch.Tensor:
+        out = blocks.permute(1, 0, 2, 3).reshape(blocks.shape[1], -1)  # [N, R * B * d_proj]
+        return out @ self.final.T if self.final is not None else out
+
+    def queries(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Query FDEs ``[N, width]``: per bucket the sum of the projected tokens."""
+        sums = self._blocks(x, mask)[0]
+        return self._finish(sums)
+
+    def documents(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Document FDEs ``[N, width]``: per bucket the average; empty buckets filled (``fill_empty``)."""
+        sums, counts, codes, psi, mask = self._blocks(x, mask)
+        blocks = sums / counts.clamp(min=1).unsqueeze(-1)
+        if self.config.fill_empty and self.config.k_sim > 0:
+            b = torch.arange(self.buckets)
+            xor = codes.unsqueeze(-1) ^ b  # [R, N, T, B]
+            dist = sum(((xor >> i) & 1) for i in range(self.config.k_sim))
+            dist = dist.masked_fill(~mask[None, :, :, None], self.config.k_sim + 1)
+            nearest = dist.argmin(dim=2)  # [R, N, B]: the first token at the least distance
+            fill = psi.gather(2, nearest.unsqueeze(-1).expand(*nearest.shape, self.d_proj))
+            empty = (counts == 0) & mask.any(1)[None, :, None]
+            blocks = torch.where(empty.unsqueeze(-1), fill, blocks)
+        return self._finish(blocks)
+
+
+def maxsim(q: torch.Tensor, q_mask: torch.Tensor | None, d: torch.Tensor, d_mask: torch.Tensor | None,
+           block: int = 256) -> torch.Tensor:
+    """Exact late-interaction scores ``[Nq, Nd]``: ``sum_i max_j <q_i, d_j>`` over real tokens."""
+    q, d = q.float(), d.float()
+    q_mask = torch.ones(q.shape[:2], dtype=torch.bool) if q_mask is None else q_mask.bool()
+    d_mask = torch.ones(d.shape[:2], dtype=torch.bool) if d_mask is None else d_mask.bool()
+    out = torch.empty(q.shape[0], d.shape[0])
+    for start in range(0, d.shape[0], block):
+        db, mb = d[start:start + block], d_mask[start:start + block]
+        sim = torch.einsum("aid,bjd->abij", q, db).masked_fill(~mb[None, :, None, :], float("-inf"))
+        best = sim.max(-1).values.masked_fill(~q_mask[:, None, :], 0.0)
+        out[:, start:start + block] = best.sum(-1)
+    return out
+
+
+class MuveraIndex:
+    """A corpus of token-vector sets: FDEs for candidate search, the sets kept for exact re-ranking."""
+
+    def __init__(self, docs: torch.Tensor, doc_mask: torch.Tensor | None = None, config: FDEConfig | None = None):
+        self.fde = FDE(docs.shape[-1], config)
+        self.docs, self.doc_mask = docs, doc_mask
+        self.doc_fde = self.fde.documents(docs, doc_mask)
+
+    def candidates(self, q: torch.Tensor, q_mask: torch.Tensor | None = None, n: int = 100) -> torch.Tensor:
+        """``[Nq, n]`` document ids by FDE inner product, best first."""
+        scores = self.fde.queries(q, q_mask) @ self.doc_fde.T
+        return scores.topk(min(n, scores.shape[1]), dim=1).indices
+
+    def search(self, q: torch.Tensor, q_mask: torch.Tensor | None = None, k: int = 10,
+               candidates: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, ids) ``[Nq, k]``: the FDE candidates re-ranked by exact MaxSim."""
+        cand = self.candidates(q, q_mask, candidates)  # [Nq, C]
+        docs = self.docs[cand].float()  # [Nq, C, T, d]
+        d_mask = self.doc_mask[cand].bool() if self.doc_mask is not None else torch.ones(docs.shape[:3], dtype=torch.bool)
+        q_mask = torch.ones(q.shape[:2], dtype=torch.bool) if q_mask is None else q_mask.bool()
+        sim = torch.einsum("aid,acjd->acij", q.float(), docs).masked_fill(~d_mask[:, :, None, :], float("-inf"))
+        exact = sim.max(-1).values.masked_fill(~q_mask[:, None, :], 0.0).sum(-1)  # [Nq, C]: MaxSim
+        top = exact.topk(min(k, cand.shape[1]), dim=1)
+        return top.values, cand.gather(1, top.indices)
+
+
+def clustered_corpus(num_docs: int = 3000, num_queries: int = 50, dim: int = 32, clusters: int = 200,
+                     doc_tokens: tuple[int, int] = (8, 24), query_tokens: int = 8, topics: int = 4,
+                     noise: float = 0.1, seed: int = 0):
+    """A synthetic multi-vector corpus (tests, ``bench/muvera.py``): each document draws ``topics``
+    cluster centres and its tokens are noisy copies of them (unit norm, lengths in ``doc_tokens``, padded,
+    with a mask); each query takes ``query_tokens`` noisy copies of a random document's centres, so
+    near and far documents exist for every query. Returns ``(docs, doc_mask, queries, query_mask)``."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(clusters, dim, generator=g), dim=-1)
+    doc_topics = torch.randint(0, clusters, (num_docs, topics), generator=g)
+
+    def tokens(topic_ids: torch.Tensor, n: int) -> torch.Tensor:
+        pick = topic_ids[torch.randint(0, len(topic_ids), (n,), generator=g)]
+        return torch.nn.functional.normalize(centres[pick] + noise * torch.randn(n, dim, generator=g), dim=-1)
+
+    lengths = torch.randint(doc_tokens[0], doc_tokens[1] + 1, (num_docs,), generator=g)
+    docs = torch.zeros(num_docs, doc_tokens[1], dim)
+    doc_mask = torch.arange(doc_tokens[1])[None] < lengths[:, None]
+    for i in range(num_docs):
+        docs[i, : lengths[i]] = tokens(doc_topics[i], int(lengths[i]))
+    sources = torch.randint(0, num_docs, (num_queries,), generator=g)
+    queries = torch.stack([tokens(doc_topics[s], query_tokens) for s in sources.tolist()])
+    return docs, doc_mask, queries, torch.ones(num_queries, query_tokens, dtype=torch.bool)
+
+
+def recall_of_exact_top(index: MuveraIndex, q: torch.Tensor, q_mask: torch.Tensor | None, k: int = 10,
+                        candidates: int = 100) -> float:
+    """The fraction of the exact MaxSim top ``k`` found among the FDE's ``candidates`` best documents."""
+    exact = maxsim(q, q_mask, index.docs, index.doc_mask).topk(k, dim=1).indices
+    found = index.candidates(q, q_mask, candidates)
+    hits = sum(len(set(e.tolist()) & set(f.tolist())) for e, f in zip(exact, found))
+    return hits / exact.numel()

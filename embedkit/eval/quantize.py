@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from embedkit.eval.retrieval import scores_by_row
+
 MODES = ("binary", "int8")
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
@@ -86,24 +88,6 @@ def int8_dequantize(codes: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- MMEB rows
 
 
-def _rows(q: torch.Tensor, c: torch.Tensor, query_index, candidate_index, score, block: int = 64) -> torch.Tensor:
-    """``[R, Cmax]`` of ``score(q_rows [b, ...], c_rows [b, C, ...])``, -inf past a row's candidates
-    (the row layout of ``retrieval.row_scores``)."""
-    rows = len(query_index)
-    width = max((len(ci) for ci in candidate_index), default=0)
-    out = torch.full((rows, width), float("-inf"))
-    for start in range(0, rows, block):
-        stop = min(start + block, rows)
-        idx = torch.zeros(stop - start, width, dtype=torch.long)
-        valid = torch.zeros(stop - start, width, dtype=torch.bool)
-        for i, ci in enumerate(candidate_index[start:stop]):
-            idx[i, : len(ci)] = torch.as_tensor(list(ci), dtype=torch.long)
-            valid[i, : len(ci)] = True
-        s = score(q[torch.as_tensor(list(query_index[start:stop]), dtype=torch.long)], c[idx]).float()
-        out[start:stop] = torch.where(valid, s, torch.full_like(s, float("-inf")))
-    return out
-
-
 def quantized_row_scores(queries: torch.Tensor, candidates: torch.Tensor, query_index, candidate_index,
                          mode: str, *, normalize: bool = True, rescore: bool = False,
                          rescore_k: int = 10) -> torch.Tensor:
@@ -116,16 +100,16 @@ def quantized_row_scores(queries: torch.Tensor, candidates: torch.Tensor, query_
         ranges = int8_ranges(c)
         cq = int8_dequantize(int8_quantize(c, ranges), ranges)
         qq = int8_dequantize(int8_quantize(q, ranges), ranges)
-        return _rows(qq, cq, query_index, candidate_index, lambda a, b: torch.einsum("bd,bcd->bc", a, b))
+        return scores_by_row(qq, cq, query_index, candidate_index, lambda a, b: torch.einsum("bd,bcd->bc", a, b))
     if mode != "binary":
         raise ValueError(f"quantize: expected one of {MODES}, got {mode!r}")
     qb, cb = binarize(q), binarize(c)
-    scores = _rows(qb, cb, query_index, candidate_index, lambda a, b: dim - 2 * hamming(a[:, None], b))
+    scores = scores_by_row(qb, cb, query_index, candidate_index, lambda a, b: dim - 2 * hamming(a[:, None], b))
     if not rescore:
         return scores
     # rescoring: the top rescore_k by Hamming, re-ranked by <q, sign(c)>, placed above all the others
     signs = unpack_signs(cb, dim)
-    fine = _rows(q, signs, query_index, candidate_index, lambda a, b: torch.einsum("bd,bcd->bc", a, b))
+    fine = scores_by_row(q, signs, query_index, candidate_index, lambda a, b: torch.einsum("bd,bcd->bc", a, b))
     bound = float(fine[torch.isfinite(fine)].abs().max()) if torch.isfinite(fine).any() else 0.0
     k = min(rescore_k, scores.shape[1])
     top = scores.topk(k, dim=1).indices

@@ -46,6 +46,13 @@ def row_scores(
     if normalize:
         q = F.normalize(q, dim=-1)
         c = F.normalize(c, dim=-1)
+    return scores_by_row(q, c, query_index, candidate_index, lambda qb, cb: torch.einsum("bd,bcd->bc", qb, cb), block)
+
+
+def scores_by_row(q: torch.Tensor, c: torch.Tensor, query_index: Sequence[int],
+                  candidate_index: Sequence[Sequence[int]], score, block: int = 64) -> torch.Tensor:
+    """``[R, Cmax]`` of ``score(q_rows [b, ...], c_rows [b, Cmax, ...]) -> [b, Cmax]`` over blocks of
+    rows, -inf past a row's candidates: the row layout every MMEB scorer shares (float, quantised)."""
     rows = len(query_index)
     width = max((len(ci) for ci in candidate_index), default=0)
     out = torch.full((rows, width), float("-inf"))
@@ -56,9 +63,7 @@ def row_scores(
         for i, ci in enumerate(candidate_index[start:stop]):
             idx[i, : len(ci)] = torch.as_tensor(list(ci), dtype=torch.long)
             valid[i, : len(ci)] = True
-        qb = q[torch.as_tensor(list(query_index[start:stop]), dtype=torch.long)]  # [b, D]
-        cb = c[idx]  # [b, Cmax, D]
-        s = torch.einsum("bd,bcd->bc", qb, cb)
+        s = score(q[torch.as_tensor(list(query_index[start:stop]), dtype=torch.long)], c[idx]).float()
         out[start:stop] = torch.where(valid, s, torch.full_like(s, float("-inf")))
     return out
 

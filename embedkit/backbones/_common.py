@@ -6,6 +6,9 @@ Not a component (the leading underscore keeps the registry from importing it as 
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 from embedkit.backbones.base import IMAGE_PLACEHOLDER
@@ -50,3 +53,14 @@ def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 def placeholder_error(family: str) -> ValueError:
     return ValueError(f"{family}: an item's text contains {IMAGE_PLACEHOLDER} but the item has no image")
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Allocate parameters in ``dtype`` directly (a 4B model in bf16 never exists in float32)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)

@@ -34,15 +34,15 @@ DoRA setting, loaded with strict key checks and merged into the base weights.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
+from embedkit.backbones import _common
 from embedkit.errors import UserError
 
 LLAVA_QWEN = "llava_qwen"
@@ -130,16 +130,6 @@ def key_error(root, what: str, unmatched: list[str], missing: list[str]) -> User
     if missing:
         parts.append(f"{len(missing)} missing keys {missing[:3]}")
     return UserError(f"model.backbone.path: {root} does not match the {what} layout ({'; '.join(parts)})")
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 # -- LLaVA-NeXT llava_qwen -> LlavaOnevisionModel ---------------------------------------------------
@@ -249,7 +239,7 @@ def load_llava_qwen(path: str, dtype: torch.dtype, attn_implementation: str):
     config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation
     config.vision_config._attn_implementation = attn_implementation
-    with no_init_weights(), default_dtype(dtype):  # the checkpoint fills every weight
+    with no_init_weights(), _common.default_dtype(dtype):  # the checkpoint fills every weight
         model = LlavaOnevisionModel(config)
     expected = set(model.state_dict())
     unmatched = sorted(k for k, v in raw.items() if llava_qwen_key(k) is not None and llava_qwen_key(k) not in expected)

@@ -36,11 +36,10 @@ In the token ids the processor marks image positions with ``-1``, as the referen
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
@@ -217,7 +216,7 @@ class Phi3V(Backbone):
                 )
             from transformers.initialization import no_init_weights
 
-            with no_init_weights(), _default_dtype(torch_dtype(dtype)):  # the checkpoint fills every weight
+            with no_init_weights(), _common.default_dtype(torch_dtype(dtype)):  # the checkpoint fills every weight
                 self._build(config, attn_implementation)
             self._load_weights(root)
             try:
@@ -385,17 +384,6 @@ class Phi3V(Backbone):
         return BackboneOutput(
             out.last_hidden_state, inputs["attention_mask"], tuple(out.hidden_states) if output_all_layers else None
         )
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Allocate parameters in ``dtype`` directly (a 4B model in bf16 never exists in float32)."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 def _checkpoint_dir(path: str) -> Path:

@@ -49,7 +49,7 @@ def test_every_backbones_arithmetic_count_is_what_its_processor_emits(family):
     items = _items(family, random.Random(0))
     counted = [processor.num_tokens(it) for it in items]
     emitted = [int(processor([it])["attention_mask"].sum()) for it in items]
-    assert counted == emitted
+    assert counted == emitted == processor.costs(items)
     assert len(set(counted)) >= len(items) // 2  # the items really differ in cost
 
 

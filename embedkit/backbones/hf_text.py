@@ -57,6 +57,9 @@ class TextChunkProcessor(ChunkProcessor):
         """The processed length: the tokenizer's row (truncated, EOS added), with no tensors built."""
         return len(self._rows([item])[0])
 
+    def costs(self, items: list[Item]) -> list[int]:
+        return [len(r) for r in self._rows(items)]  # one batched tokenizer call
+
 
 @register("backbone", FAMILY)
 class HFText(Backbone):

@@ -147,7 +147,8 @@ class ChunkCollate:
         """(chunks, restore): ``restore`` maps batch rows to rows of the concatenated chunks (None: in order)."""
         if not self.sort or len(items) < 2:
             return self.split(items), None
-        costs = [self.processor.num_tokens(it) for it in items]
+        costs = self.processor.costs(items) if hasattr(self.processor, "costs") else [
+            self.processor.num_tokens(it) for it in items]
         if self.chunk_tokens:
             groups = packed_by_tokens(costs, self.chunk_size, self.chunk_tokens)
         else:

@@ -70,7 +70,7 @@ def main() -> int:
     gbs = cfg["train"]["global_batch_size"]
     data = EmbeddingDataModule(cfg["data"], module.encoder.processor(), train, val, seed=cfg["seed"],
                                global_batch_size=gbs, chunk_size=cfg["train"]["chunk_size"],
-                               chunk_tokens=cfg["train"]["chunk_tokens"])
+                               chunk_tokens=cfg["train"]["chunk_tokens"], sort_chunks=cfg["train"]["sort_chunks"])
     print(f"demo model, global_batch_size={gbs}, chunk_size={cfg['train']['chunk_size']}, "
           f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
 

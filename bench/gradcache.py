@@ -1,7 +1,10 @@
 """GradCache benchmark: step time and peak memory against the global batch size, with and without the cache.
 
     python bench/gradcache.py                          # global batch 16, 64, 256, 1024; chunk 16
-    python bench/gradcache.py --sizes 16 64 256 1024 --seq 64 --dim 128 --layers 2 --threads 2   # a CPU
+    python bench/gradcache.py --modes cached --threads 1          # scaling only (CPU: the tiny encoder)
+
+Model size: on a GPU the defaults are a realistic encoder (``--dim 1024 --layers 8 --seq 256``), on
+the CPU a tiny one (``--dim 128 --layers 2 --seq 128``); any of the three flags overrides.
 
 The model is a stack of transformer encoder layers over ``--seq`` tokens: its activations grow with
 the batch while its weights do not, so activations dominate memory, as in a VLM on images. Each
@@ -16,6 +19,10 @@ excluded), in a separate process whose large tensors are each mapped on their ow
 (``MALLOC_MMAP_THRESHOLD_``) so freed memory leaves the RSS. Prints a table and the ratios:
 cached/uncached time at each global batch, and peak memory at the largest global batch over peak
 memory at global batch = chunk size (uncached: both sides' activations at once; cached: one chunk).
+Scaling (cached): step time per example at each global batch of at least 64 over that at the
+smallest, at the fixed ``--chunk`` -- flat means the cache costs the same per example however large
+the contrastive batch -- and peak memory at the largest over one chunk's (the cached step at
+global batch = chunk).
 """
 
 from __future__ import annotations
@@ -90,13 +97,37 @@ def one_config(args) -> dict:
             "step_s": min(times) if times else None, "peak_mib": peak / 2**20, "device": device.type}
 
 
+def report(by: dict, sizes: list[int], args) -> None:
+    """The ratios: cached vs uncached, scaling per example, peak memory over one chunk."""
+    print("\ncached / uncached at the same global batch (time; peak memory):")
+    for G in args.sizes:
+        a, b = by.get((G, "cached")), by.get((G, "uncached"))
+        if a and b:
+            print(f"  G={G:5d}: time x{a['step_s'] / b['step_s']:.2f}; peak memory x{a['peak_mib'] / b['peak_mib']:.2f}")
+    top, small = max(sizes), min(args.chunk, min(sizes))
+    big = by.get((top, "cached"))
+    scaled = [G for G in sizes if G >= 64 and (G, "cached") in by]
+    if scaled:
+        base = by[scaled[0], "cached"]["step_s"] / scaled[0]
+        print(f"\nscaling, cached, chunk {args.chunk}: step time per example (ms) and over G={scaled[0]}'s")
+        for G in scaled:
+            per = by[G, "cached"]["step_s"] / G
+            print(f"  G={G:5d}: {per * 1e3:8.3f} ms/example  x{per / base:.2f}")
+    for mode, what in (("uncached", "what global batch = chunk size runs: one pass per side"),
+                       ("cached", "one chunk: the same passes, one chunk at a time")):
+        ref = by.get((small, mode))
+        if big and ref:
+            print(f"peak memory, cached G={top} over {mode} G={small} ({what}): x{big['peak_mib'] / ref['peak_mib']:.2f}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256, 1024])
     ap.add_argument("--chunk", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=None, help="tokens per item (GPU 256, CPU 128)")
+    ap.add_argument("--dim", type=int, default=None, help="model width (GPU 1024, CPU 128)")
+    ap.add_argument("--layers", type=int, default=None, help="encoder layers (GPU 8, CPU 2)")
+    ap.add_argument("--modes", nargs="+", choices=["cached", "uncached"], default=["cached", "uncached"])
     ap.add_argument("--steps", type=int, default=2)
     # 0 by default, as in the backbones we train (Qwen2-VL's attention_dropout is 0.0): on a CPU,
     # drawing dropout masks costs more than the matmuls they mask (2/3 of a forward at dim 128) and
@@ -112,11 +143,17 @@ def main(argv=None) -> int:
         print(json.dumps(one_config(args)))
         return 0
 
-    passthrough = ["--seq", str(args.seq), "--dim", str(args.dim), "--layers", str(args.layers),
-                   "--steps", str(args.steps), "--threads", str(args.threads), "--dropout", str(args.dropout)] + (["--cpu"] if args.cpu else [])
     import torch
 
-    on_cpu = args.cpu or not torch.cuda.is_available()
+    gpu = torch.cuda.is_available() and not args.cpu
+    for key, (on_gpu, on_cpu) in {"seq": (256, 128), "dim": (1024, 128), "layers": (8, 2)}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, on_gpu if gpu else on_cpu)
+    passthrough = ["--seq", str(args.seq), "--dim", str(args.dim), "--layers", str(args.layers),
+                   "--steps", str(args.steps), "--threads", str(args.threads), "--dropout", str(args.dropout)] + (["--cpu"] if args.cpu else [])
+    on_cpu = not gpu
+    print(f"encoder: dim {args.dim}, {args.layers} layers, {args.seq} tokens; chunk {args.chunk}; "
+          f"{'cpu' if on_cpu else 'cuda'}, threads {args.threads}, load {os.getloadavg()[0]:.2f}", flush=True)
     # CPU: time and memory in separate processes. For memory, every tensor of 64 KiB or more gets
     # its own mapping, returned to the system when freed, so the peak RSS follows live tensors and
     # not glibc's heap high-water mark; that makes allocation slow, so time runs with plain malloc.
@@ -131,8 +168,9 @@ def main(argv=None) -> int:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     by = {}
-    for G in args.sizes:
-        for cache in (True, False):
+    sizes = sorted(set(args.sizes) | ({args.chunk} if "cached" in args.modes else set()))
+    for G in sizes:
+        for cache in [m == "cached" for m in args.modes]:
             chunk = min(args.chunk, G) if cache else G
             parts = [child(G, chunk, cache, measure, env) for measure, env in runs]
             if None in parts:
@@ -142,18 +180,7 @@ def main(argv=None) -> int:
             print(f"G={G:5d} chunk={row['chunk_size']:5d} {row['mode']:8s} step {row['step_s']:8.3f} s   "
                   f"peak {row['peak_mib']:9.1f} MiB ({row['device']})", flush=True)
 
-    print("\ncached / uncached at the same global batch (time; peak memory):")
-    for G in args.sizes:
-        a, b = by.get((G, "cached")), by.get((G, "uncached"))
-        if a and b:
-            print(f"  G={G:5d}: time x{a['step_s'] / b['step_s']:.2f}; peak memory x{a['peak_mib'] / b['peak_mib']:.2f}")
-    top, small = args.sizes[-1], min(args.chunk, args.sizes[0])
-    big = by.get((top, "cached"))
-    for mode, what in (("uncached", "what global batch = chunk size runs: one pass per side"),
-                       ("cached", "the same passes of one chunk at a time")):
-        ref = by.get((small, mode))
-        if big and ref:
-            print(f"peak memory, cached G={top} over {mode} G={small} ({what}): x{big['peak_mib'] / ref['peak_mib']:.2f}")
+    report(by, sizes, args)
     return 0
 
 

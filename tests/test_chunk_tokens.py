@@ -62,11 +62,13 @@ def test_qwen2_vl_num_tokens_matches_processing(module):
     assert len(set(lengths)) > 3  # the images really differ in cost
 
 
-def test_token_chunks_give_the_gradients_of_one_pass_per_side(module):
+@pytest.mark.parametrize("sort", [False, True])
+def test_token_chunks_give_the_gradients_of_one_pass_per_side(module, sort):
     examples = _uneven_examples(8)
     processor = module.encoder.processor()
     budget = 3 * max(processor.num_tokens(ex.positive) for ex in examples)
-    by_tokens = ChunkCollate(processor, 8, 0, chunk_tokens=budget)(examples)
+    by_tokens = ChunkCollate(processor, 8, 0, chunk_tokens=budget, sort=sort)(examples)
+    assert (by_tokens.candidate_restore is not None) == sort
     assert len(by_tokens.candidate_chunks) > 2  # the budget split the images
     for chunk in by_tokens.candidate_chunks:
         assert chunk["input_ids"].numel() <= budget or chunk["input_ids"].shape[0] == 1
@@ -85,8 +87,7 @@ def test_token_chunks_give_the_gradients_of_one_pass_per_side(module):
         torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_fsdp2_refuses_a_token_budget():
-    from embedkit.errors import ConfigError
-
-    with pytest.raises(ConfigError, match=r"train\.chunk_tokens=4096 is refused with trainer\.strategy=fsdp2"):
-        compose(["recipe=demo", "trainer.strategy=fsdp2", "trainer.devices=2", "train.chunk_tokens=4096"])
+def test_fsdp2_takes_a_token_budget():
+    # ranks pad to the same number of forward passes (tests/test_gradcache_distributed.py)
+    cfg = compose(["recipe=demo", "trainer.strategy=fsdp2", "trainer.devices=2", "train.chunk_tokens=4096"])
+    assert cfg["train"]["chunk_tokens"] == 4096 and cfg["train"]["sort_chunks"] is True

@@ -47,8 +47,10 @@ def test_mlflow_run_has_params_tags_metrics_artifacts(fitted):
     assert params["model.backbone.name"] == "qwen2_vl" and params["train.chunk_size"] == "4"
     tags = run.data.tags
     assert tags["recipe"] == "demo" and tags["embedkit_version"] and tags["git_sha"]
-    for metric in ("train/loss", "train/lr", "val/p_at_1"):
+    for metric in ("train/loss", "train/lr", "val/p_at_1", "train/pad_fraction"):
         assert client.get_metric_history(run.info.run_id, metric), metric
+    pad = [m.value for m in client.get_metric_history(run.info.run_id, "train/pad_fraction")]
+    assert all(0.0 <= v < 1.0 for v in pad), pad
     val = client.get_metric_history(run.info.run_id, "val/p_at_1")
     assert len(val) == 2  # before training and after
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

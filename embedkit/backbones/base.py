@@ -63,6 +63,10 @@ class ChunkProcessor:
         processing it; adapters override it with arithmetic on the image size where they can."""
         return int(self([item])["input_ids"].shape[1])
 
+    def costs(self, items: list[Item]) -> list[int]:
+        """``num_tokens`` of each item (cost-aware chunking); adapters may batch the work."""
+        return [self.num_tokens(it) for it in items]
+
 
 class Backbone(nn.Module):
     """Base class of backbone adapters; subclasses register with ``@register("backbone", name)``."""

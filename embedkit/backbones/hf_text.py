@@ -46,6 +46,10 @@ class TextChunkProcessor(ChunkProcessor):
         self.eos = eos if append_eos and eos is not None else None
 
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = _common.pad_right(self._rows(items), self.tokenizer.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def _rows(self, items: list[Item]) -> list[list[int]]:
         if any(item.image is not None for item in items):
             raise UserError(
                 f"{FAMILY}: an item has an image, but backbone {FAMILY!r} embeds text only "
@@ -55,8 +59,14 @@ class TextChunkProcessor(ChunkProcessor):
         rows = self.tokenizer([item.text for item in items], truncation=True, max_length=cut)["input_ids"]
         if self.eos is not None:
             rows = [r if r and r[-1] == self.eos else r + [self.eos] for r in rows]
-        input_ids, attention_mask = _common.pad_right(rows, self.tokenizer.pad_token_id)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return rows
+
+    def num_tokens(self, item: Item) -> int:
+        """The processed length: the tokenizer's row (truncated, EOS added), with no tensors built."""
+        return len(self._rows([item])[0])
+
+    def costs(self, items: list[Item]) -> list[int]:
+        return [len(r) for r in self._rows(items)]  # one batched tokenizer call
 
 
 @register("backbone", FAMILY)

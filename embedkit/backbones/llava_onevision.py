@@ -84,32 +84,36 @@ class LlavaOnevisionChunkProcessor(ChunkProcessor):
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
+    def _row(self, item: Item) -> list[int]:
+        """The item's token ids, image tokens counted from the image size (nothing is resized here)."""
+        text = item.text or ""
+        if item.image is None:
+            if _common.IMAGE_PLACEHOLDER in text:
+                raise _common.placeholder_error(FAMILY)
+            content = self._ids(text)
+            if self.max_length is not None:  # text-only items are cut to max_length tokens in all
+                content = content[: max(0, self.max_length - len(self.before) - len(self.after) - len(self.end))]
+            return self.before + content + self.after + self.end
+        if _common.IMAGE_PLACEHOLDER not in text:
+            text = _common.IMAGE_PLACEHOLDER + ("\n" + text if text else "")
+        n = num_image_tokens(item.image.height, item.image.width, tile=self.tile, patch=self.patch,
+                             pinpoints=self.pinpoints, anyres_max=self.anyres_max)
+        before, _, after = text.partition(_common.IMAGE_PLACEHOLDER)
+        if _common.IMAGE_PLACEHOLDER in after:
+            raise ValueError(f"{FAMILY}: one image per item; the text holds several {_common.IMAGE_PLACEHOLDER}")
+        row = self.before + self._ids(before) + [self.image_token_id] * n + self._ids(after) + self.after + self.end
+        if self.max_length is not None and len(row) > self.max_length:
+            raise ValueError(f"{FAMILY}: an image item of {len(row)} tokens exceeds max_length={self.max_length}; "
+                             "lower model.backbone.max_grid / anyres_max or raise model.backbone.max_length")
+        return row
+
+    def num_tokens(self, item: Item) -> int:
+        """The processed length by arithmetic: the row ``__call__`` builds, without the pixels."""
+        return len(self._row(item))
+
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
-        rows, images = [], []
-        for item in items:
-            text = item.text or ""
-            if item.image is None:
-                if _common.IMAGE_PLACEHOLDER in text:
-                    raise _common.placeholder_error(FAMILY)
-                content = self._ids(text)
-                if self.max_length is not None:  # text-only items are cut to max_length tokens in all
-                    content = content[: max(0, self.max_length - len(self.before) - len(self.after) - len(self.end))]
-                rows.append(self.before + content + self.after + self.end)
-                continue
-            image = item.image.convert("RGB")
-            images.append(image)
-            if _common.IMAGE_PLACEHOLDER not in text:
-                text = _common.IMAGE_PLACEHOLDER + ("\n" + text if text else "")
-            n = num_image_tokens(image.height, image.width, tile=self.tile, patch=self.patch,
-                                 pinpoints=self.pinpoints, anyres_max=self.anyres_max)
-            before, _, after = text.partition(_common.IMAGE_PLACEHOLDER)
-            if _common.IMAGE_PLACEHOLDER in after:
-                raise ValueError(f"{FAMILY}: one image per item; the text holds several {_common.IMAGE_PLACEHOLDER}")
-            row = self.before + self._ids(before) + [self.image_token_id] * n + self._ids(after) + self.after + self.end
-            if self.max_length is not None and len(row) > self.max_length:
-                raise ValueError(f"{FAMILY}: an image item of {len(row)} tokens exceeds max_length={self.max_length}; "
-                                 "lower model.backbone.max_grid / anyres_max or raise model.backbone.max_length")
-            rows.append(row)
+        rows = [self._row(item) for item in items]
+        images = [item.image.convert("RGB") for item in items if item.image is not None]
         if any(len(r) == 0 for r in rows):
             raise ValueError(f"{FAMILY}: an item tokenized to nothing")
         input_ids, attention_mask = _common.pad_right(rows, self.tokenizer.pad_token_id)

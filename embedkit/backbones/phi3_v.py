@@ -75,22 +75,37 @@ _TEXT_SKIP = {"model_type", "architectures", "auto_map", "embd_layer", "img_proc
               "transformers_version", "torch_dtype", "dtype"}
 
 
-def hd_transform(image, num_crops: int, crop: int):
-    """Resize + white-pad so the image is a ``h x w`` grid of ``crop``-px crops, ``h*w <= num_crops``."""
-    from PIL import Image
-
-    transposed = image.width < image.height
+def hd_layout(width: int, height: int, num_crops: int, crop: int) -> tuple[bool, int, int, int]:
+    """The HD transform's arithmetic: (transposed, resized width, resized height, padded height), in the
+    landscape frame (a portrait image is transposed first)."""
+    transposed = width < height
     if transposed:
-        image = image.transpose(Image.Transpose.TRANSPOSE)
-    ratio = image.width / image.height
+        width, height = height, width
+    ratio = width / height
     scale = 1
     while scale * math.ceil(scale / ratio) <= num_crops:  # widest grid whose rows still fit
         scale += 1
     scale -= 1
     new_w = scale * crop
     new_h = max(1, int(new_w / ratio))
+    return transposed, new_w, new_h, math.ceil(new_h / crop) * crop
+
+
+def hd_grid(width: int, height: int, num_crops: int, crop: int) -> tuple[int, int]:
+    """(rows, columns) of ``crop``-px crops the HD transform makes of a ``width x height`` image."""
+    transposed, new_w, _, target_h = hd_layout(width, height, num_crops, crop)
+    rows, cols = target_h // crop, new_w // crop
+    return (cols, rows) if transposed else (rows, cols)
+
+
+def hd_transform(image, num_crops: int, crop: int):
+    """Resize + white-pad so the image is a ``h x w`` grid of ``crop``-px crops, ``h*w <= num_crops``."""
+    from PIL import Image
+
+    transposed, new_w, new_h, target_h = hd_layout(image.width, image.height, num_crops, crop)
+    if transposed:
+        image = image.transpose(Image.Transpose.TRANSPOSE)
     image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    target_h = math.ceil(new_h / crop) * crop
     canvas = Image.new("RGB", (new_w, target_h), (255, 255, 255))
     canvas.paste(image, (0, (target_h - new_h) // 2))
     return canvas.transpose(Image.Transpose.TRANSPOSE) if transposed else canvas
@@ -127,29 +142,39 @@ class Phi3VChunkProcessor(ChunkProcessor):
         pix[: 1 + crops.shape[0]] = torch.cat([glb, crops])
         return pix, (H, W)
 
-    def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
+    def _row(self, item: Item, grid: tuple[int, int] | None = None) -> list[int]:
+        """The item's token ids; image tokens from the crop ``grid`` (by arithmetic when not given)."""
         bos = [self.tokenizer.bos_token_id] if getattr(self.tokenizer, "add_bos_token", False) else []
+        text = item.text or ""
+        if item.image is None:
+            if _common.IMAGE_PLACEHOLDER in text:
+                raise _common.placeholder_error(FAMILY)
+            row = bos + self._ids(text) + self.end
+            if self.max_length is not None:  # VLM2Vec --max_len: cuts text-only inputs, the end kept
+                row = row[: max(0, self.max_length - len(self.end))] + self.end if len(row) > self.max_length else row
+            return row
+        if _common.IMAGE_PLACEHOLDER not in text:
+            text = _common.IMAGE_PLACEHOLDER + ("\n" + text if text else "")
+        before, _, after = text.partition(_common.IMAGE_PLACEHOLDER)
+        if _common.IMAGE_PLACEHOLDER in after:
+            raise ValueError(f"{FAMILY}: one image per item; the text holds several {_common.IMAGE_PLACEHOLDER}")
+        h, w = grid or hd_grid(item.image.width, item.image.height, self.num_crops, self.crop)
+        return bos + self._ids(before) + [-1] * num_image_tokens(h, w, self.merged_side) + self._ids(after) + self.end
+
+    def num_tokens(self, item: Item) -> int:
+        """The processed length by arithmetic (the HD transform's crop grid from the image size)."""
+        return len(self._row(item))
+
+    def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
         rows, pixels, sizes = [], [], []
         for item in items:
-            text = item.text or ""
-            if item.image is None:
-                if _common.IMAGE_PLACEHOLDER in text:
-                    raise _common.placeholder_error(FAMILY)
-                row = bos + self._ids(text) + self.end
-                if self.max_length is not None:  # VLM2Vec --max_len: cuts text-only inputs, the end kept
-                    row = row[: max(0, self.max_length - len(self.end))] + self.end if len(row) > self.max_length else row
-                rows.append(row)
-                continue
-            if _common.IMAGE_PLACEHOLDER not in text:
-                text = _common.IMAGE_PLACEHOLDER + ("\n" + text if text else "")
-            before, _, after = text.partition(_common.IMAGE_PLACEHOLDER)
-            if _common.IMAGE_PLACEHOLDER in after:
-                raise ValueError(f"{FAMILY}: one image per item; the text holds several {_common.IMAGE_PLACEHOLDER}")
-            pix, (H, W) = self._pixels(item.image)
-            pixels.append(pix)
-            sizes.append((H, W))
-            n = num_image_tokens(H // self.crop, W // self.crop, self.merged_side)
-            rows.append(bos + self._ids(before) + [-1] * n + self._ids(after) + self.end)
+            grid = None
+            if item.image is not None:
+                pix, (H, W) = self._pixels(item.image)
+                pixels.append(pix)
+                sizes.append((H, W))
+                grid = (H // self.crop, W // self.crop)
+            rows.append(self._row(item, grid))
         if any(len(r) == 0 for r in rows):
             raise ValueError(f"{FAMILY}: an item tokenized to nothing")
         input_ids, attention_mask = _common.pad_right(rows, self.tokenizer.pad_token_id)

@@ -7,10 +7,19 @@ N = (grid_h * grid_w) / merge_size^2 from the PIL image processor (no torchvisio
 Sequences are right-padded and end with the EOS token, the state that last-token pooling reads
 (``append_eos=false``: the last text token, as VLM2Vec pools). ``resize: [W, H]`` first resizes every
 image to exactly W x H (VLM2Vec v1's ``--image_resolution high``: 1344 x 1344, aspect not kept).
+
+Vision attention (``batched_vision_attention``, default on): transformers' SDPA path of the vision
+tower splits the packed patches by image and runs one attention call per image per layer, with a
+``.tolist()`` host sync in every layer. Here images of equal patch count are attended together as
+one dense batch: one SDPA call per distinct image size per layer, the grouping computed once per
+forward from ``cu_seqlens`` (one host sync per forward). Same outputs as the per-image loop; flash
+attention (varlen) and eager keep transformers' own path.
 """
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any, Literal, Optional
 
 import torch
@@ -121,6 +130,7 @@ class Qwen2VLBackbone(Backbone):
         tiny_hidden_size: int = 64,
         tiny_layers: int = 2,
         tiny_vision_layers: int = 2,
+        batched_vision_attention: bool = True,
     ):
         super().__init__()
         from transformers import Qwen2VLImageProcessorPil
@@ -151,6 +161,8 @@ class Qwen2VLBackbone(Backbone):
         self.num_layers = config.text_config.num_hidden_layers
         self.merge_size = config.vision_config.spatial_merge_size
         set_attention(self.model.language_model, attention, FAMILY)
+        if batched_vision_attention:
+            use_batched_vision_attention(self.model)
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision,
                          gradient_checkpointing=gradient_checkpointing)
         merge(self, adapter, _layouts.qwen2_vl_module, FAMILY)
@@ -174,6 +186,73 @@ class Qwen2VLBackbone(Backbone):
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
+
+
+# -- vision attention: images of one size in one SDPA call --------------------------------------
+_VISION_ATTENTION = ("VisionAttention", "Qwen2_5_VLVisionAttention")
+
+
+def use_batched_vision_attention(model) -> int:
+    """Give every Qwen2-VL / Qwen2.5-VL vision attention module of ``model`` the batched forward;
+    returns how many. The modules share one per-forward cache of the image grouping."""
+    cache: dict = {}
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ in _VISION_ATTENTION and type(module).__module__.startswith("transformers.models.qwen2"):
+            module._embedkit_groups = cache
+            module.forward = types.MethodType(batched_vision_attention, module)
+            count += 1
+    return count
+
+
+def image_groups(cu_seqlens: torch.Tensor) -> tuple[list[tuple[int, int, int]], torch.Tensor | None]:
+    """Images (the segments of ``cu_seqlens``) grouped by patch count: ``[(length, count, first
+    token)]`` over the packed sequence reordered by ``order`` (token indices; None: already grouped,
+    i.e. images of one size are adjacent and the groups follow each other)."""
+    bounds = cu_seqlens.tolist()  # the one host sync of a forward
+    by_len: dict[int, list[int]] = {}
+    for i in range(len(bounds) - 1):
+        by_len.setdefault(bounds[i + 1] - bounds[i], []).append(i)
+    groups, order, start = [], [], 0
+    for length, images in by_len.items():
+        groups.append((length, len(images), start))
+        start += length * len(images)
+        order += [t for i in images for t in range(bounds[i], bounds[i + 1])]
+    if order == list(range(len(order))):
+        return groups, None
+    return groups, torch.tensor(order, device=cu_seqlens.device)
+
+
+def batched_vision_attention(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                             position_embeddings=None, max_seqlen=None, **kwargs) -> torch.Tensor:
+    """A Qwen2-VL vision attention forward with one SDPA call per image size (bound to the module)."""
+    if self.config._attn_implementation != "sdpa":
+        return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings=position_embeddings,
+                                  max_seqlen=max_seqlen, **kwargs)
+    rotate = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
+    cache = self._embedkit_groups
+    if cache.get("key") is not cu_seqlens:  # once per forward (per cu_seqlens: Qwen2.5-VL has two)
+        cache.clear()
+        cache["key"], cache["groups"] = cu_seqlens, image_groups(cu_seqlens)
+    groups, order = cache["groups"]
+    n = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = rotate(q, k, cos, sin)  # [n, heads, d]
+    if order is not None:
+        q, k, v = q[order], k[order], v[order]
+    dropout = self.attention_dropout if self.training else 0.0
+    outs = []
+    for length, count, start in groups:
+        # [count, heads, length, d]: the images of this size as a dense batch
+        qg, kg, vg = (t[start:start + length * count].reshape(count, length, self.num_heads, -1).transpose(1, 2)
+                      for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=self.scaling)
+        outs.append(o.transpose(1, 2).reshape(count * length, -1))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    if order is not None:
+        out = torch.empty_like(out).index_copy(0, order, out)
+    return self.proj(out)
 
 
 def _tiny_model(tokenizer, hidden: int, layers: int, vision_layers: int, attn_implementation: str):

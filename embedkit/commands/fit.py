@@ -235,7 +235,8 @@ class Fit:
         chunk_size = train["chunk_size"]
         data = EmbeddingDataModule(cfg["data"], module.encoder.processor(), train_shards, val_shards, seed=seed,
                                    global_batch_size=train["global_batch_size"], chunk_size=chunk_size,
-                                   chunk_tokens=train["chunk_tokens"], accumulate=module.accumulate)
+                                   chunk_tokens=train["chunk_tokens"], accumulate=module.accumulate,
+                                   sort_chunks=train["sort_chunks"])
 
         logger = False
         id_path = run_dir / "mlflow_run_id"

@@ -103,9 +103,12 @@ class TrainSection:
     global_batch_size: int = 64  # the contrastive batch across all ranks
     chunk_size: int = 64  # items encoded per forward pass, per device (GradCache sub-batch)
     # also cap each forward pass at this many padded tokens (items x longest sequence), so chunks
-    # of high-resolution images cost alike; 0: off. Not with trainer.strategy=fsdp2 (ranks would
-    # run different numbers of sharded forward passes)
+    # of high-resolution images cost alike; 0: off. Under trainer.strategy=fsdp2 the ranks pad to
+    # the same number of forward passes (docs/gradcache.md)
     chunk_tokens: int = 0
+    # order each side's items by cost (text + image tokens) before cutting chunks (token budget:
+    # first-fit decreasing) and restore the order before the loss: less padding, same gradients
+    sort_chunks: bool = True
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -202,10 +205,6 @@ def check_combinations(cfg: dict) -> None:
     if trainer["strategy"] == "fsdp2":
         if not isinstance(trainer["devices"], int):
             raise ConfigError(f"trainer.strategy=fsdp2 needs an integer trainer.devices, got {trainer['devices']!r}")
-        if train["chunk_tokens"]:
-            # every sharded forward pass all-gathers parameters: ranks must run as many passes
-            raise ConfigError(f"train.chunk_tokens={train['chunk_tokens']} is refused with trainer.strategy=fsdp2 "
-                              "(ranks would run different numbers of forward passes); use train.chunk_size")
     devices = trainer["devices"]
     if isinstance(devices, int) and devices > 0:
         world = devices * trainer["num_nodes"]

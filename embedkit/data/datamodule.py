@@ -71,12 +71,14 @@ class EmbeddingDataModule(L.LightningDataModule):
     """Training batches of the ``data`` section's ``train`` block, validation of its ``val`` block.
 
     ``global_batch_size`` is the contrastive batch across all ranks, split evenly; ``chunk_size``
-    and ``chunk_tokens`` cut each side of a device's batch into forward passes; ``processor`` (the
+    and ``chunk_tokens`` cut each side of a device's batch into forward passes (ordered by cost
+    first when ``sort_chunks``); ``processor`` (the
     encoder's) runs in the DataLoader workers.
     """
 
     def __init__(self, data: dict, processor, train_shards: list[str], val_shards: list[str], *, seed: int,
-                 global_batch_size: int, chunk_size: int, chunk_tokens: int = 0, accumulate: int = 1):
+                 global_batch_size: int, chunk_size: int, chunk_tokens: int = 0, accumulate: int = 1,
+                 sort_chunks: bool = False):
         super().__init__()
         self.train_data = data["train"]
         self.processor = processor
@@ -86,6 +88,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.global_batch_size = global_batch_size
         self.chunk_size = chunk_size
         self.chunk_tokens = chunk_tokens
+        self.sort_chunks = sort_chunks  # cost-aware chunking (ChunkCollate)
         self.accumulate = accumulate  # training batches per optimizer step: where a resumed stream starts
         val = data["val"]
         self.val_examples = read_examples(val_shards, val["max_queries"]) if val["enabled"] and val_shards else []
@@ -97,7 +100,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         gbs = self.global_batch_size
         if gbs % world:
             raise UserError(f"train.global_batch_size={gbs} is not divisible by the {world} devices")
-        collate = ChunkCollate(self.processor, self.chunk_size, t["num_negatives"], self.chunk_tokens)
+        collate = ChunkCollate(self.processor, self.chunk_size, t["num_negatives"], self.chunk_tokens,
+                               sort=self.sort_chunks)
         # a resumed fit (trainer.global_step restored by now) starts the stream at its batch
         start = self.trainer.global_step * self.accumulate if self.trainer else 0
         try:

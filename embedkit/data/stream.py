@@ -77,9 +77,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainBatch:
-    """One device's share of a contrastive batch, already processed into model inputs."""
+    """One device's share of a contrastive batch, already processed into model inputs.
 
-    query_chunks: list[dict]  # processed chunks of the B queries, in order
+    With cost-aware chunking (``ChunkCollate(sort=True)``) the chunks hold each side's items in
+    another order than the batch's; ``query_restore`` / ``candidate_restore`` index the concatenated
+    chunk embeddings back into batch order (row ``i`` of the side is encoded row ``restore[i]``),
+    None when the chunks keep the batch order. ``padded_tokens`` / ``real_tokens``: sequence slots
+    in the forward passes (items x longest, summed over chunks) and the real tokens among them.
+    """
+
+    query_chunks: list[dict]  # processed chunks of the B queries
     candidate_chunks: list[dict]  # processed chunks of the B positives, then B*K negatives (example-major)
     batch_size: int  # B
     num_negatives: int  # K
@@ -88,6 +95,15 @@ class TrainBatch:
     #: before chunking (positives, then negatives example-major); in-batch false-negative masking
     #: (``train.mask_duplicates``) compares them. None: not computed (masking cannot run).
     candidate_keys: torch.Tensor | None = None
+    query_restore: torch.Tensor | None = None  # [B] long: batch row -> encoded row; None: in order
+    candidate_restore: torch.Tensor | None = None  # [B*(1+K)] long, likewise
+    padded_tokens: int = 0
+    real_tokens: int = 0
+
+    @property
+    def pad_fraction(self) -> float:
+        """Padding's share of the sequence slots of this batch's forward passes (0 when unknown)."""
+        return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
 
 
 def chunked(items: list, size: int) -> list[list]:
@@ -112,20 +128,65 @@ def chunked_by_tokens(items: list, lengths: list[int], size: int, budget: int) -
     return chunks
 
 
-class ChunkCollate:
-    """Examples -> TrainBatch: lays out candidates, splits into chunks, runs the backbone processor."""
+def cost_order(costs: list[int]) -> list[int]:
+    """Indices by decreasing cost; ties keep their batch order (deterministic)."""
+    return sorted(range(len(costs)), key=lambda i: (-costs[i], i))
 
-    def __init__(self, processor, chunk_size: int, num_negatives: int, chunk_tokens: int = 0):
+
+def packed_by_tokens(costs: list[int], size: int, budget: int) -> list[list[int]]:
+    """First-fit decreasing: item indices, most costly first, each into the first chunk that still
+    holds it (at most ``size`` items and ``budget`` padded tokens, i.e. items x the chunk's longest,
+    its first item). An item over the budget gets a chunk of its own. Returns index lists."""
+    chunks: list[list[int]] = []
+    for i in cost_order(costs):
+        for chunk in chunks:
+            if len(chunk) < size and (len(chunk) + 1) * costs[chunk[0]] <= budget:
+                chunk.append(i)
+                break
+        else:
+            chunks.append([i])
+    return chunks
+
+
+class ChunkCollate:
+    """Examples -> TrainBatch: lays out candidates, splits into chunks, runs the backbone processor.
+
+    ``sort`` (``train.sort_chunks``): each side (the queries; the candidates: positives and every
+    negative slot, one pool) is ordered by cost -- the processed length, text plus image tokens,
+    from ``processor.num_tokens`` (each backbone's arithmetic, no second processing) -- before it is
+    cut, so a chunk holds items of like length and pads little; with ``chunk_tokens`` the chunks are
+    packed first-fit decreasing under the token budget. The embeddings are put back in batch order
+    by ``TrainBatch.*_restore`` before the loss. ``sort=False`` cuts in arrival order.
+    """
+
+    def __init__(self, processor, chunk_size: int, num_negatives: int, chunk_tokens: int = 0, sort: bool = False):
         self.processor = processor
         self.chunk_size = chunk_size
         self.num_negatives = num_negatives
         self.chunk_tokens = chunk_tokens
+        self.sort = sort
 
     def split(self, items: list[Item]) -> list[list[Item]]:
+        """Arrival-order chunks (``sort=False``'s layout)."""
         if not self.chunk_tokens:
             return chunked(items, self.chunk_size)
         lengths = [self.processor.num_tokens(it) for it in items]
         return chunked_by_tokens(items, lengths, self.chunk_size, self.chunk_tokens)
+
+    def layout(self, items: list[Item]) -> tuple[list[list[Item]], torch.Tensor | None]:
+        """(chunks, restore): ``restore`` maps batch rows to rows of the concatenated chunks (None: in order)."""
+        if not self.sort or len(items) < 2:
+            return self.split(items), None
+        costs = self.processor.costs(items) if hasattr(self.processor, "costs") else [
+            self.processor.num_tokens(it) for it in items]
+        if self.chunk_tokens:
+            groups = packed_by_tokens(costs, self.chunk_size, self.chunk_tokens)
+        else:
+            groups = chunked(cost_order(costs), self.chunk_size)
+        order = [i for g in groups for i in g]
+        restore = torch.empty(len(order), dtype=torch.long)
+        restore[torch.tensor(order)] = torch.arange(len(order))
+        return [[items[i] for i in g] for g in groups], restore
 
     def negatives(self, i: int, examples: list[Example]) -> list[Item]:
         """Exactly K negatives for example i: its own, cycled; an example with none (most MMEB
@@ -146,14 +207,34 @@ class ChunkCollate:
         queries = [ex.query for ex in examples]
         cands = [ex.positive for ex in examples]
         cands += [n for i in range(len(examples)) for n in self.negatives(i, examples)]
+        query_groups, query_restore = self.layout(queries)
+        cand_groups, cand_restore = self.layout(cands)
+        query_chunks = [self.processor(c) for c in query_groups]
+        candidate_chunks = [self.processor(c) for c in cand_groups]
+        padded, real = pad_counts(query_chunks + candidate_chunks)
         return TrainBatch(
-            query_chunks=[self.processor(c) for c in self.split(queries)],
-            candidate_chunks=[self.processor(c) for c in self.split(cands)],
+            query_chunks=query_chunks,
+            candidate_chunks=candidate_chunks,
             batch_size=len(examples),
             num_negatives=self.num_negatives,
             tasks=[ex.task for ex in examples],
             candidate_keys=torch.tensor([content_key(c) for c in cands], dtype=torch.int64),
+            query_restore=query_restore,
+            candidate_restore=cand_restore,
+            padded_tokens=padded,
+            real_tokens=real,
         )
+
+
+def pad_counts(chunks: list[dict]) -> tuple[int, int]:
+    """(sequence slots, real tokens) over processed chunks, from their attention masks."""
+    padded = real = 0
+    for chunk in chunks:
+        mask = chunk.get("attention_mask") if isinstance(chunk, dict) else None
+        if mask is not None:
+            padded += mask.numel()
+            real += int(mask.sum())
+    return padded, real
 
 
 # -- sources and weights ------------------------------------------------------------------------

@@ -82,7 +82,10 @@ def cached_step(
     def surrogate_backward(fresh: torch.Tensor, emb: torch.Tensor, is_last: bool) -> None:
         if is_last:
             last()
-        backward(torch.sum(fresh * emb.grad.to(fresh.dtype)))
+        # a chunk the loss does not read (an FSDP2 padding pass) has no gradient: backpropagate zeros,
+        # so the pass still runs its backward (and its collectives) like every other chunk
+        grad = emb.grad if emb.grad is not None else torch.zeros_like(emb)
+        backward(torch.sum(fresh * grad.to(fresh.dtype)))
 
     surrogate_backward(kept, cached[-1], not replayed)
     del kept  # frees its activations before the replays

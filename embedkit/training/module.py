@@ -165,8 +165,10 @@ class EmbeddingModule(L.LightningModule):
             if sharded and steps_now:
                 grad_sync.set_fsdp_sync(self, True)
 
+        # FSDP2: every forward all-gathers parameters, so ranks run as many passes (token budgets differ)
+        passes = self.agree_passes(batch) if sharded and self.trainer.world_size > 1 else 0
         out = self.backward_batch(batch, self.manual_backward, scale=1.0 / accumulate,
-                                  before_last_backward=before_last_backward)
+                                  before_last_backward=before_last_backward, min_passes=passes)
         self._cycle_bad |= not bool(torch.isfinite(out.loss))
         if steps_now:
             self._sync_gradients()
@@ -179,6 +181,8 @@ class EmbeddingModule(L.LightningModule):
         masked = out.parts.pop("masked_negatives", None)
         if masked is not None:  # dropped (query, candidate) pairs of the whole global batch
             self.log("train/masked_negatives", masked, batch_size=B, sync_dist=True, reduce_fx="sum")
+        if batch.padded_tokens:  # this rank's padding share of its forward passes (ChunkCollate counts it)
+            self.log("train/pad_fraction", batch.pad_fraction, batch_size=B)
         for name, value in out.parts.items():
             self.log(f"train/loss/{name}", value, batch_size=B, sync_dist=True)
         return out.loss
@@ -244,26 +248,48 @@ class EmbeddingModule(L.LightningModule):
             self._pending_rng = saved["rng"][rank]
 
     def backward_batch(self, batch: TrainBatch, backward, scale: float = 1.0,
-                       before_last_backward=None) -> LossOutput:
+                       before_last_backward=None, min_passes: int = 0) -> LossOutput:
         """Encode a TrainBatch, compute the loss, backpropagate ``scale * loss`` (GradCache when a
-        side spans several chunks). ``backward(tensor)`` runs one backward pass. Returns the loss."""
-        nq = len(batch.query_chunks)
+        side spans several chunks). ``backward(tensor)`` runs one backward pass. Returns the loss.
+
+        Chunks laid out by cost (``TrainBatch.*_restore``) are put back in batch order after
+        encoding, before the loss, which pairs rows by position. ``min_passes``: run at least this
+        many forward passes, padding with passes over this batch's smallest chunk whose embeddings
+        the loss never sees (zero gradient): FSDP2 ranks with token budgets must run as many
+        sharded forward and backward passes as each other (``agree_passes``).
+        """
+        nq, nc = len(batch.query_chunks), len(batch.candidate_chunks)
         B, K = batch.batch_size, batch.num_negatives
+        chunks = batch.query_chunks + batch.candidate_chunks
+        real = nq + nc
+        if min_passes > real:
+            smallest = min(chunks, key=lambda c: c["input_ids"].numel() if "input_ids" in c else 0)
+            chunks = chunks + [smallest] * (min_passes - real)
 
         def loss_of(embs: list[torch.Tensor]) -> LossOutput:
-            q, c = torch.cat(embs[:nq]), torch.cat(embs[nq:])
+            q, c = torch.cat(embs[:nq]), torch.cat(embs[nq:real])
+            if batch.query_restore is not None:
+                q = q[batch.query_restore]
+            if batch.candidate_restore is not None:
+                c = c[batch.candidate_restore]
             n = c[B:].view(B, K, -1) if K else None
             return self.compute_loss(q, c[:B], n)
 
-        # each side in one forward pass: no cache, no extra forward (memory: both sides' activations)
-        use_cache = nq > 1 or len(batch.candidate_chunks) > 1
-        self._batch_keys = batch.candidate_keys
+        # each side in one forward pass: no cache, no extra forward (memory: both sides' activations);
+        # padded passes need the cache (their zero gradients are backpropagated like any chunk's)
+        use_cache = len(chunks) > 2
+        self._batch_keys = batch.candidate_keys  # batch order: the loss sees candidates restored to it
         try:
-            return gradcache.cached_step(self.encode, batch.query_chunks + batch.candidate_chunks, loss_of,
-                                         backward, scale=scale, before_last_backward=before_last_backward,
-                                         use_cache=use_cache)
+            return gradcache.cached_step(self.encode, chunks, loss_of, backward, scale=scale,
+                                         before_last_backward=before_last_backward, use_cache=use_cache)
         finally:
             self._batch_keys = None
+
+    def agree_passes(self, batch: TrainBatch) -> int:
+        """The most forward passes any rank runs for its batch (one all-reduce)."""
+        count = torch.tensor([len(batch.query_chunks) + len(batch.candidate_chunks)], device=self.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        return int(count.item())
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.parameters(), self.train_cfg)

@@ -1,6 +1,6 @@
 """One GradCache step of the real EmbeddingModule on 2 CPU processes (gloo), against the full batch.
 
-    python tests/scripts/gradcache_dist.py {ddp|fsdp2} OUT.json
+    python tests/scripts/gradcache_dist.py {ddp|fsdp2|fsdp2_tokens} OUT.json
 
 Lightning launches the second process itself (it re-runs this script). Each rank trains ONE SGD
 step on its half of a global batch of 8 examples (1 hard negative each), in chunks of 2, with
@@ -10,6 +10,10 @@ every rank's chunks encoded with grad in ONE graph (rank r's chunks under seed 1
 order GradCache encodes them: the same dropout masks). It writes the largest differences between
 the distributed step's synced gradients / updated weights and the reference's to OUT.json; the
 pytest side asserts on them.
+
+``fsdp2_tokens``: the batches come from the real ``ChunkCollate`` with a token budget and cost
+sorting, over variable-length items, so rank 0 (long items) runs more forward passes than rank 1
+(short ones): the ranks agree on the count and rank 1 pads with passes of zero gradient.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from torch import nn
 
 from embedkit.backbones.base import Backbone, BackboneOutput
 from embedkit.config import registry, schema
-from embedkit.data.stream import TrainBatch, chunked
+from embedkit.data.schema import Example, Item
+from embedkit.data.stream import ChunkCollate, TrainBatch, chunked
 from embedkit.training.module import EmbeddingModule
 
 WORLD, B, K, CHUNK, T, F, H = 2, 8, 1, 2, 3, 6, 16
@@ -42,7 +47,7 @@ class Probe(Backbone):
 
     def forward(self, inputs, output_all_layers=False):
         h = self.out(torch.tanh(self.drop(self.inp(inputs["x"]))))
-        return BackboneOutput(h, torch.ones(h.shape[:2], dtype=torch.long))
+        return BackboneOutput(h, inputs.get("attention_mask", torch.ones(h.shape[:2], dtype=torch.long)))
 
 
 def config() -> dict:
@@ -70,16 +75,56 @@ def rank_chunks(rank: int) -> tuple[list[dict], list[dict]]:
             [{"x": torch.stack(c)} for c in chunked(cands, CHUNK)])
 
 
+class TokenProcessor:
+    """Items whose text is a list of word numbers -> {"x": [n, longest, F], "attention_mask"}, right-padded."""
+
+    table = torch.randn(10, F, generator=torch.Generator().manual_seed(3))
+
+    def __call__(self, items):
+        rows = [[int(w) for w in it.text.split()] for it in items]
+        longest = max(len(r) for r in rows)
+        x = torch.zeros(len(rows), longest, F)
+        mask = torch.zeros(len(rows), longest, dtype=torch.long)
+        for i, r in enumerate(rows):
+            x[i, : len(r)] = self.table[r]
+            mask[i, : len(r)] = 1
+        return {"x": x, "attention_mask": mask}
+
+    def num_tokens(self, item):
+        return len(item.text.split())
+
+
+#: words per item of each example (query, positive, negative); rank 0 holds the long ones
+LENGTHS = [(6, 1, 5), (2, 6, 1), (5, 5, 2), (1, 3, 6), (1, 2, 1), (2, 1, 1), (1, 1, 2), (2, 2, 1)]
+BUDGET = 8  # padded tokens per forward pass
+
+
+def token_batch(rank: int) -> TrainBatch:
+    def item(n, salt):
+        return Item(text=" ".join(str((n * 7 + salt + j) % 10) for j in range(n)))
+
+    b = B // WORLD
+    examples = [Example(query=item(q, i), positive=item(p, i + 1), negatives=[item(n, i + 2)], task="t")
+                for i, (q, p, n) in enumerate(LENGTHS)][rank * b: (rank + 1) * b]
+    return ChunkCollate(TokenProcessor(), CHUNK, K, chunk_tokens=BUDGET, sort=True)(examples)
+
+
+def rank_batch(rank: int, mode: str) -> TrainBatch:
+    if mode == "fsdp2_tokens":
+        return token_batch(rank)
+    qc, cc = rank_chunks(rank)
+    return TrainBatch(qc, cc, B // WORLD, K, ["t"] * (B // WORLD))
+
+
 class OneBatch(torch.utils.data.Dataset):
-    def __init__(self, rank):
-        self.rank = rank
+    def __init__(self, rank, mode):
+        self.rank, self.mode = rank, mode
 
     def __len__(self):
         return 1
 
     def __getitem__(self, i):
-        qc, cc = rank_chunks(self.rank)
-        return TrainBatch(qc, cc, B // WORLD, K, ["t"] * (B // WORLD))
+        return rank_batch(self.rank, self.mode)
 
 
 class Probed(EmbeddingModule):
@@ -88,7 +133,7 @@ class Probed(EmbeddingModule):
         torch.manual_seed(1000 + self.global_rank)
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(OneBatch(self.global_rank), batch_size=1, collate_fn=lambda x: x[0])
+        return torch.utils.data.DataLoader(OneBatch(self.global_rank, MODE), batch_size=1, collate_fn=lambda x: x[0])
 
     def _sync_gradients(self):
         super()._sync_gradients()
@@ -101,17 +146,19 @@ def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t.detach()
 
 
-def reference(cfg):
+def reference(cfg, mode):
     """Single process, full batch: every rank's chunks with grad in one graph, the same dropout draws."""
     module = EmbeddingModule.from_config(cfg)
     init = {n: p.detach().clone() for n, p in module.named_parameters()}
     qs, cs = [], []
     for rank in range(WORLD):
-        qc, cc = rank_chunks(rank)
+        batch = rank_batch(rank, mode)
+        qc, cc = batch.query_chunks, batch.candidate_chunks
         torch.manual_seed(1000 + rank)
         embs = [module.encode(c) for c in qc + cc]
-        qs.append(torch.cat(embs[: len(qc)]))
-        cs.append(torch.cat(embs[len(qc):]))
+        q, c = torch.cat(embs[: len(qc)]), torch.cat(embs[len(qc):])
+        qs.append(q if batch.query_restore is None else q[batch.query_restore])
+        cs.append(c if batch.candidate_restore is None else c[batch.candidate_restore])
     b = B // WORLD
     Q = torch.cat(qs)
     P = torch.cat([c[:b] for c in cs])
@@ -125,7 +172,12 @@ def reference(cfg):
     return out.loss.item(), grads, weights, norm.item()
 
 
+MODE = "ddp"
+
+
 def main(mode: str, out_path: str) -> None:
+    global MODE
+    MODE = mode
     torch.set_num_threads(1)
     cfg = config()
     if mode == "ddp":
@@ -148,10 +200,11 @@ def main(mode: str, out_path: str) -> None:
     dist.all_gather_object(theirs, {"grads": synced, "weights": weights})
     if trainer.global_rank != 0:
         return
-    loss, ref_grads, ref_weights, norm = reference(cfg)
+    loss, ref_grads, ref_weights, norm = reference(cfg, mode)
     from embedkit.training.grad_sync import fsdp2_roots
 
-    result = {"mode": mode, "grad_norm": norm, "sharded": bool(fsdp2_roots(module)), "params": sorted(ref_grads),
+    passes = [len(b.query_chunks) + len(b.candidate_chunks) for b in (rank_batch(r, mode) for r in range(WORLD))]
+    result = {"mode": mode, "grad_norm": norm, "passes": passes, "sharded": bool(fsdp2_roots(module)), "params": sorted(ref_grads),
               "missing": sorted(set(ref_grads) - set(synced))}
     result["grad_diff"] = max((synced[n] - g).abs().max().item() for n, g in ref_grads.items() if n in synced)
     result["weight_diff"] = max((weights[n] - w).abs().max().item() for n, w in ref_weights.items())

@@ -217,6 +217,16 @@ def test_the_module_masks_copies_in_a_real_batch_through_the_cache():
     batch = ChunkCollate(module.encoder.processor(), 2, 0)(examples)
     out = module.backward_batch(batch, lambda t: t.backward())
     assert out.parts["masked_negatives"].item() == 2  # q1 drops p3, q3 drops p1
+    # cost-sorted chunks (train.sort_chunks): the keys stay in batch order, where the loss sees the
+    # candidates once restored, so the same pairs are masked and the loss is the same
+    examples[4].positive = Item("a much longer caption " * 6, examples[4].positive.image)  # reorders the pool
+    batch = ChunkCollate(module.encoder.processor(), 2, 0)(examples)
+    out = module.backward_batch(batch, lambda t: t.backward())
+    ordered = ChunkCollate(module.encoder.processor(), 2, 0, sort=True)(examples)
+    assert ordered.candidate_restore is not None
+    assert not torch.equal(ordered.candidate_restore, torch.arange(len(ordered.candidate_restore)))
+    again = module.backward_batch(ordered, lambda t: t.backward())
+    assert again.parts["masked_negatives"].item() == 2 and abs(again.loss.item() - out.loss.item()) <= 1e-5
     module.mask_duplicates = False
     plain = module.backward_batch(batch, lambda t: t.backward())
     assert "masked_negatives" not in plain.parts and abs(plain.loss.item() - out.loss.item()) > 1e-4

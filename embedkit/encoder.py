@@ -73,7 +73,8 @@ class Encoder(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        return self.backbone.hidden_size
+        """D: the size of one embedding vector (a multi-vector head's per-token ``dim``)."""
+        return getattr(self.pooling, "output_dim", None) or self.backbone.hidden_size
 
     @property
     def device(self) -> torch.device:
@@ -85,11 +86,32 @@ class Encoder(nn.Module):
             self._processor = self.backbone.make_processor()
         return self._processor
 
-    def forward(self, inputs: dict) -> torch.Tensor:
-        """One processed chunk -> embeddings [n, D] (float32)."""
+    def forward(self, inputs: dict, layers: bool = False) -> torch.Tensor:
+        """One processed chunk -> embeddings [n, D] (float32); [n, T, d] token sets for a multi-vector head.
+
+        ``layers=True`` (2D Matryoshka training): the pooling head pools the output of every layer
+        1..L alike, giving [n, L, D], each normalised; entry L-1 is the full model's embedding.
+        """
+        if layers:
+            return self.layer_embeddings(inputs)
         out = self.backbone(inputs, output_all_layers=self.pooling.needs_all_layers)
         emb = self.pooling(out.hidden, out.mask, out.all_layers).float()
         return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    def layer_embeddings(self, inputs: dict, depth: int | None = None) -> torch.Tensor:
+        """[n, L, D]: the pooled, normalised output of layers 1..L (``depth``: the single layer [n, D])."""
+        if self.pooling.needs_all_layers:
+            raise UserError(f"model.pooling: {type(self.pooling).__name__} pools across layers; per-layer "
+                            "embeddings (matryoshka_2d, layer=) need a head that pools one layer")
+        out = self.backbone(inputs, output_all_layers=True)
+        per_layer = out.all_layers[-self.backbone.num_layers:]
+        # the last entry of Hugging Face's hidden states is the one ``hidden`` reports (final norm applied)
+        per_layer = per_layer[:-1] + (out.hidden,)
+        if depth is not None:
+            per_layer = per_layer[depth - 1 : depth]
+        emb = torch.stack([self.pooling(h, out.mask, None).float() for h in per_layer], dim=1)
+        emb = F.normalize(emb, dim=-1) if self.normalize else emb
+        return emb[:, 0] if depth is not None else emb
 
     @torch.no_grad()
     def encode(

@@ -17,6 +17,9 @@ D on evenly spaced depths, ending at the full model (L, D)), weights ``weights``
 GradCache, every rank, and a resumed run see the same pair; the encoder never draws. 2DMSE's
 alignment (KL) term between sub-models is not included.
 
+With ``model.pooling=multi_vector`` each layer gives token sets ([n, L, T, d]); a pair cuts every
+token vector to its first d coordinates and the inner loss scores by MaxSim.
+
 The loss sees embeddings only, so it composes with every registered loss, with GradCache (which
 caches the [n, L, D] tensor) and with cross-device negatives (``rows`` and ``mask`` pass through).
 Parts: ``l<l>_d<d>`` per fixed pair; ``full`` and ``sampled`` in sample mode (the sampled pair as
@@ -44,9 +47,10 @@ def default_pairs(num_layers: int, embedding_dim: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(pairs))
 
 
-def cut(x: torch.Tensor | None, layer: int, dim: int) -> torch.Tensor | None:
-    """Embeddings [..., L, D] -> the (layer, dim) sub-model's [..., dim], re-normalised."""
-    return None if x is None else F.normalize(x[..., layer - 1, :dim], dim=-1)
+def cut(x: torch.Tensor | None, layer: int, dim: int, axis: int = 1) -> torch.Tensor | None:
+    """Per-layer embeddings (layers on ``axis``) -> the (layer, dim) sub-model's, the last axis cut to
+    ``dim`` and re-normalised: [B, L, D] -> [B, dim]; token sets [B, L, T, d] -> [B, T, dim]."""
+    return None if x is None else F.normalize(x.select(axis, layer - 1)[..., :dim], dim=-1)
 
 
 @register("loss", "matryoshka_2d", nested={"inner": "loss"})
@@ -124,8 +128,8 @@ class Matryoshka2D(Loss):
         return self.pairs[int(torch.randint(len(self.pairs), (1,), generator=gen))]
 
     def forward(self, q, p, n=None, rows=None, mask=None) -> LossOutput:
-        if q.dim() != 3 or q.shape[1] != self.num_layers:
-            raise ValueError(f"matryoshka_2d: expected per-layer embeddings [B, {self.num_layers}, D], "
+        if q.dim() < 3 or q.shape[1] != self.num_layers:
+            raise ValueError(f"matryoshka_2d: expected per-layer embeddings [B, {self.num_layers}, ...], "
                              f"got {tuple(q.shape)}")
         if self.mode == "sample":
             sampled = self.draw()
@@ -136,7 +140,7 @@ class Matryoshka2D(Loss):
         total = q.new_zeros(())
         parts: dict[str, torch.Tensor] = {}
         for name, (l, d), w in terms:
-            out = call_loss(self.inner, cut(q, l, d), cut(p, l, d), cut(n, l, d), rows=rows, mask=mask)
+            out = call_loss(self.inner, cut(q, l, d), cut(p, l, d), cut(n, l, d, axis=2), rows=rows, mask=mask)
             total = total + w * out.loss
             parts[name] = out.loss.detach()
             if "masked_negatives" in out.parts and (l, d) == max(pr for _, pr, _ in terms):

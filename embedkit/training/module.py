@@ -90,6 +90,11 @@ class EmbeddingModule(L.LightningModule):
         encoder = Encoder.from_config(model, seed=seed)
         loss_fn = registry.build("loss", loss, embedding_dim=encoder.embedding_dim,
                                  num_layers=encoder.backbone.num_layers, seed=seed)
+        if getattr(loss_fn, "needs_layers", False) and encoder.pooling.needs_all_layers:
+            from embedkit.errors import ConfigError
+
+            raise ConfigError(f"model.pooling: {model['pooling']['name']} pools across layers; loss "
+                              f"{loss['name']} needs one embedding per layer (a head that pools one layer)")
         return cls(encoder, loss_fn, train, max_steps, config=config)
 
     @classmethod

@@ -121,16 +121,19 @@ class Encoder(nn.Module):
         instruction: str | None = None,
         batch_size: int = 32,
         dim: int | None = None,
+        layer: int | None = None,
     ) -> torch.Tensor:
         """Texts and/or images (PIL) -> embeddings [N, D] on the CPU, float32, no grad.
 
         ``texts`` and ``images`` are parallel lists (``None`` entries for a missing half); ``texts``
         may instead be a list of ``Item``s. ``instruction`` (a prompt name of ``prompts`` or a literal
         string) is prepended to every text, as sentence-transformers' prompts are. ``dim`` keeps the
-        first ``dim`` coordinates (Matryoshka), re-normalised when the encoder normalises.
+        first ``dim`` coordinates (Matryoshka), re-normalised when the encoder normalises. ``layer``
+        runs the model to that depth only, 1..L (2D Matryoshka / Starbucks: the pooling head on the
+        output of layer ``layer``; L, or None, is the full model).
         """
         items = make_items(texts, images, self.prompts.get(instruction, instruction) if instruction else None)
-        emb = self.encode_items(items, batch_size)
+        emb = self.encode_items(items, batch_size, **({"layer": layer} if layer is not None else {}))
         return self.truncate(emb, dim)
 
     def truncate(self, emb: torch.Tensor, dim: int | None) -> torch.Tensor:
@@ -142,16 +145,21 @@ class Encoder(nn.Module):
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
     @torch.no_grad()
-    def encode_items(self, items: Sequence[Item], batch_size: int = 32) -> torch.Tensor:
-        """Raw ``Item``s -> embeddings [N, D] on the CPU, ``batch_size`` items per forward pass."""
+    def encode_items(self, items: Sequence[Item], batch_size: int = 32, layer: int | None = None) -> torch.Tensor:
+        """Raw ``Item``s -> embeddings [N, D] on the CPU, ``batch_size`` items per forward pass
+        (``layer``: the model cut to that depth, as ``encode``)."""
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        depth = self.backbone.num_layers
+        if layer is not None and not 1 <= layer <= depth:
+            raise UserError(f"layer: must be between 1 and {depth}, got {layer}")
+        forward = self if layer is None or layer == depth else (lambda x: self.layer_embeddings(x, depth=layer))
         process, device = self.processor(), self.device
         parts = []
         for start in range(0, len(items), batch_size):
             inputs = process(list(items[start : start + batch_size]))
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-            parts.append(self(inputs).cpu())
+            parts.append(forward(inputs).cpu())
         return torch.cat(parts) if parts else torch.empty(0, self.embedding_dim)
 
 

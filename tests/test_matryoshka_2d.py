@@ -9,7 +9,8 @@ import torch
 from _variant_batches import assert_cached_equals_one_graph, module_and_batches
 
 from embedkit.config import registry
-from embedkit.errors import ConfigError
+from embedkit.data.schema import Item
+from embedkit.errors import ConfigError, UserError
 from embedkit.losses.infonce import InfoNCE
 from embedkit.losses.matryoshka_2d import Matryoshka2D
 
@@ -99,3 +100,21 @@ def test_gradcache_equals_one_graph(mode):
     module, batch = module_and_batches("loss=matryoshka_2d", f"loss.mode={mode}")
     out = assert_cached_equals_one_graph(module, batch)
     assert out.parts["masked_negatives"] > 0  # the false-negative mask reached the inner loss
+
+
+def test_encode_layer_cuts_the_model_to_that_depth():
+    module, _ = module_and_batches("loss=matryoshka_2d")
+    encoder = module.encoder.eval()
+    texts = ["a red circle", "a blue square on the left"]
+    full = encoder.encode(texts)
+    per_layer = encoder.encode_items([Item(text=t) for t in texts])
+    torch.testing.assert_close(encoder.encode(texts, layer=2), full, atol=0, rtol=0)
+    torch.testing.assert_close(per_layer, full, atol=0, rtol=0)
+    first = encoder.encode(texts, layer=1, dim=8)
+    assert first.shape == (2, 8) and not torch.allclose(first, full[:, :8], atol=1e-3)
+    process = encoder.processor()
+    with torch.no_grad():
+        expected = encoder(process([Item(text=t) for t in texts]), layers=True)
+    torch.testing.assert_close(first, unit(expected[:, 0, :8]), atol=1e-6, rtol=0)
+    with pytest.raises(UserError, match="layer: must be between 1 and 2"):
+        encoder.encode(texts, layer=3)

@@ -8,6 +8,7 @@ import math
 import torch
 from _variant_batches import assert_cached_equals_one_graph, module_and_batches
 
+from embedkit.eval.retrieval import row_scores
 from embedkit.losses.base import CandidateMask, Temperature, contrastive_loss, maxsim_similarity, similarity_for
 from embedkit.pooling.multi_vector import MultiVectorPooling
 
@@ -97,3 +98,15 @@ def test_gradcache_equals_one_graph():
     assert module.encoder.embedding_dim == 16
     out = assert_cached_equals_one_graph(module, batch)
     assert out.parts["masked_negatives"] > 0
+
+
+def test_eval_row_scores_rank_token_sets_by_exact_maxsim():
+    g = torch.Generator().manual_seed(2)
+    q, lq = token_sets(3, 4, 8, g)
+    c, lc = token_sets(5, 6, 8, g)
+    rows = [[0, 1, 2], [3, 4, 0, 1], [2]]
+    scores = row_scores(q.float(), c.float(), [0, 1, 2], rows)
+    assert scores.shape == (3, 4) and scores[2, 1:].isinf().all()
+    for r, cands in enumerate(rows):
+        for k, j in enumerate(cands):
+            assert abs(scores[r, k].item() - direct_maxsim(q[r], lq[r], c[j], lc[j])) <= 1e-5

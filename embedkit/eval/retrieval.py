@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from embedkit.losses.base import maxsim_similarity
+
 
 def row_scores(
     queries: torch.Tensor,
@@ -34,7 +36,8 @@ def row_scores(
 ) -> torch.Tensor:
     """Scores ``[R, Cmax]`` of each row's query against that row's candidates.
 
-    ``queries [Nq, D]`` and ``candidates [Nc, D]`` hold the unique encoded items; row r is the query
+    ``queries [Nq, D]`` and ``candidates [Nc, D]`` hold the unique encoded items (token-vector sets
+    ``[N, T, d]`` of a multi-vector head are scored by exact MaxSim, ``losses.base.maxsim_similarity``); row r is the query
     ``queries[query_index[r]]`` with candidates ``candidates[candidate_index[r]]`` (answer first).
     Rows with fewer candidates than the longest are padded with -inf. Rows are processed in blocks so
     memory stays at ``block * Cmax * D``.
@@ -58,7 +61,10 @@ def row_scores(
             valid[i, : len(ci)] = True
         qb = q[torch.as_tensor(list(query_index[start:stop]), dtype=torch.long)]  # [b, D]
         cb = c[idx]  # [b, Cmax, D]
-        s = torch.einsum("bd,bcd->bc", qb, cb)
+        if qb.dim() == 3:  # token sets: MaxSim of each row's query against its own candidates
+            s = torch.stack([maxsim_similarity(qb[i : i + 1], cb[i])[0] for i in range(len(qb))])
+        else:
+            s = torch.einsum("bd,bcd->bc", qb, cb)
         out[start:stop] = torch.where(valid, s, torch.full_like(s, float("-inf")))
     return out
 

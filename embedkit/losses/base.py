@@ -137,12 +137,20 @@ def maxsim_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Late interaction (ColBERT, Khattab & Zaharia 2020, arXiv 2004.12832; ColPali, arXiv 2407.01449):
     s(a_i, b_j) = Σ over the real tokens t of a_i of max over the real tokens u of b_j of a_it · b_ju,
     for token-vector sets a [r, Ta, d], b [C, Tb, d] (padding: zero vectors, ``token_mask``): [r, C].
-    A set with no real token scores 0."""
+    A set with no real token scores 0. Token slots that are padding in every set are cut first (exact:
+    they take no part), so a fixed ``max_tokens`` costs nothing beyond the longest set."""
+    a, b = a[:, : _used_slots(a)], b[:, : _used_slots(b)]
     dots = torch.einsum("rtd,cud->rctu", a, b)
     real_b = token_mask(b)[None, :, None, :]  # [1, C, 1, Tb]
     best = dots.masked_fill(~real_b, float("-inf")).amax(dim=-1)  # [r, C, Ta]
     keep = token_mask(a)[:, None, :] & real_b.any(dim=-1)
     return torch.where(keep, best, torch.zeros((), dtype=best.dtype, device=best.device)).sum(dim=-1)
+
+
+def _used_slots(x: torch.Tensor) -> int:
+    """1 + the last token slot that is real in any set of ``x`` [n, T, d] (at least 1)."""
+    used = token_mask(x).any(dim=0).nonzero()
+    return int(used[-1]) + 1 if len(used) else 1
 
 
 def similarity_for(x: torch.Tensor):

@@ -73,7 +73,8 @@ class Encoder(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        return self.backbone.hidden_size
+        """D: the size of one embedding vector (a multi-vector head's per-token ``dim``)."""
+        return getattr(self.pooling, "output_dim", None) or self.backbone.hidden_size
 
     @property
     def device(self) -> torch.device:
@@ -85,11 +86,32 @@ class Encoder(nn.Module):
             self._processor = self.backbone.make_processor()
         return self._processor
 
-    def forward(self, inputs: dict) -> torch.Tensor:
-        """One processed chunk -> embeddings [n, D] (float32)."""
+    def forward(self, inputs: dict, layers: bool = False) -> torch.Tensor:
+        """One processed chunk -> embeddings [n, D] (float32); [n, T, d] token sets for a multi-vector head.
+
+        ``layers=True`` (2D Matryoshka training): the pooling head pools the output of every layer
+        1..L alike, giving [n, L, D], each normalised; entry L-1 is the full model's embedding.
+        """
+        if layers:
+            return self.layer_embeddings(inputs)
         out = self.backbone(inputs, output_all_layers=self.pooling.needs_all_layers)
         emb = self.pooling(out.hidden, out.mask, out.all_layers).float()
         return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    def layer_embeddings(self, inputs: dict, depth: int | None = None) -> torch.Tensor:
+        """[n, L, D]: the pooled, normalised output of layers 1..L (``depth``: the single layer [n, D])."""
+        if self.pooling.needs_all_layers:
+            raise UserError(f"model.pooling: {type(self.pooling).__name__} pools across layers; per-layer "
+                            "embeddings (matryoshka_2d, layer=) need a head that pools one layer")
+        out = self.backbone(inputs, output_all_layers=True)
+        per_layer = out.all_layers[-self.backbone.num_layers:]
+        # the last entry of Hugging Face's hidden states is the one ``hidden`` reports (final norm applied)
+        per_layer = per_layer[:-1] + (out.hidden,)
+        if depth is not None:
+            per_layer = per_layer[depth - 1 : depth]
+        emb = torch.stack([self.pooling(h, out.mask, None).float() for h in per_layer], dim=1)
+        emb = F.normalize(emb, dim=-1) if self.normalize else emb
+        return emb[:, 0] if depth is not None else emb
 
     @torch.no_grad()
     def encode(
@@ -99,16 +121,19 @@ class Encoder(nn.Module):
         instruction: str | None = None,
         batch_size: int = 32,
         dim: int | None = None,
+        layer: int | None = None,
     ) -> torch.Tensor:
         """Texts and/or images (PIL) -> embeddings [N, D] on the CPU, float32, no grad.
 
         ``texts`` and ``images`` are parallel lists (``None`` entries for a missing half); ``texts``
         may instead be a list of ``Item``s. ``instruction`` (a prompt name of ``prompts`` or a literal
         string) is prepended to every text, as sentence-transformers' prompts are. ``dim`` keeps the
-        first ``dim`` coordinates (Matryoshka), re-normalised when the encoder normalises.
+        first ``dim`` coordinates (Matryoshka), re-normalised when the encoder normalises. ``layer``
+        runs the model to that depth only, 1..L (2D Matryoshka / Starbucks: the pooling head on the
+        output of layer ``layer``; L, or None, is the full model).
         """
         items = make_items(texts, images, self.prompts.get(instruction, instruction) if instruction else None)
-        emb = self.encode_items(items, batch_size)
+        emb = self.encode_items(items, batch_size, **({"layer": layer} if layer is not None else {}))
         return self.truncate(emb, dim)
 
     def truncate(self, emb: torch.Tensor, dim: int | None) -> torch.Tensor:
@@ -120,16 +145,21 @@ class Encoder(nn.Module):
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
     @torch.no_grad()
-    def encode_items(self, items: Sequence[Item], batch_size: int = 32) -> torch.Tensor:
-        """Raw ``Item``s -> embeddings [N, D] on the CPU, ``batch_size`` items per forward pass."""
+    def encode_items(self, items: Sequence[Item], batch_size: int = 32, layer: int | None = None) -> torch.Tensor:
+        """Raw ``Item``s -> embeddings [N, D] on the CPU, ``batch_size`` items per forward pass
+        (``layer``: the model cut to that depth, as ``encode``)."""
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        depth = self.backbone.num_layers
+        if layer is not None and not 1 <= layer <= depth:
+            raise UserError(f"layer: must be between 1 and {depth}, got {layer}")
+        forward = self if layer is None or layer == depth else (lambda x: self.layer_embeddings(x, depth=layer))
         process, device = self.processor(), self.device
         parts = []
         for start in range(0, len(items), batch_size):
             inputs = process(list(items[start : start + batch_size]))
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-            parts.append(self(inputs).cpu())
+            parts.append(forward(inputs).cpu())
         return torch.cat(parts) if parts else torch.empty(0, self.embedding_dim)
 
 

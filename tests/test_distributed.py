@@ -32,7 +32,7 @@ def ddp_results(tmp_path_factory):
 
 
 LOSSES = ["infonce", "infonce_bidirectional_learnable", "hardness_weighted", "hardness_weighted_learnable",
-          "matryoshka_hardness_weighted", "matryoshka_infonce", "rowless_plugin_style"]
+          "matryoshka_hardness_weighted", "matryoshka_infonce", "rowless_plugin_style", "multi_vector_infonce"]
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -45,7 +45,8 @@ def test_ddp_gradients_equal_single_process(ddp_results, name):
 
 
 MASKED = ["masked_infonce", "masked_infonce_bidirectional_learnable", "masked_hardness_weighted",
-          "masked_hardness_weighted_margin", "masked_matryoshka_hardness_weighted"]
+          "masked_hardness_weighted_margin", "masked_matryoshka_hardness_weighted",
+          "masked_multi_vector_hardness_weighted"]
 
 
 @pytest.mark.parametrize("name", MASKED)

@@ -14,14 +14,18 @@ import torch
 
 from embedkit.commands import fit
 from embedkit.config import registry
+from embedkit.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = {
     "infonce": ["loss=infonce", "loss.bidirectional=true"],
     "hardness_weighted": ["loss=hardness_weighted"],
     "matryoshka": ["loss=matryoshka", "loss.inner=hardness_weighted", "loss.dims=[16,32,64]"],
+    "matryoshka_2d": ["loss=matryoshka_2d", "loss.mode=sample"],
 }
-POOLINGS = ["last_token", "mean", "latent_attention", "multi_layer"]
+POOLINGS = ["last_token", "mean", "latent_attention", "multi_layer", "multi_vector"]
+#: a head that pools across layers cannot give per-layer embeddings: refused with one line
+REFUSED = {("matryoshka_2d", "multi_layer")}
 
 
 def tiny_run(tmp: Path, cache: Path) -> list[str]:
@@ -43,6 +47,10 @@ def test_every_builtin_is_covered():
 def test_loss_and_pooling_train_three_steps(loss, pooling, tmp_path, tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "demo-cache"
     args = tiny_run(tmp_path / "run", cache) + LOSSES[loss] + [f"model.pooling={pooling}"]
+    if (loss, pooling) in REFUSED:
+        with pytest.raises(UserError, match="model.pooling: multi_layer pools across layers"):
+            fit.main(args)
+        return
     assert fit.main(args) == 0
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3

@@ -17,6 +17,18 @@ class Encoder(nn.Module):
         return nn.functional.normalize(self.net(x), dim=-1)
 
 
+class LayeredEncoder(Encoder):
+    """Two "layers" of embeddings [n, 2, 8], for losses that ask for per-layer embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.net[2](self.net[1](self.net[0](x)))
+        return nn.functional.normalize(torch.stack([self.first(h), self.net[3](h)], dim=1), dim=-1)
+
+
 def _grads(chunk: int, seed: int = 0):
     torch.manual_seed(0)
     enc, loss = Encoder(), InfoNCE(temperature=0.1, learnable_temperature=True)
@@ -113,12 +125,14 @@ def test_every_loss_chunked_equals_one_graph_with_dropout(name):
 
     def run(cached):
         torch.manual_seed(0)
-        enc, loss = Encoder(), registry.build("loss", block, embedding_dim=8)
+        loss = registry.build("loss", block, embedding_dim=8, num_layers=2, seed=0)
+        enc = LayeredEncoder() if getattr(loss, "needs_layers", False) else Encoder()
         x = torch.randn(8, 6)
         chunks = list(x.split(2)) + list((x.flip(0) + 0.1).split(2)) + list((x.roll(3, 0) - 0.2).split(2))
 
         def loss_of(e):  # 8 queries, 8 positives, 1 hard negative each
-            return loss(torch.cat(e[:4]), torch.cat(e[4:8]), torch.cat(e[8:]).view(8, 1, -1))
+            n = torch.cat(e[8:])
+            return loss(torch.cat(e[:4]), torch.cat(e[4:8]), n.view(8, 1, *n.shape[1:]))
 
         torch.manual_seed(5)
         if cached:

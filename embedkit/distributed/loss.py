@@ -35,7 +35,9 @@ candidates' content keys [b + b*K]; they are all-gathered too (integers, no grad
 like the gathered candidates (every rank's positives, then every rank's negatives), so a copy of a
 query's positive held by another rank is masked as well.
 
-Every rank must have the same b and K (the per-rank batch is fixed; hard negatives are padded or
+Embeddings may carry more than one vector per item ([b, L, D] per layer for ``matryoshka_2d``,
+[b, T, d] token sets for ``multi_vector``, padded to a fixed T): the trailing shape travels as is.
+Every rank must have the same b, K and trailing shape (the per-rank batch is fixed; hard negatives are padded or
 cut to exactly K by the data pipeline).
 """
 
@@ -50,15 +52,15 @@ from embedkit.losses.base import CandidateMask, LossOutput, call_loss
 
 def gather_batch(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None, group=None):
     """(Q, P, N, rows): the global batch in rank order and this rank's slice of it."""
-    b, d = q.shape
+    b, tail = q.shape[0], q.shape[1:]  # tail: (D,), or (L, D) / (T, d) for per-layer and token sets
     k = 0 if n is None else n.shape[1]
-    packed = torch.cat([q, p] + ([n.reshape(b * k, d)] if k else []), dim=0)
+    packed = torch.cat([q, p] + ([n.reshape(b * k, *tail)] if k else []), dim=0)
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    per_rank = all_gather_with_grad(packed, group).view(world, (2 + k) * b, d)
-    Q = per_rank[:, :b].reshape(world * b, d)
-    P = per_rank[:, b : 2 * b].reshape(world * b, d)
-    N = per_rank[:, 2 * b :].reshape(world * b, k, d) if k else None
+    per_rank = all_gather_with_grad(packed, group).view(world, (2 + k) * b, *tail)
+    Q = per_rank[:, :b].reshape(world * b, *tail)
+    P = per_rank[:, b : 2 * b].reshape(world * b, *tail)
+    N = per_rank[:, 2 * b :].reshape(world * b, k, *tail) if k else None
     return Q, P, N, slice(rank * b, (rank + 1) * b)
 
 

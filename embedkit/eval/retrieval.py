@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from embedkit.losses.base import maxsim_similarity
+
 
 def row_scores(
     queries: torch.Tensor,
@@ -34,7 +36,8 @@ def row_scores(
 ) -> torch.Tensor:
     """Scores ``[R, Cmax]`` of each row's query against that row's candidates.
 
-    ``queries [Nq, D]`` and ``candidates [Nc, D]`` hold the unique encoded items; row r is the query
+    ``queries [Nq, D]`` and ``candidates [Nc, D]`` hold the unique encoded items (token-vector sets
+    ``[N, T, d]`` of a multi-vector head are scored by exact MaxSim, ``losses.base.maxsim_similarity``); row r is the query
     ``queries[query_index[r]]`` with candidates ``candidates[candidate_index[r]]`` (answer first).
     Rows with fewer candidates than the longest are padded with -inf. Rows are processed in blocks so
     memory stays at ``block * Cmax * D``.
@@ -46,7 +49,14 @@ def row_scores(
     if normalize:
         q = F.normalize(q, dim=-1)
         c = F.normalize(c, dim=-1)
-    return scores_by_row(q, c, query_index, candidate_index, lambda qb, cb: torch.einsum("bd,bcd->bc", qb, cb), block)
+    return scores_by_row(q, c, query_index, candidate_index, _row_similarity, block)
+
+
+def _row_similarity(qb: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """``[b, Cmax]``: each row's query against its own candidates; dot product, or MaxSim for token sets."""
+    if qb.dim() == 3:
+        return torch.stack([maxsim_similarity(qb[i : i + 1], cb[i])[0] for i in range(len(qb))])
+    return torch.einsum("bd,bcd->bc", qb, cb)
 
 
 def scores_by_row(q: torch.Tensor, c: torch.Tensor, query_index: Sequence[int],

@@ -113,10 +113,53 @@ class CandidateMask:
 
 
 def candidates(p: torch.Tensor, n: torch.Tensor | None) -> torch.Tensor:
-    """All candidates of a batch, [B + B*K, D]: the positives, then each example's negatives in order."""
+    """All candidates of a batch, [B + B*K, ...]: the positives, then each example's negatives in order
+    (``...`` is D for single vectors, T, d for token-vector sets)."""
     if n is None or n.shape[1] == 0:
         return p
-    return torch.cat([p, n.reshape(-1, n.shape[-1])], dim=0)
+    return torch.cat([p, n.reshape(-1, *p.shape[1:])], dim=0)
+
+
+def dot_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """s(a_i, b_j) = a_i · b_j for single vectors a [r, D], b [C, D]: [r, C]."""
+    return a @ b.T
+
+
+def token_mask(x: torch.Tensor) -> torch.Tensor:
+    """Bool [..., T]: the real tokens of token-vector sets [..., T, d]. A multi-vector head pads each
+    set to a fixed length with zero vectors and L2-normalises its real tokens, so a token is real
+    exactly when its vector is non-zero: the mask travels inside the tensor (through GradCache and
+    the distributed gather, which move one tensor of one shape)."""
+    return (x != 0).any(dim=-1)
+
+
+def maxsim_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Late interaction (ColBERT, Khattab & Zaharia 2020, arXiv 2004.12832; ColPali, arXiv 2407.01449):
+    s(a_i, b_j) = Σ over the real tokens t of a_i of max over the real tokens u of b_j of a_it · b_ju,
+    for token-vector sets a [r, Ta, d], b [C, Tb, d] (padding: zero vectors, ``token_mask``): [r, C].
+    A set with no real token scores 0. Token slots that are padding in every set are cut first (exact:
+    they take no part), so a fixed ``max_tokens`` costs nothing beyond the longest set."""
+    a, b = a[:, : _used_slots(a)], b[:, : _used_slots(b)]
+    dots = torch.einsum("rtd,cud->rctu", a, b)
+    real_b = token_mask(b)[None, :, None, :]  # [1, C, 1, Tb]
+    best = dots.masked_fill(~real_b, float("-inf")).amax(dim=-1)  # [r, C, Ta]
+    keep = token_mask(a)[:, None, :] & real_b.any(dim=-1)
+    return torch.where(keep, best, torch.zeros((), dtype=best.dtype, device=best.device)).sum(dim=-1)
+
+
+def _used_slots(x: torch.Tensor) -> int:
+    """1 + the last token slot that is real in any set of ``x`` [n, T, d] (at least 1)."""
+    used = token_mask(x).any(dim=0).nonzero()
+    return int(used[-1]) + 1 if len(used) else 1
+
+
+def similarity_for(x: torch.Tensor):
+    """The similarity the embeddings' shape calls for: dot for [n, D], MaxSim for token sets [n, T, d]."""
+    if x.dim() == 2:
+        return dot_similarity
+    if x.dim() == 3:
+        return maxsim_similarity
+    raise ValueError(f"embeddings must be [n, D] or token sets [n, T, d], got shape {tuple(x.shape)}")
 
 
 def check_temperature(params: dict) -> None:
@@ -159,6 +202,7 @@ def contrastive_loss(
     alpha: float = 0.0,
     bidirectional: bool = False,
     mask: CandidateMask | None = None,
+    similarity=None,
 ) -> LossOutput:
     """The one contrastive core: InfoNCE, optionally hardness-weighted and bidirectional.
 
@@ -177,19 +221,26 @@ def contrastive_loss(
     p_i; the formulas are the same with those columns removed. Then the part
     ``masked_negatives`` counts the dropped (query, candidate) pairs of q2c over ``rows``.
 
+    ``similarity(a [r, ...], b [C, ...]) -> [r, C]`` scores every pair; None picks it by the shape
+    (``similarity_for``): the dot product for single vectors [n, D], MaxSim for the token-vector
+    sets [n, T, d] of ``model.pooling=multi_vector``. In c2q the logit of (p_i, q_j) is s(q_j, p_i),
+    the same score as in q2c (MaxSim is not symmetric).
+
     Parts (detached): ``q2c``, ``c2q`` when bidirectional, ``temperature``, ``masked_negatives``
     when masked.
     """
     own = row_slice(rows, q.shape[0])
     targets = torch.arange(own.start, own.stop, device=q.device)
     keys = mask.keys if mask is not None else None
-    q2c, dropped = _cross_entropy(q[own] @ candidates(p, n).T, targets, temperature, alpha, mask, keys)
+    sim = similarity or similarity_for(q)
+    q2c, dropped = _cross_entropy(sim(q[own], candidates(p, n)), targets, temperature, alpha, mask, keys)
     parts = {"q2c": q2c.detach(), "temperature": temperature.detach()}
     if mask is not None:
         parts["masked_negatives"] = dropped
     if not bidirectional:
         return LossOutput(q2c, parts)
-    c2q, _ = _cross_entropy(p[own] @ q.T, targets, temperature, alpha, mask,
+    c2q_sim = p[own] @ q.T if sim is dot_similarity else sim(q, p[own]).T
+    c2q, _ = _cross_entropy(c2q_sim, targets, temperature, alpha, mask,
                             None if keys is None else keys[: p.shape[0]])
     parts["c2q"] = c2q.detach()
     return LossOutput((q2c + c2q) / 2, parts)

@@ -16,7 +16,7 @@ import torch
 from embedkit.data.stream import TrainBatch
 from embedkit.distributed import distributed_loss
 from embedkit.encoder import Encoder
-from embedkit.losses.base import CandidateMask, Loss, LossOutput, accepts_mask
+from embedkit.losses.base import CandidateMask, Loss, LossOutput, accepts_mask, similarity_for
 from embedkit.training import grad_sync, gradcache
 from embedkit.training.optim import build_optimizer, build_scheduler
 
@@ -88,7 +88,13 @@ class EmbeddingModule(L.LightningModule):
         from embedkit.config import registry
 
         encoder = Encoder.from_config(model, seed=seed)
-        loss_fn = registry.build("loss", loss, embedding_dim=encoder.embedding_dim)
+        loss_fn = registry.build("loss", loss, embedding_dim=encoder.embedding_dim,
+                                 num_layers=encoder.backbone.num_layers, seed=seed)
+        if getattr(loss_fn, "needs_layers", False) and encoder.pooling.needs_all_layers:
+            from embedkit.errors import ConfigError
+
+            raise ConfigError(f"model.pooling: {model['pooling']['name']} pools across layers; loss "
+                              f"{loss['name']} needs one embedding per layer (a head that pools one layer)")
         return cls(encoder, loss_fn, train, max_steps, config=config)
 
     @classmethod
@@ -99,8 +105,9 @@ class EmbeddingModule(L.LightningModule):
 
     # -- encoding ---------------------------------------------------------------------------
     def encode(self, inputs: dict) -> torch.Tensor:
-        """Processed chunk -> embeddings [n, D] (the encoder's forward)."""
-        return self.encoder(inputs)
+        """Processed chunk -> embeddings [n, D] (the encoder's forward); per layer [n, L, D] when the
+        loss sets ``needs_layers`` (matryoshka_2d)."""
+        return self.encoder(inputs, layers=getattr(self.loss_fn, "needs_layers", False))
 
     def compute_loss(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None,
                      candidate_keys: torch.Tensor | None = None) -> LossOutput:
@@ -272,7 +279,7 @@ class EmbeddingModule(L.LightningModule):
                 q = q[batch.query_restore]
             if batch.candidate_restore is not None:
                 c = c[batch.candidate_restore]
-            n = c[B:].view(B, K, -1) if K else None
+            n = c[B:].view(B, K, *c.shape[1:]) if K else None
             return self.compute_loss(q, c[:B], n)
 
         # each side in one forward pass: no cache, no extra forward (memory: both sides' activations);
@@ -299,7 +306,7 @@ class EmbeddingModule(L.LightningModule):
     # -- validation: held-out queries ranked against every held-out candidate ----------------
     def validation_step(self, batch, batch_idx):
         roles, index, inputs = batch
-        self._val.append((roles.cpu(), index.cpu(), self.encode(inputs).cpu()))
+        self._val.append((roles.cpu(), index.cpu(), self.encoder(inputs).cpu()))
 
     def on_validation_epoch_start(self):
         self.val_results = {}
@@ -313,6 +320,6 @@ class EmbeddingModule(L.LightningModule):
         self._val.clear()
         q = emb[roles == 0][index[roles == 0].argsort()]
         c = emb[roles == 1][index[roles == 1].argsort()]
-        hits = (q @ c.T).argmax(dim=1) == torch.arange(len(q))
+        hits = similarity_for(q)(q, c).argmax(dim=1) == torch.arange(len(q))
         self.val_results.update({"val/p@1": hits.float().mean().item(), "num_queries": len(q)})
         self.log("val/p@1", hits.float().mean(), batch_size=len(q))

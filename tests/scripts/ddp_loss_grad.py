@@ -14,6 +14,10 @@ The ``masked_*`` variants plant copies across ranks (rank 1's positive repeats r
 negative on rank 0 copies a positive on rank 1; one copies its own example's positive) and pass
 ``mask=CandidateMask(local content keys)``: the gathered masked loss and its gradient must equal the
 single-process full-batch masked loss (tests/test_false_negatives.py ties that to the formula).
+
+The ``TOKEN_SETS`` variants encode token-vector sets [n, 4, 4] with 2..4 real tokens (zero vectors
+pad), the shape of ``model.pooling=multi_vector``: the gather moves the trailing shape as is and the
+losses score by MaxSim.
 """
 
 from __future__ import annotations
@@ -40,7 +44,11 @@ LOSSES = {
     "matryoshka_hardness_weighted": {"name": "matryoshka", "inner": "hardness_weighted", "dims": [4, 8, 16]},
     "matryoshka_infonce": {"name": "matryoshka", "inner": {"name": "infonce", "bidirectional": True}, "dims": [8, 16], "weights": [0.5, 2.0]},
     "rowless_plugin_style": None,  # a loss without the ``rows`` keyword: whole batch on every rank
+    # token-vector sets [n, 4, 4] (model.pooling=multi_vector's shape) scored by MaxSim
+    "multi_vector_infonce": {"name": "infonce", "bidirectional": True},
 }
+#: variants whose model emits token-vector sets (some slots zero: padding) instead of single vectors
+TOKEN_SETS = {"multi_vector_infonce", "masked_multi_vector_hardness_weighted"}
 #: variant -> (loss, margin): in-batch false negatives masked by content key (and margin)
 MASKED = {
     "masked_infonce": ("infonce", None),
@@ -48,6 +56,7 @@ MASKED = {
     "masked_hardness_weighted": ("hardness_weighted", None),
     "masked_hardness_weighted_margin": ("hardness_weighted", 0.2),
     "masked_matryoshka_hardness_weighted": ("matryoshka_hardness_weighted", None),
+    "masked_multi_vector_hardness_weighted": ("hardness_weighted", None),
 }
 
 
@@ -66,13 +75,18 @@ class Rowless(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, loss: nn.Module):
+    def __init__(self, loss: nn.Module, token_sets: bool = False):
         super().__init__()
         self.encoder = nn.Linear(D_IN, D)
         self.loss = loss  # a submodule, as in the LightningModule: DDP syncs a learnable τ too
+        self.token_sets = token_sets
 
     def forward(self, x):
-        return F.normalize(self.encoder(x), dim=-1)
+        if not self.token_sets:
+            return F.normalize(self.encoder(x), dim=-1)
+        tokens = F.normalize(self.encoder(x).view(len(x), 4, D // 4), dim=-1)
+        real = torch.arange(4)[None, :] < 2 + (x[:, :2] > 0).sum(dim=1, keepdim=True)  # 2..4 real tokens
+        return tokens * real[..., None]
 
 
 def build_loss(block):
@@ -110,7 +124,7 @@ def local_keys(keys: torch.Tensor, rank: int) -> torch.Tensor:
 def encode(model, xq, xp, xn):
     b = xq.shape[0]
     e = model(torch.cat([xq, xp, xn.reshape(-1, D_IN)]))
-    return e[:b], e[b : 2 * b], e[2 * b :].reshape(b, K, D)
+    return e[:b], e[b : 2 * b], e[2 * b :].reshape(b, K, *e.shape[1:])
 
 
 def detached_gather_loss(loss_fn, q, p, n):
@@ -138,7 +152,7 @@ def worker(rank: int, port: int, out_path: str) -> None:
     variants += [(name, MASKED[name][0], False) for name in MASKED]
     for i, (label, loss_name, buggy) in enumerate(variants):
         torch.manual_seed(i)
-        model = Model(build_loss(LOSSES[loss_name])).double()
+        model = Model(build_loss(LOSSES[loss_name]), token_sets=label in TOKEN_SETS).double()
         reference = copy.deepcopy(model)
         ddp = nn.parallel.DistributedDataParallel(model)
         xq, xp, xn, keys = global_batch(seed=100 + i, planted=label in MASKED)

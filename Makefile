@@ -28,8 +28,10 @@ lint: venv
 	$(BIN)/docker-compose -f docker/compose.yaml config -q
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
 
+# two workers, a test file each at a time (module fixtures stay in one process): the 2-core
+# machine idles while a test waits on a subprocess's start-up (Lightning's import, DDP ranks)
 test: venv lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # Needs a Docker engine (not run in CI): build the image, run a short demo fit in it on the CPU.
 docker-smoke:

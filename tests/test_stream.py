@@ -28,9 +28,8 @@ def _example(src, s, i, image=None):
                    negatives=[Item(text=f"neg {src}-{s}-{i}")] if src == "A" else [], task=src)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stream")
+def write_layout(root) -> list[str]:
+    """The shards of ``LAYOUT`` under ``root``: ``<source>/train-NNNNNN.tar``; their paths."""
     paths = []
     for src, (n_shards, per) in LAYOUT.items():
         for s in range(n_shards):
@@ -38,6 +37,11 @@ def shards(tmp_path_factory):
             write_shard(path, [encode_example(_example(src, s, i), f"{src}{s}x{i:04d}") for i in range(per)])
             paths.append(str(path))
     return paths
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_layout(tmp_path_factory.mktemp("stream"))
 
 
 def identity(items):

@@ -24,6 +24,18 @@ from embedkit.config.registry import register
 from embedkit.losses.base import Loss, LossOutput, call_loss
 
 
+def check_weights(weights, entries, key: str, unit: str) -> None:
+    """``weights``: None, or one non-negative weight per entry of ``entries`` (the ``key`` list)."""
+    if weights is None:
+        return
+    if entries is None:
+        raise ValueError(f"weights: set {key} too (one weight per {unit})")
+    if len(weights) != len(entries):
+        raise ValueError(f"weights: expected {len(entries)} weights (one per {unit}), got {len(weights)}")
+    if any(w < 0 for w in weights):
+        raise ValueError(f"weights: must be >= 0, got {list(weights)}")
+
+
 def default_dims(embedding_dim: int) -> list[int]:
     """The full size and its halvings: D, D/2, D/4, D/8 (each at least 1, no repeats)."""
     return sorted({max(1, embedding_dim // f) for f in (8, 4, 2, 1)})
@@ -71,13 +83,7 @@ class Matryoshka(Loss):
                 raise ValueError(f"dims: every dimension must be >= 1, got {list(dims)}")
             if len(set(dims)) != len(dims):
                 raise ValueError(f"dims: repeated dimension in {list(dims)}")
-        if weights is not None:
-            if dims is None:
-                raise ValueError("weights: set dims too (one weight per dim)")
-            if len(weights) != len(dims):
-                raise ValueError(f"weights: expected {len(dims)} weights (one per dim), got {len(weights)}")
-            if any(w < 0 for w in weights):
-                raise ValueError(f"weights: must be >= 0, got {list(weights)}")
+        check_weights(weights, dims, "dims", "dim")
 
     def forward(self, q, p, n=None, rows=None, mask=None) -> LossOutput:
         if max(self.dims) > q.shape[-1]:

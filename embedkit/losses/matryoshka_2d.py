@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from embedkit.config.registry import register
 from embedkit.losses.base import Loss, LossOutput, call_loss
-from embedkit.losses.matryoshka import default_dims
+from embedkit.losses.matryoshka import check_weights, default_dims
 
 
 def default_pairs(num_layers: int, embedding_dim: int) -> list[tuple[int, int]]:
@@ -111,15 +111,9 @@ class Matryoshka2D(Loss):
                 raise ValueError(f"pairs: each must be [layer >= 1, dim >= 1], got {list(pairs)}")
             if len({tuple(pr) for pr in pairs}) != len(pairs):
                 raise ValueError(f"pairs: repeated pair in {list(pairs)}")
-        if weights is not None:
-            if params.get("mode") == "sample":
-                raise ValueError("weights: mode=sample weighs the full and the sampled model 1 each")
-            if pairs is None:
-                raise ValueError("weights: set pairs too (one weight per pair)")
-            if len(weights) != len(pairs):
-                raise ValueError(f"weights: expected {len(pairs)} weights (one per pair), got {len(weights)}")
-            if any(w < 0 for w in weights):
-                raise ValueError(f"weights: must be >= 0, got {list(weights)}")
+        if weights is not None and params.get("mode") == "sample":
+            raise ValueError("weights: mode=sample weighs the full and the sampled model 1 each")
+        check_weights(weights, pairs, "pairs", "pair")
 
     def draw(self) -> tuple[int, int]:
         """The pair of this call (sample mode): seeded by (seed, calls so far); advances the count."""

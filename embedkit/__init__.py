@@ -3,6 +3,7 @@
     import embedkit
     model = embedkit.load("exports/demo")       # an export folder, a run dir or a checkpoint
     emb = model.encode(texts=["a red circle"])  # [N, D], normalised
+    small = embedkit.load("exports/demo", layer=1, dim=16)  # the first layer only, 16 dims
 """
 
 from embedkit.config.registry import register
@@ -11,8 +12,9 @@ from embedkit.version import __version__
 __all__ = ["load", "register", "__version__"]
 
 
-def load(path, device=None):
-    """The ``Encoder`` of an export folder, a run dir or a checkpoint (``embedkit.export.reader.load``)."""
+def load(path, device=None, layer=None, dim=None):
+    """The ``Encoder`` of an export folder, a run dir or a checkpoint (``embedkit.export.reader.load``);
+    ``layer``/``dim``: cut to that depth and embedding size (2D Matryoshka / Starbucks)."""
     from embedkit.export.reader import load as _load
 
-    return _load(path, device=device)
+    return _load(path, device=device, layer=layer, dim=dim)

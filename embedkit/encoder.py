@@ -9,7 +9,9 @@ and evaluation, export, encoding and mining use it without Lightning.
     emb = encoder.encode_items([Item(text="a red circle"), Item(image=img)])  # the same, from Items
 
 ``embedkit.load(path)`` (``embedkit/export/``) returns one from an export folder, a run dir or a
-checkpoint.
+checkpoint; ``embedkit.load(path, layer=l, dim=d)`` (or ``encoder.cut(layer=l, dim=d)``) returns the
+model cut to its first ``l`` layers, the layers above dropped, with ``d``-dimensional embeddings (2D
+Matryoshka / Starbucks): the same embeddings ``encode(layer=l, dim=d)`` gives, from a smaller model.
 
 ``forward(inputs)`` takes one processed chunk (what ``processor()`` makes of a list of ``Item``s,
 in the DataLoader workers during training) and returns its embeddings ``[n, D]``, L2-normalised
@@ -45,6 +47,10 @@ class Encoder(nn.Module):
         self._processor: ChunkProcessor | None = None
         #: Matryoshka nesting dims the model was trained for (``encode(dim=)`` accepts these), or None
         self.matryoshka_dims: list[int] | None = None
+        #: the (layer, dim) pairs a ``matryoshka_2d`` ``mode=pairs`` model was trained for, or None (any)
+        self.matryoshka_pairs: list[tuple[int, int]] | None = None
+        #: the default embedding size of ``forward`` / ``encode`` after ``cut(dim=)`` (None: the head's D)
+        self.dim: int | None = None
         #: named instruction prompts (``encode(instruction="query")`` looks a name up here)
         self.prompts: dict[str, str] = {}
 
@@ -68,13 +74,55 @@ class Encoder(nn.Module):
         own = {k[len(CHECKPOINT_PREFIX):]: v for k, v in state["state_dict"].items() if k.startswith(CHECKPOINT_PREFIX)}
         encoder.load_state_dict(own, strict=True)
         encoder.config = config
+        encoder.matryoshka_dims, encoder.matryoshka_pairs = trained_sizes(
+            config, encoder.backbone.num_layers, encoder.embedding_dim)
         encoder.checkpoint_step = int(state.get("global_step", 0))
         return encoder.eval()
 
     @property
     def embedding_dim(self) -> int:
-        """D: the size of one embedding vector (a multi-vector head's per-token ``dim``)."""
-        return getattr(self.pooling, "output_dim", None) or self.backbone.hidden_size
+        """D: the size of one embedding vector (a multi-vector head's per-token ``dim``; ``cut(dim=)``'s dim)."""
+        return self.dim or getattr(self.pooling, "output_dim", None) or self.backbone.hidden_size
+
+    def check_depth(self, layer: int | None = None, dim: int | None = None) -> None:
+        """One-line ``UserError`` unless the model can be cut to ``layer`` layers and ``dim`` dimensions:
+        1 <= layer <= L with a head that pools one layer; 1 <= dim <= D and, for a Matryoshka-trained
+        model, one of its dims. A pair a ``matryoshka_2d`` model did not train for is only warned about."""
+        depth = self.backbone.num_layers
+        if layer is not None:
+            if self.pooling.needs_all_layers:
+                raise UserError(f"layer: the {type(self.pooling).__name__} head pools across all layers; a model "
+                                "cut to a depth needs a head that pools one layer (last_token, mean, ...)")
+            if not 1 <= layer <= depth:
+                raise UserError(f"layer: must be between 1 and {depth} (the model's layers), got {layer}")
+        if dim is not None:
+            if not 1 <= dim <= self.embedding_dim:
+                raise UserError(f"dim: must be between 1 and {self.embedding_dim}, got {dim}")
+            if self.matryoshka_dims and dim < self.embedding_dim and dim not in self.matryoshka_dims:
+                raise UserError(f"dim: {dim} is not a dim this model was trained for; its Matryoshka dims: "
+                                f"{', '.join(map(str, self.matryoshka_dims))}")
+        pair = (layer or depth, dim or self.embedding_dim)
+        if self.matryoshka_pairs and (layer or dim) and pair not in self.matryoshka_pairs:
+            import warnings
+
+            warnings.warn(f"layer={pair[0]} dim={pair[1]}: not a (layer, dim) pair this model was trained for "
+                          f"(loss.pairs {[list(p) for p in self.matryoshka_pairs]})", stacklevel=3)
+
+    def cut(self, layer: int | None = None, dim: int | None = None) -> "Encoder":
+        """Cut the model, in place, to its first ``layer`` layers (the layers above are dropped) and its
+        embeddings to the first ``dim`` coordinates (re-normalised); returns self.
+
+        Below the top, the language model's final norm is dropped too: the (layer, dim) sub-model of 2D
+        Matryoshka training (``layer_embeddings``) pools layer ``layer``'s output as Hugging Face's hidden
+        states hold it, before that norm; so ``cut(layer=l).encode(x)`` == ``encode(x, layer=l)``.
+        """
+        self.check_depth(layer, dim)
+        if layer is not None and layer < self.backbone.num_layers:
+            drop_layers(self.backbone, layer)
+            skip_final_norm(self.backbone)
+        if dim is not None and dim < self.embedding_dim:
+            self.dim = dim
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -96,10 +144,12 @@ class Encoder(nn.Module):
             return self.layer_embeddings(inputs)
         out = self.backbone(inputs, output_all_layers=self.pooling.needs_all_layers)
         emb = self.pooling(out.hidden, out.mask, out.all_layers).float()
-        return F.normalize(emb, dim=-1) if self.normalize else emb
+        emb = F.normalize(emb, dim=-1) if self.normalize else emb
+        return self.truncate(emb, self.dim)
 
     def layer_embeddings(self, inputs: dict, depth: int | None = None) -> torch.Tensor:
-        """[n, L, D]: the pooled, normalised output of layers 1..L (``depth``: the single layer [n, D])."""
+        """[n, L, D]: the pooled, normalised output of layers 1..L (``depth``: the single layer [n, D]).
+        Always the head's full D (``cut(dim=)`` does not apply: training reads these)."""
         if self.pooling.needs_all_layers:
             raise UserError(f"model.pooling: {type(self.pooling).__name__} pools across layers; per-layer "
                             "embeddings (matryoshka_2d, layer=) need a head that pools one layer")
@@ -133,8 +183,7 @@ class Encoder(nn.Module):
         output of layer ``layer``; L, or None, is the full model).
         """
         items = make_items(texts, images, self.prompts.get(instruction, instruction) if instruction else None)
-        emb = self.encode_items(items, batch_size, **({"layer": layer} if layer is not None else {}))
-        return self.truncate(emb, dim)
+        return self.encode_items(items, batch_size, layer=layer, dim=dim)
 
     def truncate(self, emb: torch.Tensor, dim: int | None) -> torch.Tensor:
         if dim is None or dim == emb.shape[-1]:
@@ -145,22 +194,89 @@ class Encoder(nn.Module):
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
     @torch.no_grad()
-    def encode_items(self, items: Sequence[Item], batch_size: int = 32, layer: int | None = None) -> torch.Tensor:
+    def encode_items(self, items: Sequence[Item], batch_size: int = 32, layer: int | None = None,
+                     dim: int | None = None) -> torch.Tensor:
         """Raw ``Item``s -> embeddings [N, D] on the CPU, ``batch_size`` items per forward pass
-        (``layer``: the model cut to that depth, as ``encode``)."""
+        (``layer``, ``dim``: the model cut to that depth and size, as ``encode``)."""
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        self.check_depth(layer, dim)
         depth = self.backbone.num_layers
-        if layer is not None and not 1 <= layer <= depth:
-            raise UserError(f"layer: must be between 1 and {depth}, got {layer}")
-        forward = self if layer is None or layer == depth else (lambda x: self.layer_embeddings(x, depth=layer))
+        if layer is None or layer == depth:
+            forward = self
+        else:
+            forward = lambda x: self.truncate(self.layer_embeddings(x, depth=layer), self.dim)  # noqa: E731
         process, device = self.processor(), self.device
         parts = []
         for start in range(0, len(items), batch_size):
             inputs = process(list(items[start : start + batch_size]))
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-            parts.append(forward(inputs).cpu())
-        return torch.cat(parts) if parts else torch.empty(0, self.embedding_dim)
+            parts.append(self.truncate(forward(inputs), dim).cpu())
+        return torch.cat(parts) if parts else torch.empty(0, dim or self.embedding_dim)
+
+
+def decoder_stack(backbone: Backbone) -> tuple[nn.Module, str]:
+    """(module, attribute name) of the language model's list of its L transformer layers: ``layers``
+    (Qwen2, Llama, Phi-3, the VLMs' language models) or ``layer`` (BERT's encoder), outside the vision
+    tower (whose layer list may be as long)."""
+    vision = tuple(backbone.vision_prefixes)
+    for name, module in backbone.named_modules():
+        if vision and (name + ".").startswith(vision):
+            continue
+        for attr in ("layers", "layer"):
+            stack = getattr(module, attr, None)
+            if isinstance(stack, nn.ModuleList) and len(stack) == backbone.num_layers:
+                return module, attr
+    raise UserError(f"layer: cannot find the {backbone.num_layers} language-model layers of this "
+                    f"{type(backbone).__name__} backbone to cut")
+
+
+def drop_layers(backbone: Backbone, layer: int) -> None:
+    """Keep the first ``layer`` layers of the language model, everywhere its depth is recorded: the
+    module list, the model config (``num_hidden_layers``, ``layer_types``; what ``save_pretrained``
+    writes) and ``backbone.num_layers``."""
+    module, attr = decoder_stack(backbone)
+    setattr(module, attr, nn.ModuleList(list(getattr(module, attr))[:layer]))
+    configs = [getattr(module, "config", None), getattr(backbone, "config", None)]
+    for cfg in configs:
+        if isinstance(cfg, dict):  # a family that keeps its official config as a dict (Phi-3.5-V)
+            if "num_hidden_layers" in cfg:
+                cfg["num_hidden_layers"] = layer
+        elif cfg is not None:
+            cfg.num_hidden_layers = layer
+            if getattr(cfg, "layer_types", None):
+                cfg.layer_types = list(cfg.layer_types)[:layer]
+    backbone.num_layers = layer
+
+
+def skip_final_norm(backbone: Backbone) -> None:
+    """Replace the language model's final norm (``norm``, applied after the last layer) by the identity.
+    Models without one (BERT) are left as they are."""
+    module, _ = decoder_stack(backbone)
+    if isinstance(getattr(module, "norm", None), nn.Module):
+        module.norm = nn.Identity()
+
+
+def trained_sizes(config: dict, num_layers: int, embedding_dim: int
+                  ) -> tuple[list[int] | None, list[tuple[int, int]] | None]:
+    """(Matryoshka dims, 2D (layer, dim) pairs) a model was trained for, from its training config:
+    ``loss=matryoshka`` its ``dims``; ``loss=matryoshka_2d`` the dims of its pairs, and the pairs
+    themselves in ``mode=pairs`` (``mode=sample`` trains every pair of its list: None). Else (None, None)."""
+    from embedkit.losses.matryoshka import default_dims
+
+    loss = config.get("loss") or {}
+    if loss.get("name") == "matryoshka":
+        return sorted({int(d) for d in (loss.get("dims") or default_dims(embedding_dim))}, reverse=True), None
+    if loss.get("name") != "matryoshka_2d":
+        return None, None
+    from embedkit.losses.matryoshka_2d import default_pairs
+
+    sample = loss.get("mode") == "sample"
+    pairs = loss.get("pairs") or ([(1, d) for d in default_dims(embedding_dim)] if sample
+                                  else default_pairs(num_layers, embedding_dim))
+    # the full model (L, D) is always trained in sample mode, and is what a plain encode() gives
+    pairs = {(int(l), int(d)) for l, d in pairs} | {(num_layers, embedding_dim)}
+    return sorted({d for _, d in pairs}, reverse=True), (None if sample else sorted(pairs))
 
 
 def make_items(texts, images, prefix: str | None = None) -> list[Item]:

@@ -8,12 +8,19 @@
                                                      # (e.g. LLaVE's llava_qwen weights, VLM2Vec's
                                                      # PEFT adapters; outputs in runs/eval-<recipe>/)
     embedkit eval ... quantize=binary|int8|[int8,binary] [rescore=true] [rescore_k=10]
+    embedkit eval ... layer=L dim=D                # the model cut to its first L layers and D dims
 
 ``quantize`` also scores the same embeddings quantised (``eval/quantize.py``: binary codes by Hamming
 distance, int8 by per-dimension scalar quantisation) and prints P@1 next to bytes per vector for float
 and each mode; ``rescore=true`` adds binary with its top ``rescore_k`` candidates rescored by the float
 query. The score files and the main table stay float; ``summary.json`` holds ``quantized`` per dataset and
 MLflow gets ``eval/<Dataset>/p@1/<mode>``.
+
+``layer``/``dim`` (2D Matryoshka / Starbucks) evaluate the model cut to that depth and embedding size
+(``Encoder.cut``: the layers above are dropped; the embeddings of ``encode(layer=L, dim=D)``).
+``summary.json`` records ``depth`` (layer, dim and the full model's); a cut model's outputs go to
+``eval-l<L>_d<D>/`` instead of ``eval/`` and its MLflow metrics end in ``/l<L>_d<D>``
+(``eval/overall/p@1/l1_d16``), so depths of one run sit side by side with the full model's.
 
 The model (architecture and weights) comes from the checkpoint, which carries its resolved config;
 the command line supplies the eval settings: ``data.eval.*``, ``train.chunk_size`` (items per
@@ -35,7 +42,7 @@ from pathlib import Path
 
 from embedkit.errors import UserError
 
-VERB_KEYS = ("ckpt", "model", "out", "quantize", "rescore", "rescore_k")
+VERB_KEYS = ("ckpt", "model", "out", "quantize", "rescore", "rescore_k", "layer", "dim")
 
 
 def split_verb_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -74,6 +81,20 @@ def quantize_options(verb: dict[str, str]) -> tuple[list[str], int | None]:
     return modes, (k if rescore == "true" else None)
 
 
+def depth_options(verb: dict[str, str]) -> tuple[int | None, int | None]:
+    """(``layer``, ``dim``) from the verb words, or None each; one-line errors."""
+    from embedkit.commands.export import parse_positive_int
+
+    return tuple(parse_positive_int(k, verb[k]) if k in verb else None for k in ("layer", "dim"))
+
+
+def depth_tag(depth: dict) -> str | None:
+    """``l<layer>_d<dim>`` for a cut model, None for the full one (its names stay as they are)."""
+    if (depth["layer"], depth["dim"]) == (depth["num_layers"], depth["embedding_dim"]):
+        return None
+    return f"l{depth['layer']}_d{depth['dim']}"
+
+
 def init_distributed() -> int:
     """Join the process group torchrun describes (if any); this process's rank."""
     import torch
@@ -98,6 +119,7 @@ def main(args: list[str]) -> int:
                         "folder, a run dir or a sentence-transformers folder) or model.backbone.path=PATH "
                         "(weights the recipe's backbone loads, e.g. a released checkpoint)")
     modes, rescore_k = quantize_options(verb)
+    layer, dim = depth_options(verb)
     cfg = compose(rest)
     from embedkit.eval import mmeb
 
@@ -109,10 +131,6 @@ def main(args: list[str]) -> int:
         raise UserError(f"ckpt: file not found: {ckpt}")
     if "model" in verb and not ckpt.exists():
         raise UserError(f"model: {ckpt} does not exist")
-    default_out = ckpt.resolve().parent.parent / "eval" if "ckpt" in verb else ckpt.resolve() / "eval"
-    if from_config:
-        default_out = ckpt
-    out_dir = Path(verb["out"]) if "out" in verb else default_out
     batch_size = cfg["train"]["chunk_size"]
 
     import torch
@@ -125,6 +143,20 @@ def main(args: list[str]) -> int:
         encoder.config, encoder.checkpoint_step = {}, 0
     else:
         encoder = Encoder.from_checkpoint(ckpt) if "ckpt" in verb else load_model(ckpt)
+    if (layer or dim) and not isinstance(encoder, Encoder):
+        raise UserError(f"{'layer' if layer else 'dim'}: {ckpt} is a sentence-transformers folder, which embedkit "
+                        "cannot cut; give an embedkit export, run dir or checkpoint")
+    depth = None
+    if isinstance(encoder, Encoder):
+        full = {"num_layers": encoder.backbone.num_layers, "embedding_dim": encoder.embedding_dim}
+        encoder.cut(layer=layer, dim=dim)
+        depth = {"layer": encoder.backbone.num_layers, "dim": encoder.embedding_dim, **full}
+    tag = depth_tag(depth) if depth else None
+    folder = f"eval-{tag}" if tag else "eval"
+    default_out = ckpt.resolve().parent.parent / folder if "ckpt" in verb else ckpt.resolve() / folder
+    if from_config:
+        default_out = ckpt / folder if tag else ckpt
+    out_dir = Path(verb["out"]) if "out" in verb else default_out
     if torch.cuda.is_available():
         encoder.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     summary = mmeb.evaluate(
@@ -133,16 +165,19 @@ def main(args: list[str]) -> int:
         lambda items: encoder.encode_items(items, batch_size),
         batch_size=batch_size,
         normalize=encoder.normalize,
-        out_dir=out_dir,
         manifest=manifest,
         log=lambda m: print(m, flush=True) if rank == 0 else None,
         quantize=modes,
         rescore_k=rescore_k,
     )
     if rank == 0:
+        if depth:
+            summary["depth"] = depth
+        mmeb.write_outputs(out_dir, summary, manifest)
         agg = summary["aggregate"]
         print(mmeb.markdown_table(summary, manifest), end="")
-        print(f"overall P@1 {agg['overall']:.4f} over {len(summary['datasets'])} datasets; files in {out_dir}")
+        at = f" at layer {depth['layer']}/{depth['num_layers']}, dim {depth['dim']}/{depth['embedding_dim']}" if tag else ""
+        print(f"overall P@1 {agg['overall']:.4f}{at} over {len(summary['datasets'])} datasets; files in {out_dir}")
         if tracking["enabled"]:
             from embedkit.tracking.eval_log import log_eval
             from embedkit.tracking.mlflow_setup import tracking_uri
@@ -153,8 +188,9 @@ def main(args: list[str]) -> int:
                 tracking_uri(tracking), trained.get("tracking", {}).get("experiment") or tracking["experiment"],
                 run.get("name") or ckpt.stem, run.get("dir"),
                 tags={"embedkit.eval.ckpt": str(ckpt.resolve()), "embedkit.eval.root": str(ev["root"])},
-                metrics=mmeb.metric_items(summary), files=[out_dir / "summary.json", out_dir / "summary.md"],
-                step=encoder.checkpoint_step,
+                metrics={f"{k}/{tag}" if tag else k: v for k, v in mmeb.metric_items(summary).items()},
+                files=[out_dir / "summary.json", out_dir / "summary.md"], step=encoder.checkpoint_step,
+                artifact_path=folder,
             )
             print(f"logged to MLflow run {run_id}")
     if torch.distributed.is_initialized():

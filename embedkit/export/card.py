@@ -31,6 +31,10 @@ def render(meta: dict, ckpt: Path) -> str:
     if meta.get("matryoshka_dims"):
         lines.append(f"- Matryoshka dims: {meta['matryoshka_dims']} (embedkit `encode(dim=...)`, "
                      "sentence-transformers `truncate_dim=`)")
+    if meta.get("layer") or meta.get("dim"):
+        lines.append(f"- cut (2D Matryoshka): the first {meta.get('layer') or meta.get('num_layers')} of "
+                     f"{meta.get('num_layers')} layers, {meta.get('dim') or meta['embedding_dim']} of "
+                     f"{meta['embedding_dim']} dimensions (`embedkit export layer= dim=`)")
     if meta.get("metrics"):
         lines += ["", "## Metrics", "", "The latest value of each metric the MLflow run logged.", "",
                   "| metric | value |", "|---|---|"]
@@ -45,12 +49,20 @@ def render(meta: dict, ckpt: Path) -> str:
         "", "## Usage", "", "embedkit:", "", "```python", "import embedkit", "",
         'model = embedkit.load("PATH")',
         'emb = model.encode(texts=["a red circle"]' + (f', instruction="{prompt}"' if prompt else "") + ")  # [N, D]",
-        "```", "", "sentence-transformers (text):", "", "```python",
-        "from sentence_transformers import SentenceTransformer", "",
-        'model = SentenceTransformer("PATH"' + (", trust_remote_code=True" if head not in ("last_token", "mean") else "")
-        + ")",
-        'emb = model.encode(["a red circle"]' + (f', prompt_name="{prompt}"' if prompt else "") + ")",
-        "```", "", "transformers (the backbone alone; add the pooling and normalisation yourself):", "",
+        "```", ""]
+    if meta.get("final_norm", True):
+        lines += [
+            "sentence-transformers (text):", "", "```python",
+            "from sentence_transformers import SentenceTransformer", "",
+            'model = SentenceTransformer("PATH"' + (", trust_remote_code=True" if head not in ("last_token", "mean")
+                                                    else "") + ")",
+            'emb = model.encode(["a red circle"]' + (f', prompt_name="{prompt}"' if prompt else "") + ")",
+            "```", ""]
+    else:
+        lines += ["No sentence-transformers files: this model is cut below its top layer and skips the language "
+                  "model's final norm, which transformers applies; only `embedkit.load` reproduces it.", ""]
+    lines += [
+        "transformers (the backbone alone; add the pooling and normalisation yourself):", "",
         "```python", "from transformers import AutoModel", "", 'backbone = AutoModel.from_pretrained("PATH")', "```",
         "", "Serving: the merged weights plus `1_Pooling/config.json` are what vLLM's embedding runner and "
         "text-embeddings-inference read.",

@@ -6,7 +6,7 @@ import copy
 import json
 from pathlib import Path
 
-from embedkit.encoder import Encoder
+from embedkit.encoder import Encoder, skip_final_norm
 from embedkit.errors import UserError
 from embedkit.export import FORMAT_VERSION, META
 
@@ -14,8 +14,10 @@ ADAPTER = "embedkit_adapter.safetensors"  # backbone-relative LoRA tensor names 
 POOLING = "pooling.safetensors"
 
 
-def load(path: str | Path, device: str | None = None) -> Encoder:
-    """An ``Encoder`` in eval mode, from an export folder, a run dir or a checkpoint file."""
+def load(path: str | Path, device: str | None = None, layer: int | None = None, dim: int | None = None) -> Encoder:
+    """An ``Encoder`` in eval mode, from an export folder, a run dir or a checkpoint file; ``layer``,
+    ``dim``: cut to that depth and embedding size (``Encoder.cut``; the layers above are dropped), so
+    ``encode`` gives what the full model's ``encode(layer=layer, dim=dim)`` gives."""
     path = Path(path).expanduser()
     if path.is_dir() and (path / META).is_file():
         encoder = from_export(path)
@@ -27,6 +29,7 @@ def load(path: str | Path, device: str | None = None) -> Encoder:
         raise UserError(f"model: {path} is neither an embedkit export ({META}) nor a run dir (checkpoints/last.ckpt)")
     else:
         raise UserError(f"model: {path} does not exist")
+    encoder.cut(layer=layer, dim=dim)
     if device:
         encoder.to(device)
     return encoder.eval()
@@ -63,5 +66,10 @@ def from_export(folder: Path) -> Encoder:
     encoder.config = meta.get("training_config") or {}
     encoder.checkpoint_step = int(meta.get("step", 0))
     encoder.matryoshka_dims = meta.get("matryoshka_dims")
+    pairs = meta.get("matryoshka_pairs")
+    encoder.matryoshka_pairs = [tuple(p) for p in pairs] if pairs else None
+    if meta.get("final_norm") is False:  # exported cut below its top (export_model layer=)
+        skip_final_norm(encoder.backbone)
+    encoder.dim = meta.get("dim")
     encoder.prompts = dict(meta.get("prompts") or {})
     return encoder.eval()

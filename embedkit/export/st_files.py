@@ -140,12 +140,15 @@ def write(folder: Path, meta: dict, encoder) -> None:
         # config asks the model for them
         bert["config_kwargs"] = {"output_hidden_states": True}
     dump(folder / "sentence_bert_config.json", bert)
-    dump(folder / "config_sentence_transformers.json", {
+    st_config = {
         "model_type": "SentenceTransformer",
         "prompts": meta["prompts"],
         "default_prompt_name": None,
         "similarity_fn_name": "cosine" if meta["normalize"] else "dot",
-    })
+    }
+    if meta.get("dim"):  # export dim=: ST keeps the first dim coordinates (after its Normalize: cosine scores agree)
+        st_config["truncate_dim"] = meta["dim"]
+    dump(folder / "config_sentence_transformers.json", st_config)
 
 
 def dump(path: Path, obj) -> None:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from embedkit.encoder import Encoder
+from embedkit.encoder import Encoder, drop_layers
 from embedkit.errors import UserError
 from embedkit.export import FORMAT_VERSION, META, card, run_record, st_files
 from embedkit.export.reader import ADAPTER, POOLING
@@ -34,19 +34,14 @@ def checkpoint_of(source: str | Path) -> Path:
     return source
 
 
-def matryoshka_dims(config: dict, dim: int) -> list[int] | None:
-    """The nesting dims of a Matryoshka-trained model (``loss.name=matryoshka``), else None."""
-    loss = config.get("loss") or {}
-    if loss.get("name") != "matryoshka":
-        return None
-    from embedkit.losses.matryoshka import default_dims
-
-    return sorted({int(d) for d in (loss.get("dims") or default_dims(dim))}, reverse=True)
-
-
 def export_model(source, out, *, merge_lora: bool = True, dtype: str | None = None,
                  prompts: dict[str, str] | None = None, overwrite: bool = False,
+                 layer: int | None = None, dim: int | None = None,
                  log: Callable[[str], None] = print) -> Path:
+    """``layer``, ``dim``: export the model cut to that depth and embedding size (``Encoder.cut``): the
+    layers above ``layer`` are not written, and ``embedkit.json`` records the cut so ``embedkit.load``
+    gives ``encode(layer=layer, dim=dim)``'s embeddings. Below the top the cut model skips the final
+    norm, which transformers readers would apply: no sentence-transformers files are written then."""
     from embedkit.backbones.lora import lora_is_zero, lora_layers, lora_state_dict, remove_lora
 
     ckpt = checkpoint_of(source)
@@ -62,12 +57,18 @@ def export_model(source, out, *, merge_lora: bool = True, dtype: str | None = No
     lora_on = bool(lora_layers(encoder.backbone))
     if lora_on and lora_is_zero(encoder.backbone):
         raise UserError(f"export: the LoRA adapter in {ckpt} is still zero (every lora_B is 0): the run trained nothing")
-    dims = matryoshka_dims(config, encoder.embedding_dim)
+    encoder.check_depth(layer, dim)
+    depth, full_dim = encoder.backbone.num_layers, encoder.embedding_dim
+    cut_depth = layer is not None and layer < depth
+    dim = dim if dim is not None and dim < full_dim else None
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         backbone = encoder.backbone
+        if cut_depth:  # before LoRA is read: the adapter of a dropped layer is not written either
+            log(f"export: keeping the first {layer} of {depth} layers")
+            drop_layers(backbone, layer)
         adapter = {}
         if lora_on:
             log(f"export: {'merging' if merge_lora else 'separating'} LoRA in {len(lora_layers(backbone))} layers")
@@ -95,8 +96,15 @@ def export_model(source, out, *, merge_lora: bool = True, dtype: str | None = No
             "seed": config["seed"],
             "merged": merge_lora or not lora_on,
             "normalize": encoder.normalize,
-            "embedding_dim": encoder.embedding_dim,
-            "matryoshka_dims": dims,
+            "embedding_dim": full_dim,
+            "matryoshka_dims": encoder.matryoshka_dims,
+            "matryoshka_pairs": encoder.matryoshka_pairs,
+            # the cut (Encoder.cut): the model's depth as trained, the depth kept, whether the
+            # language model's final norm applies (only at full depth), the embedding size kept
+            "num_layers": depth,
+            "layer": layer if cut_depth else None,
+            "final_norm": not cut_depth,
+            "dim": dim,
             "prompts": dict(prompts or {}),
             "plugins": list(config.get("plugins") or []),
             "step": encoder.checkpoint_step,
@@ -105,8 +113,13 @@ def export_model(source, out, *, merge_lora: bool = True, dtype: str | None = No
         }
         meta.update(run_record.find(config, ckpt))  # the MLflow run id and metrics, or why there are none
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
-        log("export: writing sentence-transformers files and the model card")
-        st_files.write(tmp, meta, encoder)
+        if cut_depth:
+            log(f"export: no sentence-transformers files (layer={layer} < {depth}: the cut model skips the "
+                "final norm, which transformers readers apply); embedkit.load reads it")
+        else:
+            log("export: writing sentence-transformers files")
+            st_files.write(tmp, meta, encoder)
+        log("export: writing the model card")
         (tmp / "README.md").write_text(card.render(meta, ckpt))
         if out.exists():
             shutil.rmtree(out)

@@ -30,8 +30,9 @@ def find_training_run(client, experiment: str, run_name: str | None, run_dir: st
 
 
 def log_eval(uri: str, experiment: str, run_name: str | None, run_dir: str | None, *, tags: dict[str, str],
-             metrics: dict[str, float], files: list[Path], step: int = 0) -> str:
-    """Log ``metrics`` (display names) and ``files`` to the training run or a new eval run; its id."""
+             metrics: dict[str, float], files: list[Path], step: int = 0, artifact_path: str = "eval") -> str:
+    """Log ``metrics`` (display names) and ``files`` (under ``artifact_path``) to the training run or a
+    new eval run; its id."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -50,7 +51,7 @@ def log_eval(uri: str, experiment: str, run_name: str | None, run_dir: str | Non
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(stored_name(k), float(v), now, step) for k, v in metrics.items()])
     for path in files:
-        client.log_artifact(run_id, str(path), artifact_path="eval")
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
     if run is None:
         client.set_terminated(run_id)
     return run_id

@@ -62,6 +62,8 @@ class EmbeddingModule(L.LightningModule):
         self.max_skipped = train["max_skipped_steps"]
         self.mask_duplicates = train["mask_duplicates"]
         self.false_negative_margin = train["false_negative_margin"]
+        self.compile = train["compile"]  # torch.compile the encoder's forward of each chunk (encode)
+        self._compiled = None
         self._batch_keys: torch.Tensor | None = None  # candidate content keys of the batch being trained
         if (self.mask_duplicates or self.false_negative_margin is not None) and not accepts_mask(loss_fn):
             import logging
@@ -107,8 +109,24 @@ class EmbeddingModule(L.LightningModule):
     # -- encoding ---------------------------------------------------------------------------
     def encode(self, inputs: dict) -> torch.Tensor:
         """Processed chunk -> embeddings [n, D] (the encoder's forward); per layer [n, L, D] when the
-        loss sets ``needs_layers`` (matryoshka_2d)."""
-        return self.encoder(inputs, layers=getattr(self.loss_fn, "needs_layers", False))
+        loss sets ``needs_layers`` (matryoshka_2d). Compiled under ``train.compile``."""
+        forward = self.compiled_forward() if self.compile else self.encoder
+        return forward(inputs, layers=getattr(self.loss_fn, "needs_layers", False))
+
+    def compiled_forward(self):
+        """``torch.compile`` of the encoder's forward, made on first use. A function, not a module
+        attribute: a compiled module would enter the module tree and its checkpoint a second time.
+
+        GradCache encodes a chunk twice, without and with grad, under the same RNG state, and needs the
+        same dropout masks both times; Inductor's own random numbers do not promise that across its
+        inference and training graphs, so Inductor is told to draw them as eager does
+        (``fallback_random``, process-wide)."""
+        if self._compiled is None:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.fallback_random = True
+            self._compiled = torch.compile(self.encoder.forward)
+        return self._compiled
 
     def compute_loss(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None,
                      candidate_keys: torch.Tensor | None = None) -> LossOutput:

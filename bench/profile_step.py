@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     print(f"overrides: {' '.join(overrides) or '(none)'}")
     print(f"model: {n_lm / 1e6:.1f}M language+head, {n_vis / 1e6:.1f}M vision parameters; precision "
           f"{cfg['trainer']['precision']}; global batch {train['global_batch_size']}, chunk {train['chunk_size']}, "
-          f"compile {train.get('compile', False)}, {cfg['data']['train']['num_workers']} loader workers")
+          f"compile {train['compile']}, {cfg['data']['train']['num_workers']} loader workers")
     b = phases.tokens["batches"] or 1
     print(f"per step: {phases.tokens['passes'] / b:.1f} chunks (forward passes before replay), "
           f"{phases.tokens['padded'] / b:.0f} sequence slots ({phases.tokens['real'] / b:.0f} real tokens), "

@@ -189,3 +189,26 @@ def test_train_compile_encodes_every_chunk_through_the_compiled_forward(monkeypa
     for n, g in results["false"][1].items():
         torch.testing.assert_close(results["true"][1][n], g, atol=1e-5, rtol=1e-4, msg=n)
     assert not any("_orig_mod" in k for k in results["true"][2].state_dict())  # one copy of the weights
+
+
+def test_qwen2_vl_host_positions_equal_transformers_own():
+    """``host_inputs`` (numpy, in the loader workers) against transformers' ``get_rope_index`` and
+    ``vision_utils`` on the same chunk: images of five shapes, text-only rows, right padding."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
+
+    from embedkit.backbones.qwen2_vl import Qwen2VLBackbone
+
+    backbone = Qwen2VLBackbone(seed=0, tiny=True, min_pixels=28 * 28, max_pixels=168 * 168)
+    sizes = [(56, 56), (168, 56), None, (84, 140), (56, 56), None, (140, 168)]
+    texts = ["a b", "<|image_1|> then words after the image", "only text, longer than the rest", "x", "", "y", "z z"]
+    items = [Item(text=t, image=_image(*s, i) if s else None) for i, (t, s) in enumerate(zip(texts, sizes))]
+    inputs = backbone.make_processor()(items)
+    assert inputs["attention_mask"].min() == 0  # padded rows
+    positions, _ = backbone.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                 image_grid_thw=inputs["image_grid_thw"],
+                                                 attention_mask=inputs["attention_mask"])
+    assert torch.equal(inputs["rope_position_ids"], positions)
+    grid = inputs["image_grid_thw"]
+    assert torch.equal(inputs["vision_cu_seqlens"], get_vision_cu_seqlens(grid))
+    assert torch.equal(inputs["vision_position_ids"], get_vision_position_ids(grid, backbone.merge_size))
+    assert len({tuple(g) for g in grid.tolist()}) == 4 and "vision_order" in inputs  # sizes interleaved

@@ -207,8 +207,9 @@ def trace_stats(prof, steps: int) -> dict:
                     "aten::_local_scalar_dense", "aten::nonzero", "cudaMemcpyAsync", "aten::to", "aten::copy_"):
             calls[name] += 1
             times[name] += e.get("dur", 0)
+    ops = sum(1 for e in events if e.get("cat") == "cpu_op" and e.get("name", "").startswith("aten::"))
     return {"wall_us": wall, "busy_us": covered, "kernels": len(busy), "calls": calls, "times": times,
-            "steps": steps}
+            "steps": steps, "ops": ops}
 
 
 def main(argv=None) -> int:
@@ -270,6 +271,7 @@ def main(argv=None) -> int:
                   f"/step); high = the host is the limit")
         else:
             print("device idle share: n/a on the CPU (host and device are one)")
+        print(f"aten ops per step (nested included; each launches kernels on a GPU): {st['ops'] / per:.0f}")
         print("host-side calls per profiled step (count, total ms):")
         for name in sorted(st["calls"]):
             print(f"  {name:28s} {st['calls'][name] / per:8.1f}  {st['times'][name] / per / 1000:8.2f} ms")

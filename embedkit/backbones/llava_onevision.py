@@ -123,6 +123,10 @@ class LlavaOnevisionChunkProcessor(ChunkProcessor):
             out["pixel_values"] = pix["pixel_values"]
             out["image_sizes"] = pix["image_sizes"]
             out["batch_num_images"] = torch.ones(len(images), dtype=torch.long)
+            # the same, as Python lists, and where the image tokens are: read on the host by the forward
+            # (transformers reads each image's size back from the device, several syncs per image)
+            out["image_sizes_host"] = pix["image_sizes"].tolist()
+            out["image_token_index"] = (input_ids.reshape(-1) == self.image_token_id).nonzero().squeeze(1)
         return out
 
 
@@ -233,6 +237,8 @@ class LlavaOnevision(Backbone):
         )
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
+        if "image_token_index" in inputs:
+            return self._forward_prepared(inputs, output_all_layers)
         kwargs = {}
         if "pixel_values" in inputs:
             kwargs = {
@@ -244,6 +250,24 @@ class LlavaOnevision(Backbone):
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
             output_hidden_states=output_all_layers, return_dict=True, **kwargs,
         )
+        return BackboneOutput(
+            out.last_hidden_state, inputs["attention_mask"], tuple(out.hidden_states) if output_all_layers else None
+        )
+
+    def _forward_prepared(self, inputs: dict[str, Any], output_all_layers: bool) -> BackboneOutput:
+        """The model's forward for a chunk whose image sizes and image-token positions the processor gave
+        on the host: transformers' own ``get_image_features`` with the sizes as lists, the features
+        written at the known positions (``index_copy``: what ``masked_scatter`` does), then the
+        language model. The same outputs, without the per-image host syncs."""
+        model = self.model
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        sizes = inputs["image_sizes_host"]
+        feats = model.get_image_features(inputs["pixel_values"].to(model.dtype), sizes,
+                                         batch_num_images=[1] * len(sizes), return_dict=True).pooler_output
+        feats = torch.cat(feats, dim=0).to(embeds.device, embeds.dtype)
+        flat = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, inputs["image_token_index"], feats)
+        out = model(inputs_embeds=flat.view_as(embeds), attention_mask=inputs["attention_mask"], use_cache=False,
+                    output_hidden_states=output_all_layers, return_dict=True)
         return BackboneOutput(
             out.last_hidden_state, inputs["attention_mask"], tuple(out.hidden_states) if output_all_layers else None
         )

@@ -182,6 +182,9 @@ class Phi3VChunkProcessor(ChunkProcessor):
         if pixels:
             out["pixel_values"] = torch.stack(pixels)
             out["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+            # known here, read on the host by the forward: no device->host sync there
+            out["image_grids"] = [[H // self.crop, W // self.crop] for H, W in sizes]
+            out["image_token_index"] = (input_ids.reshape(-1) < 0).nonzero().squeeze(1)
         return out
 
 
@@ -373,9 +376,12 @@ class Phi3V(Backbone):
         return Phi3VChunkProcessor(self.tokenizer, self.num_crops, self.crop, self.merged_side, self.append_eos,
                                    max_length=self.max_length)
 
-    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
-        """All images' projected token features, concatenated in order: ``[sum of tokens, hidden]``."""
-        grids = [(int(H) // self.crop, int(W) // self.crop) for H, W in image_sizes.tolist()]
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
+                       grids: list | None = None) -> torch.Tensor:
+        """All images' projected token features, concatenated in order: ``[sum of tokens, hidden]``.
+        ``grids``: each image's crop grid (h, w), as the processor gives it (else read from ``image_sizes``)."""
+        if grids is None:
+            grids = [(int(H) // self.crop, int(W) // self.crop) for H, W in image_sizes.tolist()]
         crops = torch.cat([pixel_values[i, : 1 + h * w] for i, (h, w) in enumerate(grids)])
         out = self.vision_tower(crops.to(self.projector[0].weight.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.feature_layer][:, 1:]  # drop CLS: [N, side*side, C]
@@ -398,10 +404,15 @@ class Phi3V(Backbone):
         image_mask = ids < 0
         embeds = self.language_model.embed_tokens(ids.clamp(min=0))
         if "pixel_values" in inputs:
-            feats = self.image_features(inputs["pixel_values"], inputs["image_sizes"]).to(embeds.dtype)
-            if feats.shape[0] != int(image_mask.sum()):
-                raise ValueError(f"{FAMILY}: {int(image_mask.sum())} image tokens but {feats.shape[0]} image features")
-            embeds = embeds.masked_scatter(image_mask[..., None], feats)
+            feats = self.image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                        inputs.get("image_grids")).to(embeds.dtype)
+            index = inputs.get("image_token_index")
+            if index is None:  # a chunk from elsewhere: locate the image tokens on the device
+                index = image_mask.reshape(-1).nonzero().squeeze(1)
+            if feats.shape[0] != index.shape[0]:
+                raise ValueError(f"{FAMILY}: {index.shape[0]} image tokens but {feats.shape[0]} image features")
+            # what masked_scatter does, at positions known on the host (no count read back)
+            embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, index, feats).view_as(embeds)
         out = self.language_model(
             inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=False,
             output_hidden_states=output_all_layers, return_dict=True,

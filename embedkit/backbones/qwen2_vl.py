@@ -12,16 +12,27 @@ Vision attention (``batched_vision_attention``, default on): transformers' SDPA 
 tower splits the packed patches by image and runs one attention call per image per layer, with a
 ``.tolist()`` host sync in every layer. Here images of equal patch count are attended together as
 one dense batch: one SDPA call per distinct image size per layer, the grouping computed once per
-forward from ``cu_seqlens`` (one host sync per forward). Same outputs as the per-image loop; flash
-attention (varlen) and eager keep transformers' own path.
+forward from ``cu_seqlens``. Same outputs as the per-image loop; flash attention (varlen) and eager
+keep transformers' own path.
+
+Host-side positions (Qwen2-VL; not Qwen2.5-VL): what Qwen2-VL's forward computes from the integer
+inputs -- the language model's M-RoPE position ids (``get_rope_index``: a Python loop over the
+chunk's rows with several host syncs per row and per image), the vision tower's rotary positions
+and ``cu_seqlens``, where the image features go, the image grouping of the batched attention -- the
+processor computes on the CPU, in the DataLoader workers, with transformers' own functions
+(``host_inputs``). ``forward`` then runs the vision tower, writes its features into the token
+embeddings at the known positions and calls the model with the position ids given: no host sync
+in the vision path or the position ids, the same outputs.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from typing import Any, Literal, Optional
 
+import numpy as np
 import torch
 
 from embedkit.backbones import _layouts
@@ -46,7 +57,8 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 class Qwen2VLChunkProcessor(ChunkProcessor):
     def __init__(self, tokenizer, image_processor, merge_size: int, max_length: int, append_eos: bool = True,
-                 resize: Optional[list[int]] = None):
+                 resize: Optional[list[int]] = None, host_positions: bool = False):
+        self.host_positions = host_positions  # add ``host_inputs`` to chunks with images (Qwen2-VL)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.merge_size = merge_size
@@ -85,6 +97,8 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
         out["input_ids"] = enc["input_ids"]
         out["attention_mask"] = enc["attention_mask"]
         out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).int()
+        if images and self.host_positions:
+            out.update(host_inputs(out, self.merge_size, self.image_token_id))
         return out
 
     def num_tokens(self, item: Item) -> int:
@@ -161,15 +175,19 @@ class Qwen2VLBackbone(Backbone):
         self.num_layers = config.text_config.num_hidden_layers
         self.merge_size = config.vision_config.spatial_merge_size
         set_attention(self.model.language_model, attention, FAMILY)
-        if batched_vision_attention:
-            use_batched_vision_attention(self.model)
+        self._vision_cache: dict | None = None  # the batched vision attention's grouping, per forward
+        if batched_vision_attention and use_batched_vision_attention(self.model):
+            self._vision_cache = next(m._embedkit_groups for m in self.model.modules() if hasattr(m, "_embedkit_groups"))
+        # the position ids and vision bookkeeping on the host: Qwen2-VL's forward only (Qwen2.5-VL differs)
+        self.host_positions = config.model_type == "qwen2_vl"
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision,
                          gradient_checkpointing=gradient_checkpointing)
         merge(self, adapter, _layouts.qwen2_vl_module, FAMILY)
 
     def make_processor(self) -> ChunkProcessor:
         return Qwen2VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length,
-                                     append_eos=self.append_eos, resize=self.resize)
+                                     append_eos=self.append_eos, resize=self.resize,
+                                     host_positions=self.host_positions)
 
     @staticmethod
     def check_config(params: dict) -> None:
@@ -178,14 +196,119 @@ class Qwen2VLBackbone(Backbone):
             raise ValueError(f"resize: expected [width, height] in pixels, got {resize!r}")
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
-        out = self.model(**inputs, output_hidden_states=output_all_layers, use_cache=False)
+        if HOST_KEYS[0] in inputs:
+            out = self._forward_prepared(inputs, output_all_layers)
+        else:
+            out = self.model(**inputs, output_hidden_states=output_all_layers, use_cache=False)
         return BackboneOutput(out.last_hidden_state, inputs["attention_mask"],
                               out.hidden_states if output_all_layers else None)
+
+    def _forward_prepared(self, inputs: dict[str, Any], output_all_layers: bool):
+        """Qwen2-VL's forward for a chunk carrying ``host_inputs``: the vision tower with its positions and
+        ``cu_seqlens`` given, its features written into the token embeddings at the image tokens' known
+        positions (``index_copy``: what ``masked_scatter`` does, without counting the mask), the language
+        model with the M-RoPE position ids given."""
+        model = self.model
+        cu = inputs["vision_cu_seqlens"]
+        if self._vision_cache is not None:  # the grouping, from the host: no .tolist() in the forward
+            self._vision_cache.clear()
+            self._vision_cache.update(key=cu, groups=(inputs["vision_groups"], inputs.get("vision_order")))
+        image = model.visual(inputs["pixel_values"].type(model.visual.dtype), grid_thw=inputs["image_grid_thw"],
+                             cu_seqlens=cu, position_ids=inputs["vision_position_ids"]).pooler_output
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        flat = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, inputs["image_token_index"], image.to(embeds.dtype))
+        return model(inputs_embeds=flat.view_as(embeds), attention_mask=inputs["attention_mask"],
+                     position_ids=inputs["rope_position_ids"], output_hidden_states=output_all_layers, use_cache=False)
 
     def save_pretrained(self, directory: str) -> None:
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
+
+
+# -- the integer work of a forward, on the host -------------------------------------------------
+#: the chunk keys ``host_inputs`` adds (``forward`` takes the prepared path when the first is present)
+HOST_KEYS = ("rope_position_ids", "vision_cu_seqlens", "vision_position_ids", "image_token_index", "vision_groups",
+             "vision_order")
+
+
+@functools.lru_cache(maxsize=256)
+def _image_rope(t: int, h: int, w: int, merge: int) -> np.ndarray:
+    """M-RoPE ids of one image's tokens relative to its first position, [3, t * h/m * w/m]: temporal,
+    height and width index of each merged patch (row-major over t, h, w)."""
+    gh, gw = h // merge, w // merge
+    tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+    return np.stack([tt.ravel(), hh.ravel(), ww.ravel()])
+
+
+@functools.lru_cache(maxsize=256)
+def _vision_rope(t: int, h: int, w: int, merge: int) -> np.ndarray:
+    """The vision tower's rotary (row, column) of each patch of one image, [t * h * w, 2], in the
+    tower's order: merge x merge blocks, row-major inside and across blocks, repeated per frame."""
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    block = (h // merge, merge, w // merge, merge)
+    rows = rows.reshape(block).transpose(0, 2, 1, 3).ravel()
+    cols = cols.reshape(block).transpose(0, 2, 1, 3).ravel()
+    return np.tile(np.stack([rows, cols], axis=1), (t, 1))
+
+
+def rope_positions(input_ids: torch.Tensor, token_types: torch.Tensor, attention_mask: torch.Tensor,
+                   grids: list[list[int]], merge: int) -> torch.Tensor:
+    """M-RoPE position ids [3, B, S] of a chunk (Qwen2-VL, arXiv 2409.12191 sec. 2.1), as the model's
+    ``get_rope_index`` makes them: over each row's real tokens, a run of text tokens counts on from the
+    current position on all three axes; an image's tokens (the next grid ``(t, h, w)`` of ``grids``)
+    take ``current + (t, h/m, w/m)`` indices, and the text after it starts at ``current + max(h, w)/m``.
+    Padding gets 0. Raises if a run of image tokens does not match its image's token count."""
+    ids = input_ids.numpy()
+    kinds_all, mask = token_types.numpy(), attention_mask.numpy().astype(bool)
+    out = np.zeros((3, *ids.shape), dtype=np.int64)
+    images = iter(grids)
+    for b in range(ids.shape[0]):
+        where = np.flatnonzero(mask[b])
+        kinds = kinds_all[b, where]
+        starts = np.flatnonzero(np.diff(kinds, prepend=kinds[:1] - 1)) if len(kinds) else []
+        ends = list(starts[1:]) + [len(kinds)]
+        row, current = [], 0
+        for a, e in zip(starts, ends):
+            if kinds[a] == 0:
+                row.append(np.broadcast_to(np.arange(e - a) + current, (3, e - a)))
+                current += e - a
+            else:
+                t, h, w = next(images)
+                block = _image_rope(t, h, w, merge)
+                if block.shape[1] != e - a:
+                    raise ValueError(f"{FAMILY}: {e - a} image tokens in a row, but its image has {block.shape[1]}")
+                row.append(block + current)
+                current += max(h, w) // merge
+        if row:
+            out[:, b, where] = np.concatenate(row, axis=1)
+    return torch.from_numpy(out)
+
+
+def host_inputs(inputs: dict[str, torch.Tensor], merge_size: int, image_token_id: int) -> dict[str, Any]:
+    """From a processed chunk with images (CPU tensors), what Qwen2-VL's forward would compute on the
+    device with host syncs: ``rope_position_ids`` [3, B, S] (``rope_positions``), ``vision_cu_seqlens``
+    (int32 patch boundaries of the images) and ``vision_position_ids`` [patches, 2] (the tower's rotary
+    positions), ``image_token_index`` (flat positions of the image tokens, in order),
+    ``vision_groups`` / ``vision_order`` (``image_groups``, for the batched vision attention).
+    Equal to transformers' own (``tests/test_host_sync.py``); numpy, cached per image shape, since it
+    runs in the DataLoader workers for every chunk."""
+    grids = inputs["image_grid_thw"].tolist()
+    ids = inputs["input_ids"]
+    frames = [h * w for t, h, w in grids for _ in range(t)]  # one attention segment per frame
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(frames)]).astype(np.int32))
+    groups, order = image_groups(cu)
+    vision = np.concatenate([_vision_rope(t, h, w, merge_size) for t, h, w in grids])
+    out: dict[str, Any] = {
+        "rope_position_ids": rope_positions(ids, inputs["mm_token_type_ids"], inputs["attention_mask"], grids,
+                                            merge_size),
+        "vision_cu_seqlens": cu, "vision_position_ids": torch.from_numpy(vision),
+        "image_token_index": (ids.reshape(-1) == image_token_id).nonzero().squeeze(1),
+        "vision_groups": [list(g) for g in groups],
+    }
+    if order is not None:
+        out["vision_order"] = order
+    return out
 
 
 # -- vision attention: images of one size in one SDPA call --------------------------------------

@@ -125,6 +125,9 @@ class TrainSection:
     mask_duplicates: bool = False
     # also drop negatives scoring above (positive score - margin); UniME: -0.1. None: off
     false_negative_margin: Optional[float] = None
+    # torch.compile the encoder's forward of each chunk (for GPUs: fewer kernel launches; the first
+    # steps of each new chunk shape compile; on a CPU it only costs compile time). false: eager
+    compile: bool = False
 
 
 @dataclass

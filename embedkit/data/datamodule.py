@@ -115,11 +115,18 @@ class EmbeddingDataModule(L.LightningDataModule):
         # own generators: creating a loader's iterator must not draw from the global torch RNG (a
         # resumed run creates them at other points of the run than the uninterrupted one)
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                          prefetch_factor=4 if workers > 0 else None, generator=self._generator())
+                          prefetch_factor=4 if workers > 0 else None, generator=self._generator(),
+                          pin_memory=self.pin_memory())
 
     def val_dataloader(self):
         return DataLoader(ValItems(self.val_examples), batch_size=self.chunk_size,
-                          collate_fn=ValCollate(self.processor), num_workers=0, generator=self._generator())
+                          collate_fn=ValCollate(self.processor), num_workers=0, generator=self._generator(),
+                          pin_memory=self.pin_memory())
+
+    def pin_memory(self) -> bool:
+        """Batches in page-locked memory when training on CUDA (asynchronous host-to-device copies);
+        never on the CPU, where pinning is a pointless copy."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def _generator(self):
         import torch

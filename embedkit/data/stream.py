@@ -105,6 +105,28 @@ class TrainBatch:
         """Padding's share of the sequence slots of this batch's forward passes (0 when unknown)."""
         return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
 
+    def pin_memory(self) -> "TrainBatch":
+        """A copy whose tensors are in page-locked memory (``DataLoader(pin_memory=True)`` calls it in its
+        pinning thread), so that the host-to-device copies run asynchronously (Lightning's transfer
+        passes ``non_blocking=True`` on CUDA) instead of stalling the host."""
+        import dataclasses
+
+        return dataclasses.replace(
+            self, query_chunks=_pinned(self.query_chunks), candidate_chunks=_pinned(self.candidate_chunks),
+            candidate_keys=_pinned(self.candidate_keys), query_restore=_pinned(self.query_restore),
+            candidate_restore=_pinned(self.candidate_restore))
+
+
+def _pinned(x):
+    """``x`` (a tensor, or dicts and lists of them) with every tensor pinned; anything else as is."""
+    if isinstance(x, torch.Tensor):
+        return x.pin_memory()
+    if isinstance(x, dict):
+        return {k: _pinned(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_pinned(v) for v in x]
+    return x
+
 
 def chunked(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]

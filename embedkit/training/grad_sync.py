@@ -68,7 +68,10 @@ def average_gradients(params: list[nn.Parameter], group=None) -> None:
         return
     world = dist.get_world_size(group)
     params = [p for p in params if p.requires_grad]
+    # on the parameters' device: NCCL reduces device tensors only (a CPU tensor works under gloo alone);
+    # the copy does not wait, the .tolist() is this function's one host sync
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8)
+    has = has.to(params[0].device, non_blocking=True) if params else has
     dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)
     for p, flag in zip(params, has.tolist()):
         if flag and p.grad is None:

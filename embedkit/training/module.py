@@ -62,6 +62,8 @@ class EmbeddingModule(L.LightningModule):
         self.max_skipped = train["max_skipped_steps"]
         self.mask_duplicates = train["mask_duplicates"]
         self.false_negative_margin = train["false_negative_margin"]
+        self.compile = train["compile"]  # torch.compile the encoder's forward of each chunk (encode)
+        self._compiled = None
         self._batch_keys: torch.Tensor | None = None  # candidate content keys of the batch being trained
         if (self.mask_duplicates or self.false_negative_margin is not None) and not accepts_mask(loss_fn):
             import logging
@@ -73,7 +75,8 @@ class EmbeddingModule(L.LightningModule):
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in all
         self.consecutive_skips = 0
         self.diverged_at: int | None = None  # the step the run stopped at for non-finite steps
-        self._cycle_bad = False  # a non-finite loss in the current accumulation cycle
+        # device bool: every loss of the current accumulation cycle finite (read once, at the optimizer step)
+        self._cycle_finite: torch.Tensor | None = None
         self.nonfinite = ""  # what the last skipped step found non-finite (for the stop message)
         self._pending_rng: dict | None = None  # restored at the first batch after a resume
         self.automatic_optimization = False
@@ -106,8 +109,24 @@ class EmbeddingModule(L.LightningModule):
     # -- encoding ---------------------------------------------------------------------------
     def encode(self, inputs: dict) -> torch.Tensor:
         """Processed chunk -> embeddings [n, D] (the encoder's forward); per layer [n, L, D] when the
-        loss sets ``needs_layers`` (matryoshka_2d)."""
-        return self.encoder(inputs, layers=getattr(self.loss_fn, "needs_layers", False))
+        loss sets ``needs_layers`` (matryoshka_2d). Compiled under ``train.compile``."""
+        forward = self.compiled_forward() if self.compile else self.encoder
+        return forward(inputs, layers=getattr(self.loss_fn, "needs_layers", False))
+
+    def compiled_forward(self):
+        """``torch.compile`` of the encoder's forward, made on first use. A function, not a module
+        attribute: a compiled module would enter the module tree and its checkpoint a second time.
+
+        GradCache encodes a chunk twice, without and with grad, under the same RNG state, and needs the
+        same dropout masks both times; Inductor's own random numbers do not promise that across its
+        inference and training graphs, so Inductor is told to draw them as eager does
+        (``fallback_random``, process-wide)."""
+        if self._compiled is None:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.fallback_random = True
+            self._compiled = torch.compile(self.encoder.forward)
+        return self._compiled
 
     def compute_loss(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None,
                      candidate_keys: torch.Tensor | None = None) -> LossOutput:
@@ -162,7 +181,7 @@ class EmbeddingModule(L.LightningModule):
         self.micro += 1
         if index % accumulate == 0:
             opt.zero_grad(set_to_none=True)
-            self._cycle_bad = False
+            self._cycle_finite = None
         steps_now = (index + 1) % accumulate == 0  # the last micro-batch of an optimizer step
         sharded = bool(grad_sync.fsdp2_roots(self))
         if sharded:  # FSDP2: accumulate unsharded grads; reduce-scatter on the step's last backward
@@ -176,40 +195,65 @@ class EmbeddingModule(L.LightningModule):
         passes = self.agree_passes(batch) if sharded and self.trainer.world_size > 1 else 0
         out = self.backward_batch(batch, self.manual_backward, scale=1.0 / accumulate,
                                   before_last_backward=before_last_backward, min_passes=passes)
-        self._cycle_bad |= not bool(torch.isfinite(out.loss))
+        # stays on the device: read once per optimizer step, by _guarded_step
+        finite = torch.isfinite(out.loss.detach())
+        self._cycle_finite = finite if self._cycle_finite is None else self._cycle_finite & finite
         if steps_now:
             self._sync_gradients()
             self._guarded_step(opt)
-        # distributed, each rank's loss is over its own rows: sync_dist reports the full-batch mean
+        self.log_step(batch, out, opt)
+        return out.loss
+
+    def log_step(self, batch: TrainBatch, out: LossOutput, opt) -> None:
+        """The step's metrics, without a host sync: device values are logged as device tensors (Lightning
+        reads them back once per ``trainer.log_every_n_steps``), host values as CPU tensors (a Python float
+        would be copied to the device, a blocking copy, every step). ``train/loss`` goes to the progress
+        bar only when there is one: Lightning reads progress-bar values back after every batch."""
         B = batch.batch_size
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=B, sync_dist=True)
-        self.log("train/lr", opt.param_groups[0]["lr"], batch_size=B)
-        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=B)
+        # distributed, each rank's loss is over its own rows: sync_dist reports the full-batch mean
+        bar = self._trainer is not None and self.trainer.progress_bar_callback is not None
+        self.log("train/loss", out.loss, prog_bar=bar, batch_size=B, sync_dist=True)
+        self.log("train/lr", torch.tensor(float(opt.param_groups[0]["lr"])), batch_size=B)
+        self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)), batch_size=B)
         masked = out.parts.pop("masked_negatives", None)
         if masked is not None:  # dropped (query, candidate) pairs of the whole global batch
             self.log("train/masked_negatives", masked, batch_size=B, sync_dist=True, reduce_fx="sum")
         if batch.padded_tokens:  # this rank's padding share of its forward passes (ChunkCollate counts it)
-            self.log("train/pad_fraction", batch.pad_fraction, batch_size=B)
+            self.log("train/pad_fraction", torch.tensor(batch.pad_fraction), batch_size=B)
         for name, value in out.parts.items():
             self.log(f"train/loss/{name}", value, batch_size=B, sync_dist=True)
-        return out.loss
 
-    def _grads_finite(self) -> bool:
-        return all(bool(torch.isfinite(getattr(p.grad, "_local_tensor", p.grad)).all())
-                   for p in self.parameters() if p.grad is not None)
+    def _grads_finite(self) -> torch.Tensor:
+        """Device bool: every gradient finite. GradScaler's own check (one multi-tensor kernel per device
+        and dtype, unscaling by 1: the gradients are unchanged), so no value leaves the device."""
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for p in self.parameters():
+            if p.grad is not None:
+                g = getattr(p.grad, "_local_tensor", p.grad)
+                groups.setdefault((g.device, g.dtype), []).append(g)
+        found = torch.zeros((), device=self.device)
+        for (device, _), grads in groups.items():
+            flag = torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, torch.ones(1, device=device))
+            found = found + flag.to(found.device).squeeze(0)
+        return found == 0
 
     def _guarded_step(self, opt) -> None:
         """Clip and step, unless the loss or a gradient is non-finite on any rank: then the step is
         consumed without an update (gradients dropped, so the optimizer touches no parameter and no
         moment; the step counter, schedule and data move on) and counted. ``max_skipped`` in a row
-        stop the run (``diverged_at``)."""
-        bad = self._cycle_bad or not self._grads_finite()
-        self.nonfinite = "loss" if self._cycle_bad else "gradient norm"
+        stop the run (``diverged_at``). The decision is the step's one host sync (one all-reduce first
+        when distributed)."""
+        loss_ok = self._cycle_finite if self._cycle_finite is not None else torch.ones((), dtype=torch.bool)
+        loss_ok = loss_ok.to(self.device)
+        bad_flag = ~(loss_ok & self._grads_finite())
         if self.trainer.world_size > 1:  # all ranks decide together
-            flag = torch.tensor([float(bad)], device=self.device)
+            flag = bad_flag.float().reshape(1)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            bad = bool(flag.item())
-        if bad:
+            bad_flag = flag[0] > 0
+        bad = bool(bad_flag)
+        if bad:  # what this rank found (a second read, on the rare bad step only)
+            self.nonfinite = "gradient norm" if bool(loss_ok) else "loss"
             opt.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             self.consecutive_skips += 1

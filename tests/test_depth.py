@@ -63,7 +63,7 @@ def test_a_cut_model_gives_the_embeddings_of_encode_at_that_layer(family):
         assert (small.encode_items(items, batch_size=4) - expected).abs().max().item() <= 1e-6
         assert small.embedding_dim == 16
         # a cut model's own encode(layer=) and encode(dim=) go on from the cut
-        assert (small.encode_items(items, dim=8) - torch.nn.functional.normalize(ref[:, :8], dim=-1)).abs().max() <= 1e-6
+        assert (small.encode_items(items, batch_size=3, dim=8) - torch.nn.functional.normalize(ref[:, :8], dim=-1)).abs().max() <= 1e-6
     # cutting to the full depth changes nothing: the final norm stays
     same = copy.deepcopy(encoder).cut(layer=depth)
     assert n_params(same) == n_params(encoder)

@@ -57,13 +57,14 @@ def test_a_cut_model_gives_the_embeddings_of_encode_at_that_layer(family):
         cut = copy.deepcopy(encoder).cut(layer=layer)
         assert cut.backbone.num_layers == layer
         assert n_params(cut) < n_params(encoder)  # the layers above are gone, not skipped
-        assert (cut.encode_items(items, batch_size=2) - ref).abs().max().item() <= 1e-6  # any batch size
+        assert (cut.encode_items(items, batch_size=3) - ref).abs().max().item() <= 1e-6
         small = copy.deepcopy(encoder).cut(layer=layer, dim=16)
         expected = torch.nn.functional.normalize(ref[:, :16], dim=-1)
-        assert (small.encode_items(items, batch_size=4) - expected).abs().max().item() <= 1e-6
+        assert (small.encode_items(items, batch_size=3) - expected).abs().max().item() <= 1e-6
         assert small.embedding_dim == 16
-        # a cut model's own encode(layer=) and encode(dim=) go on from the cut
-        assert (small.encode_items(items, batch_size=3, dim=8) - torch.nn.functional.normalize(ref[:, :8], dim=-1)).abs().max() <= 1e-6
+        # a cut model's own encode(dim=) goes on from the cut
+        smaller = small.encode_items(items, batch_size=3, dim=8)
+        assert (smaller - torch.nn.functional.normalize(ref[:, :8], dim=-1)).abs().max().item() <= 1e-6
     # cutting to the full depth changes nothing: the final norm stays
     same = copy.deepcopy(encoder).cut(layer=depth)
     assert n_params(same) == n_params(encoder)
@@ -116,7 +117,7 @@ def test_load_and_export_at_a_depth_reproduce_encode_at_that_depth(family, merge
     ref = full.encode_items(items, batch_size=4, layer=1, dim=dim)
     loaded = embedkit.load(run, layer=1, dim=dim)
     assert loaded.backbone.num_layers == 1 and n_params(loaded) < n_params(full)
-    assert (loaded.encode_items(items, batch_size=3) - ref).abs().max().item() <= 1e-6
+    assert (loaded.encode_items(items, batch_size=4) - ref).abs().max().item() <= 1e-6
     whole = export_model(run, tmp_path / "whole", merge_lora=merge, log=lambda m: None)
     out = export_model(run, tmp_path / "cut", merge_lora=merge, layer=1, dim=dim, log=lambda m: None)
     meta = json.loads((out / "embedkit.json").read_text())
@@ -128,9 +129,10 @@ def test_load_and_export_at_a_depth_reproduce_encode_at_that_depth(family, merge
     assert "No sentence-transformers files" in (out / "README.md").read_text()
     exported = embedkit.load(out)
     assert exported.embedding_dim == dim and exported.backbone.num_layers == 1
-    assert (exported.encode_items(items, batch_size=5) - ref).abs().max().item() <= 1e-6
+    assert (exported.encode_items(items, batch_size=4) - ref).abs().max().item() <= 1e-6
+    assert (exported.encode_items(items, batch_size=1) - ref).abs().max().item() <= 1e-5  # other padding: float error
     # an export at full depth loads cut the same way
-    assert (embedkit.load(whole, layer=1, dim=dim).encode_items(items) - ref).abs().max().item() <= 1e-6
+    assert (embedkit.load(whole, layer=1, dim=dim).encode_items(items, 4) - ref).abs().max().item() <= 1e-6
     with pytest.raises(UserError, match="layer: must be between 1 and 1"):
         embedkit.load(out, layer=2)
 

@@ -8,12 +8,17 @@
                                                      # (e.g. LLaVE's llava_qwen weights, VLM2Vec's
                                                      # PEFT adapters; outputs in runs/eval-<recipe>/)
     embedkit eval ... quantize=binary|int8|[int8,binary] [rescore=true] [rescore_k=10]
+    embedkit eval ... data.eval.retrieval=muvera [data.eval.muvera.candidates=100]   # multi_vector models
 
 ``quantize`` also scores the same embeddings quantised (``eval/quantize.py``: binary codes by Hamming
 distance, int8 by per-dimension scalar quantisation) and prints P@1 next to bytes per vector for float
 and each mode; ``rescore=true`` adds binary with its top ``rescore_k`` candidates rescored by the float
 query. The score files and the main table stay float; ``summary.json`` holds ``quantized`` per dataset and
 MLflow gets ``eval/<Dataset>/p@1/<mode>``.
+
+``data.eval.retrieval=muvera`` (a ``model.pooling=multi_vector`` model only) ranks each query's
+candidates by MUVERA's fixed-dimensional encodings and re-ranks its best ``data.eval.muvera.candidates``
+by exact MaxSim (``eval/muvera.py``); the default, ``exact``, scores every candidate by MaxSim.
 
 The model (architecture and weights) comes from the checkpoint, which carries its resolved config;
 the command line supplies the eval settings: ``data.eval.*``, ``train.chunk_size`` (items per
@@ -114,6 +119,9 @@ def main(args: list[str]) -> int:
         default_out = ckpt
     out_dir = Path(verb["out"]) if "out" in verb else default_out
     batch_size = cfg["train"]["chunk_size"]
+    from embedkit.eval.muvera import MuveraRetrieval
+
+    muvera = MuveraRetrieval.from_config(ev["muvera"]) if ev["retrieval"] == "muvera" else None
 
     import torch
 
@@ -125,6 +133,8 @@ def main(args: list[str]) -> int:
         encoder.config, encoder.checkpoint_step = {}, 0
     else:
         encoder = Encoder.from_checkpoint(ckpt) if "ckpt" in verb else load_model(ckpt)
+    if muvera is not None:
+        muvera.check_model(encoder)
     if torch.cuda.is_available():
         encoder.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     summary = mmeb.evaluate(
@@ -138,6 +148,7 @@ def main(args: list[str]) -> int:
         log=lambda m: print(m, flush=True) if rank == 0 else None,
         quantize=modes,
         rescore_k=rescore_k,
+        muvera=muvera,
     )
     if rank == 0:
         agg = summary["aggregate"]

@@ -268,6 +268,8 @@ def muvera_row_scores(
     k = settings.candidates
     for r, (qi, ci) in enumerate(zip(query_index, candidate_index)):
         n = len(ci)
+        if n == 0:
+            continue
         fde_scores = approx[r, :n]
         picked = fde_scores.topk(min(k, n)).indices
         ids = torch.as_tensor(list(ci), dtype=torch.long)[picked]

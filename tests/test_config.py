@@ -33,7 +33,7 @@ def test_component_shorthand_replaces_block_with_defaults():
     cfg = compose(["loss=infonce"])
     # the demo recipe sets learnable_temperature: true; the shorthand resets to the defaults
     assert cfg["loss"] == {"name": "infonce", "temperature": 0.02, "learnable_temperature": False,
-                           "bidirectional": False}
+                           "bidirectional": False, "maxsim": "mean"}
 
 
 def test_tilde_removes_a_key_so_the_default_applies():

@@ -77,6 +77,19 @@ def test_precision_and_ranking_metrics_by_hand():
     assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
 
 
+def test_ranking_metrics_do_not_depend_on_the_sign_of_the_scores():
+    """torchmetrics' retrieval metrics drop an answer scored <= 0; a shift of every score must not matter."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(30, 10, generator=g)
+    scores[:, 8:] = float("-inf")  # rows of 8 candidates
+    rank = [sum(float(s) > float(row[0]) for s in row[:8]) for row in scores]
+    m = retrieval.ranking_metrics(scores, ks=(1, 3, 8))
+    assert m["recall@8"] == 1.0 and m["recall@1"] == pytest.approx(retrieval.precision_at_1(scores)["acc"])
+    assert m["recall@3"] == pytest.approx(sum(r < 3 for r in rank) / 30)
+    assert m["mrr"] == pytest.approx(sum(1 / (r + 1) for r in rank) / 30)
+    assert retrieval.ranking_metrics(scores - 100.0, ks=(1, 3, 8)) == m
+
+
 def test_aggregate_is_the_mean_over_datasets_not_over_meta_tasks():
     manifest = mmeb.load_manifest()
     per = {"ImageNet-1K": 0.6, "N24News": 0.8, "Place365": 0.1, "RefCOCO": 0.5}

@@ -1,15 +1,25 @@
-"""Multi-vector late interaction (``model.pooling=multi_vector``): MaxSim against a direct loop, the
-one contrastive core scoring token sets by MaxSim (bidirectional, hardness-weighted, false negatives
-masked) against a direct loop, the head's padding invariance and pruning, and GradCache (chunks) ==
+"""Multi-vector late interaction (``model.pooling=multi_vector``): MaxSim (summed, and averaged over the
+query's tokens as the losses train by default) against a direct loop, the one contrastive core scoring
+token sets by MaxSim (bidirectional, hardness-weighted, false negatives masked) against a direct loop, the head's padding invariance and pruning, and GradCache (chunks) ==
 one graph on the tiny demo model with dropout on."""
 
 import math
 
+import pytest
 import torch
 from _variant_batches import assert_cached_equals_one_graph, module_and_batches
 
 from embedkit.eval.retrieval import row_scores
-from embedkit.losses.base import CandidateMask, Temperature, contrastive_loss, maxsim_similarity, similarity_for
+from embedkit.losses.base import (
+    CandidateMask,
+    Temperature,
+    contrastive_loss,
+    maxsim_similarity,
+    mean_maxsim_similarity,
+    similarity_for,
+)
+from embedkit.losses.hardness_weighted import HardnessWeighted
+from embedkit.losses.infonce import InfoNCE
 from embedkit.pooling.multi_vector import MultiVectorPooling
 
 TAU, ALPHA = 0.1, 2.0
@@ -75,6 +85,61 @@ def test_contrastive_core_scores_token_sets_by_maxsim_with_the_false_negative_ma
     assert out.parts["masked_negatives"].item() == 1  # row 2 drops the copy of its positive
 
 
+def test_mean_maxsim_matches_a_direct_loop():
+    g = torch.Generator().manual_seed(3)
+    a, la = token_sets(4, 5, 8, g)
+    b, lb = token_sets(6, 7, 8, g)
+    a[3] = 0  # a set with no real token scores 0
+    s = mean_maxsim_similarity(a, b)
+    for i in range(3):
+        for j in range(6):
+            assert abs(s[i, j].item() - direct_maxsim(a[i], la[i], b[j], lb[j]) / la[i]) <= 1e-6
+    assert (s[3] == 0).all() and s.abs().max() <= 1 + 1e-12
+    assert similarity_for(a, "mean") is mean_maxsim_similarity and similarity_for(a, "sum") is maxsim_similarity
+    with pytest.raises(ValueError, match="maxsim: expected one of sum, mean, got 'max'"):
+        similarity_for(a, "max")
+
+
+def test_losses_train_on_mean_maxsim_by_default_against_a_direct_loop():
+    """hardness_weighted (and infonce) score token sets by MaxSim averaged over the query's tokens
+    unless ``maxsim=sum``: both directions, rows, the false-negative mask, against direct loops."""
+    g = torch.Generator().manual_seed(4)
+    B, K, T, d = 4, 1, 6, 8
+    q, lq = token_sets(B, T, d, g)
+    p, lp = token_sets(B, T, d, g)
+    n, ln = token_sets(B * K, T, d, g)
+    keys = torch.arange(B + B * K, dtype=torch.int64)
+    keys[B] = keys[1]  # example 0's negative copies example 1's positive
+    loss = HardnessWeighted(alpha=ALPHA, temperature=TAU, bidirectional=True)
+    assert loss.maxsim == "mean" and InfoNCE().maxsim == "mean"
+    out = loss(q, p, n.view(B, K, T, d), rows=slice(0, 3), mask=CandidateMask(keys))
+    cands, lc = torch.cat([p, n]), lp + ln
+    rows = [0, 1, 2]
+    q2c = [[direct_maxsim(q[i], lq[i], cands[c], lc[c]) / lq[i] for c in range(len(cands))] for i in rows]
+    c2q = [[direct_maxsim(q[j], lq[j], p[i], lp[i]) / lq[j] for j in range(B)] for i in rows]
+    expected_q2c = direct_direction(q2c, rows, keys.tolist(), [keys[i].item() for i in rows])
+    expected_c2q = direct_direction(c2q, rows, keys[:B].tolist(), [keys[i].item() for i in rows])
+    assert abs(out.parts["q2c"].item() - expected_q2c) <= 1e-6
+    assert abs(out.parts["c2q"].item() - expected_c2q) <= 1e-6
+    summed = InfoNCE(temperature=TAU, bidirectional=True, maxsim="sum")(q, p)
+    plain = contrastive_loss(q, p, temperature=Temperature(TAU, False)(), bidirectional=True)  # the core: sum
+    assert abs(summed.loss.item() - plain.loss.item()) <= 1e-12
+
+
+def test_mean_maxsim_compares_queries_of_different_lengths_in_c2q():
+    """c2q ranks QUERIES for a candidate: the sum favours the longest query, the mean does not.
+    Candidate p = one token e; its query matches it exactly (1 token), another query has 8 tokens at
+    cosine 0.5 to it: the sum scores the wrong query 4 > 1, the mean 0.5 < 1."""
+    e = torch.eye(4, dtype=torch.float64)[0]
+    half = torch.nn.functional.normalize(e + torch.eye(4, dtype=torch.float64)[1] * 3**0.5, dim=0)  # cos 0.5 to e
+    own = torch.zeros(1, 8, 4, dtype=torch.float64)
+    own[0, 0] = e
+    long = half.expand(1, 8, 4).clone()
+    queries, p = torch.cat([own, long]), own
+    assert maxsim_similarity(queries, p)[:, 0].argmax() == 1  # the long query wins by the sum
+    assert mean_maxsim_similarity(queries, p)[:, 0].argmax() == 0
+
+
 def test_head_is_padding_invariant_and_keeps_the_last_tokens():
     torch.manual_seed(0)
     head = MultiVectorPooling(hidden_size=6, dim=4, max_tokens=3)
@@ -93,9 +158,10 @@ def test_head_is_padding_invariant_and_keeps_the_last_tokens():
 
 
 def test_gradcache_equals_one_graph():
+    """With the losses' default, MaxSim averaged over the query's tokens."""
     module, batch = module_and_batches("model.pooling=multi_vector", "model.pooling.dim=16",
                                        "model.pooling.max_tokens=12", "loss=hardness_weighted")
-    assert module.encoder.embedding_dim == 16
+    assert module.encoder.embedding_dim == 16 and module.loss_fn.maxsim == "mean"
     out = assert_cached_equals_one_graph(module, batch)
     assert out.parts["masked_negatives"] > 0
 

@@ -104,3 +104,151 @@ def test_fde_candidates_hold_the_exact_maxsim_top_10():
     exact = maxsim(queries[:5], query_mask[:5], docs, doc_mask)
     torch.testing.assert_close(scores, exact.gather(1, ids), atol=1e-5, rtol=0)
     assert (scores[:, :-1] >= scores[:, 1:]).all()
+
+
+# ---------------------------------------------------------------- embedkit eval: data.eval.retrieval=muvera
+
+
+def token_sets(n, T, d, seed):
+    """[n, T, d] unit token vectors, 1..T real tokens first, zero padding (a multi_vector head's layout)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, T, d, generator=g), dim=-1)
+    lengths = torch.randint(1, T + 1, (n,), generator=g)
+    return x * (torch.arange(T)[None, :] < lengths[:, None])[..., None]
+
+
+def synthetic_rows(seed=0):
+    """Token-set queries and candidates, rows of 3..12 candidates (some shared between rows)."""
+    g = torch.Generator().manual_seed(seed)
+    q, c = token_sets(7, 6, 16, seed), token_sets(40, 9, 16, seed + 1)
+    q_index = torch.randint(0, 7, (25,), generator=g).tolist()
+    c_index = [torch.randperm(40, generator=g)[: int(torch.randint(3, 13, (1,), generator=g))].tolist()
+               for _ in range(25)]
+    return q, c, q_index, c_index
+
+
+def test_muvera_rows_reranking_every_candidate_equal_exact_maxsim():
+    from embedkit.eval.muvera import MuveraRetrieval, muvera_row_scores
+    from embedkit.eval.retrieval import precision_at_1, row_scores
+
+    q, c, qi, ci = synthetic_rows()
+    exact = row_scores(q, c, qi, ci)
+    got, info = muvera_row_scores(q, c, qi, ci, MuveraRetrieval(FDEConfig(k_sim=2, d_proj=4, repetitions=3), 12))
+    torch.testing.assert_close(got, exact, atol=1e-6, rtol=0)  # -inf past each row's candidates too
+    assert precision_at_1(got) == precision_at_1(exact)
+    assert info["fde_numbers"] == 3 * 4 * 4 and info["fde_bytes"] == 4 * 48 and info["reranked"] == 12
+
+
+def test_muvera_rows_rerank_the_fde_best_and_keep_the_rest_below_in_fde_order():
+    from embedkit.eval.muvera import FDE, MuveraRetrieval, muvera_row_scores
+    from embedkit.eval.retrieval import row_scores
+    from embedkit.losses.base import token_mask
+
+    q, c, qi, ci = synthetic_rows(seed=3)
+    config, k = FDEConfig(k_sim=2, d_proj=4, repetitions=3), 4
+    got, _ = muvera_row_scores(q, c, qi, ci, MuveraRetrieval(config, k))
+    exact = row_scores(q, c, qi, ci)
+    fde = FDE(16, config)
+    q_fde, c_fde = fde.queries(q, token_mask(q)), fde.documents(c, token_mask(c))
+    for r, (a, row) in enumerate(zip(qi, ci)):
+        approx = [float(q_fde[a] @ c_fde[j]) for j in row]  # the FDE inner product, one pair at a time
+        top = sorted(range(len(row)), key=lambda j: -approx[j])[:k]
+        rest = [j for j in range(len(row)) if j not in top]
+        for j in top:
+            assert abs(float(got[r, j]) - float(exact[r, j])) <= 1e-6
+        if rest:
+            assert float(got[r, rest].max()) < float(got[r, top].min())
+            order = sorted(rest, key=lambda j: -approx[j])
+            assert got[r, order].tolist() == sorted(got[r, order].tolist(), reverse=True)
+        assert got[r, len(row):].isinf().all()
+
+
+def test_muvera_on_single_vectors_is_a_one_line_user_error():
+    from embedkit.errors import UserError
+    from embedkit.eval.muvera import MuveraRetrieval, muvera_row_scores
+    from embedkit.pooling.last_token import LastTokenPooling
+
+    settings = MuveraRetrieval(FDEConfig())
+    with pytest.raises(UserError, match="data.eval.retrieval=muvera: the model .* gives one vector per input"):
+        muvera_row_scores(rand(3, 8), rand(5, 8), [0, 1], [[0, 1], [2, 3, 4]], settings)
+
+    class Single:
+        pooling = LastTokenPooling()
+
+    with pytest.raises(UserError, match=r"\(LastTokenPooling\) gives one vector .*model.pooling=multi_vector") as err:
+        settings.check_model(Single())
+    assert "\n" not in str(err.value)
+
+
+def test_muvera_config_keys_and_their_errors():
+    from embedkit.config.loader import compose
+    from embedkit.errors import ConfigError
+    from embedkit.eval.muvera import MuveraRetrieval
+
+    ev = compose(["recipe=demo"])["data"]["eval"]
+    assert ev["retrieval"] == "exact"
+    default = MuveraRetrieval.from_config(ev["muvera"])  # the documented settings (docs/muvera.md)
+    assert (default.fde, default.candidates) == (FDEConfig(), 100)
+    ev = compose(["recipe=demo", "data.eval.retrieval=muvera", "data.eval.muvera.k_sim=3",
+                  "data.eval.muvera.d_proj=null", "data.eval.muvera.repetitions=5", "data.eval.muvera.candidates=7"])
+    got = MuveraRetrieval.from_config(ev["data"]["eval"]["muvera"])
+    assert ev["data"]["eval"]["retrieval"] == "muvera"
+    assert (got.fde.k_sim, got.fde.d_proj, got.fde.repetitions, got.candidates) == (3, None, 5, 7)
+    for word, msg in (("data.eval.retrieval=fde", "data.eval.retrieval: 'fde' is not accepted; choices: exact, muvera"),
+                      ("data.eval.muvera.candidates=0", "data.eval.muvera.candidates: 0 is below its minimum, 1"),
+                      ("data.eval.muvera.k_sims=3", "data.eval.muvera.k_sims: unknown key")):
+        with pytest.raises(ConfigError, match=msg):
+            compose(["recipe=demo", word])
+
+
+def tiny_checkpoint(path, *overrides):
+    """A checkpoint of the demo recipe's random tiny model (no training), as ``embedkit fit`` lays it out."""
+    from embedkit.config.loader import compose
+    from embedkit.encoder import CHECKPOINT_PREFIX, Encoder
+
+    cfg = compose(["recipe=demo", *overrides])
+    encoder = Encoder.from_config(cfg["model"], seed=cfg["seed"])
+    state = {CHECKPOINT_PREFIX + k: v for k, v in encoder.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"config": cfg}, "global_step": 0}, path)
+    return path
+
+
+def test_eval_command_ranks_token_sets_by_muvera(tmp_path, capsys):
+    """``embedkit eval data.eval.retrieval=muvera`` on a multi_vector checkpoint: re-ranking all 10
+    candidates of each row gives exact MaxSim's scores; fewer re-ranks run the FDE path; a single-vector
+    checkpoint is a one-line error before anything is encoded."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _mmeb_fixture as fx
+
+    from embedkit.cli import main as cli
+
+    root = tmp_path / "mmeb"
+    fx.build(root, rows=20)
+    ckpt = tiny_checkpoint(tmp_path / "mv.ckpt", "model.pooling=multi_vector", "model.pooling.dim=16")
+    common = ["eval", f"ckpt={ckpt}", f"data.eval.root={root}", "data.eval.datasets=[N24News,RefCOCO]",
+              "tracking.enabled=false", "train.chunk_size=20"]
+    runs = {}
+    for name, words in (("exact", []), ("muvera", ["data.eval.retrieval=muvera"]),
+                        ("muvera3", ["data.eval.retrieval=muvera", "data.eval.muvera.candidates=3"])):
+        assert cli([*common, f"out={tmp_path / name}", *words]) == 0
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())["datasets"]
+    out = capsys.readouterr().out
+    assert "MUVERA: FDE of 4096 numbers (16384 B per set" in out and "best 3 re-ranked by MaxSim" in out
+    for ds in ("N24News", "RefCOCO"):
+        exact, full, three = runs["exact"][ds], runs["muvera"][ds], runs["muvera3"][ds]
+        assert "muvera" not in exact["details"]
+        assert full["details"]["muvera"]["reranked"] == 10 and three["details"]["muvera"]["reranked"] == 3
+        for key in ("recall@1", "recall@5", "recall@10", "mrr"):
+            assert full["details"][key] == pytest.approx(exact["details"][key], abs=1e-6)
+        assert full["acc"] == exact["acc"] and full["num_pred"] == 20
+        assert three["details"]["recall@10"] == 1.0  # every candidate still ranked (the rest by FDE)
+    single = tiny_checkpoint(tmp_path / "single.ckpt")
+    assert cli(["eval", f"ckpt={single}", f"data.eval.root={root}", "data.eval.retrieval=muvera",
+                "tracking.enabled=false", f"out={tmp_path / 'single'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.eval.retrieval=muvera: the model (LastTokenPooling) gives one vector" in err
+    assert not (tmp_path / "single").exists()

@@ -46,7 +46,7 @@ def test_builtins_are_registered_by_file_stem():
 
 def test_config_keys_are_constructor_keywords():
     comp = registry.get("loss", "infonce")
-    assert set(comp.params) == {"temperature", "learnable_temperature", "bidirectional"}
+    assert set(comp.params) == {"temperature", "learnable_temperature", "bidirectional", "maxsim"}
     assert registry.get("pooling", "last_token").params == {}
 
 

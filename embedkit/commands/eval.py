@@ -9,6 +9,7 @@
                                                      # PEFT adapters; outputs in runs/eval-<recipe>/)
     embedkit eval ... quantize=binary|int8|[int8,binary] [rescore=true] [rescore_k=10]
     embedkit eval ... layer=L dim=D                # the model cut to its first L layers and D dims
+    embedkit eval ... data.eval.retrieval=muvera [data.eval.muvera.candidates=100]   # multi_vector models
 
 ``quantize`` also scores the same embeddings quantised (``eval/quantize.py``: binary codes by Hamming
 distance, int8 by per-dimension scalar quantisation) and prints P@1 next to bytes per vector for float
@@ -21,6 +22,10 @@ MLflow gets ``eval/<Dataset>/p@1/<mode>``.
 ``summary.json`` records ``depth`` (layer, dim and the full model's); a cut model's outputs go to
 ``eval-l<L>_d<D>/`` instead of ``eval/`` and its MLflow metrics end in ``/l<L>_d<D>``
 (``eval/overall/p@1/l1_d16``), so depths of one run sit side by side with the full model's.
+
+``data.eval.retrieval=muvera`` (a ``model.pooling=multi_vector`` model only) ranks each query's
+candidates by MUVERA's fixed-dimensional encodings and re-ranks its best ``data.eval.muvera.candidates``
+by exact MaxSim (``eval/muvera.py``); the default, ``exact``, scores every candidate by MaxSim.
 
 The model (architecture and weights) comes from the checkpoint, which carries its resolved config;
 the command line supplies the eval settings: ``data.eval.*``, ``train.chunk_size`` (items per
@@ -132,6 +137,9 @@ def main(args: list[str]) -> int:
     if "model" in verb and not ckpt.exists():
         raise UserError(f"model: {ckpt} does not exist")
     batch_size = cfg["train"]["chunk_size"]
+    from embedkit.eval.muvera import MuveraRetrieval
+
+    muvera = MuveraRetrieval.from_config(ev["muvera"]) if ev["retrieval"] == "muvera" else None
 
     import torch
 
@@ -157,6 +165,8 @@ def main(args: list[str]) -> int:
     if from_config:
         default_out = ckpt / folder if tag else ckpt
     out_dir = Path(verb["out"]) if "out" in verb else default_out
+    if muvera is not None:
+        muvera.check_model(encoder)
     if torch.cuda.is_available():
         encoder.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     summary = mmeb.evaluate(
@@ -169,6 +179,7 @@ def main(args: list[str]) -> int:
         log=lambda m: print(m, flush=True) if rank == 0 else None,
         quantize=modes,
         rescore_k=rescore_k,
+        muvera=muvera,
     )
     if rank == 0:
         if depth:

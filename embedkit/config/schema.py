@@ -84,10 +84,24 @@ class ValData:
 
 
 @dataclass
+class MuveraSettings:
+    """MUVERA's fixed-dimensional encodings (arXiv 2405.19588; docs/muvera.md) for data.eval.retrieval=muvera."""
+
+    k_sim: int = 4  # SimHash hyperplanes per repetition: 2^k_sim buckets
+    d_proj: Optional[int] = 16  # each token projected to this many numbers per bucket; None: no projection
+    repetitions: int = 16  # independent partitions concatenated (FDE size: repetitions * 2^k_sim * d_proj)
+    candidates: int = 100  # per query, this many of its candidates (best by FDE) re-ranked by exact MaxSim
+
+
+@dataclass
 class EvalData:
     root: Optional[str] = None
     datasets: list[str] = field(default_factory=list)
     val_rows: int = 0  # >0: during fit, each validation also scores this many rows per dataset (val/<dataset>/p@1)
+    # how embedkit eval ranks token-vector sets (model.pooling=multi_vector): exact MaxSim over every
+    # candidate, or MUVERA's FDE picks data.eval.muvera.candidates per query and exact MaxSim re-ranks them
+    retrieval: Literal["exact", "muvera"] = "exact"
+    muvera: MuveraSettings = field(default_factory=MuveraSettings)
 
 
 @dataclass
@@ -191,6 +205,8 @@ MINIMUMS = {
     "data.train.task_batch_size": 0, "data.train.epoch_steps": 0,
     "data.demo.train_size": 1, "data.demo.val_size": 1, "data.demo.image_size": 28, "data.demo.holdout_combinations": 0,
     "model.lora.r": 1,
+    "data.eval.muvera.k_sim": 0, "data.eval.muvera.d_proj": 1, "data.eval.muvera.repetitions": 1,
+    "data.eval.muvera.candidates": 1,
 }
 
 

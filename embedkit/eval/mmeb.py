@@ -37,6 +37,7 @@ from embedkit.data.schema import Item
 from embedkit.distributed.gather import rank_and_world
 from embedkit.errors import UserError
 from embedkit.eval import retrieval
+from embedkit.eval.muvera import MuveraRetrieval, muvera_row_scores
 from embedkit.files import write_atomic
 
 Encoder = Callable[[list[Item]], torch.Tensor]
@@ -208,8 +209,13 @@ def evaluate_rows(
     encode_candidates: Encoder | None = None,
     quantize: Sequence[str] = (),
     rescore_k: int | None = None,
+    muvera: MuveraRetrieval | None = None,
 ) -> dict:
     """Scores of one dataset: the reference's ``acc/num_correct/num_pred`` plus recall@k, MRR, ties.
+
+    ``muvera`` (``data.eval.retrieval=muvera``, token-vector sets only): each query's candidates are
+    ranked by MUVERA's FDE and its best are re-ranked by exact MaxSim (``muvera.muvera_row_scores``);
+    ``details["muvera"]`` holds the FDE size, bytes per set and the scoring seconds.
 
     ``quantize`` (``binary``, ``int8``) adds ``quantized[mode] = {acc, bytes_per_vector, ties_at_top}``
     scored on quantised embeddings (``eval/quantize.py``); with ``rescore_k`` binary is also scored with
@@ -224,9 +230,14 @@ def evaluate_rows(
         at += len(r.tgt_text)
     q_emb = encode_keys(queries, encode, root, batch_size)
     c_emb = encode_keys(cands, encode_candidates or encode, root, batch_size)
-    scores = retrieval.row_scores(q_emb, c_emb, q_index, c_index, normalize=normalize)
+    if muvera is not None:
+        scores, muvera_info = muvera_row_scores(q_emb, c_emb, q_index, c_index, muvera, normalize=normalize)
+    else:
+        scores = retrieval.row_scores(q_emb, c_emb, q_index, c_index, normalize=normalize)
     result = retrieval.precision_at_1(scores)
     details = retrieval.ranking_metrics(scores)
+    if muvera is not None:
+        details["muvera"] = muvera_info
     details["ties_at_top"] = int(retrieval.top_ties(scores).sum())
     details["candidates"] = max(len(c) for c in c_index) if c_index else 0
     details["unique_queries"] = len(queries)
@@ -271,6 +282,7 @@ def evaluate(
     log: Callable[[str], None] | None = None,
     quantize: Sequence[str] = (),
     rescore_k: int | None = None,
+    muvera: MuveraRetrieval | None = None,
 ) -> dict:
     """Evaluate ``datasets`` (all found under root when empty); write outputs on rank 0.
 
@@ -285,9 +297,14 @@ def evaluate(
             log(f"[{i + 1}/{len(names)}] {name}")
         rows = load_dataset(root, name, max_rows)
         results[name] = evaluate_rows(rows, encode, root, batch_size, normalize, encode_candidates,
-                                      quantize=quantize, rescore_k=rescore_k)
+                                      quantize=quantize, rescore_k=rescore_k, muvera=muvera)
         if log:
             log(f"  {name}: P@1 {results[name]['acc']:.4f} ({results[name]['num_correct']}/{results[name]['num_pred']})")
+            info = results[name]["details"].get("muvera")
+            if info:
+                log(f"  MUVERA: FDE of {info['fde_numbers']} numbers ({info['fde_bytes']} B per set; token sets "
+                    f"{info['token_set_bytes']:.0f} B), best {info['reranked']} re-ranked by MaxSim, "
+                    f"scored in {info['seconds']:.2f}s")
     summary = {
         "datasets": results,
         "aggregate": retrieval.aggregate({n: r["acc"] for n, r in results.items()}, manifest),

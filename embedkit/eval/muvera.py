@@ -21,17 +21,25 @@ single-vector search finds candidates that exact MaxSim then re-ranks. Per repet
 Retrieval (``MuveraIndex.search``): the ``candidates`` best documents by FDE inner product, re-ranked
 by exact MaxSim; the top ``k`` are returned.
 
-This module works on token-vector sets given as padded tensors with masks. The multi-vector pooling
-head that produces such sets in a model is a separate component (``eval.retrieval=muvera`` wiring
-waits for it).
+This module works on token-vector sets given as padded tensors with masks. In ``embedkit eval``
+(``data.eval.retrieval=muvera``, ``muvera_row_scores``) the sets come from ``model.pooling=multi_vector``
+(zero vectors pad them; ``losses.base.token_mask`` gives the mask): each MMEB query's own candidate list
+is ranked by FDE inner product and its best ``candidates`` are re-ranked by exact MaxSim.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from embedkit.errors import UserError
+from embedkit.eval.retrieval import row_block, scores_by_row
+from embedkit.losses.base import maxsim_similarity, token_mask
 
 
 @dataclass
@@ -187,3 +195,95 @@ def recall_of_exact_top(index: MuveraIndex, q: torch.Tensor, q_mask: torch.Tenso
     found = index.candidates(q, q_mask, candidates)
     hits = sum(len(set(e.tolist()) & set(f.tolist())) for e, f in zip(exact, found))
     return hits / exact.numel()
+
+
+# ---------------------------------------------------------------- embedkit eval: data.eval.retrieval=muvera
+
+
+@dataclass
+class MuveraRetrieval:
+    """``data.eval.retrieval=muvera``: the FDE settings and ``candidates``, how many of each query's
+    candidates (the best by FDE) exact MaxSim re-ranks."""
+
+    fde: FDEConfig
+    candidates: int = 100
+
+    @classmethod
+    def from_config(cls, section: dict) -> "MuveraRetrieval":
+        """From the ``data.eval.muvera`` section (``k_sim``, ``d_proj``, ``repetitions``, ``candidates``)."""
+        return cls(FDEConfig(k_sim=section["k_sim"], d_proj=section["d_proj"], repetitions=section["repetitions"]),
+                   candidates=section["candidates"])
+
+    def check_model(self, encoder) -> None:
+        """UserError unless ``encoder`` gives token-vector sets (its pooling head is ``multi_vector``);
+        called before anything is encoded."""
+        from embedkit.pooling.multi_vector import MultiVectorPooling
+
+        pooling = getattr(encoder, "pooling", None)
+        if not isinstance(pooling, MultiVectorPooling):
+            raise single_vector_error(type(pooling).__name__ if pooling is not None else type(encoder).__name__)
+
+
+def single_vector_error(what: str) -> UserError:
+    return UserError(f"data.eval.retrieval=muvera: the model ({what}) gives one vector per input; MUVERA ranks "
+                     "token-vector sets (model.pooling=multi_vector); use data.eval.retrieval=exact")
+
+
+def _in_blocks(encode, x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``encode(x_block, mask_block)`` over blocks of sets: the fill step holds [R, n, T, 2^k_sim] codes."""
+    mask = token_mask(x)
+    return torch.cat([encode(x[i : i + block], mask[i : i + block]) for i in range(0, len(x), block)])
+
+
+def muvera_row_scores(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    query_index: Sequence[int],
+    candidate_index: Sequence[Sequence[int]],
+    settings: MuveraRetrieval,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, dict]:
+    """(scores ``[R, Cmax]``, info) of each MMEB row's query against its own candidates, by MUVERA.
+
+    ``queries [Nq, T, d]``, ``candidates [Nc, T, d]``: the unique token-vector sets (zero vectors pad);
+    rows as in ``retrieval.row_scores``. Per row, the FDE inner product ranks the row's candidates;
+    its best ``settings.candidates`` get their exact MaxSim (``losses.base.maxsim_similarity``, the
+    score ``row_scores`` gives every candidate), and the rest keep their FDE order below all of them:
+    ``FDE - (the rest's best FDE) + (the lowest exact score) - 1``. Re-ranking every candidate gives
+    exactly ``row_scores``. Rows are padded with -inf. ``info``: the FDE size and bytes per set, the
+    mean bytes of a token set's real tokens, the candidates re-ranked, and the scoring seconds.
+    """
+    if queries.dim() != 3 or candidates.dim() != 3:
+        raise single_vector_error(f"embeddings of shape {tuple(queries.shape[1:])}")
+    start = time.perf_counter()
+    q, c = queries.float(), candidates.float()
+    if normalize:
+        q, c = F.normalize(q, dim=-1), F.normalize(c, dim=-1)
+    fde = FDE(q.shape[-1], settings.fde)
+    q_fde, c_fde = _in_blocks(fde.queries, q), _in_blocks(fde.documents, c)
+    approx = scores_by_row(q_fde, c_fde, query_index, candidate_index,
+                           lambda qb, cb: torch.einsum("bw,bcw->bc", qb, cb),
+                           block=row_block(candidate_index, fde.width))
+    out = torch.full_like(approx, float("-inf"))
+    k = settings.candidates
+    for r, (qi, ci) in enumerate(zip(query_index, candidate_index)):
+        n = len(ci)
+        if n == 0:
+            continue
+        fde_scores = approx[r, :n]
+        picked = fde_scores.topk(min(k, n)).indices
+        ids = torch.as_tensor(list(ci), dtype=torch.long)[picked]
+        exact = maxsim_similarity(q[qi : qi + 1], c[ids])[0]
+        row = torch.empty(n, dtype=out.dtype)
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[picked] = False
+        if rest.any():  # the others keep their FDE order, below every exact score
+            row[rest] = fde_scores[rest] - fde_scores[rest].max() + exact.min() - 1
+        row[picked] = exact
+        out[r, :n] = row
+    seconds = time.perf_counter() - start
+    real = token_mask(c).sum(dim=-1).float()
+    info = {"fde_numbers": fde.width, "fde_bytes": 4 * fde.width,
+            "token_set_bytes": round(float(real.mean()) * c.shape[-1] * 4, 1) if len(real) else 0.0,
+            "reranked": min(k, approx.shape[1]), "seconds": round(seconds, 4)}
+    return out, info

@@ -40,7 +40,8 @@ def row_scores(
     ``[N, T, d]`` of a multi-vector head are scored by exact MaxSim, ``losses.base.maxsim_similarity``); row r is the query
     ``queries[query_index[r]]`` with candidates ``candidates[candidate_index[r]]`` (answer first).
     Rows with fewer candidates than the longest are padded with -inf. Rows are processed in blocks so
-    memory stays at ``block * Cmax * D``.
+    memory stays at ``block * Cmax * D`` (``block`` is lowered so that this stays under ``row_block``'s
+    budget: a token set is ``T * d`` numbers per candidate).
     """
     if len(query_index) != len(candidate_index):
         raise ValueError("query_index and candidate_index must have one entry per row")
@@ -49,7 +50,15 @@ def row_scores(
     if normalize:
         q = F.normalize(q, dim=-1)
         c = F.normalize(c, dim=-1)
+    block = min(block, row_block(candidate_index, c[0].numel() if len(c) else 1))
     return scores_by_row(q, c, query_index, candidate_index, _row_similarity, block)
+
+
+def row_block(candidate_index: Sequence[Sequence[int]], per_candidate: int, budget: int = 1 << 26) -> int:
+    """Rows per block of ``scores_by_row`` whose gathered candidates hold at most ``budget`` numbers
+    (256 MiB of float32) when each candidate is ``per_candidate`` numbers; at least 1."""
+    width = max((len(ci) for ci in candidate_index), default=1)
+    return max(1, budget // max(1, width * per_candidate))
 
 
 def _row_similarity(qb: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
@@ -98,22 +107,19 @@ def precision_at_1(scores: torch.Tensor) -> dict:
 
 
 def ranking_metrics(scores: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """Recall@k and MRR through ``torchmetrics.retrieval`` (one relevant candidate per row: 0)."""
-    from torchmetrics.retrieval import RetrievalMRR, RetrievalRecall
+    """Recall@k and MRR, one relevant candidate per row (candidate 0): with ``rank_r`` the number of
+    the row's candidates scored strictly above its answer (a tie goes to the answer, as in
+    ``hits_at_1``, so recall@1 == P@1), recall@k = mean_r [rank_r < k], MRR = mean_r 1 / (rank_r + 1).
+    -inf marks the padding past a row's candidates.
 
-    rows, width = scores.shape
-    if rows == 0:
+    Not torchmetrics' ``RetrievalRecall``/``RetrievalMRR``: they count an answer only when its score
+    is > 0 (they read scores as probabilities), so a negative cosine or MaxSim lost hits (see
+    docs/bugs-and-fixes.md)."""
+    if scores.shape[0] == 0:
         return {}
-    valid = torch.isfinite(scores)
-    preds = scores[valid]
-    target = torch.zeros_like(scores, dtype=torch.bool)
-    target[:, 0] = True
-    target = target[valid]
-    indexes = torch.arange(rows)[:, None].expand(rows, width)[valid]
-    out = {}
-    for k in ks:
-        out[f"recall@{k}"] = float(RetrievalRecall(top_k=k)(preds, target, indexes=indexes))
-    out["mrr"] = float(RetrievalMRR()(preds, target, indexes=indexes))
+    rank = (scores > scores[:, :1]).sum(dim=1).float()
+    out = {f"recall@{k}": float((rank < k).float().mean()) for k in ks}
+    out["mrr"] = float((1.0 / (rank + 1.0)).mean())
     return out
 
 

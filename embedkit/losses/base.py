@@ -147,18 +147,41 @@ def maxsim_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, best, torch.zeros((), dtype=best.dtype, device=best.device)).sum(dim=-1)
 
 
+def mean_maxsim_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """MaxSim averaged over the query's real tokens: ``maxsim_similarity(a, b)[i, j] / |a_i|`` (a set
+    with no real token scores 0), in [-1, 1] like the cosine of single vectors: [r, C].
+
+    Why, for training logits: the sum grows with the query's token count, so s/τ at the τ ≈ 0.02
+    single-vector losses use spans ±|a_i|/τ (hundreds): the softmax saturates, and on the demo the
+    model escaped into the zero-gradient state where every token vector is the same (loss log B).
+    In q2c a row's scale 1/|a_i| leaves its ranking unchanged (eval ranks identically); in c2q the
+    softmax runs over queries of different lengths, where the sum favours the longest query by
+    ~1/τ per extra token and the mean compares them fairly. τ, LLaVE's α and UniME's margin keep
+    the meaning they have for cosine similarity."""
+    count = token_mask(a).sum(dim=-1, keepdim=True).clamp(min=1)
+    return maxsim_similarity(a, b) / count.to(a.dtype)
+
+
 def _used_slots(x: torch.Tensor) -> int:
     """1 + the last token slot that is real in any set of ``x`` [n, T, d] (at least 1)."""
     used = token_mask(x).any(dim=0).nonzero()
     return int(used[-1]) + 1 if len(used) else 1
 
 
-def similarity_for(x: torch.Tensor):
-    """The similarity the embeddings' shape calls for: dot for [n, D], MaxSim for token sets [n, T, d]."""
+#: ``maxsim`` choices: how a token set's MaxSim is reduced over the query's tokens
+MAXSIM = {"sum": maxsim_similarity, "mean": mean_maxsim_similarity}
+
+
+def similarity_for(x: torch.Tensor, maxsim: str = "sum"):
+    """The similarity the embeddings' shape calls for: dot for [n, D], MaxSim for token sets [n, T, d],
+    summed over the query's tokens (``maxsim="sum"``, ColBERT's score) or averaged (``"mean"``,
+    ``mean_maxsim_similarity``: the losses' default). Per query both rank alike."""
+    if maxsim not in MAXSIM:
+        raise ValueError(f"maxsim: expected one of {', '.join(MAXSIM)}, got {maxsim!r}")
     if x.dim() == 2:
         return dot_similarity
     if x.dim() == 3:
-        return maxsim_similarity
+        return MAXSIM[maxsim]
     raise ValueError(f"embeddings must be [n, D] or token sets [n, T, d], got shape {tuple(x.shape)}")
 
 
@@ -203,6 +226,7 @@ def contrastive_loss(
     bidirectional: bool = False,
     mask: CandidateMask | None = None,
     similarity=None,
+    maxsim: str = "sum",
 ) -> LossOutput:
     """The one contrastive core: InfoNCE, optionally hardness-weighted and bidirectional.
 
@@ -223,8 +247,9 @@ def contrastive_loss(
 
     ``similarity(a [r, ...], b [C, ...]) -> [r, C]`` scores every pair; None picks it by the shape
     (``similarity_for``): the dot product for single vectors [n, D], MaxSim for the token-vector
-    sets [n, T, d] of ``model.pooling=multi_vector``. In c2q the logit of (p_i, q_j) is s(q_j, p_i),
-    the same score as in q2c (MaxSim is not symmetric).
+    sets [n, T, d] of ``model.pooling=multi_vector``, summed over the query's tokens or, with
+    ``maxsim="mean"`` (the losses' default), averaged (``mean_maxsim_similarity``). In c2q the logit
+    of (p_i, q_j) is s(q_j, p_i), the same score as in q2c (MaxSim is not symmetric).
 
     Parts (detached): ``q2c``, ``c2q`` when bidirectional, ``temperature``, ``masked_negatives``
     when masked.
@@ -232,7 +257,7 @@ def contrastive_loss(
     own = row_slice(rows, q.shape[0])
     targets = torch.arange(own.start, own.stop, device=q.device)
     keys = mask.keys if mask is not None else None
-    sim = similarity or similarity_for(q)
+    sim = similarity or similarity_for(q, maxsim)
     q2c, dropped = _cross_entropy(sim(q[own], candidates(p, n)), targets, temperature, alpha, mask, keys)
     parts = {"q2c": q2c.detach(), "temperature": temperature.detach()}
     if mask is not None:

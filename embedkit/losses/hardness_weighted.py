@@ -16,6 +16,8 @@ candidates are the queries q_j, weighted the same way) and averages the two dire
 
 from __future__ import annotations
 
+from typing import Literal
+
 from embedkit.config.registry import register
 from embedkit.losses.base import Loss, LossOutput, Temperature, check_temperature, contrastive_loss
 
@@ -34,12 +36,14 @@ class HardnessWeighted(Loss):
         temperature: float = 0.02,
         learnable_temperature: bool = False,
         bidirectional: bool = True,
+        maxsim: Literal["mean", "sum"] = "mean",
     ):
         super().__init__()
         self.check_config({"alpha": alpha, "temperature": temperature})
         self.alpha = float(alpha)
         self.temperature = Temperature(temperature, learnable_temperature)
         self.bidirectional = bidirectional
+        self.maxsim = maxsim  # token sets only (multi_vector): MaxSim averaged or summed over the query's tokens
 
     @staticmethod
     def check_config(params: dict) -> None:
@@ -50,5 +54,5 @@ class HardnessWeighted(Loss):
     def forward(self, q, p, n=None, rows=None, mask=None) -> LossOutput:
         return contrastive_loss(
             q, p, n, temperature=self.temperature(), rows=rows, alpha=self.alpha, bidirectional=self.bidirectional,
-            mask=mask,
+            mask=mask, maxsim=self.maxsim,
         )

@@ -15,6 +15,8 @@ core with α > 0.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from embedkit.config.registry import register
 from embedkit.losses.base import Loss, LossOutput, Temperature, check_temperature, contrastive_loss
 
@@ -23,11 +25,13 @@ from embedkit.losses.base import Loss, LossOutput, Temperature, check_temperatur
 class InfoNCE(Loss):
     """Inputs q [B,D], p [B,D], n [B,K,D] | None. Output: mean cross-entropy over candidates."""
 
-    def __init__(self, temperature: float = 0.02, learnable_temperature: bool = False, bidirectional: bool = False):
+    def __init__(self, temperature: float = 0.02, learnable_temperature: bool = False, bidirectional: bool = False,
+                 maxsim: Literal["mean", "sum"] = "mean"):
         super().__init__()
         self.check_config({"temperature": temperature})
         self.temperature = Temperature(temperature, learnable_temperature)
         self.bidirectional = bidirectional
+        self.maxsim = maxsim  # token sets only (multi_vector): MaxSim averaged or summed over the query's tokens
 
     @staticmethod
     def check_config(params: dict) -> None:
@@ -35,4 +39,4 @@ class InfoNCE(Loss):
 
     def forward(self, q, p, n=None, rows=None, mask=None) -> LossOutput:
         return contrastive_loss(q, p, n, temperature=self.temperature(), rows=rows, bidirectional=self.bidirectional,
-                                mask=mask)
+                                mask=mask, maxsim=self.maxsim)

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU torch pin lives here (constraints/cpu.txt), not in the package: GPU users keep their torch.
 PIP_INSTALL := $(BIN)/pip install -c constraints/cpu.txt
 
-.PHONY: venv demo lint test docker-smoke clean
+.PHONY: venv demo lint test docker-smoke device-wheels clean
 
 $(BIN)/embedkit: pyproject.toml constraints/cpu.txt
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,12 @@ lint: venv
 # machine idles while a test waits on a subprocess's start-up (Lightning's import, DDP ranks)
 test: venv lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+# The packages a GPU machine's image lacks (omegaconf, webdataset), as Python 3.12 wheels in .whl/,
+# for bench/gpu_session.sh (carried by the `device` tool; docs/gradcache.md, "On a GPU").
+device-wheels: venv
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .whl omegaconf==2.4.0 webdataset==1.0.2 braceexpand==0.1.7
 
 # Needs a Docker engine (not run in CI): build the image, run a short demo fit in it on the CPU.
 docker-smoke:

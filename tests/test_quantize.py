@@ -143,3 +143,17 @@ def test_encode_writes_quantized_codes(mode, tmp_path):
         ranges = np.load(tmp_path / "q.npy.int8-ranges.npy")
         assert codes.dtype == np.int8 and np.allclose(ranges, quantize.int8_ranges(x).numpy())
         assert np.array_equal(codes, quantize.int8_quantize(x, torch.from_numpy(ranges)).numpy())
+
+
+def test_quantize_is_refused_for_token_vector_sets():
+    from embedkit.config.loader import compose
+    from embedkit.encoder import Encoder
+    from embedkit.errors import UserError
+
+    cfg = compose(["recipe=demo", "model.backbone.tiny=true"])
+    single = Encoder.from_config(cfg["model"], seed=0)
+    quantize.check_quantizable(single, ["binary", "int8"])  # one vector per input: fine
+    multi = Encoder.from_config(compose(["recipe=demo", "model.backbone.tiny=true", "model.pooling=multi_vector"])["model"], seed=0)
+    quantize.check_quantizable(multi, [])  # nothing asked
+    with pytest.raises(UserError, match="token-vector sets"):
+        quantize.check_quantizable(multi, ["binary"])

@@ -167,6 +167,9 @@ def main(args: list[str]) -> int:
     out_dir = Path(verb["out"]) if "out" in verb else default_out
     if muvera is not None:
         muvera.check_model(encoder)
+    from embedkit.eval.quantize import check_quantizable
+
+    check_quantizable(encoder, modes)
     if torch.cuda.is_available():
         encoder.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     summary = mmeb.evaluate(

@@ -36,6 +36,18 @@ MODES = ("binary", "int8")
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
 
 
+def check_quantizable(encoder, modes) -> None:
+    """UserError when ``modes`` are asked of a model whose embeddings are token-vector sets
+    (``model.pooling=multi_vector``): the codes and scores here are for one vector per input."""
+    from embedkit.errors import UserError
+    from embedkit.pooling.multi_vector import MultiVectorPooling
+
+    if modes and isinstance(getattr(encoder, "pooling", None), MultiVectorPooling):
+        raise UserError(f"quantize={','.join(modes)}: quantised scoring is for one vector per input; this model "
+                        "gives token-vector sets (model.pooling=multi_vector): evaluate it unquantised, or "
+                        "with data.eval.retrieval=muvera")
+
+
 def bytes_per_vector(mode: str, dim: int) -> int:
     return {"float": 4 * dim, "int8": dim, "binary": math.ceil(dim / 8)}[mode]
 

@@ -4,13 +4,11 @@ model's own; pinned batches on CUDA only; ``train.compile`` wiring."""
 
 from __future__ import annotations
 
-import random
-
 import lightning as L
 import pytest
 import torch
+from _images import speckled_image
 from conftest import SMALL_DEMO
-from PIL import Image
 
 from embedkit.config.loader import compose
 from embedkit.data.demo import train_examples
@@ -80,14 +78,6 @@ def test_sync_counter_counts_reads_and_data_dependent_shapes():
     assert x[:2].tolist() == [0.0, 1.0] and not c.counts.get("?")  # the patched methods are restored
 
 
-def _image(w, h, seed):
-    rng = random.Random(seed)
-    img = Image.new("RGB", (w, h), (rng.randrange(256), 40, 40))
-    for x in range(0, w, 3):
-        img.putpixel((x, rng.randrange(h)), (x % 256, rng.randrange(256), 200))
-    return img
-
-
 def _families():
     from embedkit.backbones.llava_onevision import LlavaOnevision
     from embedkit.backbones.phi3_v import Phi3V
@@ -107,7 +97,7 @@ def test_host_prepared_inputs_give_the_models_own_outputs_without_per_image_sync
     cls, kwargs, keys = _families()[family]
     backbone = cls(seed=0, tiny=True, freeze_vision=False, **kwargs).train()
     sizes = [(56, 56), (112, 56), None, (84, 112), (56, 56), (112, 56)]
-    items = [Item(text="a picture " * (i + 1), image=_image(*s, i) if s else None) for i, s in enumerate(sizes)]
+    items = [Item(text="a picture " * (i + 1), image=speckled_image(*s, i) if s else None) for i, s in enumerate(sizes)]
     prepared = backbone.make_processor()(items)
     assert all(k in prepared for k in keys if k != "vision_order")  # vision_order: only when sizes interleave
     plain = {k: v for k, v in prepared.items() if k not in keys}
@@ -201,7 +191,7 @@ def test_qwen2_vl_host_positions_equal_transformers_own():
     backbone = Qwen2VLBackbone(seed=0, tiny=True, min_pixels=28 * 28, max_pixels=168 * 168)
     sizes = [(56, 56), (168, 56), None, (84, 140), (56, 56), None, (140, 168)]
     texts = ["a b", "<|image_1|> then words after the image", "only text, longer than the rest", "x", "", "y", "z z"]
-    items = [Item(text=t, image=_image(*s, i) if s else None) for i, (t, s) in enumerate(zip(texts, sizes))]
+    items = [Item(text=t, image=speckled_image(*s, i) if s else None) for i, (t, s) in enumerate(zip(texts, sizes))]
     inputs = backbone.make_processor()(items)
     assert inputs["attention_mask"].min() == 0  # padded rows
     positions, _ = backbone.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],

@@ -3,21 +3,11 @@ per-image loop: the vision tower's output, and the whole backbone's, in fp32, im
 
 from __future__ import annotations
 
-import random
-
 import torch
-from PIL import Image
+from _images import speckled_image
 
 from embedkit.backbones.qwen2_vl import Qwen2VLBackbone, image_groups
 from embedkit.data.schema import Item
-
-
-def _image(w, h, seed):
-    rng = random.Random(seed)
-    img = Image.new("RGB", (w, h), (rng.randrange(256), 40, 40))
-    for x in range(0, w, 3):
-        img.putpixel((x, rng.randrange(h)), (x % 256, rng.randrange(256), 200))
-    return img
 
 
 def test_groups_gather_images_of_one_size():
@@ -37,7 +27,7 @@ def test_batched_vision_attention_equals_the_per_image_loop():
     assert all("forward" in vars(m) for m in batched.model.visual.modules() if type(m).__name__ == "VisionAttention")
     assert not any("forward" in vars(m) for m in loop.model.visual.modules())
     sizes = [(56, 56), (112, 56), (56, 56), (84, 112), (56, 112), (112, 56), (56, 56)]
-    items = [Item(text="a picture", image=_image(w, h, i)) for i, (w, h) in enumerate(sizes)]
+    items = [Item(text="a picture", image=speckled_image(w, h, i)) for i, (w, h) in enumerate(sizes)]
     inputs = batched.make_processor()(items)
     assert len(set(inputs["image_grid_thw"].prod(-1).tolist())) == 3  # three sizes, interleaved
     with torch.no_grad():

@@ -119,13 +119,9 @@ class TrainBatch:
 
 def _pinned(x):
     """``x`` (a tensor, or dicts and lists of them) with every tensor pinned; anything else as is."""
-    if isinstance(x, torch.Tensor):
-        return x.pin_memory()
-    if isinstance(x, dict):
-        return {k: _pinned(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_pinned(v) for v in x]
-    return x
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    return apply_to_collection(x, torch.Tensor, lambda t: t.pin_memory())
 
 
 def chunked(items: list, size: int) -> list[list]:

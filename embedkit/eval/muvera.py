@@ -124,17 +124,17 @@ class FDE:
 
 def maxsim(q: torch.Tensor, q_mask: torch.Tensor | None, d: torch.Tensor, d_mask: torch.Tensor | None,
            block: int = 256) -> torch.Tensor:
-    """Exact late-interaction scores ``[Nq, Nd]``: ``sum_i max_j <q_i, d_j>`` over real tokens."""
-    q, d = q.float(), d.float()
-    q_mask = torch.ones(q.shape[:2], dtype=torch.bool) if q_mask is None else q_mask.bool()
-    d_mask = torch.ones(d.shape[:2], dtype=torch.bool) if d_mask is None else d_mask.bool()
-    out = torch.empty(q.shape[0], d.shape[0])
-    for start in range(0, d.shape[0], block):
-        db, mb = d[start:start + block], d_mask[start:start + block]
-        sim = torch.einsum("aid,bjd->abij", q, db).masked_fill(~mb[None, :, None, :], float("-inf"))
-        best = sim.max(-1).values.masked_fill(~q_mask[:, None, :], 0.0)
-        out[:, start:start + block] = best.sum(-1)
-    return out
+    """Exact late-interaction scores ``[Nq, Nd]``: ``sum_i max_j <q_i, d_j>`` over real tokens
+    (``losses.base.maxsim_similarity``, ``block`` documents at a time)."""
+    q, d = zero_padding(q, q_mask), zero_padding(d, d_mask)
+    return torch.cat([maxsim_similarity(q, d[start:start + block]) for start in range(0, d.shape[0], block)], dim=1)
+
+
+def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Token sets ``x`` [N, T, d] in float with the tokens outside ``mask`` zeroed: the padding
+    convention of ``losses.base`` (``token_mask``), for sets that carry an explicit mask."""
+    x = x.float()
+    return x if mask is None else x * mask[..., None].to(x.dtype)
 
 
 class MuveraIndex:

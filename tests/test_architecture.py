@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "embedkit"
 
 #: bottom to top; a module may import its own layer's packages (without cycles) and those below
 LAYERS = [
-    {"errors", "files", "console", "version"},
+    {"errors", "files", "console", "version", "runs"},
     {"config"},
     {"data", "backbones", "pooling", "losses"},
     {"distributed", "encoder"},

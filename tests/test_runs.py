@@ -25,7 +25,7 @@ def test_config_run_id_and_errors(tmp_path):
     run = RunDir(tmp_path / "r")
     with pytest.raises(UserError, match="not an embedkit run directory"):
         run.saved_config()
-    with pytest.raises(UserError, match="model: .* no checkpoints/last.ckpt"):
+    with pytest.raises(UserError, match=r"model: .* \(no checkpoints/last.ckpt\)"):
         run.checkpoint("model")
     run.write_config("seed: 3\n")
     assert run.is_run() and run.saved_config() == {"seed": 3}

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from embedkit.backbones._layouts import SIGLIP_MEAN, SIGLIP_STD
+from embedkit.backbones.checkpoints.llava_qwen import SIGLIP_MEAN, SIGLIP_STD
 from embedkit.backbones.llava_onevision import LlavaOnevision
 from embedkit.backbones.phi3_v import Phi3V
 from embedkit.backbones.processors import tiny_tokenizer

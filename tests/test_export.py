@@ -305,7 +305,7 @@ def test_qwen2_vl_chat_template_gives_embedkit_token_ids(tmp_path):
     """
     from transformers import Qwen2VLImageProcessorPil
 
-    from embedkit.backbones.loading import load_tokenizer
+    from embedkit.backbones.checkpoints.files import load_tokenizer
 
     run, module = trained_run(tmp_path, ["model.backbone=qwen2_vl", "model.backbone.tiny=true"])
     out = export_model(run, tmp_path / "export", log=lambda m: None)
@@ -337,7 +337,7 @@ def test_vlm_chat_templates_give_embedkit_token_ids(family, marker, tmp_path):
     expand the one marker into the image's tokens; the test does that with the count embedkit's
     processor used (LLaVA-OV: ``<image>`` repeated; Phi-3.5-V: -1 ids, as its processor inserts) and
     compares token ids."""
-    from embedkit.backbones.loading import load_tokenizer
+    from embedkit.backbones.checkpoints.files import load_tokenizer
 
     run, module = trained_run(tmp_path, [f"model.backbone={family}", "model.backbone.tiny=true"])
     out = export_model(run, tmp_path / "export", log=lambda m: None)

@@ -1,24 +1,15 @@
-"""Helpers shared by the backbone adapters' processing and loading: right padding, placeholder and
-load errors. (The shared constructor pieces, seeding and freezing included, are in ``base``.)
+"""Helpers shared by the backbone adapters' chunk processing: right padding, Qwen's chat frame, the
+placeholder error. (The shared constructor pieces are in ``base``; checkpoint loading is
+``backbones.checkpoints``.)
 
 Not a component (the leading underscore keeps the registry from importing it as one).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 
 from embedkit.backbones.base import IMAGE_PLACEHOLDER
-from embedkit.errors import UserError
-
-
-def load_error(path: str, family: str, exc: Exception) -> UserError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return UserError(f"model.backbone.path: cannot load {family} checkpoint {path} ({first})")
-
 
 #: Qwen's chat markers (ChatML): the Qwen2 tokenizers of LLaVA-OneVision and Qwen2-VL hold both as special tokens
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -53,14 +44,3 @@ def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 def placeholder_error(family: str) -> ValueError:
     return ValueError(f"{family}: an item's text contains {IMAGE_PLACEHOLDER} but the item has no image")
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Allocate parameters in ``dtype`` directly (a 4B model in bf16 never exists in float32)."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)

@@ -17,17 +17,27 @@ Every family's constructor has the same shape; only the middle is its own::
     def __init__(self, seed, path=None, tiny=False, dtype="float32", ..., gradient_checkpointing=False):
         super().__init__()
         one_source(FAMILY, path, tiny)        # exactly one of path= / tiny=true, one-line error
+        checkpoint = None if tiny else open_checkpoint(path, FAMILY)   # an adapter folder opens its base
         if tiny:
             with seeded(seed):                # the same weights for the same seed, caller's RNG untouched
                 self.model = ...              # built in float32
-        else:
-            self.model = ...                  # loaded in ``dtype`` by the loader
-        ...                                   # the family's own attributes (sizes, tokenizer padding)
+        else:                                 # loaded in ``dtype``, one-line errors (backbones.checkpoints)
+            self.model, self.tokenizer, self.image_processor = load_pretrained(
+                checkpoint, torch_dtype(dtype), attn_implementation, model_types=(...), image_processor=(...))
+        ...                                   # the family's own attributes (sizes, processor settings)
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=..., gradient_checkpointing=...)
+        if checkpoint is not None:
+            checkpoint.merge_adapter(self, peft_module_name)   # a PEFT adapter's names -> this module's
 
-``finish_init`` is the shared tail: dtype cast of a tiny build, train mode, vision freezing, projector
-trainability, non-reentrant gradient checkpointing. A family accepts only the keys it uses (its
-constructor's keyword parameters are its config keys): a text model takes no ``freeze_vision``.
+``finish_init`` is the shared tail: the tokenizer's padding, dtype cast of a tiny build, train mode,
+vision freezing, projector trainability, non-reentrant gradient checkpointing. The adapter merge comes
+after it (it must see the frozen/trainable split, and restores it). A family accepts only the keys it
+uses (its constructor's keyword parameters are its config keys): a text model takes no ``freeze_vision``.
+
+Checkpoints are read only through ``backbones.checkpoints``: ``load_pretrained`` for a transformers
+layout (a foreign layout through a converter the family passes, as LLaVA-OneVision passes
+``llava_qwen.load``), ``Checkpoint.weights`` + ``checkpoints.files.load_mapped`` with the family's key map
+for a model built in-project (Phi-3.5-V). Key maps live in the family; the shared code names no family.
 """
 
 from __future__ import annotations
@@ -103,6 +113,8 @@ class Backbone(nn.Module):
     ) -> None:
         """The constructor tail every family ends with, once its modules exist.
 
+        - The tokenizer (``self.tokenizer``, when the adapter has one) pads on the right, with EOS as the
+          pad token when it has none: chunk processors pad their rows, pooling reads the mask.
         - A tiny build (made in float32) is cast to ``dtype``; a loaded checkpoint is not cast again,
           because its loader already loaded it in ``dtype`` and ``from_pretrained`` deliberately keeps
           computed buffers (RoPE ``inv_freq``) in float32 (docs/bugs-and-fixes.md).
@@ -113,6 +125,11 @@ class Backbone(nn.Module):
         - Non-reentrant activation checkpointing on every transformers model directly under the adapter
           (``self.model``, or Phi-3.5-V's language model and vision tower).
         """
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.padding_side = "right"
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
         if tiny:
             self.to(torch_dtype(dtype))
         self.train()

@@ -23,7 +23,8 @@ from embedkit.backbones.base import (
     set_attention,
     torch_dtype,
 )
-from embedkit.backbones.loading import check_path, load_tokenizer, supported_families
+from embedkit.backbones.checkpoints import load_pretrained, open_checkpoint
+from embedkit.backbones.checkpoints.files import supported_families
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
 from embedkit.errors import UserError
@@ -69,6 +70,15 @@ class TextChunkProcessor(ChunkProcessor):
         return [len(r) for r in self._rows(items)]  # one batched tokenizer call
 
 
+def refuse_multimodal(config, path: str) -> None:
+    """A vision-language checkpoint is for its own family, not this text one."""
+    if hasattr(config, "vision_config") or hasattr(config, "text_config"):
+        raise UserError(
+            f"model.backbone.path: {path} holds a multimodal {config.model_type!r} checkpoint; "
+            f"{FAMILY} loads text models; supported families: {supported_families()}"
+        )
+
+
 @register("backbone", FAMILY)
 class HFText(Backbone):
     """Any transformers AutoModel text encoder or decoder; ``max_length`` truncates (tokens).
@@ -92,9 +102,10 @@ class HFText(Backbone):
         max_length: int = 512,
     ):
         super().__init__()
-        from transformers import AutoConfig, AutoModel, Qwen2Config, Qwen2Model
+        from transformers import Qwen2Config, Qwen2Model
 
         one_source(FAMILY, path, tiny)
+        checkpoint = None if tiny else open_checkpoint(path, FAMILY, adapters=False)
         self.max_length = max_length
         self.append_eos = append_eos
         if tiny:
@@ -110,32 +121,10 @@ class HFText(Backbone):
             with seeded(seed):
                 self.model = Qwen2Model(cfg)
         else:
-            path = check_path(path, FAMILY)  # a missing local directory -> one-line error
-            try:
-                config = AutoConfig.from_pretrained(path)
-            except (OSError, ValueError, KeyError) as exc:
-                raise UserError(
-                    f"model.backbone.path: {path} is not a checkpoint transformers can read "
-                    f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                    f"supported families: {supported_families()}"
-                ) from None
-            if hasattr(config, "vision_config") or hasattr(config, "text_config"):
-                raise UserError(
-                    f"model.backbone.path: {path} holds a multimodal {config.model_type!r} checkpoint; "
-                    f"{FAMILY} loads text models; supported families: {supported_families()}"
-                )
-            try:
-                self.model = AutoModel.from_pretrained(
-                    path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
-                )
-                self.tokenizer = load_tokenizer(path)
-            except (OSError, ValueError) as exc:
-                raise _common.load_error(path, FAMILY, exc) from None
+            self.model, self.tokenizer, _ = load_pretrained(checkpoint, torch_dtype(dtype), attn_implementation,
+                                                            check=refuse_multimodal)
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False  # an encoder pass keeps no KV cache
-        self.tokenizer.padding_side = "right"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         cfg = self.model.config
         self.hidden_size = cfg.hidden_size
         self.num_layers = cfg.num_hidden_layers

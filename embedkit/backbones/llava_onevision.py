@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from embedkit.backbones import _common, _layouts
+from embedkit.backbones import _common
 from embedkit.backbones.base import (
     Backbone,
     BackboneOutput,
@@ -32,7 +32,7 @@ from embedkit.backbones.base import (
     set_attention,
     torch_dtype,
 )
-from embedkit.backbones.loading import merge, open_adapter
+from embedkit.backbones.checkpoints import llava_qwen, load_pretrained, open_checkpoint
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
 
@@ -144,8 +144,8 @@ class LlavaOnevision(Backbone):
 
     ``path``: a hub id or local folder in the transformers (llava-hf) layout, in LLaVA-NeXT's ``llava_qwen``
     layout (``BAAI/Aquila-VL-2B-llava-qwen``, ``lmms-lab/llava-onevision-qwen2-*-ov``, LLaVE's released
-    models; converted by key on load), or a PEFT LoRA/DoRA adapter folder over either (merged on load);
-    the layout is detected from ``config.json`` / ``adapter_config.json`` (``backbones/_layouts.py``).
+    models; converted by key on load: ``checkpoints/llava_qwen.py``), or a PEFT LoRA/DoRA adapter folder
+    over either (merged on load); the layout is detected from ``config.json`` / ``adapter_config.json``.
 
     ``anyres_max`` caps the tiled features at that many tiles' worth (reference: 9, "anyres_max_9");
     ``max_grid`` builds the tile grids 1..max_grid squared (reference: 6, i.e. up to 2304 px with 384-px
@@ -180,7 +180,7 @@ class LlavaOnevision(Backbone):
         from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionModel
 
         one_source(FAMILY, path, tiny)
-        path, adapter = open_adapter(path, FAMILY)
+        checkpoint = None if tiny else open_checkpoint(path, FAMILY)
         self.append_eos = append_eos
         self.max_length = max_length
         self.system_prompt = system_prompt if prompt == "chat" else None
@@ -193,11 +193,10 @@ class LlavaOnevision(Backbone):
                 size={"height": tile, "width": tile}, image_grid_pinpoints=anyres_pinpoints(tile, 6)
             )
         else:
-            from embedkit.backbones.loading import load_pretrained
-
             self.model, self.tokenizer, self.image_processor = load_pretrained(
-                path, FAMILY, torch_dtype(dtype), attn_implementation,
-                image_processor_cls=LlavaOnevisionImageProcessorPil, image_processor_kwargs={},
+                checkpoint, torch_dtype(dtype), attn_implementation, model_types=(FAMILY,),
+                image_processor=(LlavaOnevisionImageProcessorPil, {}),
+                converters={llava_qwen.LLAVA_QWEN: llava_qwen.load},
             )
         cfg = self.model.config
         if max_grid is not None:
@@ -205,15 +204,13 @@ class LlavaOnevision(Backbone):
         if anyres_max is not None:
             cfg.vision_aspect_ratio = f"anyres_max_{anyres_max}"
         self.image_processor.image_grid_pinpoints = cfg.image_grid_pinpoints
-        self.tokenizer.padding_side = "right"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.hidden_size = cfg.text_config.hidden_size
         self.num_layers = cfg.text_config.num_hidden_layers
         set_attention(self.model.language_model, attention, FAMILY)
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision, train_projector=train_projector,
                          gradient_checkpointing=gradient_checkpointing)
-        merge(self, adapter, _layouts.llava_onevision_module, FAMILY)
+        if checkpoint is not None:
+            checkpoint.merge_adapter(self, peft_module_name)
 
     @staticmethod
     def check_config(params: dict) -> None:
@@ -277,6 +274,18 @@ class LlavaOnevision(Backbone):
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
+
+
+def peft_module_name(name: str) -> Optional[str]:
+    """A module name of the model a PEFT adapter was saved against (llava_qwen, or transformers'
+    LLaVA-OneVision) -> this backbone's (None: no such module)."""
+    if name.startswith(("model.vision_tower.vision_tower.", "model.mm_projector.", "model.layers.",
+                        "model.embed_tokens", "model.norm", "model.image_newline")):
+        mapped = llava_qwen.llava_qwen_key(name + ".weight")
+        return None if mapped is None else "model." + mapped[: -len(".weight")]
+    if name.startswith("language_model.model."):  # transformers < 4.52 ForConditionalGeneration
+        return "model.language_model." + name[len("language_model.model."):]
+    return name if name.startswith("model.") else None
 
 
 def _tiny_tokenizer():

@@ -54,7 +54,8 @@ from embedkit.backbones.base import (
     set_attention,
     torch_dtype,
 )
-from embedkit.backbones.loading import load_tokenizer, merge, open_adapter, supported_families
+from embedkit.backbones.checkpoints import open_checkpoint
+from embedkit.backbones.checkpoints.files import check_model_type, empty_weights, load_mapped
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
 from embedkit.errors import UserError
@@ -71,6 +72,9 @@ EMBD_LAYER = {
     "embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
     "use_hd_transform": True, "with_learnable_separator": True,
 }
+_VISION_EMBED = "model.vision_embed_tokens."
+#: the official checkpoint's second name for the token embeddings (read only when model.embed_tokens is absent)
+WTE_ALIAS = _VISION_EMBED + "wte.weight"
 _TEXT_SKIP = {"model_type", "architectures", "auto_map", "embd_layer", "img_processor",
               "transformers_version", "torch_dtype", "dtype"}
 
@@ -192,11 +196,11 @@ class Phi3VChunkProcessor(ChunkProcessor):
 class Phi3V(Backbone):
     """Phi-3.5-Vision (Phi3Model + CLIP ViT-L/14-336 + HD crops + MLP projector), official key layout.
 
-    ``path``: a local copy of the official checkpoint, or a PEFT LoRA/DoRA adapter folder over it
-    (VLM2Vec's released Phi-3.5-V checkpoints, whose DoRA also adapts the CLIP tower's attention):
-    ``adapter_config.json``'s ``base_model_name_or_path`` must then be that local copy (absolute, or
-    relative to the adapter folder); the adapter's official module names map through ``map_key`` and it
-    is merged on load (``backbones/_layouts.py``).
+    ``path``: the official checkpoint (a local copy or a hub id; its remote code is never run), or a PEFT
+    LoRA/DoRA adapter folder over it (VLM2Vec's released Phi-3.5-V checkpoints, whose DoRA also adapts the
+    CLIP tower's attention): ``adapter_config.json``'s ``base_model_name_or_path`` names the base (absolute,
+    relative to the adapter folder, or a hub id); the adapter's official module names map through ``map_key`` and it
+    is merged on load (``checkpoints/peft.py``).
 
     ``num_crops``: the HD transform's crop budget (reference: 4 for Phi-3.5-V, 16 for Phi-3-V).
     ``append_eos``: end every sequence with the EOS token (the state last-token pooling reads).
@@ -225,7 +229,7 @@ class Phi3V(Backbone):
     ):
         super().__init__()
         one_source(FAMILY, path, tiny)
-        path, adapter = open_adapter(path, FAMILY)
+        checkpoint = None if tiny else open_checkpoint(path, FAMILY)
         self.num_crops = num_crops
         self.max_length = max_length
         self.append_eos = append_eos
@@ -235,30 +239,21 @@ class Phi3V(Backbone):
             with seeded(seed):
                 self._build(config, attn_implementation)
         else:
-            root = _checkpoint_dir(path)
-            config = json.loads((root / "config.json").read_text())
-            if config.get("model_type") != "phi3_v":
-                raise UserError(
-                    f"model.backbone.path: {path} holds a {config.get('model_type')!r} model, not {FAMILY} "
-                    f"(type phi3_v); supported families: {supported_families()}"
-                )
-            from transformers.initialization import no_init_weights
-
-            with no_init_weights(), _common.default_dtype(torch_dtype(dtype)):  # the checkpoint fills every weight
+            config = checkpoint.config()
+            check_model_type(config, checkpoint.path, FAMILY, (FAMILY,))
+            with empty_weights(torch_dtype(dtype)):  # the checkpoint fills every weight
                 self._build(config, attn_implementation)
-            self._load_weights(root)
-            try:
-                self.tokenizer = load_tokenizer(str(root))
-            except (OSError, ValueError) as exc:
-                raise _common.load_error(path, FAMILY, exc) from None
+            raw = checkpoint.weights()
+            if "model.embed_tokens.weight" in raw:  # wte is only an alias of it
+                raw.pop(WTE_ALIAS, None)
+            load_mapped(self, raw, self.map_key, root=checkpoint.path, what=FAMILY, source_key=official_key)
+            self.tokenizer = checkpoint.tokenizer()
         self.config = config
-        self.tokenizer.padding_side = "right"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         set_attention(self.language_model, attention, FAMILY)
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision, train_projector=train_projector,
                          gradient_checkpointing=gradient_checkpointing)
-        merge(self, adapter, self.map_key, FAMILY)
+        if checkpoint is not None:
+            checkpoint.merge_adapter(self, self.map_key)
 
     @staticmethod
     def check_config(params: dict) -> None:
@@ -301,10 +296,10 @@ class Phi3V(Backbone):
     @staticmethod
     def map_key(key: str) -> str | None:
         """Official checkpoint key -> this module's key (None: dropped)."""
-        vis = "model.vision_embed_tokens."
+        vis = _VISION_EMBED
         if key == "lm_head.weight" or key.endswith("position_ids"):
             return None
-        if key == vis + "wte.weight":
+        if key == WTE_ALIAS:
             return "language_model.embed_tokens.weight"
         if key.startswith(vis + "img_processor.vision_model."):
             return "vision_tower." + key[len(vis + "img_processor.vision_model."):]
@@ -314,51 +309,11 @@ class Phi3V(Backbone):
             return key[len(vis):]
         if key.startswith("model."):
             return "language_model." + key[len("model."):]
-        return key  # unknown: reported as unexpected
+        return key  # unknown: reported as unmatched
 
     def official_state_dict(self) -> dict[str, torch.Tensor]:
         """This module's weights under the official key names (the inverse of ``map_key``)."""
-        vis = "model.vision_embed_tokens."
-        out = {}
-        for key, value in self.state_dict().items():
-            if key.startswith("vision_tower."):
-                name = vis + "img_processor.vision_model." + key[len("vision_tower."):]
-            elif key.startswith("projector."):
-                name = vis + "img_projection." + key[len("projector."):]
-            elif key in ("glb_GN", "sub_GN"):
-                name = vis + key
-            elif key.startswith("language_model."):
-                name = "model." + key[len("language_model."):]
-            else:
-                raise AssertionError(f"unmapped key {key}")
-            out[name] = value.detach().contiguous()
-        return out
-
-    def _load_weights(self, root: Path) -> None:
-        from safetensors.torch import load_file
-
-        index = root / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (root / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise UserError(f"model.backbone.path: {root} has no model.safetensors(.index.json)")
-        raw: dict[str, torch.Tensor] = {}
-        for f in files:
-            raw.update(load_file(str(root / f)))
-        state = {}
-        for key, value in raw.items():
-            new = self.map_key(key)
-            if new is None or (key.endswith("wte.weight") and "model.embed_tokens.weight" in raw):
-                continue
-            state[new] = value
-        result = self.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise UserError(
-                f"model.backbone.path: {root} does not match the {FAMILY} layout "
-                f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
-            )
+        return {official_key(key, strict=True): value.detach().contiguous() for key, value in self.state_dict().items()}
 
     def save_pretrained(self, directory: str) -> None:
         """Official-layout ``config.json`` + ``model.safetensors`` + tokenizer files."""
@@ -422,20 +377,19 @@ class Phi3V(Backbone):
         )
 
 
-def _checkpoint_dir(path: str) -> Path:
-    """A local checkpoint directory with a config.json (remote code cannot be fetched: no hub ids)."""
-    from embedkit.backbones.loading import check_path
-
-    root = Path(check_path(path, FAMILY)).expanduser()
-    if not root.is_dir():
-        raise UserError(f"model.backbone.path: {path} is not a local directory; {FAMILY} loads local checkpoints only")
-    if not (root / "config.json").is_file():
-        raise UserError(f"model.backbone.path: {path} has no config.json")
-    try:
-        json.loads((root / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"model.backbone.path: {root / 'config.json'} is not valid JSON ({exc})") from None
-    return root
+def official_key(key: str, strict: bool = False) -> str:
+    """This module's key -> the official checkpoint key it is saved under (``strict``: an unknown key
+    is a bug; else it comes back unchanged, for error messages)."""
+    vis = _VISION_EMBED
+    for ours, official in (("vision_tower.", vis + "img_processor.vision_model."), ("projector.", vis + "img_projection."),
+                           ("language_model.", "model.")):
+        if key.startswith(ours):
+            return official + key[len(ours):]
+    if key in ("glb_GN", "sub_GN"):
+        return vis + key
+    if strict:
+        raise AssertionError(f"unmapped key {key}")
+    return key
 
 
 def _tiny_tokenizer():

@@ -8,34 +8,16 @@ Sequences are right-padded and end with the EOS token, the state that last-token
 (``append_eos=false``: the last text token, as VLM2Vec pools). ``resize: [W, H]`` first resizes every
 image to exactly W x H (VLM2Vec v1's ``--image_resolution high``: 1344 x 1344, aspect not kept).
 
-Vision attention (``batched_vision_attention``, default on): transformers' SDPA path of the vision
-tower splits the packed patches by image and runs one attention call per image per layer, with a
-``.tolist()`` host sync in every layer. Here images of equal patch count are attended together as
-one dense batch: one SDPA call per distinct image size per layer, the grouping computed once per
-forward from ``cu_seqlens``. Same outputs as the per-image loop; flash attention (varlen) and eager
-keep transformers' own path.
-
-Host-side positions (Qwen2-VL; not Qwen2.5-VL): what Qwen2-VL's forward computes from the integer
-inputs -- the language model's M-RoPE position ids (``get_rope_index``: a Python loop over the
-chunk's rows with several host syncs per row and per image), the vision tower's rotary positions
-and ``cu_seqlens``, where the image features go, the image grouping of the batched attention -- the
-processor computes on the CPU, in the DataLoader workers, with transformers' own functions
-(``host_inputs``). ``forward`` then runs the vision tower, writes its features into the token
-embeddings at the known positions and calls the model with the position ids given: no host sync
-in the vision path or the position ids, the same outputs.
+The vision attention (``batched_vision_attention``, default on) is ``vision_attention``'s; the
+position ids and vision bookkeeping of Qwen2-VL chunks are computed on the host (``host_positions``).
 """
 
 from __future__ import annotations
 
-import functools
-import sys
-import types
 from typing import Any, Literal, Optional
 
-import numpy as np
 import torch
 
-from embedkit.backbones import _layouts
 from embedkit.backbones.base import (
     IMAGE_PLACEHOLDER,
     Backbone,
@@ -46,13 +28,17 @@ from embedkit.backbones.base import (
     set_attention,
     torch_dtype,
 )
-from embedkit.backbones.loading import merge, open_adapter
+from embedkit.backbones.checkpoints import load_pretrained, open_checkpoint
+from embedkit.backbones.qwen2_vl.host_positions import HOST_KEYS, host_inputs
+from embedkit.backbones.qwen2_vl.vision_attention import use_batched_vision_attention
 from embedkit.config.registry import register
 from embedkit.data.schema import Item
 
 FAMILY = "qwen2_vl"
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
+#: the transformers model types this family loads
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
 class Qwen2VLChunkProcessor(ChunkProcessor):
@@ -117,7 +103,7 @@ class Qwen2VLBackbone(Backbone):
 
     ``path``: a hub id or local folder in the transformers layout, or a PEFT LoRA/DoRA adapter folder
     over one (VLM2Vec's released Qwen2-VL checkpoints: ``adapter_config.json`` names the base model; the
-    adapter is merged on load, old and new transformers key names alike; ``backbones/_layouts.py``).
+    adapter is merged on load, old and new transformers key names alike: ``peft_module_name``).
 
     No ``train_projector`` key: the projector (``model.visual.merger``) is part of the vision tower and
     trains exactly when it does (``freeze_vision=false``).
@@ -150,7 +136,7 @@ class Qwen2VLBackbone(Backbone):
         from transformers import Qwen2VLImageProcessorPil
 
         one_source(FAMILY, path, tiny)
-        path, adapter = open_adapter(path, FAMILY)
+        checkpoint = None if tiny else open_checkpoint(path, FAMILY)
         if tiny:
             from embedkit.backbones.processors import tiny_tokenizer
 
@@ -160,14 +146,10 @@ class Qwen2VLBackbone(Backbone):
                 self.model = _tiny_model(self.tokenizer, tiny_hidden_size, tiny_layers, tiny_vision_layers,
                                          attn_implementation)
         else:
-            from embedkit.backbones.loading import load_pretrained
-
             self.model, self.tokenizer, self.image_processor = load_pretrained(
-                path, FAMILY, torch_dtype(dtype), attn_implementation,
-                image_processor_cls=Qwen2VLImageProcessorPil,
-                image_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels},
+                checkpoint, torch_dtype(dtype), attn_implementation, model_types=MODEL_TYPES,
+                image_processor=(Qwen2VLImageProcessorPil, {"min_pixels": min_pixels, "max_pixels": max_pixels}),
             )
-            self.tokenizer.padding_side = "right"
         self.max_length = max_length
         self.append_eos, self.resize = append_eos, resize
         config = self.model.config
@@ -182,7 +164,8 @@ class Qwen2VLBackbone(Backbone):
         self.host_positions = config.model_type == "qwen2_vl"
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision,
                          gradient_checkpointing=gradient_checkpointing)
-        merge(self, adapter, _layouts.qwen2_vl_module, FAMILY)
+        if checkpoint is not None:
+            checkpoint.merge_adapter(self, peft_module_name)
 
     def make_processor(self) -> ChunkProcessor:
         return Qwen2VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length,
@@ -226,156 +209,17 @@ class Qwen2VLBackbone(Backbone):
         self.image_processor.save_pretrained(directory)
 
 
-# -- the integer work of a forward, on the host -------------------------------------------------
-#: the chunk keys ``host_inputs`` adds (``forward`` takes the prepared path when the first is present)
-HOST_KEYS = ("rope_position_ids", "vision_cu_seqlens", "vision_position_ids", "image_token_index", "vision_groups",
-             "vision_order")
-
-
-@functools.lru_cache(maxsize=256)
-def _image_rope(t: int, h: int, w: int, merge: int) -> np.ndarray:
-    """M-RoPE ids of one image's tokens relative to its first position, [3, t * h/m * w/m]: temporal,
-    height and width index of each merged patch (row-major over t, h, w)."""
-    gh, gw = h // merge, w // merge
-    tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
-    return np.stack([tt.ravel(), hh.ravel(), ww.ravel()])
-
-
-@functools.lru_cache(maxsize=256)
-def _vision_rope(t: int, h: int, w: int, merge: int) -> np.ndarray:
-    """The vision tower's rotary (row, column) of each patch of one image, [t * h * w, 2], in the
-    tower's order: merge x merge blocks, row-major inside and across blocks, repeated per frame."""
-    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    block = (h // merge, merge, w // merge, merge)
-    rows = rows.reshape(block).transpose(0, 2, 1, 3).ravel()
-    cols = cols.reshape(block).transpose(0, 2, 1, 3).ravel()
-    return np.tile(np.stack([rows, cols], axis=1), (t, 1))
-
-
-def rope_positions(input_ids: torch.Tensor, token_types: torch.Tensor, attention_mask: torch.Tensor,
-                   grids: list[list[int]], merge: int) -> torch.Tensor:
-    """M-RoPE position ids [3, B, S] of a chunk (Qwen2-VL, arXiv 2409.12191 sec. 2.1), as the model's
-    ``get_rope_index`` makes them: over each row's real tokens, a run of text tokens counts on from the
-    current position on all three axes; an image's tokens (the next grid ``(t, h, w)`` of ``grids``)
-    take ``current + (t, h/m, w/m)`` indices, and the text after it starts at ``current + max(h, w)/m``.
-    Padding gets 0. Raises if a run of image tokens does not match its image's token count."""
-    ids = input_ids.numpy()
-    kinds_all, mask = token_types.numpy(), attention_mask.numpy().astype(bool)
-    out = np.zeros((3, *ids.shape), dtype=np.int64)
-    images = iter(grids)
-    for b in range(ids.shape[0]):
-        where = np.flatnonzero(mask[b])
-        kinds = kinds_all[b, where]
-        starts = np.flatnonzero(np.diff(kinds, prepend=kinds[:1] - 1)) if len(kinds) else []
-        ends = list(starts[1:]) + [len(kinds)]
-        row, current = [], 0
-        for a, e in zip(starts, ends):
-            if kinds[a] == 0:
-                row.append(np.broadcast_to(np.arange(e - a) + current, (3, e - a)))
-                current += e - a
-            else:
-                t, h, w = next(images)
-                block = _image_rope(t, h, w, merge)
-                if block.shape[1] != e - a:
-                    raise ValueError(f"{FAMILY}: {e - a} image tokens in a row, but its image has {block.shape[1]}")
-                row.append(block + current)
-                current += max(h, w) // merge
-        if row:
-            out[:, b, where] = np.concatenate(row, axis=1)
-    return torch.from_numpy(out)
-
-
-def host_inputs(inputs: dict[str, torch.Tensor], merge_size: int, image_token_id: int) -> dict[str, Any]:
-    """From a processed chunk with images (CPU tensors), what Qwen2-VL's forward would compute on the
-    device with host syncs: ``rope_position_ids`` [3, B, S] (``rope_positions``), ``vision_cu_seqlens``
-    (int32 patch boundaries of the images) and ``vision_position_ids`` [patches, 2] (the tower's rotary
-    positions), ``image_token_index`` (flat positions of the image tokens, in order),
-    ``vision_groups`` / ``vision_order`` (``image_groups``, for the batched vision attention).
-    Equal to transformers' own (``tests/test_host_sync.py``); numpy, cached per image shape, since it
-    runs in the DataLoader workers for every chunk."""
-    grids = inputs["image_grid_thw"].tolist()
-    ids = inputs["input_ids"]
-    frames = [h * w for t, h, w in grids for _ in range(t)]  # one attention segment per frame
-    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(frames)]).astype(np.int32))
-    groups, order = image_groups(cu)
-    vision = np.concatenate([_vision_rope(t, h, w, merge_size) for t, h, w in grids])
-    out: dict[str, Any] = {
-        "rope_position_ids": rope_positions(ids, inputs["mm_token_type_ids"], inputs["attention_mask"], grids,
-                                            merge_size),
-        "vision_cu_seqlens": cu, "vision_position_ids": torch.from_numpy(vision),
-        "image_token_index": (ids.reshape(-1) == image_token_id).nonzero().squeeze(1),
-        "vision_groups": [list(g) for g in groups],
-    }
-    if order is not None:
-        out["vision_order"] = order
-    return out
-
-
-# -- vision attention: images of one size in one SDPA call --------------------------------------
-_VISION_ATTENTION = ("VisionAttention", "Qwen2_5_VLVisionAttention")
-
-
-def use_batched_vision_attention(model) -> int:
-    """Give every Qwen2-VL / Qwen2.5-VL vision attention module of ``model`` the batched forward;
-    returns how many. The modules share one per-forward cache of the image grouping."""
-    cache: dict = {}
-    count = 0
-    for module in model.modules():
-        if type(module).__name__ in _VISION_ATTENTION and type(module).__module__.startswith("transformers.models.qwen2"):
-            module._embedkit_groups = cache
-            module.forward = types.MethodType(batched_vision_attention, module)
-            count += 1
-    return count
-
-
-def image_groups(cu_seqlens: torch.Tensor) -> tuple[list[tuple[int, int, int]], torch.Tensor | None]:
-    """Images (the segments of ``cu_seqlens``) grouped by patch count: ``[(length, count, first
-    token)]`` over the packed sequence reordered by ``order`` (token indices; None: already grouped,
-    i.e. images of one size are adjacent and the groups follow each other)."""
-    bounds = cu_seqlens.tolist()  # the one host sync of a forward
-    by_len: dict[int, list[int]] = {}
-    for i in range(len(bounds) - 1):
-        by_len.setdefault(bounds[i + 1] - bounds[i], []).append(i)
-    groups, order, start = [], [], 0
-    for length, images in by_len.items():
-        groups.append((length, len(images), start))
-        start += length * len(images)
-        order += [t for i in images for t in range(bounds[i], bounds[i + 1])]
-    if order == list(range(len(order))):
-        return groups, None
-    return groups, torch.tensor(order, device=cu_seqlens.device)
-
-
-def batched_vision_attention(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
-                             position_embeddings=None, max_seqlen=None, **kwargs) -> torch.Tensor:
-    """A Qwen2-VL vision attention forward with one SDPA call per image size (bound to the module)."""
-    if self.config._attn_implementation != "sdpa":
-        return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings=position_embeddings,
-                                  max_seqlen=max_seqlen, **kwargs)
-    rotate = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
-    cache = self._embedkit_groups
-    if cache.get("key") is not cu_seqlens:  # once per forward (per cu_seqlens: Qwen2.5-VL has two)
-        cache.clear()
-        cache["key"], cache["groups"] = cu_seqlens, image_groups(cu_seqlens)
-    groups, order = cache["groups"]
-    n = hidden_states.shape[0]
-    q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    cos, sin = position_embeddings
-    q, k = rotate(q, k, cos, sin)  # [n, heads, d]
-    if order is not None:
-        q, k, v = q[order], k[order], v[order]
-    dropout = self.attention_dropout if self.training else 0.0
-    outs = []
-    for length, count, start in groups:
-        # [count, heads, length, d]: the images of this size as a dense batch
-        qg, kg, vg = (t[start:start + length * count].reshape(count, length, self.num_heads, -1).transpose(1, 2)
-                      for t in (q, k, v))
-        o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=self.scaling)
-        outs.append(o.transpose(1, 2).reshape(count * length, -1))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    if order is not None:
-        out = torch.empty_like(out).index_copy(0, order, out)
-    return self.proj(out)
+def peft_module_name(name: str) -> Optional[str]:
+    """A module name of the model a PEFT adapter was saved against, Qwen2-VL's ``...ForConditionalGeneration``
+    (transformers < 4.52: ``model.layers.*``, ``visual.*``; later: ``model.language_model.*``,
+    ``model.visual.*``) -> this backbone's (None: no such module)."""
+    if name.startswith(("model.language_model.", "model.visual.")):
+        return name
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
+    if name.startswith("visual."):
+        return "model." + name
+    return None
 
 
 def _tiny_model(tokenizer, hidden: int, layers: int, vision_layers: int, attn_implementation: str):

@@ -21,7 +21,6 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from embedkit.backbones.checkpoints import peft
 from embedkit.backbones.checkpoints.files import (
     check_model_type,
     check_path,
@@ -33,6 +32,7 @@ from embedkit.backbones.checkpoints.files import (
     read_tokenizer,
     supported_families,
 )
+from embedkit.backbones.checkpoints.peft import Adapter, merge_adapter, read_adapter
 from embedkit.errors import UserError
 
 #: ``converter(path, dtype, attn_implementation) -> (model, tokenizer, image processor)``
@@ -46,7 +46,7 @@ class Checkpoint:
 
     family: str
     path: str
-    adapter: Optional[peft.Adapter] = None
+    adapter: Optional[Adapter] = None
 
     def config(self) -> dict:
         """The base's ``config.json`` as saved."""
@@ -63,14 +63,14 @@ class Checkpoint:
         """Merge the adapter (if any) into the built ``backbone``; ``map_module``: base-model module
         name -> backbone module name (None: no such module)."""
         if self.adapter is not None:
-            peft.merge_adapter(backbone, self.adapter, map_module, self.family)
+            merge_adapter(backbone, self.adapter, map_module, self.family)
 
 
 def open_checkpoint(path: str | None, family: str, *, adapters: bool = True) -> Checkpoint:
     """``path`` checked (one-line error when it does not exist); a PEFT adapter folder opens its base
     (``adapters=False``: refused, for a family with no PEFT module-name map)."""
     path = check_path(path, family)
-    adapter = peft.read_adapter(path)
+    adapter = read_adapter(path)
     if adapter is None:
         return Checkpoint(family, path)
     if not adapters:

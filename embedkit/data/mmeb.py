@@ -42,9 +42,9 @@ REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 OPTIONAL = ("neg_text", "neg_image_path")
 REASONS = ("wrong_type", "empty_text", "missing_image", "unreadable_image")
 SPLITS = ("original", "diverse_instruction", "train")
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 from embedkit.data.manifests import manifest_path
+from embedkit.data.shard_set import write_manifest
 
 TRAIN_YAML = manifest_path("train.yaml")
 
@@ -379,8 +379,8 @@ def convert(src: str | Path, out: str | Path, *, images: str | Path | None = Non
              "bytes": sum(s["bytes"] for s in manifest["subsets"].values()),
              "skipped": dict(sum((Counter(s["skipped"]) for s in manifest["subsets"].values()), Counter()))}
     manifest["total"] = total
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-    log(f"mmeb: {total['count']} examples, {total['bytes'] / 1e6:.1f} MB; manifest {out / MANIFEST}")
+    written = write_manifest(out, manifest)
+    log(f"mmeb: {total['count']} examples, {total['bytes'] / 1e6:.1f} MB; manifest {written}")
     if empty:
-        raise UserError(f"no valid row in subset(s) {', '.join(empty)}: see skipped counts in {out / MANIFEST}")
+        raise UserError(f"no valid row in subset(s) {', '.join(empty)}: see skipped counts in {written}")
     return 0

@@ -108,8 +108,8 @@ MINED_TAG = "embedkit.mined_manifest_sha256"
 @rank_zero_only
 def tag_mined_shards(logger: EmbedkitMLFlowLogger, train_shards: list[str]) -> None:
     """Tag the run with the sha256 of its training shards' mining manifest, when they were mined."""
-    from embedkit.mining.provenance import manifest_sha256
+    from embedkit.data.shard_set import ShardSet
 
-    digest = manifest_sha256(train_shards)
+    digest = ShardSet(train_shards).manifest_sha256("mining")
     if digest:
         logger.experiment.set_tag(logger.run_id, MINED_TAG, digest)

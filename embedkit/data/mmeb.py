@@ -9,8 +9,8 @@ Source layouts accepted under ``--src`` (columns ``qry``, ``qry_image_path``, ``
     <src>/<subset>.jsonl                 the same, one JSON object per line
 
 Output: ``<out>/<subset>/train-000000.tar ...`` (the sample layout of ``embedkit.data.shards``; the
-task of every example is its subset name, the manifest gives its meta-task) and
-``<out>/manifest.json`` with counts, bytes and a sha256 digest per shard, and skipped rows by reason.
+task of every example is its subset name, the manifest gives its meta-task) and the shard set's
+manifest (``data.shard_set``) with counts, bytes and a sha256 digest per shard, and skipped rows by reason.
 
 How it scales: the parent reads the tables (columns only, cheap) and applies the row checks that need
 no image; the cap (``--cap``, or the subset's ``cap`` in ``data/mmeb/train.yaml``) takes the first

@@ -101,7 +101,7 @@ def log_run_inputs(logger: EmbedkitMLFlowLogger, cfg: dict, config_path: Path, o
     client.log_text(run_id, "\n".join(overrides) + "\n", "overrides.txt")
 
 
-#: the tag naming the mining manifest a run trained on (``embedkit mine``'s DST/manifest.json)
+#: the tag naming the mining manifest a run trained on (the manifest of ``embedkit mine``'s DST)
 MINED_TAG = "embedkit.mined_manifest_sha256"
 
 

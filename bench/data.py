@@ -32,7 +32,7 @@ def loader_rate(cfg, data, workers: int, steps: int) -> float:
         batch = next(it)
     elapsed = time.perf_counter() - start
     del it
-    return steps * batch.batch_size / elapsed
+    return steps * batch.per_device_batch / elapsed
 
 
 def model_rate(module, batches) -> float:
@@ -49,7 +49,7 @@ def model_rate(module, batches) -> float:
     start = time.perf_counter()
     for b in batches[1:]:
         step(b)
-    return sum(b.batch_size for b in batches[1:]) / (time.perf_counter() - start)
+    return sum(b.per_device_batch for b in batches[1:]) / (time.perf_counter() - start)
 
 
 def main() -> int:

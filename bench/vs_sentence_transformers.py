@@ -114,8 +114,8 @@ def main() -> int:
     from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
 
     from embedkit.config import schema
+    from embedkit.data.batch import ChunkCollate
     from embedkit.data.schema import Example, Item
-    from embedkit.data.stream import ChunkCollate
     from embedkit.training.module import EmbeddingModule
 
     torch.set_num_threads(ns.threads)

@@ -9,9 +9,9 @@ import torch
 from conftest import SMALL_DEMO
 
 from embedkit.config.loader import compose
+from embedkit.data.batch import TrainBatch, chunked
 from embedkit.data.demo import train_examples
 from embedkit.data.schema import content_key
-from embedkit.data.stream import TrainBatch, chunked
 from embedkit.training import module as module_mod
 from embedkit.training.module import EmbeddingModule
 

@@ -13,8 +13,8 @@ from embedkit.backbones.hf_text import HFText
 from embedkit.backbones.llava_onevision import LlavaOnevision
 from embedkit.backbones.phi3_v import Phi3V
 from embedkit.backbones.qwen2_vl import Qwen2VLBackbone
+from embedkit.data.batch import ChunkCollate, cost_order, packed_by_tokens
 from embedkit.data.schema import Example, Item
-from embedkit.data.stream import ChunkCollate, cost_order, packed_by_tokens
 from embedkit.losses.infonce import InfoNCE
 from embedkit.training.module import EmbeddingModule
 

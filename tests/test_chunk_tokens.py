@@ -7,9 +7,9 @@ import torch
 from conftest import SMALL_DEMO
 
 from embedkit.config.loader import compose
+from embedkit.data.batch import ChunkCollate, chunked_by_tokens
 from embedkit.data.demo import draw_scene, single_combinations
 from embedkit.data.schema import Example, Item
-from embedkit.data.stream import ChunkCollate, chunked_by_tokens
 from embedkit.training.module import EmbeddingModule
 
 

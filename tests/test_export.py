@@ -35,8 +35,8 @@ def items_for(family: str) -> list[Item]:
 def train_steps(module, cfg: dict, steps: int, batch: int = 6) -> None:
     """``steps`` real optimizer steps on demo examples: ChunkCollate (chunks of 4, so GradCache runs)
     -> ``backward_batch`` -> AdamW at the recipe's lr (no warmup: its first step would be tiny)."""
+    from embedkit.data.batch import ChunkCollate
     from embedkit.data.demo import train_examples
-    from embedkit.data.stream import ChunkCollate
     from embedkit.training.optim import build_optimizer
 
     demo = {**cfg["data"]["demo"], "text_only": cfg["model"]["backbone"]["name"] == "hf_text"}

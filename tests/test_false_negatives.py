@@ -191,7 +191,7 @@ def test_content_keys_compare_content_not_identity():
 
 
 def test_the_collate_carries_candidate_keys_in_candidate_order():
-    from embedkit.data.stream import ChunkCollate
+    from embedkit.data.batch import ChunkCollate
 
     examples = [Example(Item(f"q{i}"), Item(t), [Item(f"n{i}")]) for i, t in enumerate(["cat", "dog", "cat"])]
     batch = ChunkCollate(lambda items: {"n": len(items)}, 2, 1)(examples)
@@ -205,8 +205,8 @@ def test_the_module_masks_copies_in_a_real_batch_through_the_cache():
     from conftest import SMALL_DEMO
 
     from embedkit.config.loader import compose
+    from embedkit.data.batch import ChunkCollate
     from embedkit.data.demo import train_examples
-    from embedkit.data.stream import ChunkCollate
     from embedkit.training.module import EmbeddingModule
 
     cfg = compose(["recipe=demo", *SMALL_DEMO])

@@ -80,7 +80,7 @@ def test_real_module_under_bf16_autocast(setup):
 
 def test_backward_batch_skips_the_cache_when_each_side_fits_one_chunk(setup):
     """chunk_size >= batch: one forward per side with grad (no extra no-grad pass), same gradients."""
-    from embedkit.data.stream import ChunkCollate
+    from embedkit.data.batch import ChunkCollate
 
     module, _, _ = setup
     module.eval()  # no dropout: layouts are comparable

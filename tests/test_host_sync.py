@@ -11,9 +11,9 @@ from _images import speckled_image
 from conftest import SMALL_DEMO
 
 from embedkit.config.loader import compose
+from embedkit.data.batch import ChunkCollate, TrainBatch
 from embedkit.data.demo import train_examples
 from embedkit.data.schema import Item
-from embedkit.data.stream import ChunkCollate, TrainBatch
 from embedkit.training.host_sync import SyncCounter
 from embedkit.training.module import EmbeddingModule
 
@@ -144,7 +144,7 @@ def test_pinned_memory_on_cuda_only(monkeypatch):
     out = batch.pin_memory()
     assert len(pinned) == 2 + 2 + 1 + 1  # both chunks' tensors, the keys, the one restore
     assert out.query_chunks[0]["input_ids"] is pinned[0] and out.query_chunks[0]["groups"] == [[3, 2, 0]]
-    assert out.candidate_restore is None and out.padded_tokens == 12 and out.batch_size == 2
+    assert out.candidate_restore is None and out.padded_tokens == 12 and out.per_device_batch == 2
 
 
 def test_train_compile_encodes_every_chunk_through_the_compiled_forward(monkeypatch):

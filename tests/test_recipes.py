@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from embedkit.config.loader import available_recipes, compose
+from embedkit.data.batch import ChunkCollate
 from embedkit.data.schema import Example, Item
-from embedkit.data.stream import ChunkCollate
 from embedkit.errors import ConfigError, UserError
 from embedkit.training.optim import build_optimizer, build_scheduler, lr_multiplier, total_steps
 

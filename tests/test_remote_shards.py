@@ -13,10 +13,11 @@ from _http_shards import serve
 from PIL import Image
 
 from embedkit.data import remote
+from embedkit.data.batch import ChunkCollate
 from embedkit.data.datamodule import checked_shards
 from embedkit.data.schema import Example, Item
 from embedkit.data.shards import ImageBytes, encode_example, iter_samples, list_shards, write_shard
-from embedkit.data.stream import ChunkCollate, ShardStream
+from embedkit.data.stream import ShardStream
 from embedkit.errors import UserError
 
 LAYOUT = {"A": 3, "B": 2}  # source -> shards, 8 samples each

@@ -9,9 +9,11 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from embedkit.data.batch import ChunkCollate
 from embedkit.data.schema import Example, Item
+from embedkit.data.shard_set import group_shards
 from embedkit.data.shards import ImageBytes, encode_example, write_shard
-from embedkit.data.stream import ChunkCollate, ShardStream, group_shards
+from embedkit.data.stream import ShardStream
 
 # source -> (shards, samples per shard); B has fewer shards than 2 ranks x 2 workers: samples are split
 LAYOUT = {"A": (4, 6), "B": (1, 12), "C": (3, 5)}
@@ -140,7 +142,7 @@ def test_corrupt_image_and_truncated_tar_are_skipped_and_batches_stay_full(tmp_p
                      ChunkCollate(identity, 4, 0), 4, seed=0, shuffle_buffer=2, epoch_steps=8)
     with caplog.at_level(logging.WARNING, logger="embedkit.data.stream"):
         batches = list(st)
-    assert len(batches) == 8 and all(b.batch_size == 4 and len(b.tasks) == 4 for b in batches)
+    assert len(batches) == 8 and all(b.per_device_batch == 4 and len(b.tasks) == 4 for b in batches)
     assert st.skipped > 0
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("D0x0099" in m for m in warned) == 1  # met again on every pass, warned once

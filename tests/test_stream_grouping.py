@@ -11,9 +11,12 @@ from collections import Counter
 import pytest
 from torch.utils.data import DataLoader
 
+from embedkit.data.batch import ChunkCollate
+from embedkit.data.mixture import arrange_by_length, example_length
 from embedkit.data.schema import Example, Item
+from embedkit.data.shard_set import ShardSet
 from embedkit.data.shards import encode_example, write_shard
-from embedkit.data.stream import ChunkCollate, ShardStream, arrange_by_length, example_length, query_modality
+from embedkit.data.stream import ShardStream
 from tests.test_stream import _png, identity
 
 # source -> (shards, samples per shard, which samples have an image query)
@@ -64,7 +67,7 @@ def test_a_source_counts_by_the_majority_of_its_queries_or_its_manifest(modal, t
     shutil.copytree(sorted({p.rsplit("/", 2)[0] for p in modal})[0], copy)
     (copy / "manifest.json").write_text(json.dumps({"subsets": {"M": {"count": 12, "query_modality": "image"}}}))
     shards = sorted(str(p) for p in copy.glob("*/*.tar"))
-    assert query_modality(tuple(s for s in shards if "/M/" in s)) == "image"
+    assert ShardSet([s for s in shards if "/M/" in s]).query_modality("M") == "image"
     assert make(shards).modality == {**KINDS, "M": "image"}
 
 

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
+from embedkit.data.batch import ChunkCollate
 from embedkit.data.shards import encode_example, write_shard
-from embedkit.data.stream import ChunkCollate, ShardStream
+from embedkit.data.stream import ShardStream
 from tests.test_stream import _example, _png, identity, write_layout
 
 

@@ -92,8 +92,8 @@ def parse(args: list[str]) -> dict:
 
 def sources(spec: str, out: str) -> tuple[dict[str, list[tuple[str, str]]], Path]:
     """{subset: [(shard, path relative to the source root)]} of ``spec``, and the root."""
+    from embedkit.data.shard_set import ShardSet
     from embedkit.data.shards import list_shards
-    from embedkit.data.stream import group_shards
 
     root = Path(spec).expanduser()
     if not root.is_dir():
@@ -104,7 +104,7 @@ def sources(spec: str, out: str) -> tuple[dict[str, list[tuple[str, str]]], Path
     if Path(out).expanduser().resolve() == root.resolve():
         raise UserError("out: must differ from shards= (mined shards are new files)")
     return ({name: [(s, str(Path(s).relative_to(root))) for s in group]
-             for name, group in group_shards(shards).items()}, root)
+             for name, group in ShardSet(shards).sources.items()}, root)
 
 
 def build_judge(block: dict, plugins: list[str]):
@@ -122,8 +122,8 @@ def main(args: list[str]) -> int:
     opts = parse(args)
     src, root = sources(opts["shards"], opts["out"])
     judge = build_judge(opts["judge"], opts["plugins"])
+    from embedkit.data.shard_set import write_manifest
     from embedkit.export.reader import load
-    from embedkit.files import write_atomic
     from embedkit.mining import provenance
     from embedkit.mining.miner import Miner, MineSettings
 
@@ -144,10 +144,10 @@ def main(args: list[str]) -> int:
         "pick": opts["pick"], "seed": opts["seed"],
     }
     manifest = provenance.build_manifest(stats, mining)
-    write_atomic(Path(opts["out"]) / provenance.MANIFEST, provenance.dumps(manifest))
+    written = write_manifest(opts["out"], manifest)
     m = manifest["mining"]
     log(f"mine: done: {sum(s['count'] for s in manifest['subsets'].values())} examples, {m['kept']} negatives "
         f"kept of {m['considered']} in the window; dropped {m['dropped']['duplicate']} duplicates, "
         f"{m['dropped']['false_negative']} false negatives; {m['short']} examples short of "
-        f"{opts['num_negatives']}; manifest {Path(opts['out']) / provenance.MANIFEST}")
+        f"{opts['num_negatives']}; manifest {written}")
     return 0

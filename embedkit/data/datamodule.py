@@ -8,9 +8,10 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from embedkit.data import demo
+from embedkit.data.batch import ChunkCollate, ValCollate, ValItems
 from embedkit.data.remote import is_remote
 from embedkit.data.shards import decode_sample, iter_samples, list_shards
-from embedkit.data.stream import ChunkCollate, ShardStream, ValCollate, ValItems
+from embedkit.data.stream import ShardStream
 from embedkit.errors import ConfigError, UserError
 
 

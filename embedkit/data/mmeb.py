@@ -9,8 +9,8 @@ Source layouts accepted under ``--src`` (columns ``qry``, ``qry_image_path``, ``
     <src>/<subset>.jsonl                 the same, one JSON object per line
 
 Output: ``<out>/<subset>/train-000000.tar ...`` (the sample layout of ``embedkit.data.shards``; the
-task of every example is its subset name, the manifest gives its meta-task) and
-``<out>/manifest.json`` with counts, bytes and a sha256 digest per shard, and skipped rows by reason.
+task of every example is its subset name, the manifest gives its meta-task) and the shard set's
+manifest (``data.shard_set``) with counts, bytes and a sha256 digest per shard, and skipped rows by reason.
 
 How it scales: the parent reads the tables (columns only, cheap) and applies the row checks that need
 no image; the cap (``--cap``, or the subset's ``cap`` in ``data/mmeb/train.yaml``) takes the first
@@ -42,9 +42,9 @@ REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 OPTIONAL = ("neg_text", "neg_image_path")
 REASONS = ("wrong_type", "empty_text", "missing_image", "unreadable_image")
 SPLITS = ("original", "diverse_instruction", "train")
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 from embedkit.data.manifests import manifest_path
+from embedkit.data.shard_set import write_manifest
 
 TRAIN_YAML = manifest_path("train.yaml")
 
@@ -379,8 +379,8 @@ def convert(src: str | Path, out: str | Path, *, images: str | Path | None = Non
              "bytes": sum(s["bytes"] for s in manifest["subsets"].values()),
              "skipped": dict(sum((Counter(s["skipped"]) for s in manifest["subsets"].values()), Counter()))}
     manifest["total"] = total
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-    log(f"mmeb: {total['count']} examples, {total['bytes'] / 1e6:.1f} MB; manifest {out / MANIFEST}")
+    written = write_manifest(out, manifest)
+    log(f"mmeb: {total['count']} examples, {total['bytes'] / 1e6:.1f} MB; manifest {written}")
     if empty:
-        raise UserError(f"no valid row in subset(s) {', '.join(empty)}: see skipped counts in {out / MANIFEST}")
+        raise UserError(f"no valid row in subset(s) {', '.join(empty)}: see skipped counts in {written}")
     return 0

@@ -57,6 +57,10 @@ class ShardUnavailable(UserError):
         super().__init__(message)
 
 
+class NotThere(ShardUnavailable):
+    """The file does not exist (HTTP 404/410, ``FileNotFoundError``): for an optional file, its absence."""
+
+
 class _Retry(Exception):
     """A failure worth another try (connection dropped, timeout, 5xx, a command that failed)."""
 
@@ -133,7 +137,8 @@ class _HttpSource:
                 raise _Retry(f"HTTP 416 at byte {offset}") from None
             if exc.code in (408, 425, 429) or exc.code >= 500:
                 raise _Retry(f"HTTP {exc.code} {exc.reason}") from None
-            raise ShardUnavailable(f"shard {url}: HTTP {exc.code} {exc.reason}") from None
+            error = NotThere if exc.code in (404, 410) else ShardUnavailable
+            raise error(f"shard {url}: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, HTTPException, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise _Retry(_one_line(reason) if isinstance(reason, BaseException) else str(reason)) from None
@@ -169,7 +174,8 @@ class _FsspecSource:
         try:
             self.f = fs.open(path, "rb")
         except (FileNotFoundError, PermissionError) as exc:
-            raise ShardUnavailable(f"shard {url}: {type(exc).__name__}: {_one_line(exc)}") from None
+            error = NotThere if isinstance(exc, FileNotFoundError) else ShardUnavailable
+            raise error(f"shard {url}: {type(exc).__name__}: {_one_line(exc)}") from None
         except Exception as exc:  # noqa: BLE001 - network errors of any filesystem library
             raise _Retry(f"{type(exc).__name__}: {_one_line(exc)}") from None
         self.start = 0
@@ -264,7 +270,7 @@ class RemoteShard:
             except ShardUnavailable as exc:
                 self._drop()
                 msg = str(exc)
-                raise ShardUnavailable(msg if self.name in msg else f"shard {self.name}: {msg}") from None
+                raise type(exc)(msg if self.name in msg else f"shard {self.name}: {msg}") from None
 
     def _open(self) -> None:
         src = self._source_type(self.name, self._fetched)
@@ -341,3 +347,15 @@ class RemoteShard:
 
 def open_shard(url: str) -> RemoteShard:
     return RemoteShard(str(url))
+
+
+def read_if_there(url: str) -> bytes | None:
+    """The bytes of a small remote file (a shard set's manifest), None when it does not exist; any
+    other failure (after the retries) raises ``ShardUnavailable``, so every rank sees the same answer."""
+    if url.startswith("pipe:"):
+        return None
+    try:
+        with open_shard(url) as f:
+            return f.read()
+    except NotThere:
+        return None

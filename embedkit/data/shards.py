@@ -12,6 +12,7 @@ partial shard and an interrupted writer can be re-run.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -88,8 +89,14 @@ def decode_sample(key: str, files: dict[str, bytes]) -> Example:
     )
 
 
+def sample_key(member_name: str) -> str:
+    """The sample a tar member belongs to: its file name up to the first dot (``k001.q.png`` -> ``k001``).
+    A sample is a run of consecutive members with one key (WebDataset's grouping, on the base name)."""
+    return os.path.basename(member_name).split(".", 1)[0]
+
+
 def iter_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, files) per sample of a tar, grouping consecutive files by key (up to the first dot).
+    """(key, files) per sample of a tar, grouping consecutive files by ``sample_key``.
 
     A truncated tar raises ``tarfile.ReadError`` after the complete samples before the cut; the
     sample being read when the data ended is never yielded. ``path`` may be a URL or ``pipe:``
@@ -110,7 +117,7 @@ def _samples(tar: tarfile.TarFile, path) -> Iterator[tuple[str, dict[str, bytes]
             if not member.isfile():
                 continue
             name = os.path.basename(member.name)
-            k = name.split(".", 1)[0]
+            k = sample_key(name)
             if key is not None and k != key:
                 yield key, files
                 files = {}
@@ -129,6 +136,39 @@ def _check_end_marker(tar: tarfile.TarFile, path) -> None:
     tail = tar.fileobj.read(tarfile.BLOCKSIZE)
     if len(tail) < tarfile.BLOCKSIZE or tail.strip(b"\0"):
         raise tarfile.ReadError(f"{path}: truncated (no end-of-archive block at byte {tar.offset})")
+
+
+def count_samples(path: str | Path) -> int:
+    """How many samples ``iter_samples(path)`` yields, from the member headers only (the data is
+    seeked over, never read). The one counting rule of the project: runs of consecutive members with
+    one ``sample_key``; in a cut tar (no end-of-archive block, a member's data or a header cut short)
+    the last run is not counted, since ``iter_samples`` never yields the sample being read when the
+    data ended. A remote shard (URL, ``pipe:``) cannot be seeked over: it is read through once for
+    its headers (nothing decoded) and its count kept for the process."""
+    if is_remote(path):
+        return _remote_count(str(path))
+    return _count_members(lambda: tarfile.open(path, "r"), path)
+
+
+@functools.lru_cache(maxsize=None)
+def _remote_count(url: str) -> int:
+    from embedkit.data.remote import open_shard
+
+    with open_shard(url) as f:
+        return _count_members(lambda: tarfile.open(fileobj=f, mode="r:"), url)
+
+
+def _count_members(open_tar, path) -> int:
+    runs, key = 0, None
+    try:
+        with open_tar() as tar:
+            for member in tar:
+                if member.isfile() and sample_key(member.name) != key:
+                    runs, key = runs + 1, sample_key(member.name)
+            _check_end_marker(tar, path)
+    except (tarfile.TarError, OSError):
+        return max(0, runs - 1)  # a cut tar: the sample being read when the data ended is never yielded
+    return runs
 
 
 def write_shard(path: str | Path, samples: list[dict[str, bytes]]) -> None:

@@ -17,8 +17,8 @@ For each source (a folder of shards, e.g. one MMEB subset):
 The output keeps the source sharding: ``SRC/<rel>.tar`` becomes ``DST/<rel>.tar`` with the same
 examples in the same order. Every shard is written atomically with a sidecar of its counts
 (``DST/.mine/<rel>.json``); a shard with both is skipped, so a killed mine resumes. Everything is
-deterministic: re-mining the same inputs gives the same bytes. ``DST/manifest.json`` (written last)
-records the provenance (``mining/provenance.py``).
+deterministic: re-mining the same inputs gives the same bytes. DST's shard-set manifest (written
+last, ``data.shard_set.write_manifest``) records the provenance (``mining/provenance.py``).
 
 Memory: the targets of one subset are held as their encoded bytes (what the new shards copy).
 """

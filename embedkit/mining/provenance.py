@@ -1,25 +1,23 @@
 """The mined shards' manifest: what produced them, and what mining dropped.
 
-``DST/manifest.json`` (written last, atomically; sorted keys, no timestamps, so re-mining the same
-inputs gives the same bytes)::
+The mined shard set's manifest (``data.shard_set.write_manifest``: written last, atomically; sorted
+keys, no timestamps, so re-mining the same inputs gives the same bytes)::
 
-    {"subsets": {name: {"count": examples}},          # what the training stream's mixture reads
+    {"subsets": {name: {"count": examples,            # what the training stream's mixture reads
+                        "shards": [{"path": rel, "count": examples}]}},
      "mining": {"source": SRC, "source_shards": {rel: sha256}, "model": MODEL,
                 "model_sha256": ..., "judge": {...}, "window": [lo, hi], "threshold": ...,
                 "num_negatives": K, "pick": ..., "seed": ..., "dropped": {reason: n},
                 "considered": n, "kept": n, "short": n}}
 
-``manifest_sha256(shards)`` is the sha256 of that file for a list of training shards (the manifest
-beside their subset folders), what ``embedkit fit`` tags its MLflow run with.
+``ShardSet.manifest_sha256("mining")`` is the sha256 of that file for a list of training shards,
+what ``embedkit fit`` tags its MLflow run with.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
-
-MANIFEST = "manifest.json"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -50,23 +48,11 @@ def build_manifest(stats: dict[str, dict], mining: dict) -> dict:
     totals = {"considered": 0, "duplicate": 0, "false_negative": 0, "kept": 0, "short": 0}
     for rel, counts in sorted(stats.items()):
         name = Path(rel).parent.name or "."
-        subsets.setdefault(name, {"count": 0})["count"] += counts["examples"]
+        subset = subsets.setdefault(name, {"count": 0, "shards": []})
+        subset["count"] += counts["examples"]
+        subset["shards"].append({"path": rel, "count": counts["examples"]})
         for k in totals:
             totals[k] += counts[k]
     mining = {**mining, "considered": totals["considered"], "kept": totals["kept"], "short": totals["short"],
               "dropped": {"duplicate": totals["duplicate"], "false_negative": totals["false_negative"]}}
     return {"subsets": subsets, "mining": mining}
-
-
-def dumps(manifest: dict) -> str:
-    return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-
-
-def manifest_sha256(shards: list[str]) -> str | None:
-    """sha256 of the mining manifest of ``shards`` (beside their subset folders), None if not mined."""
-    for shard in shards[:1]:
-        for folder in (Path(shard).parent.parent, Path(shard).parent):
-            path = folder / MANIFEST
-            if path.is_file() and "mining" in json.loads(path.read_text()):
-                return file_sha256(path)
-    return None

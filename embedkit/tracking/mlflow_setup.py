@@ -101,15 +101,15 @@ def log_run_inputs(logger: EmbedkitMLFlowLogger, cfg: dict, config_path: Path, o
     client.log_text(run_id, "\n".join(overrides) + "\n", "overrides.txt")
 
 
-#: the tag naming the mining manifest a run trained on (``embedkit mine``'s DST/manifest.json)
+#: the tag naming the mining manifest a run trained on (the manifest of ``embedkit mine``'s DST)
 MINED_TAG = "embedkit.mined_manifest_sha256"
 
 
 @rank_zero_only
 def tag_mined_shards(logger: EmbedkitMLFlowLogger, train_shards: list[str]) -> None:
     """Tag the run with the sha256 of its training shards' mining manifest, when they were mined."""
-    from embedkit.mining.provenance import manifest_sha256
+    from embedkit.data.shard_set import ShardSet
 
-    digest = manifest_sha256(train_shards)
+    digest = ShardSet(train_shards).manifest_sha256("mining")
     if digest:
         logger.experiment.set_tag(logger.run_id, MINED_TAG, digest)

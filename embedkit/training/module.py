@@ -13,7 +13,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from embedkit.data.stream import TrainBatch
+from embedkit.data.batch import TrainBatch
 from embedkit.distributed import distributed_loss
 from embedkit.encoder import Encoder
 from embedkit.losses.base import CandidateMask, Loss, LossOutput, accepts_mask, similarity_for
@@ -209,7 +209,7 @@ class EmbeddingModule(L.LightningModule):
         reads them back once per ``trainer.log_every_n_steps``), host values as CPU tensors (a Python float
         would be copied to the device, a blocking copy, every step). ``train/loss`` goes to the progress
         bar only when there is one: Lightning reads progress-bar values back after every batch."""
-        B = batch.batch_size
+        B = batch.per_device_batch
         # distributed, each rank's loss is over its own rows: sync_dist reports the full-batch mean
         bar = self._trainer is not None and self.trainer.progress_bar_callback is not None
         self.log("train/loss", out.loss, prog_bar=bar, batch_size=B, sync_dist=True)
@@ -310,7 +310,7 @@ class EmbeddingModule(L.LightningModule):
         sharded forward and backward passes as each other (``agree_passes``).
         """
         nq, nc = len(batch.query_chunks), len(batch.candidate_chunks)
-        B, K = batch.batch_size, batch.num_negatives
+        B, K = batch.per_device_batch, batch.num_negatives
         chunks = batch.query_chunks + batch.candidate_chunks
         real = nq + nc
         if min_passes > real:

@@ -12,13 +12,11 @@ count (``total_steps``), as an epoch-based HF Trainer run with ``dataloader_drop
 
 from __future__ import annotations
 
-import json
 import math
-import tarfile
-from pathlib import Path
 
 import torch
 
+from embedkit.data.shard_set import ShardSet
 from embedkit.errors import UserError
 
 
@@ -50,24 +48,9 @@ def build_scheduler(optimizer, train: dict, total_steps: int):
 
 # -- run length -----------------------------------------------------------------------------------
 def count_examples(shards: list[str]) -> int:
-    """Training examples in ``shards``: each source folder's count from ``<root>/manifest.json``
-    (written by ``embedkit data mmeb``), else the samples in its tar files (the demo's shards)."""
-    total = 0
-    by_dir: dict[Path, list[str]] = {}
-    for s in shards:
-        by_dir.setdefault(Path(s).parent, []).append(s)
-    for folder, files in by_dir.items():
-        manifest = folder.parent / "manifest.json"
-        entry = None
-        if manifest.is_file():
-            entry = json.loads(manifest.read_text()).get("subsets", {}).get(folder.name)
-        if entry and entry.get("count"):
-            total += int(entry["count"])
-            continue
-        for f in files:
-            with tarfile.open(f) as tar:
-                total += len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
-    return total
+    """Training examples in ``shards``: each source's count from its shard set's manifest (written by
+    ``embedkit data mmeb`` and ``embedkit mine``), else the samples of its tars (``ShardSet.count``)."""
+    return ShardSet(shards).total()
 
 
 def total_steps(max_steps: int, max_epochs: int, shards: list[str], examples_per_step: int) -> int:

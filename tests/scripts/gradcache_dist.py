@@ -27,8 +27,8 @@ from torch import nn
 
 from embedkit.backbones.base import Backbone, BackboneOutput
 from embedkit.config import registry, schema
+from embedkit.data.batch import ChunkCollate, TrainBatch, chunked
 from embedkit.data.schema import Example, Item
-from embedkit.data.stream import ChunkCollate, TrainBatch, chunked
 from embedkit.training.module import EmbeddingModule
 
 WORLD, B, K, CHUNK, T, F, H = 2, 8, 1, 2, 3, 6, 16

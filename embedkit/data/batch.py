@@ -1,0 +1,231 @@
+"""The batch layout: ``TrainBatch``, the contract between ``data/`` and ``training/``, and how a
+device's examples become one (``ChunkCollate``: candidates laid out, each side cut into chunks of
+``train.chunk_size`` items and ``train.chunk_tokens`` padded tokens, optionally ordered by cost
+first, each chunk run through the backbone's processor in the DataLoader workers); and the
+validation rows (``ValItems``, ``ValCollate``: every query, then every candidate, tagged by ``Role``).
+
+Batch words (``docs/architecture.md``): the global contrastive batch is split evenly over the
+devices; ``TrainBatch.per_device_batch`` is one device's share; a chunk is one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+
+from embedkit.data.schema import Example, Item, content_key
+
+
+@dataclass
+class TrainBatch:
+    """One device's share of a contrastive batch, already processed into model inputs.
+
+    With cost-aware chunking (``ChunkCollate(sort=True)``) the chunks hold each side's items in
+    another order than the batch's; ``query_restore`` / ``candidate_restore`` index the concatenated
+    chunk embeddings back into batch order (row ``i`` of the side is encoded row ``restore[i]``),
+    None when the chunks keep the batch order. ``padded_tokens`` / ``real_tokens``: sequence slots
+    in the forward passes (items x longest, summed over chunks) and the real tokens among them.
+    """
+
+    query_chunks: list[dict]  # processed chunks of the B queries
+    candidate_chunks: list[dict]  # processed chunks of the B positives, then B*K negatives (example-major)
+    per_device_batch: int  # B: examples of this device (the global contrastive batch / devices)
+    num_negatives: int  # K
+    tasks: list[str]
+    #: int64 [B + B*K]: ``content_key`` of each candidate, in the layout of ``candidate_chunks``
+    #: before chunking (positives, then negatives example-major); in-batch false-negative masking
+    #: (``train.mask_duplicates``) compares them. None: not computed (masking cannot run).
+    candidate_keys: torch.Tensor | None = None
+    query_restore: torch.Tensor | None = None  # [B] long: batch row -> encoded row; None: in order
+    candidate_restore: torch.Tensor | None = None  # [B*(1+K)] long, likewise
+    padded_tokens: int = 0
+    real_tokens: int = 0
+
+    @property
+    def pad_fraction(self) -> float:
+        """Padding's share of the sequence slots of this batch's forward passes (0 when unknown)."""
+        return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    def pin_memory(self) -> "TrainBatch":
+        """A copy whose tensors are in page-locked memory (``DataLoader(pin_memory=True)`` calls it in its
+        pinning thread), so that the host-to-device copies run asynchronously (Lightning's transfer
+        passes ``non_blocking=True`` on CUDA) instead of stalling the host."""
+        import dataclasses
+
+        return dataclasses.replace(
+            self, query_chunks=_pinned(self.query_chunks), candidate_chunks=_pinned(self.candidate_chunks),
+            candidate_keys=_pinned(self.candidate_keys), query_restore=_pinned(self.query_restore),
+            candidate_restore=_pinned(self.candidate_restore))
+
+
+def _pinned(x):
+    """``x`` (a tensor, or dicts and lists of them) with every tensor pinned; anything else as is."""
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    return apply_to_collection(x, torch.Tensor, lambda t: t.pin_memory())
+
+
+def chunked(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def chunked_by_tokens(items: list, lengths: list[int], size: int, budget: int) -> list[list]:
+    """Contiguous chunks of at most ``size`` items and ``budget`` padded tokens (items x longest).
+
+    Order is kept (the loss pairs rows by position). An item longer than the budget alone gets a
+    chunk of its own: it cannot be split.
+    """
+    chunks, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        grown = max(longest, n)
+        if i > start and (i - start + 1 > size or (i - start + 1) * grown > budget):
+            chunks.append(items[start:i])
+            start, grown = i, n
+        longest = grown
+    if items:
+        chunks.append(items[start:])
+    return chunks
+
+
+def cost_order(costs: list[int]) -> list[int]:
+    """Indices by decreasing cost; ties keep their batch order (deterministic)."""
+    return sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+
+
+def packed_by_tokens(costs: list[int], size: int, budget: int) -> list[list[int]]:
+    """First-fit decreasing: item indices, most costly first, each into the first chunk that still
+    holds it (at most ``size`` items and ``budget`` padded tokens, i.e. items x the chunk's longest,
+    its first item). An item over the budget gets a chunk of its own. Returns index lists."""
+    chunks: list[list[int]] = []
+    for i in cost_order(costs):
+        for chunk in chunks:
+            if len(chunk) < size and (len(chunk) + 1) * costs[chunk[0]] <= budget:
+                chunk.append(i)
+                break
+        else:
+            chunks.append([i])
+    return chunks
+
+
+class ChunkCollate:
+    """Examples -> TrainBatch: lays out candidates, splits into chunks, runs the backbone processor.
+
+    ``sort`` (``train.sort_chunks``): each side (the queries; the candidates: positives and every
+    negative slot, one pool) is ordered by cost -- the processed length, text plus image tokens,
+    from ``processor.num_tokens`` (each backbone's arithmetic, no second processing) -- before it is
+    cut, so a chunk holds items of like length and pads little; with ``chunk_tokens`` the chunks are
+    packed first-fit decreasing under the token budget. The embeddings are put back in batch order
+    by ``TrainBatch.*_restore`` before the loss. ``sort=False`` cuts in arrival order.
+    """
+
+    def __init__(self, processor, chunk_size: int, num_negatives: int, chunk_tokens: int = 0, sort: bool = False):
+        self.processor = processor
+        self.chunk_size = chunk_size
+        self.num_negatives = num_negatives
+        self.chunk_tokens = chunk_tokens
+        self.sort = sort
+
+    def split(self, items: list[Item]) -> list[list[Item]]:
+        """Arrival-order chunks (``sort=False``'s layout)."""
+        if not self.chunk_tokens:
+            return chunked(items, self.chunk_size)
+        lengths = [self.processor.num_tokens(it) for it in items]
+        return chunked_by_tokens(items, lengths, self.chunk_size, self.chunk_tokens)
+
+    def layout(self, items: list[Item]) -> tuple[list[list[Item]], torch.Tensor | None]:
+        """(chunks, restore): ``restore`` maps batch rows to rows of the concatenated chunks (None: in order)."""
+        if not self.sort or len(items) < 2:
+            return self.split(items), None
+        costs = self.processor.costs(items) if hasattr(self.processor, "costs") else [
+            self.processor.num_tokens(it) for it in items]
+        if self.chunk_tokens:
+            groups = packed_by_tokens(costs, self.chunk_size, self.chunk_tokens)
+        else:
+            groups = chunked(cost_order(costs), self.chunk_size)
+        order = [i for g in groups for i in g]
+        restore = torch.empty(len(order), dtype=torch.long)
+        restore[torch.tensor(order)] = torch.arange(len(order))
+        return [[items[i] for i in g] for g in groups], restore
+
+    def negatives(self, i: int, examples: list[Example]) -> list[Item]:
+        """Exactly K negatives for example i: its own, cycled; an example with none (most MMEB
+        subsets) borrows the positives of the other examples of its batch, which are true
+        in-batch negatives of its query."""
+        k, ex = self.num_negatives, examples[i]
+        if k == 0:
+            return []
+        if ex.negatives:
+            return [ex.negatives[j % len(ex.negatives)] for j in range(k)]
+        others = [e.positive for j, e in enumerate(examples) if j != i]
+        if not others:
+            raise ValueError(f"data.train.num_negatives={k} but an example of task {ex.task!r} has none "
+                             "and its batch has no other example to borrow from")
+        return [others[(i + j) % len(others)] for j in range(k)]
+
+    def __call__(self, examples: list[Example]) -> TrainBatch:
+        queries = [ex.query for ex in examples]
+        cands = [ex.positive for ex in examples]
+        cands += [n for i in range(len(examples)) for n in self.negatives(i, examples)]
+        query_groups, query_restore = self.layout(queries)
+        cand_groups, cand_restore = self.layout(cands)
+        query_chunks = [self.processor(c) for c in query_groups]
+        candidate_chunks = [self.processor(c) for c in cand_groups]
+        padded, real = pad_counts(query_chunks + candidate_chunks)
+        return TrainBatch(
+            query_chunks=query_chunks,
+            candidate_chunks=candidate_chunks,
+            per_device_batch=len(examples),
+            num_negatives=self.num_negatives,
+            tasks=[ex.task for ex in examples],
+            candidate_keys=torch.tensor([content_key(c) for c in cands], dtype=torch.int64),
+            query_restore=query_restore,
+            candidate_restore=cand_restore,
+            padded_tokens=padded,
+            real_tokens=real,
+        )
+
+
+def pad_counts(chunks: list[dict]) -> tuple[int, int]:
+    """(sequence slots, real tokens) over processed chunks, from their attention masks."""
+    padded = real = 0
+    for chunk in chunks:
+        mask = chunk.get("attention_mask") if isinstance(chunk, dict) else None
+        if mask is not None:
+            padded += mask.numel()
+            real += int(mask.sum())
+    return padded, real
+
+
+class Role(IntEnum):
+    """What a validation row is: a query, or the candidate (positive) of the query with its index."""
+
+    QUERY = 0
+    CANDIDATE = 1
+
+
+class ValItems(torch.utils.data.Dataset):
+    """Validation: every query, then every candidate, as (role, index, item)."""
+
+    def __init__(self, examples: list[Example]):
+        self.rows = [(Role.QUERY, i, ex.query) for i, ex in enumerate(examples)]
+        self.rows += [(Role.CANDIDATE, i, ex.positive) for i, ex in enumerate(examples)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+class ValCollate:
+    """Rows of ``ValItems`` -> (roles [n] long, with ``Role`` values; example indices [n]; processed items)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, rows):
+        roles = torch.tensor([int(r[0]) for r in rows])
+        index = torch.tensor([r[1] for r in rows])
+        return roles, index, self.processor([r[2] for r in rows])

@@ -1,0 +1,122 @@
+"""The seekable reader: endless decoded examples of one source of a ``ShardSet``, for one reader slot.
+
+Every (rank, worker) pair is a *reader slot* and reads a disjoint share of every source: its own
+shards when a source has at least as many shards as there are slots, else every ``slots``-th sample
+of each shard. Shards are resampled (a fresh seeded permutation per pass) so a source never runs
+dry, and samples are shuffled per window of raw samples (raw bytes; decoding happens when a sample
+is drawn, so the window stays cheap). Every pass order and window permutation is seeded by its own
+index, so a reader can start at its ``n``-th example without decoding, or even reading, what came
+before: the shards' sample counts (``ShardSet.shard_count``) tell which passes and shards to skip.
+
+A sample that fails to decode (a corrupt image, a missing part) or a truncated tar is skipped and
+reported through ``skip(what, where)``; a remote shard that cannot be had after the retries stops
+the run with ``ShardUnavailable``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Callable
+
+from embedkit.data.remote import ShardUnavailable
+from embedkit.data.schema import Example
+from embedkit.data.shard_set import ShardSet
+from embedkit.data.shards import decode_sample, iter_samples
+
+log = logging.getLogger(__name__)
+
+
+class SourceReader:
+    """Endless decoded examples of one source of a ``ShardSet``, for one reader slot (one (rank,
+    worker) pair of ``slots``).
+
+    The raw sample sequence is a series of *passes*; pass ``p`` reads this slot's share of the
+    shards in an order drawn from ``(key, p)`` alone. Shuffling is by *window*: the raw samples
+    ``[w * buffer, (w + 1) * buffer)`` are permuted by an RNG drawn from ``(key, w)`` alone. So the
+    state after ``n`` examples is derivable without replaying them: ``start=n`` counts the shards'
+    samples from their tar headers, skips whole passes and shards, and reads (without decoding) at
+    most one shard and one window to land on sample ``n``.
+    """
+
+    def __init__(self, shard_set: ShardSet, name: str, slot: int, slots: int, key: str, buffer: int,
+                 skip: Callable[[str, str], None], start: int = 0):
+        self.shard_set, self.name, self.key, self.buffer_size, self.skip = shard_set, name, key, buffer, skip
+        shards = self.shards = shard_set.sources[name]
+        if len(shards) >= slots:
+            self.mine, self.stride, self.offset = shards[slot::slots], 1, 0
+        else:  # fewer shards than readers: split samples instead
+            self.mine, self.stride, self.offset = shards, slots, slot
+        self.window, within = divmod(start, buffer)
+        self.raw = self._raw(self.window * buffer)
+        self.pending: list = []
+        self._fill()
+        del self.pending[len(self.pending) - within:]  # pending is popped from the end
+
+    def _share(self, shard: str) -> int:
+        """How many of ``shard``'s samples this slot reads."""
+        c = self.shard_set.shard_count(self.name, shard)
+        return max(0, -(-(c - self.offset) // self.stride)) if c > self.offset else 0
+
+    def _seek(self, start: int) -> tuple[int, int, bool]:
+        """(pass, raw samples to skip within it) of raw sample ``start``; falls back like ``_raw``."""
+        counts = {s: self._share(s) for s in self.mine}
+        first = 0
+        if not sum(counts.values()):  # this slot's share is empty: the fallback after one empty pass
+            self.mine, self.stride, self.offset = self.shards, 1, 0
+            counts, first = {s: self._share(s) for s in self.mine}, 1
+            if not sum(counts.values()):
+                raise RuntimeError(f"training source {self.name!r} has no readable sample")
+        p, rem = divmod(start, sum(counts.values()))
+        self._counts = counts
+        return first + p, rem, bool(first)
+
+    def _raw(self, start: int = 0):
+        fallback, p, rem = False, 0, 0
+        if start:
+            p, rem, fallback = self._seek(start)
+        while True:
+            got = 0
+            for shard in random.Random(f"{self.key}-pass-{p}").sample(self.mine, len(self.mine)):
+                if rem:
+                    n = self._counts[shard]
+                    if rem >= n:  # skip the whole shard: not even opened
+                        rem -= n
+                        got += n
+                        continue
+                try:
+                    for i, (key, files) in enumerate(iter_samples(shard)):
+                        if i % self.stride == self.offset:
+                            got += 1
+                            if rem:
+                                rem -= 1
+                                continue
+                            yield shard, key, files
+                except ShardUnavailable:  # a remote shard that cannot be had (retries spent): stop, say which
+                    raise
+                except Exception as exc:  # a truncated or unreadable tar: keep what was read, move on
+                    self.skip(f"the rest of {shard} ({exc})", shard)
+            p += 1
+            if got == 0:
+                if fallback:
+                    raise RuntimeError(f"training source {self.name!r} has no readable sample")
+                log.warning("source %s: this reader's share is empty (fewer samples than readers); "
+                            "reading all of it", self.name)
+                self.mine, self.stride, self.offset, fallback = self.shards, 1, 0, True
+
+    def _fill(self) -> None:
+        """The next window of raw samples, permuted by its own RNG (popped from the end)."""
+        window = [next(self.raw) for _ in range(self.buffer_size)]
+        random.Random(f"{self.key}-window-{self.window}").shuffle(window)
+        window.reverse()
+        self.pending, self.window = window, self.window + 1
+
+    def next(self) -> Example:
+        while True:
+            if not self.pending:
+                self._fill()
+            shard, key, files = self.pending.pop()
+            try:
+                return decode_sample(key, files)
+            except Exception as exc:  # a corrupt image or a malformed sample: skip, count
+                self.skip(f"sample {key} in {shard} ({type(exc).__name__}: {exc})", f"{shard}#{key}")

@@ -142,7 +142,7 @@ def test_muvera_rows_reranking_every_candidate_equal_exact_maxsim():
 def test_muvera_rows_rerank_the_fde_best_and_keep_the_rest_below_in_fde_order():
     from embedkit.eval.muvera import FDE, MuveraRetrieval, muvera_row_scores
     from embedkit.eval.retrieval import row_scores
-    from embedkit.losses.base import token_mask
+    from embedkit.losses.similarity import token_mask
 
     q, c, qi, ci = synthetic_rows(seed=3)
     config, k = FDEConfig(k_sim=2, d_proj=4, repetitions=3), 4

@@ -23,7 +23,7 @@ by exact MaxSim; the top ``k`` are returned.
 
 This module works on token-vector sets given as padded tensors with masks. In ``embedkit eval``
 (``data.eval.retrieval=muvera``, ``muvera_row_scores``) the sets come from ``model.pooling=multi_vector``
-(zero vectors pad them; ``losses.base.token_mask`` gives the mask): each MMEB query's own candidate list
+(zero vectors pad them; ``losses.similarity.token_mask`` gives the mask): each MMEB query's own candidate list
 is ranked by FDE inner product and its best ``candidates`` are re-ranked by exact MaxSim.
 """
 
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from embedkit.errors import UserError
 from embedkit.eval.retrieval import row_block, scores_by_row
-from embedkit.losses.base import maxsim_similarity, token_mask
+from embedkit.losses.similarity import maxsim_similarity, token_mask
 
 
 @dataclass
@@ -125,14 +125,14 @@ class FDE:
 def maxsim(q: torch.Tensor, q_mask: torch.Tensor | None, d: torch.Tensor, d_mask: torch.Tensor | None,
            block: int = 256) -> torch.Tensor:
     """Exact late-interaction scores ``[Nq, Nd]``: ``sum_i max_j <q_i, d_j>`` over real tokens
-    (``losses.base.maxsim_similarity``, ``block`` documents at a time)."""
+    (``losses.similarity.maxsim_similarity``, ``block`` documents at a time)."""
     q, d = zero_padding(q, q_mask), zero_padding(d, d_mask)
     return torch.cat([maxsim_similarity(q, d[start:start + block]) for start in range(0, d.shape[0], block)], dim=1)
 
 
 def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Token sets ``x`` [N, T, d] in float with the tokens outside ``mask`` zeroed: the padding
-    convention of ``losses.base`` (``token_mask``), for sets that carry an explicit mask."""
+    convention of ``losses.similarity`` (``token_mask``), for sets that carry an explicit mask."""
     x = x.float()
     return x if mask is None else x * mask[..., None].to(x.dtype)
 
@@ -247,7 +247,7 @@ def muvera_row_scores(
 
     ``queries [Nq, T, d]``, ``candidates [Nc, T, d]``: the unique token-vector sets (zero vectors pad);
     rows as in ``retrieval.row_scores``. Per row, the FDE inner product ranks the row's candidates;
-    its best ``settings.candidates`` get their exact MaxSim (``losses.base.maxsim_similarity``, the
+    its best ``settings.candidates`` get their exact MaxSim (``losses.similarity.maxsim_similarity``, the
     score ``row_scores`` gives every candidate), and the rest keep their FDE order below all of them:
     ``FDE - (the rest's best FDE) + (the lowest exact score) - 1``. Re-ranking every candidate gives
     exactly ``row_scores``. Rows are padded with -inf. ``info``: the FDE size and bytes per set, the

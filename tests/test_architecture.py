@@ -14,7 +14,7 @@ LAYERS = [
     {"config"},
     {"data", "backbones", "pooling", "losses"},
     {"distributed", "encoder"},
-    {"training", "eval", "tracking", "export", "mining", "judges"},
+    {"training", "eval", "tracking", "export", "mining"},
     {"commands"},
     {"cli", "__main__", "__init__"},
 ]

@@ -20,7 +20,7 @@ One run, four phases of the same training loop:
      ``nonzero`` calls) and the top host ops by self CPU time;
   4. one step with every host-synchronising call counted by call site: on CUDA the syncs
      ``torch.cuda.set_sync_debug_mode`` reports (real), and on any device ``SyncCounter``'s
-     sync-prone calls (``embedkit/training/host_sync.py``; on a CPU they do not stall, but each one
+     sync-prone calls (``bench/host_sync.py``; on a CPU they do not stall, but each one
      would on a GPU).
 Steps/s excludes phases 3-4 (their instrumentation slows the host).
 """
@@ -158,7 +158,7 @@ class Phases(L.Callback):
                 self.prof = torch.profiler.profile(activities=acts)
                 self.prof.__enter__()
             if name == "count":
-                from embedkit.training.host_sync import SyncCounter
+                from bench.host_sync import SyncCounter
 
                 self.counter = SyncCounter()
                 if module.device.type == "cuda":

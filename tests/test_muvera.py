@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from embedkit.eval.muvera import FDE, FDEConfig, MuveraIndex, clustered_corpus, maxsim, recall_of_exact_top
+from bench.muvera_corpus import clustered_corpus, recall_of_exact_top
+from embedkit.eval.muvera import FDE, FDEConfig, MuveraIndex, maxsim
 
 
 def rand(*shape, seed=0):

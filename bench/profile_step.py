@@ -48,7 +48,7 @@ PRESETS = {
              "data.train.task_batch_size=16"],
     # the demo recipe as `embedkit fit` trains it (global batch 64, one chunk per side)
     "demo": [],
-    # issue 17's ~300M Qwen2-VL-shaped setting: global batch 256, chunks of 32, bf16-mixed
+    # a ~300M Qwen2-VL-shaped setting (docs/gradcache.md, "Host overhead"): global batch 256, chunks of 32, bf16-mixed
     "qwen300m": ["model.backbone.tiny_hidden_size=1024", "model.backbone.tiny_layers=16",
                  "model.backbone.tiny_vision_layers=16", "data.demo.image_size=336", "data.demo.train_size=4096",
                  "train.global_batch_size=256", "train.chunk_size=32", "trainer.precision=bf16-mixed",

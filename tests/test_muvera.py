@@ -1,5 +1,6 @@
-"""MUVERA fixed-dimensional encodings (issue 19, arXiv 2405.19588): the encodings against direct
-loops over tokens and buckets, exact MaxSim, and the recall of the exact top 10 on a synthetic corpus."""
+"""MUVERA fixed-dimensional encodings (arXiv 2405.19588: multi-vector search by single-vector inner
+products): the encodings against direct loops over tokens and buckets, exact MaxSim, and the recall of
+the exact top 10 on a synthetic corpus."""
 
 from __future__ import annotations
 

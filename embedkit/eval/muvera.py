@@ -1,4 +1,5 @@
-"""MUVERA: multi-vector retrieval through fixed-dimensional encodings (issue 19).
+"""MUVERA: multi-vector retrieval through fixed-dimensional encodings: exact MaxSim of token-vector
+sets approximated by single-vector inner products, for ``data.eval.retrieval=muvera``.
 
 Dhulipala, Hadian, Jayaram, Lee, Mirrokni, "MUVERA: Multi-Vector Retrieval via Fixed Dimensional
 Encodings", arXiv 2405.19588, Sec. 2. A query or document is a set of token vectors; late interaction

@@ -212,6 +212,45 @@ def trace_stats(prof, steps: int) -> dict:
             "steps": steps, "ops": ops}
 
 
+def print_profile(phases, args) -> None:
+    """Phase 3: the device idle share, aten ops and host calls per profiled step, the top host ops."""
+    if phases.prof is None:
+        return
+    st = trace_stats(phases.prof, args.profile_steps)
+    per = args.profile_steps
+    if args.device == "cuda" and st["wall_us"]:
+        idle = 1 - st["busy_us"] / st["wall_us"]
+        print(f"device idle share (profiled steps): {idle:.1%} of {st['wall_us'] / per / 1000:.1f} ms/step "
+              f"(device busy {st['busy_us'] / per / 1000:.1f} ms/step, {st['kernels'] / per:.0f} kernels+copies"
+              f"/step); high = the host is the limit")
+    else:
+        print("device idle share: n/a on the CPU (host and device are one)")
+    print(f"aten ops per step (nested included; each launches kernels on a GPU): {st['ops'] / per:.0f}")
+    print("host-side calls per profiled step (count, total ms):")
+    for name in sorted(st["calls"]):
+        print(f"  {name:28s} {st['calls'][name] / per:8.1f}  {st['times'][name] / per / 1000:8.2f} ms")
+    print(f"\ntop host ops by self CPU time (per {per} profiled steps):")
+    print(phases.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+    if args.trace:
+        phases.prof.export_chrome_trace(args.trace)
+        print(f"chrome trace: {args.trace}")
+
+
+def print_syncs(phases, args) -> None:
+    """Phase 4: the CUDA syncs of one step (on a GPU) and the sync-prone calls by site (any device)."""
+    if phases.records is not None:
+        sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in phases.records
+                        if "synchroniz" in str(w.message).lower())
+        print(f"\nCUDA syncs in one step (torch.cuda.set_sync_debug_mode): {sum(sites.values())}")
+        for site, n in sites.most_common(args.top):
+            print(f"  {n:6d}  {site}")
+    if phases.counter is not None:
+        c = phases.counter
+        print(f"\nsync-prone calls in one step (SyncCounter, any device): {c.total()} "
+              f"(+{c.total(()) - c.total()} on host-only tensors)")
+        print(c.report(top=args.top))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -261,36 +300,8 @@ def main(argv=None) -> int:
         dt = m["timed_end"] - m["timed"]
         print(f"\nsteps/s: {args.steps / dt:.2f}  ({dt / args.steps * 1000:.1f} ms/step over {args.steps} steps,"
               f" after {args.warmup} warm-up steps; run wall {wall:.1f} s)")
-    if phases.prof is not None:
-        st = trace_stats(phases.prof, args.profile_steps)
-        per = args.profile_steps
-        if args.device == "cuda" and st["wall_us"]:
-            idle = 1 - st["busy_us"] / st["wall_us"]
-            print(f"device idle share (profiled steps): {idle:.1%} of {st['wall_us'] / per / 1000:.1f} ms/step "
-                  f"(device busy {st['busy_us'] / per / 1000:.1f} ms/step, {st['kernels'] / per:.0f} kernels+copies"
-                  f"/step); high = the host is the limit")
-        else:
-            print("device idle share: n/a on the CPU (host and device are one)")
-        print(f"aten ops per step (nested included; each launches kernels on a GPU): {st['ops'] / per:.0f}")
-        print("host-side calls per profiled step (count, total ms):")
-        for name in sorted(st["calls"]):
-            print(f"  {name:28s} {st['calls'][name] / per:8.1f}  {st['times'][name] / per / 1000:8.2f} ms")
-        print(f"\ntop host ops by self CPU time (per {per} profiled steps):")
-        print(phases.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
-        if args.trace:
-            phases.prof.export_chrome_trace(args.trace)
-            print(f"chrome trace: {args.trace}")
-    if phases.records is not None:
-        sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in phases.records
-                        if "synchroniz" in str(w.message).lower())
-        print(f"\nCUDA syncs in one step (torch.cuda.set_sync_debug_mode): {sum(sites.values())}")
-        for site, n in sites.most_common(args.top):
-            print(f"  {n:6d}  {site}")
-    if phases.counter is not None:
-        c = phases.counter
-        print(f"\nsync-prone calls in one step (SyncCounter, any device): {c.total()} "
-              f"(+{c.total(()) - c.total()} on host-only tensors)")
-        print(c.report(top=args.top))
+    print_profile(phases, args)
+    print_syncs(phases, args)
     return 0
 
 

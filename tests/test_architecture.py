@@ -88,40 +88,27 @@ def file_imports(module: str, path: Path, modules) -> list[tuple[str, int]]:
     return found
 
 
+def reachable(graph: dict[str, dict], start: str) -> set[str]:
+    """Every node a path of one or more edges leads to from ``start``."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
 def file_cycles() -> list[str]:
-    """Each group of files that import each other in a circle (a strongly connected component of the
-    file graph), with the imports that close it: ``a:line -> b`` lines."""
+    """Each group of files that import each other around a circle (the files on a circle and every
+    file that both reaches and is reached by them), with the imports inside it: ``a:line -> b``."""
     modules = source_modules()
     graph = {m: {} for m in modules}
     for module, path in modules.items():
         for target, line in file_imports(module, path, modules):
             graph[module].setdefault(target, line)
-    index, low, stack, on_stack, groups = {}, {}, [], set(), []
-
-    def connect(v):  # Tarjan's strongly connected components
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on_stack.add(v)
-        for w in sorted(graph[v]):
-            if w not in index:
-                connect(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            group = set()
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                group.add(w)
-                if w == v:
-                    break
-            if len(group) > 1:
-                groups.append(sorted(group))
-
-    for v in sorted(graph):
-        if v not in index:
-            connect(v)
+    reach = {m: reachable(graph, m) for m in graph}
+    groups = {tuple(sorted(w for w in reach[m] if m in reach[w])) for m in graph if m in reach[m]}
     return [" <-> ".join(g) + ": " + ", ".join(f"{a}:{graph[a][b]} -> {b}" for a in g for b in sorted(graph[a])
                                                if b in g)
             for g in sorted(groups)]

@@ -402,33 +402,38 @@ def _coerce_union(value: Any, tp: Any, key: str) -> Any:
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` as type ``tp`` (numeric strings such as '3e-3' become numbers), else ConfigError."""
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
         return _coerce_union(value, tp, key)
     if origin is Literal:
-        if value in args:
+        if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{key}: {value!r} is not accepted; choices: {', '.join(map(str, args))}")
+        raise ConfigError(f"{key}: {value!r} is not accepted; choices: {', '.join(map(str, typing.get_args(tp)))}")
     if tp in _SCALARS:
         out = _SCALARS[tp](value)
         if out is _REFUSED:
             raise _type_error(key, value, tp)
         return out
-    if origin is list or tp is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise _type_error(key, value, tp)
-        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _type_error(key, value, tp)
-        return dict(value)
+    if (origin or tp) in (list, dict):
+        return _coerce_container(value, tp, key)
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise _type_error(key, value, tp)
+
+
+def _coerce_container(value: Any, tp: Any, key: str) -> Any:
+    """A list (a tuple becomes one; items coerced to ``list[T]``'s T) or a dict (copied), else ConfigError."""
+    args = typing.get_args(tp)
+    if (typing.get_origin(tp) or tp) is dict:
+        if not isinstance(value, dict):
+            raise _type_error(key, value, tp)
+        return dict(value)
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list):
+        raise _type_error(key, value, tp)
+    return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
 
 
 def _type_error(key: str, value: Any, tp: Any) -> ConfigError:

@@ -183,7 +183,7 @@ def contrastive_loss(
     ``masked_negatives`` counts the dropped (query, candidate) pairs of q2c over ``rows``.
 
     ``similarity(a [r, ...], b [C, ...]) -> [r, C]`` scores every pair; None picks it by the shape
-    (``similarity_for``): the dot product for single vectors [n, D], MaxSim for the token-vector
+    (``losses.similarity.similarity_for``): the dot product for single vectors [n, D], MaxSim for the token-vector
     sets [n, T, d] of ``model.pooling=multi_vector``, summed over the query's tokens or, with
     ``maxsim="mean"`` (the losses' default), averaged (``mean_maxsim_similarity``). In c2q the logit
     of (p_i, q_j) is s(q_j, p_i), the same score as in q2c (MaxSim is not symmetric).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17's GPU measurements in one call of the `device` tool (15 minutes of device time in all,
+# The host-overhead GPU measurements (docs/gradcache.md) in one call of the `device` tool (15 minutes of device time in all,
 # at most 10 a command): the demo's steps/s, the ~300M Qwen2-VL-shaped step, the realistic
 # GradCache bench. Each part has its own time limit, so a slow one cannot eat the others; a
 # table of what each printed comes last.

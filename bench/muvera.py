@@ -3,7 +3,7 @@
     python bench/muvera.py                                    # 3000 documents, the FDEConfig defaults
     python bench/muvera.py --docs 10000 --k-sim 5 --d-proj 16 --repetitions 20 --threads 2
 
-A synthetic corpus (``embedkit.eval.muvera.clustered_corpus``: documents of 8-24 tokens drawn around
+A synthetic corpus (``bench/muvera_corpus.clustered_corpus``: documents of 8-24 tokens drawn around
 cluster centres). Timed, for all queries against the whole corpus: ``fde`` = the query FDEs and their
 inner products with the precomputed document FDEs; ``exact`` = MaxSim against every document's tokens;
 ``fde+rerank`` = FDE candidates then exact MaxSim on ``--candidates`` of them. The document FDEs are
@@ -26,15 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embedkit.eval.muvera import (  # noqa: E402
-    FDEConfig,
-    MuveraIndex,
-    MuveraRetrieval,
-    clustered_corpus,
-    maxsim,
-    muvera_row_scores,
-    recall_of_exact_top,
-)
+from bench.muvera_corpus import clustered_corpus, recall_of_exact_top  # noqa: E402
+from embedkit.eval.muvera import FDEConfig, MuveraIndex, MuveraRetrieval, maxsim, muvera_row_scores  # noqa: E402
 from embedkit.eval.retrieval import precision_at_1, row_scores  # noqa: E402
 
 

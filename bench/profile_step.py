@@ -20,7 +20,7 @@ One run, four phases of the same training loop:
      ``nonzero`` calls) and the top host ops by self CPU time;
   4. one step with every host-synchronising call counted by call site: on CUDA the syncs
      ``torch.cuda.set_sync_debug_mode`` reports (real), and on any device ``SyncCounter``'s
-     sync-prone calls (``embedkit/training/host_sync.py``; on a CPU they do not stall, but each one
+     sync-prone calls (``bench/host_sync.py``; on a CPU they do not stall, but each one
      would on a GPU).
 Steps/s excludes phases 3-4 (their instrumentation slows the host).
 """
@@ -48,7 +48,7 @@ PRESETS = {
              "data.train.task_batch_size=16"],
     # the demo recipe as `embedkit fit` trains it (global batch 64, one chunk per side)
     "demo": [],
-    # issue 17's ~300M Qwen2-VL-shaped setting: global batch 256, chunks of 32, bf16-mixed
+    # a ~300M Qwen2-VL-shaped setting (docs/gradcache.md, "Host overhead"): global batch 256, chunks of 32, bf16-mixed
     "qwen300m": ["model.backbone.tiny_hidden_size=1024", "model.backbone.tiny_layers=16",
                  "model.backbone.tiny_vision_layers=16", "data.demo.image_size=336", "data.demo.train_size=4096",
                  "train.global_batch_size=256", "train.chunk_size=32", "trainer.precision=bf16-mixed",
@@ -158,7 +158,7 @@ class Phases(L.Callback):
                 self.prof = torch.profiler.profile(activities=acts)
                 self.prof.__enter__()
             if name == "count":
-                from embedkit.training.host_sync import SyncCounter
+                from bench.host_sync import SyncCounter
 
                 self.counter = SyncCounter()
                 if module.device.type == "cuda":
@@ -212,6 +212,45 @@ def trace_stats(prof, steps: int) -> dict:
             "steps": steps, "ops": ops}
 
 
+def print_profile(phases, args) -> None:
+    """Phase 3: the device idle share, aten ops and host calls per profiled step, the top host ops."""
+    if phases.prof is None:
+        return
+    st = trace_stats(phases.prof, args.profile_steps)
+    per = args.profile_steps
+    if args.device == "cuda" and st["wall_us"]:
+        idle = 1 - st["busy_us"] / st["wall_us"]
+        print(f"device idle share (profiled steps): {idle:.1%} of {st['wall_us'] / per / 1000:.1f} ms/step "
+              f"(device busy {st['busy_us'] / per / 1000:.1f} ms/step, {st['kernels'] / per:.0f} kernels+copies"
+              f"/step); high = the host is the limit")
+    else:
+        print("device idle share: n/a on the CPU (host and device are one)")
+    print(f"aten ops per step (nested included; each launches kernels on a GPU): {st['ops'] / per:.0f}")
+    print("host-side calls per profiled step (count, total ms):")
+    for name in sorted(st["calls"]):
+        print(f"  {name:28s} {st['calls'][name] / per:8.1f}  {st['times'][name] / per / 1000:8.2f} ms")
+    print(f"\ntop host ops by self CPU time (per {per} profiled steps):")
+    print(phases.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+    if args.trace:
+        phases.prof.export_chrome_trace(args.trace)
+        print(f"chrome trace: {args.trace}")
+
+
+def print_syncs(phases, args) -> None:
+    """Phase 4: the CUDA syncs of one step (on a GPU) and the sync-prone calls by site (any device)."""
+    if phases.records is not None:
+        sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in phases.records
+                        if "synchroniz" in str(w.message).lower())
+        print(f"\nCUDA syncs in one step (torch.cuda.set_sync_debug_mode): {sum(sites.values())}")
+        for site, n in sites.most_common(args.top):
+            print(f"  {n:6d}  {site}")
+    if phases.counter is not None:
+        c = phases.counter
+        print(f"\nsync-prone calls in one step (SyncCounter, any device): {c.total()} "
+              f"(+{c.total(()) - c.total()} on host-only tensors)")
+        print(c.report(top=args.top))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -261,36 +300,8 @@ def main(argv=None) -> int:
         dt = m["timed_end"] - m["timed"]
         print(f"\nsteps/s: {args.steps / dt:.2f}  ({dt / args.steps * 1000:.1f} ms/step over {args.steps} steps,"
               f" after {args.warmup} warm-up steps; run wall {wall:.1f} s)")
-    if phases.prof is not None:
-        st = trace_stats(phases.prof, args.profile_steps)
-        per = args.profile_steps
-        if args.device == "cuda" and st["wall_us"]:
-            idle = 1 - st["busy_us"] / st["wall_us"]
-            print(f"device idle share (profiled steps): {idle:.1%} of {st['wall_us'] / per / 1000:.1f} ms/step "
-                  f"(device busy {st['busy_us'] / per / 1000:.1f} ms/step, {st['kernels'] / per:.0f} kernels+copies"
-                  f"/step); high = the host is the limit")
-        else:
-            print("device idle share: n/a on the CPU (host and device are one)")
-        print(f"aten ops per step (nested included; each launches kernels on a GPU): {st['ops'] / per:.0f}")
-        print("host-side calls per profiled step (count, total ms):")
-        for name in sorted(st["calls"]):
-            print(f"  {name:28s} {st['calls'][name] / per:8.1f}  {st['times'][name] / per / 1000:8.2f} ms")
-        print(f"\ntop host ops by self CPU time (per {per} profiled steps):")
-        print(phases.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
-        if args.trace:
-            phases.prof.export_chrome_trace(args.trace)
-            print(f"chrome trace: {args.trace}")
-    if phases.records is not None:
-        sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in phases.records
-                        if "synchroniz" in str(w.message).lower())
-        print(f"\nCUDA syncs in one step (torch.cuda.set_sync_debug_mode): {sum(sites.values())}")
-        for site, n in sites.most_common(args.top):
-            print(f"  {n:6d}  {site}")
-    if phases.counter is not None:
-        c = phases.counter
-        print(f"\nsync-prone calls in one step (SyncCounter, any device): {c.total()} "
-              f"(+{c.total(()) - c.total()} on host-only tensors)")
-        print(c.report(top=args.top))
+    print_profile(phases, args)
+    print_syncs(phases, args)
     return 0
 
 

@@ -4,7 +4,7 @@ looked up by the items' text, the same numbers the fixture's fixed-table encoder
 import torch
 
 from embedkit.config.registry import register
-from embedkit.judges.base import Judge
+from embedkit.mining.judges.base import Judge
 
 TABLE: dict[str, torch.Tensor] = {}  # text -> unit vector; filled by the test
 

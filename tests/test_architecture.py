@@ -1,9 +1,11 @@
-"""The house rules, checked on the source: layers import downwards only, no package cycles, only
-``embedkit/commands/`` (and the verb table) parses command-line words. docs/architecture.md draws it."""
+"""The house rules, checked on the source: layers import downwards only, no package cycles, no import
+circle between files, only ``embedkit/commands/`` (and the verb table) parses command-line words, every
+package ships in the wheel. docs/architecture.md draws it."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "embedkit"
@@ -14,7 +16,7 @@ LAYERS = [
     {"config"},
     {"data", "backbones", "pooling", "losses"},
     {"distributed", "encoder"},
-    {"training", "eval", "tracking", "export", "mining", "judges"},
+    {"training", "eval", "tracking", "export", "mining"},
     {"commands"},
     {"cli", "__main__", "__init__"},
 ]
@@ -58,6 +60,60 @@ def imports_of(module: str, path: Path) -> list[tuple[str, int]]:
     return found
 
 
+def file_imports(module: str, path: Path, modules) -> list[tuple[str, int]]:
+    """The embedkit files ``module`` imports anywhere (lazy imports too), as (module, line). An import
+    names a file: ``import embedkit.x.y`` and ``from embedkit.x import y`` (y a submodule) are edges to
+    ``embedkit.x.y``; ``from embedkit.x import name`` to ``embedkit.x`` (its ``__init__`` or ``x.py``)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.split(".")[0] == "embedkit"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if base.split(".")[0] != "embedkit":
+                continue
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        for name in names:
+            while name not in modules and "." in name:  # a name inside a module: the module
+                name = name.rpartition(".")[0]
+            if name in modules and name != module:
+                found.append((name, node.lineno))
+    return found
+
+
+def reachable(graph: dict[str, dict], start: str) -> set[str]:
+    """Every node a path of one or more edges leads to from ``start``."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def file_cycles() -> list[str]:
+    """Each group of files that import each other around a circle (the files on a circle and every
+    file that both reaches and is reached by them), with the imports inside it: ``a:line -> b``."""
+    modules = source_modules()
+    graph = {m: {} for m in modules}
+    for module, path in modules.items():
+        for target, line in file_imports(module, path, modules):
+            graph[module].setdefault(target, line)
+    reach = {m: reachable(graph, m) for m in graph}
+    groups = {tuple(sorted(w for w in reach[m] if m in reach[w])) for m in graph if m in reach[m]}
+    return [" <-> ".join(g) + ": " + ", ".join(f"{a}:{graph[a][b]} -> {b}" for a in g for b in sorted(graph[a])
+                                               if b in g)
+            for g in sorted(groups)]
+
+
 def package_graph() -> dict[str, dict[str, list[str]]]:
     """unit -> imported unit -> ["module:line", ...]."""
     graph: dict[str, dict[str, list[str]]] = {}
@@ -96,6 +152,38 @@ def test_no_import_cycle_between_packages():
     for start in sorted(graph):
         visit(start, [start])
     assert not cycles, "\n".join(sorted(set(cycles)))
+
+
+def test_no_import_circle_between_files():
+    """No two files import each other, directly or around a circle, lazy imports included: a circle
+    hides an order of initialisation and usually a concept in the wrong file."""
+    cycles = file_cycles()
+    assert not cycles, "\n".join(cycles)
+
+
+def test_the_file_circle_check_sees_a_planted_circle(tmp_path, monkeypatch):
+    """The file rule can fail: two files importing each other (one lazily, one through
+    ``from package import module``) are reported as one circle, and nothing else is."""
+    planted = tmp_path / "embedkit"
+    (planted / "data").mkdir(parents=True)
+    (planted / "__init__.py").write_text("")
+    (planted / "data" / "__init__.py").write_text("")
+    (planted / "data" / "a.py").write_text("def f():\n    from embedkit.data.b import g\n")
+    (planted / "data" / "b.py").write_text("from embedkit.data import a\n\n\ndef g():\n    pass\n")
+    (planted / "data" / "c.py").write_text("import embedkit.data.a\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", planted)
+    assert file_cycles() == ["embedkit.data.a <-> embedkit.data.b: embedkit.data.a:2 -> embedkit.data.b, "
+                             "embedkit.data.b:1 -> embedkit.data.a"]
+
+
+def test_every_package_ships_in_the_wheel():
+    """pyproject.toml lists the packages by hand (the recipes are mapped in from outside): a package
+    missing from the list would be missing from an installed embedkit."""
+    text = (PACKAGE.parent / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"(embedkit(?:\.\w+)*)"', re.search(r"^packages = \[(.*?)\]", text, re.M | re.S).group(1)))
+    packages = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert packages - listed == set(), f"add to pyproject.toml's packages: {sorted(packages - listed)}"
+    assert {p for p in listed - packages if p not in ("embedkit.recipes", "embedkit.manifests")} == set()
 
 
 def test_training_and_eval_do_not_import_each_other():

@@ -1,4 +1,5 @@
-"""Bidirectional attention for decoder backbones (issue 19; NV-Embed arXiv 2405.17428, arXiv 2409.02727).
+"""Bidirectional attention for decoder backbones (NV-Embed arXiv 2405.17428, arXiv 2409.02727:
+an embedding reads the whole input, not only what precedes each token).
 
 ``model.backbone.attention=bidirectional`` removes the causal mask of the language model: an early
 token's state then depends on later tokens (it does not under ``causal``), padding still never leaks

@@ -75,8 +75,10 @@ def test_bad_config_names_the_key(override, key_in_message):
 def test_every_bounded_key_exists_and_its_minimum_is_accepted():
     from embedkit.config.schema import MINIMUMS
 
+    # keys that take effect only beside another setting (schema.INEFFECTIVE_OVERRIDES)
+    enabling = {"model.lora.": "model.lora.enabled=true", "data.eval.muvera.": "data.eval.retrieval=muvera"}
     for key, low in MINIMUMS.items():
-        cfg = compose([f"{key}={low}"])
+        cfg = compose([f"{key}={low}"] + [word for prefix, word in enabling.items() if key.startswith(prefix)])
         node = cfg
         for part in key.split("."):
             node = node[part]
@@ -128,3 +130,33 @@ def test_apply_overrides_does_not_mutate_input():
     raw = {"train": {"lr": 1.0}}
     apply_overrides(raw, ["train.lr=2"])
     assert raw == {"train": {"lr": 1.0}}
+
+
+@pytest.mark.parametrize("override, recipe_text, fix", [
+    ("trainer.max_steps=3", "trainer: {max_epochs: 1}", "trainer.max_epochs=0"),
+    ("model.lora.r=4", "model: {lora: {enabled: false}}", "model.lora.enabled=true"),
+    ("train.momentum=0.9", "train: {optimizer: adamw}", "train.optimizer=sgd"),
+    ("train.betas=[0.9,0.98]", "train: {optimizer: sgd}", "train.optimizer=adamw"),
+    ("train.min_lr_ratio=0.1", "train: {schedule: constant}", "train.schedule=cosine"),
+    ("data.eval.muvera.candidates=7", "data: {eval: {retrieval: exact}}", "data.eval.retrieval=muvera"),
+])
+def test_an_override_that_cannot_take_effect_is_an_error(tmp_path, override, recipe_text, fix):
+    """The recipe's other key decides that the override would be ignored: a one-line error naming both
+    keys and the fix; with the fix the override applies; the recipe alone (no override) stays valid."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: demo\n{recipe_text}\n")
+    compose([f"recipe={recipe}"])
+    key, _, text = override.partition("=")
+    with pytest.raises(ConfigError, match=rf"^{key}=.*: cannot take effect while {fix.split('=')[0]}=") as err:
+        compose([f"recipe={recipe}", override])
+    assert "\n" not in str(err.value) and fix in str(err.value)
+    node = compose([f"recipe={recipe}", override, fix])
+    for part in key.split("."):
+        node = node[part]
+    assert node == yaml.safe_load(text)
+
+
+def test_max_steps_beside_max_epochs_at_the_cli_exits_2_with_one_line(capsys):
+    assert cli_main(["config", "show", "recipe=llave_2b", "trainer.max_steps=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "trainer.max_steps=3" in err and "trainer.max_epochs=1" in err

@@ -1,6 +1,6 @@
-"""A model cut to a depth and an embedding size (issue 19: 2D Matryoshka / Starbucks, arXiv 2402.14776,
-2410.13230): ``Encoder.cut``, ``embedkit.load(path, layer=, dim=)``, ``embedkit export ... layer= dim=``
-and ``embedkit eval ... layer= dim=``.
+"""A model cut to a depth and an embedding size (2D Matryoshka / Starbucks, arXiv 2402.14776,
+2410.13230: a model trained at several depths and sizes is served at any of them): ``Encoder.cut``,
+``embedkit.load(path, layer=, dim=)``, ``embedkit export ... layer= dim=`` and ``embedkit eval ... layer= dim=``.
 
 A cut model drops the layers above ``layer`` (fewer parameters, less work) and gives exactly the
 embeddings the full model's ``encode(layer=, dim=)`` gives, which are the (layer, dim) sub-model's of

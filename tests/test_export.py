@@ -1,4 +1,4 @@
-"""Export and inference (issue 14): an export folder gives the training module's embeddings.
+"""Export and inference (a trained model used outside the trainer): an export folder gives the training module's embeddings.
 
 Models are built in-process (``EmbeddingModule.from_config``), their trainable weights moved off
 their initialisation (as a short run would: the LoRA B matrices leave zero), and saved as an

@@ -10,11 +10,11 @@ import torch
 from _images import speckled_image
 from conftest import SMALL_DEMO
 
+from bench.host_sync import SyncCounter
 from embedkit.config.loader import compose
 from embedkit.data.batch import ChunkCollate, TrainBatch
 from embedkit.data.demo import train_examples
 from embedkit.data.schema import Item
-from embedkit.training.host_sync import SyncCounter
 from embedkit.training.module import EmbeddingModule
 
 #: transformers' SDPA mask builder reads the padding mask back (can it skip the mask?): at most two

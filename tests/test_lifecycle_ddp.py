@@ -1,4 +1,4 @@
-"""Exact resume under 2-process DDP (gloo on CPU), the hard case of issue 13: GradCache chunks, one
+"""Exact resume under 2-process DDP (gloo on CPU), the hardest combination the resume must survive: GradCache chunks, one
 hard negative, a task-homogeneous mix of two subsets, 2 DataLoader workers per rank, and gradient
 accumulation with the SIGTERM arriving inside an accumulation cycle.
 

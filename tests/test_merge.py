@@ -1,4 +1,4 @@
-"""Model merging (issue 19): the formulas against direct implementations, runs of one base merged into
+"""Model merging (runs of one base combined in weight space, no training): the formulas against direct implementations, runs of one base merged into
 a run dir that eval, export and load read, and the refusals."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from embedkit.commands.mine import build_judge
 from embedkit.data.schema import Example, Item
 from embedkit.data.shards import decode_sample, encode_example, iter_samples, write_shard
-from embedkit.judges.embedding import EmbeddingJudge
+from embedkit.mining.judges.embedding import EmbeddingJudge
 from embedkit.mining.miner import Miner, MineSettings
 
 N, D = 200, 64

@@ -10,16 +10,10 @@ import torch
 from _variant_batches import assert_cached_equals_one_graph, module_and_batches
 
 from embedkit.eval.retrieval import row_scores
-from embedkit.losses.base import (
-    CandidateMask,
-    Temperature,
-    contrastive_loss,
-    maxsim_similarity,
-    mean_maxsim_similarity,
-    similarity_for,
-)
+from embedkit.losses.base import CandidateMask, Temperature, contrastive_loss
 from embedkit.losses.hardness_weighted import HardnessWeighted
 from embedkit.losses.infonce import InfoNCE
+from embedkit.losses.similarity import maxsim_similarity, mean_maxsim_similarity, similarity_for
 from embedkit.pooling.multi_vector import MultiVectorPooling
 
 TAU, ALPHA = 0.1, 2.0

@@ -1,5 +1,6 @@
-"""MUVERA fixed-dimensional encodings (issue 19, arXiv 2405.19588): the encodings against direct
-loops over tokens and buckets, exact MaxSim, and the recall of the exact top 10 on a synthetic corpus."""
+"""MUVERA fixed-dimensional encodings (arXiv 2405.19588: multi-vector search by single-vector inner
+products): the encodings against direct loops over tokens and buckets, exact MaxSim, and the recall of
+the exact top 10 on a synthetic corpus."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import math
 import pytest
 import torch
 
-from embedkit.eval.muvera import FDE, FDEConfig, MuveraIndex, clustered_corpus, maxsim, recall_of_exact_top
+from bench.muvera_corpus import clustered_corpus, recall_of_exact_top
+from embedkit.eval.muvera import FDE, FDEConfig, MuveraIndex, maxsim
 
 
 def rand(*shape, seed=0):
@@ -142,7 +144,7 @@ def test_muvera_rows_reranking_every_candidate_equal_exact_maxsim():
 def test_muvera_rows_rerank_the_fde_best_and_keep_the_rest_below_in_fde_order():
     from embedkit.eval.muvera import FDE, MuveraRetrieval, muvera_row_scores
     from embedkit.eval.retrieval import row_scores
-    from embedkit.losses.base import token_mask
+    from embedkit.losses.similarity import token_mask
 
     q, c, qi, ci = synthetic_rows(seed=3)
     config, k = FDEConfig(k_sim=2, d_proj=4, repetitions=3), 4

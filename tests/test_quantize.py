@@ -1,5 +1,5 @@
-"""Binary and int8 embeddings (issue 19): codes and scores against direct implementations, the MMEB
-protocol's quantised table, and ``embedkit encode quantize=``."""
+"""Binary and int8 embeddings (32 and 4 times smaller than float32): codes and scores against direct
+implementations, the MMEB protocol's quantised table, and ``embedkit encode quantize=``."""
 
 from __future__ import annotations
 

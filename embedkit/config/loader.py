@@ -220,4 +220,9 @@ def compose(args: list[str]) -> dict:
     raw = load_recipe(recipe)
     raw = apply_overrides(raw, overrides)
     raw["recipe"] = Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe
-    return schema.validate(raw)
+    return schema.validate(raw, overridden=overridden_keys(overrides))
+
+
+def overridden_keys(overrides: list[str]) -> set[str]:
+    """The dotted keys that ``key=value`` overrides set (``~key`` restores a default: not counted)."""
+    return {arg.split("=", 1)[0] for arg in overrides if "=" in arg and not arg.startswith("~")}

@@ -35,7 +35,7 @@ KINDS: dict[str, str] = {
     "backbone": "embedkit.backbones",
     "pooling": "embedkit.pooling",
     "loss": "embedkit.losses",
-    "judge": "embedkit.judges",
+    "judge": "embedkit.mining.judges",
 }
 
 #: kind -> where a block of that kind sits in the config (``build``'s default ``key``)

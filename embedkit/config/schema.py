@@ -12,7 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Collection, Literal, Optional, Union
 
 from embedkit.config import registry
 from embedkit.errors import ConfigError
@@ -210,16 +210,39 @@ MINIMUMS = {
 }
 
 
-def validate(raw: dict) -> dict:
-    """Fill defaults and check keys, types and component names; ConfigError on the first problem."""
+def validate(raw: dict, overridden: Collection[str] = ()) -> dict:
+    """Fill defaults and check keys, types and component names; ConfigError on the first problem.
+    ``overridden``: the dotted keys the command line set (``config.loader.compose``), for the rules on
+    overrides that cannot take effect."""
     registry.load_plugins(list(raw.get("plugins") or []))
     cfg = _section(Config, raw, "")
-    check_combinations(cfg)
+    check_combinations(cfg, overridden)
     return cfg
 
 
-def check_combinations(cfg: dict) -> None:
-    """Rules that involve more than one key, all here: ConfigError naming the keys."""
+#: (key set on the command line, the key whose value decides whether it takes effect, the values of
+#: that key under which it does not, the fix): an override that cannot take effect is refused rather
+#: than ignored (``trainer.max_steps=3`` on a recipe with ``trainer.max_epochs: 1`` would train a full epoch)
+INEFFECTIVE_OVERRIDES = (
+    ("trainer.max_steps", "trainer.max_epochs", lambda v: v > 0, "trainer.max_epochs=0 to train by steps"),
+    ("model.lora.", "model.lora.enabled", lambda v: not v, "model.lora.enabled=true"),
+    ("train.momentum", "train.optimizer", lambda v: v != "sgd", "train.optimizer=sgd (adamw has no momentum)"),
+    ("train.betas", "train.optimizer", lambda v: v != "adamw", "train.optimizer=adamw"),
+    ("train.min_lr_ratio", "train.schedule", lambda v: v == "constant", "train.schedule=cosine or linear"),
+    ("data.eval.muvera.", "data.eval.retrieval", lambda v: v != "muvera", "data.eval.retrieval=muvera"),
+)
+
+
+def check_combinations(cfg: dict, overridden: Collection[str] = ()) -> None:
+    """Rules that involve more than one key, all here: ConfigError naming the keys. ``overridden``:
+    the keys set on the command line; one that cannot take effect (``INEFFECTIVE_OVERRIDES``) is an error."""
+    for key, decider, ignored_when, fix in INEFFECTIVE_OVERRIDES:
+        value = _value_at(cfg, decider)
+        hits = [k for k in overridden if (k.startswith(key) if key.endswith(".") else k == key) and k != decider]
+        if hits and ignored_when(value):
+            hit = sorted(hits)[0]
+            raise ConfigError(f"{hit}={_shown(_value_at(cfg, hit))}: cannot take effect while {decider}="
+                              f"{_shown(value)}; set {fix}")
     trainer, train = cfg["trainer"], cfg["train"]
     if trainer["strategy"] == "fsdp2":
         if not isinstance(trainer["devices"], int):
@@ -230,6 +253,18 @@ def check_combinations(cfg: dict) -> None:
         if train["global_batch_size"] % world:
             raise ConfigError(f"train.global_batch_size={train['global_batch_size']} is not divisible by the "
                               f"{world} devices (trainer.devices x trainer.num_nodes)")
+
+
+def _value_at(cfg: dict, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _shown(value: Any) -> str:
+    """A config value as it is written on the command line (``true``, ``1``, ``adamw``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _section(cls, raw: Any, prefix: str) -> dict:
@@ -367,33 +402,38 @@ def _coerce_union(value: Any, tp: Any, key: str) -> Any:
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` as type ``tp`` (numeric strings such as '3e-3' become numbers), else ConfigError."""
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
         return _coerce_union(value, tp, key)
     if origin is Literal:
-        if value in args:
+        if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{key}: {value!r} is not accepted; choices: {', '.join(map(str, args))}")
+        raise ConfigError(f"{key}: {value!r} is not accepted; choices: {', '.join(map(str, typing.get_args(tp)))}")
     if tp in _SCALARS:
         out = _SCALARS[tp](value)
         if out is _REFUSED:
             raise _type_error(key, value, tp)
         return out
-    if origin is list or tp is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise _type_error(key, value, tp)
-        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _type_error(key, value, tp)
-        return dict(value)
+    if (origin or tp) in (list, dict):
+        return _coerce_container(value, tp, key)
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise _type_error(key, value, tp)
+
+
+def _coerce_container(value: Any, tp: Any, key: str) -> Any:
+    """A list (a tuple becomes one; items coerced to ``list[T]``'s T) or a dict (copied), else ConfigError."""
+    args = typing.get_args(tp)
+    if (typing.get_origin(tp) or tp) is dict:
+        if not isinstance(value, dict):
+            raise _type_error(key, value, tp)
+        return dict(value)
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list):
+        raise _type_error(key, value, tp)
+    return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
 
 
 def _type_error(key: str, value: Any, tp: Any) -> ConfigError:

@@ -15,16 +15,20 @@ from embedkit.eval.mmeb import validation_metrics
 
 
 class MMEBValidation(L.Callback):
-    def __init__(self, root: str, datasets: Sequence[str] = (), max_rows: int = 100, batch_size: int = 16):
+    """``chunk_size``: items per forward pass of the encoder (``train.chunk_size``)."""
+
+    def __init__(self, root: str, datasets: Sequence[str] = (), max_rows: int = 100, chunk_size: int = 16,
+                 batch_size: int | None = None):
         self.root = root
         self.datasets = list(datasets)
         self.max_rows = max_rows
-        self.batch_size = batch_size
+        # TEMPORARY: the old name of chunk_size, until commands/fit.py passes chunk_size= (then delete)
+        self.chunk_size = chunk_size if batch_size is None else batch_size
 
     def on_validation_epoch_end(self, trainer, pl_module):
         encoder = pl_module.encoder
-        metrics = validation_metrics(lambda items: encoder.encode_items(items, self.batch_size), self.root,
-                                     self.datasets, max_rows=self.max_rows, batch_size=self.batch_size,
+        metrics = validation_metrics(lambda items: encoder.encode_items(items, self.chunk_size), self.root,
+                                     self.datasets, max_rows=self.max_rows, chunk_size=self.chunk_size,
                                      prefix="val")
         metrics["val/mmeb/p@1"] = metrics.pop("val/p@1")
         for name, value in metrics.items():

@@ -40,7 +40,8 @@ from embedkit.eval import retrieval
 from embedkit.eval.muvera import MuveraRetrieval, muvera_row_scores
 from embedkit.files import write_atomic
 
-Encoder = Callable[[list[Item]], torch.Tensor]
+#: ``encode(items) -> Tensor[len(items), D]``: any callable that embeds a chunk of items
+EncodeFn = Callable[[list[Item]], torch.Tensor]
 
 COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 FILE_PATTERNS = ("test.parquet", "test-*.parquet", "test.jsonl")
@@ -176,15 +177,16 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def encode_keys(
-    keys: Sequence[tuple[str, str]], encode: Encoder, root: Path, batch_size: int = 16
+    keys: Sequence[tuple[str, str]], encode: EncodeFn, root: Path, chunk_size: int = 16
 ) -> torch.Tensor:
-    """Embeddings ``[len(keys), D]``: this rank encodes its share, then all shares are gathered."""
+    """Embeddings ``[len(keys), D]``: this rank encodes its share, ``chunk_size`` items per ``encode`` call
+    (one forward pass), then all shares are gathered."""
     rank, world = rank_and_world()
     start, stop = shard_bounds(len(keys), rank, world)
     parts = []
     with torch.no_grad():
-        for b in range(start, stop, batch_size):
-            items = [make_item(root, k) for k in keys[b : min(b + batch_size, stop)]]
+        for b in range(start, stop, chunk_size):
+            items = [make_item(root, k) for k in keys[b : min(b + chunk_size, stop)]]
             emb = encode(items)
             if emb.shape[0] != len(items):
                 raise RuntimeError(f"encode returned {emb.shape[0]} embeddings for {len(items)} items")
@@ -202,11 +204,11 @@ def encode_keys(
 
 def evaluate_rows(
     rows: Sequence[Row],
-    encode: Encoder,
+    encode: EncodeFn,
     root: str | Path,
-    batch_size: int = 16,
+    chunk_size: int = 16,
     normalize: bool = True,
-    encode_candidates: Encoder | None = None,
+    encode_candidates: EncodeFn | None = None,
     quantize: Sequence[str] = (),
     rescore_k: int | None = None,
     muvera: MuveraRetrieval | None = None,
@@ -228,8 +230,8 @@ def evaluate_rows(
     for r in rows:
         c_index.append(flat_index[at : at + len(r.tgt_text)])
         at += len(r.tgt_text)
-    q_emb = encode_keys(queries, encode, root, batch_size)
-    c_emb = encode_keys(cands, encode_candidates or encode, root, batch_size)
+    q_emb = encode_keys(queries, encode, root, chunk_size)
+    c_emb = encode_keys(cands, encode_candidates or encode, root, chunk_size)
     if muvera is not None:
         scores, muvera_info = muvera_row_scores(q_emb, c_emb, q_index, c_index, muvera, normalize=normalize)
     else:
@@ -271,24 +273,28 @@ def quantized_scores(q_emb, c_emb, q_index, c_index, modes, normalize, rescore_k
 def evaluate(
     root: str | Path,
     datasets: Sequence[str],
-    encode: Encoder,
+    encode: EncodeFn,
     *,
-    batch_size: int = 16,
+    chunk_size: int = 16,
     normalize: bool = True,
     max_rows: int | None = None,
     out_dir: str | Path | None = None,
     manifest: dict[str, dict] | None = None,
-    encode_candidates: Encoder | None = None,
+    encode_candidates: EncodeFn | None = None,
     log: Callable[[str], None] | None = None,
     quantize: Sequence[str] = (),
     rescore_k: int | None = None,
     muvera: MuveraRetrieval | None = None,
+    batch_size: int | None = None,
 ) -> dict:
     """Evaluate ``datasets`` (all found under root when empty); write outputs on rank 0.
 
-    Returns the summary: ``{"datasets": {name: score dict}, "aggregate": {...}}``. Every rank must
-    call this under torch.distributed (the encodings are gathered).
+    ``chunk_size``: items per ``encode`` call (one forward pass). Returns the summary:
+    ``{"datasets": {name: score dict}, "aggregate": {...}}``. Every rank must call this under
+    torch.distributed (the encodings are gathered).
     """
+    # TEMPORARY: the old name of chunk_size, until commands/eval.py passes chunk_size= (then delete)
+    chunk_size = chunk_size if batch_size is None else batch_size
     manifest = manifest or load_manifest()
     names = resolve_datasets(root, list(datasets), manifest)
     results = {}
@@ -296,7 +302,7 @@ def evaluate(
         if log:
             log(f"[{i + 1}/{len(names)}] {name}")
         rows = load_dataset(root, name, max_rows)
-        results[name] = evaluate_rows(rows, encode, root, batch_size, normalize, encode_candidates,
+        results[name] = evaluate_rows(rows, encode, root, chunk_size, normalize, encode_candidates,
                                       quantize=quantize, rescore_k=rescore_k, muvera=muvera)
         if log:
             log(f"  {name}: P@1 {results[name]['acc']:.4f} ({results[name]['num_correct']}/{results[name]['num_pred']})")
@@ -315,21 +321,21 @@ def evaluate(
 
 
 def validation_metrics(
-    encode: Encoder,
+    encode: EncodeFn,
     root: str | Path,
     datasets: Sequence[str] = (),
     max_rows: int = 100,
-    batch_size: int = 16,
+    chunk_size: int = 16,
     normalize: bool = True,
     prefix: str = "val",
 ) -> dict[str, float]:
     """For validation during fit: ``{"<prefix>/<dataset>/p@1": acc, "<prefix>/p@1": mean}``.
 
     Uses the first ``max_rows`` rows of each dataset. Call it on every rank under DDP (each rank
-    encodes a share); every rank gets the same numbers. The caller maps ``@`` for MLflow (see
-    ``embedkit.tracking.names``).
+    encodes a share); every rank gets the same numbers. The metric names keep ``@``; the MLflow logger
+    maps it (``tracking.store.stored_name``).
     """
-    summary = evaluate(root, datasets, encode, batch_size=batch_size, normalize=normalize, max_rows=max_rows)
+    summary = evaluate(root, datasets, encode, chunk_size=chunk_size, normalize=normalize, max_rows=max_rows)
     out = {f"{prefix}/{name}/p@1": r["acc"] for name, r in summary["datasets"].items()}
     out[f"{prefix}/p@1"] = summary["aggregate"]["overall"]
     return out

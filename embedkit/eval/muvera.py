@@ -1,4 +1,5 @@
-"""MUVERA: multi-vector retrieval through fixed-dimensional encodings (issue 19).
+"""MUVERA: multi-vector retrieval through fixed-dimensional encodings: exact MaxSim of token-vector
+sets approximated by single-vector inner products, for ``data.eval.retrieval=muvera``.
 
 Dhulipala, Hadian, Jayaram, Lee, Mirrokni, "MUVERA: Multi-Vector Retrieval via Fixed Dimensional
 Encodings", arXiv 2405.19588, Sec. 2. A query or document is a set of token vectors; late interaction
@@ -23,7 +24,7 @@ by exact MaxSim; the top ``k`` are returned.
 
 This module works on token-vector sets given as padded tensors with masks. In ``embedkit eval``
 (``data.eval.retrieval=muvera``, ``muvera_row_scores``) the sets come from ``model.pooling=multi_vector``
-(zero vectors pad them; ``losses.base.token_mask`` gives the mask): each MMEB query's own candidate list
+(zero vectors pad them; ``losses.similarity.token_mask`` gives the mask): each MMEB query's own candidate list
 is ranked by FDE inner product and its best ``candidates`` are re-ranked by exact MaxSim.
 """
 
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 from embedkit.errors import UserError
 from embedkit.eval.retrieval import row_block, scores_by_row
-from embedkit.losses.base import maxsim_similarity, token_mask
+from embedkit.losses.similarity import maxsim_similarity, token_mask
 
 
 @dataclass
@@ -125,14 +126,14 @@ class FDE:
 def maxsim(q: torch.Tensor, q_mask: torch.Tensor | None, d: torch.Tensor, d_mask: torch.Tensor | None,
            block: int = 256) -> torch.Tensor:
     """Exact late-interaction scores ``[Nq, Nd]``: ``sum_i max_j <q_i, d_j>`` over real tokens
-    (``losses.base.maxsim_similarity``, ``block`` documents at a time)."""
+    (``losses.similarity.maxsim_similarity``, ``block`` documents at a time)."""
     q, d = zero_padding(q, q_mask), zero_padding(d, d_mask)
     return torch.cat([maxsim_similarity(q, d[start:start + block]) for start in range(0, d.shape[0], block)], dim=1)
 
 
 def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Token sets ``x`` [N, T, d] in float with the tokens outside ``mask`` zeroed: the padding
-    convention of ``losses.base`` (``token_mask``), for sets that carry an explicit mask."""
+    convention of ``losses.similarity`` (``token_mask``), for sets that carry an explicit mask."""
     x = x.float()
     return x if mask is None else x * mask[..., None].to(x.dtype)
 
@@ -161,40 +162,6 @@ class MuveraIndex:
         exact = sim.max(-1).values.masked_fill(~q_mask[:, None, :], 0.0).sum(-1)  # [Nq, C]: MaxSim
         top = exact.topk(min(k, cand.shape[1]), dim=1)
         return top.values, cand.gather(1, top.indices)
-
-
-def clustered_corpus(num_docs: int = 3000, num_queries: int = 50, dim: int = 32, clusters: int = 200,
-                     doc_tokens: tuple[int, int] = (8, 24), query_tokens: int = 8, topics: int = 4,
-                     noise: float = 0.1, seed: int = 0):
-    """A synthetic multi-vector corpus (tests, ``bench/muvera.py``): each document draws ``topics``
-    cluster centres and its tokens are noisy copies of them (unit norm, lengths in ``doc_tokens``, padded,
-    with a mask); each query takes ``query_tokens`` noisy copies of a random document's centres, so
-    near and far documents exist for every query. Returns ``(docs, doc_mask, queries, query_mask)``."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.nn.functional.normalize(torch.randn(clusters, dim, generator=g), dim=-1)
-    doc_topics = torch.randint(0, clusters, (num_docs, topics), generator=g)
-
-    def tokens(topic_ids: torch.Tensor, n: int) -> torch.Tensor:
-        pick = topic_ids[torch.randint(0, len(topic_ids), (n,), generator=g)]
-        return torch.nn.functional.normalize(centres[pick] + noise * torch.randn(n, dim, generator=g), dim=-1)
-
-    lengths = torch.randint(doc_tokens[0], doc_tokens[1] + 1, (num_docs,), generator=g)
-    docs = torch.zeros(num_docs, doc_tokens[1], dim)
-    doc_mask = torch.arange(doc_tokens[1])[None] < lengths[:, None]
-    for i in range(num_docs):
-        docs[i, : lengths[i]] = tokens(doc_topics[i], int(lengths[i]))
-    sources = torch.randint(0, num_docs, (num_queries,), generator=g)
-    queries = torch.stack([tokens(doc_topics[s], query_tokens) for s in sources.tolist()])
-    return docs, doc_mask, queries, torch.ones(num_queries, query_tokens, dtype=torch.bool)
-
-
-def recall_of_exact_top(index: MuveraIndex, q: torch.Tensor, q_mask: torch.Tensor | None, k: int = 10,
-                        candidates: int = 100) -> float:
-    """The fraction of the exact MaxSim top ``k`` found among the FDE's ``candidates`` best documents."""
-    exact = maxsim(q, q_mask, index.docs, index.doc_mask).topk(k, dim=1).indices
-    found = index.candidates(q, q_mask, candidates)
-    hits = sum(len(set(e.tolist()) & set(f.tolist())) for e, f in zip(exact, found))
-    return hits / exact.numel()
 
 
 # ---------------------------------------------------------------- embedkit eval: data.eval.retrieval=muvera
@@ -247,7 +214,7 @@ def muvera_row_scores(
 
     ``queries [Nq, T, d]``, ``candidates [Nc, T, d]``: the unique token-vector sets (zero vectors pad);
     rows as in ``retrieval.row_scores``. Per row, the FDE inner product ranks the row's candidates;
-    its best ``settings.candidates`` get their exact MaxSim (``losses.base.maxsim_similarity``, the
+    its best ``settings.candidates`` get their exact MaxSim (``losses.similarity.maxsim_similarity``, the
     score ``row_scores`` gives every candidate), and the rest keep their FDE order below all of them:
     ``FDE - (the rest's best FDE) + (the lowest exact score) - 1``. Re-ranking every candidate gives
     exactly ``row_scores``. Rows are padded with -inf. ``info``: the FDE size and bytes per set, the

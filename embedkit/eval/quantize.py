@@ -1,4 +1,5 @@
-"""Binary and int8 embeddings: codes, their scores and the bytes they cost (issue 19).
+"""Binary and int8 embeddings: codes, their scores and the bytes they cost, scored
+beside the float embeddings by ``embedkit eval quantize=``.
 
 Binary (the training-free sign binarisation that "Binary Embedding-based Retrieval at Tencent",
 Gan et al., arXiv 2302.08714, takes as its baseline and stores as Hamming codes; its learned

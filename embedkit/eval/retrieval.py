@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from embedkit.losses.base import maxsim_similarity
+from embedkit.losses.similarity import maxsim_similarity
 
 
 def row_scores(
@@ -37,7 +37,7 @@ def row_scores(
     """Scores ``[R, Cmax]`` of each row's query against that row's candidates.
 
     ``queries [Nq, D]`` and ``candidates [Nc, D]`` hold the unique encoded items (token-vector sets
-    ``[N, T, d]`` of a multi-vector head are scored by exact MaxSim, ``losses.base.maxsim_similarity``); row r is the query
+    ``[N, T, d]`` of a multi-vector head are scored by exact MaxSim, ``losses.similarity.maxsim_similarity``); row r is the query
     ``queries[query_index[r]]`` with candidates ``candidates[candidate_index[r]]`` (answer first).
     Rows with fewer candidates than the longest are padded with -inf. Rows are processed in blocks so
     memory stays at ``block * Cmax * D`` (``block`` is lowered so that this stays under ``row_block``'s

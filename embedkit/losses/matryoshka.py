@@ -36,6 +36,32 @@ def check_weights(weights, entries, key: str, unit: str) -> None:
         raise ValueError(f"weights: must be >= 0, got {list(weights)}")
 
 
+def inner_loss(inner: Loss | str) -> Loss:
+    """The wrapped loss of a Matryoshka wrapper. From a config the registry builds the ``loss.inner``
+    block itself (``nested=``) and passes the Loss; a registered name is accepted for a wrapper made
+    in Python (``Matryoshka(embedding_dim=64)`` wraps ``infonce`` with its defaults)."""
+    if not isinstance(inner, str):
+        return inner
+    from embedkit.config import registry
+
+    return registry.build("loss", {"name": inner})
+
+
+def sum_of_inner(inner: Loss, terms, rows, mask, full: str) -> LossOutput:
+    """Σ weight · inner loss over ``terms`` = [(name, (q, p, n) cut to one sub-model, weight), ...]:
+    parts ``<name>`` per term, and the inner loss's ``masked_negatives`` of the term named ``full``
+    (the largest sub-model)."""
+    total = terms[0][1][0].new_zeros(())
+    parts: dict[str, torch.Tensor] = {}
+    for name, (q, p, n), weight in terms:
+        out = call_loss(inner, q, p, n, rows=rows, mask=mask)
+        total = total + weight * out.loss
+        parts[name] = out.loss.detach()
+        if "masked_negatives" in out.parts and name == full:
+            parts["masked_negatives"] = out.parts["masked_negatives"]
+    return LossOutput(total, parts)
+
+
 def default_dims(embedding_dim: int) -> list[int]:
     """The full size and its halvings: D, D/2, D/4, D/8 (each at least 1, no repeats)."""
     return sorted({max(1, embedding_dim // f) for f in (8, 4, 2, 1)})
@@ -52,18 +78,14 @@ class Matryoshka(Loss):
 
     def __init__(
         self,
-        inner: Loss = "infonce",
+        inner: Loss | str = "infonce",
         dims: Optional[list[int]] = None,
         weights: Optional[list[float]] = None,
         *,
         embedding_dim: int,
     ):
         super().__init__()
-        if isinstance(inner, str):
-            from embedkit.config import registry
-
-            inner = registry.build("loss", {"name": inner})
-        self.inner = inner
+        self.inner = inner_loss(inner)
         self.check_config({"dims": dims, "weights": weights})
         if dims is None:
             dims = default_dims(embedding_dim)
@@ -86,15 +108,6 @@ class Matryoshka(Loss):
         check_weights(weights, dims, "dims", "dim")
 
     def forward(self, q, p, n=None, rows=None, mask=None) -> LossOutput:
-        if max(self.dims) > q.shape[-1]:
-            raise ValueError(f"dims: {max(self.dims)} is larger than the embedding ({q.shape[-1]} dimensions)")
-        total = q.new_zeros(())
-        parts: dict[str, torch.Tensor] = {}
-        for d, w in zip(self.dims, self.weights):
-            cut = [F.normalize(x[..., :d], dim=-1) if x is not None else None for x in (q, p, n)]
-            out = call_loss(self.inner, *cut, rows=rows, mask=mask)
-            total = total + w * out.loss
-            parts[f"dim_{d}"] = out.loss.detach()
-            if "masked_negatives" in out.parts and d == max(self.dims):  # the count at the full size
-                parts["masked_negatives"] = out.parts["masked_negatives"]
-        return LossOutput(total, parts)
+        terms = [(f"dim_{d}", [F.normalize(x[..., :d], dim=-1) if x is not None else None for x in (q, p, n)], w)
+                 for d, w in zip(self.dims, self.weights)]
+        return sum_of_inner(self.inner, terms, rows, mask, full=f"dim_{max(self.dims)}")

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from embedkit.config.registry import register
-from embedkit.losses.base import Loss, LossOutput, call_loss
-from embedkit.losses.matryoshka import check_weights, default_dims
+from embedkit.losses.base import Loss, LossOutput
+from embedkit.losses.matryoshka import check_weights, default_dims, inner_loss, sum_of_inner
 
 
 def default_pairs(num_layers: int, embedding_dim: int) -> list[tuple[int, int]]:
@@ -66,7 +66,7 @@ class Matryoshka2D(Loss):
 
     def __init__(
         self,
-        inner: Loss = "infonce",
+        inner: Loss | str = "infonce",
         mode: Literal["pairs", "sample"] = "pairs",
         pairs: Optional[list[list[int]]] = None,
         weights: Optional[list[float]] = None,
@@ -76,11 +76,7 @@ class Matryoshka2D(Loss):
         seed: int,
     ):
         super().__init__()
-        if isinstance(inner, str):
-            from embedkit.config import registry
-
-            inner = registry.build("loss", {"name": inner})
-        self.inner = inner
+        self.inner = inner_loss(inner)
         self.check_config({"mode": mode, "pairs": pairs, "weights": weights})
         self.mode = mode
         self.num_layers, self.embedding_dim, self.seed = int(num_layers), int(embedding_dim), int(seed)
@@ -131,15 +127,10 @@ class Matryoshka2D(Loss):
         else:
             sampled = None
             terms = [(f"l{l}_d{d}", (l, d), w) for (l, d), w in zip(self.pairs, self.weights)]
-        total = q.new_zeros(())
-        parts: dict[str, torch.Tensor] = {}
-        for name, (l, d), w in terms:
-            out = call_loss(self.inner, cut(q, l, d), cut(p, l, d), cut(n, l, d, axis=2), rows=rows, mask=mask)
-            total = total + w * out.loss
-            parts[name] = out.loss.detach()
-            if "masked_negatives" in out.parts and (l, d) == max(pr for _, pr, _ in terms):
-                parts["masked_negatives"] = out.parts["masked_negatives"]
+        largest = max(terms, key=lambda term: term[1])[0]
+        out = sum_of_inner(self.inner, [(name, (cut(q, l, d), cut(p, l, d), cut(n, l, d, axis=2)), w)
+                                        for name, (l, d), w in terms], rows, mask, full=largest)
         if sampled is not None:
-            parts["sampled_layer"] = torch.tensor(float(sampled[0]))
-            parts["sampled_dim"] = torch.tensor(float(sampled[1]))
-        return LossOutput(total, parts)
+            out.parts["sampled_layer"] = torch.tensor(float(sampled[0]))
+            out.parts["sampled_dim"] = torch.tensor(float(sampled[1]))
+        return out

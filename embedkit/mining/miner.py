@@ -39,7 +39,7 @@ from PIL import Image
 from embedkit.data.schema import Example, Item, content_key
 from embedkit.data.shards import ImageBytes, encode_example, iter_samples, write_shard
 from embedkit.files import atomic_path, write_atomic
-from embedkit.judges.base import Judge, Pairs
+from embedkit.mining.judges.base import Judge, Pairs
 
 REASONS = ("duplicate", "false_negative")
 

@@ -26,3 +26,9 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of each row's last real token, for left, right or no padding: [B]."""
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     return torch.where(mask.bool(), positions, -1).amax(dim=1)
+
+
+def last_token_states(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The state at each row's last real token: hidden [B,T,H], mask [B,T] -> [B,H]."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, last_token_index(mask)]

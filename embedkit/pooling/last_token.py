@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from embedkit.config.registry import register
-from embedkit.pooling.base import Pooling, last_token_index
+from embedkit.pooling.base import Pooling, last_token_states
 
 
 @register("pooling", "last_token")
@@ -13,5 +13,4 @@ class LastTokenPooling(Pooling):
     """Inputs: hidden [B,T,H], mask [B,T]. Output: [B,H], the state at each row's last real token."""
 
     def forward(self, hidden, mask, all_layers=None) -> torch.Tensor:
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, last_token_index(mask)]
+        return last_token_states(hidden, mask)

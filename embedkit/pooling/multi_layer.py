@@ -21,7 +21,7 @@ from torch import nn
 
 from embedkit.config.registry import register
 from embedkit.pooling._attention import LatentAttentionHead
-from embedkit.pooling.base import last_token_index
+from embedkit.pooling.base import last_token_states
 from embedkit.pooling.mean import masked_mean
 
 
@@ -54,8 +54,7 @@ class MultiLayerPooling(LatentAttentionHead):
     def summarise(self, layer: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.token == "mean":
             return masked_mean(layer, mask)
-        rows = torch.arange(layer.shape[0], device=layer.device)
-        return layer[rows, last_token_index(mask)]
+        return last_token_states(layer, mask)
 
     def forward(self, hidden, mask, all_layers=None) -> torch.Tensor:
         if all_layers is None:

@@ -3,14 +3,14 @@ ColPali, Faysse et al. 2024, arXiv 2407.01449).
 
 Instead of one vector per item, every real token keeps a vector: a linear projection of its last-layer
 hidden state to a small dimension ``dim`` (ColBERT and ColPali use 128), L2-normalised per token.
-Scoring is MaxSim (``losses.base.maxsim_similarity``): each query token takes its best match among
+Scoring is MaxSim (``losses.similarity.maxsim_similarity``): each query token takes its best match among
 the candidate's tokens, and the matches are summed.
 
 Output: a token-vector set [B, max_tokens, dim]. The real tokens come first in their order; when a
 sequence has more than ``max_tokens`` real tokens, its LAST ``max_tokens`` are kept (in a causal
 decoder they have seen the whole input): the token pruning. The remaining slots are zero vectors. A fixed length makes every chunk's and every rank's embeddings one shape, so they
 concatenate under GradCache and all-gather across ranks unchanged, and a zero vector marks padding
-(``losses.base.token_mask``): no separate mask travels. Padding (left or right) never reaches a kept
+(``losses.similarity.token_mask``): no separate mask travels. Padding (left or right) never reaches a kept
 token, so an embedding does not depend on what else is in the batch.
 """
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from embedkit.config.registry import register
-from embedkit.judges.base import Judge, Pairs
+from embedkit.mining.judges.base import Judge, Pairs
 
 
 @register("judge", "embedding")

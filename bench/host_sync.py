@@ -41,7 +41,7 @@ _METHODS = ("tolist", "cpu", "numpy")
 HOST_SIDE = ("torch/optim/",)
 #: frames skipped when naming a call site: the counter and torch's own plumbing
 _PLUMBING = ("torch/_tensor.py", "torch/utils/_python_dispatch.py", "torch/_ops.py", "torch/overrides.py",
-             "torch/utils/_contextlib.py", "embedkit/training/host_sync.py", "torch/functional.py",
+             "torch/utils/_contextlib.py", "bench/host_sync.py", "torch/functional.py",
              "torch/_dynamo/", "torch/_compile.py")
 
 

@@ -129,7 +129,7 @@ class BagModule(EmbeddingModule):
     def encode(self, inputs):
         return self.bag(inputs)
 
-    def compute_loss(self, q, p, n):
+    def compute_loss(self, q, p, n, candidate_keys=None):
         return self.loss_fn(q, p, n)
 
 

@@ -84,7 +84,7 @@ def mark_ended(logger: EmbedkitMLFlowLogger, status: str) -> None:
 
 @rank_zero_only
 def log_run_inputs(logger: EmbedkitMLFlowLogger, cfg: dict, config_path: Path, overrides: list[str]) -> None:
-    """Params (flattened config) and the artifacts: resolved config.yaml and the overrides."""
+    """Params (the flattened config) and the artifacts: the run's config file (``config_path``) and the overrides."""
     params = {k: param_value(v) for k, v in flatten(cfg).items()}
     logger.log_hyperparams(params)
     client, run_id = logger.experiment, logger.run_id

@@ -2,9 +2,11 @@
 
 ``atomic_path(path)`` yields the temporary name ``temp_path(path)`` in the same folder; on success it
 is renamed onto ``path`` (``os.replace`` is atomic within one file system), on failure removed.
-``write_atomic`` is the one-call form for text or bytes. The temporary name is fixed (``.<name>.tmp``,
-which no shard or checkpoint glob matches): a run killed mid-write leaves at most one stale
-temporary, which the next write of the same file replaces.
+``write_atomic`` is the one-call form for text or bytes. ``move_into_place`` is the rename alone, for
+a write split between processes (every rank writes a checkpoint, one renames it); ``link_atomic``
+gives a finished file a second name. The temporary name is fixed (``.<name>.tmp``, which no shard or
+checkpoint glob matches): a run killed mid-write leaves at most one stale temporary, which the next
+write of the same file replaces.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = temp_path(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        move_into_place(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -41,3 +43,23 @@ def write_atomic(path: str | Path, content: str | bytes) -> None:
             tmp.write_bytes(content)
         else:
             tmp.write_text(content)
+
+
+def move_into_place(path: str | Path) -> Path:
+    """Rename ``temp_path(path)``, written completely, onto ``path`` (atomic); returns ``path``."""
+    path = Path(path)
+    os.replace(temp_path(path), path)
+    return path
+
+
+def link_atomic(src: str | Path, dst: str | Path) -> None:
+    """``dst`` becomes ``src`` (a hard link, else a copy where links are refused) in one rename."""
+    import shutil
+
+    tmp = temp_path(dst)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    move_into_place(dst)

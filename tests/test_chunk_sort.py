@@ -129,7 +129,7 @@ class BagModule(EmbeddingModule):
     def encode(self, inputs):
         return self.bag(inputs)
 
-    def compute_loss(self, q, p, n):
+    def compute_loss(self, q, p, n, candidate_keys=None):
         return self.loss_fn(q, p, n)
 
 
@@ -159,3 +159,18 @@ def test_sorted_and_arrival_order_chunking_give_the_same_step(tokens):
     ordered.candidate_restore = ordered.query_restore = None
     wrong = BagModule().backward_batch(ordered, lambda t: t.backward())
     assert abs(wrong.loss - ref_loss) > 1e-3
+
+
+def test_the_loss_is_handed_the_batch_candidate_keys():
+    """``backward_batch`` passes the batch's content keys (batch order) to ``compute_loss``, the
+    false-negative mask's input, as an argument."""
+    seen = []
+
+    class KeyedBag(BagModule):
+        def compute_loss(self, q, p, n, candidate_keys=None):
+            seen.append(candidate_keys)
+            return super().compute_loss(q, p, n)
+
+    batch = ChunkCollate(WordProcessor(), 4, 2, sort=True)(_mixed_examples(8, 2, seed=3))
+    KeyedBag().backward_batch(batch, lambda t: t.backward())
+    assert seen and all(keys is not None and torch.equal(keys, batch.candidate_keys) for keys in seen)

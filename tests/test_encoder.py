@@ -141,7 +141,8 @@ def test_every_config_key_of_fit_is_read_in_one_module(demo_run):
     shared = {k: sorted(m) for k, m in owners.items() if len(m) > 1}
     assert not shared, f"keys read in more than one module: {shared}"
     # the recorder sees the builders' reads (it can fail): a sample of keys and their one reader
-    assert owners["train.accumulate_steps"] == {"embedkit.training.module"}
+    assert owners["train.clip_grad_norm"] == {"embedkit.training.module"}
+    assert owners["train.accumulate_steps"] == {"embedkit.commands.fit"}  # the module, data and run length need it
     assert owners["train.lr"] == {"embedkit.training.optim"}
     assert owners["data.train.num_negatives"] == {"embedkit.data.datamodule"}
     assert owners["model.normalize"] == {"embedkit.encoder"}

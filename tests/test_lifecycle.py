@@ -138,8 +138,8 @@ def test_one_injected_non_finite_batch_is_skipped_and_training_goes_on(tmp_path,
 
     real, calls, seen = EmbeddingModule.compute_loss, [0], {}
 
-    def poisoned(self, q, p, n):
-        out = real(self, q, p, n)
+    def poisoned(self, q, p, n, candidate_keys=None):
+        out = real(self, q, p, n, candidate_keys)
         calls[0] += 1
         if calls[0] == 3:  # the third step's loss
             out.loss = out.loss * math.nan

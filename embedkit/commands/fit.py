@@ -1,27 +1,33 @@
 """``embedkit fit``: compose the config, build model + data, train, validate before and after.
 
-The config is read here once; each builder gets its section or the values it needs (the module
-its ``model``/``loss``/``train`` sections, the datamodule its ``data`` section and the batch words,
-the logger its ``tracking`` section).
+The config is read here once; each setup step of ``Fit`` gets its section or the values it needs
+(the module its ``model``/``loss``/``train`` sections, the datamodule its ``data`` section and the
+batch words, the logger its ``tracking`` section, the trainer its ``trainer`` section). The run
+directory's layout is ``RunDir``'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from datetime import datetime
 from pathlib import Path
+
+from embedkit.config.flat import flatten
+from embedkit.runs import RunDir
 
 #: the run name the launching process chose, for the ranks Lightning's DDP launcher starts later by
 #: re-running the command line (a default name drawn from the clock again would be another run dir)
 RUN_NAME_ENV = "EMBEDKIT_RUN_NAME"
 
 
-def run_paths(cfg: dict) -> tuple[str, Path]:
+def run_paths(cfg: dict) -> tuple[str, RunDir]:
+    """(run name, run dir) of the ``run`` section: ``run.name`` (else the launching process's, else
+    ``<recipe>-<time>``) and ``run.dir`` (else ``runs/<name>``)."""
     name = (cfg["run"]["name"] or os.environ.get(RUN_NAME_ENV)
             or f"{cfg['recipe'] or 'run'}-{datetime.now():%Y%m%d-%H%M%S}")
-    run_dir = Path(cfg["run"]["dir"] or Path("runs") / name)
-    return name, run_dir
+    return name, RunDir(cfg["run"]["dir"] or Path("runs") / name)
 
 
 def quiet_third_party_noise(tracking: bool) -> None:
@@ -43,13 +49,13 @@ def quiet_third_party_noise(tracking: bool) -> None:
 def make_strategy(trainer: dict):
     """``trainer.strategy``, with ``fsdp2``: FSDP2 (``fully_shard``) data parallel over every device.
 
-    The schema has already checked the combinations (integer devices, no token budget).
+    The schema has already checked the combination (an integer ``trainer.devices``).
     """
     if trainer["strategy"] != "fsdp2":
         return trainer["strategy"]
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    # one consolidated last.ckpt file (as with DDP), not a distributed-checkpoint folder
+    # one consolidated checkpoint file (as with DDP), not a distributed-checkpoint folder
     return ModelParallelStrategy(data_parallel_size=trainer["devices"] * trainer["num_nodes"], tensor_parallel_size=1,
                                  save_distributed_checkpoint=False)
 
@@ -63,15 +69,6 @@ RESUMABLE = ("trainer.max_steps", "trainer.progress", "trainer.val_check_interva
 EXIT_DIVERGED = 3
 
 
-def _flat(cfg, prefix: str = "") -> dict:
-    if isinstance(cfg, dict) and cfg:
-        out: dict = {}
-        for k, v in cfg.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: cfg}
-
-
 def resumed_config(saved: dict, new: dict, where: str) -> dict:
     """The saved config with the changes a resume may make taken from ``new``; ConfigError naming the
     first other key that differs (``run.name``/``run.dir`` keep the saved values)."""
@@ -79,7 +76,7 @@ def resumed_config(saved: dict, new: dict, where: str) -> dict:
 
     from embedkit.errors import ConfigError
 
-    old_flat, new_flat = _flat(saved), _flat(new)
+    old_flat, new_flat = flatten(saved), flatten(new)
     out = copy.deepcopy(saved)
     for key in sorted(set(old_flat) | set(new_flat)):
         if old_flat.get(key) == new_flat.get(key) or key in ("run.name", "run.dir"):
@@ -93,95 +90,71 @@ def resumed_config(saved: dict, new: dict, where: str) -> dict:
     return out
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = run_dir / "checkpoints"
-    if (ckpts / "last.ckpt").is_file():
-        return ckpts / "last.ckpt"
-    steps = sorted(ckpts.glob("step-*.ckpt"))
-    return steps[-1] if steps else None
-
-
-def load_saved(run_dir: Path) -> dict:
-    import yaml
-
+def resume_config(run: RunDir, args: list[str]) -> tuple[dict, list[str], Path]:
+    """``resume=RUN_DIR [overrides]``: (the run's saved config with the overrides a resume may make,
+    the overrides, its newest checkpoint)."""
+    from embedkit.config import schema
+    from embedkit.config.loader import apply_overrides, split_args
     from embedkit.errors import UserError
 
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"resume={run_dir}: no config.yaml there (not an embedkit run directory)")
-    return yaml.safe_load(path.read_text())
+    saved = run.saved_config("resume")
+    _, overrides = split_args(args)
+    new = schema.validate(apply_overrides(run.saved_config("resume"), overrides))
+    cfg = resumed_config(saved, new, str(run.config_path))
+    ckpt = run.newest_checkpoint()
+    if ckpt is None:
+        raise UserError(f"resume={run.path}: no checkpoint under {run.checkpoints_dir}")
+    cfg["run"]["dir"] = str(run.path)
+    return cfg, overrides, ckpt
 
 
 def compose_run(args: list[str]) -> tuple[dict, list[str], Path | None]:
     """(config, overrides, checkpoint to resume from or None) from the command line:
     ``resume=RUN_DIR [overrides]``, or a recipe and overrides (``run.resume=auto`` continuing
     ``run.dir`` when it holds a checkpoint)."""
-    from embedkit.config import schema
-    from embedkit.config.loader import apply_overrides, compose, split_args
-    from embedkit.errors import UserError
+    from embedkit.config.loader import compose, split_args
 
     resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
     args = [a for a in args if not a.startswith("resume=")]
     if resume:
-        run_dir = Path(resume[-1])
-        saved = load_saved(run_dir)
-        _, overrides = split_args(args)
-        new = schema.validate(apply_overrides(load_saved(run_dir), overrides))
-        cfg = resumed_config(saved, new, str(run_dir / "config.yaml"))
-        ckpt = newest_checkpoint(run_dir)
-        if ckpt is None:
-            raise UserError(f"resume={run_dir}: no checkpoint under {run_dir / 'checkpoints'}")
-        cfg["run"]["dir"] = str(run_dir)
-        return cfg, overrides, ckpt
+        return resume_config(RunDir(resume[-1]), args)
     cfg = compose(args)
     _, overrides = split_args(args)
     if cfg["run"]["resume"] == "auto":
-        name, run_dir = run_paths(cfg)
-        ckpt = newest_checkpoint(run_dir) if (run_dir / "config.yaml").is_file() else None
+        _, run = run_paths(cfg)
+        ckpt = run.newest_checkpoint() if run.is_run() else None
         if ckpt is not None:
-            cfg = resumed_config(load_saved(run_dir), cfg, str(run_dir / "config.yaml"))
-            cfg["run"]["dir"] = str(run_dir)
+            cfg = resumed_config(run.saved_config("resume"), cfg, str(run.config_path))
+            cfg["run"]["dir"] = str(run.path)
             return cfg, overrides, ckpt
     return cfg, overrides, None
 
 
-def check_inputs(cfg: dict) -> tuple[list[str], list[str]]:
-    """Every cheap check, before any model is built: shards (and the demo's, drawn if asked), the
-    eval root, the run dir's parent writable. Returns (training shards, validation shards)."""
-    import os
-
-    from embedkit.data.datamodule import resolve_shards
+def check_inputs(cfg: dict) -> tuple[list[str] | None, list[str] | None]:
+    """Every user error found without building a model or drawing data: the shards named
+    (``check_shards``), the eval root, the run dir's parent writable. Returns ``check_shards``'s
+    answer (None for a side the demo data will supply; ``Fit`` draws it)."""
+    from embedkit.data.datamodule import check_shards
     from embedkit.errors import UserError
 
     root = cfg["data"]["eval"]["root"]
     if root and not Path(root).is_dir():
         raise UserError(f"data.eval.root: no such folder {root}")
-    shards = resolve_shards(cfg["data"], log=lambda m: print(m, flush=True))
-    parent = Path(cfg["run"]["dir"]).resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"run.dir: {cfg['run']['dir']} cannot be created ({parent} is not writable)")
+    shards = check_shards(cfg["data"])
+    target = Path(cfg["run"]["dir"]).resolve()
+    existing = next(p for p in target.parents if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"run.dir: {cfg['run']['dir']} cannot be created ({existing} is not writable)")
     return shards
 
 
-def main(args: list[str]) -> int:
-    import shutil
-
-    cfg, overrides, ckpt = compose_run(args)
-    name, run_dir = run_paths(cfg)
-    cfg["run"]["name"], cfg["run"]["dir"] = name, str(run_dir)
-    shards = check_inputs(cfg)
-    created = not run_dir.exists()
-    fit = Fit(cfg, overrides, ckpt, shards)
+@contextlib.contextmanager
+def run_name_for_ranks(name: str):
+    """``RUN_NAME_ENV`` set to ``name`` inside the block (the launched ranks inherit it), then restored."""
     inherited = os.environ.get(RUN_NAME_ENV)
-    os.environ[RUN_NAME_ENV] = name  # the launched ranks inherit it (only for this fit)
+    os.environ[RUN_NAME_ENV] = name
     try:
-        return fit.run()
-    except BaseException:
-        if created and not fit.trained and run_dir.exists():  # failed before its first step: leave nothing
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+        yield
     finally:
         if inherited is None:
             os.environ.pop(RUN_NAME_ENV, None)
@@ -189,135 +162,227 @@ def main(args: list[str]) -> int:
             os.environ[RUN_NAME_ENV] = inherited
 
 
+def main(args: list[str]) -> int:
+    import shutil
+
+    cfg, overrides, ckpt = compose_run(args)
+    name, run = run_paths(cfg)
+    cfg["run"]["name"], cfg["run"]["dir"] = name, str(run.path)
+    shards = check_inputs(cfg)
+    created = not run.path.exists()
+    fit = Fit(cfg, overrides, ckpt, shards)
+    with run_name_for_ranks(name):
+        try:
+            return fit.run()
+        except BaseException:
+            if created and not fit.trained and run.path.exists():  # failed before its first step: leave nothing
+                shutil.rmtree(run.path, ignore_errors=True)
+            raise
+
+
 class Fit:
-    """One ``embedkit fit``: the config's sections handed to the builders, then training."""
+    """One ``embedkit fit``: setup steps that each get their config section, then ``train`` and ``report``.
 
-    def __init__(self, cfg: dict, overrides: list[str], ckpt: Path | None, shards: tuple[list[str], list[str]]):
-        self.cfg, self.overrides, self.ckpt, self.shards = cfg, overrides, ckpt, shards
-        self.trained = False
+    ``shards``: ``check_inputs``'s answer; the demo data it leaves to draw is drawn by
+    ``_prepare_shards``, the first step after the run dir (in every process: the launching one draws
+    it, ranks started later find it in its cache).
+    """
 
-    def run(self) -> int:  # noqa: C901  (the one place the sections meet)
-        started = time.monotonic()
-        cfg, ckpt = self.cfg, self.ckpt
-        name, run_dir = cfg["run"]["name"], Path(cfg["run"]["dir"])
+    def __init__(self, cfg: dict, overrides: list[str], ckpt: Path | None,
+                 shards: tuple[list[str] | None, list[str] | None]):
+        self.cfg, self.overrides, self.ckpt, self.checked_shards = cfg, overrides, ckpt, shards
+        self.trained = False  # set once training starts: the run dir then holds a run
+
+    def run(self) -> int:
         import lightning as L
 
-        from embedkit.config.loader import to_yaml
-        from embedkit.console import progress_mode
-        from embedkit.data.datamodule import EmbeddingDataModule
-        from embedkit.files import write_atomic
-        from embedkit.training.callbacks import AtomicLastCheckpoint, CleanStop, LogProgress, exit_code_for
-        from embedkit.training.module import EmbeddingModule
+        started = time.monotonic()
+        cfg = self.cfg
+        self._setup_process(cfg["trainer"], cfg["tracking"])
+        self.run_dir = self._setup_run_dir(cfg["run"])
+        train_shards, val_shards = self._prepare_shards(cfg["data"])
+        self.accumulate = cfg["train"]["accumulate_steps"]  # the module, the data and the run length need it
+        self.max_steps = self._run_length(cfg["trainer"], cfg["train"], train_shards)
+        L.seed_everything(cfg["seed"], workers=True, verbose=False)
+        self.module = self._setup_module(cfg["model"], cfg["loss"], cfg["train"], cfg["seed"])
+        self.data = self._setup_data(cfg["data"], cfg["train"], cfg["seed"], train_shards, val_shards)
+        self.validating = len(self.data.val_examples) > 0
+        self.logger = self._setup_logger(cfg["tracking"], cfg["recipe"])
+        self.callbacks = self._setup_callbacks(cfg["trainer"], cfg["data"]["eval"], cfg["train"])
+        self.trainer = self._setup_trainer(cfg["trainer"])
+        self._record_run(train_shards)
+        before, after = self.train()
+        return self.report(before, after, started)
 
-        tracking, train, trainer_cfg, ev = cfg["tracking"], cfg["train"], cfg["trainer"], cfg["data"]["eval"]
+    # -- setup steps, in order ------------------------------------------------------------------
+    def _setup_process(self, trainer: dict, tracking: dict) -> None:
+        """Process-wide settings: a quiet console, TF32 matmuls where asked."""
         quiet_third_party_noise(tracking["enabled"])
-        config_path = run_dir / "config.yaml"
-        write_atomic(config_path, to_yaml(cfg))
-        print(f"run {name}: {run_dir}" + (f" (resuming from {ckpt})" if ckpt else ""), flush=True)
-
-        from embedkit.training.optim import total_steps
-
-        seed = cfg["seed"]
-        if trainer_cfg["tf32"]:
+        if trainer["tf32"]:
             import torch
 
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        L.seed_everything(seed, workers=True, verbose=False)
-        module = EmbeddingModule.build(cfg["model"], cfg["loss"], train, seed=seed, max_steps=trainer_cfg["max_steps"],
-                                       config=cfg)
-        train_shards, val_shards = self.shards
-        # trainer.max_epochs > 0: the run length in optimizer steps, from the training examples' count
-        max_steps = module.max_steps = total_steps(module.max_steps, trainer_cfg["max_epochs"], train_shards,
-                                                   train["global_batch_size"] * module.accumulate)
-        if trainer_cfg["max_epochs"]:
-            print(f"trainer.max_epochs={trainer_cfg['max_epochs']}: {max_steps} optimizer steps", flush=True)
-        chunk_size = train["chunk_size"]
-        data = EmbeddingDataModule(cfg["data"], module.encoder.processor(), train_shards, val_shards, seed=seed,
-                                   global_batch_size=train["global_batch_size"], chunk_size=chunk_size,
-                                   chunk_tokens=train["chunk_tokens"], accumulate=module.accumulate,
+
+    def _setup_run_dir(self, run: dict) -> RunDir:
+        """The run dir with the resolved config written into it (before the first step)."""
+        from embedkit.config.loader import to_yaml
+
+        run_dir = RunDir(run["dir"])
+        run_dir.write_config(to_yaml(self.cfg))
+        print(f"run {run['name']}: {run_dir.path}" + (f" (resuming from {self.ckpt})" if self.ckpt else ""),
+              flush=True)
+        return run_dir
+
+    def _prepare_shards(self, data: dict) -> tuple[list[str], list[str]]:
+        """(training shards, validation shards): the checked ones, the demo's drawn where asked (the one
+        expensive input step, before the seed: drawing leaves the model's initialisation as it was)."""
+        from embedkit.data.datamodule import resolve_shards
+
+        return resolve_shards(data, log=lambda m: print(m, flush=True), checked=self.checked_shards)
+
+    def _run_length(self, trainer: dict, train: dict, train_shards: list[str]) -> int:
+        """Optimizer steps of the run: ``trainer.max_steps``, or ``trainer.max_epochs`` passes over the
+        training examples (``total_steps``)."""
+        from embedkit.training.optim import total_steps
+
+        steps = total_steps(trainer["max_steps"], trainer["max_epochs"], train_shards,
+                            train["global_batch_size"] * self.accumulate)
+        if trainer["max_epochs"]:
+            print(f"trainer.max_epochs={trainer['max_epochs']}: {steps} optimizer steps", flush=True)
+        return steps
+
+    def _setup_module(self, model: dict, loss: dict, train: dict, seed: int):
+        from embedkit.training.module import EmbeddingModule
+
+        return EmbeddingModule.build(model, loss, train, seed=seed, max_steps=self.max_steps,
+                                     accumulate=self.accumulate, config=self.cfg)
+
+    def _setup_data(self, data: dict, train: dict, seed: int, train_shards: list[str], val_shards: list[str]):
+        from embedkit.data.datamodule import EmbeddingDataModule
+
+        return EmbeddingDataModule(data, self.module.encoder.processor(), train_shards, val_shards, seed=seed,
+                                   global_batch_size=train["global_batch_size"], chunk_size=train["chunk_size"],
+                                   chunk_tokens=train["chunk_tokens"], accumulate=self.accumulate,
                                    sort_chunks=train["sort_chunks"])
 
-        logger = False
-        id_path = run_dir / "mlflow_run_id"
-        if tracking["enabled"]:
-            from embedkit.tracking.mlflow_setup import make_logger
+    def _setup_logger(self, tracking: dict, recipe: str | None):
+        """The MLflow logger (continuing the run's MLflow run on a resume), or False."""
+        if not tracking["enabled"]:
+            return False
+        from embedkit.tracking.mlflow_setup import make_logger
 
-            run_id = id_path.read_text().strip() if ckpt and id_path.is_file() else None
-            logger = make_logger(tracking, cfg["recipe"], name, run_id=run_id)
-        interval = trainer_cfg["val_check_interval"]
-        mode = progress_mode(trainer_cfg["progress"])
-        checkpoints = AtomicLastCheckpoint(run_dir / "checkpoints", every=trainer_cfg["checkpoint_every"],
-                                           keep=trainer_cfg["keep_checkpoints"])
-        extra = [trainer_cfg["stop_signal"]] if trainer_cfg["stop_signal"] else []
-        stop = CleanStop(checkpoints, extra)
-        callbacks = [checkpoints, stop]
-        if mode == "log":
-            callbacks.append(LogProgress(max(trainer_cfg["log_every_n_steps"], max_steps // 20)))
-        validate = len(data.val_examples) > 0
-        if validate and ev["root"] and ev["val_rows"] > 0:
+        run_id = self.run_dir.mlflow_run_id() if self.ckpt else None
+        return make_logger(tracking, recipe, self.cfg["run"]["name"], run_id=run_id)
+
+    def _setup_callbacks(self, trainer: dict, ev: dict, train: dict) -> list:
+        """Checkpoints, the clean stop on signals, plain progress lines (``trainer.progress=log``) and
+        MMEB validation (``data.eval.root`` with ``val_rows``)."""
+        from embedkit.console import progress_mode
+        from embedkit.training.callbacks import AtomicLastCheckpoint, CleanStop, LogProgress
+
+        self.checkpoints = AtomicLastCheckpoint(self.run_dir, every=trainer["checkpoint_every"],
+                                                keep=trainer["keep_checkpoints"])
+        self.stop = CleanStop(self.checkpoints, [trainer["stop_signal"]] if trainer["stop_signal"] else [])
+        callbacks = [self.checkpoints, self.stop]
+        if progress_mode(trainer["progress"]) == "log":
+            callbacks.append(LogProgress(max(trainer["log_every_n_steps"], self.max_steps // 20)))
+        if self.validating and ev["root"] and ev["val_rows"] > 0:
             from embedkit.eval.callback import MMEBValidation
 
-            callbacks.append(MMEBValidation(ev["root"], ev["datasets"], max_rows=ev["val_rows"], batch_size=chunk_size))
-        trainer = L.Trainer(
-            max_steps=max_steps, devices=trainer_cfg["devices"], num_nodes=trainer_cfg["num_nodes"],
-            accelerator=trainer_cfg["accelerator"], strategy=make_strategy(trainer_cfg),
-            precision=trainer_cfg["precision"], logger=logger, callbacks=callbacks,
-            log_every_n_steps=min(trainer_cfg["log_every_n_steps"], max_steps), enable_progress_bar=mode == "bar",
+            callbacks.append(MMEBValidation(ev["root"], ev["datasets"], max_rows=ev["val_rows"],
+                                            batch_size=train["chunk_size"]))
+        return callbacks
+
+    def _setup_trainer(self, trainer: dict):
+        import lightning as L
+
+        from embedkit.console import progress_mode
+
+        interval, max_steps = trainer["val_check_interval"], self.max_steps
+        every = interval if interval and self.validating else max_steps + 1  # optimizer steps between validations
+        return L.Trainer(
+            max_steps=max_steps, devices=trainer["devices"], num_nodes=trainer["num_nodes"],
+            accelerator=trainer["accelerator"], strategy=make_strategy(trainer),
+            precision=trainer["precision"], logger=self.logger, callbacks=self.callbacks,
+            log_every_n_steps=min(trainer["log_every_n_steps"], max_steps), enable_progress_bar=progress_mode(trainer["progress"]) == "bar",
             enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-            check_val_every_n_epoch=None, use_distributed_sampler=False, default_root_dir=str(run_dir),
-            val_check_interval=(interval if interval and validate else max_steps + 1) * module.accumulate,
-            limit_val_batches=None if validate else 0,
+            check_val_every_n_epoch=None, use_distributed_sampler=False, default_root_dir=str(self.run_dir.path),
+            val_check_interval=every * self.accumulate, limit_val_batches=None if self.validating else 0,
         )
-        if logger:
-            from embedkit.tracking.mlflow_setup import log_run_inputs, mark_running, tag_mined_shards
 
-            if ckpt:
-                mark_running(logger)
-            else:
-                log_run_inputs(logger, cfg, config_path, self.overrides)
-                tag_mined_shards(logger, train_shards)
-            if trainer.is_global_zero:
-                write_atomic(id_path, logger.run_id + "\n")
+    def _record_run(self, train_shards: list[str]) -> None:
+        """MLflow: a fresh run gets its params, artifacts and tags, a resumed one is running again; the
+        run dir keeps the MLflow run id (so a resume continues it)."""
+        logger = self.logger
+        if not logger:
+            return
+        from embedkit.tracking.mlflow_setup import log_run_inputs, mark_running, tag_mined_shards
 
-        before = after = None
-        if validate and not ckpt:
-            trainer.validate(module, datamodule=data, verbose=False)
-            before = module.val_results.get("val/p@1")
+        if self.ckpt:
+            mark_running(logger)
+        else:
+            log_run_inputs(logger, self.cfg, self.run_dir.config_path, self.overrides)
+            tag_mined_shards(logger, train_shards)
+        if self.trainer.is_global_zero:
+            self.run_dir.write_mlflow_run_id(logger.run_id)
+
+    # -- training and the report ----------------------------------------------------------------
+    def train(self) -> tuple[dict, dict]:
+        """Validate (a fresh run), train, validate again (a run that ended normally): the metrics of
+        the validation before and after training, ``{}`` for one not run."""
+        before = self.validate() if self.validating and not self.ckpt else {}
         self.trained = True  # from here on the run dir holds a run (an MLflow run, checkpoints)
         # weights_only=False: our own checkpoint, holding the RNG states (numpy arrays) besides tensors
-        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None, weights_only=False)
-        if module.diverged_at is not None:
-            return self.diverged(trainer, module, checkpoints, logger)
-        if stop.stopped_at is not None:
-            if logger and trainer.is_global_zero:
-                from embedkit.tracking.mlflow_setup import mark_ended
+        self.trainer.fit(self.module, datamodule=self.data, ckpt_path=str(self.ckpt) if self.ckpt else None,
+                         weights_only=False)
+        if not self.validating or self.module.diverged_at is not None or self.stop.stopped_at is not None:
+            return before, {}
+        return before, self.validate()
 
-                mark_ended(logger, "KILLED")
-            if trainer.is_global_zero:
-                print(f"stopped at step {stop.stopped_at}; resume with: embedkit fit resume={run_dir}", flush=True)
-            return exit_code_for(stop.signum)
-        if validate:
-            trainer.validate(module, datamodule=data, verbose=False)
-            after = module.val_results.get("val/p@1")
-        if trainer.is_global_zero:
-            if before is not None and after is not None:
-                n = module.val_results["num_queries"]
-                print(f"held-out P@1 ({n} queries, each against {n} candidates): "
-                      f"before {before:.3f} -> after {after:.3f}  (chance {1 / n:.3f})", flush=True)
-            elif after is not None:
-                print(f"held-out P@1: {after:.3f}", flush=True)
-            print(f"checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}  "
-                  f"({time.monotonic() - started:.0f}s wall)", flush=True)
+    def validate(self) -> dict:
+        """One validation: the metrics it logged (``val/p@1``; ``val/mmeb/...`` with MMEB validation)."""
+        results = self.trainer.validate(self.module, datamodule=self.data, verbose=False)  # one dict per loader
+        return {k: float(v) for metrics in results for k, v in metrics.items()}
+
+    def report(self, before: dict, after: dict, started: float) -> int:
+        """The closing lines (global zero) and the exit status: 0, a signal's, or ``EXIT_DIVERGED``."""
+        from embedkit.training.callbacks import exit_code_for
+
+        if self.module.diverged_at is not None:
+            return self.diverged()
+        if self.stop.stopped_at is not None:
+            self._end_tracking("KILLED")
+            if self.trainer.is_global_zero:
+                print(f"stopped at step {self.stop.stopped_at}; resume with: embedkit fit resume={self.run_dir.path}",
+                      flush=True)
+            return exit_code_for(self.stop.signum)
+        if self.trainer.is_global_zero:
+            self._print_held_out(before.get("val/p@1"), after.get("val/p@1"))
+            print(f"checkpoint: {self.run_dir.last_checkpoint}  ({time.monotonic() - started:.0f}s wall)", flush=True)
         return 0
 
-    def diverged(self, trainer, module, checkpoints, logger) -> int:
-        if logger and trainer.is_global_zero:
+    def _print_held_out(self, before: float | None, after: float | None) -> None:
+        n = len(self.data.val_examples)  # each held-out example is one query and one candidate
+        if before is not None and after is not None:
+            print(f"held-out P@1 ({n} queries, each against {n} candidates): "
+                  f"before {before:.3f} -> after {after:.3f}  (chance {1 / n:.3f})", flush=True)
+        elif after is not None:
+            print(f"held-out P@1: {after:.3f}", flush=True)
+
+    def _end_tracking(self, status: str) -> None:
+        """The MLflow run's true end status (Lightning marks every fit that returns FINISHED)."""
+        if self.logger and self.trainer.is_global_zero:
             from embedkit.tracking.mlflow_setup import mark_ended
 
-            mark_ended(logger, "FAILED")
-        if trainer.is_global_zero:
-            good = checkpoints.last_good or newest_checkpoint(Path(self.cfg["run"]["dir"]))
+            mark_ended(self.logger, status)
+
+    def diverged(self) -> int:
+        """The non-finite guard stopped the run: say where, and the last good checkpoint."""
+        self._end_tracking("FAILED")
+        module = self.module
+        if self.trainer.is_global_zero:
+            good = self.checkpoints.last_good or self.run_dir.newest_checkpoint()
             print(f"stopped at step {module.diverged_at}: non-finite {module.nonfinite} for {module.consecutive_skips} "
                   f"consecutive steps (train.max_skipped_steps), none applied; last good checkpoint: "
                   f"{good or 'none'}", flush=True)

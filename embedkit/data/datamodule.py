@@ -15,26 +15,36 @@ from embedkit.data.stream import ShardStream
 from embedkit.errors import ConfigError, UserError
 
 
-def resolve_shards(data: dict, log=print) -> tuple[list[str], list[str]]:
-    """(training shards, validation shards) of the ``data`` section: ``train.shards`` / ``val.shards``,
-    or the demo's where the recipe asks for the demo data (``data.demo.enabled``). Without the demo,
-    ``train.shards`` is required and a missing ``val.shards`` means no held-out validation."""
-    demo_dir = None
+def check_shards(data: dict) -> tuple[list[str] | None, list[str] | None]:
+    """The cheap half of ``resolve_shards``, every user error included and nothing drawn: (training
+    shards, validation shards) of the ``data`` section, None for a side the demo data will supply.
+    Without the demo (``data.demo.enabled``), ``train.shards`` is required and a missing
+    ``val.shards`` means no held-out validation ([])."""
     use_demo = data["demo"]["enabled"]
     if data["train"]["shards"] is None and not use_demo:
         raise ConfigError("data.train.shards is not set: this recipe trains on real data; convert MMEB with "
                           "`embedkit data mmeb --src DIR --out SHARDS` and pass data.train.shards=SHARDS "
                           "(or data.demo.enabled=true for the drawn demo data)")
-    if use_demo and (data["train"]["shards"] is None or data["val"]["shards"] is None):
-        demo_dir = demo.ensure_demo_shards(data["demo"], log=log)
-    if data["train"]["shards"] is None:
-        train = sorted(str(p) for p in Path(demo_dir).glob("*/train-*.tar"))
-    else:
-        train = checked_shards("data.train.shards", data["train"]["shards"])
-    if data["val"]["shards"] is None:
-        val = [str(Path(demo_dir) / "val-000000.tar")] if demo_dir else []
-    else:
+    train = None if data["train"]["shards"] is None else checked_shards("data.train.shards", data["train"]["shards"])
+    if data["val"]["shards"] is not None:
         val = checked_shards("data.val.shards", data["val"]["shards"])
+    else:
+        val = None if use_demo else []
+    return train, val
+
+
+def resolve_shards(data: dict, log=print, checked: tuple | None = None) -> tuple[list[str], list[str]]:
+    """(training shards, validation shards) of the ``data`` section: ``train.shards`` / ``val.shards``,
+    or the demo's, drawn and written (once, into its cache) where the recipe asks for the demo data.
+    ``checked``: ``check_shards(data)``'s answer, when already taken."""
+    train, val = checked if checked is not None else check_shards(data)
+    if train is not None and val is not None:
+        return train, val
+    demo_dir = Path(demo.ensure_demo_shards(data["demo"], log=log))
+    if train is None:
+        train = sorted(str(p) for p in demo_dir.glob("*/train-*.tar"))
+    if val is None:
+        val = [str(demo_dir / "val-000000.tar")]
     return train, val
 
 

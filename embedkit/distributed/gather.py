@@ -14,17 +14,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def is_distributed() -> bool:
-    """Whether this process is one of several in an initialised process group."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(this process's rank, the number of processes); (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+# rank_and_world: imported from here by eval (ranks.py is its home)
+from embedkit.distributed.ranks import is_distributed, rank_and_world  # noqa: F401
 
 
 class _AllGather(torch.autograd.Function):

@@ -46,7 +46,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from embedkit.distributed.gather import all_gather_with_grad, is_distributed
+from embedkit.distributed.gather import all_gather_with_grad
+from embedkit.distributed.ranks import is_distributed
 from embedkit.losses.base import CandidateMask, LossOutput, call_loss
 
 

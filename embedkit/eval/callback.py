@@ -31,6 +31,5 @@ class MMEBValidation(L.Callback):
                                      self.datasets, max_rows=self.max_rows, chunk_size=self.chunk_size,
                                      prefix="val")
         metrics["val/mmeb/p@1"] = metrics.pop("val/p@1")
-        for name, value in metrics.items():
+        for name, value in metrics.items():  # logged: trainer.validate returns them beside val/p@1
             pl_module.log(name, value)
-        pl_module.val_results.update(metrics)

@@ -13,26 +13,17 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from embedkit.config.flat import flatten
 from embedkit.tracking.store import ENV_VAR, artifact_location, resolve_uri, stored_name
 
 
 def tracking_uri(tracking: dict) -> str:
     """The store of the ``tracking`` section (``store.resolve_uri``), its folder created."""
     return resolve_uri(tracking["uri"], create=True)
-
-
-def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(cfg, dict):
-        out: dict[str, Any] = {}
-        for k, v in cfg.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out if out or not prefix else {prefix[:-1]: "{}"}
-    return {prefix[:-1]: cfg}
 
 
 def git_sha() -> str:
@@ -93,12 +84,19 @@ def mark_ended(logger: EmbedkitMLFlowLogger, status: str) -> None:
 
 @rank_zero_only
 def log_run_inputs(logger: EmbedkitMLFlowLogger, cfg: dict, config_path: Path, overrides: list[str]) -> None:
-    """Params (flattened config) and the artifacts: resolved config.yaml and the overrides."""
-    params = {k: ("null" if v is None else v) for k, v in flatten(cfg).items()}
+    """Params (the flattened config) and the artifacts: the run's config file (``config_path``) and the overrides."""
+    params = {k: param_value(v) for k, v in flatten(cfg).items()}
     logger.log_hyperparams(params)
     client, run_id = logger.experiment, logger.run_id
     client.log_artifact(run_id, str(config_path))
     client.log_text(run_id, "\n".join(overrides) + "\n", "overrides.txt")
+
+
+def param_value(value):
+    """A config leaf as an MLflow param: ``None`` as ``null``, an empty section as ``{}``."""
+    if value is None:
+        return "null"
+    return "{}" if isinstance(value, dict) else value
 
 
 #: the tag naming the mining manifest a run trained on (the manifest of ``embedkit mine``'s DST)

@@ -1,4 +1,7 @@
-"""Callbacks: plain progress lines when not on a terminal, and an atomically written last.ckpt."""
+"""The fit's callbacks: ``LogProgress`` (plain progress and validation lines when not on a terminal),
+``AtomicLastCheckpoint`` (step checkpoints of a ``RunDir``, each written atomically, the newest also
+as the run's last checkpoint), ``CleanStop`` (a signal ends the run after an optimizer step, with a
+checkpoint)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,9 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from embedkit.files import temp_path
+from embedkit.distributed.ranks import all_max
+from embedkit.files import link_atomic, move_into_place, temp_path
+from embedkit.runs import RunDir
 
 
 class LogProgress(L.Callback):
@@ -19,6 +24,7 @@ class LogProgress(L.Callback):
         self.every = max(1, every)
         self.print = print_fn
         self.start = None
+        self._last: int | None = None  # the step last reported (a step's batches end more than once)
 
     def on_train_start(self, trainer, pl_module):
         self.start = time.monotonic()
@@ -28,7 +34,7 @@ class LogProgress(L.Callback):
         step, total = trainer.global_step, trainer.max_steps
         if step % self.every and step != total:
             return
-        if getattr(self, "_last", None) == step:
+        if self._last == step:
             return
         self._last = step
         elapsed = time.monotonic() - self.start
@@ -40,28 +46,28 @@ class LogProgress(L.Callback):
         self.print(f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} steps/s  ~{left:.0f}s left",
                    flush=True)
 
-
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return  # before/after figures are printed by `embedkit fit` itself
-        shown = {k: v for k, v in pl_module.val_results.items() if k.startswith("val/")}
+        # what this validation logged (the module's val/p@1, a validation callback's val/...)
+        shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if shown:
             self.print(f"validation at step {trainer.global_step}: "
                        + "  ".join(f"{k} {v:.3f}" for k, v in shown.items()), flush=True)
 
 
 class AtomicLastCheckpoint(L.Callback):
-    """``<dir>/step-NNNNNNNN.ckpt`` every ``every`` optimizer steps and at the end (or at a clean
-    stop), each written to a temporary name first; ``last.ckpt`` is a hard link to the newest (a
+    """``run``'s step checkpoint every ``every`` optimizer steps and at the end (or at a clean stop),
+    each written to a temporary name first; the run's last checkpoint is a hard link to the newest (a
     copy where links are refused); only the newest ``keep`` step files are kept.
 
     A checkpoint is never written with non-finite weights, and never while the module reports a
     diverged run (``pl_module.diverged_at``): the last good one stays the newest.
     """
 
-    def __init__(self, dirpath: str | Path, every: int | None, keep: int = 3):
-        self.dirpath = Path(dirpath)
+    def __init__(self, run: RunDir, every: int | None, keep: int = 3):
+        self.run = run
         self.every = every
         self.keep = max(1, keep)
         self.saved_step: int | None = None
@@ -74,15 +80,14 @@ class AtomicLastCheckpoint(L.Callback):
         module = pl_module or trainer.lightning_module
         if getattr(module, "diverged_at", None) is not None or not all_finite(module):
             return None
-        path = self.dirpath / f"step-{step:08d}.ckpt"
-        tmp = temp_path(path)
+        path = self.run.step_checkpoint(step)
         # weights_only=False: a full, resumable checkpoint (optimizer, loops), said explicitly
-        trainer.save_checkpoint(str(tmp), weights_only=False)  # every rank calls it (sharded strategies gather)
+        # every rank calls it (sharded strategies gather); the global zero writes the file
+        trainer.save_checkpoint(str(temp_path(path)), weights_only=False)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            os.replace(tmp, path)
-            link_atomic(path, self.dirpath / "last.ckpt")
-            for old in sorted(self.dirpath.glob("step-*.ckpt"))[:-self.keep]:
+            link_atomic(move_into_place(path), self.run.last_checkpoint)
+            for old in self.run.step_checkpoints()[:-self.keep]:
                 old.unlink(missing_ok=True)
         trainer.strategy.barrier()
         self.saved_step, self.last_good = step, path
@@ -108,33 +113,8 @@ def all_finite(module) -> bool:
     return ok
 
 
-def all_max(value: int, device) -> int:
-    """The largest ``value`` over all ranks (the value itself when not distributed)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return int(value)
-    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def link_atomic(src: Path, dst: Path) -> None:
-    """``dst`` becomes ``src`` (a hard link, else a copy) in one rename."""
-    import shutil
-
-    tmp = temp_path(dst)
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-#: exit status of a run stopped by a signal (the shell's 128 + signal number)
 def exit_code_for(signum: int) -> int:
+    """The exit status of a run stopped by a signal (the shell's 128 + signal number)."""
     return 128 + int(signum)
 
 

@@ -4,8 +4,9 @@ A training batch (``TrainBatch``) arrives already split into processed chunks. T
 chunks into embeddings, the loss sees embeddings only, and ``gradcache.cached_step`` backpropagates
 (through the cache when there is more than one chunk). The module owns gradient clipping, the LR
 schedule and the optimizer step (manual optimization), so the same code serves one chunk or many.
-Held-out validation ranks each validation query against every validation candidate (``val/p@1``);
-further validation (MMEB subsets) is a callback the fit command installs.
+Held-out validation ranks each validation query against every validation candidate and logs
+``val/p@1`` (``trainer.validate`` returns it; further validation, of MMEB subsets, is a callback the
+fit command installs).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from embedkit.data.batch import TrainBatch
 from embedkit.distributed import distributed_loss
+from embedkit.distributed.ranks import max_over_ranks, process_group_up, rank_and_world
 from embedkit.encoder import Encoder
 from embedkit.losses.base import CandidateMask, Loss, LossOutput, accepts_mask, similarity_for
 from embedkit.training import grad_sync, gradcache
@@ -44,27 +46,29 @@ def set_rng_states(states: dict) -> None:
 
 
 class EmbeddingModule(L.LightningModule):
-    """``encoder`` and ``loss_fn`` trained by the ``train`` config section for ``max_steps`` steps.
+    """``encoder`` and ``loss_fn`` trained by the ``train`` config section for ``max_steps`` optimizer
+    steps of ``accumulate`` training batches each (the run length and ``train.accumulate_steps``,
+    which the fit command reads: the data and the run length need them too).
 
     ``config`` (the whole resolved config) is stored in checkpoints, never read here: it is what
     ``Encoder.from_checkpoint`` and ``embedkit eval`` rebuild the model from.
     """
 
-    def __init__(self, encoder: Encoder, loss_fn: Loss, train: dict, max_steps: int, config: dict | None = None):
+    def __init__(self, encoder: Encoder, loss_fn: Loss, train: dict, *, max_steps: int, accumulate: int,
+                 config: dict | None = None):
         super().__init__()
         self.save_hyperparameters({"config": config}, logger=False)
         self.encoder = encoder
         self.loss_fn = loss_fn
         self.train_cfg = train
         self.max_steps = max_steps
-        self.accumulate = train["accumulate_steps"]
+        self.accumulate = accumulate
         self.clip = train["clip_grad_norm"]
         self.max_skipped = train["max_skipped_steps"]
         self.mask_duplicates = train["mask_duplicates"]
         self.false_negative_margin = train["false_negative_margin"]
         self.compile = train["compile"]  # torch.compile the encoder's forward of each chunk (encode)
         self._compiled = None
-        self._batch_keys: torch.Tensor | None = None  # candidate content keys of the batch being trained
         if (self.mask_duplicates or self.false_negative_margin is not None) and not accepts_mask(loss_fn):
             import logging
 
@@ -81,10 +85,9 @@ class EmbeddingModule(L.LightningModule):
         self._pending_rng: dict | None = None  # restored at the first batch after a resume
         self.automatic_optimization = False
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.val_results: dict[str, float] = {}
 
     @classmethod
-    def build(cls, model: dict, loss: dict, train: dict, *, seed: int, max_steps: int,
+    def build(cls, model: dict, loss: dict, train: dict, *, seed: int, max_steps: int, accumulate: int,
               config: dict | None = None) -> "EmbeddingModule":
         """The encoder from the ``model`` section, the loss from ``loss`` (told the embedding size, so
         Matryoshka can reject larger dims), the optimization from ``train``."""
@@ -98,13 +101,14 @@ class EmbeddingModule(L.LightningModule):
 
             raise ConfigError(f"model.pooling: {model['pooling']['name']} pools across layers; loss "
                               f"{loss['name']} needs one embedding per layer (a head that pools one layer)")
-        return cls(encoder, loss_fn, train, max_steps, config=config)
+        return cls(encoder, loss_fn, train, max_steps=max_steps, accumulate=accumulate, config=config)
 
     @classmethod
     def from_config(cls, config: dict) -> "EmbeddingModule":
-        """``build`` from a whole resolved config (notebooks, tests)."""
+        """``build`` from a whole resolved config (notebooks, tests): ``trainer.max_steps`` long."""
         return cls.build(config["model"], config["loss"], config["train"], seed=config["seed"],
-                         max_steps=config["trainer"]["max_steps"], config=config)
+                         max_steps=config["trainer"]["max_steps"],
+                         accumulate=config["train"]["accumulate_steps"], config=config)
 
     # -- encoding ---------------------------------------------------------------------------
     def encode(self, inputs: dict) -> torch.Tensor:
@@ -130,11 +134,11 @@ class EmbeddingModule(L.LightningModule):
 
     def compute_loss(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None,
                      candidate_keys: torch.Tensor | None = None) -> LossOutput:
+        """The loss of one batch's embeddings; ``candidate_keys`` (the batch's content keys, in
+        candidate order) feed the false-negative mask."""
         # cross-device negatives when distributed (the plain loss otherwise); DDP's gradient
         # averaging then gives the full-batch gradient: see embedkit/distributed/loss.py
-        # the keys of the batch backward_batch is on (its loss_of keeps the (q, p, n) call form)
-        keys = candidate_keys if candidate_keys is not None else self._batch_keys
-        return distributed_loss(self.loss_fn, q, p, n, mask=self.candidate_mask(keys))
+        return distributed_loss(self.loss_fn, q, p, n, mask=self.candidate_mask(candidate_keys))
 
     def candidate_mask(self, candidate_keys: torch.Tensor | None) -> CandidateMask | None:
         """The in-batch false-negative mask of ``train.mask_duplicates`` / ``train.false_negative_margin``.
@@ -182,13 +186,13 @@ class EmbeddingModule(L.LightningModule):
         if index % accumulate == 0:
             opt.zero_grad(set_to_none=True)
             self._cycle_finite = None
-        steps_now = (index + 1) % accumulate == 0  # the last micro-batch of an optimizer step
+        ends_step = (index + 1) % accumulate == 0  # the last micro-batch of an optimizer step
         sharded = bool(grad_sync.fsdp2_roots(self))
         if sharded:  # FSDP2: accumulate unsharded grads; reduce-scatter on the step's last backward
             grad_sync.set_fsdp_sync(self, False)
 
         def before_last_backward():
-            if sharded and steps_now:
+            if sharded and ends_step:
                 grad_sync.set_fsdp_sync(self, True)
 
         # FSDP2: every forward all-gathers parameters, so ranks run as many passes (token budgets differ)
@@ -198,7 +202,7 @@ class EmbeddingModule(L.LightningModule):
         # stays on the device: read once per optimizer step, by _guarded_step
         finite = torch.isfinite(out.loss.detach())
         self._cycle_finite = finite if self._cycle_finite is None else self._cycle_finite & finite
-        if steps_now:
+        if ends_step:
             self._sync_gradients()
             self._guarded_step(opt)
         self.log_step(batch, out, opt)
@@ -248,9 +252,7 @@ class EmbeddingModule(L.LightningModule):
         loss_ok = loss_ok.to(self.device)
         bad_flag = ~(loss_ok & self._grads_finite())
         if self.trainer.world_size > 1:  # all ranks decide together
-            flag = bad_flag.float().reshape(1)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            bad_flag = flag[0] > 0
+            bad_flag = max_over_ranks(bad_flag.float().reshape(1))[0] > 0
         bad = bool(bad_flag)
         if bad:  # what this rank found (a second read, on the rare bad step only)
             self.nonfinite = "gradient norm" if bool(loss_ok) else "loss"
@@ -280,7 +282,7 @@ class EmbeddingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         states = rng_states()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if process_group_up():
             gathered: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, states)
         else:
@@ -294,7 +296,7 @@ class EmbeddingModule(L.LightningModule):
             return
         self.skipped_steps = saved["skipped_steps"]
         self.consecutive_skips = saved["consecutive_skips"]
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rank = rank_and_world()[0]
         if rank < len(saved["rng"]):
             self._pending_rng = saved["rng"][rank]
 
@@ -324,23 +326,19 @@ class EmbeddingModule(L.LightningModule):
             if batch.candidate_restore is not None:
                 c = c[batch.candidate_restore]
             n = c[B:].view(B, K, *c.shape[1:]) if K else None
-            return self.compute_loss(q, c[:B], n)
+            # the keys stay in batch order: the loss sees the candidates restored to it
+            return self.compute_loss(q, c[:B], n, batch.candidate_keys)
 
         # each side in one forward pass: no cache, no extra forward (memory: both sides' activations);
         # padded passes need the cache (their zero gradients are backpropagated like any chunk's)
         use_cache = len(chunks) > 2
-        self._batch_keys = batch.candidate_keys  # batch order: the loss sees candidates restored to it
-        try:
-            return gradcache.cached_step(self.encode, chunks, loss_of, backward, scale=scale,
-                                         before_last_backward=before_last_backward, use_cache=use_cache)
-        finally:
-            self._batch_keys = None
+        return gradcache.cached_step(self.encode, chunks, loss_of, backward, scale=scale,
+                                     before_last_backward=before_last_backward, use_cache=use_cache)
 
     def agree_passes(self, batch: TrainBatch) -> int:
         """The most forward passes any rank runs for its batch (one all-reduce)."""
         count = torch.tensor([len(batch.query_chunks) + len(batch.candidate_chunks)], device=self.device)
-        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-        return int(count.item())
+        return int(max_over_ranks(count).item())
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.parameters(), self.train_cfg)
@@ -352,9 +350,6 @@ class EmbeddingModule(L.LightningModule):
         roles, index, inputs = batch
         self._val.append((roles.cpu(), index.cpu(), self.encoder(inputs).cpu()))
 
-    def on_validation_epoch_start(self):
-        self.val_results = {}
-
     def on_validation_epoch_end(self):
         if not self._val:
             return
@@ -365,5 +360,4 @@ class EmbeddingModule(L.LightningModule):
         q = emb[roles == 0][index[roles == 0].argsort()]
         c = emb[roles == 1][index[roles == 1].argsort()]
         hits = similarity_for(q)(q, c).argmax(dim=1) == torch.arange(len(q))
-        self.val_results.update({"val/p@1": hits.float().mean().item(), "num_queries": len(q)})
         self.log("val/p@1", hits.float().mean(), batch_size=len(q))

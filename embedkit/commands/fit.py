@@ -12,6 +12,13 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from embedkit.commands._options import Verb
+
+#: the command line (``embedkit fit --help``): config words, and ``resume=`` (read by ``compose_run``)
+VERB = Verb("fit", "train (no recipe: the demo, a tiny VLM on drawn scenes, CPU, minutes)", config=("",),
+            words=(("resume=RUN_DIR", "continue that run from its newest checkpoint; a resume may change only "
+                                      "trainer.max_steps, the logging and checkpoint cadence and tracking.tags"),))
+
 #: the run name the launching process chose, for the ranks Lightning's DDP launcher starts later by
 #: re-running the command line (a default name drawn from the clock again would be another run dir)
 RUN_NAME_ENV = "EMBEDKIT_RUN_NAME"

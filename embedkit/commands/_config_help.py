@@ -134,4 +134,4 @@ def config_help(prefixes: tuple[str, ...]) -> list[str]:
 def _wrap(text: str) -> list[str]:
     import textwrap
 
-    return textwrap.wrap(text, WIDTH - 2)
+    return textwrap.wrap(text, WIDTH - 2, break_on_hyphens=False)

@@ -277,7 +277,7 @@ class Verb:
     def help(self) -> str:
         lines = [f"usage: {self.usage()}", "", self.summary]
         if self.notes:
-            lines += ["", *textwrap.wrap(self.notes, WIDTH)]
+            lines += ["", *textwrap.wrap(self.notes, WIDTH, break_on_hyphens=False)]
         options = [o for o in self.declared() if not (o.meta.get("config_words") or self.fixed(o))]
         if options or self.words:
             lines += ["", "options:"]
@@ -318,7 +318,7 @@ def show(value: Any) -> str:
 def help_row(word: str, text: str, column: int = COLUMN) -> str:
     """``  word      help``, the help wrapped under its column (a long word gets a line of its own)."""
     first = f"  {word}"
-    body = textwrap.wrap(text, WIDTH - column) or [""]
+    body = textwrap.wrap(text, WIDTH - column, break_on_hyphens=False) or [""]
     pad = " " * column
     if len(first) >= column - 1:
         return "\n".join([first] + [pad + b for b in body]).rstrip()

@@ -269,8 +269,9 @@ class Verb:
         words = list(args)
         while words:
             state.take(words.pop(0), words)
-        state.warn_deprecated()
-        return state.finish()
+        opts = state.finish()
+        state.warn_deprecated()  # after the checks: a mistake stays one line
+        return opts
 
     # -- help
 
@@ -295,6 +296,8 @@ class Verb:
 
 def _option_help(opt: Option) -> str:
     text = opt.meta.get("help", "")
+    if opt.meta.get("aliases"):
+        text += f" (also {', '.join(a + '=' for a in opt.meta['aliases'])})"
     if opt.required:
         return f"{text} (required)".strip()
     if opt.meta.get("prefix"):

@@ -56,7 +56,7 @@ def test_help_lists_every_declared_option(name, capsys):
     for word, _ in decl.words:
         assert help_row_of(out, word)
     if decl.config is not None:  # the config keys, from the schema, with their defaults
-        from embedkit.commands._config_help import config_keys
+        from embedkit.commands._help import config_keys
 
         keys = [w for _, w, _ in config_keys()
                 if any(p in ("", w.partition("=")[0]) or w.startswith(p + ".") for p in decl.config)]

@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import textwrap
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal, Union
 
+from embedkit.commands._help import config_help, help_row, show
 from embedkit.errors import ConfigError, UserError
-
-#: help lines wrap here; the option column is this wide
-WIDTH, COLUMN = 100, 26
 
 
 def option(default: Any = MISSING, help: str = "", *, key: str | None = None, metavar: str | None = None,
@@ -215,10 +212,10 @@ class Verb:
 
     def __init__(self, name: str, summary: str, options: type | None = None, *,
                  config: tuple[str, ...] | None = None, words: tuple[tuple[str, str], ...] = (),
-                 dash_flags: str | None = None, notes: str = ""):
+                 dash_flags: str | None = None):
         options = options or (NoOptions if config is None else ConfigOnly)
         self.name, self.summary, self.options, self.config = name, summary, options, config
-        self.words, self.dash_flags, self.notes = words, dash_flags, notes
+        self.words, self.dash_flags = words, dash_flags
 
     # -- declaration views
 
@@ -277,8 +274,6 @@ class Verb:
 
     def help(self) -> str:
         lines = [f"usage: {self.usage()}", "", self.summary]
-        if self.notes:
-            lines += ["", *textwrap.wrap(self.notes, WIDTH, break_on_hyphens=False)]
         options = [o for o in self.declared() if not (o.meta.get("config_words") or self.fixed(o))]
         if options or self.words:
             lines += ["", "options:"]
@@ -288,8 +283,6 @@ class Verb:
             how = "kept as aliases" if self.dash_flags == "alias" else "still accepted for a release (deprecated)"
             lines += ["", f"--name VALUE / --name=VALUE: {how} for name=VALUE"]
         if self.config is not None:
-            from embedkit.commands._config_help import config_help
-
             lines += ["", *config_help(self.config)]
         return "\n".join(lines) + "\n"
 
@@ -303,29 +296,6 @@ def _option_help(opt: Option) -> str:
     if opt.meta.get("prefix"):
         return text
     return f"{text} (default: {show(opt.default)})".strip()
-
-
-def show(value: Any) -> str:
-    """A default as it is written on the command line: true, null, [30,100], 0.95."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list):
-        return "[" + ",".join(show(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {show(v)}" for k, v in value.items()) + "}" if value else "{}"
-    return str(value)
-
-
-def help_row(word: str, text: str, column: int = COLUMN) -> str:
-    """``  word      help``, the help wrapped under its column (a long word gets a line of its own)."""
-    first = f"  {word}"
-    body = textwrap.wrap(text, WIDTH - column, break_on_hyphens=False) or [""]
-    pad = " " * column
-    if len(first) >= column - 1:
-        return "\n".join([first] + [pad + b for b in body]).rstrip()
-    return "\n".join([first.ljust(column) + body[0]] + [pad + b for b in body[1:]]).rstrip()
 
 
 class _Parse:

@@ -1,8 +1,10 @@
-"""The config keys as ``--help`` text, generated from ``config/schema.py``'s dataclasses.
+"""The text of ``--help``: option rows, defaults as they are written, and the config keys.
 
-Each key is listed with its default and the comment written beside it (or just above it) in the
-schema source; each section with its docstring. Used by the verbs that compose the config (``fit``,
-``config show``, ``eval``); reads the schema only, so no component (and no torch) is imported.
+``help_row``/``show`` lay out one option and its default. ``config_help`` lists the config keys,
+generated from ``config/schema.py``'s dataclasses: each key with its default and the comment written
+beside it (or just above it) in the schema source, each section with its docstring. Used by the verbs
+that compose the config (``fit``, ``config show``, ``eval``); it reads the schema only, so no
+component (and no torch) is imported.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import dataclasses
 import functools
 import inspect
 import io
+import textwrap
 import tokenize
 import typing
 from typing import Any, Literal
 
-from embedkit.commands._options import WIDTH, help_row, show
-
+#: help lines wrap here; an option's help starts in this column
+WIDTH, COLUMN = 100, 26
 #: config keys are long: their help starts further right than a verb option's
 KEY_COLUMN = 38
 
@@ -132,6 +135,27 @@ def config_help(prefixes: tuple[str, ...]) -> list[str]:
 
 
 def _wrap(text: str) -> list[str]:
-    import textwrap
-
     return textwrap.wrap(text, WIDTH - 2, break_on_hyphens=False)
+
+
+def show(value: Any) -> str:
+    """A default as it is written on the command line: true, null, [30,100], 0.95."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {show(v)}" for k, v in value.items()) + "}" if value else "{}"
+    return str(value)
+
+
+def help_row(word: str, text: str, column: int = COLUMN) -> str:
+    """``  word      help``, the help wrapped under its column (a long word gets a line of its own)."""
+    first = f"  {word}"
+    body = textwrap.wrap(text, WIDTH - column, break_on_hyphens=False) or [""]
+    pad = " " * column
+    if len(first) >= column - 1:
+        return "\n".join([first] + [pad + b for b in body]).rstrip()
+    return "\n".join([first.ljust(column) + body[0]] + [pad + b for b in body[1:]]).rstrip()

@@ -133,7 +133,9 @@ class Option:
         if self.is_list:
             item = (typing.get_args(base) or (str,))[0]
             choices = typing.get_args(item) if typing.get_origin(item) is Literal else ()
-            return f"[{'|'.join(map(str, choices))},...]" if choices else "[A,B]"
+            if choices:
+                return f"[{'|'.join(map(str, choices))},...]"
+            return {int: "[N,N]", float: "[X,X]"}.get(item, "[A,B]")
         return {bool: "true|false", int: "N", float: "X"}.get(base, "TEXT")
 
     def word(self) -> str:
@@ -254,8 +256,10 @@ class Verb:
 
     def usage(self) -> str:
         parts = [f"embedkit {self.title()}", *self.required_words()]
-        if any(not o.required for o in self.declared()) or self.config is not None:
+        if any(not (o.required or o.meta.get("config_words")) for o in self.declared()) or self.words:
             parts.append("[options]")
+        if self.config is not None:
+            parts.append("[recipe=NAME|path.yaml] [KEY=VALUE ...] [~KEY ...]")
         return " ".join(parts)
 
     # -- parsing

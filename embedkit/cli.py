@@ -1,7 +1,9 @@
 """The ``embedkit`` command line. Heavy imports happen inside the verbs: ``--help`` answers fast.
 
-This is the verb table: each verb is ``embedkit/commands/<verb>.py``'s ``main(args) -> int``. A
-``UserError`` anywhere becomes one line on stderr and exit code 2.
+This is the verb table: each verb is ``embedkit/commands/<verb>.py``, with ``VERB`` (its options,
+declared once: ``embedkit/commands/_options.py``) and ``main(args) -> int``. ``embedkit --help`` and
+``embedkit VERB --help`` are generated from those declarations. A ``UserError`` anywhere becomes one
+line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -9,36 +11,38 @@ from __future__ import annotations
 import importlib
 import sys
 
-USAGE = """usage: embedkit <verb> [recipe=NAME|path.yaml] [key=value ...] [~key ...]
+#: each verb is the module embedkit/commands/<verb>.py: ``VERB`` declares its options, ``main(args) -> int`` runs it
+VERBS = ("fit", "eval", "data", "compare", "ui", "config", "recipes", "export", "encode", "mine", "merge")
 
-verbs:
-  fit            train (no recipe: the demo, a tiny VLM on drawn scenes, CPU, minutes)
-  eval           MMEB evaluation: ckpt=PATH | model=DIR (export or sentence-transformers) data.eval.root=DIR
-  data mmeb      convert MMEB-train to WebDataset shards: --src DIR --out DIR
-  compare        runs side by side from MLflow: [experiment=NAME] [metric=...]
-  config show    print the resolved config
-  ui             the MLflow UI on 127.0.0.1 over runs/mlflow.db
-  recipes        list the shipped recipes
-  export         a run as a self-contained model folder: RUN_DIR|CKPT out=DIR [merge_lora=true]
-  encode         embed a corpus: model=PATH input=FILE(.jsonl|.parquet) out=FILE(.npy|.parquet)
-  mine           hard negatives with false-negative filtering: model=RUN_DIR shards=SRC out=DST num_negatives=K
-  merge          merge runs of one base: RUN_A RUN_B ... out=DIR [method=average|slerp|ties] [weights=[..]]
-
-examples:
+EXAMPLES = """examples:
   embedkit fit
   embedkit fit recipe=demo trainer.max_steps=3 run.dir=/tmp/run
   embedkit fit recipe=demo loss=matryoshka loss.inner=hardness_weighted
   embedkit config show recipe=demo model.pooling=mean
+  embedkit export --help
 """
 
-#: each verb is the module embedkit/commands/<verb>.py, whose ``main(args) -> int`` runs it
-VERBS = ("fit", "eval", "data", "compare", "ui", "config", "recipes", "export", "encode", "mine", "merge")
+
+def verb_module(verb: str):
+    """``embedkit.commands.<verb>`` (light to import: its heavy imports are inside ``main``)."""
+    return importlib.import_module(f"embedkit.commands.{verb}")
+
+
+def usage() -> str:
+    """The top-level help: one line per verb, from each verb's declaration."""
+    lines = ["usage: embedkit <verb> [options]        embedkit <verb> --help: the verb's options, with defaults",
+             "", "verbs:"]
+    for verb in VERBS:
+        decl = verb_module(verb).VERB
+        required = " ".join(decl.required_words())
+        lines.append(f"  {decl.title():<13}{decl.summary}" + (f": {required}" if required else ""))
+    return "\n".join(lines) + "\n\n" + EXAMPLES
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
+        print(usage(), end="")
         return 0
     if argv[0] in ("-V", "--version"):
         from embedkit.version import __version__
@@ -52,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     from embedkit.errors import UserError
 
     try:
-        return int(importlib.import_module(f"embedkit.commands.{verb}").main(rest) or 0)
+        module = verb_module(verb)
+        if "-h" in rest or "--help" in rest:
+            print(module.VERB.help(), end="")
+            return 0
+        return int(module.main(rest) or 0)
     except UserError as exc:
         print(f"embedkit: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -163,7 +163,7 @@ def test_refusals_are_one_line(tmp_path, capsys):
     c = make_run(tmp_path, "c", ["seed=5"], 2)
     with pytest.raises(UserError, match="in seed"):
         merge.merge_runs([a, c], tmp_path / "m", log=lambda m: None)
-    for words, msg in ((["method=soup"], "method: 'soup' is not one of average, slerp, ties"),
+    for words, msg in ((["method=soup"], "method: expected one of average, slerp, ties, got 'soup'"),
                        (["weights=[1]"], "weights: 1 weights for 2 runs"),
                        (["weights=x"], "weights: expected a list of numbers"),
                        ([], "merge: give out=DIR")):

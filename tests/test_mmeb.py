@@ -66,8 +66,7 @@ def source(tmp_path_factory):
 
 def _convert(source, out, *extra):
     _, src, images = source
-    return mmeb_main(["mmeb", "--src", str(src), "--images", str(images), "--out", str(out),
-                      "--shard-size", "3", *extra])
+    return mmeb_main(["mmeb", f"src={src}", f"images={images}", f"out={out}", "shard_size=3", *extra])
 
 
 def _digests(out: Path) -> dict:
@@ -77,7 +76,7 @@ def _digests(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def converted(source, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    assert _convert(source, out, "--workers", "2") == 0  # the process pool path
+    assert _convert(source, out, "workers=2") == 0  # the process pool path
     return out
 
 
@@ -138,15 +137,15 @@ def test_resume_after_interruption_gives_identical_shards(converted, source, tmp
 
 
 def test_cap_and_subsets(source, tmp_path):
-    assert _convert(source, tmp_path, "--subsets", "T2I", "--cap", "4") == 0
+    assert _convert(source, tmp_path, "subsets=[T2I]", "cap=4") == 0
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert list(m["subsets"]) == ["T2I"] and m["subsets"]["T2I"]["count"] == 4
     assert sum(1 for _ in iter_samples(tmp_path / "T2I" / "train-000001.tar")) == 1
-    assert _convert(source, tmp_path, "--subsets", "T2I", "--cap", "5") == 0  # shard 1 now holds 2 rows: rewritten
+    assert _convert(source, tmp_path, "subsets=[T2I]", "cap=5") == 0  # shard 1 now holds 2 rows: rewritten
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert [s["count"] for s in m["subsets"]["T2I"]["shards"]] == [3, 2]
     assert sum(1 for _ in iter_samples(tmp_path / "T2I" / "train-000001.tar")) == 2
-    assert _convert(source, tmp_path, "--subsets", "T2I", "--cap", "3") == 0  # a lower cap: fewer shards
+    assert _convert(source, tmp_path, "subsets=[T2I]", "cap=3") == 0  # a lower cap: fewer shards
     assert sorted(p.name for p in (tmp_path / "T2I").iterdir()) == [".train-000000.tar.json", "train-000000.tar"]
 
 
@@ -154,14 +153,14 @@ def test_missing_column_names_column_and_file(source, tmp_path):
     src = tmp_path / "src"
     _parquet(src / "Bad" / "original-0.parquet", [{"qry": "q", "qry_image_path": "", "pos_text": "p"}])
     with pytest.raises(UserError, match=r"original-0\.parquet.*pos_image_path"):
-        mmeb_main(["mmeb", "--src", str(src), "--images", str(source[2]), "--out", str(tmp_path / "o")])
+        mmeb_main(["mmeb", f"src={src}", f"images={source[2]}", f"out={tmp_path / 'o'}"])
 
 
 def test_subset_without_valid_row_exits_2_on_one_line(source, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "Void.jsonl").write_text(json.dumps(_row("q", "nowhere.jpg", "p", "")) + "\n")
-    out = run_cli(["data", "mmeb", "--src", str(src), "--images", str(source[2]), "--out", str(tmp_path / "o")],
+    out = run_cli(["data", "mmeb", f"src={src}", f"images={source[2]}", f"out={tmp_path / 'o'}"],
                   cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "Void" in out.stderr and "no valid row" in out.stderr

@@ -113,14 +113,14 @@ def test_quantize_cli_errors_are_one_line(tmp_path, capsys):
 
     root = tmp_path / "mmeb"
     fx.build(root)
-    for words, msg in ((["quantize=int4"], "quantize: unknown mode 'int4'; choices: binary, int8"),
+    for words, msg in ((["quantize=int4"], "quantize: expected one of binary, int8, or a list of them"),
                        (["quantize=int8", "rescore=true"], "rescore: rescoring applies to binary codes"),
                        (["quantize=binary", "rescore_k=0"], "rescore_k: must be >= 1")):
         assert cli(["eval", "ckpt=x.ckpt", f"data.eval.root={root}", *words]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and msg in err
     assert cli(["encode", "model=x", "input=a.jsonl", "out=b.npy", "quantize=pq"]) == 2
-    assert "quantize: unknown mode 'pq'" in capsys.readouterr().err
+    assert "quantize: expected one of binary, int8, got 'pq'" in capsys.readouterr().err
 
 
 class FakeEncoder:

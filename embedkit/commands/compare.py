@@ -1,7 +1,7 @@
 """``embedkit compare``: the runs of one MLflow experiment side by side.
 
     embedkit compare [experiment=NAME] [metric=val/p@1,train/loss ...] [tracking.uri=URI]
-                     [--format markdown|csv] [--plot out.png]
+                     [format=markdown|csv] [plot=out.png]   (--format/--plot: aliases)
 
 See ``embedkit.tracking.compare`` for what the table holds and the defaults.
 """
@@ -9,62 +9,27 @@ See ``embedkit.tracking.compare`` for what the table holds and the defaults.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal, Optional
 
+from embedkit.commands._options import Verb, option
 from embedkit.errors import UserError
 
-USAGE = (
-    "usage: embedkit compare [experiment=NAME] [metric=NAME[,NAME...]] [tracking.uri=URI] "
-    "[--format markdown|csv] [--plot out.png]"
-)
 
 @dataclass
-class Options:
-    experiment: str | None = None
-    metrics: list[str] = field(default_factory=list)
-    uri: str | None = None
-    format: str = "markdown"
-    plot: str | None = None
+class CompareOptions:
+    experiment: Optional[str] = option(None, "the MLflow experiment; null: the one with the newest run",
+                                       metavar="NAME")
+    metrics: list[str] = option([], "metrics to show (repeatable); empty: the experiment's main ones",
+                                key="metric", aliases=("metrics",), metavar="[NAME,...]")
+    uri: Optional[str] = option(None, "the MLflow store; null: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db",
+                                key="tracking.uri", metavar="URI")
+    format: Literal["markdown", "csv"] = option("markdown", "the table's format")
+    plot: Optional[str] = option(None, "also draw the metrics' curves into this PNG (logged to MLflow)",
+                                 metavar="FILE.png")
 
 
-def parse_args(args: list[str]) -> Options:
-    opts = Options()
-    words = list(args)
-    while words:
-        word = words.pop(0)
-        if word.startswith("--"):
-            flag, _, value = word[2:].partition("=")
-            if flag not in ("format", "plot"):
-                raise UserError(f"compare: unknown option --{flag}; {USAGE}")
-            if not value:
-                if not words:
-                    raise UserError(f"compare: --{flag} needs a value; {USAGE}")
-                value = words.pop(0)
-            if flag == "format":
-                if value not in ("markdown", "csv"):
-                    raise UserError(f"compare: --format {value!r} is not accepted; choices: markdown, csv")
-                opts.format = value
-            else:
-                opts.plot = value
-            continue
-        key, eq, value = word.partition("=")
-        if not eq:
-            raise UserError(f"compare: unexpected {word!r}; {USAGE}")
-        if key == "experiment":
-            opts.experiment = value
-        elif key in ("metric", "metrics"):
-            opts.metrics += [m.strip() for m in value.strip("[]").split(",") if m.strip()]
-        elif key == "tracking.uri":
-            opts.uri = value
-        elif key == "format":
-            opts.format = value
-            if value not in ("markdown", "csv"):
-                raise UserError(f"compare: format {value!r} is not accepted; choices: markdown, csv")
-        elif key == "plot":
-            opts.plot = value
-        else:
-            raise UserError(f"compare: unknown key {key!r}; accepted: experiment, metric, tracking.uri, format, plot")
-    return opts
+VERB = Verb("compare", "runs side by side from MLflow", CompareOptions, dash_flags="alias")
 
 
 def main(args: list[str]) -> int:
@@ -80,7 +45,7 @@ def main(args: list[str]) -> int:
         to_markdown,
     )
 
-    opts = parse_args(args)
+    opts = VERB.parse(args)
     client = open_store(opts.uri)
     exp = pick_experiment(client, opts.experiment)
     runs = list_runs(client, exp.experiment_id)

@@ -1,39 +1,48 @@
 """``embedkit data mmeb``: MMEB-train (parquet or jsonl) -> per-subset WebDataset shards + a manifest.
 
-    embedkit data mmeb --src DIR --out DIR [--images DIR] [--subsets A B] [--split original] [--cap N]
+    embedkit data mmeb src=DIR out=DIR [images=DIR] [subsets=[A,B]] [split=original] [cap=N]
+                       [shard_size=N] [workers=N] [config=FILE]
 
-The conversion itself is ``embedkit.data.mmeb.convert``; its docstring says what it writes.
+The old spelling (``--src DIR --out DIR --subsets A B --shard-size N`` ...) still works for a release,
+with one deprecation line on stderr. The conversion itself is ``embedkit.data.mmeb.convert``; its
+docstring says what it writes.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from embedkit.commands._options import Verb, option
 
 
-def parse(args: list[str]) -> argparse.Namespace:
-    from embedkit.data.mmeb import SPLITS, TRAIN_YAML
+@dataclass
+class MmebOptions:
+    dataset: Literal["mmeb"] = option(help="the dataset to convert", positional=True, key="dataset", metavar="mmeb")
+    src: str = option(help="MMEB-train folder (<subset>/original-*.parquet) or <subset>.parquet/.jsonl files",
+                      metavar="DIR")
+    out: str = option(help="output folder: <subset>/train-*.tar and manifest.json", metavar="DIR")
+    images: Optional[str] = option(None, "image root the *_image_path columns are relative to; null: src",
+                                   metavar="DIR")
+    subsets: Optional[list[str]] = option(None, "subsets to convert; null: every subset found")
+    split: Literal["original", "diverse_instruction", "train"] = option("original",
+                                                                      "which parquet files of the download")
+    cap: Optional[int] = option(None, "rows per subset; null: train.yaml's cap, else 50000; 0: all", minimum=0)
+    shard_size: int = option(1000, "samples per shard", minimum=1)
+    workers: Optional[int] = option(None, "processes; null: the cores", minimum=1)
+    config: Optional[str] = option(None, "subset list with meta-tasks and caps; null: the shipped train.yaml",
+                                   metavar="FILE")
 
-    p = argparse.ArgumentParser(prog="embedkit data mmeb", description="convert MMEB-train to WebDataset shards")
-    p.add_argument("what", choices=["mmeb"], help="the dataset to convert")
-    p.add_argument("--src", required=True, help="MMEB-train folder (<subset>/original-*.parquet) or <subset>.parquet/.jsonl files")
-    p.add_argument("--images", help="image root the *_image_path columns are relative to (default: --src)")
-    p.add_argument("--out", required=True, help="output folder: <subset>/train-*.tar and manifest.json")
-    p.add_argument("--subsets", nargs="+", help="subsets to convert (default: every subset found)")
-    p.add_argument("--split", default="original", choices=SPLITS, help="which parquet files of the download")
-    p.add_argument("--cap", type=int, default=None, help="rows per subset (default: train.yaml's cap, else 50000; 0: all)")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: the cores)")
-    p.add_argument("--config", default=str(TRAIN_YAML), help="subset list with meta-tasks and caps")
-    return p.parse_args(args)
+
+VERB = Verb("data", "convert MMEB-train to WebDataset shards", MmebOptions, dash_flags="deprecated")
 
 
 def main(args: list[str]) -> int:
-    try:
-        ns = parse(args)
-    except SystemExit as exc:  # argparse: usage errors exit 2 with its own message
-        return int(exc.code or 0)
+    opts = VERB.parse(args)
     from embedkit.data.mmeb import convert
 
-    options = vars(ns)
-    options.pop("what")
+    options = {k: v for k, v in dataclasses.asdict(opts).items() if k != "dataset"}
+    if options["config"] is None:
+        options.pop("config")  # convert's default: the shipped train.yaml
     return convert(**options)

@@ -13,43 +13,37 @@ max) (``embedkit/eval/quantize.py``). Parts are written as they complete; interr
 
 from __future__ import annotations
 
-from embedkit.errors import UserError
+from dataclasses import dataclass
+from typing import Literal, Optional
 
-KEYS = ("model", "input", "out", "batch_size", "instruction", "dim", "part_size", "device", "quantize")
-INTS = ("batch_size", "dim", "part_size")
+from embedkit.commands._options import Verb, option
 
 
-def parse(args: list[str]) -> dict:
-    opts: dict = {}
-    for arg in args:
-        key, eq, value = arg.partition("=")
-        if not eq or key not in KEYS:
-            raise UserError(f"encode: unknown argument {arg!r}; arguments: {', '.join(k + '=' for k in KEYS)}")
-        if key in INTS:
-            try:
-                opts[key] = int(value)
-            except ValueError:
-                raise UserError(f"{key}: expected an integer, got {value!r}") from None
-            if opts[key] < 1:
-                raise UserError(f"{key}: must be >= 1, got {value}")
-        else:
-            opts[key] = value
-    if opts.get("quantize") not in (None, "binary", "int8"):
-        raise UserError(f"quantize: unknown mode {opts['quantize']!r}; choices: binary, int8")
-    missing = [k for k in ("model", "input", "out") if k not in opts]
-    if missing:
-        raise UserError(f"encode: give {', '.join(k + '=' for k in missing)} (embedkit encode model=PATH input=FILE out=FILE)")
-    return opts
+@dataclass
+class EncodeOptions:
+    model: str = option(help="an export folder, a run dir or a checkpoint", metavar="PATH")
+    input: str = option(help="the corpus: rows with a text and/or image column", metavar="FILE.jsonl|.parquet")
+    out: str = option(help="the embeddings to write", metavar="FILE.npy|.parquet")
+    batch_size: int = option(32, "items per forward pass", minimum=1)
+    instruction: Optional[str] = option(None, "a prompt name of the model, or the instruction text itself",
+                                        metavar="NAME|TEXT")
+    dim: Optional[int] = option(None, "keep the first N dimensions (Matryoshka); null: all", minimum=1)
+    part_size: int = option(1024, "rows per part written (an interrupted run resumes from its parts)", minimum=1)
+    device: Optional[str] = option(None, "cpu, cuda, cuda:1 ...; null: the CPU", metavar="DEVICE")
+    quantize: Optional[Literal["binary", "int8"]] = option(None, "write packed sign bits or int8 codes")
+
+
+VERB = Verb("encode", "embed a corpus file with a trained model", EncodeOptions)
 
 
 def main(args: list[str]) -> int:
-    opts = parse(args)
+    opts = VERB.parse(args)
     from embedkit.export.corpus import encode_file
     from embedkit.export.reader import load
 
-    encoder = load(opts["model"], device=opts.get("device"))
-    encode_file(encoder, opts["input"], opts["out"], batch_size=opts.get("batch_size", 32),
-                instruction=opts.get("instruction"), dim=opts.get("dim"), part_size=opts.get("part_size", 1024),
-                quantize=opts.get("quantize"),
-                model_id=opts["model"], log=lambda m: print(m, flush=True))
+    encoder = load(opts.model, device=opts.device)
+    encode_file(encoder, opts.input, opts.out, batch_size=opts.batch_size,
+                instruction=opts.instruction, dim=opts.dim, part_size=opts.part_size,
+                quantize=opts.quantize,
+                model_id=opts.model, log=lambda m: print(m, flush=True))
     return 0

@@ -43,54 +43,39 @@ is the one a single process gives.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
+from embedkit.commands._options import Verb, config_words, option
 from embedkit.errors import UserError
 
-VERB_KEYS = ("ckpt", "model", "out", "quantize", "rescore", "rescore_k", "layer", "dim")
+
+@dataclass
+class EvalOptions:
+    ckpt: Optional[str] = option(None, "a checkpoint written by embedkit fit", metavar="PATH")
+    model: Optional[str] = option(None, "an export folder, a run dir or a sentence-transformers folder",
+                                  metavar="DIR")
+    out: Optional[str] = option(None, "the output folder; null: <run dir>/eval/ (eval-l<L>_d<D>/ for a cut model)",
+                                metavar="DIR")
+    quantize: list[Literal["binary", "int8"]] = option([], "also score the embeddings quantised this way")
+    rescore: bool = option(False, "also score binary codes with the top rescore_k rescored by the float query")
+    rescore_k: int = option(10, "candidates rescored per query (rescore=true)", minimum=1, metavar="K")
+    layer: Optional[int] = option(None, "evaluate the model cut to its first L layers; null: all", minimum=1,
+                                  metavar="L")
+    dim: Optional[int] = option(None, "evaluate the first D embedding dimensions; null: all", minimum=1,
+                                metavar="D")
+    overrides: list[str] = config_words()
+
+    def __post_init__(self):
+        if self.rescore and "binary" not in self.quantize:
+            raise UserError("rescore: rescoring applies to binary codes; add quantize=binary")
 
 
-def split_verb_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
-    """(``ckpt=``/``out=`` words, the config overrides)."""
-    verb: dict[str, str] = {}
-    rest = []
-    for arg in args:
-        key = arg.split("=", 1)[0]
-        if key in VERB_KEYS and "=" in arg:
-            verb[key] = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    return verb, rest
-
-
-def quantize_options(verb: dict[str, str]) -> tuple[list[str], int | None]:
-    """(``quantize`` modes, ``rescore_k`` or None) from the verb words; one-line errors."""
-    from embedkit.eval.quantize import MODES
-
-    raw = verb.get("quantize", "")
-    modes = [m.strip() for m in raw.strip("[]").split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise UserError(f"quantize: unknown mode {bad[0]!r}; choices: {', '.join(MODES)}")
-    rescore = verb.get("rescore", "false").lower()
-    if rescore not in ("true", "false"):
-        raise UserError(f"rescore: expected true or false, got {verb['rescore']!r}")
-    try:
-        k = int(verb.get("rescore_k", "10"))
-    except ValueError:
-        raise UserError(f"rescore_k: expected an integer, got {verb['rescore_k']!r}") from None
-    if k < 1:
-        raise UserError(f"rescore_k: must be >= 1, got {k}")
-    if rescore == "true" and "binary" not in modes:
-        raise UserError("rescore: rescoring applies to binary codes; add quantize=binary")
-    return modes, (k if rescore == "true" else None)
-
-
-def depth_options(verb: dict[str, str]) -> tuple[int | None, int | None]:
-    """(``layer``, ``dim``) from the verb words, or None each; one-line errors."""
-    from embedkit.commands.export import parse_positive_int
-
-    return tuple(parse_positive_int(k, verb[k]) if k in verb else None for k in ("layer", "dim"))
+VERB = Verb("eval", "MMEB evaluation: ckpt=PATH | model=DIR | model.backbone.path=PATH, and data.eval.root=DIR",
+            EvalOptions, config=("data.eval", "train.chunk_size", "tracking"),
+            words=(("model.backbone.path=PATH", "evaluate the recipe's model with these weights (e.g. a released "
+                                                "checkpoint); outputs in runs/eval-<recipe>/"),))
 
 
 def depth_tag(depth: dict) -> str | None:
@@ -117,24 +102,25 @@ def init_distributed() -> int:
 def main(args: list[str]) -> int:
     from embedkit.config.loader import compose
 
-    verb, rest = split_verb_args(args)
-    from_config = "ckpt" not in verb and "model" not in verb and any(a.startswith("model.backbone.path=") for a in rest)
-    if ("ckpt" in verb) == ("model" in verb) and not from_config:
+    opts = VERB.parse(args)
+    rest = opts.overrides
+    from_config = opts.ckpt is None and opts.model is None and any(a.startswith("model.backbone.path=") for a in rest)
+    if (opts.ckpt is None) == (opts.model is None) and not from_config:
         raise UserError("eval: give ckpt=PATH (a checkpoint written by embedkit fit), model=DIR (an export "
                         "folder, a run dir or a sentence-transformers folder) or model.backbone.path=PATH "
                         "(weights the recipe's backbone loads, e.g. a released checkpoint)")
-    modes, rescore_k = quantize_options(verb)
-    layer, dim = depth_options(verb)
+    modes, rescore_k = opts.quantize, (opts.rescore_k if opts.rescore else None)
+    layer, dim = opts.layer, opts.dim
     cfg = compose(rest)
     from embedkit.eval import mmeb
 
     manifest = mmeb.load_manifest()
     ev, tracking = cfg["data"]["eval"], cfg["tracking"]
     datasets = mmeb.resolve_datasets(ev["root"], ev["datasets"], manifest)  # user errors before loading
-    ckpt = Path(verb.get("ckpt") or verb.get("model") or f"runs/eval-{cfg['recipe']}").expanduser()
-    if "ckpt" in verb and not ckpt.is_file():
+    ckpt = Path(opts.ckpt or opts.model or f"runs/eval-{cfg['recipe']}").expanduser()
+    if opts.ckpt is not None and not ckpt.is_file():
         raise UserError(f"ckpt: file not found: {ckpt}")
-    if "model" in verb and not ckpt.exists():
+    if opts.model is not None and not ckpt.exists():
         raise UserError(f"model: {ckpt} does not exist")
     batch_size = cfg["train"]["chunk_size"]
     from embedkit.eval.muvera import MuveraRetrieval
@@ -150,7 +136,7 @@ def main(args: list[str]) -> int:
         encoder = Encoder.from_config(cfg["model"], seed=cfg["seed"]).eval()
         encoder.config, encoder.checkpoint_step = {}, 0
     else:
-        encoder = Encoder.from_checkpoint(ckpt) if "ckpt" in verb else load_model(ckpt)
+        encoder = Encoder.from_checkpoint(ckpt) if opts.ckpt is not None else load_model(ckpt)
     if (layer or dim) and not isinstance(encoder, Encoder):
         raise UserError(f"{'layer' if layer else 'dim'}: {ckpt} is a sentence-transformers folder, which embedkit "
                         "cannot cut; give an embedkit export, run dir or checkpoint")
@@ -161,10 +147,10 @@ def main(args: list[str]) -> int:
         depth = {"layer": encoder.backbone.num_layers, "dim": encoder.embedding_dim, **full}
     tag = depth_tag(depth) if depth else None
     folder = f"eval-{tag}" if tag else "eval"
-    default_out = ckpt.resolve().parent.parent / folder if "ckpt" in verb else ckpt.resolve() / folder
+    default_out = ckpt.resolve().parent.parent / folder if opts.ckpt is not None else ckpt.resolve() / folder
     if from_config:
         default_out = ckpt / folder if tag else ckpt
-    out_dir = Path(verb["out"]) if "out" in verb else default_out
+    out_dir = Path(opts.out) if opts.out is not None else default_out
     if muvera is not None:
         muvera.check_model(encoder)
     from embedkit.eval.quantize import check_quantizable

@@ -12,61 +12,36 @@ written) and D dimensions (2D Matryoshka / Starbucks; ``embedkit.load`` reproduc
 
 from __future__ import annotations
 
-from embedkit.errors import UserError
+from dataclasses import dataclass
+from typing import Literal, Optional
 
-USAGE = ("export: usage: embedkit export RUN_DIR|CKPT out=DIR [merge_lora=true] [dtype=...] [prompt.NAME=TEXT] "
-         "[layer=L] [dim=D]")
-
-
-def parse_bool(key: str, value: str) -> bool:
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise UserError(f"{key}: expected true or false, got {value!r}")
+from embedkit.commands._options import Verb, option
 
 
-def parse_positive_int(key: str, value: str) -> int:
-    """``layer=``/``dim=`` words (export and eval): a positive integer, or a one-line error."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise UserError(f"{key}: expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise UserError(f"{key}: must be >= 1, got {number}")
-    return number
+@dataclass
+class ExportOptions:
+    source: str = option(help="the run dir (its last checkpoint) or checkpoint to export", positional=True,
+                         metavar="RUN_DIR|CKPT")
+    out: str = option(help="the model folder to write", metavar="DIR")
+    merge_lora: bool = option(True, "merge the LoRA/DoRA adapter into the backbone's weights")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = option(None, "weights' dtype; null: as trained")
+    prompts: dict[str, str] = option({}, "an instruction the folder's model uses by that name (repeatable)",
+                                     prefix="prompt")
+    overwrite: bool = option(False, "replace an existing folder at out")
+    layer: Optional[int] = option(None, "cut the model to its first L layers (2D Matryoshka); null: all",
+                                  minimum=1, metavar="L")
+    dim: Optional[int] = option(None, "keep the first D embedding dimensions (Matryoshka); null: all",
+                                minimum=1, metavar="D")
 
 
-def parse(args: list[str]) -> dict:
-    opts: dict = {"source": None, "prompts": {}, "merge_lora": True, "dtype": None, "overwrite": False,
-                  "layer": None, "dim": None}
-    for arg in args:
-        key, eq, value = arg.partition("=")
-        if not eq:
-            if opts["source"] is not None:
-                raise UserError(USAGE)
-            opts["source"] = arg
-        elif key.startswith("prompt."):
-            opts["prompts"][key[len("prompt."):]] = value
-        elif key in ("merge_lora", "overwrite"):
-            opts[key] = parse_bool(key, value)
-        elif key in ("out", "dtype"):
-            opts[key] = value
-        elif key in ("layer", "dim"):
-            opts[key] = parse_positive_int(key, value)
-        else:
-            raise UserError(f"export: unknown option {key!r}; options: out, merge_lora, dtype, prompt.NAME, "
-                            "overwrite, layer, dim")
-    if opts["source"] is None or not opts.get("out"):
-        raise UserError(USAGE)
-    return opts
+VERB = Verb("export", "a run as a self-contained model folder", ExportOptions)
 
 
 def main(args: list[str]) -> int:
-    opts = parse(args)
+    opts = VERB.parse(args)
     from embedkit.export.writer import export_model
 
-    export_model(opts["source"], opts["out"], merge_lora=opts["merge_lora"], dtype=opts["dtype"],
-                 prompts=opts["prompts"], overwrite=opts["overwrite"], layer=opts["layer"], dim=opts["dim"],
+    export_model(opts.source, opts.out, merge_lora=opts.merge_lora, dtype=opts.dtype,
+                 prompts=opts.prompts, overwrite=opts.overwrite, layer=opts.layer, dim=opts.dim,
                  log=lambda m: print(m, flush=True))
     return 0

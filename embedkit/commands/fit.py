@@ -16,6 +16,12 @@ from pathlib import Path
 
 from embedkit.config.flat import flatten
 from embedkit.runs import RunDir
+from embedkit.commands._options import Verb
+
+#: the command line (``embedkit fit --help``): config words, and ``resume=`` (read by ``compose_run``)
+VERB = Verb("fit", "train (no recipe: the demo, a tiny VLM on drawn scenes, CPU, minutes)", config=("",),
+            words=(("resume=RUN_DIR", "continue that run from its newest checkpoint; a resume may change only "
+                                      "trainer.max_steps, the logging and checkpoint cadence and tracking.tags"),))
 
 #: the run name the launching process chose, for the ranks Lightning's DDP launcher starts later by
 #: re-running the command line (a default name drawn from the clock again would be another run dir)

@@ -11,46 +11,32 @@ methods and their formulas: ``embedkit/training/merge.py``.
 
 from __future__ import annotations
 
-from embedkit.errors import UserError
+from dataclasses import dataclass
+from typing import Literal, Optional
 
-KEYS = ("out", "method", "weights", "density", "scale")
+from embedkit.commands._options import Verb, option
 
 
-def parse(args: list[str]) -> tuple[list[str], dict]:
-    import yaml
+@dataclass
+class MergeOptions:
+    runs: list[str] = option(help="the runs to merge: run dirs or checkpoints of one base", positional=True,
+                             metavar="RUN")
+    out: str = option(help="the run dir to write", metavar="DIR")
+    method: Literal["average", "slerp", "ties"] = option("average", "how the weights are combined")
+    weights: Optional[list[float]] = option(None, "one weight per run; null: equal weights")
+    density: float = option(0.2, "ties: the fraction of each run's changes kept")
+    scale: float = option(1.0, "ties: the merged change's scale")
 
-    runs, opts = [], {}
-    for arg in args:
-        key, eq, value = arg.partition("=")
-        if not eq:
-            runs.append(arg)
-            continue
-        if key not in KEYS:
-            raise UserError(f"merge: unknown argument {arg!r}; arguments: RUN ... {' '.join(k + '=' for k in KEYS)}")
-        if key in ("weights", "density", "scale"):
-            try:
-                parsed = yaml.safe_load(value)
-            except yaml.YAMLError:
-                parsed = None
-            ok = (isinstance(parsed, list) and all(isinstance(w, (int, float)) for w in parsed)) if key == "weights" \
-                else isinstance(parsed, (int, float))
-            if not ok:
-                want = "a list of numbers, e.g. [0.5,0.5]" if key == "weights" else "a number"
-                raise UserError(f"{key}: expected {want}, got {value!r}")
-            value = parsed
-        opts[key] = value
-    if "out" not in opts:
-        raise UserError("merge: give out=DIR (embedkit merge RUN_A RUN_B ... out=DIR)")
-    return runs, opts
+
+VERB = Verb("merge", "merge runs of one base into a new run dir", MergeOptions)
 
 
 def main(args: list[str]) -> int:
-    runs, opts = parse(args)
+    opts = VERB.parse(args)
     from embedkit.training.merge import merge_runs
 
-    merge_runs(runs, opts["out"], method=opts.get("method", "average"), weights=opts.get("weights"),
-               density=float(opts.get("density", 0.2)), scale=float(opts.get("scale", 1.0)),
-               log=lambda m: print(m, flush=True))
-    print(f"evaluate: embedkit eval ckpt={opts['out']}/checkpoints/last.ckpt data.eval.root=...; "
-          f"export: embedkit export {opts['out']} out=...", flush=True)
+    merge_runs(opts.runs, opts.out, method=opts.method, weights=opts.weights, density=opts.density,
+               scale=opts.scale, log=lambda m: print(m, flush=True))
+    print(f"evaluate: embedkit eval ckpt={opts.out}/checkpoints/last.ckpt data.eval.root=...; "
+          f"export: embedkit export {opts.out} out=...", flush=True)
     return 0

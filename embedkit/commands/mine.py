@@ -14,80 +14,44 @@ resumes; with the same inputs, the bytes are the same. Train on it with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
+from embedkit.commands._options import Verb, option
 from embedkit.errors import UserError
 
-KEYS = ("model", "shards", "out", "num_negatives", "window", "threshold", "judge", "pick", "seed", "batch_size",
-        "device", "plugins")
-INTS = ("num_negatives", "seed", "batch_size")
+
+@dataclass
+class MineOptions:
+    model: str = option(help="the model that mines: a run dir, an export folder or a checkpoint", metavar="PATH")
+    shards: str = option(help="the shard set to mine for (a folder of subset folders of .tar shards)",
+                         metavar="SRC")
+    out: str = option(help="the folder for the mined shards and their manifest", metavar="DST")
+    num_negatives: int = option(help="mined negatives per example", minimum=1, metavar="K")
+    window: list[int] = option([30, 100], "the ranks the negatives come from: [first rank, last rank], 1-based",
+                               minimum=1, metavar="[FIRST,LAST]")
+    threshold: float = option(0.95, "drop a candidate the judge scores above threshold x the positive's score")
+    judge: str = option("embedding", "the judge of false negatives (a registered judge name)", metavar="NAME")
+    judge_params: dict[str, str] = option({}, "one of the judge's parameters (repeatable)", prefix="judge",
+                                          metavar="VALUE")
+    pick: Literal["top", "random"] = option("top", "which negatives of the window are kept")
+    seed: int = option(0, "the seed of pick=random", minimum=0)
+    batch_size: int = option(32, "items per forward pass", minimum=1)
+    device: Optional[str] = option(None, "cpu, cuda, cuda:1 ...; null: the CPU", metavar="DEVICE")
+    plugins: list[str] = option([], "modules to import first (they register judges)", metavar="[MODULE,...]")
+
+    def judge_block(self) -> dict:
+        """The judge as a component block: its name and parameters."""
+        return {"name": self.judge, **self.judge_params}
+
+    def __post_init__(self):
+        if len(self.window) != 2 or self.window[0] > self.window[1]:
+            raise UserError(f"window: expected [first rank, last rank] with first <= last, e.g. [30,100], "
+                            f"got {self.window}")
 
 
-def _list(key: str, value: str) -> list[str]:
-    value = value.strip()
-    if not (value.startswith("[") and value.endswith("]")):
-        raise UserError(f"{key}: expected a list like [a,b], got {value!r}")
-    return [v.strip() for v in value[1:-1].split(",") if v.strip()]
-
-
-def _window(value: str) -> list[int]:
-    try:
-        lo, hi = (int(v) for v in _list("window", value))
-    except ValueError:
-        raise UserError(f"window: expected [first rank, last rank], e.g. [30,100], got {value!r}") from None
-    if not 1 <= lo <= hi:
-        raise UserError(f"window: ranks are 1-based and first <= last, got [{lo},{hi}]")
-    return [lo, hi]
-
-
-def _threshold(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise UserError(f"threshold: expected a number, got {value!r}") from None
-
-
-def _pick(value: str) -> str:
-    if value not in ("top", "random"):
-        raise UserError(f"pick: {value!r} is not accepted; choices: top, random")
-    return value
-
-
-PARSERS = {"window": _window, "threshold": _threshold, "pick": _pick}
-
-
-def parse(args: list[str]) -> dict:
-    opts: dict = {"window": [30, 100], "threshold": 0.95, "judge": {"name": "embedding"}, "pick": "top", "seed": 0,
-                  "batch_size": 32, "plugins": []}
-    judge_params: dict = {}
-    for arg in args:
-        key, eq, value = arg.partition("=")
-        if eq and key.startswith("judge."):
-            judge_params[key[len("judge."):]] = value
-            continue
-        if not eq or key not in KEYS:
-            raise UserError(f"mine: unknown argument {arg!r}; arguments: {', '.join(k + '=' for k in KEYS)}, judge.PARAM=")
-        if key in INTS:
-            try:
-                opts[key] = int(value)
-            except ValueError:
-                raise UserError(f"{key}: expected an integer, got {value!r}") from None
-            if opts[key] < (0 if key == "seed" else 1):
-                raise UserError(f"{key}: must be >= {0 if key == 'seed' else 1}, got {value}")
-        elif key in PARSERS:
-            opts[key] = PARSERS[key](value)
-        elif key == "judge":
-            opts["judge"] = {"name": value}
-        elif key == "plugins":
-            opts[key] = _list(key, value)
-        else:
-            opts[key] = value
-    opts["judge"].update(judge_params)
-    missing = [k for k in ("model", "shards", "out", "num_negatives") if k not in opts]
-    if missing:
-        raise UserError(f"mine: give {', '.join(k + '=' for k in missing)} "
-                        "(embedkit mine model=RUN_DIR shards=SRC out=DST num_negatives=K)")
-    return opts
+VERB = Verb("mine", "hard negatives with false-negative filtering", MineOptions)
 
 
 def sources(spec: str, out: str) -> tuple[dict[str, list[tuple[str, str]]], Path]:
@@ -119,35 +83,35 @@ def build_judge(block: dict, plugins: list[str]):
 
 
 def main(args: list[str]) -> int:
-    opts = parse(args)
-    src, root = sources(opts["shards"], opts["out"])
-    judge = build_judge(opts["judge"], opts["plugins"])
+    opts = VERB.parse(args)
+    src, root = sources(opts.shards, opts.out)
+    judge = build_judge(opts.judge_block(), opts.plugins)
     from embedkit.data.shard_set import write_manifest
     from embedkit.export.reader import load
     from embedkit.mining import provenance
     from embedkit.mining.miner import Miner, MineSettings
 
     log = lambda m: print(m, flush=True)  # noqa: E731
-    log(f"mine: model {opts['model']}")
-    encoder = load(opts["model"], device=opts.get("device"))
-    settings = MineSettings(num_negatives=opts["num_negatives"], window=tuple(opts["window"]),
-                            threshold=opts["threshold"], pick=opts["pick"], seed=opts["seed"],
-                            batch_size=opts["batch_size"])
-    stats = Miner(encoder, judge, src, opts["out"], settings, log=log).run()
+    log(f"mine: model {opts.model}")
+    encoder = load(opts.model, device=opts.device)
+    settings = MineSettings(num_negatives=opts.num_negatives, window=tuple(opts.window),
+                            threshold=opts.threshold, pick=opts.pick, seed=opts.seed,
+                            batch_size=opts.batch_size)
+    stats = Miner(encoder, judge, src, opts.out, settings, log=log).run()
     mining = {
         "source": str(root.resolve()),
         "source_shards": {rel: provenance.file_sha256(s) for group in src.values() for s, rel in group},
-        "model": str(Path(opts["model"]).expanduser().resolve()),
-        "model_sha256": provenance.model_sha256(Path(opts["model"]).expanduser()),
-        "judge": {**opts["judge"], **judge.describe()}, "plugins": opts["plugins"],
-        "window": list(opts["window"]), "threshold": opts["threshold"], "num_negatives": opts["num_negatives"],
-        "pick": opts["pick"], "seed": opts["seed"],
+        "model": str(Path(opts.model).expanduser().resolve()),
+        "model_sha256": provenance.model_sha256(Path(opts.model).expanduser()),
+        "judge": {**opts.judge_block(), **judge.describe()}, "plugins": opts.plugins,
+        "window": list(opts.window), "threshold": opts.threshold, "num_negatives": opts.num_negatives,
+        "pick": opts.pick, "seed": opts.seed,
     }
     manifest = provenance.build_manifest(stats, mining)
-    written = write_manifest(opts["out"], manifest)
+    written = write_manifest(opts.out, manifest)
     m = manifest["mining"]
     log(f"mine: done: {sum(s['count'] for s in manifest['subsets'].values())} examples, {m['kept']} negatives "
         f"kept of {m['considered']} in the window; dropped {m['dropped']['duplicate']} duplicates, "
         f"{m['dropped']['false_negative']} false negatives; {m['short']} examples short of "
-        f"{opts['num_negatives']}; manifest {written}")
+        f"{opts.num_negatives}; manifest {written}")
     return 0

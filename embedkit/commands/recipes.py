@@ -7,6 +7,10 @@ and the MMEB score the recipe reproduces (its ``paper.mmeb``; "-" where it has n
 
 from __future__ import annotations
 
+from embedkit.commands._options import Verb
+
+VERB = Verb("recipes", "list the shipped recipes")
+
 
 def trainable(model: dict) -> str:
     lora, backbone = model["lora"], model["backbone"]
@@ -33,6 +37,7 @@ def row(name: str, cfg: dict) -> list[str]:
 
 
 def main(args: list[str]) -> int:
+    VERB.parse(args)  # it takes no options: a word here is a mistake to report
     from embedkit.config.loader import available_recipes, compose
 
     header = ["recipe", "backbone", "trainable", "batch: loss / step", "steps", "MMEB (paper)"]

@@ -13,31 +13,31 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
+from embedkit.commands._options import Verb, option
 from embedkit.errors import UserError
 from embedkit.tracking.store import resolve_uri
 
 HOST = "127.0.0.1"
 
 
+@dataclass
+class UiOptions:
+    uri: Optional[str] = option(None, "the MLflow store; null: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db",
+                                key="tracking.uri", metavar="URI")
+    port: int = option(5000, "the port on 127.0.0.1", minimum=1, maximum=65535)
+    workers: int = option(1, "the UI server's worker processes", minimum=1)
+
+
+VERB = Verb("ui", "the MLflow UI on 127.0.0.1 over the run store", UiOptions)
+
+
 def command(args: list[str]) -> list[str]:
-    uri, port, workers = None, "5000", "1"
-    for word in args:
-        key, eq, value = word.partition("=")
-        if not eq:
-            raise UserError(f"ui: unexpected {word!r}; usage: embedkit ui [tracking.uri=URI] [port=N] [workers=N]")
-        if key == "tracking.uri":
-            uri = value
-        elif key == "port":
-            port = value
-        elif key == "workers":
-            workers = value
-        else:
-            raise UserError(f"ui: unknown key {key!r}; accepted: tracking.uri, port, workers")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"port: expected a port number, got {port!r}")
-    if not workers.isdigit() or int(workers) < 1:
-        raise UserError(f"workers: expected a positive integer, got {workers!r}")
+    """The ``mlflow ui`` command line for the verb's words; UserError for a tracking server."""
+    opts = VERB.parse(args)
+    uri, port, workers = opts.uri, str(opts.port), str(opts.workers)
     uri = resolve_uri(uri, create=True)
     if uri.startswith(("http://", "https://")):
         raise UserError(f"ui: the store {uri} is a tracking server, which serves its own UI: open {uri} "

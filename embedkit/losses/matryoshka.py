@@ -85,6 +85,13 @@ class Matryoshka(Loss):
                 raise ValueError(f"dims: repeated dimension in {list(dims)}")
         check_weights(weights, dims, "dims", "dim")
 
+    @staticmethod
+    def trained_sizes(params: dict, num_layers: int, embedding_dim: int) -> tuple[list[int], None]:
+        """(the nesting dims, largest first; no layer pairs) a model trained with this loss's config
+        ``params`` answers for: ``dims``, or the default halvings of D."""
+        dims = params.get("dims") or default_dims(embedding_dim)
+        return sorted({int(d) for d in dims}, reverse=True), None
+
     def forward(self, q, p, n=None, rows=None, mask=None) -> LossOutput:
         if max(self.dims) > q.shape[-1]:
             raise ValueError(f"dims: {max(self.dims)} is larger than the embedding ({q.shape[-1]} dimensions)")

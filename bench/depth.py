@@ -68,24 +68,25 @@ def held_out(args) -> None:
     from embedkit.eval import retrieval
 
     full = embedkit.load(args.run)
-    examples = val_examples(full.config["data"]["demo"])
+    trained = full.provenance
+    examples = val_examples(trained.config["data"]["demo"])
     n = len(examples)
     q_index, c_index = list(range(n)), [[r] + [j for j in range(n) if j != r] for r in range(n)]
     depth, dims = full.backbone.num_layers, args.dims or [full.embedding_dim]
-    print(f"{args.run}: {n} held-out captions x {n} images (loss {full.config['loss']['name']})\n")
+    print(f"{args.run}: {n} held-out captions x {n} images (loss {trained.config['loss']['name']})\n")
     print("| layer | dim | trained pair | P@1 |\n|---:|---:|---|---:|")
     for layer in range(depth, 0, -1):
         for dim in dims:
             with warnings.catch_warnings():  # an untrained pair is marked in the table instead
                 warnings.simplefilter("ignore")
                 encoder = embedkit.load(args.run, layer=layer, dim=dim)
-            trained = ("-" if not full.matryoshka_dims  # not Matryoshka-trained
-                       else "yes" if (layer, dim) in (full.matryoshka_pairs or [(layer, d) for d in full.matryoshka_dims])
-                       else "no")
+            answer = ("-" if not trained.dims  # not Matryoshka-trained
+                      else "yes" if (layer, dim) in (trained.pairs or [(layer, d) for d in trained.dims])
+                      else "no")
             q = encoder.encode_items([e.query for e in examples], 32)
             c = encoder.encode_items([e.positive for e in examples], 32)
             p1 = retrieval.hits_at_1(retrieval.row_scores(q, c, q_index, c_index)).float().mean()
-            print(f"| {layer} | {dim} | {trained} | {p1:.3f} |")
+            print(f"| {layer} | {dim} | {answer} | {p1:.3f} |")
 
 
 def main() -> None:

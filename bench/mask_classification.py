@@ -52,7 +52,7 @@ def main() -> None:
                 encode_example(Example(Item(image=img), Item(text=LABELS[y]), task="cls"), f"{s * 1000 + i:06d}")
                 for i, (img, y) in enumerate(train[s * 1000:(s + 1) * 1000])])
     held = draw(300, "held-out")
-    from embedkit.encoder import Encoder
+    import embedkit
 
     for seed in args.seeds:
         for mask in (m == "true" for m in args.masks):
@@ -62,7 +62,7 @@ def main() -> None:
                         "data.val.enabled=false", "tracking.enabled=false", "train.global_batch_size=32",
                         "train.chunk_size=32", f"trainer.max_steps={args.steps}", "trainer.progress=none",
                         f"train.mask_duplicates={str(mask).lower()}", "data.train.task_batch_size=0"]) == 0
-            enc = Encoder.from_checkpoint(run / "checkpoints" / "last.ckpt")
+            enc = embedkit.load(run)
             labels = enc.encode(texts=LABELS)
             images = enc.encode(images=[img for img, _ in held], batch_size=64)
             p1 = ((images @ labels.T).argmax(1) == torch.tensor([y for _, y in held])).float().mean().item()

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import embedkit  # noqa: E402
 from embedkit.data.demo import val_examples  # noqa: E402
-from embedkit.encoder import Encoder  # noqa: E402
 from embedkit.eval import quantize, retrieval  # noqa: E402
 
 
@@ -32,8 +32,8 @@ def main() -> None:
     ap.add_argument("--rescore-k", type=int, default=10)
     args = ap.parse_args()
     started = time.monotonic()
-    encoder = Encoder.from_checkpoint(args.run / "checkpoints" / "last.ckpt").eval()
-    examples = val_examples(encoder.config["data"]["demo"])
+    encoder = embedkit.load(args.run)
+    examples = val_examples(encoder.provenance.config["data"]["demo"])
     print(f"encoding {len(examples)} held-out captions and images ...", flush=True)
     with torch.no_grad():
         q = encoder.encode_items([e.query for e in examples], 32)

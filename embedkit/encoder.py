@@ -4,12 +4,14 @@ This is the trained model outside the training loop: the LightningModule wraps o
 and evaluation, export, encoding and mining use it without Lightning.
 
     encoder = Encoder.from_config(cfg["model"], seed=cfg["seed"])     # a new model
-    encoder = Encoder.from_checkpoint("runs/demo/checkpoints/last.ckpt")
+    encoder = embedkit.load("runs/demo")                                # a trained one (export/reader.py)
     emb = encoder.encode(texts=["a red circle", None], images=[None, img])  # [N, D], no grad
     emb = encoder.encode_items([Item(text="a red circle"), Item(image=img)])  # the same, from Items
 
-``embedkit.load(path)`` (``embedkit/export/``) returns one from an export folder, a run dir or a
-checkpoint; ``embedkit.load(path, layer=l, dim=d)`` (or ``encoder.cut(layer=l, dim=d)``) returns the
+Every encoder carries its ``Provenance`` (where it comes from: the training config, the step, the
+Matryoshka sizes it was trained for, its prompts), declared when it is built; ``open_model``
+(``embedkit/export/reader.py``) fills it for a checkpoint, a run dir or an export folder.
+``embedkit.load(path, layer=l, dim=d)`` (or ``encoder.cut(layer=l, dim=d)``) returns the
 model cut to its first ``l`` layers, the layers above dropped, with ``d``-dimensional embeddings (2D
 Matryoshka / Starbucks): the same embeddings ``encode(layer=l, dim=d)`` gives, from a smaller model.
 
@@ -21,8 +23,9 @@ pooling contract: padding invariance).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,27 +39,58 @@ from embedkit.errors import UserError
 CHECKPOINT_PREFIX = "encoder."
 
 
-class Encoder(nn.Module):
-    """``backbone`` (a registered adapter), ``pooling`` (a registered head), ``normalize``."""
+@dataclass(frozen=True)
+class Provenance:
+    """Where a model comes from, as far as it is known.
 
-    def __init__(self, backbone: Backbone, pooling: nn.Module, normalize: bool = True):
+    ``kind`` says what was opened: ``checkpoint`` (a file written by ``embedkit fit`` or ``merge``),
+    ``run`` (a run dir, through its newest checkpoint), ``export`` (an ``embedkit export`` folder),
+    ``sentence_transformers`` (any sentence-transformers folder) or ``config`` (a recipe's model as
+    it builds, e.g. ``model.backbone.path`` naming released weights; also a model just built for
+    training). ``source`` is the path opened (a run dir, an export folder, ...; for ``config``, the
+    backbone's weights); ``checkpoint`` the checkpoint file the weights were read from (kinds
+    ``checkpoint`` and ``run``; None otherwise). ``config`` is the resolved training config ({} when unknown),
+    ``step`` its optimizer step. ``dims`` / ``pairs``: the Matryoshka dims and 2D (layer, dim)
+    pairs the model was trained for (None: any / not Matryoshka-trained). ``prompts``: named
+    instruction prompts (``encode(instruction="query")`` looks a name up here).
+
+    Two provenances are equal when they describe the same trained model, whichever way it was
+    opened: ``kind``, ``source`` and ``checkpoint`` do not take part in ``==``.
+    """
+
+    kind: str = field(default="config", compare=False)
+    source: Path | None = field(default=None, compare=False)
+    checkpoint: Path | None = field(default=None, compare=False)
+    config: dict = field(default_factory=dict)
+    step: int = 0
+    dims: list[int] | None = None
+    pairs: list[tuple[int, int]] | None = None
+    prompts: dict[str, str] = field(default_factory=dict)
+
+
+class Encoder(nn.Module):
+    """``backbone`` (a registered adapter), ``pooling`` (a registered head), ``normalize``, and the
+    model's ``provenance`` (default: a model built from a config, nothing known about training)."""
+
+    def __init__(self, backbone: Backbone, pooling: nn.Module, normalize: bool = True,
+                 provenance: Provenance | None = None):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
         self.normalize = normalize
+        self.provenance = provenance or Provenance()
         self._processor: ChunkProcessor | None = None
-        #: Matryoshka nesting dims the model was trained for (``encode(dim=)`` accepts these), or None
-        self.matryoshka_dims: list[int] | None = None
-        #: the (layer, dim) pairs a ``matryoshka_2d`` ``mode=pairs`` model was trained for, or None (any)
-        self.matryoshka_pairs: list[tuple[int, int]] | None = None
         #: the default embedding size of ``forward`` / ``encode`` after ``cut(dim=)`` (None: the head's D)
         self.dim: int | None = None
-        #: named instruction prompts (``encode(instruction="query")`` looks a name up here)
-        self.prompts: dict[str, str] = {}
 
     @classmethod
-    def from_config(cls, model: dict, seed: int = 0) -> "Encoder":
-        """The ``model`` config section: ``backbone``, ``lora``, ``pooling``, ``normalize``."""
+    def from_config(cls, model: dict, seed: int = 0, provenance: Provenance | None = None,
+                    trained_sizes: Callable[[int, int], tuple] | None = None) -> "Encoder":
+        """The ``model`` config section: ``backbone``, ``lora``, ``pooling``, ``normalize``.
+
+        ``trained_sizes(L, D) -> (dims, pairs)``: the Matryoshka sizes the model was trained for, which
+        depend on the built model's depth and embedding size (``losses.trained_sizes`` with the
+        training config's loss bound); they go into ``provenance``."""
         from embedkit.backbones.lora import apply_lora
         from embedkit.config import registry
 
@@ -64,25 +98,21 @@ class Encoder(nn.Module):
         apply_lora(backbone, model["lora"])
         pooling = registry.build("pooling", model["pooling"], hidden_size=backbone.hidden_size,
                                  num_layers=backbone.num_layers)
-        return cls(backbone, pooling, model["normalize"])
+        if trained_sizes is not None:
+            dims, pairs = trained_sizes(backbone.num_layers, head_dim(backbone, pooling))
+            provenance = replace(provenance or Provenance(), dims=dims, pairs=pairs)
+        return cls(backbone, pooling, model["normalize"], provenance)
 
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "Encoder":
-        """The encoder of a checkpoint written by ``embedkit fit`` (its config travels inside it)."""
-        config, state = read_checkpoint(path, map_location)
-        encoder = cls.from_config(config["model"], seed=config["seed"])
+    def load_checkpoint_state(self, state: dict) -> "Encoder":
+        """Load the encoder's weights from a training checkpoint's dict (``read_checkpoint``); returns self."""
         own = {k[len(CHECKPOINT_PREFIX):]: v for k, v in state["state_dict"].items() if k.startswith(CHECKPOINT_PREFIX)}
-        encoder.load_state_dict(own, strict=True)
-        encoder.config = config
-        encoder.matryoshka_dims, encoder.matryoshka_pairs = trained_sizes(
-            config, encoder.backbone.num_layers, encoder.embedding_dim)
-        encoder.checkpoint_step = int(state.get("global_step", 0))
-        return encoder.eval()
+        self.load_state_dict(own, strict=True)
+        return self
 
     @property
     def embedding_dim(self) -> int:
         """D: the size of one embedding vector (a multi-vector head's per-token ``dim``; ``cut(dim=)``'s dim)."""
-        return self.dim or getattr(self.pooling, "output_dim", None) or self.backbone.hidden_size
+        return self.dim or head_dim(self.backbone, self.pooling)
 
     def check_depth(self, layer: int | None = None, dim: int | None = None) -> None:
         """One-line ``UserError`` unless the model can be cut to ``layer`` layers and ``dim`` dimensions:
@@ -98,15 +128,15 @@ class Encoder(nn.Module):
         if dim is not None:
             if not 1 <= dim <= self.embedding_dim:
                 raise UserError(f"dim: must be between 1 and {self.embedding_dim}, got {dim}")
-            if self.matryoshka_dims and dim < self.embedding_dim and dim not in self.matryoshka_dims:
+            if self.provenance.dims and dim < self.embedding_dim and dim not in self.provenance.dims:
                 raise UserError(f"dim: {dim} is not a dim this model was trained for; its Matryoshka dims: "
-                                f"{', '.join(map(str, self.matryoshka_dims))}")
+                                f"{', '.join(map(str, self.provenance.dims))}")
         pair = (layer or depth, dim or self.embedding_dim)
-        if self.matryoshka_pairs and (layer or dim) and pair not in self.matryoshka_pairs:
+        if self.provenance.pairs and (layer or dim) and pair not in self.provenance.pairs:
             import warnings
 
             warnings.warn(f"layer={pair[0]} dim={pair[1]}: not a (layer, dim) pair this model was trained for "
-                          f"(loss.pairs {[list(p) for p in self.matryoshka_pairs]})", stacklevel=3)
+                          f"(loss.pairs {[list(p) for p in self.provenance.pairs]})", stacklevel=3)
 
     def cut(self, layer: int | None = None, dim: int | None = None) -> "Encoder":
         """Cut the model, in place, to its first ``layer`` layers (the layers above are dropped) and its
@@ -182,7 +212,7 @@ class Encoder(nn.Module):
         runs the model to that depth only, 1..L (2D Matryoshka / Starbucks: the pooling head on the
         output of layer ``layer``; L, or None, is the full model).
         """
-        items = make_items(texts, images, self.prompts.get(instruction, instruction) if instruction else None)
+        items = make_items(texts, images, self.provenance.prompts.get(instruction, instruction) if instruction else None)
         return self.encode_items(items, batch_size, layer=layer, dim=dim)
 
     def truncate(self, emb: torch.Tensor, dim: int | None) -> torch.Tensor:
@@ -213,6 +243,11 @@ class Encoder(nn.Module):
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             parts.append(self.truncate(forward(inputs), dim).cpu())
         return torch.cat(parts) if parts else torch.empty(0, dim or self.embedding_dim)
+
+
+def head_dim(backbone: Backbone, pooling: nn.Module) -> int:
+    """The pooling head's embedding size (a multi-vector head's per-token ``dim``), else the backbone's hidden size."""
+    return getattr(pooling, "output_dim", None) or backbone.hidden_size
 
 
 def decoder_stack(backbone: Backbone) -> tuple[nn.Module, str]:
@@ -255,28 +290,6 @@ def skip_final_norm(backbone: Backbone) -> None:
     module, _ = decoder_stack(backbone)
     if isinstance(getattr(module, "norm", None), nn.Module):
         module.norm = nn.Identity()
-
-
-def trained_sizes(config: dict, num_layers: int, embedding_dim: int
-                  ) -> tuple[list[int] | None, list[tuple[int, int]] | None]:
-    """(Matryoshka dims, 2D (layer, dim) pairs) a model was trained for, from its training config:
-    ``loss=matryoshka`` its ``dims``; ``loss=matryoshka_2d`` the dims of its pairs, and the pairs
-    themselves in ``mode=pairs`` (``mode=sample`` trains every pair of its list: None). Else (None, None)."""
-    from embedkit.losses.matryoshka import default_dims
-
-    loss = config.get("loss") or {}
-    if loss.get("name") == "matryoshka":
-        return sorted({int(d) for d in (loss.get("dims") or default_dims(embedding_dim))}, reverse=True), None
-    if loss.get("name") != "matryoshka_2d":
-        return None, None
-    from embedkit.losses.matryoshka_2d import default_pairs
-
-    sample = loss.get("mode") == "sample"
-    pairs = loss.get("pairs") or ([(1, d) for d in default_dims(embedding_dim)] if sample
-                                  else default_pairs(num_layers, embedding_dim))
-    # the full model (L, D) is always trained in sample mode, and is what a plain encode() gives
-    pairs = {(int(l), int(d)) for l, d in pairs} | {(num_layers, embedding_dim)}
-    return sorted({d for _, d in pairs}, reverse=True), (None if sample else sorted(pairs))
 
 
 def make_items(texts, images, prefix: str | None = None) -> list[Item]:

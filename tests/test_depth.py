@@ -10,6 +10,7 @@ embeddings the full model's ``encode(layer=, dim=)`` gives, which are the (layer
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -82,7 +83,8 @@ def test_cut_errors_are_one_line():
             copy.deepcopy(encoder).cut(**kwargs)
         with pytest.raises(UserError, match=msg):  # encode checks the same way
             encoder.encode(["a red circle"], **kwargs)
-    encoder.matryoshka_dims = [dim, dim // 2, dim // 4]  # as a Matryoshka-trained model records them
+    # as a Matryoshka-trained model records them
+    encoder.provenance = dataclasses.replace(encoder.provenance, dims=[dim, dim // 2, dim // 4])
     with pytest.raises(UserError, match=rf"dim: 5 is not a dim this model was trained for; its Matryoshka dims: {dim}, "):
         copy.deepcopy(encoder).cut(dim=5)
     copy.deepcopy(encoder).cut(dim=dim // 4)  # a trained dim is accepted
@@ -95,7 +97,7 @@ def test_a_pair_2d_training_did_not_train_is_warned_about(tmp_path):
     run, _ = trained_run(tmp_path, ["model.backbone.name=hf_text", "model.backbone.tiny=true",
                                     "loss=matryoshka_2d", "loss.pairs=[[1,8],[2,16]]"])
     encoder = embedkit.load(run)
-    assert encoder.matryoshka_pairs == [(1, 8), (2, 16), (2, 32)] and encoder.matryoshka_dims == [32, 16, 8]
+    assert encoder.provenance.pairs == [(1, 8), (2, 16), (2, 32)] and encoder.provenance.dims == [32, 16, 8]
     with pytest.warns(UserWarning, match=r"layer=1 dim=16: not a \(layer, dim\) pair this model was trained for"):
         embedkit.load(run, layer=1, dim=16)
     with pytest.raises(UserError, match="dim: 4 is not a dim this model was trained for"):
@@ -145,7 +147,7 @@ def test_export_dim_only_keeps_sentence_transformers_with_truncate_dim(tmp_path)
     base = tiny_text_model("llama", tmp_path / "base")
     run, _ = trained_run(tmp_path, ["model.backbone=hf_text", f"model.backbone.path={base}", "loss=matryoshka"])
     encoder = embedkit.load(run)
-    d = encoder.matryoshka_dims[1]
+    d = encoder.provenance.dims[1]
     out = export_model(run, tmp_path / "export", dim=d, log=lambda m: None)
     assert json.loads((out / "config_sentence_transformers.json").read_text())["truncate_dim"] == d
     ref = encoder.encode(texts=TEXTS, dim=d)

@@ -100,6 +100,7 @@ def demo_run(tmp_path_factory):
 
 def test_encoder_from_checkpoint_equals_the_trained_module(demo_run):
     from embedkit.encoder import Encoder
+    from embedkit.export.reader import from_checkpoint
 
     run_dir, module, _, _ = demo_run
     module.eval()
@@ -111,8 +112,8 @@ def test_encoder_from_checkpoint_equals_the_trained_module(demo_run):
     with torch.no_grad():
         inputs = module.encoder.processor()(items)
         trained = module.encode(inputs)  # the training path: processed chunk -> the module's forward
-    loaded = Encoder.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    assert loaded.checkpoint_step == 4 and not loaded.training
+    loaded = from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert loaded.provenance.step == 4 and not loaded.training
     got = loaded.encode(items)
     assert got.shape == (len(items), loaded.embedding_dim)
     assert (got - trained).abs().max().item() <= 1e-6
@@ -120,19 +121,20 @@ def test_encoder_from_checkpoint_equals_the_trained_module(demo_run):
     assert (loaded.encode(items, batch_size=1) - got).abs().max().item() <= 1e-5
     assert (loaded.encode(items, batch_size=2) - got).abs().max().item() <= 1e-5
     # the run changed the weights: an untrained encoder of the same config differs
-    fresh = Encoder.from_config(loaded.config["model"], seed=loaded.config["seed"]).eval()
+    config = loaded.provenance.config
+    fresh = Encoder.from_config(config["model"], seed=config["seed"]).eval()
     assert (fresh.encode(items) - got).abs().max().item() > 1e-4
 
 
 def test_encoder_user_errors(tmp_path):
-    from embedkit.encoder import Encoder
     from embedkit.errors import UserError
+    from embedkit.export.reader import from_checkpoint
 
     with pytest.raises(UserError, match="ckpt: file not found"):
-        Encoder.from_checkpoint(tmp_path / "missing.ckpt")
+        from_checkpoint(tmp_path / "missing.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(UserError, match="not an embedkit checkpoint"):
-        Encoder.from_checkpoint(tmp_path / "other.ckpt")
+        from_checkpoint(tmp_path / "other.ckpt")
 
 
 def test_every_config_key_of_fit_is_read_in_one_module(demo_run):
@@ -164,7 +166,7 @@ def test_every_config_key_of_eval_is_read_in_one_module(demo_run, monkeypatch, c
     owners = leaf_owners(reads)
     shared = {k: sorted(m) for k, m in owners.items() if len(m) > 1}
     assert not shared, f"keys read in more than one module: {shared}"
-    assert owners["data.eval.root"] == {"embedkit.commands.eval"}
+    assert owners["data.eval.root"] == {"embedkit.eval.run"}
 
 
 def test_the_recorder_reports_a_key_read_in_two_modules():

@@ -110,8 +110,8 @@ def test_export_load_equals_the_training_module(family, tmp_path):
         assert not encoder.training
         assert_equal_embeddings(encoder, items, ref)
         # Matryoshka dims recorded; encode(dim=) is the re-normalised prefix
-        assert encoder.matryoshka_dims and encoder.matryoshka_dims[0] == ref.shape[1]
-        d = encoder.matryoshka_dims[1]
+        assert encoder.provenance.dims and encoder.provenance.dims[0] == ref.shape[1]
+        d = encoder.provenance.dims[1]
         sliced = torch.nn.functional.normalize(ref[:, :d], dim=-1)
         got = encoder.encode(texts=[it.text for it in items], images=[it.image for it in items], dim=d)
         assert (got - sliced).abs().max().item() <= 1e-5
@@ -174,7 +174,7 @@ def test_model_card_names_the_mlflow_run_and_its_metrics(tmp_path, monkeypatch):
     for line in ("| val/p@1 | 0.5000 |", "| train/loss | 1.5000 |", "| eval/N24News/p@1 | 0.3750 |"):
         assert line in card
     meta = json.loads((tmp_path / "export" / "embedkit.json").read_text())
-    assert meta["mlflow_run_id"] == run_id and meta["metrics"]["val/p@1"] == 0.5
+    assert meta["mlflow"]["run_id"] == run_id and meta["metrics"]["val/p@1"] == 0.5
 
     # a configured store that does not exist: said on the card, and not created
     missing = tmp_path / "nowhere" / "mlflow.db"
@@ -253,7 +253,7 @@ def test_sentence_transformers_equals_embedkit(kind, pooling, tmp_path):
     got = torch.as_tensor(model.encode(TEXTS, prompt_name="query", batch_size=3))
     assert (got - q).abs().max().item() <= 1e-5
     # truncate_dim == embedkit's Matryoshka slice
-    d = encoder.matryoshka_dims[1]
+    d = encoder.provenance.dims[1]
     small = st.SentenceTransformer(str(out), device="cpu", truncate_dim=d)
     got = torch.as_tensor(small.encode(TEXTS, normalize_embeddings=True))
     assert got.shape[1] == d

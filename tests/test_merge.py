@@ -16,9 +16,9 @@ import _mmeb_fixture as fx  # noqa: E402
 
 import embedkit  # noqa: E402
 from embedkit.data.schema import Item  # noqa: E402
-from embedkit.encoder import Encoder  # noqa: E402
 from embedkit.errors import UserError  # noqa: E402
-from embedkit.training import merge  # noqa: E402
+from embedkit.export import merge  # noqa: E402
+from embedkit.export.reader import from_checkpoint  # noqa: E402
 
 
 def rand(*shape, seed=0):
@@ -114,7 +114,7 @@ def test_averaging_two_runs_is_the_mean_of_their_weights_and_the_merged_run_eval
     assert cli(["merge", str(a), str(b), f"out={out}"]) == 0
     assert "merge: wrote" in capsys.readouterr().out
     sa, sb = folded(a), folded(b)
-    merged = Encoder.from_checkpoint(out / "checkpoints" / "last.ckpt")
+    merged = from_checkpoint(out / "checkpoints" / "last.ckpt")
     moved = 0
     for key, value in merged.state_dict().items():
         mean = (sa[key] + sb[key]) / 2 if value.is_floating_point() else sa[key]
@@ -139,8 +139,8 @@ def test_lora_runs_merge_in_weight_space(tmp_path):
     lora = ["model.lora.enabled=true"]
     a, b = make_run(tmp_path, "a", lora, 1), make_run(tmp_path, "b", lora, 2)
     out = merge.merge_runs([a, b], tmp_path / "merged", method="slerp", weights=[1, 1], log=lambda m: None)
-    merged = Encoder.from_checkpoint(out / "checkpoints" / "last.ckpt")
-    assert merged.config["model"]["lora"]["enabled"] is False
+    merged = from_checkpoint(out / "checkpoints" / "last.ckpt")
+    assert merged.provenance.config["model"]["lora"]["enabled"] is False
     sa, sb = folded(a), folded(b)
     assert any(not torch.equal(sa[k], sb[k]) for k in sa)
     for key, value in merged.state_dict().items():
@@ -148,7 +148,7 @@ def test_lora_runs_merge_in_weight_space(tmp_path):
     # ties: the base is the frozen weights the LoRA checkpoints carry
     out = merge.merge_runs([a, b], tmp_path / "ties", method="ties", density=0.5, log=lambda m: None)
     base = merge.weight_space(a / "checkpoints" / "last.ckpt")[2]
-    merged = Encoder.from_checkpoint(out / "checkpoints" / "last.ckpt").state_dict()
+    merged = from_checkpoint(out / "checkpoints" / "last.ckpt").state_dict()
     key = next(k for k in merged if "q_proj" in k and k.endswith("weight"))
     torch.testing.assert_close(merged[key], merge.ties(base[key], [sa[key], sb[key]], [1, 1], 0.5), atol=1e-7, rtol=0)
 

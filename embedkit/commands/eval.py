@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Optional
 
 from embedkit.commands._options import Verb, config_words, option
@@ -78,18 +77,11 @@ VERB = Verb("eval", "MMEB evaluation: ckpt=PATH | model=DIR | model.backbone.pat
                                                 "checkpoint); outputs in runs/eval-<recipe>/"),))
 
 
-def depth_tag(depth: dict) -> str | None:
-    """``l<layer>_d<dim>`` for a cut model, None for the full one (its names stay as they are)."""
-    if (depth["layer"], depth["dim"]) == (depth["num_layers"], depth["embedding_dim"]):
-        return None
-    return f"l{depth['layer']}_d{depth['dim']}"
-
-
 def init_distributed() -> int:
     """Join the process group torchrun describes (if any); this process's rank."""
     import torch
 
-    from embedkit.distributed.gather import rank_and_world
+    from embedkit.distributed.ranks import rank_and_world
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
@@ -103,108 +95,40 @@ def main(args: list[str]) -> int:
     from embedkit.config.loader import compose
 
     opts = VERB.parse(args)
-    rest = opts.overrides
-    from_config = opts.ckpt is None and opts.model is None and any(a.startswith("model.backbone.path=") for a in rest)
+    from_config = opts.ckpt is None and opts.model is None and any(
+        a.startswith("model.backbone.path=") for a in opts.overrides)
     if (opts.ckpt is None) == (opts.model is None) and not from_config:
         raise UserError("eval: give ckpt=PATH (a checkpoint written by embedkit fit), model=DIR (an export "
                         "folder, a run dir or a sentence-transformers folder) or model.backbone.path=PATH "
                         "(weights the recipe's backbone loads, e.g. a released checkpoint)")
-    modes, rescore_k = opts.quantize, (opts.rescore_k if opts.rescore else None)
-    layer, dim = opts.layer, opts.dim
-    cfg = compose(rest)
-    from embedkit.eval import mmeb
+    cfg = compose(opts.overrides)
+    from embedkit.eval.run import MMEBRun
+    from embedkit.export.reader import open_model
 
-    manifest = mmeb.load_manifest()
-    ev, tracking = cfg["data"]["eval"], cfg["tracking"]
-    datasets = mmeb.resolve_datasets(ev["root"], ev["datasets"], manifest)  # user errors before loading
-    ckpt = Path(opts.ckpt or opts.model or f"runs/eval-{cfg['recipe']}").expanduser()
-    if opts.ckpt is not None and not ckpt.is_file():
-        raise UserError(f"ckpt: file not found: {ckpt}")
-    if opts.model is not None and not ckpt.exists():
-        raise UserError(f"model: {ckpt} does not exist")
-    batch_size = cfg["train"]["chunk_size"]
-    from embedkit.eval.muvera import MuveraRetrieval
-
-    muvera = MuveraRetrieval.from_config(ev["muvera"]) if ev["retrieval"] == "muvera" else None
-
-    import torch
-
-    from embedkit.encoder import Encoder
-
+    run = MMEBRun(cfg["data"]["eval"], chunk_size=cfg["train"]["chunk_size"], quantize=opts.quantize,
+                  rescore_k=opts.rescore_k if opts.rescore else None)
+    what = "ckpt" if opts.ckpt is not None else "model"
+    kinds = ("checkpoint",) if what == "ckpt" else ("config",) if from_config else MODEL_KINDS
     rank = init_distributed()
-    if from_config:  # the recipe's model as it stands: model.backbone.path names the weights
-        encoder = Encoder.from_config(cfg["model"], seed=cfg["seed"]).eval()
-        encoder.config, encoder.checkpoint_step = {}, 0
-    else:
-        encoder = Encoder.from_checkpoint(ckpt) if opts.ckpt is not None else load_model(ckpt)
-    if (layer or dim) and not isinstance(encoder, Encoder):
-        raise UserError(f"{'layer' if layer else 'dim'}: {ckpt} is a sentence-transformers folder, which embedkit "
-                        "cannot cut; give an embedkit export, run dir or checkpoint")
-    depth = None
-    if isinstance(encoder, Encoder):
-        full = {"num_layers": encoder.backbone.num_layers, "embedding_dim": encoder.embedding_dim}
-        encoder.cut(layer=layer, dim=dim)
-        depth = {"layer": encoder.backbone.num_layers, "dim": encoder.embedding_dim, **full}
-    tag = depth_tag(depth) if depth else None
-    folder = f"eval-{tag}" if tag else "eval"
-    default_out = ckpt.resolve().parent.parent / folder if opts.ckpt is not None else ckpt.resolve() / folder
-    if from_config:
-        default_out = ckpt / folder if tag else ckpt
-    out_dir = Path(opts.out) if opts.out is not None else default_out
-    if muvera is not None:
-        muvera.check_model(encoder)
-    from embedkit.eval.quantize import check_quantizable
+    model, provenance = open_model(getattr(opts, what), recipe=cfg, what=what, kinds=kinds)
+    result = run.evaluate(model, layer=opts.layer, dim=opts.dim, out=opts.out, recipe=cfg["recipe"], rank=rank,
+                          log=lambda m: print(m, flush=True))
+    if rank == 0 and cfg["tracking"]["enabled"]:
+        from embedkit.tracking.eval_log import log_eval_result
 
-    check_quantizable(encoder, modes)
-    if torch.cuda.is_available():
-        encoder.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
-    summary = mmeb.evaluate(
-        ev["root"],
-        datasets,
-        lambda items: encoder.encode_items(items, batch_size),
-        batch_size=batch_size,
-        normalize=encoder.normalize,
-        manifest=manifest,
-        log=lambda m: print(m, flush=True) if rank == 0 else None,
-        quantize=modes,
-        rescore_k=rescore_k,
-        muvera=muvera,
-    )
-    if rank == 0:
-        if depth:
-            summary["depth"] = depth
-        mmeb.write_outputs(out_dir, summary, manifest)
-        agg = summary["aggregate"]
-        print(mmeb.markdown_table(summary, manifest), end="")
-        at = f" at layer {depth['layer']}/{depth['num_layers']}, dim {depth['dim']}/{depth['embedding_dim']}" if tag else ""
-        print(f"overall P@1 {agg['overall']:.4f}{at} over {len(summary['datasets'])} datasets; files in {out_dir}")
-        if tracking["enabled"]:
-            from embedkit.tracking.eval_log import log_eval
-            from embedkit.tracking.mlflow_setup import tracking_uri
-
-            trained = encoder.config
-            run = trained.get("run", {})
-            run_id = log_eval(
-                tracking_uri(tracking), trained.get("tracking", {}).get("experiment") or tracking["experiment"],
-                run.get("name") or ckpt.stem, run.get("dir"),
-                tags={"embedkit.eval.ckpt": str(ckpt.resolve()), "embedkit.eval.root": str(ev["root"])},
-                metrics={f"{k}/{tag}" if tag else k: v for k, v in mmeb.metric_items(summary).items()},
-                files=[out_dir / "summary.json", out_dir / "summary.md"], step=encoder.checkpoint_step,
-                artifact_path=folder,
-            )
-            print(f"logged to MLflow run {run_id}")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        print(f"logged to MLflow run {log_eval_result(cfg['tracking'], provenance, result, cfg['recipe'])}")
+    close_distributed()
     return 0
 
 
-def load_model(path: Path):
-    """An export folder or run dir (``embedkit.load``), else a sentence-transformers folder."""
-    if (path / "modules.json").is_file() and not (path / "embedkit.json").is_file():
-        from embedkit.export.st_encoder import STEncoder
+#: what ``model=`` accepts
+MODEL_KINDS = ("checkpoint", "run", "export", "sentence_transformers")
 
-        return STEncoder(path)
-    from embedkit.export.reader import load
 
-    return load(path)
+def close_distributed() -> None:
+    """Wait for every rank, then leave the process group (if one was joined)."""
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -14,9 +14,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from embedkit.commands._options import Verb
 from embedkit.config.flat import flatten
 from embedkit.runs import RunDir
-from embedkit.commands._options import Verb
 
 #: the command line (``embedkit fit --help``): config words, and ``resume=`` (read by ``compose_run``)
 VERB = Verb("fit", "train (no recipe: the demo, a tiny VLM on drawn scenes, CPU, minutes)", config=("",),

@@ -3,10 +3,10 @@
     embedkit merge RUN_A RUN_B [...] out=DIR [method=average|slerp|ties] [weights=[1,1]]
                    [density=0.2] [scale=1.0]
 
-RUN is a run dir (``checkpoints/last.ckpt``) or a checkpoint. The runs must share their ``model``
+RUN is a run dir (its newest checkpoint) or a checkpoint file. The runs must share their ``model``
 section (else one line naming the first key that differs). ``out`` becomes a run dir that ``embedkit
-eval ckpt=DIR/checkpoints/last.ckpt``, ``embedkit export DIR`` and ``embedkit.load(DIR)`` read. The
-methods and their formulas: ``embedkit/training/merge.py``.
+eval model=DIR``, ``embedkit export DIR`` and ``embedkit.load(DIR)`` read. The
+methods and their formulas: ``embedkit/export/merge.py``.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ VERB = Verb("merge", "merge runs of one base into a new run dir", MergeOptions)
 
 def main(args: list[str]) -> int:
     opts = VERB.parse(args)
-    from embedkit.training.merge import merge_runs
+    from embedkit.export.merge import merge_runs
 
     merge_runs(opts.runs, opts.out, method=opts.method, weights=opts.weights, density=opts.density,
                scale=opts.scale, log=lambda m: print(m, flush=True))
-    print(f"evaluate: embedkit eval ckpt={opts.out}/checkpoints/last.ckpt data.eval.root=...; "
+    print(f"evaluate: embedkit eval model={opts.out} data.eval.root=...; "
           f"export: embedkit export {opts.out} out=...", flush=True)
     return 0

@@ -87,13 +87,15 @@ def main(args: list[str]) -> int:
     src, root = sources(opts.shards, opts.out)
     judge = build_judge(opts.judge_block(), opts.plugins)
     from embedkit.data.shard_set import write_manifest
-    from embedkit.export.reader import load
+    from embedkit.export.reader import ENCODER_KINDS, open_model
     from embedkit.mining import provenance
     from embedkit.mining.miner import Miner, MineSettings
 
     log = lambda m: print(m, flush=True)  # noqa: E731
     log(f"mine: model {opts.model}")
-    encoder = load(opts.model, device=opts.device)
+    encoder, model = open_model(opts.model, kinds=ENCODER_KINDS)
+    if opts.device:
+        encoder.to(opts.device)
     settings = MineSettings(num_negatives=opts.num_negatives, window=tuple(opts.window),
                             threshold=opts.threshold, pick=opts.pick, seed=opts.seed,
                             batch_size=opts.batch_size)
@@ -102,7 +104,7 @@ def main(args: list[str]) -> int:
         "source": str(root.resolve()),
         "source_shards": {rel: provenance.file_sha256(s) for group in src.values() for s, rel in group},
         "model": str(Path(opts.model).expanduser().resolve()),
-        "model_sha256": provenance.model_sha256(Path(opts.model).expanduser()),
+        "model_sha256": provenance.model_sha256(model),
         "judge": {**opts.judge_block(), **judge.describe()}, "plugins": opts.plugins,
         "window": list(opts.window), "threshold": opts.threshold, "num_negatives": opts.num_negatives,
         "pick": opts.pick, "seed": opts.seed,

@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+
+from embedkit.runs import RunDir
 
 
-def render(meta: dict, ckpt: Path) -> str:
+def title(meta: dict) -> str:
+    """The run's name, else the name of the run dir its checkpoint sits in, else the checkpoint's."""
+    name = (meta["training_config"].get("run") or {}).get("name")
+    if name:
+        return name
+    run = RunDir.of_checkpoint(meta["checkpoint"])
+    return run.path.name if run else meta["checkpoint"]
+
+
+def render(meta: dict) -> str:
+    """The card of an export from its ``embedkit.json`` (``meta``)."""
     config = meta["training_config"]
     model = meta["model"]
     backbone, head = model["backbone"], model["pooling"]["name"]
     run = config.get("run") or {}
     base = config["model"]["backbone"].get("path") or f"tiny random {backbone['name']} (tests/demo)"
     lora = config["model"].get("lora") or {}
+    mlflow = meta.get("mlflow") or {}
     lines = [
         "---", "library_name: sentence-transformers", "tags: [embedkit, sentence-transformers, feature-extraction]",
-        "---", "", f"# {run.get('name') or ckpt.parent.parent.name}", "",
+        "---", "", f"# {title(meta)}", "",
         f"An embedding model trained with embedkit: backbone `{backbone['name']}` (base model: `{base}`), "
         f"pooling `{head}`, {'L2-normalised' if meta['normalize'] else 'unnormalised'}, "
         f"{meta['embedding_dim']} dimensions.", "",
@@ -24,9 +36,9 @@ def render(meta: dict, ckpt: Path) -> str:
         f"- loss: `{(config.get('loss') or {}).get('name', 'n/a')}`",
         f"- LoRA: {'r=%s alpha=%s dora=%s, ' % (lora.get('r'), lora.get('alpha'), lora.get('dora')) if lora.get('enabled') else 'none (full fine-tuning)'}"
         f"{('merged into the weights' if meta['merged'] else 'kept beside the base (embedkit_adapter.safetensors)') if lora.get('enabled') else ''}",
-        f"- MLflow: experiment `{meta.get('mlflow_experiment', 'n/a')}`, run name `{run.get('name', 'n/a')}`"
-        + (f", run id `{meta['mlflow_run_id']}` (store `{meta.get('mlflow_store')}`)" if meta.get("mlflow_run_id") else "")
-        + (f"; {meta['mlflow_note']}" if meta.get("mlflow_note") else ""),
+        f"- MLflow: experiment `{mlflow.get('experiment', 'n/a')}`, run name `{run.get('name', 'n/a')}`"
+        + (f", run id `{mlflow['run_id']}` (store `{mlflow.get('store')}`)" if mlflow.get("run_id") else "")
+        + (f"; {mlflow['note']}" if mlflow.get("note") else ""),
     ]
     if meta.get("matryoshka_dims"):
         lines.append(f"- Matryoshka dims: {meta['matryoshka_dims']} (embedkit `encode(dim=...)`, "
@@ -69,3 +81,4 @@ def render(meta: dict, ckpt: Path) -> str:
         "", "## Training config", "", "```json", json.dumps(config, indent=2, default=str), "```", "",
     ]
     return "\n".join(lines)
+

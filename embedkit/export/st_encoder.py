@@ -7,12 +7,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from embedkit.encoder import Provenance
 from embedkit.errors import UserError
 
 
 class STEncoder(nn.Module):
-    """``encode_items(items, batch_size)`` through ``SentenceTransformer.encode``; items with an
-    image are refused (sentence-transformers' image path needs torchvision, absent on CPU torch)."""
+    """``encode_items(items, batch_size)`` through ``SentenceTransformer.encode``, and the
+    ``provenance`` every model ``open_model`` gives carries; items with an image are refused (sentence-transformers' image path needs torchvision, absent on CPU torch)."""
 
     def __init__(self, path: str | Path):
         super().__init__()
@@ -23,8 +24,8 @@ class STEncoder(nn.Module):
                             "(pip install 'embedkit[st]')") from None
         self.model = SentenceTransformer(str(path), device="cpu")
         self.normalize = True
-        self.config: dict = {"run": {"name": Path(path).name}}
-        self.checkpoint_step = 0
+        #: nothing is known about its training: no config, step 0
+        self.provenance = Provenance(kind="sentence_transformers", source=Path(path))
 
     @torch.no_grad()
     def encode_items(self, items, batch_size: int = 32) -> torch.Tensor:

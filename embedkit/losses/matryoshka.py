@@ -107,6 +107,13 @@ class Matryoshka(Loss):
                 raise ValueError(f"dims: repeated dimension in {list(dims)}")
         check_weights(weights, dims, "dims", "dim")
 
+    @staticmethod
+    def trained_sizes(params: dict, num_layers: int, embedding_dim: int) -> tuple[list[int], None]:
+        """(the nesting dims, largest first; no layer pairs) a model trained with this loss's config
+        ``params`` answers for: ``dims``, or the default halvings of D."""
+        dims = params.get("dims") or default_dims(embedding_dim)
+        return sorted({int(d) for d in dims}, reverse=True), None
+
     def forward(self, q, p, n=None, rows=None, mask=None) -> LossOutput:
         terms = [(f"dim_{d}", [F.normalize(x[..., :d], dim=-1) if x is not None else None for x in (q, p, n)], w)
                  for d, w in zip(self.dims, self.weights)]

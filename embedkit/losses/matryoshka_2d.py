@@ -111,6 +111,18 @@ class Matryoshka2D(Loss):
             raise ValueError("weights: mode=sample weighs the full and the sampled model 1 each")
         check_weights(weights, pairs, "pairs", "pair")
 
+    @staticmethod
+    def trained_sizes(params: dict, num_layers: int, embedding_dim: int
+                      ) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """(the dims of its pairs, largest first; the (layer, dim) pairs, sorted) a model trained with
+        this loss's config ``params`` answers for. ``mode=sample`` trains every pair of its list, so
+        its pairs are None (any); the full model (L, D) is always among them."""
+        sample = params.get("mode") == "sample"
+        pairs = params.get("pairs") or ([(1, d) for d in default_dims(embedding_dim)] if sample
+                                        else default_pairs(num_layers, embedding_dim))
+        pairs = {(int(l), int(d)) for l, d in pairs} | {(num_layers, embedding_dim)}
+        return sorted({d for _, d in pairs}, reverse=True), (None if sample else sorted(pairs))
+
     def draw(self) -> tuple[int, int]:
         """The pair of this call (sample mode): seeded by (seed, calls so far); advances the count."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.draws))

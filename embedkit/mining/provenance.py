@@ -28,17 +28,16 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def model_sha256(path: str | Path) -> str:
-    """The mining model's hash: its checkpoint file (a run dir's checkpoints/last.ckpt), or every file
-    of an export folder (names and contents, in sorted order)."""
-    path = Path(path)
-    if path.is_dir() and (path / "checkpoints" / "last.ckpt").is_file():
-        return file_sha256(path / "checkpoints" / "last.ckpt")
-    if path.is_file():
-        return file_sha256(path)
+def model_sha256(model) -> str:
+    """The mining model's hash, from its ``Provenance`` (``export.reader.open_model``): the checkpoint
+    file its weights were read from (a checkpoint, a run dir's newest), else every file of the folder
+    it was opened from (an export: names and contents, in sorted order)."""
+    if model.checkpoint is not None:
+        return file_sha256(model.checkpoint)
+    folder = Path(model.source)
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode() + b"\0" + file_sha256(f).encode())
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + file_sha256(f).encode())
     return h.hexdigest()
 
 

@@ -1,7 +1,8 @@
 """Evaluation results into MLflow: the run that trained the checkpoint, or a new ``eval-<run>`` run.
 
-``log_eval(...)`` finds the training run by its name (and ``run.dir`` param) in its experiment and
-logs the metrics at the checkpoint's step, plus the summary files as artifacts under ``eval/``.
+``log_eval(...)`` finds the training run by its name (and ``run.dir`` param) in its experiment
+(``training_run.find_training_run``) and logs the metrics at the checkpoint's step, plus the summary
+files as artifacts under ``eval/``; ``log_eval_result`` does it for an ``embedkit eval`` result.
 """
 
 from __future__ import annotations
@@ -10,23 +11,23 @@ import time
 from pathlib import Path
 
 
-def find_training_run(client, experiment: str, run_name: str | None, run_dir: str | None = None):
-    """The latest run of ``experiment`` named ``run_name`` (and with param ``run.dir``, if given)."""
-    if not run_name or "'" in run_name or (run_dir and "'" in run_dir):
-        return None
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    query = f"tags.`mlflow.runName` = '{run_name}'"
-    if run_dir:
-        query += f" and params.`run.dir` = '{run_dir}'"
-    runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string=query,
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+def log_eval_result(tracking: dict, provenance, result, recipe: str) -> str:
+    """Log an evaluation (``eval.run.EvalResult``: metrics, files, artifact folder, eval root) of the
+    model ``provenance`` describes, as the ``tracking`` section of the eval's config says; the run id.
+    The training run is named by the model's training config; a model without one (a recipe's model,
+    a sentence-transformers folder) gets a new ``eval-<name>`` run."""
+    from embedkit.tracking.mlflow_setup import tracking_uri
+
+    trained = provenance.config
+    run = trained.get("run", {})
+    source = Path(provenance.checkpoint or provenance.source or ".")
+    name = run.get("name") or (f"eval-{recipe}" if provenance.kind == "config" else source.stem)
+    return log_eval(
+        tracking_uri(tracking), trained.get("tracking", {}).get("experiment") or tracking["experiment"],
+        name, run.get("dir"),
+        tags={"embedkit.eval.ckpt": str(source.resolve()), "embedkit.eval.root": result.root},
+        metrics=result.metrics(), files=result.files(), step=provenance.step, artifact_path=result.folder,
     )
-    return runs[0] if runs else None
 
 
 def log_eval(uri: str, experiment: str, run_name: str | None, run_dir: str | None, *, tags: dict[str, str],
@@ -37,6 +38,7 @@ def log_eval(uri: str, experiment: str, run_name: str | None, run_dir: str | Non
     from mlflow.tracking import MlflowClient
 
     from embedkit.tracking.store import stored_name
+    from embedkit.tracking.training_run import find_training_run
 
     client = MlflowClient(tracking_uri=uri)
     run = find_training_run(client, experiment, run_name, run_dir)

@@ -1,4 +1,5 @@
-"""Merging runs of one base into one model: ``average``, ``slerp`` and ``ties`` (issue 19).
+"""Merging runs of one base into one model: ``average``, ``slerp`` and ``ties``. Weight-space surgery on
+finished runs (run dirs in, a run dir out, through ``RunDir``), beside export's LoRA merge.
 
 Li et al., "Improving General Text Embedding Model: Tackling Task Conflict and Data Imbalance through
 Model Merging" (arXiv 2410.15035) train embedding models on separate task groups and merge them
@@ -38,6 +39,8 @@ import torch
 
 from embedkit.encoder import CHECKPOINT_PREFIX, Encoder, read_checkpoint
 from embedkit.errors import UserError
+from embedkit.export.reader import checkpoint_of, from_checkpoint
+from embedkit.runs import RunDir
 
 METHODS = ("average", "slerp", "ties")
 
@@ -92,15 +95,8 @@ def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[
 # ---------------------------------------------------------------- runs
 
 
-def checkpoint_of(run: Path) -> Path:
-    run = Path(run).expanduser()
-    ckpt = run / "checkpoints" / "last.ckpt" if run.is_dir() else run
-    if not ckpt.is_file():
-        raise UserError(f"merge: {run} is not a run dir (no checkpoints/last.ckpt) or a checkpoint file")
-    return ckpt
-
-
 def _flat(d: dict, prefix: str = "") -> dict:
+    # a local flatten: the shared one in embedkit/config/ is being added beside this change
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -128,13 +124,14 @@ def weight_space(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, t
     """(config, the encoder's weights with any LoRA folded in, the frozen base under LoRA or None)."""
     from embedkit.backbones.lora import lora_layers, remove_lora
 
-    encoder = Encoder.from_checkpoint(ckpt)
+    encoder = from_checkpoint(ckpt)
+    config = encoder.provenance.config
     if not lora_layers(encoder.backbone):
-        return encoder.config, {k: v.detach().clone() for k, v in encoder.state_dict().items()}, None
+        return config, {k: v.detach().clone() for k, v in encoder.state_dict().items()}, None
     base = copy.deepcopy(encoder)
     remove_lora(base.backbone, merge=False)
     remove_lora(encoder.backbone, merge=True)
-    return encoder.config, dict(encoder.state_dict()), dict(base.state_dict())
+    return config, dict(encoder.state_dict()), dict(base.state_dict())
 
 
 def built_base(config: dict) -> dict[str, torch.Tensor]:
@@ -188,17 +185,15 @@ def merge_states(states: Sequence[dict], method: str, weights: Sequence[float], 
 def merge_runs(runs: Sequence[str | Path], out: str | Path, *, method: str = "average",
                weights: Sequence[float] | None = None, density: float = 0.2, scale: float = 1.0,
                log: Callable[[str], None] = print) -> Path:
-    """Merge ``runs`` into a run dir ``out`` (``config.yaml``, ``checkpoints/last.ckpt``, ``merge.json``)."""
-    import yaml
-
-    from embedkit.files import atomic_path, write_atomic
+    """Merge ``runs`` (run dirs or checkpoint files) into a new run dir ``out`` (its config, its last
+    checkpoint, ``merge.json``)."""
 
     runs = [Path(r).expanduser() for r in runs]
     weights = check_args(runs, method, weights, density)
     out = Path(out).expanduser()
     if out.exists():
         raise UserError(f"out: {out} exists; remove it or choose another")
-    ckpts = [checkpoint_of(r) for r in runs]
+    ckpts = [checkpoint_of(r, what="merge") for r in runs]
     check_one_base([read_checkpoint(c)[0] for c in ckpts], runs)  # before any model is built
 
     states, config, base = [], None, None
@@ -212,18 +207,36 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path, *, method: str = "av
         base = built_base(config)
     merged = merge_states(states, method, weights, base, density, scale, log)
 
-    config = copy.deepcopy(config)
-    if config["model"]["lora"].get("enabled"):
-        config["model"]["lora"]["enabled"] = False  # folded: the merged run is a full model
-    config["run"] = {**config.get("run", {}), "name": out.name, "dir": str(out)}
-    (out / "checkpoints").mkdir(parents=True)
-    write_atomic(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    record = {"method": method, "runs": [str(r.resolve()) for r in runs], "weights": weights}
-    if method == "ties":
-        record.update(density=density, scale=scale)
-    write_atomic(out / "merge.json", json.dumps(record, indent=2) + "\n")
-    with atomic_path(out / "checkpoints" / "last.ckpt") as tmp:
-        torch.save({"state_dict": {CHECKPOINT_PREFIX + k: v for k, v in merged.items()},
-                    "hyper_parameters": {"config": config}, "global_step": 0, "embedkit_merge": record}, tmp)
+    write_run(RunDir(out), merged_config(config, out), merged, record_of(runs, method, weights, density, scale))
     log(f"merge: wrote {out} ({method} of {len(runs)} runs, {len(merged)} tensors)")
     return out
+
+
+def merged_config(config: dict, out: Path) -> dict:
+    """The merged run's config: the first run's, LoRA off (folded: a full model), named for ``out``."""
+    config = copy.deepcopy(config)
+    if config["model"]["lora"].get("enabled"):
+        config["model"]["lora"]["enabled"] = False
+    config["run"] = {**config.get("run", {}), "name": out.name, "dir": str(out)}
+    return config
+
+
+def record_of(runs: Sequence[Path], method: str, weights: Sequence[float], density: float, scale: float) -> dict:
+    record = {"method": method, "runs": [str(r.resolve()) for r in runs], "weights": list(weights)}
+    if method == "ties":
+        record.update(density=density, scale=scale)
+    return record
+
+
+def write_run(run: RunDir, config: dict, merged: dict, record: dict) -> None:
+    """A run dir as ``embedkit fit`` leaves one (config, last checkpoint), plus ``merge.json``."""
+    import yaml
+
+    from embedkit.files import atomic_path, write_atomic
+
+    run.checkpoints_dir.mkdir(parents=True)
+    run.write_config(yaml.safe_dump(config, sort_keys=False))
+    write_atomic(run.path / "merge.json", json.dumps(record, indent=2) + "\n")
+    with atomic_path(run.last_checkpoint) as tmp:
+        torch.save({"state_dict": {CHECKPOINT_PREFIX + k: v for k, v in merged.items()},
+                    "hyper_parameters": {"config": config}, "global_step": 0, "embedkit_merge": record}, tmp)

@@ -301,8 +301,8 @@ def test_declared_choices_match_the_library():
     """A Literal in a declaration repeats a tuple of the library (kept light for --help): they agree."""
     from embedkit.data.mmeb import SPLITS
     from embedkit.eval.quantize import MODES
-    from embedkit.export.writer import DTYPES
-    from embedkit.training.merge import METHODS
+    from embedkit.backbones.base import DTYPE_NAMES
+    from embedkit.export.merge import METHODS
 
     def choices(name, key):
         opt = next(o for o in verb(name).declared() if o.key == key)
@@ -313,4 +313,4 @@ def test_declared_choices_match_the_library():
     assert choices("eval", "quantize") == choices("encode", "quantize") == MODES
     assert choices("data", "split") == SPLITS
     assert choices("merge", "method") == METHODS
-    assert set(choices("export", "dtype")) == set(DTYPES)
+    assert set(choices("export", "dtype")) == set(DTYPE_NAMES)

@@ -191,5 +191,12 @@ def set_trainable(module: nn.Module, prefixes: tuple[str, ...], trainable: bool)
             param.requires_grad_(trainable)
 
 
+#: the dtype names a config, ``export dtype=`` and ``load`` accept
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
 def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    """``torch.float32`` etc. for a name in ``DTYPE_NAMES``; KeyError otherwise."""
+    if name not in DTYPE_NAMES:
+        raise KeyError(name)
+    return getattr(torch, name)

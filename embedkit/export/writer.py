@@ -21,7 +21,6 @@ from embedkit.export import FORMAT_VERSION, META, card, st_files
 from embedkit.export.reader import ADAPTER, POOLING, open_model
 from embedkit.runs import RunDir
 
-DTYPE_NAMES = "float32, bfloat16, float16"  # what backbones.base.torch_dtype knows
 
 
 @dataclass
@@ -69,14 +68,14 @@ def export_model(source, out, *, merge_lora: bool = True, dtype: str | None = No
 
 def dtype_of(name: str | None):
     """The torch dtype of ``name`` (None: keep the model's), or a one-line ``UserError``."""
-    from embedkit.backbones.base import torch_dtype
+    from embedkit.backbones.base import DTYPE_NAMES, torch_dtype
 
     if name is None:
         return None
     try:
         return torch_dtype(name)
     except KeyError:
-        raise UserError(f"dtype: {name!r} is not one of {DTYPE_NAMES}") from None
+        raise UserError(f"dtype: {name!r} is not one of {', '.join(DTYPE_NAMES)}") from None
 
 
 def check_lora(encoder: Encoder) -> bool:

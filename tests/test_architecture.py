@@ -219,3 +219,53 @@ def test_the_checker_sees_a_planted_upward_import(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "PACKAGE", planted)
     graph = package_graph()
     assert graph == {"data": {"training": ["embedkit.data.bad:2"]}}
+
+
+#: the run directory's file names, spelt only by ``embedkit/runs.py``; the shard set's manifest, read only by
+#: ``embedkit/data/shard_set.py``
+OWNED_NAMES = {"config.yaml": "runs", "last.ckpt": "runs", "mlflow_run_id": "runs", "checkpoints": "runs",
+               "manifest.json": "data.shard_set"}
+
+
+def docstring_nodes(tree: ast.AST) -> set[int]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                out.add(id(first.value))
+    return out
+
+
+def spelt_names(module: str, path: Path) -> list[str]:
+    """``module:line name`` for each owned artifact name or ``.parent.parent`` walk in code (docstrings aside)."""
+    tree = ast.parse(path.read_text())
+    docs = docstring_nodes(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            for name, owner in OWNED_NAMES.items():
+                # "checkpoints" is also an English word: only a path component counts
+                hit = (re.search(r"(^checkpoints$)|(checkpoints/)|(/checkpoints\b)", node.value) if name == "checkpoints"
+                       else name in node.value)
+                if hit and module != f"embedkit.{owner}":
+                    found.append(f"{module}:{node.lineno} {name}")
+        if (isinstance(node, ast.Attribute) and node.attr == "parent" and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "parent" and module != "embedkit.runs"):
+            found.append(f"{module}:{node.lineno} .parent.parent")
+    return found
+
+
+def test_artifact_names_are_spelt_by_their_owners_only():
+    """The run dir's layout belongs to ``runs.RunDir``, ``manifest.json`` to ``data.shard_set.ShardSet``."""
+    found = [hit for module, path in source_modules().items() for hit in spelt_names(module, path)]
+    assert not found, "\n".join(found)
+
+
+def test_the_artifact_check_sees_a_planted_spelling(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('"""Reads config.yaml (a docstring may say so)."""\n'
+                   'def f(run):\n    return run / "checkpoints" / "last.ckpt", run.parent.parent\n')
+    assert sorted(spelt_names("embedkit.export.bad", bad)) == [
+        "embedkit.export.bad:3 .parent.parent", "embedkit.export.bad:3 checkpoints", "embedkit.export.bad:3 last.ckpt"]
+    assert spelt_names("embedkit.runs", bad) == []

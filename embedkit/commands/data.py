@@ -22,7 +22,7 @@ class MmebOptions:
     dataset: Literal["mmeb"] = option(help="the dataset to convert", positional=True, key="dataset", metavar="mmeb")
     src: str = option(help="MMEB-train folder (<subset>/original-*.parquet) or <subset>.parquet/.jsonl files",
                       metavar="DIR")
-    out: str = option(help="output folder: <subset>/train-*.tar and manifest.json", metavar="DIR")
+    out: str = option(help="output folder: <subset>/train-*.tar shards and the shard set's manifest", metavar="DIR")
     images: Optional[str] = option(None, "image root the *_image_path columns are relative to; null: src",
                                    metavar="DIR")
     subsets: Optional[list[str]] = option(None, "subsets to convert; null: every subset found")

@@ -1,4 +1,4 @@
-"""Synthetic multi-vector data for measuring MUVERA (``bench/muvera.py``, ``tests/test_muvera.py``):
+"""Synthetic multi-vector data for measuring MUVERA (``bench/muvera.py``, ``tests/eval/test_muvera.py``):
 a clustered corpus of token-vector sets and the recall of FDE candidates against exact MaxSim. Bench
 and test instruments, not part of the shipped package.
 """
@@ -13,7 +13,7 @@ from embedkit.eval.muvera import MuveraIndex, maxsim
 def clustered_corpus(num_docs: int = 3000, num_queries: int = 50, dim: int = 32, clusters: int = 200,
                      doc_tokens: tuple[int, int] = (8, 24), query_tokens: int = 8, topics: int = 4,
                      noise: float = 0.1, seed: int = 0):
-    """A synthetic multi-vector corpus (``bench/muvera.py``, ``tests/test_muvera.py``): each document draws ``topics``
+    """A synthetic multi-vector corpus (``bench/muvera.py``, ``tests/eval/test_muvera.py``): each document draws ``topics``
     cluster centres and its tokens are noisy copies of them (unit norm, lengths in ``doc_tokens``, padded,
     with a mask); each query takes ``query_tokens`` noisy copies of a random document's centres, so
     near and far documents exist for every query. Returns ``(docs, doc_mask, queries, query_mask)``."""

@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the suite writes its own stores: never to a tracking server named by the caller's environment
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="session", autouse=True)
 def demo_cache(tmp_path_factory):
@@ -21,20 +18,8 @@ def demo_cache(tmp_path_factory):
     return path
 
 
-def cli_env(**extra) -> dict:
-    """Environment for a CLI subprocess that runs this checkout's code."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update({"CI": "true", "OMP_NUM_THREADS": "1", **extra})
-    return env
-
-
-def run_cli(args, cwd, **env):
-    import subprocess
-
-    return subprocess.run([sys.executable, "-m", "embedkit", *args], cwd=cwd, env=cli_env(**env),
-                          capture_output=True, text=True, timeout=600)
-
-
-SMALL_DEMO = ["data.demo.train_size=256", "data.demo.val_size=16", "data.demo.holdout_combinations=4",
-              "data.train.shuffle_buffer=16", "data.train.num_workers=0"]
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/e2e/ launches processes: marked ``slow`` (still part of the default suite)."""
+    for item in items:
+        if "e2e" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.slow)

@@ -8,15 +8,12 @@ module that read it.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _mmeb_fixture as fx  # noqa: E402
-
 from embedkit.data.schema import Item  # noqa: E402
+from tests.helpers import mmeb_fixture as fx  # noqa: E402
 
 #: modules whose reads do not count: validation and composition read every key by design
 GENERIC = ("embedkit.config.",)

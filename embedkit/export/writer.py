@@ -22,7 +22,6 @@ from embedkit.export.reader import ADAPTER, POOLING, open_model
 from embedkit.runs import RunDir
 
 
-
 @dataclass
 class Cut:
     """The export's cut (``Encoder.cut``): the depth as trained, the layer kept (None: all), the dim

@@ -6,7 +6,7 @@ the vision tower's rotary positions and ``cu_seqlens``, where the image features
 of the batched vision attention -- the chunk processor computes on the CPU, in the DataLoader workers
 (``host_inputs``). The adapter's forward then runs the vision tower, writes its features into the token
 embeddings at the known positions and calls the model with the position ids given: no host sync in the
-vision path or the position ids, the same outputs (``tests/test_host_sync.py``). Qwen2-VL only: Qwen2.5-VL's
+vision path or the position ids, the same outputs (``tests/training/test_host_sync.py``). Qwen2-VL only: Qwen2.5-VL's
 forward differs, so its chunks keep transformers' own path.
 """
 
@@ -84,7 +84,7 @@ def host_inputs(inputs: dict[str, torch.Tensor], merge_size: int, image_token_id
     (int32 patch boundaries of the images) and ``vision_position_ids`` [patches, 2] (the tower's rotary
     positions), ``image_token_index`` (flat positions of the image tokens, in order),
     ``vision_groups`` / ``vision_order`` (``image_groups``, for the batched vision attention).
-    Equal to transformers' own (``tests/test_host_sync.py``); numpy, cached per image shape, since it
+    Equal to transformers' own (``tests/training/test_host_sync.py``); numpy, cached per image shape, since it
     runs in the DataLoader workers for every chunk."""
     grids = inputs["image_grid_thw"].tolist()
     ids = inputs["input_ids"]

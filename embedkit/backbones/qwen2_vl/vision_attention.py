@@ -5,7 +5,7 @@ call per image per layer, with a ``.tolist()`` host sync in every layer. ``use_b
 binds ``batched_vision_attention`` to every vision attention module instead: images of equal patch count
 are attended together as one dense batch, one SDPA call per distinct image size per layer, the grouping
 (``image_groups``) computed once per forward from ``cu_seqlens`` (or given by the host, see
-``host_positions``). Same outputs as the per-image loop (``tests/test_vision_attention.py``); flash
+``host_positions``). Same outputs as the per-image loop (``tests/backbones/test_vision_attention.py``); flash
 attention (varlen) and eager keep transformers' own path.
 """
 

@@ -72,37 +72,55 @@ class SourceReader:
         return first + p, rem, bool(first)
 
     def _raw(self, start: int = 0):
+        """Raw samples ``(shard, key, files)`` of this reader's share, pass after pass, from raw sample ``start``."""
         fallback, p, rem = False, 0, 0
         if start:
             p, rem, fallback = self._seek(start)
         while True:
-            got = 0
-            for shard in random.Random(f"{self.key}-pass-{p}").sample(self.mine, len(self.mine)):
-                if rem:
-                    n = self._counts[shard]
-                    if rem >= n:  # skip the whole shard: not even opened
-                        rem -= n
-                        got += n
-                        continue
-                try:
-                    for i, (key, files) in enumerate(iter_samples(shard)):
-                        if i % self.stride == self.offset:
-                            got += 1
-                            if rem:
-                                rem -= 1
-                                continue
-                            yield shard, key, files
-                except ShardUnavailable:  # a remote shard that cannot be had (retries spent): stop, say which
-                    raise
-                except Exception as exc:  # a truncated or unreadable tar: keep what was read, move on
-                    self.skip(f"the rest of {shard} ({exc})", shard)
+            got, rem = yield from self._one_pass(p, rem)
             p += 1
             if got == 0:
-                if fallback:
-                    raise RuntimeError(f"training source {self.name!r} has no readable sample")
-                log.warning("source %s: this reader's share is empty (fewer samples than readers); "
-                            "reading all of it", self.name)
-                self.mine, self.stride, self.offset, fallback = self.shards, 1, 0, True
+                fallback = self._fall_back(fallback)
+
+    def _one_pass(self, p: int, rem: int):
+        """Pass ``p`` over this reader's shards (in that pass's order), its first ``rem`` raw samples skipped;
+        returns (raw samples of the share seen, ``rem`` still to skip)."""
+        got = 0
+        for shard in random.Random(f"{self.key}-pass-{p}").sample(self.mine, len(self.mine)):
+            if rem and rem >= self._counts[shard]:  # skip the whole shard: not even opened
+                rem -= self._counts[shard]
+                got += self._counts[shard]
+                continue
+            seen, rem = yield from self._read_shard(shard, rem)
+            got += seen
+        return got, rem
+
+    def _read_shard(self, shard: str, rem: int):
+        """This reader's samples of one shard, the first ``rem`` skipped; returns (samples seen, ``rem`` left)."""
+        got = 0
+        try:
+            for i, (key, files) in enumerate(iter_samples(shard)):
+                if i % self.stride != self.offset:
+                    continue
+                got += 1
+                if rem:
+                    rem -= 1
+                    continue
+                yield shard, key, files
+        except ShardUnavailable:  # a remote shard that cannot be had (retries spent): stop, say which
+            raise
+        except Exception as exc:  # a truncated or unreadable tar: keep what was read, move on
+            self.skip(f"the rest of {shard} ({exc})", shard)
+        return got, rem
+
+    def _fall_back(self, fallback: bool) -> bool:
+        """A pass found nothing in this reader's share: read the whole source from now on (once)."""
+        if fallback:
+            raise RuntimeError(f"training source {self.name!r} has no readable sample")
+        log.warning("source %s: this reader's share is empty (fewer samples than readers); "
+                    "reading all of it", self.name)
+        self.mine, self.stride, self.offset = self.shards, 1, 0
+        return True
 
     def _fill(self) -> None:
         """The next window of raw samples, permuted by its own RNG (popped from the end)."""

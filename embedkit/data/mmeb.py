@@ -324,21 +324,8 @@ def convert(src: str | Path, out: str | Path, *, images: str | Path | None = Non
     """Convert the subsets under ``src`` into shards under ``out`` (see the module docstring)."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
     images = Path(images).expanduser() if images else src
-    if not src.is_dir():
-        raise UserError(f"--src: {src} is not a folder")
-    if not images.is_dir():
-        raise UserError(f"--images: {images} is not a folder")
-    if shard_size < 1:
-        raise UserError("--shard-size: must be at least 1")
+    sources = _checked_sources(src, images, split, subsets, shard_size)
     spec = load_train_yaml(Path(config) if config else None)
-    sources = find_sources(src, split)
-    if subsets:
-        missing = [s for s in subsets if s not in sources]
-        if missing:
-            raise UserError(f"--subsets: {', '.join(missing)} not found in {src} (found: {', '.join(sources) or 'none'})")
-        sources = {s: sources[s] for s in subsets}
-    if not sources:
-        raise UserError(f"--src: no {split}-*.parquet subset folders and no .parquet/.jsonl files in {src}")
 
     # plan: cheap checks in the parent, shards planned over the rows that pass
     jobs, planned = [], {}
@@ -354,33 +341,53 @@ def convert(src: str | Path, out: str | Path, *, images: str | Path | None = Non
 
     # manifest, from the sidecars (this run's and earlier runs')
     manifest = {"format": FORMAT_VERSION, "split": split, "src": str(src), "images": str(images), "subsets": {}}
-    empty = []
     plans = {j["path"]: j["plan"] for j in jobs}
     for subset, info in planned.items():
-        skipped, shards = info["skipped"], []
-        for path in info["shards"]:
-            side = _done(path, plans[str(path)])
-            skipped.update(side["skipped"])
-            if side["count"]:
-                shards.append({"path": str(path.relative_to(out)), "count": side["count"],
-                               "bytes": side["bytes"], "sha256": side["sha256"]})
-        count = sum(s["count"] for s in shards)
-        if count == 0:
-            empty.append(subset)
-        manifest["subsets"][subset] = {
-            "meta_task": info["meta_task"], "cap": info["cap"], "count": count,
-            "bytes": sum(s["bytes"] for s in shards),
-            "digest": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
-            "skipped": {r: skipped[r] for r in REASONS if skipped[r]}, "shards": shards, "source": info["source"],
-        }
-        why = ", ".join(f"{n} {r}" for r, n in manifest["subsets"][subset]["skipped"].items()) or "none"
-        log(f"  {subset}: {count} examples in {len(shards)} shards; skipped: {why}")
-    total = {"count": sum(s["count"] for s in manifest["subsets"].values()),
-             "bytes": sum(s["bytes"] for s in manifest["subsets"].values()),
-             "skipped": dict(sum((Counter(s["skipped"]) for s in manifest["subsets"].values()), Counter()))}
-    manifest["total"] = total
+        manifest["subsets"][subset] = entry = _subset_entry(info, plans, out)
+        why = ", ".join(f"{n} {r}" for r, n in entry["skipped"].items()) or "none"
+        log(f"  {subset}: {entry['count']} examples in {len(entry['shards'])} shards; skipped: {why}")
+    entries = manifest["subsets"].values()
+    manifest["total"] = total = {"count": sum(s["count"] for s in entries), "bytes": sum(s["bytes"] for s in entries),
+                                 "skipped": dict(sum((Counter(s["skipped"]) for s in entries), Counter()))}
     written = write_manifest(out, manifest)
     log(f"mmeb: {total['count']} examples, {total['bytes'] / 1e6:.1f} MB; manifest {written}")
+    empty = [subset for subset, s in manifest["subsets"].items() if s["count"] == 0]
     if empty:
         raise UserError(f"no valid row in subset(s) {', '.join(empty)}: see skipped counts in {written}")
     return 0
+
+
+def _checked_sources(src: Path, images: Path, split: str, subsets: list[str] | None, shard_size: int) -> dict:
+    """{subset: its files} to convert; one-line ``UserError``s (named by option) for what cannot be."""
+    if not src.is_dir():
+        raise UserError(f"src: {src} is not a folder")
+    if not images.is_dir():
+        raise UserError(f"images: {images} is not a folder")
+    if shard_size < 1:
+        raise UserError("shard_size: must be at least 1")
+    sources = find_sources(src, split)
+    if subsets:
+        missing = [s for s in subsets if s not in sources]
+        if missing:
+            raise UserError(f"subsets: {', '.join(missing)} not found in {src} (found: {', '.join(sources) or 'none'})")
+        sources = {s: sources[s] for s in subsets}
+    if not sources:
+        raise UserError(f"src: no {split}-*.parquet subset folders and no .parquet/.jsonl files in {src}")
+    return sources
+
+
+def _subset_entry(info: dict, plans: dict, out: Path) -> dict:
+    """A subset's manifest entry from its shards' sidecars: counts, bytes, digest, skipped rows by reason."""
+    skipped, shards = info["skipped"], []
+    for path in info["shards"]:
+        side = _done(path, plans[str(path)])
+        skipped.update(side["skipped"])
+        if side["count"]:
+            shards.append({"path": str(path.relative_to(out)), "count": side["count"],
+                           "bytes": side["bytes"], "sha256": side["sha256"]})
+    return {
+        "meta_task": info["meta_task"], "cap": info["cap"], "count": sum(s["count"] for s in shards),
+        "bytes": sum(s["bytes"] for s in shards),
+        "digest": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
+        "skipped": {r: skipped[r] for r in REASONS if skipped[r]}, "shards": shards, "source": info["source"],
+    }

@@ -133,44 +133,53 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
 
 def component_kind_at(cfg: dict, key: str) -> str | None:
     """The component kind whose block sits at dotted ``key`` in ``cfg``, if any."""
-    import dataclasses
     import typing
 
-    parts = key.split(".")
     cls: Any = schema.Config
     node: Any = cfg
     kind = None
-    for part in parts:
+    for part in key.split("."):
         if kind is not None:  # inside a component block: only nested components continue
-            name = node.get("name") if isinstance(node, dict) else None
-            if name is None:
+            kind = _nested_kind(kind, node, part)
+            if kind is None:
                 return None
-            try:
-                comp = registry.get(kind, name)
-            except ConfigError:
+        else:
+            field = _schema_field(cls, part)
+            if field is None:
                 return None
-            if part not in comp.nested:
-                return None
-            kind = comp.nested[part]
-        elif dataclasses.is_dataclass(cls):
-            fields = {f.name: f for f in dataclasses.fields(cls)}
-            if part not in fields:
-                return None
-            f = fields[part]
-            if "component" in f.metadata:
-                kind = f.metadata["component"]
-                default = f.default_factory()
-                node = node.get(part, default) if isinstance(node, dict) else default
-                if isinstance(node, str):
-                    node = {"name": node}
+            kind = field.metadata.get("component")
+            if kind is not None:
+                default = field.default_factory()
+                node = _as_block(node.get(part, default) if isinstance(node, dict) else default)
                 continue
             cls = typing.get_type_hints(cls)[part]
-        else:
-            return None
-        node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, str):
-            node = {"name": node}
+        node = _as_block(node.get(part, {}) if isinstance(node, dict) else {})
     return kind
+
+
+def _as_block(node: Any) -> Any:
+    """A component given by its name alone (``loss: infonce``) as its block."""
+    return {"name": node} if isinstance(node, str) else node
+
+
+def _schema_field(cls: Any, name: str):
+    """The schema dataclass ``cls``'s field ``name``, or None (not a dataclass, or no such field)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(cls):
+        return None
+    return {f.name: f for f in dataclasses.fields(cls)}.get(name)
+
+
+def _nested_kind(kind: str, block: Any, part: str) -> str | None:
+    """The kind of the component nested at ``part`` of a ``kind`` block (``loss.inner``), or None."""
+    name = block.get("name") if isinstance(block, dict) else None
+    if name is None:
+        return None
+    try:
+        return registry.get(kind, name).nested.get(part)
+    except ConfigError:
+        return None
 
 
 def _set(cfg: dict, key: str, value: Any) -> None:

@@ -297,7 +297,7 @@ class Fit:
             from embedkit.eval.callback import MMEBValidation
 
             callbacks.append(MMEBValidation(ev["root"], ev["datasets"], max_rows=ev["val_rows"],
-                                            batch_size=train["chunk_size"]))
+                                            chunk_size=train["chunk_size"]))
         return callbacks
 
     def _setup_trainer(self, trainer: dict):

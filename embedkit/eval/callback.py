@@ -17,13 +17,11 @@ from embedkit.eval.mmeb import validation_metrics
 class MMEBValidation(L.Callback):
     """``chunk_size``: items per forward pass of the encoder (``train.chunk_size``)."""
 
-    def __init__(self, root: str, datasets: Sequence[str] = (), max_rows: int = 100, chunk_size: int = 16,
-                 batch_size: int | None = None):
+    def __init__(self, root: str, datasets: Sequence[str] = (), max_rows: int = 100, chunk_size: int = 16):
         self.root = root
         self.datasets = list(datasets)
         self.max_rows = max_rows
-        # TEMPORARY: the old name of chunk_size, until commands/fit.py passes chunk_size= (then delete)
-        self.chunk_size = chunk_size if batch_size is None else batch_size
+        self.chunk_size = chunk_size
 
     def on_validation_epoch_end(self, trainer, pl_module):
         encoder = pl_module.encoder

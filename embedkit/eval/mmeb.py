@@ -285,7 +285,6 @@ def evaluate(
     quantize: Sequence[str] = (),
     rescore_k: int | None = None,
     muvera: MuveraRetrieval | None = None,
-    batch_size: int | None = None,
 ) -> dict:
     """Evaluate ``datasets`` (all found under root when empty); write outputs on rank 0.
 
@@ -293,8 +292,6 @@ def evaluate(
     ``{"datasets": {name: score dict}, "aggregate": {...}}``. Every rank must call this under
     torch.distributed (the encodings are gathered).
     """
-    # TEMPORARY: the old name of chunk_size, until commands/eval.py passes chunk_size= (then delete)
-    chunk_size = chunk_size if batch_size is None else batch_size
     manifest = manifest or load_manifest()
     names = resolve_datasets(root, list(datasets), manifest)
     results = {}

@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from embedkit.config.flat import flatten
 from embedkit.encoder import CHECKPOINT_PREFIX, Encoder, read_checkpoint
 from embedkit.errors import UserError
 from embedkit.export.reader import checkpoint_of, from_checkpoint
@@ -95,22 +96,11 @@ def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[
 # ---------------------------------------------------------------- runs
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    # a local flatten: the shared one in embedkit/config/ is being added beside this change
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_one_base(configs: Sequence[dict], runs: Sequence[Path]) -> None:
     """Runs of one base: equal model sections (and seeds, for tiny random backbones); else one line."""
-    first = _flat({"model": configs[0]["model"]})
+    first = flatten({"model": configs[0]["model"]})
     for cfg, run in zip(configs[1:], runs[1:]):
-        other = _flat({"model": cfg["model"]})
+        other = flatten({"model": cfg["model"]})
         for key in sorted(set(first) | set(other)):
             if first.get(key) != other.get(key):
                 raise UserError(f"merge: {run} differs from {runs[0]} in {key} ({other.get(key)!r} vs "

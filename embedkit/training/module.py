@@ -51,7 +51,7 @@ class EmbeddingModule(L.LightningModule):
     which the fit command reads: the data and the run length need them too).
 
     ``config`` (the whole resolved config) is stored in checkpoints, never read here: it is what
-    ``Encoder.from_checkpoint`` and ``embedkit eval`` rebuild the model from.
+    ``embedkit.load`` (``export.reader.from_checkpoint``) and ``embedkit eval`` rebuild the model from.
     """
 
     def __init__(self, encoder: Encoder, loss_fn: Loss, train: dict, *, max_steps: int, accumulate: int,

@@ -23,7 +23,7 @@ def check_shards(data: dict) -> tuple[list[str] | None, list[str] | None]:
     use_demo = data["demo"]["enabled"]
     if data["train"]["shards"] is None and not use_demo:
         raise ConfigError("data.train.shards is not set: this recipe trains on real data; convert MMEB with "
-                          "`embedkit data mmeb --src DIR --out SHARDS` and pass data.train.shards=SHARDS "
+                          "`embedkit data mmeb src=DIR out=SHARDS` and pass data.train.shards=SHARDS "
                           "(or data.demo.enabled=true for the drawn demo data)")
     train = None if data["train"]["shards"] is None else checked_shards("data.train.shards", data["train"]["shards"])
     if data["val"]["shards"] is not None:

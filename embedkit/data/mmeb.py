@@ -1,8 +1,8 @@
 """``embedkit data mmeb``: MMEB-train (parquet or jsonl) -> per-subset WebDataset shards + a manifest.
 
-Source layouts accepted under ``--src`` (columns ``qry``, ``qry_image_path``, ``pos_text``,
+Source layouts accepted under ``src=`` (columns ``qry``, ``qry_image_path``, ``pos_text``,
 ``pos_image_path`` and optionally ``neg_text``, ``neg_image_path``; image paths relative to
-``--images``):
+``images=``):
 
     <src>/<subset>/<split>-*.parquet     the MMEB-train download (split: original, diverse_instruction, train)
     <src>/<subset>.parquet               a user's own subset
@@ -13,7 +13,7 @@ task of every example is its subset name, the manifest gives its meta-task) and 
 manifest (``data.shard_set``) with counts, bytes and a sha256 digest per shard, and skipped rows by reason.
 
 How it scales: the parent reads the tables (columns only, cheap) and applies the row checks that need
-no image; the cap (``--cap``, or the subset's ``cap`` in ``data/mmeb/train.yaml``) takes the first
+no image; the cap (``cap=``, or the subset's ``cap`` in ``data/mmeb/train.yaml``) takes the first
 N rows that pass them, in file order (as VLM2Vec takes the first N rows). Shards are planned over
 those rows and written by a process pool (bounded by cores): each job reads its images, skips the
 ones missing or unreadable, and writes its shard atomically, with a sidecar ``.<shard>.json``

@@ -1,7 +1,7 @@
 """The runs of one MLflow experiment side by side (the ``embedkit compare`` verb: commands/compare.py).
 
     embedkit compare [experiment=NAME] [metric=val/p@1,train/loss ...] [tracking.uri=URI]
-                     [--format markdown|csv] [--plot out.png]
+                     [format=markdown|csv] [plot=out.png]
 
 One row per run (oldest first): the run's name, the params whose values differ between the runs
 (params are the flattened config, dotted keys: ``loss.name``, ``train.lr``; ``run.name`` and

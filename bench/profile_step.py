@@ -66,7 +66,8 @@ def build(overrides: list[str], device: str, max_steps: int):
     cfg = compose(["recipe=demo", f"trainer.max_steps={max_steps}", "tracking.enabled=false", *overrides])
     train, trainer_cfg = cfg["train"], cfg["trainer"]
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
-    module = EmbeddingModule.build(cfg["model"], cfg["loss"], train, seed=cfg["seed"], max_steps=max_steps, config=cfg)
+    module = EmbeddingModule.build(cfg["model"], cfg["loss"], train, seed=cfg["seed"], max_steps=max_steps,
+                                   accumulate=train["accumulate_steps"], config=cfg)
     train_shards, val_shards = resolve_shards(cfg["data"], log=lambda *a, **k: None)
     data = EmbeddingDataModule(cfg["data"], module.encoder.processor(), train_shards, val_shards, seed=cfg["seed"],
                                global_batch_size=train["global_batch_size"], chunk_size=train["chunk_size"],

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# rank_and_world: imported from here by eval (ranks.py is its home)
-from embedkit.distributed.ranks import is_distributed, rank_and_world  # noqa: F401
+from embedkit.distributed.ranks import is_distributed
 
 
 class _AllGather(torch.autograd.Function):

@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from embedkit.data.schema import Item
-from embedkit.distributed.gather import rank_and_world
+from embedkit.distributed.ranks import rank_and_world
 from embedkit.errors import UserError
 from embedkit.eval import retrieval
 from embedkit.eval.muvera import MuveraRetrieval, muvera_row_scores

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from embedkit.distributed.ranks import process_group_up
+
 
 def ddp_wrapper(strategy) -> nn.Module | None:
     """The ``DistributedDataParallel`` wrapper a Lightning strategy trains through, if any."""
@@ -64,7 +66,7 @@ def average_gradients(params: list[nn.Parameter], group=None) -> None:
     no image) gets zeros there if any rank has a gradient for it, so every rank reduces the same
     list of tensors in the same order.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+    if not process_group_up() or dist.get_world_size(group) == 1:
         return
     world = dist.get_world_size(group)
     params = [p for p in params if p.requires_grad]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from embedkit.data.batch import TrainBatch
+from embedkit.data.batch import Role, TrainBatch
 from embedkit.distributed import distributed_loss
 from embedkit.distributed.ranks import max_over_ranks, process_group_up, rank_and_world
 from embedkit.encoder import Encoder
@@ -357,7 +357,7 @@ class EmbeddingModule(L.LightningModule):
         index = torch.cat([i for _, i, _ in self._val])
         emb = torch.cat([e for _, _, e in self._val])
         self._val.clear()
-        q = emb[roles == 0][index[roles == 0].argsort()]
-        c = emb[roles == 1][index[roles == 1].argsort()]
+        q = emb[roles == Role.QUERY][index[roles == Role.QUERY].argsort()]
+        c = emb[roles == Role.CANDIDATE][index[roles == Role.CANDIDATE].argsort()]
         hits = similarity_for(q)(q, c).argmax(dim=1) == torch.arange(len(q))
         self.log("val/p@1", hits.float().mean(), batch_size=len(q))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "embedkit"
@@ -171,7 +172,7 @@ def test_the_file_circle_check_sees_a_planted_circle(tmp_path, monkeypatch):
     (planted / "data" / "a.py").write_text("def f():\n    from embedkit.data.b import g\n")
     (planted / "data" / "b.py").write_text("from embedkit.data import a\n\n\ndef g():\n    pass\n")
     (planted / "data" / "c.py").write_text("import embedkit.data.a\n")
-    monkeypatch.setattr(__import__(__name__), "PACKAGE", planted)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", planted)
     assert file_cycles() == ["embedkit.data.a <-> embedkit.data.b: embedkit.data.a:2 -> embedkit.data.b, "
                              "embedkit.data.b:1 -> embedkit.data.a"]
 
@@ -216,7 +217,7 @@ def test_the_checker_sees_a_planted_upward_import(tmp_path, monkeypatch):
     (planted / "data" / "__init__.py").write_text("")
     (planted / "training" / "__init__.py").write_text("")
     (planted / "data" / "bad.py").write_text("def f():\n    from embedkit.training import module\n")
-    monkeypatch.setattr(__import__(__name__), "PACKAGE", planted)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", planted)
     graph = package_graph()
     assert graph == {"data": {"training": ["embedkit.data.bad:2"]}}
 

@@ -303,8 +303,8 @@ def test_peft_adapter_over_a_missing_base_is_one_line(tmp_path):
 
 def test_eval_a_released_checkpoint_through_the_path_key(llava, tmp_path, monkeypatch):
     """``embedkit eval recipe=llave_2b model.backbone.path=<llava_qwen folder>``: no embedkit checkpoint."""
-    import tests._mmeb_fixture as fx
     from embedkit.cli import main as cli
+    from tests.helpers import mmeb_fixture as fx
 
     root = tmp_path / "mmeb"
     fx.build(root)

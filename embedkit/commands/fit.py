@@ -100,12 +100,12 @@ def resume_config(run: RunDir, args: list[str]) -> tuple[dict, list[str], Path]:
     """``resume=RUN_DIR [overrides]``: (the run's saved config with the overrides a resume may make,
     the overrides, its newest checkpoint)."""
     from embedkit.config import schema
-    from embedkit.config.loader import apply_overrides, split_args
+    from embedkit.config.loader import apply_overrides, overridden_keys, split_args
     from embedkit.errors import UserError
 
     saved = run.saved_config("resume")
     _, overrides = split_args(args)
-    new = schema.validate(apply_overrides(run.saved_config("resume"), overrides))
+    new = schema.validate(apply_overrides(saved, overrides), overridden=overridden_keys(overrides))
     cfg = resumed_config(saved, new, str(run.config_path))
     ckpt = run.newest_checkpoint()
     if ckpt is None:

@@ -18,7 +18,8 @@ from embedkit.data.batch import Role, TrainBatch
 from embedkit.distributed import distributed_loss
 from embedkit.distributed.ranks import max_over_ranks, process_group_up, rank_and_world
 from embedkit.encoder import Encoder
-from embedkit.losses.base import CandidateMask, Loss, LossOutput, accepts_mask, similarity_for
+from embedkit.losses.base import CandidateMask, Loss, LossOutput, accepts_mask
+from embedkit.losses.similarity import similarity_for
 from embedkit.training import grad_sync, gradcache
 from embedkit.training.optim import build_optimizer, build_scheduler
 

@@ -9,6 +9,7 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import importlib
+import io
 import sys
 
 #: each verb is the module embedkit/commands/<verb>.py: ``VERB`` declares its options, ``main(args) -> int`` runs it
@@ -67,3 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("embedkit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`embedkit recipes | head`): stop quietly, as Unix tools do
+        _silence_stdout()
+        return 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not raise on the closed pipe."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass

@@ -314,3 +314,16 @@ def test_declared_choices_match_the_library():
     assert choices("data", "split") == SPLITS
     assert choices("merge", "method") == METHODS
     assert set(choices("export", "dtype")) == set(DTYPE_NAMES)
+
+
+def test_a_closed_pipe_ends_a_verb_quietly(monkeypatch, capsys):
+    """``embedkit recipes | head``: the reader closes the pipe; no traceback, exit 141 (128 + SIGPIPE)."""
+    from embedkit import cli
+    from embedkit.commands import recipes
+
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(recipes, "main", closed)
+    assert cli.main(["recipes"]) == 141
+    assert "Traceback" not in capsys.readouterr().err

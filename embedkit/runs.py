@@ -4,6 +4,7 @@
     <run>/checkpoints/step-NNNNNNNN.ckpt, last.ckpt   (last.ckpt: a link to the newest step file)
     <run>/mlflow_run_id               the MLflow run the run logs to (so a resume continues it)
     <run>/eval/, <run>/eval-l<L>_d<D>/   evaluation outputs (the full model; a model cut to a depth)
+    <run>/.lock                       held (``flock``) by the one ``embedkit fit`` writing the run; names its pid and host
 
 Every verb and library module reaches these through this class; no other file spells the names
 (``tests/test_architecture.py`` greps for them). A merged run (``embedkit merge``) is a run dir too.
@@ -11,7 +12,12 @@ Every verb and library module reaches these through this class; no other file sp
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import sys
 from pathlib import Path
+from typing import Callable
 
 from embedkit.errors import UserError
 from embedkit.files import write_atomic
@@ -21,6 +27,7 @@ CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 RUN_ID = "mlflow_run_id"
 STEP_GLOB = "step-*.ckpt"
+LOCK = ".lock"
 
 
 class RunDir:
@@ -53,6 +60,10 @@ class RunDir:
     def run_id_path(self) -> Path:
         return self.path / RUN_ID
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK
+
     def step_checkpoint(self, step: int) -> Path:
         return self.checkpoints_dir / f"step-{int(step):08d}.ckpt"
 
@@ -79,6 +90,30 @@ class RunDir:
         steps = self.step_checkpoints()
         return steps[-1] if steps else None
 
+    def newest_good_checkpoint(self, warn: Callable[[str], None] | None = None, what: str = "resume") -> Path | None:
+        """The newest checkpoint that reads (``last.ckpt``, then the step files newest first), None when
+        there is none; one ``warn`` line naming the unreadable ones passed over (a copy cut short, a full
+        disk), a one-line ``UserError`` when none reads."""
+        warn = warn or _to_stderr
+        bad: list[str] = []
+        seen: set[tuple[int, int]] = set()
+        candidates = [self.last_checkpoint] if self.last_checkpoint.is_file() else []
+        for path in [*candidates, *reversed(self.step_checkpoints())]:
+            st = path.stat()
+            if (st.st_dev, st.st_ino) in seen:  # last.ckpt is a hard link to the newest step file
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if bad:
+                    warn(f"warning: passing over unreadable checkpoint {'; '.join(bad)}; resuming from {path}")
+                return path
+            bad.append(f"{path} ({problem})")
+        if bad:
+            raise UserError(f"{what}={self.path}: no readable checkpoint under {self.checkpoints_dir} "
+                            f"({'; '.join(bad)})")
+        return None
+
     def checkpoint(self, what: str = "model") -> Path:
         """The newest checkpoint, or a one-line ``UserError`` (``what`` names the option)."""
         ckpt = self.newest_checkpoint()
@@ -104,6 +139,52 @@ class RunDir:
     def write_mlflow_run_id(self, run_id: str) -> None:
         write_atomic(self.run_id_path, run_id + "\n")
 
+    # --- one writer per run dir ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, warn: Callable[[str], None] | None = None):
+        """Hold ``<run>/.lock`` inside the block (the run dir is created): a one-line ``UserError`` naming
+        the holder's pid and host while another process holds it. The lock is an ``flock`` on the file, so
+        the kernel frees it when its holder dies however it dies; a lock file left by a dead holder is
+        taken over with one ``warn`` line. Released (the file removed) on leaving the block, errors too."""
+        warn = warn or _to_stderr
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd, stale = self._acquire_lock(warn)
+        try:
+            if stale:
+                warn(f"warning: taking over the lock of {self.path} left by {stale}, which is no longer running")
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            yield self
+        finally:
+            with contextlib.suppress(FileNotFoundError):  # a run that failed early removes its whole dir
+                if os.fstat(fd).st_ino == self.lock_path.stat().st_ino:
+                    self.lock_path.unlink()
+            os.close(fd)  # frees the flock
+
+    def _acquire_lock(self, warn: Callable[[str], None]) -> tuple[int, str]:
+        """(an open fd holding the flock on the lock file, the holder a stale file names or "")."""
+        import fcntl
+
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if not isinstance(e, BlockingIOError):  # a file system without locks (some cluster mounts)
+                    warn(f"warning: {self.lock_path}: cannot lock ({e.strerror}); nothing stops a second fit here")
+                    return fd, ""
+                holder = _busy_holder(fd)
+                os.close(fd)
+                raise UserError(f"run.dir: {self.path} is in use by another embedkit fit ({holder}); "
+                                f"wait for it or choose another run.dir") from None
+            try:
+                same = os.fstat(fd).st_ino == self.lock_path.stat().st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file its last holder unlinked after we opened it
+                return fd, _lock_holder(fd)
+            os.close(fd)
+
     # --- from a checkpoint path -----------------------------------------------------------------
     @classmethod
     def of_checkpoint(cls, ckpt: str | Path) -> "RunDir | None":
@@ -112,3 +193,54 @@ class RunDir:
         if ckpt.parent.name != CHECKPOINTS:
             return None
         return cls(ckpt.parent.parent)
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _lock_holder(fd: int) -> str:
+    """"pid P on host H" from an open lock file, "" for an empty one (released)."""
+    text = os.pread(fd, 4096, 0).decode(errors="replace").split()
+    return f"pid {text[0]} on host {text[1] if len(text) > 1 else '?'}" if text else ""
+
+
+def _busy_holder(fd: int) -> str:
+    """The holder of a lock someone holds; a process forked from it (a data loader worker) keeps the
+    flock until it exits too, so a holder gone from this host is said to be gone."""
+    text = os.pread(fd, 4096, 0).decode(errors="replace").split()
+    holder = _lock_holder(fd) or "a process that has not yet written its pid"
+    if len(text) > 1 and text[1] == socket.gethostname() and text[0].isdigit() and not _alive(int(text[0])):
+        holder += ", which exited; a process it started still holds the lock"
+    return holder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a readable checkpoint, or None. Cheap: the zip's central directory (at the end,
+    so a cut file has none), every member inside the file, and the small pickle read (its CRC checked);
+    the tensor bytes are not read."""
+    import zipfile
+
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if any(i.header_offset + i.compress_size > size for i in infos):
+                return "truncated"
+            pickles = [i for i in infos if i.filename.endswith("data.pkl")]
+            if not pickles:
+                return "no data.pkl: not a torch checkpoint"
+            zf.read(pickles[0])
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"truncated or corrupt: {e}"
+    return None

@@ -95,23 +95,25 @@ class RunDir:
         there is none; one ``warn`` line naming the unreadable ones passed over (a copy cut short, a full
         disk), a one-line ``UserError`` when none reads."""
         warn = warn or _to_stderr
-        bad: list[str] = []
-        seen: set[tuple[int, int]] = set()
+        names: dict[tuple[int, int], list[str]] = {}  # a file and its other names (last.ckpt: a hard link)
+        problems: dict[tuple[int, int], str] = {}
         candidates = [self.last_checkpoint] if self.last_checkpoint.is_file() else []
         for path in [*candidates, *reversed(self.step_checkpoints())]:
             st = path.stat()
-            if (st.st_dev, st.st_ino) in seen:  # last.ckpt is a hard link to the newest step file
+            key = (st.st_dev, st.st_ino)
+            if key in names:
+                names[key].append(path.name)
                 continue
-            seen.add((st.st_dev, st.st_ino))
+            names[key] = [str(path)]
             problem = checkpoint_problem(path)
             if problem is None:
-                if bad:
-                    warn(f"warning: passing over unreadable checkpoint {'; '.join(bad)}; resuming from {path}")
+                if problems:
+                    warn(f"warning: passing over unreadable checkpoint {_named(names, problems)}; resuming from {path}")
                 return path
-            bad.append(f"{path} ({problem})")
-        if bad:
+            problems[key] = problem
+        if problems:
             raise UserError(f"{what}={self.path}: no readable checkpoint under {self.checkpoints_dir} "
-                            f"({'; '.join(bad)})")
+                            f"({_named(names, problems)})")
         return None
 
     def checkpoint(self, what: str = "model") -> Path:
@@ -193,6 +195,12 @@ class RunDir:
         if ckpt.parent.name != CHECKPOINTS:
             return None
         return cls(ckpt.parent.parent)
+
+
+def _named(names: dict, problems: dict) -> str:
+    """"<file> (= <its other names>): <problem>; ..." for the unreadable checkpoint files."""
+    return "; ".join(names[k][0] + (f" (= {', '.join(names[k][1:])})" if len(names[k]) > 1 else "") + f": {problem}"
+                     for k, problem in problems.items())
 
 
 def _to_stderr(line: str) -> None:

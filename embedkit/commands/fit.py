@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -107,11 +108,27 @@ def resume_config(run: RunDir, args: list[str]) -> tuple[dict, list[str], Path]:
     _, overrides = split_args(args)
     new = schema.validate(apply_overrides(saved, overrides), overridden=overridden_keys(overrides))
     cfg = resumed_config(saved, new, str(run.config_path))
-    ckpt = run.newest_checkpoint()
+    ckpt = run.newest_good_checkpoint(warn=rank_zero_warn)
     if ckpt is None:
         raise UserError(f"resume={run.path}: no checkpoint under {run.checkpoints_dir}")
     cfg["run"]["dir"] = str(run.path)
     return cfg, overrides, ckpt
+
+
+#: the environment variables that number a process among a job's ranks (Lightning's launcher sets
+#: ``LOCAL_RANK`` for the ranks it starts; torchrun ``RANK``; SLURM ``SLURM_PROCID``; a node ``NODE_RANK``)
+RANK_ENVS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def launching_process() -> bool:
+    """Whether this process is the one that launched the run (global rank 0): it alone holds the run
+    dir's lock and says what the others would say again."""
+    return all(os.environ.get(var, "0") in ("", "0") for var in RANK_ENVS)
+
+
+def rank_zero_warn(line: str) -> None:
+    if launching_process():
+        print(line, file=sys.stderr, flush=True)
 
 
 def compose_run(args: list[str]) -> tuple[dict, list[str], Path | None]:
@@ -128,7 +145,7 @@ def compose_run(args: list[str]) -> tuple[dict, list[str], Path | None]:
     _, overrides = split_args(args)
     if cfg["run"]["resume"] == "auto":
         _, run = run_paths(cfg)
-        ckpt = run.newest_checkpoint() if run.is_run() else None
+        ckpt = run.newest_good_checkpoint(warn=rank_zero_warn, what="run.resume=auto: run.dir") if run.is_run() else None
         if ckpt is not None:
             cfg = resumed_config(run.saved_config("resume"), cfg, str(run.config_path))
             cfg["run"]["dir"] = str(run.path)
@@ -177,7 +194,9 @@ def main(args: list[str]) -> int:
     shards = check_inputs(cfg)
     created = not run.path.exists()
     fit = Fit(cfg, overrides, ckpt, shards)
-    with run_name_for_ranks(name):
+    # one fit per run dir: the launching process holds the lock; the ranks it starts run under it
+    lock = run.lock(warn=rank_zero_warn) if launching_process() else contextlib.nullcontext()
+    with lock, run_name_for_ranks(name):
         try:
             return fit.run()
         except BaseException:

@@ -88,3 +88,73 @@ def test_rank_helpers_outside_a_process_group():
     assert all_max(7, "cpu") == 7
     t = torch.tensor([3])
     assert max_over_ranks(t) is t and t.item() == 3
+
+
+# --- one fit per run dir; resume past a cut checkpoint ----------------------------------------------
+def _saved_run(tmp_path, steps=(20, 40)) -> RunDir:
+    from embedkit.config.loader import to_yaml
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config(to_yaml(_demo(tmp_path)))
+    run.checkpoints_dir.mkdir()
+    for step in steps:
+        torch.save({"global_step": step}, run.step_checkpoint(step))
+    link_atomic(run.step_checkpoint(steps[-1]), run.last_checkpoint)
+    with open(run.step_checkpoint(steps[-1]), "r+b") as f:  # cut short, as a full disk leaves it
+        f.truncate(100)
+    return run
+
+
+def test_resume_and_auto_resume_fall_back_past_a_cut_checkpoint_with_one_warning(tmp_path, capsys, monkeypatch):
+    for var in fit.RANK_ENVS:
+        monkeypatch.delenv(var, raising=False)
+    run = _saved_run(tmp_path)
+    _, _, ckpt = fit.compose_run([f"resume={run.path}"])
+    assert ckpt == run.step_checkpoint(20)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unreadable checkpoint" in err[0] and str(run.last_checkpoint) in err[0]
+    _, _, ckpt = fit.compose_run(["recipe=demo", f"run.dir={run.path}", "run.resume=auto",
+                                  f"data.demo.cache_dir={tmp_path / 'cache'}", "data.demo.train_size=16",
+                                  "data.demo.val_size=4"])
+    assert ckpt == run.step_checkpoint(20) and len(capsys.readouterr().err.strip().splitlines()) == 1
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank the launcher started: the same choice, said once by rank 0
+    assert fit.compose_run([f"resume={run.path}"])[2] == run.step_checkpoint(20)
+    assert capsys.readouterr().err == ""
+
+
+def test_resume_with_no_readable_checkpoint_is_one_line(tmp_path):
+    run = _saved_run(tmp_path, steps=(40,))
+    with pytest.raises(UserError, match=r"resume=.*: no readable checkpoint under .*step-00000040"):
+        fit.compose_run([f"resume={run.path}"])
+
+
+def test_a_second_fit_on_a_held_run_dir_exits_before_touching_it(tmp_path, monkeypatch):
+    for var in fit.RANK_ENVS:
+        monkeypatch.delenv(var, raising=False)
+    run = RunDir(tmp_path / "run")
+    args = ["recipe=demo", f"run.dir={run.path}", f"data.demo.cache_dir={tmp_path / 'cache'}"]
+    with run.lock():
+        with pytest.raises(UserError, match=rf"run.dir: .* in use by another embedkit fit \(pid {os.getpid()} on "):
+            fit.main(args)
+        assert run.path.is_dir() and not run.is_run()  # the holder's dir: nothing written, nothing removed
+    assert fit.launching_process()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not fit.launching_process()  # ranks the launcher starts run under its lock
+
+
+def test_the_lock_is_released_when_a_fit_fails(tmp_path, monkeypatch):
+    for var in fit.RANK_ENVS:
+        monkeypatch.delenv(var, raising=False)
+
+    def fail(self):
+        assert RunDir(self.cfg["run"]["dir"]).lock_path.is_file()  # held while the run runs
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(fit.Fit, "run", fail)
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(RuntimeError):
+        fit.main(["recipe=demo", f"run.dir={run.path}", f"data.demo.cache_dir={tmp_path / 'cache'}"])
+    assert not run.path.exists()  # a fresh run that failed before its first step leaves nothing
+    with run.lock(warn=pytest.fail):
+        pass

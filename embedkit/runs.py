@@ -1,4 +1,5 @@
-"""``RunDir``: the one owner of a run directory's layout. Paths and YAML only (the ground floor).
+"""``RunDir``: the one owner of a run directory's layout. Paths, YAML, the run's lock and a cheap check
+that a checkpoint file reads (the ground floor: no torch import).
 
     <run>/config.yaml                 the resolved config the run trained with
     <run>/checkpoints/step-NNNNNNNN.ckpt, last.ckpt   (last.ckpt: a link to the newest step file)

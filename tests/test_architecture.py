@@ -225,7 +225,7 @@ def test_the_checker_sees_a_planted_upward_import(tmp_path, monkeypatch):
 #: the run directory's file names, spelt only by ``embedkit/runs.py``; the shard set's manifest, read only by
 #: ``embedkit/data/shard_set.py``
 OWNED_NAMES = {"config.yaml": "runs", "last.ckpt": "runs", "mlflow_run_id": "runs", "checkpoints": "runs",
-               "manifest.json": "data.shard_set"}
+               ".lock": "runs", "manifest.json": "data.shard_set"}
 
 
 def docstring_nodes(tree: ast.AST) -> set[int]:

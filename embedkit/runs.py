@@ -100,7 +100,10 @@ class RunDir:
         problems: dict[tuple[int, int], str] = {}
         candidates = [self.last_checkpoint] if self.last_checkpoint.is_file() else []
         for path in [*candidates, *reversed(self.step_checkpoints())]:
-            st = path.stat()
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # pruned since listed (a run writing here: the lock will say so)
+                continue
             key = (st.st_dev, st.st_ino)
             if key in names:
                 names[key].append(path.name)
@@ -152,17 +155,21 @@ class RunDir:
         warn = warn or _to_stderr
         self.path.mkdir(parents=True, exist_ok=True)
         fd, stale = self._acquire_lock(warn)
+        _HELD.add(fd)
+        owner = os.getpid()
         try:
             if stale:
                 warn(f"warning: taking over the lock of {self.path} left by {stale}, which is no longer running")
             os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            os.write(fd, f"{owner} {socket.gethostname()}\n".encode())
             yield self
         finally:
-            with contextlib.suppress(FileNotFoundError):  # a run that failed early removes its whole dir
-                if os.fstat(fd).st_ino == self.lock_path.stat().st_ino:
-                    self.lock_path.unlink()
-            os.close(fd)  # frees the flock
+            if os.getpid() == owner:  # not a forked child leaving the block
+                _HELD.discard(fd)
+                with contextlib.suppress(FileNotFoundError):  # a run that failed early removes its whole dir
+                    if os.fstat(fd).st_ino == self.lock_path.stat().st_ino:
+                        self.lock_path.unlink()
+                os.close(fd)  # frees the flock
 
     def _acquire_lock(self, warn: Callable[[str], None]) -> tuple[int, str]:
         """(an open fd holding the flock on the lock file, the holder a stale file names or "")."""
@@ -196,6 +203,21 @@ class RunDir:
         if ckpt.parent.name != CHECKPOINTS:
             return None
         return cls(ckpt.parent.parent)
+
+
+#: the lock files this process holds open. A forked child (a data loader worker) closes its copies at
+#: once: an flock belongs to the open file, so a worker outliving its killed parent would hold it on.
+_HELD: set[int] = set()
+
+
+def _close_held_locks() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # this copy only: the parent's lock stands
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks)
 
 
 def _named(names: dict, problems: dict) -> str:
@@ -240,8 +262,8 @@ def checkpoint_problem(path: str | Path) -> str | None:
     the tensor bytes are not read."""
     import zipfile
 
-    size = os.path.getsize(path)
     try:
+        size = os.path.getsize(path)
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
             if any(i.header_offset + i.compress_size > size for i in infos):

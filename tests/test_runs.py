@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -84,24 +85,39 @@ def test_a_stale_lock_is_taken_over_with_one_warning(tmp_path):
     assert not run.lock_path.exists()
 
 
-def test_the_kernel_frees_the_lock_of_a_killed_holder(tmp_path):
+HOLDER = """import os, sys, time
+from embedkit.runs import RunDir
+with RunDir(sys.argv[1]).lock():
+    child = os.fork()  # as a data loader worker is forked: it outlives a killed parent for a while
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_the_kernel_frees_the_lock_of_a_killed_holder_though_its_forked_child_lives(tmp_path):
     run = RunDir(tmp_path / "r")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom embedkit.runs import RunDir\n"
-                               "with RunDir(sys.argv[1]).lock():\n    print('held', flush=True)\n    time.sleep(60)\n",
-         str(run.path)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run.path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = None
     try:
-        assert holder.stdout.readline().strip() == "held"
+        child = int(holder.stdout.readline())
         with pytest.raises(UserError, match=rf"pid {holder.pid} on host"):
             with run.lock(warn=pytest.fail):
                 pass
+        holder.kill()
+        holder.wait()
+        warnings = []
+        with run.lock(warn=warnings.append):  # SIGKILL left the file; its flock went with the process
+            pass
+        assert len(warnings) == 1 and f"pid {holder.pid}" in warnings[0]
     finally:
         holder.kill()
         holder.wait()
-    warnings = []
-    with run.lock(warn=warnings.append):  # SIGKILL left the file; its flock went with the process
-        pass
-    assert len(warnings) == 1 and f"pid {holder.pid}" in warnings[0]
+        if child:
+            os.kill(child, signal.SIGKILL)
 
 
 # --- the newest checkpoint that reads --------------------------------------------------------------

@@ -81,6 +81,7 @@ VERBS = {
                                     f"out={tmp / 'mined'}", "num_negatives=2"],
     "encode": lambda run, ckpt, tmp: ["encode", f"model={run}", f"input={tmp / 'in.jsonl'}", f"out={tmp / 'o.npy'}"],
     "fit resume=": lambda run, ckpt, tmp: ["fit", f"resume={run}"],
+    "fit run.resume=auto": lambda run, ckpt, tmp: ["fit", f"run.dir={run}", "run.resume=auto"],
 }
 
 

@@ -12,9 +12,10 @@ from embedkit.version import __version__
 __all__ = ["load", "register", "__version__"]
 
 
-def load(path, device=None, layer=None, dim=None):
+def load(path, device=None, layer=None, dim=None, trust_checkpoint=False):
     """The ``Encoder`` of an export folder, a run dir or a checkpoint (``embedkit.export.reader.load``);
-    ``layer``/``dim``: cut to that depth and embedding size (2D Matryoshka / Starbucks)."""
+    ``layer``/``dim``: cut to that depth and embedding size (2D Matryoshka / Starbucks). A checkpoint
+    is read weights-only (no code in it runs); ``trust_checkpoint=True`` reads a file you trust fully."""
     from embedkit.export.reader import load as _load
 
-    return _load(path, device=device, layer=layer, dim=dim)
+    return _load(path, device=device, layer=layer, dim=dim, trust_checkpoint=trust_checkpoint)

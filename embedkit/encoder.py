@@ -23,6 +23,7 @@ pooling contract: padding invariance).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -311,14 +312,51 @@ def make_items(texts, images, prefix: str | None = None) -> list[Item]:
         items = [Item(text=prefix + (it.text or ""), image=it.image) for it in items]
     return items
 
-def read_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, dict]:
-    """(resolved config, checkpoint dict) of an ``embedkit fit`` checkpoint; plugins loaded first."""
+#: the one opt-in that loads a checkpoint with the full unpickler (code in the file may run)
+TRUST_OPTION = "trust_checkpoint=true"
+
+
+def checkpoint_globals() -> list:
+    """Every non-tensor type an ``embedkit fit`` / ``merge`` checkpoint holds, for PyTorch's weights-only
+    unpickler: numpy's RNG state (``np.random.get_state()``: a uint32 array; the module's RNG record)
+    as numpy 2 pickles it and as numpy 1 did. Python's random state, Lightning's loop, optimizer and
+    scheduler states and the config are plain dicts, lists, tuples, numbers and strings."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct,
+            (_reconstruct, "numpy.core.multiarray._reconstruct")]
+
+
+def load_checkpoint_file(path: Path, map_location="cpu", trust: bool = False) -> dict:
+    """``torch.load`` of an embedkit checkpoint: weights-only with ``checkpoint_globals`` allowed (no code
+    in the file runs), or, with ``trust``, the full unpickler. Anything else: one-line ``UserError``."""
+    import pickle
+
+    if trust:
+        return torch.load(str(path), map_location=map_location, weights_only=False, mmap=True)
+    try:
+        with torch.serialization.safe_globals(checkpoint_globals()):
+            return torch.load(str(path), map_location=map_location, weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)|got <class '([^']+)'>", str(e))
+        what = next(g for g in found.groups() if g) if found else "an object"
+        raise UserError(f"ckpt: {path} holds {what}, which no embedkit checkpoint holds; loading it could run "
+                        f"code from the file. If you trust the file, add {TRUST_OPTION}") from None
+
+
+def read_checkpoint(path: str | Path, map_location="cpu", trust: bool = False) -> tuple[dict, dict]:
+    """(resolved config, checkpoint dict) of an ``embedkit fit`` checkpoint; plugins loaded first.
+    Weights-only unless ``trust`` (``load_checkpoint_file``)."""
     from embedkit.config import registry
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"ckpt: file not found: {path}")
-    state = torch.load(str(path), map_location=map_location, weights_only=False, mmap=True)
+    state = load_checkpoint_file(path, map_location, trust)
     try:
         config = state["hyper_parameters"]["config"]
     except (KeyError, TypeError):

@@ -109,7 +109,8 @@ def test_encoder_from_checkpoint_equals_the_trained_module(demo_run):
     with torch.no_grad():
         inputs = module.encoder.processor()(items)
         trained = module.encode(inputs)  # the training path: processed chunk -> the module's forward
-    loaded = from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    # trust: the fixture's checkpoint pickles its config as this file's ``Recorded`` (not weights-only)
+    loaded = from_checkpoint(run_dir / "checkpoints" / "last.ckpt", trust=True)
     assert loaded.provenance.step == 4 and not loaded.training
     got = loaded.encode(items)
     assert got.shape == (len(items), loaded.embedding_dim)
@@ -158,7 +159,8 @@ def test_every_config_key_of_eval_is_read_in_one_module(demo_run, monkeypatch, c
     monkeypatch.chdir(run_dir.parent.parent)
     monkeypatch.setattr(loader, "compose", recorded_compose(reads))
     assert cli(["eval", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"data.eval.root={root}",
-                "data.eval.datasets=[N24News]", f"out={run_dir / 'eval'}"]) == 0
+                "data.eval.datasets=[N24News]", f"out={run_dir / 'eval'}",
+                "trust_checkpoint=true"]) == 0  # its config pickled as ``Recorded`` (demo_run)
     assert "overall P@1" in capsys.readouterr().out
     owners = leaf_owners(reads)
     shared = {k: sorted(m) for k, m in owners.items() if len(m) > 1}

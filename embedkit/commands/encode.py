@@ -31,6 +31,8 @@ class EncodeOptions:
     part_size: int = option(1024, "rows per part written (an interrupted run resumes from its parts)", minimum=1)
     device: Optional[str] = option(None, "cpu, cuda, cuda:1 ...; null: the CPU", metavar="DEVICE")
     quantize: Optional[Literal["binary", "int8"]] = option(None, "write packed sign bits or int8 codes")
+    trust_checkpoint: bool = option(False, "read a checkpoint you trust with the full unpickler (it may run code "
+                                           "from the file); default: weights and embedkit's own states only")
 
 
 VERB = Verb("encode", "embed a corpus file with a trained model", EncodeOptions)
@@ -41,7 +43,7 @@ def main(args: list[str]) -> int:
     from embedkit.export.corpus import encode_file
     from embedkit.export.reader import load
 
-    encoder = load(opts.model, device=opts.device)
+    encoder = load(opts.model, device=opts.device, trust_checkpoint=opts.trust_checkpoint)
     encode_file(encoder, opts.input, opts.out, batch_size=opts.batch_size,
                 instruction=opts.instruction, dim=opts.dim, part_size=opts.part_size,
                 quantize=opts.quantize,

@@ -64,6 +64,8 @@ class EvalOptions:
                                   metavar="L")
     dim: Optional[int] = option(None, "evaluate the first D embedding dimensions; null: all", minimum=1,
                                 metavar="D")
+    trust_checkpoint: bool = option(False, "read a checkpoint you trust with the full unpickler (it may run code "
+                                           "from the file); default: weights and embedkit's own states only")
     overrides: list[str] = config_words()
 
     def __post_init__(self):
@@ -110,7 +112,8 @@ def main(args: list[str]) -> int:
     what = "ckpt" if opts.ckpt is not None else "model"
     kinds = ("checkpoint",) if what == "ckpt" else ("config",) if from_config else MODEL_KINDS
     rank = init_distributed()
-    model, provenance = open_model(getattr(opts, what), recipe=cfg, what=what, kinds=kinds)
+    model, provenance = open_model(getattr(opts, what), recipe=cfg, what=what, kinds=kinds,
+                                   trust_checkpoint=opts.trust_checkpoint)
     result = run.evaluate(model, layer=opts.layer, dim=opts.dim, out=opts.out, recipe=cfg["recipe"], rank=rank,
                           log=lambda m: print(m, flush=True))
     if rank == 0 and cfg["tracking"]["enabled"]:

@@ -32,6 +32,8 @@ class ExportOptions:
                                   minimum=1, metavar="L")
     dim: Optional[int] = option(None, "keep the first D embedding dimensions (Matryoshka); null: all",
                                 minimum=1, metavar="D")
+    trust_checkpoint: bool = option(False, "read a checkpoint you trust with the full unpickler (it may run code "
+                                           "from the file); default: weights and embedkit's own states only")
 
 
 VERB = Verb("export", "a run as a self-contained model folder", ExportOptions)
@@ -43,5 +45,6 @@ def main(args: list[str]) -> int:
 
     export_model(opts.source, opts.out, merge_lora=opts.merge_lora, dtype=opts.dtype,
                  prompts=opts.prompts, overwrite=opts.overwrite, layer=opts.layer, dim=opts.dim,
+                 trust_checkpoint=opts.trust_checkpoint,
                  log=lambda m: print(m, flush=True))
     return 0

@@ -19,10 +19,13 @@ from embedkit.commands._options import Verb
 from embedkit.config.flat import flatten
 from embedkit.runs import RunDir
 
-#: the command line (``embedkit fit --help``): config words, and ``resume=`` (read by ``compose_run``)
+#: the command line (``embedkit fit --help``): config words, ``resume=`` (read by ``compose_run``) and
+#: ``trust_checkpoint=`` (read by ``trust_word``)
 VERB = Verb("fit", "train (no recipe: the demo, a tiny VLM on drawn scenes, CPU, minutes)", config=("",),
             words=(("resume=RUN_DIR", "continue that run from its newest checkpoint; a resume may change only "
-                                      "trainer.max_steps, the logging and checkpoint cadence and tracking.tags"),))
+                                      "trainer.max_steps, the logging and checkpoint cadence and tracking.tags"),
+                   ("trust_checkpoint=true", "resume from a checkpoint you trust with the full unpickler (it may "
+                                             "run code from the file); default: weights and embedkit's states only")))
 
 #: the run name the launching process chose, for the ranks Lightning's DDP launcher starts later by
 #: re-running the command line (a default name drawn from the clock again would be another run dir)
@@ -153,6 +156,19 @@ def compose_run(args: list[str]) -> tuple[dict, list[str], Path | None]:
     return cfg, overrides, None
 
 
+def trust_word(args: list[str]) -> tuple[bool, list[str]]:
+    """(``trust_checkpoint=true|false``'s value, default false; the other words). Not a config key: it
+    says how to read the checkpoint a resume starts from, not how to train."""
+    from embedkit.config.loader import parse_value
+    from embedkit.errors import UserError
+
+    words = [a.split("=", 1)[1] for a in args if a.startswith("trust_checkpoint=")]
+    value = parse_value(words[-1]) if words else False
+    if not isinstance(value, bool):
+        raise UserError(f"trust_checkpoint: expected true or false, got {words[-1]!r}")
+    return value, [a for a in args if not a.startswith("trust_checkpoint=")]
+
+
 def check_inputs(cfg: dict) -> tuple[list[str] | None, list[str] | None]:
     """Every user error found without building a model or drawing data: the shards named
     (``check_shards``), the eval root, the run dir's parent writable. Returns ``check_shards``'s
@@ -188,12 +204,17 @@ def run_name_for_ranks(name: str):
 def main(args: list[str]) -> int:
     import shutil
 
+    from embedkit.encoder import read_checkpoint
+
+    trust, args = trust_word(args)
     cfg, overrides, ckpt = compose_run(args)
+    if ckpt is not None:  # refused here, before anything is built, unless weights-only can read it
+        read_checkpoint(ckpt, trust=trust)
     name, run = run_paths(cfg)
     cfg["run"]["name"], cfg["run"]["dir"] = name, str(run.path)
     shards = check_inputs(cfg)
     created = not run.path.exists()
-    fit = Fit(cfg, overrides, ckpt, shards)
+    fit = Fit(cfg, overrides, ckpt, shards, trust=trust)
     # one fit per run dir: the launching process holds the lock; the ranks it starts run under it
     lock = run.lock(warn=rank_zero_warn) if launching_process() else contextlib.nullcontext()
     with lock, run_name_for_ranks(name):
@@ -214,8 +235,9 @@ class Fit:
     """
 
     def __init__(self, cfg: dict, overrides: list[str], ckpt: Path | None,
-                 shards: tuple[list[str] | None, list[str] | None]):
+                 shards: tuple[list[str] | None, list[str] | None], trust: bool = False):
         self.cfg, self.overrides, self.ckpt, self.checked_shards = cfg, overrides, ckpt, shards
+        self.trust = trust  # trust_checkpoint=true: the resumed checkpoint read with the full unpickler
         self.trained = False  # set once training starts: the run dir then holds a run
 
     def run(self) -> int:
@@ -356,11 +378,16 @@ class Fit:
     def train(self) -> tuple[dict, dict]:
         """Validate (a fresh run), train, validate again (a run that ended normally): the metrics of
         the validation before and after training, ``{}`` for one not run."""
+        import torch
+
+        from embedkit.encoder import checkpoint_globals
+
         before = self.validate() if self.validating and not self.ckpt else {}
         self.trained = True  # from here on the run dir holds a run (an MLflow run, checkpoints)
-        # weights_only=False: our own checkpoint, holding the RNG states (numpy arrays) besides tensors
-        self.trainer.fit(self.module, datamodule=self.data, ckpt_path=str(self.ckpt) if self.ckpt else None,
-                         weights_only=False)
+        # the resume reads the checkpoint as read_checkpoint does: weights-only, embedkit's own types allowed
+        with torch.serialization.safe_globals(checkpoint_globals()):
+            self.trainer.fit(self.module, datamodule=self.data, ckpt_path=str(self.ckpt) if self.ckpt else None,
+                             weights_only=not self.trust)
         if not self.validating or self.module.diverged_at is not None or self.stop.stopped_at is not None:
             return before, {}
         return before, self.validate()

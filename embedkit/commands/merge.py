@@ -26,6 +26,8 @@ class MergeOptions:
     weights: Optional[list[float]] = option(None, "one weight per run; null: equal weights")
     density: float = option(0.2, "ties: the fraction of each run's changes kept")
     scale: float = option(1.0, "ties: the merged change's scale")
+    trust_checkpoint: bool = option(False, "read a checkpoint you trust with the full unpickler (it may run code "
+                                           "from the file); default: weights and embedkit's own states only")
 
 
 VERB = Verb("merge", "merge runs of one base into a new run dir", MergeOptions)
@@ -36,7 +38,7 @@ def main(args: list[str]) -> int:
     from embedkit.export.merge import merge_runs
 
     merge_runs(opts.runs, opts.out, method=opts.method, weights=opts.weights, density=opts.density,
-               scale=opts.scale, log=lambda m: print(m, flush=True))
+               scale=opts.scale, trust_checkpoint=opts.trust_checkpoint, log=lambda m: print(m, flush=True))
     print(f"evaluate: embedkit eval model={opts.out} data.eval.root=...; "
           f"export: embedkit export {opts.out} out=...", flush=True)
     return 0

@@ -40,6 +40,8 @@ class MineOptions:
     batch_size: int = option(32, "items per forward pass", minimum=1)
     device: Optional[str] = option(None, "cpu, cuda, cuda:1 ...; null: the CPU", metavar="DEVICE")
     plugins: list[str] = option([], "modules to import first (they register judges)", metavar="[MODULE,...]")
+    trust_checkpoint: bool = option(False, "read a checkpoint you trust with the full unpickler (it may run code "
+                                           "from the file); default: weights and embedkit's own states only")
 
     def judge_block(self) -> dict:
         """The judge as a component block: its name and parameters."""
@@ -93,7 +95,7 @@ def main(args: list[str]) -> int:
 
     log = lambda m: print(m, flush=True)  # noqa: E731
     log(f"mine: model {opts.model}")
-    encoder, model = open_model(opts.model, kinds=ENCODER_KINDS)
+    encoder, model = open_model(opts.model, kinds=ENCODER_KINDS, trust_checkpoint=opts.trust_checkpoint)
     if opts.device:
         encoder.to(opts.device)
     settings = MineSettings(num_negatives=opts.num_negatives, window=tuple(opts.window),

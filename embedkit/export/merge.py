@@ -110,11 +110,12 @@ def check_one_base(configs: Sequence[dict], runs: Sequence[Path]) -> None:
                             "which draws a tiny backbone's weights; merge runs of one base")
 
 
-def weight_space(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """(config, the encoder's weights with any LoRA folded in, the frozen base under LoRA or None)."""
+def weight_space(ckpt: Path, trust: bool = False) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(config, the encoder's weights with any LoRA folded in, the frozen base under LoRA or None);
+    the checkpoint read weights-only unless ``trust``."""
     from embedkit.backbones.lora import lora_layers, remove_lora
 
-    encoder = from_checkpoint(ckpt)
+    encoder = from_checkpoint(ckpt, trust=trust)
     config = encoder.provenance.config
     if not lora_layers(encoder.backbone):
         return config, {k: v.detach().clone() for k, v in encoder.state_dict().items()}, None
@@ -174,9 +175,9 @@ def merge_states(states: Sequence[dict], method: str, weights: Sequence[float], 
 
 def merge_runs(runs: Sequence[str | Path], out: str | Path, *, method: str = "average",
                weights: Sequence[float] | None = None, density: float = 0.2, scale: float = 1.0,
-               log: Callable[[str], None] = print) -> Path:
+               log: Callable[[str], None] = print, trust_checkpoint: bool = False) -> Path:
     """Merge ``runs`` (run dirs or checkpoint files) into a new run dir ``out`` (its config, its last
-    checkpoint, ``merge.json``)."""
+    checkpoint, ``merge.json``). Checkpoints are read weights-only unless ``trust_checkpoint``."""
 
     runs = [Path(r).expanduser() for r in runs]
     weights = check_args(runs, method, weights, density)
@@ -184,12 +185,12 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path, *, method: str = "av
     if out.exists():
         raise UserError(f"out: {out} exists; remove it or choose another")
     ckpts = [checkpoint_of(r, what="merge") for r in runs]
-    check_one_base([read_checkpoint(c)[0] for c in ckpts], runs)  # before any model is built
+    check_one_base([read_checkpoint(c, trust=trust_checkpoint)[0] for c in ckpts], runs)  # before any model is built
 
     states, config, base = [], None, None
     for i, ckpt in enumerate(ckpts):
         log(f"merge: reading run {i + 1}/{len(ckpts)}: {ckpt}")
-        cfg, state, frozen = weight_space(ckpt)
+        cfg, state, frozen = weight_space(ckpt, trust_checkpoint)
         config, base = config or cfg, base if base is not None else frozen
         states.append(state)
     if method == "ties" and base is None:

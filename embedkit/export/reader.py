@@ -32,11 +32,13 @@ KINDS = ("checkpoint", "run", "export", "sentence_transformers", "config")
 ENCODER_KINDS = ("checkpoint", "run", "export")
 
 
-def load(path: str | Path, device: str | None = None, layer: int | None = None, dim: int | None = None) -> Encoder:
+def load(path: str | Path, device: str | None = None, layer: int | None = None, dim: int | None = None,
+         trust_checkpoint: bool = False) -> Encoder:
     """An ``Encoder`` in eval mode, from an export folder, a run dir or a checkpoint file; ``layer``,
     ``dim``: cut to that depth and embedding size (``Encoder.cut``; the layers above are dropped), so
-    ``encode`` gives what the full model's ``encode(layer=layer, dim=dim)`` gives."""
-    encoder, _ = open_model(path, kinds=ENCODER_KINDS)
+    ``encode`` gives what the full model's ``encode(layer=layer, dim=dim)`` gives. A checkpoint is read
+    weights-only (``encoder.load_checkpoint_file``) unless ``trust_checkpoint`` (a file you trust)."""
+    encoder, _ = open_model(path, kinds=ENCODER_KINDS, trust_checkpoint=trust_checkpoint)
     encoder.cut(layer=layer, dim=dim)
     if device:
         encoder.to(device)
@@ -44,11 +46,12 @@ def load(path: str | Path, device: str | None = None, layer: int | None = None, 
 
 
 def open_model(spec: str | Path | None, *, recipe: dict | None = None, what: str = "model",
-               kinds: tuple[str, ...] = KINDS):
+               kinds: tuple[str, ...] = KINDS, trust_checkpoint: bool = False):
     """(the model in eval mode, its ``Provenance``) of ``spec``: a checkpoint file, a run dir, an
     export folder or a sentence-transformers folder; or, with ``spec=None``, the ``model`` section
     of the resolved config ``recipe`` as it builds (its ``model.backbone.path`` names the weights).
-    ``what`` names the option in the one-line errors; ``kinds``: the sources accepted."""
+    ``what`` names the option in the one-line errors; ``kinds``: the sources accepted;
+    ``trust_checkpoint``: read a checkpoint with the full unpickler (``encoder.load_checkpoint_file``)."""
     if spec is None:
         if recipe is None or "config" not in kinds:
             raise UserError(f"{what}: give {' or '.join(DESCRIBED[k] for k in kinds)}")
@@ -59,9 +62,9 @@ def open_model(spec: str | Path | None, *, recipe: dict | None = None, what: str
     if kind not in kinds:
         raise UserError(f"{what}: {path} is {DESCRIBED[kind]}; give {' or '.join(DESCRIBED[k] for k in kinds)}")
     if kind == "checkpoint":
-        model = from_checkpoint(path)
+        model = from_checkpoint(path, trust=trust_checkpoint)
     elif kind == "run":
-        model = from_checkpoint(RunDir(path).checkpoint(what), kind="run", source=path)
+        model = from_checkpoint(RunDir(path).checkpoint(what), kind="run", source=path, trust=trust_checkpoint)
     elif kind == "export":
         model = from_export(path)
     else:
@@ -112,9 +115,10 @@ def trained_sizes_of(config: dict):
     return partial(trained_sizes, config.get("loss"))
 
 
-def from_checkpoint(ckpt: Path, kind: str = "checkpoint", source: Path | None = None) -> Encoder:
-    """The encoder of a checkpoint written by ``embedkit fit`` or ``merge`` (its config travels inside it)."""
-    config, state = read_checkpoint(ckpt)
+def from_checkpoint(ckpt: Path, kind: str = "checkpoint", source: Path | None = None, trust: bool = False) -> Encoder:
+    """The encoder of a checkpoint written by ``embedkit fit`` or ``merge`` (its config travels inside it);
+    read weights-only unless ``trust``."""
+    config, state = read_checkpoint(ckpt, trust=trust)
     provenance = Provenance(kind=kind, source=Path(source or ckpt), checkpoint=Path(ckpt), config=config,
                             step=int(state.get("global_step", 0)))
     encoder = Encoder.from_config(config["model"], seed=config["seed"], provenance=provenance,

@@ -35,8 +35,9 @@ class Cut:
 def export_model(source, out, *, merge_lora: bool = True, dtype: str | None = None,
                  prompts: dict[str, str] | None = None, overwrite: bool = False,
                  layer: int | None = None, dim: int | None = None,
-                 log: Callable[[str], None] = print) -> Path:
-    """``layer``, ``dim``: export the model cut to that depth and embedding size (``Encoder.cut``): the
+                 log: Callable[[str], None] = print, trust_checkpoint: bool = False) -> Path:
+    """``trust_checkpoint``: read the checkpoint with the full unpickler (``encoder.load_checkpoint_file``).
+    ``layer``, ``dim``: export the model cut to that depth and embedding size (``Encoder.cut``): the
     layers above ``layer`` are not written, and ``embedkit.json`` records the cut so ``embedkit.load``
     gives ``encode(layer=layer, dim=dim)``'s embeddings. Below the top the cut model skips the final
     norm, which transformers readers would apply: no sentence-transformers files are written then."""
@@ -44,7 +45,8 @@ def export_model(source, out, *, merge_lora: bool = True, dtype: str | None = No
     if out.exists() and not overwrite:
         raise UserError(f"out: {out} exists; remove it or pass overwrite=true")
     dtype_of(dtype)
-    encoder, provenance = open_model(source, what="export", kinds=("checkpoint", "run"))
+    encoder, provenance = open_model(source, what="export", kinds=("checkpoint", "run"),
+                                     trust_checkpoint=trust_checkpoint)
     log(f"export: read {provenance.checkpoint}")
     lora_on = check_lora(encoder)
     cut = plan_cut(encoder, layer, dim)

@@ -40,9 +40,6 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
-    def __fspath__(self) -> str:
-        return str(self.path)
-
     # --- the layout ---------------------------------------------------------------------------
     @property
     def config_path(self) -> Path:

@@ -91,7 +91,8 @@ class ShardSet:
     def __init__(self, shards: list[str] | dict[str, list[str]]):
         self.sources: dict[str, list[str]] = (
             {n: list(v) for n, v in shards.items()} if isinstance(shards, dict) else group_shards(list(shards)))
-        self._manifests: dict[str, bytes | None] = {}  # manifest location -> its bytes (None: absent)
+        # manifest location -> (its bytes, parsed) or None (absent): read and parsed once per instance
+        self._manifests: dict[str, tuple[bytes, dict] | None] = {}
         self._modality: dict[str, str] = {}
 
     @property
@@ -104,20 +105,21 @@ class ShardSet:
         folder = _parent(self.sources[source][0])
         return [(_join(_parent(folder), MANIFEST), _name(folder)), (_join(folder, MANIFEST), ".")]
 
-    def _bytes(self, location: str) -> bytes | None:
+    def _read(self, location: str) -> tuple[bytes, dict] | None:
         if location not in self._manifests:
             if is_remote(location):
                 from embedkit.data.remote import read_if_there
 
-                self._manifests[location] = read_if_there(location)
+                data = read_if_there(location)
             else:
                 path = Path(location)
-                self._manifests[location] = path.read_bytes() if path.is_file() else None
+                data = path.read_bytes() if path.is_file() else None
+            self._manifests[location] = None if data is None else (data, json.loads(data))
         return self._manifests[location]
 
     def _manifest(self, location: str) -> dict | None:
-        data = self._bytes(location)
-        return json.loads(data) if data is not None else None
+        read = self._read(location)
+        return read[1] if read is not None else None
 
     def entry(self, source: str) -> dict:
         """The manifest's record of ``source`` (``subsets.<name>``); {} when nothing is recorded."""
@@ -133,9 +135,9 @@ class ShardSet:
         if not self.sources:
             return None
         for location, _ in self._places(next(iter(self.sources))):
-            data = self._bytes(location)
-            if data is not None and holding in json.loads(data):
-                return hashlib.sha256(data).hexdigest()
+            read = self._read(location)
+            if read is not None and holding in read[1]:
+                return hashlib.sha256(read[0]).hexdigest()
         return None
 
     # -- counts -----------------------------------------------------------------------------------

@@ -31,6 +31,11 @@ STEP_GLOB = "step-*.ckpt"
 LOCK = ".lock"
 
 
+def eval_folder(tag: str | None = None) -> str:
+    """The name of an evaluation's folder: ``eval``, or ``eval-<tag>`` for a model cut to a depth."""
+    return f"eval-{tag}" if tag else "eval"
+
+
 class RunDir:
     """A run directory at ``path`` (it need not exist yet)."""
 
@@ -67,7 +72,7 @@ class RunDir:
 
     def eval_dir(self, tag: str | None = None) -> Path:
         """``eval/`` for the full model, ``eval-<tag>/`` for a model cut to a depth (tag ``l<L>_d<D>``)."""
-        return self.path / (f"eval-{tag}" if tag else "eval")
+        return self.path / eval_folder(tag)
 
     # --- what is there --------------------------------------------------------------------------
     def is_run(self) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from embedkit.errors import UserError
-from embedkit.runs import RunDir
+from embedkit.runs import RunDir, eval_folder
 
 
 @dataclass
@@ -33,7 +33,7 @@ class EvalResult:
     @property
     def folder(self) -> str:
         """The artifact folder of these outputs (``eval`` or ``eval-<tag>``), whatever ``out`` was."""
-        return f"eval-{self.tag}" if self.tag else "eval"
+        return eval_folder(self.tag)
 
     def metrics(self) -> dict[str, float]:
         """Metric display names -> values; a cut model's names end in ``/<tag>``."""
@@ -70,7 +70,7 @@ def output_dir(provenance, tag: str | None, recipe: str) -> Path:
     """The default output folder of an evaluation (see the module docstring)."""
     if provenance.kind == "config":
         base = Path(f"runs/eval-{recipe}")
-        return base / f"eval-{tag}" if tag else base
+        return base / eval_folder(tag) if tag else base
     if provenance.kind == "checkpoint":
         ckpt = Path(provenance.checkpoint)
         run = RunDir.of_checkpoint(ckpt) or RunDir(ckpt.resolve().parent)

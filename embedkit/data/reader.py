@@ -8,9 +8,11 @@ is drawn, so the window stays cheap). Every pass order and window permutation is
 index, so a reader can start at its ``n``-th example without decoding, or even reading, what came
 before: the shards' sample counts (``ShardSet.shard_count``) tell which passes and shards to skip.
 
-A sample that fails to decode (a corrupt image, a missing part) or a truncated tar is skipped and
-reported through ``skip(what, where)``; a remote shard that cannot be had after the retries stops
-the run with ``ShardUnavailable``.
+A sample that fails to decode (a corrupt image, a malformed JSON, a member its JSON declares but the
+shard lacks), one the backbone's processor would refuse (``admit``: its cheap per-item check) and the
+rest of a truncated tar are skipped and reported through ``skip(reason, what, where)``, ``reason`` one
+of ``shards.SKIP_REASONS``; a remote shard that cannot be had after the retries stops the run with
+``ShardUnavailable``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Callable
 from embedkit.data.remote import ShardUnavailable
 from embedkit.data.schema import Example
 from embedkit.data.shard_set import ShardSet
-from embedkit.data.shards import decode_sample, iter_samples
+from embedkit.data.shards import BadSample, decode_sample, iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,10 @@ class SourceReader:
     """
 
     def __init__(self, shard_set: ShardSet, name: str, slot: int, slots: int, key: str, buffer: int,
-                 skip: Callable[[str, str], None], start: int = 0):
+                 skip: Callable[[str, str, str], None], start: int = 0,
+                 admit: Callable[[Example], str | None] | None = None):
         self.shard_set, self.name, self.key, self.buffer_size, self.skip = shard_set, name, key, buffer, skip
+        self.admit = admit  # why the backbone's processor would refuse an example (None: it takes it)
         shards = self.shards = shard_set.sources[name]
         if len(shards) >= slots:
             self.mine, self.stride, self.offset = shards[slot::slots], 1, 0
@@ -110,7 +114,7 @@ class SourceReader:
         except ShardUnavailable:  # a remote shard that cannot be had (retries spent): stop, say which
             raise
         except Exception as exc:  # a truncated or unreadable tar: keep what was read, move on
-            self.skip(f"the rest of {shard} ({exc})", shard)
+            self.skip("truncated_shard", f"the rest of {shard} ({exc})", shard)
         return got, rem
 
     def _fall_back(self, fallback: bool) -> bool:
@@ -134,7 +138,20 @@ class SourceReader:
             if not self.pending:
                 self._fill()
             shard, key, files = self.pending.pop()
-            try:
-                return decode_sample(key, files)
-            except Exception as exc:  # a corrupt image or a malformed sample: skip, count
-                self.skip(f"sample {key} in {shard} ({type(exc).__name__}: {exc})", f"{shard}#{key}")
+            example, reason, why = self._take(key, files)
+            if example is not None:
+                return example
+            self.skip(reason, f"sample {key} in {shard} ({reason}: {why})", f"{shard}#{key}")
+
+    def _take(self, key: str, files: dict) -> tuple[Example | None, str, str]:
+        """(the example, "", "") or (None, skip reason, why)."""
+        try:
+            example = decode_sample(key, files)
+        except BadSample as exc:
+            return None, exc.reason, str(exc)
+        except Exception as exc:  # anything else a hostile sample may raise while decoding
+            return None, "decode", f"{type(exc).__name__}: {exc}"
+        refusal = self.admit(example) if self.admit is not None else None
+        if refusal is not None:
+            return None, "processor", refusal
+        return example, "", ""

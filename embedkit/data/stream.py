@@ -26,8 +26,12 @@ step re-reads that worker's earlier micro-batches of it (at most ``accumulate - 
 optimizer step cut by the end of an epoch is arranged in its two parts. Re-dealing moves examples
 between micro-batches, so it is refused with ``task_batch_size`` > 0.
 
-A sample that fails to decode or a truncated tar is skipped, counted (``skipped``) and logged once
-per sample or shard, and the batch is filled from the next sample: batches are always full. Shards
+A sample that fails to decode, one the backbone's processor would refuse (its ``refusal``, checked per
+item as the sample is drawn, before it takes a place in a batch) or the rest of a truncated tar is
+skipped and counted by reason (``skipped_by_reason``, ``shards.SKIP_REASONS``), and the batch is filled
+from the next sample: batches are always full. Each ``TrainBatch`` carries the skips its worker counted
+since its previous batch (``TrainBatch.skipped``), so the module sums exactly the skips of the batches it
+trained on. The first few samples of each reason are logged as warnings, the rest at debug level. Shards
 may be URLs or ``pipe:`` commands (``embedkit.data.remote``). Everything is deterministic in ``seed``.
 """
 
@@ -35,17 +39,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from embedkit.data.batch import ChunkCollate
+from embedkit.data.batch import ChunkCollate, TrainBatch
 from embedkit.data.mixture import MixturePlan, arrange_by_length, source_weights
 from embedkit.data.reader import SourceReader
 from embedkit.data.schema import Example
 from embedkit.data.shard_set import ShardSet
 
 log = logging.getLogger(__name__)
+#: skipped samples of one reason logged as warnings (per process); the rest at debug level
+WARN_PER_REASON = 3
 
 
 class ShardStream(IterableDataset):
@@ -94,6 +101,8 @@ class ShardStream(IterableDataset):
         self.epoch_steps = epoch_steps
         self.start_step = start_step  # resume: the first __iter__ starts at this step
         self.skipped = 0
+        self.skipped_by_reason: Counter = Counter()  # this process's skips, by reason (shards.SKIP_REASONS)
+        self._reported: Counter = Counter()  # the part of it already carried by a yielded batch
         self._warned: set[str] = set()  # samples and shards already warned about
         self.epoch = -1  # counted per process: persistent workers keep their copy across epochs
 
@@ -102,12 +111,33 @@ class ShardStream(IterableDataset):
             return self.epoch_steps
         raise TypeError("an endless stream has no length (data.train.epoch_steps=0)")
 
-    def skip(self, what: str, where: str) -> None:
-        """Count a skip; warn the first time a given sample or shard fails (resampling meets it again)."""
+    def skip(self, reason: str, what: str, where: str) -> None:
+        """Count a skip by reason; warn the first time a given sample or shard fails (resampling meets it
+        again), for the first few of each reason (debug level after that)."""
         self.skipped += 1
-        level = logging.DEBUG if where in self._warned else logging.WARNING
+        self.skipped_by_reason[reason] += 1
+        first = where not in self._warned
         self._warned.add(where)
+        level = logging.WARNING if first and self.skipped_by_reason[reason] <= WARN_PER_REASON else logging.DEBUG
         log.log(level, "skipped %s; %d skipped so far on rank %d", what, self.skipped, self.rank)
+
+    def admit(self, example: Example) -> str | None:
+        """Why the backbone's processor would refuse one of the example's items (None: it takes them all):
+        its cheap per-item ``refusal`` (``backbones.base.ChunkProcessor``), where it has one."""
+        refusal = getattr(self.collate.processor, "refusal", None)
+        if refusal is None:
+            return None
+        for item in (example.query, example.positive, *example.negatives):
+            why = refusal(item)
+            if why is not None:
+                return why
+        return None
+
+    def take_skipped(self) -> dict[str, int]:
+        """The skips counted since the last call, by reason (carried by the next batch)."""
+        delta = self.skipped_by_reason - self._reported
+        self._reported = Counter(self.skipped_by_reason)
+        return dict(delta)
 
     # -- the plan: which source feeds which example, by step (data/mixture.py) --------------------
     def step_modality(self, step: int) -> str | None:
@@ -142,7 +172,7 @@ class ShardStream(IterableDataset):
         readers = {
             name: SourceReader(self.shard_set, name, slot, slots,
                                f"{self.seed}-read-{epoch}-{self.rank}-{worker}-{name}", buffer, self.skip,
-                               drawn.get(name, 0))
+                               drawn.get(name, 0), admit=self.admit)
             for name in self.weights
         }
         if self.length_order == "none":
@@ -168,7 +198,10 @@ class ShardStream(IterableDataset):
             self.epoch = start // self.epoch_steps - 1 if self.epoch_steps > 0 else -1
         self.epoch += 1
         for examples in self.batches(worker, num_workers, self.epoch, start):
-            yield self.collate(examples)
+            batch = self.collate(examples)
+            if isinstance(batch, TrainBatch):
+                batch.skipped = self.take_skipped()
+            yield batch
 
 
 def _count(first: int = 0, stride: int = 1):

@@ -1,0 +1,157 @@
+"""Hostile training data: every sample is trained on or skipped and counted by reason, never a crash.
+
+A sample the backbone's processor would refuse is skipped when it is drawn (``ChunkProcessor.refusal``),
+before it takes a place in a batch; decode failures are counted by reason; the counts reach the module,
+the run's log and MLflow (``data/skipped/<reason>``)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from embedkit.backbones.qwen2_vl.adapter import Qwen2VLBackbone
+from embedkit.data.batch import ChunkCollate
+from embedkit.data.schema import Example, Item
+from embedkit.data.shards import BadSample, decode_sample, encode_example, to_rgb, write_shard
+from embedkit.data.stream import ShardStream
+from tests.helpers.images import speckled_image
+
+PH = "<|image_1|>"
+
+
+def _mmeb_source(root: Path, rows: int = 200, bad_row: int = 137) -> tuple[Path, Path]:
+    """One MMEB-style subset of ``rows`` image->text rows; row ``bad_row``'s image is 2 x 800 (1:400)."""
+    src, images = root / "MMEB-train", root / "images"
+    recs = []
+    for i in range(rows):
+        path = images / "ImgCls" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (Image.new("RGB", (2, 800), (200, 10, 10)) if i == bad_row else speckled_image(16, 16, i)).save(path)
+        recs.append({"qry": f"{PH} Represent the given image for classification", "qry_image_path": f"ImgCls/{i}.png",
+                     "pos_text": f"label {i}", "pos_image_path": "", "neg_text": None, "neg_image_path": None})
+    (src / "ImgCls").mkdir(parents=True)
+    cols = {k: pa.array([r[k] for r in recs], pa.string()) for k in recs[0]}
+    pq.write_table(pa.table(cols), src / "ImgCls" / "original-00000-of-00001.parquet")
+    return src, images
+
+
+def test_an_image_of_aspect_1_to_400_among_200_mmeb_rows_is_skipped_and_the_fit_finishes(tmp_path, monkeypatch,
+                                                                                          caplog):
+    import mlflow
+
+    from embedkit.cli import main as cli_main
+    from embedkit.commands.data import main as data_main
+
+    src, images = _mmeb_source(tmp_path)
+    shards = tmp_path / "shards"
+    assert data_main(["mmeb", f"src={src}", f"images={images}", f"out={shards}", "shard_size=50"]) == 0
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # 25 steps x 8 examples: the whole first pass (the bad sample met once) and one sample of the second
+    args = ["fit", "recipe=demo", f"data.train.shards={shards}", "trainer.max_steps=25", f"run.dir={tmp_path / 'run'}",
+            "train.global_batch_size=8", "train.chunk_size=8", "data.train.num_workers=1",
+            "data.train.shuffle_buffer=8", "data.train.task_batch_size=0", "data.demo.enabled=false",
+            "trainer.log_every_n_steps=5", "tracking.enabled=true"]
+    with caplog.at_level(logging.WARNING):
+        assert cli_main(args) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert "data: 1 training sample skipped in all (processor 1)" in lines
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert run.data.metrics["data/skipped/processor"] == 1.0
+    assert run.data.metrics["data/skipped/decode"] == 0.0
+
+
+def _files(key="k1", image_bytes=None, ext="png", meta=None):
+    ex = Example(Item("a query", speckled_image(8, 8, 1)), Item("a positive"), task="t")
+    files = encode_example(ex, key)
+    if image_bytes is not None:
+        files[f"{key}.q.png"] = image_bytes
+    if meta is not None:
+        files[f"{key}.json"] = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
+    return files
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (lambda f: f.update({"k1.q.jpf": f.pop("k1.q.png")}), "missing_member"),  # a flipped tar header byte
+    (lambda f: f.pop("k1.json"), "missing_member"),
+    (lambda f: f.update({"k1.q.png": b"\x89PNG not really"}), "decode"),
+    (lambda f: f.update({"k1.json": b'{"query": {"text": "a"'}), "bad_json"),
+    (lambda f: f.update({"k1.json": b'[1, 2]'}), "bad_json"),
+    (lambda f: f.update({"k1.json": b'{"query": {"text": "\xff\xfe"}, "positive": {"text": "b"}}'}), "bad_text"),
+    (lambda f: f.update({"k1.json": b'{"query": {"text": "\\udc80"}, "positive": {"text": "b"}}'}), "bad_text"),
+    (lambda f: f.update({"k1.json": b'{"query": {"text": 5}, "positive": {"text": "b"}}'}), "bad_text"),
+    (lambda f: f.update({"k1.json": b'{"query": {"text": null}, "positive": {"text": "b"}}'}), "bad_text"),
+])
+def test_a_bad_sample_raises_with_its_reason(mutate, reason):
+    files = _files()
+    decode_sample("k1", dict(files))  # the unmutated sample decodes
+    mutate(files)
+    with pytest.raises(BadSample) as err:
+        decode_sample("k1", files)
+    assert err.value.reason == reason
+
+
+def _png(image: Image.Image, **save) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def test_images_become_rgb_with_exif_orientation_applied_and_transparency_over_white():
+    p = Image.new("P", (4, 2), 0)
+    p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    p.putpixel((1, 0), 1)
+    rgb = to_rgb(Image.open(io.BytesIO(_png(p, transparency=0))))
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((1, 0)) == (255, 0, 0)
+    la = to_rgb(Image.new("LA", (2, 2), (0, 0)))
+    assert la.getpixel((0, 0)) == (255, 255, 255)
+    deep = Image.new("I;16", (2, 2))
+    deep.putpixel((0, 0), 65535)
+    assert to_rgb(deep).getpixel((0, 0)) == (255, 255, 255) and to_rgb(deep).getpixel((1, 1)) == (0, 0, 0)
+    assert to_rgb(Image.new("CMYK", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("1", (2, 2), 1)).mode == "RGB"
+    tall = Image.new("RGB", (4, 2), (0, 0, 0))
+    exif = tall.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    tall.save(buf, format="JPEG", exif=exif)
+    assert to_rgb(Image.open(io.BytesIO(buf.getvalue()))).size == (2, 4)
+
+
+def _stream_of(tmp_path, examples: list[Example], processor, **kw) -> ShardStream:
+    write_shard(tmp_path / "s" / "train-000000.tar", [encode_example(e, f"k{i:04d}") for i, e in enumerate(examples)])
+    return ShardStream([str(tmp_path / "s" / "train-000000.tar")], ChunkCollate(processor, 4, 0), 4, seed=0,
+                       shuffle_buffer=4, **kw)
+
+
+def test_a_sample_the_processor_refuses_is_skipped_before_batching_and_carried_by_the_next_batch(tmp_path):
+    processor = Qwen2VLBackbone(seed=0, tiny=True, min_pixels=56 * 56, max_pixels=56 * 56).make_processor()
+    examples = [Example(Item(f"{PH} q{i}", speckled_image(1, 400, i) if i == 5 else speckled_image(16, 16, i)),
+                        Item(f"p{i}"), task="t") for i in range(12)]
+    assert processor.refusal(examples[5].query) and processor.refusal(examples[4].query) is None
+    st = _stream_of(tmp_path, examples, processor, epoch_steps=2)
+    batches = list(st)
+    assert sorted(map(str, (b.skipped for b in batches))) == ["{'processor': 1}", "{}"]  # carried once
+    assert st.skipped_by_reason == {"processor": 1} and all(b.per_device_batch == 4 for b in batches)
+
+
+def test_every_family_refuses_what_its_processor_cannot_take():
+    from embedkit.backbones.hf_text import HFText
+    from embedkit.backbones.llava_onevision import LlavaOnevision
+    from embedkit.backbones.phi3_v import Phi3V
+
+    long_text = Item(" ".join(["word"] * 5000))
+    for cls in (Qwen2VLBackbone, LlavaOnevision, Phi3V):
+        proc = cls(seed=0, tiny=True).make_processor()
+        assert proc.refusal(long_text), cls.__name__  # over the language model's positions (tiny: 4096)
+        assert proc.refusal(Item(f"{PH} {PH} two", speckled_image(16, 16, 0))) or cls is Qwen2VLBackbone
+        assert proc.refusal(Item("fine", speckled_image(16, 16, 0))) is None
+    assert HFText(seed=0, tiny=True).make_processor().refusal(long_text) is None  # truncated instead

@@ -44,6 +44,9 @@ class TrainBatch:
     real_tokens: int = 0
     #: samples the stream skipped, by reason (``shards.SKIP_REASONS``), since its worker's previous batch
     skipped: dict[str, int] = field(default_factory=dict)
+    #: where the worker's readers stood (``ShardStream.reader_state``): kept by the data module for an
+    #: exact resume past skipped samples; None outside a ``ShardStream``
+    reader_state: dict | None = None
 
     @property
     def pad_fraction(self) -> float:

@@ -103,6 +103,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.accumulate = accumulate  # training batches per optimizer step: where a resumed stream starts
         val = data["val"]
         self.val_examples = read_examples(val_shards, val["max_queries"]) if val["enabled"] and val_shards else []
+        self.reader_states: dict[int, dict] = {}  # worker -> reader_state of its last batch trained on (this rank)
+        self.resume_states: dict[int, dict] = {}  # the same, from the checkpoint a resumed fit started from
 
     def train_dataloader(self):
         t = self.train_data
@@ -119,7 +121,7 @@ class EmbeddingDataModule(L.LightningDataModule):
             stream = ShardStream(self.train_shards, collate, gbs // world, self.seed, rank, world, t["shuffle_buffer"],
                                  mix=t["mix"], task_batch_size=t["task_batch_size"], epoch_steps=t["epoch_steps"],
                                  start_step=start, accumulate=self.accumulate, group_by=t["group_by"],
-                                 length_order=t["length_order"])
+                                 length_order=t["length_order"], resume_states=self.resume_states)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         workers = t["num_workers"]
@@ -128,6 +130,30 @@ class EmbeddingDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                           prefetch_factor=4 if workers > 0 else None, generator=self._generator(),
                           pin_memory=self.pin_memory())
+
+    # -- exact resume past skipped samples: where each worker's readers stood, in the checkpoint -------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Keep the ``reader_state`` of each training batch as it is trained on (in the main process; a
+        batch still in the loader's prefetch queue is not)."""
+        state = getattr(batch, "reader_state", None)
+        if state is not None:
+            self.reader_states[state["worker"]] = state
+        return batch
+
+    def state_dict(self) -> dict:
+        """Every rank's reader states (gathered: each rank reads its own shares)."""
+        import torch.distributed as dist
+
+        states = [self.reader_states]
+        if dist.is_available() and dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, self.reader_states)
+        return {"reader_states": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        rank = self.trainer.global_rank if self.trainer else 0
+        states = state.get("reader_states") or []
+        self.resume_states = dict(states[rank]) if rank < len(states) else {}
 
     def val_dataloader(self):
         return DataLoader(ValItems(self.val_examples), batch_size=self.chunk_size,

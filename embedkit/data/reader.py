@@ -38,14 +38,17 @@ class SourceReader:
     ``[w * buffer, (w + 1) * buffer)`` are permuted by an RNG drawn from ``(key, w)`` alone. So the
     state after ``n`` examples is derivable without replaying them: ``start=n`` counts the shards'
     samples from their tar headers, skips whole passes and shards, and reads (without decoding) at
-    most one shard and one window to land on sample ``n``.
+    most one shard and one window to land on sample ``n``. A skipped sample (``next`` draws the one
+    after it) takes a raw position too, so a reader that had skipped ``k`` samples before its example
+    ``n`` starts at raw sample ``n + k`` (``skipped=k``: the run's count, from ``TrainBatch.reader_state``).
     """
 
     def __init__(self, shard_set: ShardSet, name: str, slot: int, slots: int, key: str, buffer: int,
-                 skip: Callable[[str, str, str], None], start: int = 0,
-                 admit: Callable[[Example], str | None] | None = None):
+                 skip: Callable[[str, str, str], None], start: int = 0, processor=None, skipped: int = 0):
         self.shard_set, self.name, self.key, self.buffer_size, self.skip = shard_set, name, key, buffer, skip
-        self.admit = admit  # why the backbone's processor would refuse an example (None: it takes it)
+        self.skipped = skipped  # raw samples skipped before this reader's example ``start`` and since
+        start += skipped  # the raw sample to start at: every skipped sample took a raw position
+        self.processor = processor  # the backbone's chunk processor: its ``refusal`` admits examples
         shards = self.shards = shard_set.sources[name]
         if len(shards) >= slots:
             self.mine, self.stride, self.offset = shards[slot::slots], 1, 0
@@ -138,20 +141,35 @@ class SourceReader:
             if not self.pending:
                 self._fill()
             shard, key, files = self.pending.pop()
-            example, reason, why = self._take(key, files)
+            example, reason, why = take(key, files, self.processor)
             if example is not None:
                 return example
+            self.skipped += 1
             self.skip(reason, f"sample {key} in {shard} ({reason}: {why})", f"{shard}#{key}")
 
-    def _take(self, key: str, files: dict) -> tuple[Example | None, str, str]:
-        """(the example, "", "") or (None, skip reason, why)."""
-        try:
-            example = decode_sample(key, files)
-        except BadSample as exc:
-            return None, exc.reason, str(exc)
-        except Exception as exc:  # anything else a hostile sample may raise while decoding
-            return None, "decode", f"{type(exc).__name__}: {exc}"
-        refusal = self.admit(example) if self.admit is not None else None
-        if refusal is not None:
-            return None, "processor", refusal
-        return example, "", ""
+
+def refusal(processor, example: Example) -> str | None:
+    """Why ``processor`` would refuse one of the example's items (None: it takes them all): its cheap
+    per-item ``refusal`` (``backbones.base.ChunkProcessor``), where it has one."""
+    check = getattr(processor, "refusal", None)
+    if check is None:
+        return None
+    for item in (example.query, example.positive, *example.negatives):
+        why = check(item)
+        if why is not None:
+            return why
+    return None
+
+
+def take(key: str, files: dict, processor=None) -> tuple[Example | None, str, str]:
+    """One raw sample, decoded and admitted: (the example, "", "") or (None, skip reason, why)."""
+    try:
+        example = decode_sample(key, files)
+    except BadSample as exc:
+        return None, exc.reason, str(exc)
+    except Exception as exc:  # anything else a hostile sample may raise while decoding
+        return None, "decode", f"{type(exc).__name__}: {exc}"
+    why = refusal(processor, example)
+    if why is not None:
+        return None, "processor", why
+    return example, "", ""

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 
 from embedkit.data import demo
 from embedkit.data.batch import ChunkCollate, ValCollate, ValItems
-from embedkit.data.remote import is_remote
-from embedkit.data.shards import decode_sample, iter_samples, list_shards
+from embedkit.data.remote import ShardUnavailable, is_remote
+from embedkit.data.shards import iter_samples, list_shards
 from embedkit.data.stream import ShardStream
 from embedkit.errors import ConfigError, UserError
 
@@ -68,13 +68,33 @@ def checked_shards(key: str, spec) -> list[str]:
     return shards
 
 
-def read_examples(shards: list[str], limit: int):
-    out = []
+def read_examples(shards: list[str], limit: int, processor=None) -> list:
+    """The first ``limit`` usable examples of ``shards`` (validation): a sample that does not decode or that
+    ``processor`` would refuse, and the rest of a truncated shard, are skipped and counted in one warning."""
+    import logging
+    from collections import Counter
+
+    from embedkit.data.reader import take
+
+    out, skipped = [], Counter()
     for shard in shards:
-        for key, files in iter_samples(shard):
-            out.append(decode_sample(key, files))
-            if len(out) >= limit:
-                return out
+        try:
+            for key, files in iter_samples(shard):
+                example, reason, _ = take(key, files, processor)
+                if example is None:
+                    skipped[reason] += 1
+                    continue
+                out.append(example)
+                if len(out) >= limit:
+                    break
+        except ShardUnavailable:
+            raise
+        except Exception:  # a truncated or unreadable tar: what was read counts
+            skipped["truncated_shard"] += 1
+        if len(out) >= limit:
+            break
+    if skipped:
+        logging.getLogger(__name__).warning("validation data: skipped %s", dict(skipped))
     return out
 
 
@@ -102,7 +122,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.sort_chunks = sort_chunks  # cost-aware chunking (ChunkCollate)
         self.accumulate = accumulate  # training batches per optimizer step: where a resumed stream starts
         val = data["val"]
-        self.val_examples = read_examples(val_shards, val["max_queries"]) if val["enabled"] and val_shards else []
+        self.val_examples = read_examples(val_shards, val["max_queries"], processor) if val["enabled"] and val_shards else []
         self.reader_states: dict[int, dict] = {}  # worker -> reader_state of its last batch trained on (this rank)
         self.resume_states: dict[int, dict] = {}  # the same, from the checkpoint a resumed fit started from
 

@@ -282,7 +282,11 @@ class EmbeddingModule(L.LightningModule):
         self.micro = self.trainer.global_step * self.accumulate
 
     def on_train_end(self):
-        self.data_skips.report(self.data_skips.totals(self.device), final=True)
+        totals = self.data_skips.totals(self.device)
+        self.data_skips.report(totals, final=True)
+        if self.logger is not None:  # the final counts, whatever the logging interval (rank 0 writes)
+            self.logger.log_metrics({f"data/skipped/{r}": float(n) for r, n in totals.items()},
+                                    step=self.trainer.global_step)
 
     def on_train_batch_start(self, batch, batch_idx):
         self.data_skips.add(getattr(batch, "skipped", None) or {})

@@ -64,6 +64,7 @@ def test_an_image_of_aspect_1_to_400_among_200_mmeb_rows_is_skipped_and_the_fit_
         assert cli_main(args) == 0
     lines = [r.getMessage() for r in caplog.records]
     assert "data: 1 training sample skipped in all (processor 1)" in lines
+    assert lines.count("data: 1 training sample skipped so far (processor 1)") == 1  # when it rose, once
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
     assert run.data.metrics["data/skipped/processor"] == 1.0
@@ -223,3 +224,14 @@ def test_a_fit_resumed_after_skipped_samples_equals_the_uninterrupted_fit(tmp_pa
     assert max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item()
                for k in a["state_dict"]) <= 1e-6
     assert a["embedkit"]["data_skipped"] == b["embedkit"]["data_skipped"]
+
+
+def test_validation_examples_skip_bad_samples_too(tmp_path, caplog):
+    from embedkit.data.datamodule import read_examples
+
+    shards = _bad_stream_shards(tmp_path)
+    processor = Qwen2VLBackbone(seed=0, tiny=True, min_pixels=3136, max_pixels=3136).make_processor()
+    with caplog.at_level(logging.WARNING):
+        examples = read_examples(shards, 30, processor)
+    assert [e.query.text for e in examples] == [f"q{i}" for i in range(24) if i not in (2, 3, 14)]
+    assert "{'decode': 3}" in caplog.text

@@ -174,6 +174,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer else 0
         states = state.get("reader_states") or []
         self.resume_states = dict(states[rank]) if rank < len(states) else {}
+        # a worker that gives no batch before the next checkpoint is still where the resume put it
+        self.reader_states = dict(self.resume_states)
 
     def val_dataloader(self):
         return DataLoader(ValItems(self.val_examples), batch_size=self.chunk_size,

@@ -47,7 +47,7 @@ FAMILIES = {
                  "model.backbone.max_pixels=3136"],
     "llava_onevision": ["model.backbone.name=llava_onevision", "model.backbone.tiny=true"],
     "phi3_v": ["model.backbone.name=phi3_v", "model.backbone.tiny=true"],
-    "hf_text": ["model.backbone.name=hf_text", "model.backbone.tiny=true"],
+    "hf_text": ["model.backbone.name=hf_text", "model.backbone.tiny=true", "model.backbone.max_length=128"],
 }
 
 

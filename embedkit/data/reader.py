@@ -127,6 +127,7 @@ class SourceReader:
         log.warning("source %s: this reader's share is empty (fewer samples than readers); "
                     "reading all of it", self.name)
         self.mine, self.stride, self.offset = self.shards, 1, 0
+        self._share_total = None  # the share changed
         return True
 
     def _fill(self) -> None:
@@ -137,6 +138,9 @@ class SourceReader:
         self.pending, self.window = window, self.window + 1
 
     def next(self) -> Example:
+        """The next usable example. A whole pass of this reader's share skipped in a row (no usable
+        sample in it: every one corrupt or refused) stops the run with the last reason, never a hang."""
+        in_a_row = 0
         while True:
             if not self.pending:
                 self._fill()
@@ -145,7 +149,17 @@ class SourceReader:
             if example is not None:
                 return example
             self.skipped += 1
+            in_a_row += 1
             self.skip(reason, f"sample {key} in {shard} ({reason}: {why})", f"{shard}#{key}")
+            if in_a_row > self._share_size():
+                raise RuntimeError(f"training source {self.name!r} has no usable sample: {in_a_row} skipped in a "
+                                   f"row, the last as {reason} ({why})")
+
+    def _share_size(self) -> int:
+        """Raw samples in one pass of this reader's share (from the shards' counts, cached)."""
+        if getattr(self, "_share_total", None) is None:
+            self._share_total = sum(self._share(s) for s in self.mine)
+        return max(self._share_total, 1)
 
 
 def refusal(processor, example: Example) -> str | None:

@@ -235,3 +235,16 @@ def test_validation_examples_skip_bad_samples_too(tmp_path, caplog):
         examples = read_examples(shards, 30, processor)
     assert [e.query.text for e in examples] == [f"q{i}" for i in range(24) if i not in (2, 3, 14)]
     assert "{'decode': 3}" in caplog.text
+
+
+def test_a_source_with_no_usable_sample_stops_with_a_reason_instead_of_spinning(tmp_path):
+    samples = []
+    for i in range(5):
+        files = encode_example(Example(Item(f"q{i}", speckled_image(8, 8, i)), Item(f"p{i}")), f"b{i}")
+        files[f"b{i}.q.png"] = b"broken"
+        samples.append(files)
+    write_shard(tmp_path / "train-000000.tar", samples)
+    st = ShardStream([str(tmp_path / "train-000000.tar")], ChunkCollate(lambda items: items, 2, 0), 2, seed=0,
+                     shuffle_buffer=2)
+    with pytest.raises(RuntimeError, match="no usable sample: 6 skipped in a row, the last as decode"):
+        next(iter(st))

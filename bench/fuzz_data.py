@@ -15,6 +15,13 @@ shards, images of extreme sizes and aspect ratios, of every mode (P with transpa
 RGBA, L) and every EXIF orientation, invalid UTF-8 and lone surrogates, 100k-character and empty texts,
 two image placeholders, a missing JSON. ``text_only`` keeps images out (``hf_text`` embeds text only).
 ``tests/data/test_fuzz_data.py`` runs a small seeded set through every family's processor and forward.
+
+Measured here (seed 0, 1,000 samples, a shared 2-core CPU): every family trained 125 steps of 8 without a
+crash or hang; skips (every meeting counts: 1,000 draws read the bad samples of the second pass again):
+    qwen2_vl         566: decode 126, processor 120, missing_member 139, bad_json 35, bad_text 138, truncated_shard 8
+    llava_onevision  643: decode 130, processor 181, missing_member 145, bad_json 36, bad_text 142, truncated_shard 9
+    phi3_v           643: the same as llava_onevision (the same refusals: long texts, two placeholders)
+    hf_text          603 (text-only set): missing_member 146, bad_json 59, bad_text 390, truncated_shard 8
 """
 
 from __future__ import annotations

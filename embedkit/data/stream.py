@@ -167,6 +167,11 @@ class ShardStream(IterableDataset):
             start = self.start_step
             self.epoch = start // self.epoch_steps - 1 if self.epoch_steps > 0 else -1
         self.epoch += 1
+        if start and num_workers > 1:
+            # the loader takes batches from its workers in turn, worker 0 first: the worker that built
+            # step ``start`` in the uninterrupted run (with its reader) must be asked first
+            first = self.epoch * self.epoch_steps if self.epoch_steps > 0 else 0
+            worker = (worker + start - first) % num_workers
         for examples in self.batches(worker, num_workers, self.epoch, start):
             yield self.collate(examples)
 

@@ -263,8 +263,10 @@ class Fit:
 
     # -- setup steps, in order ------------------------------------------------------------------
     def _setup_process(self, trainer: dict, tracking: dict) -> None:
-        """Process-wide settings: a quiet console, TF32 matmuls where asked."""
+        """Process-wide settings: a quiet console, TF32 matmuls where asked, the signals that stop the
+        run cleanly besides SIGTERM and SIGINT (the loader workers ignore them all)."""
         quiet_third_party_noise(tracking["enabled"])
+        self.stop_signals = [trainer["stop_signal"]] if trainer["stop_signal"] else []
         if trainer["tf32"]:
             import torch
 
@@ -311,7 +313,7 @@ class Fit:
         return EmbeddingDataModule(data, self.module.encoder.processor(), train_shards, val_shards, seed=seed,
                                    global_batch_size=train["global_batch_size"], chunk_size=train["chunk_size"],
                                    chunk_tokens=train["chunk_tokens"], accumulate=self.accumulate,
-                                   sort_chunks=train["sort_chunks"])
+                                   sort_chunks=train["sort_chunks"], stop_signals=self.stop_signals)
 
     def _setup_logger(self, tracking: dict, recipe: str | None):
         """The MLflow logger (continuing the run's MLflow run on a resume), or False."""
@@ -330,7 +332,7 @@ class Fit:
 
         self.checkpoints = AtomicLastCheckpoint(self.run_dir, every=trainer["checkpoint_every"],
                                                 keep=trainer["keep_checkpoints"])
-        self.stop = CleanStop(self.checkpoints, [trainer["stop_signal"]] if trainer["stop_signal"] else [])
+        self.stop = CleanStop(self.checkpoints, self.stop_signals)
         callbacks = [self.checkpoints, self.stop]
         if progress_mode(trainer["progress"]) == "log":
             callbacks.append(LogProgress(max(trainer["log_every_n_steps"], self.max_steps // 20)))

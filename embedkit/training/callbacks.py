@@ -118,6 +118,16 @@ def exit_code_for(signum: int) -> int:
     return 128 + int(signum)
 
 
+def signal_process_group(name: str) -> None:
+    """Send signal ``name`` to this process's whole process group from a helper process (the sender
+    is then neither this process nor any worker's parent, as with a scheduler's signal)."""
+    import subprocess
+    import sys
+
+    code = f"import os, signal; os.killpg({os.getpgid(0)}, signal.{name})"
+    subprocess.run([sys.executable, "-c", code], stderr=subprocess.DEVNULL, check=False)
+
+
 class CleanStop(L.Callback):
     """SIGTERM, SIGINT (and ``extra`` signals, e.g. SIGUSR1 for SLURM's ``--signal``) finish the
     current optimizer step, write a checkpoint and stop the run; a second SIGINT aborts at once.
@@ -130,6 +140,9 @@ class CleanStop(L.Callback):
     Test support: ``EMBEDKIT_TEST_SIGNAL_AFTER_BATCH=N`` makes global rank 0 send itself SIGTERM
     after its N-th training batch (micro-batch; inside an accumulation cycle when N is not a
     multiple of ``train.accumulate_steps``), so tests drive the real signal path deterministically.
+    ``EMBEDKIT_TEST_SIGNAL_GROUP_AFTER_BATCH=N`` (or ``N:SIGINT``) signals the whole process group
+    instead, DataLoader workers (and launched ranks) included, from a short-lived helper process, as
+    ``kill -TERM -- -PGID``, ``timeout`` or SLURM do.
     """
 
     def __init__(self, checkpoints: AtomicLastCheckpoint, extra: list[str] | None = None, print_fn=print):
@@ -143,6 +156,8 @@ class CleanStop(L.Callback):
         self._batches = 0
         test_at = os.environ.get("EMBEDKIT_TEST_SIGNAL_AFTER_BATCH")
         self._test_at = int(test_at) if test_at else None
+        at, _, name = os.environ.get("EMBEDKIT_TEST_SIGNAL_GROUP_AFTER_BATCH", "").partition(":")
+        self._test_group = (int(at), name or "SIGTERM") if at else None
 
     def signals(self) -> list[int]:
         import signal
@@ -175,6 +190,8 @@ class CleanStop(L.Callback):
         self._batches += 1
         if self._test_at is not None and self._batches == self._test_at and trainer.is_global_zero:
             os.kill(os.getpid(), signal.SIGTERM)
+        if self._test_group is not None and self._batches == self._test_group[0] and trainer.is_global_zero:
+            signal_process_group(self._test_group[1])
         if not pl_module.at_step_boundary():
             return  # finish the accumulation cycle: a stop lands on an optimizer step
         flag = self.received or 0

@@ -56,24 +56,33 @@ def quiet_third_party_noise(tracking: bool) -> None:
     warnings.filterwarnings("ignore", message=".*weights_only.*")
 
 
-def make_strategy(trainer: dict):
+def make_strategy(trainer: dict, resume: str = "resume=RUN_DIR"):
     """``trainer.strategy``, with ``fsdp2``: FSDP2 (``fully_shard``) data parallel over every device.
 
-    The schema has already checked the combination (an integer ``trainer.devices``).
+    DDP (``ddp``, or ``auto`` over several devices or nodes) and FSDP2 watch their ranks
+    (``distributed.watch``): collectives time out after ``trainer.collective_timeout_s``, and a rank
+    that dies stops the others with one line naming it and the ``resume`` words. The schema has
+    already checked the combination (an integer ``trainer.devices`` for fsdp2).
     """
-    if trainer["strategy"] != "fsdp2":
-        return trainer["strategy"]
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    strategy, devices = trainer["strategy"], trainer["devices"]
+    several = trainer["num_nodes"] > 1 or (isinstance(devices, int) and devices > 1)
+    if strategy not in ("ddp", "fsdp2") and not (strategy == "auto" and several):
+        return strategy
+    from embedkit.distributed.watch import RankWatch, watched_strategy
 
+    watch = RankWatch(resume, trainer["collective_timeout_s"])
+    if strategy != "fsdp2":
+        return watched_strategy("ddp", watch)
     # one consolidated checkpoint file (as with DDP), not a distributed-checkpoint folder
-    return ModelParallelStrategy(data_parallel_size=trainer["devices"] * trainer["num_nodes"], tensor_parallel_size=1,
-                                 save_distributed_checkpoint=False)
+    return watched_strategy("fsdp2", watch, data_parallel_size=devices * trainer["num_nodes"], tensor_parallel_size=1,
+                            save_distributed_checkpoint=False)
 
 
 #: keys a resume may change: they leave the training math as it was (``tracking.tags.*`` too).
 #: ``trainer.max_steps`` extends (or shortens) the run; the cosine schedule is rebuilt for the new length.
 RESUMABLE = ("trainer.max_steps", "trainer.progress", "trainer.val_check_interval", "trainer.log_every_n_steps",
-             "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.stop_signal", "train.max_skipped_steps",
+             "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.stop_signal", "trainer.collective_timeout_s",
+             "train.max_skipped_steps",
              "tracking.tags", "run.resume")
 #: exit status when the non-finite guard stops a run (signals: 128 + the signal number, e.g. 143, 130)
 EXIT_DIVERGED = 3
@@ -258,7 +267,10 @@ class Fit:
         self.callbacks = self._setup_callbacks(cfg["trainer"], cfg["data"]["eval"], cfg["train"])
         self.trainer = self._setup_trainer(cfg["trainer"])
         self._record_run(train_shards)
-        before, after = self.train()
+        try:
+            before, after = self.train()
+        except Exception as exc:  # a rank died: one line naming it (re-raised when it was something else)
+            return self.lost_rank(exc)
         return self.report(before, after, started)
 
     # -- setup steps, in order ------------------------------------------------------------------
@@ -352,7 +364,7 @@ class Fit:
         every = interval if interval and self.validating else max_steps + 1  # optimizer steps between validations
         return L.Trainer(
             max_steps=max_steps, devices=trainer["devices"], num_nodes=trainer["num_nodes"],
-            accelerator=trainer["accelerator"], strategy=make_strategy(trainer),
+            accelerator=trainer["accelerator"], strategy=make_strategy(trainer, f"resume={self.run_dir.path}"),
             precision=trainer["precision"], logger=self.logger, callbacks=self.callbacks,
             log_every_n_steps=min(trainer["log_every_n_steps"], max_steps), enable_progress_bar=progress_mode(trainer["progress"]) == "bar",
             enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -430,6 +442,20 @@ class Fit:
             from embedkit.tracking.mlflow_setup import mark_ended
 
             mark_ended(self.logger, status)
+
+    def lost_rank(self, exc: Exception) -> int:
+        """``exc`` ended training: when a rank died (or a collective timed out on an unreachable one),
+        print the line naming it, stop the ranks this process launched, return ``EXIT_RANK_LOST``;
+        else re-raise ``exc``."""
+        watch = getattr(self.trainer.strategy, "watch", None)
+        line = watch.lost_line(exc) if watch is not None else None
+        if line is None:
+            raise exc
+        from embedkit.distributed.watch import EXIT_RANK_LOST
+
+        watch.report(line)
+        watch.stop_children()
+        return EXIT_RANK_LOST
 
     def diverged(self) -> int:
         """The non-finite guard stopped the run: say where, and the last good checkpoint."""

@@ -142,7 +142,8 @@ class CleanStop(L.Callback):
     multiple of ``train.accumulate_steps``), so tests drive the real signal path deterministically.
     ``EMBEDKIT_TEST_SIGNAL_GROUP_AFTER_BATCH=N`` (or ``N:SIGINT``) signals the whole process group
     instead, DataLoader workers (and launched ranks) included, from a short-lived helper process, as
-    ``kill -TERM -- -PGID``, ``timeout`` or SLURM do.
+    ``kill -TERM -- -PGID``, ``timeout`` or SLURM do. ``EMBEDKIT_TEST_KILL_RANK_AFTER_BATCH=R:N``
+    makes global rank R SIGKILL itself after its N-th batch (a rank that dies).
     """
 
     def __init__(self, checkpoints: AtomicLastCheckpoint, extra: list[str] | None = None, print_fn=print):
@@ -158,6 +159,8 @@ class CleanStop(L.Callback):
         self._test_at = int(test_at) if test_at else None
         at, _, name = os.environ.get("EMBEDKIT_TEST_SIGNAL_GROUP_AFTER_BATCH", "").partition(":")
         self._test_group = (int(at), name or "SIGTERM") if at else None
+        rank, _, at = os.environ.get("EMBEDKIT_TEST_KILL_RANK_AFTER_BATCH", "").partition(":")
+        self._test_kill = (int(rank), int(at)) if at else None
 
     def signals(self) -> list[int]:
         import signal
@@ -192,6 +195,11 @@ class CleanStop(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
         if self._test_group is not None and self._batches == self._test_group[0] and trainer.is_global_zero:
             signal_process_group(self._test_group[1])
+        if self._test_kill == (trainer.global_rank, self._batches):
+            import sys
+
+            print(f"test: rank {trainer.global_rank} kills itself", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         if not pl_module.at_step_boundary():
             return  # finish the accumulation cycle: a stop lands on an optimizer step
         flag = self.received or 0

@@ -68,9 +68,14 @@ def make_strategy(trainer: dict, resume: str = "resume=RUN_DIR"):
     several = trainer["num_nodes"] > 1 or (isinstance(devices, int) and devices > 1)
     if strategy not in ("ddp", "fsdp2") and not (strategy == "auto" and several):
         return strategy
+    import signal
+
     from embedkit.distributed.watch import RankWatch, watched_strategy
 
-    watch = RankWatch(resume, trainer["collective_timeout_s"])
+    stops = [signal.SIGTERM, signal.SIGINT] + ([getattr(signal, trainer["stop_signal"])] if trainer["stop_signal"] else [])
+    # the exits all ranks reach together (a clean stop, the non-finite guard): a rank ending so did not die
+    agreed = (0, EXIT_DIVERGED, *(128 + int(s) for s in stops))
+    watch = RankWatch(resume, trainer["collective_timeout_s"], agreed)
     if strategy != "fsdp2":
         return watched_strategy("ddp", watch)
     # one consolidated checkpoint file (as with DDP), not a distributed-checkpoint folder

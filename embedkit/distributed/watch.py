@@ -12,7 +12,8 @@ The strategies (``watched_strategy``): Lightning's DDP and ``ModelParallelStrate
 gathered in ``setup_environment``, and a launcher whose observer replaces Lightning's
 ``_ChildProcessObserver``: that one SIGKILLs the launching process (rank 0) within 5 s of any
 child's non-zero exit, silently, before rank 0 can name the lost rank. ``RankObserver`` polls the
-children every second; when one has ended non-zero it gives the main thread ``grace`` seconds to
+children every second; when one has died (ended other than the ways all ranks end together: 0, a
+clean stop's 128 + signal, a diverged run's status) it gives the main thread ``grace`` seconds to
 fail in its next collective and report (the usual way: a gloo peer's closed socket fails the
 collective at once), then reports itself and ends the process: NCCL, or a rank 0 busy outside
 collectives, would otherwise wait out the collective timeout.
@@ -95,11 +96,13 @@ def _death(peer: Peer, how: str) -> str:
 class RankWatch:
     """What this rank knows about the others, to name a lost one (see the module).
 
-    ``resume``: the words that resume the run, for the line (``embedkit fit resume=RUN``).
+    ``resume``: the words that resume the run, for the line (``embedkit fit resume=RUN``);
+    ``agreed``: exit statuses that every rank reaches together (0, a clean stop's 143, ...): a
+    launched rank that ends with one of them did not die.
     """
 
-    def __init__(self, resume: str, timeout_s: int):
-        self.resume, self.timeout_s = resume, timeout_s
+    def __init__(self, resume: str, timeout_s: int, agreed: tuple[int, ...] = (0,)):
+        self.resume, self.timeout_s, self.agreed = resume, timeout_s, set(agreed) | {0}
         self.host = socket.gethostname()
         self.me: Peer | None = None
         self.peers: list[Peer] = []
@@ -162,22 +165,23 @@ class RankWatch:
 
 
 class RankObserver(threading.Thread):
-    """In the launching process: a launched rank that ended non-zero ends this process too, with the
-    line, when the main thread has not reported it within ``grace`` seconds (see the module)."""
+    """In the launching process: a launched rank that died (ended other than ``watch.agreed``) ends
+    this process too, with the line, when the main thread has not reported it within ``grace``
+    seconds (see the module)."""
 
     def __init__(self, watch: RankWatch, poll: float = 1.0, grace: float = 10.0):
         super().__init__(daemon=True, name="embedkit-rank-observer")
         self.watch, self.poll, self.grace = watch, poll, grace
 
     def run(self) -> None:
-        procs = list(self.watch.children.values())
+        procs, agreed = list(self.watch.children.values()), self.watch.agreed
         while True:
             time.sleep(self.poll)
             codes = [p.poll() for p in procs]
-            if all(c == 0 for c in codes):
-                return
-            if any(c not in (None, 0) for c in codes):
+            if any(c is not None and c not in agreed for c in codes):
                 break
+            if all(c is not None for c in codes):
+                return  # every launched rank ended as the run decided
         time.sleep(self.grace)
         line = self.watch.lost_line()
         if line and self.watch.report(line):

@@ -103,10 +103,12 @@ def test_the_observer_stays_quiet_when_the_main_thread_reported(monkeypatch, cap
     assert ended == [] and capsys.readouterr().err == ""
 
 
-def test_the_observer_ends_when_every_child_finished_well(monkeypatch):
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
+@pytest.mark.parametrize("status", [0, 143])
+def test_the_observer_ends_when_every_child_ended_as_the_run_decided(monkeypatch, status):
+    child = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({status})"])
     child.wait()
     rw = _watch({1: child})
+    rw.agreed = {0, 143}
     monkeypatch.setattr(w.os, "_exit", lambda code: pytest.fail("ended the process"))
     w.RankObserver(rw, poll=0.05, grace=0.05).run()
 
@@ -126,6 +128,7 @@ def test_fit_watches_ddp_and_fsdp2_with_the_configured_timeout(strategy, devices
         return
     assert type(made).__name__ == expected
     assert made._timeout.total_seconds() == 77 and made.watch.resume == "resume=/runs/r"
+    assert {0, 3, 130, 143} <= made.watch.agreed and 137 not in made.watch.agreed  # SIGKILL is a death
 
 
 def test_the_timeout_key_has_a_sensible_default_and_a_minimum():

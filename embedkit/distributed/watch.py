@@ -120,11 +120,12 @@ class RankWatch:
         self.peers = [Peer(*p) for p in found]
 
     def ended(self, peer: Peer) -> str | None:
-        """How ``peer`` ended ("died", "killed by SIGKILL", ...), None while it runs or cannot be checked."""
+        """How ``peer`` ended ("died", "killed by SIGKILL", ...), None while it runs, cannot be checked
+        or ended as all ranks end together (``agreed``)."""
         proc = self.children.get(peer.rank)
         if proc is not None:
             code = proc.poll()
-            return None if code is None else how_it_ended(code)
+            return None if code is None or code in self.agreed else how_it_ended(code)
         if peer.host == self.host and process_gone(peer.pid):
             return "died"
         return None
@@ -132,7 +133,9 @@ class RankWatch:
     def lost_line(self, exc: BaseException | None = None) -> str | None:
         """The line naming the lost rank(s), or None when no peer is known lost and ``exc`` is no
         collective's failure."""
-        others = [p for p in self.peers if self.me is None or p.rank != self.me.rank]
+        # before the peers are gathered (a rank that died while starting), the launched ones are known
+        known = self.peers or [Peer(rank, proc.pid, self.host) for rank, proc in self.children.items()]
+        others = [p for p in known if self.me is None or p.rank != self.me.rank]
         dead = [(p, how) for p in others if (how := self.ended(p)) is not None]
         if dead:
             named = "; ".join(_death(p, how) for p, how in dead)

@@ -90,6 +90,17 @@ def test_the_observer_reports_a_dead_child_and_ends_the_process(monkeypatch, cap
     assert "rank 1 (pid" in capsys.readouterr().err
 
 
+def test_the_observer_names_a_child_that_died_before_the_peers_were_gathered(monkeypatch, capsys):
+    child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])  # e.g. a crash loading the model
+    rw = w.RankWatch("resume=/runs/r", timeout_s=30)
+    rw.children = {1: child}
+    ended = []
+    monkeypatch.setattr(w.os, "_exit", lambda code: ended.append(code))
+    w.RankObserver(rw, poll=0.05, grace=0.05).run()
+    assert ended == [w.EXIT_RANK_LOST]
+    assert f"rank 1 (pid {child.pid} on host {rw.host}) ended (exited with status 1);" in capsys.readouterr().err
+
+
 def test_the_observer_stays_quiet_when_the_main_thread_reported(monkeypatch, capsys):
     child = _sleeper()
     rw = _watch({1: child})

@@ -5,7 +5,8 @@ once when the process group is up (one ``all_gather_object``), and, in the proce
 others, their ``Popen`` objects (so it can say how a child ended: "killed by SIGKILL"). After a
 failure ``lost_line(exc)`` names the lost rank(s): a peer on this host whose process is gone (or
 ended) died; when none did and the failure is a collective's (a timeout, a closed connection), the
-peers on other hosts, which cannot be checked from here, are named as unreachable.
+others are named as out of contact: still running (one of them hangs) or, on other hosts, not to be
+checked from here.
 
 The strategies (``watched_strategy``): Lightning's DDP and ``ModelParallelStrategy`` (FSDP2) with
 ``timeout=`` (gloo's and NCCL's collective timeout, ``trainer.collective_timeout_s``), the peers
@@ -140,13 +141,12 @@ class RankWatch:
         if dead:
             named = "; ".join(_death(p, how) for p, how in dead)
             return f"{named}; the other ranks stopped. Resume with: embedkit fit {self.resume}"
-        if exc is None or not is_collective_failure(exc):
+        if exc is None or not is_collective_failure(exc) or not others:
             return None
-        remote = [p for p in others if p.host != self.host]
+        # a collective failed (timed out) and no peer is known dead: one of them hangs, or is out of reach
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        if not remote:
-            return None
-        named = ", ".join(p.named(", which cannot be checked from here") for p in remote)
+        named = ", ".join(p.named(", still running" if p.host == self.host else ", which cannot be checked from here")
+                          for p in others)
         return (f"lost contact with {named} (trainer.collective_timeout_s={self.timeout_s}: {first}); the other "
                 f"ranks stopped. Resume with: embedkit fit {self.resume}")
 

@@ -143,7 +143,8 @@ class CleanStop(L.Callback):
     ``EMBEDKIT_TEST_SIGNAL_GROUP_AFTER_BATCH=N`` (or ``N:SIGINT``) signals the whole process group
     instead, DataLoader workers (and launched ranks) included, from a short-lived helper process, as
     ``kill -TERM -- -PGID``, ``timeout`` or SLURM do. ``EMBEDKIT_TEST_KILL_RANK_AFTER_BATCH=R:N``
-    makes global rank R SIGKILL itself after its N-th batch (a rank that dies).
+    makes global rank R SIGKILL itself after its N-th batch (a rank that dies; ``R:N:SIGSTOP``: one
+    that hangs).
     """
 
     def __init__(self, checkpoints: AtomicLastCheckpoint, extra: list[str] | None = None, print_fn=print):
@@ -160,6 +161,7 @@ class CleanStop(L.Callback):
         at, _, name = os.environ.get("EMBEDKIT_TEST_SIGNAL_GROUP_AFTER_BATCH", "").partition(":")
         self._test_group = (int(at), name or "SIGTERM") if at else None
         rank, _, at = os.environ.get("EMBEDKIT_TEST_KILL_RANK_AFTER_BATCH", "").partition(":")
+        at, _, self._test_kill_with = at.partition(":")
         self._test_kill = (int(rank), int(at)) if at else None
 
     def signals(self) -> list[int]:
@@ -198,8 +200,9 @@ class CleanStop(L.Callback):
         if self._test_kill == (trainer.global_rank, self._batches):
             import sys
 
-            print(f"test: rank {trainer.global_rank} kills itself", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+            name = self._test_kill_with or "SIGKILL"
+            print(f"test: rank {trainer.global_rank} sends itself {name}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), getattr(signal, name))
         if not pl_module.at_step_boundary():
             return  # finish the accumulation cycle: a stop lands on an optimizer step
         flag = self.received or 0

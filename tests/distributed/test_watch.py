@@ -62,7 +62,7 @@ def test_the_line_names_a_killed_child_and_a_dead_peer():
             p.wait()
 
 
-def test_a_peer_on_another_host_is_named_unreachable_only_after_a_collective_failed():
+def test_live_peers_are_named_out_of_contact_only_after_a_collective_failed():
     rw = _watch()
     rw.peers = [rw.me, w.Peer(1, 4242, "elsewhere")]
     assert rw.lost_line(ValueError("a bug in the loss")) is None
@@ -70,6 +70,9 @@ def test_a_peer_on_another_host_is_named_unreachable_only_after_a_collective_fai
     assert line.startswith("lost contact with rank 1 (pid 4242 on host elsewhere, which cannot be checked from here) "
                            "(trainer.collective_timeout_s=30: [gloo] Timed out")
     assert line.endswith("Resume with: embedkit fit resume=/runs/r")
+    rw.peers = [rw.me, w.Peer(1, os.getppid(), rw.host)]  # alive on this host: it hangs
+    line = rw.lost_line(RuntimeError("[gloo] Timed out waiting 30000ms for recv operation to complete"))
+    assert line.startswith(f"lost contact with rank 1 (pid {os.getppid()} on host {rw.host}, still running) ")
 
 
 def test_the_line_is_reported_once(capsys):

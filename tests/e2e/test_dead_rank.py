@@ -71,7 +71,7 @@ def test_a_killed_rank_stops_the_survivor_with_a_line_and_the_run_resumes_exactl
         code, lines, closed = _timed_run([*COMMON, f"run.dir={cut}", f"tracking.uri=sqlite:///{tmp_path / 'cut.db'}"],
                                          tmp_path, EMBEDKIT_TEST_KILL_RANK_AFTER_BATCH=f"{dead}:5")
         assert code == (EXIT_RANK_LOST if dead == 1 else -9), "\n".join(ln for _, ln in lines[-40:])
-        killed_at, _ = _at(lines, rf"^test: rank {dead} kills itself$")
+        killed_at, _ = _at(lines, rf"^test: rank {dead} sends itself SIGKILL$")
         said_at, said = _at(lines, r"^embedkit: error: ")
         assert re.fullmatch(rf"embedkit: error: rank {dead} \(pid \d+ on host \S+\) died"
                             + (r" \(killed by SIGKILL\)" if dead == 1 else "")
@@ -89,3 +89,21 @@ def test_a_killed_rank_stops_the_survivor_with_a_line_and_the_run_resumes_exactl
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'cut.db'}")
     assert client.get_run(RunDir(cut).mlflow_run_id()).info.status == "FINISHED"  # the same MLflow run, continued
+
+
+def test_a_hung_rank_stops_the_other_after_the_collective_timeout(tmp_path):
+    """Rank 1 stops itself (SIGSTOP: alive, silent): rank 0 waits ``trainer.collective_timeout_s`` in
+    its collective, then names rank 1, SIGKILLs it and exits."""
+    timeout_s = 15
+    cut = tmp_path / "hung"
+    code, lines, closed = _timed_run([*COMMON, f"run.dir={cut}", "tracking.enabled=false",
+                                      f"trainer.collective_timeout_s={timeout_s}"],
+                                     tmp_path, EMBEDKIT_TEST_KILL_RANK_AFTER_BATCH="1:5:SIGSTOP")
+    assert code == EXIT_RANK_LOST, "\n".join(ln for _, ln in lines[-40:])
+    stopped_at, _ = _at(lines, r"^test: rank 1 sends itself SIGSTOP$")
+    said_at, said = _at(lines, r"^embedkit: error: ")
+    assert re.fullmatch(r"embedkit: error: lost contact with rank 1 \(pid \d+ on host \S+, still running\) "
+                        rf"\(trainer\.collective_timeout_s={timeout_s}: .+\); the other ranks stopped\. "
+                        rf"Resume with: embedkit fit resume={re.escape(str(cut))}", said), said
+    assert timeout_s - 1 <= said_at - stopped_at < timeout_s + 30 and closed - stopped_at < timeout_s + 40
+    assert {p.name for p in (cut / "checkpoints").iterdir()} >= {"step-00000004.ckpt"}

@@ -449,7 +449,7 @@ class Fit:
             mark_ended(self.logger, status)
 
     def lost_rank(self, exc: Exception) -> int:
-        """``exc`` ended training: when a rank died (or a collective timed out on an unreachable one),
+        """``exc`` ended training: when a rank died (or a collective timed out on one out of contact),
         print the line naming it, stop the ranks this process launched, return ``EXIT_RANK_LOST``;
         else re-raise ``exc``."""
         watch = getattr(self.trainer.strategy, "watch", None)

@@ -190,19 +190,8 @@ class CleanStop(L.Callback):
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        import signal
-
         self._batches += 1
-        if self._test_at is not None and self._batches == self._test_at and trainer.is_global_zero:
-            os.kill(os.getpid(), signal.SIGTERM)
-        if self._test_group is not None and self._batches == self._test_group[0] and trainer.is_global_zero:
-            signal_process_group(self._test_group[1])
-        if self._test_kill == (trainer.global_rank, self._batches):
-            import sys
-
-            name = self._test_kill_with or "SIGKILL"
-            print(f"test: rank {trainer.global_rank} sends itself {name}", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), getattr(signal, name))
+        self._test_signals(trainer)
         if not pl_module.at_step_boundary():
             return  # finish the accumulation cycle: a stop lands on an optimizer step
         flag = self.received or 0
@@ -213,6 +202,21 @@ class CleanStop(L.Callback):
             self.stopped_at = trainer.global_step
             self.checkpoints.save(trainer, pl_module)
             trainer.should_stop = True
+
+    def _test_signals(self, trainer) -> None:
+        """The test hooks (the class docstring): signals sent after this rank's N-th batch."""
+        import signal
+
+        if self._test_at is not None and self._batches == self._test_at and trainer.is_global_zero:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self._test_group is not None and self._batches == self._test_group[0] and trainer.is_global_zero:
+            signal_process_group(self._test_group[1])
+        if self._test_kill == (trainer.global_rank, self._batches):
+            import sys
+
+            name = self._test_kill_with or "SIGKILL"
+            print(f"test: rank {trainer.global_rank} sends itself {name}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), getattr(signal, name))
 
     def teardown(self, trainer, pl_module, stage):
         import signal

@@ -56,24 +56,38 @@ def quiet_third_party_noise(tracking: bool) -> None:
     warnings.filterwarnings("ignore", message=".*weights_only.*")
 
 
-def make_strategy(trainer: dict):
+def make_strategy(trainer: dict, resume: str = "resume=RUN_DIR"):
     """``trainer.strategy``, with ``fsdp2``: FSDP2 (``fully_shard``) data parallel over every device.
 
-    The schema has already checked the combination (an integer ``trainer.devices``).
+    DDP (``ddp``, or ``auto`` over several devices or nodes) and FSDP2 watch their ranks
+    (``distributed.watch``): collectives time out after ``trainer.collective_timeout_s``, and a rank
+    that dies stops the others with one line naming it and the ``resume`` words. The schema has
+    already checked the combination (an integer ``trainer.devices`` for fsdp2).
     """
-    if trainer["strategy"] != "fsdp2":
-        return trainer["strategy"]
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    strategy, devices = trainer["strategy"], trainer["devices"]
+    several = trainer["num_nodes"] > 1 or (isinstance(devices, int) and devices > 1)
+    if strategy not in ("ddp", "fsdp2") and not (strategy == "auto" and several):
+        return strategy
+    import signal
 
+    from embedkit.distributed.watch import RankWatch, watched_strategy
+
+    stops = [signal.SIGTERM, signal.SIGINT] + ([getattr(signal, trainer["stop_signal"])] if trainer["stop_signal"] else [])
+    # the exits all ranks reach together (a clean stop, the non-finite guard): a rank ending so did not die
+    agreed = (0, EXIT_DIVERGED, *(128 + int(s) for s in stops))
+    watch = RankWatch(resume, trainer["collective_timeout_s"], agreed)
+    if strategy != "fsdp2":
+        return watched_strategy("ddp", watch)
     # one consolidated checkpoint file (as with DDP), not a distributed-checkpoint folder
-    return ModelParallelStrategy(data_parallel_size=trainer["devices"] * trainer["num_nodes"], tensor_parallel_size=1,
-                                 save_distributed_checkpoint=False)
+    return watched_strategy("fsdp2", watch, data_parallel_size=devices * trainer["num_nodes"], tensor_parallel_size=1,
+                            save_distributed_checkpoint=False)
 
 
 #: keys a resume may change: they leave the training math as it was (``tracking.tags.*`` too).
 #: ``trainer.max_steps`` extends (or shortens) the run; the cosine schedule is rebuilt for the new length.
 RESUMABLE = ("trainer.max_steps", "trainer.progress", "trainer.val_check_interval", "trainer.log_every_n_steps",
-             "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.stop_signal", "train.max_skipped_steps",
+             "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.stop_signal", "trainer.collective_timeout_s",
+             "train.max_skipped_steps",
              "tracking.tags", "run.resume")
 #: exit status when the non-finite guard stops a run (signals: 128 + the signal number, e.g. 143, 130)
 EXIT_DIVERGED = 3
@@ -258,13 +272,18 @@ class Fit:
         self.callbacks = self._setup_callbacks(cfg["trainer"], cfg["data"]["eval"], cfg["train"])
         self.trainer = self._setup_trainer(cfg["trainer"])
         self._record_run(train_shards)
-        before, after = self.train()
+        try:
+            before, after = self.train()
+        except Exception as exc:  # a rank died: one line naming it (re-raised when it was something else)
+            return self.lost_rank(exc)
         return self.report(before, after, started)
 
     # -- setup steps, in order ------------------------------------------------------------------
     def _setup_process(self, trainer: dict, tracking: dict) -> None:
-        """Process-wide settings: a quiet console, TF32 matmuls where asked."""
+        """Process-wide settings: a quiet console, TF32 matmuls where asked, the signals that stop the
+        run cleanly besides SIGTERM and SIGINT (the loader workers ignore them all)."""
         quiet_third_party_noise(tracking["enabled"])
+        self.stop_signals = [trainer["stop_signal"]] if trainer["stop_signal"] else []
         if trainer["tf32"]:
             import torch
 
@@ -311,7 +330,7 @@ class Fit:
         return EmbeddingDataModule(data, self.module.encoder.processor(), train_shards, val_shards, seed=seed,
                                    global_batch_size=train["global_batch_size"], chunk_size=train["chunk_size"],
                                    chunk_tokens=train["chunk_tokens"], accumulate=self.accumulate,
-                                   sort_chunks=train["sort_chunks"])
+                                   sort_chunks=train["sort_chunks"], stop_signals=self.stop_signals)
 
     def _setup_logger(self, tracking: dict, recipe: str | None):
         """The MLflow logger (continuing the run's MLflow run on a resume), or False."""
@@ -330,7 +349,7 @@ class Fit:
 
         self.checkpoints = AtomicLastCheckpoint(self.run_dir, every=trainer["checkpoint_every"],
                                                 keep=trainer["keep_checkpoints"])
-        self.stop = CleanStop(self.checkpoints, [trainer["stop_signal"]] if trainer["stop_signal"] else [])
+        self.stop = CleanStop(self.checkpoints, self.stop_signals)
         callbacks = [self.checkpoints, self.stop]
         if progress_mode(trainer["progress"]) == "log":
             callbacks.append(LogProgress(max(trainer["log_every_n_steps"], self.max_steps // 20)))
@@ -350,7 +369,7 @@ class Fit:
         every = interval if interval and self.validating else max_steps + 1  # optimizer steps between validations
         return L.Trainer(
             max_steps=max_steps, devices=trainer["devices"], num_nodes=trainer["num_nodes"],
-            accelerator=trainer["accelerator"], strategy=make_strategy(trainer),
+            accelerator=trainer["accelerator"], strategy=make_strategy(trainer, f"resume={self.run_dir.path}"),
             precision=trainer["precision"], logger=self.logger, callbacks=self.callbacks,
             log_every_n_steps=min(trainer["log_every_n_steps"], max_steps), enable_progress_bar=progress_mode(trainer["progress"]) == "bar",
             enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -428,6 +447,20 @@ class Fit:
             from embedkit.tracking.mlflow_setup import mark_ended
 
             mark_ended(self.logger, status)
+
+    def lost_rank(self, exc: Exception) -> int:
+        """``exc`` ended training: when a rank died (or a collective timed out on one out of contact),
+        print the line naming it, stop the ranks this process launched, return ``EXIT_RANK_LOST``;
+        else re-raise ``exc``."""
+        watch = getattr(self.trainer.strategy, "watch", None)
+        line = watch.lost_line(exc) if watch is not None else None
+        if line is None:
+            raise exc
+        from embedkit.distributed.watch import EXIT_RANK_LOST
+
+        watch.report(line)
+        watch.stop_children()
+        return EXIT_RANK_LOST
 
     def diverged(self) -> int:
         """The non-finite guard stopped the run: say where, and the last good checkpoint."""

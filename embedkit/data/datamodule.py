@@ -12,6 +12,7 @@ from embedkit.data.batch import ChunkCollate, ValCollate, ValItems
 from embedkit.data.remote import ShardUnavailable, is_remote
 from embedkit.data.shards import iter_samples, list_shards
 from embedkit.data.stream import ShardStream
+from embedkit.data.workers import WorkerSignals
 from embedkit.errors import ConfigError, UserError
 
 
@@ -104,13 +105,15 @@ class EmbeddingDataModule(L.LightningDataModule):
     ``global_batch_size`` is the contrastive batch across all ranks, split evenly; ``chunk_size``
     and ``chunk_tokens`` cut each side of a device's batch into forward passes (ordered by cost
     first when ``sort_chunks``); ``processor`` (the
-    encoder's) runs in the DataLoader workers.
+    encoder's) runs in the DataLoader workers, which ignore the stop signals (SIGTERM, SIGINT and
+    ``stop_signals``, e.g. ``["SIGUSR1"]``): the main process decides when to stop (``WorkerSignals``).
     """
 
     def __init__(self, data: dict, processor, train_shards: list[str], val_shards: list[str], *, seed: int,
                  global_batch_size: int, chunk_size: int, chunk_tokens: int = 0, accumulate: int = 1,
-                 sort_chunks: bool = False):
+                 sort_chunks: bool = False, stop_signals: list[str] | None = None):
         super().__init__()
+        self.stop_signals = list(stop_signals or [])
         self.train_data = data["train"]
         self.processor = processor
         self.train_shards = train_shards
@@ -149,7 +152,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         # resumed run creates them at other points of the run than the uninterrupted one)
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                           prefetch_factor=4 if workers > 0 else None, generator=self._generator(),
-                          pin_memory=self.pin_memory())
+                          pin_memory=self.pin_memory(), worker_init_fn=self._worker_init(rank) if workers else None)
 
     # -- exact resume past skipped samples: where each worker's readers stood, in the checkpoint -------
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
@@ -181,6 +184,13 @@ class EmbeddingDataModule(L.LightningDataModule):
         return DataLoader(ValItems(self.val_examples), batch_size=self.chunk_size,
                           collate_fn=ValCollate(self.processor), num_workers=0, generator=self._generator(),
                           pin_memory=self.pin_memory())
+
+    def _worker_init(self, rank: int) -> WorkerSignals:
+        """The workers' init: stop signals left to the main process, and the per-worker seeding
+        Lightning adds after ``seed_everything(workers=True)`` to loaders without an init of their own."""
+        import os
+
+        return WorkerSignals(self.stop_signals, rank, seed=bool(int(os.environ.get("PL_SEED_WORKERS", 0))))
 
     def pin_memory(self) -> bool:
         """Batches in page-locked memory when training on CUDA (asynchronous host-to-device copies);

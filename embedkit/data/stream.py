@@ -211,6 +211,12 @@ class ShardStream(IterableDataset):
             start = self.start_step
             self.epoch = start // self.epoch_steps - 1 if self.epoch_steps > 0 else -1
         self.epoch += 1
+        if start and num_workers > 1:
+            # the loader takes batches from its workers in turn, worker 0 first: the worker that built
+            # step ``start`` in the uninterrupted run (with its reader) must be asked first; ``worker`` is
+            # that role from here on (its readers, its steps, its ``reader_state``)
+            first = self.epoch * self.epoch_steps if self.epoch_steps > 0 else 0
+            worker = (worker + start - first) % num_workers
         resume = self.resume_states.get(worker) if start else None
         for examples in self.batches(worker, num_workers, self.epoch, start, resume):
             batch = self.collate(examples)

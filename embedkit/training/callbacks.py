@@ -118,6 +118,16 @@ def exit_code_for(signum: int) -> int:
     return 128 + int(signum)
 
 
+def signal_process_group(name: str) -> None:
+    """Send signal ``name`` to this process's whole process group from a helper process (the sender
+    is then neither this process nor any worker's parent, as with a scheduler's signal)."""
+    import subprocess
+    import sys
+
+    code = f"import os, signal; os.killpg({os.getpgid(0)}, signal.{name})"
+    subprocess.run([sys.executable, "-c", code], stderr=subprocess.DEVNULL, check=False)
+
+
 class CleanStop(L.Callback):
     """SIGTERM, SIGINT (and ``extra`` signals, e.g. SIGUSR1 for SLURM's ``--signal``) finish the
     current optimizer step, write a checkpoint and stop the run; a second SIGINT aborts at once.
@@ -130,6 +140,11 @@ class CleanStop(L.Callback):
     Test support: ``EMBEDKIT_TEST_SIGNAL_AFTER_BATCH=N`` makes global rank 0 send itself SIGTERM
     after its N-th training batch (micro-batch; inside an accumulation cycle when N is not a
     multiple of ``train.accumulate_steps``), so tests drive the real signal path deterministically.
+    ``EMBEDKIT_TEST_SIGNAL_GROUP_AFTER_BATCH=N`` (or ``N:SIGINT``) signals the whole process group
+    instead, DataLoader workers (and launched ranks) included, from a short-lived helper process, as
+    ``kill -TERM -- -PGID``, ``timeout`` or SLURM do. ``EMBEDKIT_TEST_KILL_RANK_AFTER_BATCH=R:N``
+    makes global rank R SIGKILL itself after its N-th batch (a rank that dies; ``R:N:SIGSTOP``: one
+    that hangs).
     """
 
     def __init__(self, checkpoints: AtomicLastCheckpoint, extra: list[str] | None = None, print_fn=print):
@@ -143,6 +158,11 @@ class CleanStop(L.Callback):
         self._batches = 0
         test_at = os.environ.get("EMBEDKIT_TEST_SIGNAL_AFTER_BATCH")
         self._test_at = int(test_at) if test_at else None
+        at, _, name = os.environ.get("EMBEDKIT_TEST_SIGNAL_GROUP_AFTER_BATCH", "").partition(":")
+        self._test_group = (int(at), name or "SIGTERM") if at else None
+        rank, _, at = os.environ.get("EMBEDKIT_TEST_KILL_RANK_AFTER_BATCH", "").partition(":")
+        at, _, self._test_kill_with = at.partition(":")
+        self._test_kill = (int(rank), int(at)) if at else None
 
     def signals(self) -> list[int]:
         import signal
@@ -170,11 +190,8 @@ class CleanStop(L.Callback):
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        import signal
-
         self._batches += 1
-        if self._test_at is not None and self._batches == self._test_at and trainer.is_global_zero:
-            os.kill(os.getpid(), signal.SIGTERM)
+        self._test_signals(trainer)
         if not pl_module.at_step_boundary():
             return  # finish the accumulation cycle: a stop lands on an optimizer step
         flag = self.received or 0
@@ -185,6 +202,21 @@ class CleanStop(L.Callback):
             self.stopped_at = trainer.global_step
             self.checkpoints.save(trainer, pl_module)
             trainer.should_stop = True
+
+    def _test_signals(self, trainer) -> None:
+        """The test hooks (the class docstring): signals sent after this rank's N-th batch."""
+        import signal
+
+        if self._test_at is not None and self._batches == self._test_at and trainer.is_global_zero:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self._test_group is not None and self._batches == self._test_group[0] and trainer.is_global_zero:
+            signal_process_group(self._test_group[1])
+        if self._test_kill == (trainer.global_rank, self._batches):
+            import sys
+
+            name = self._test_kill_with or "SIGKILL"
+            print(f"test: rank {trainer.global_rank} sends itself {name}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), getattr(signal, name))
 
     def teardown(self, trainer, pl_module, stage):
         import signal

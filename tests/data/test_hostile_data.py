@@ -248,3 +248,35 @@ def test_a_source_with_no_usable_sample_stops_with_a_reason_instead_of_spinning(
                      shuffle_buffer=2)
     with pytest.raises(RuntimeError, match="no usable sample: 6 skipped in a row, the last as decode"):
         next(iter(st))
+
+
+@pytest.mark.parametrize("start,epoch_steps", [(5, 0), (4, 0), (9, 7)])
+def test_a_two_worker_loader_resumed_after_skips_reads_on_from_each_workers_saved_state(tmp_path, start, epoch_steps):
+    """Both resume fixes at once: the worker asked first plays the role (steps, readers) of the one that
+    built step ``start``, and that role's saved reader state (skips before the resume) is the one it reads on from,
+    kept by role as the data module keeps it (``reader_state["worker"]``)."""
+    from torch.utils.data import DataLoader
+
+    shards = _bad_stream_shards(tmp_path)
+
+    def loader(**kw):
+        st = ShardStream(shards, ChunkCollate(lambda items: items, 3, 0), 3, seed=1, shuffle_buffer=5,
+                         epoch_steps=epoch_steps, **kw)
+        return DataLoader(st, batch_size=None, num_workers=2, persistent_workers=True)
+
+    def texts(batches):
+        return [[it.text for it in b.query_chunks[0]] for b in batches]
+
+    def first(dl, n):
+        out = []
+        while len(out) < n:
+            out += list(itertools.islice(iter(dl), n - len(out)))
+        return out
+
+    full = first(loader(), 16)
+    assert sum(sum(b.skipped.values()) for b in full[:start]) >= 1  # skips before the resume point
+    saved = {}
+    for b in full[:start]:  # what the data module keeps as the batches are trained on
+        saved[b.reader_state["worker"]] = b.reader_state
+    resumed = loader(start_step=start, resume_states=saved)
+    assert texts(first(resumed, 16 - start)) == texts(full[start:])

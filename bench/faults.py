@@ -44,6 +44,8 @@ QUICK_FIT = ["data.demo.train_size=256", "data.demo.val_size=16", "data.demo.hol
              "train.chunk_size=8", "data.train.task_batch_size=8", "trainer.progress=none", "trainer.max_steps=30",
              "trainer.checkpoint_every=10", "trainer.val_check_interval=10", "trainer.log_every_n_steps=1"]
 FIT_POINTS = ("checkpoint_write", "validation_batch", "train_batch")
+#: a wall-clock kill's seconds after the process starts (Lightning's import takes ~8 s of them)
+WALL_SECONDS = (10.0, 30.0)
 KILLED = -9  # subprocess's return code for a child killed by SIGKILL
 TOLERANCE = 1e-6
 
@@ -206,15 +208,15 @@ class FitFaults:
             self.log(f"fit: the uninterrupted run took {time.monotonic() - started:.0f}s")
         return self.trace_path.read_text().split()
 
-    def run(self, kills: int, seed: int, enospc: bool = False) -> Report:
-        """The reference, then ``kills`` seeded faults (the first a full disk when ``enospc``), each
-        followed by a resume, then the checks."""
+    def run(self, kills: int, seed: int, enospc: bool = False, wall: int = 0) -> Report:
+        """The reference, then ``kills`` seeded faults (the first a full disk when ``enospc``), then
+        ``wall`` SIGKILLs at seeded times (``wall_kill``), each followed by a resume, then the checks."""
         self.work.mkdir(parents=True, exist_ok=True)
         trace = self.reference()
         rng = random.Random(seed)
         kinds = [FIT_POINTS[(i + seed) % len(FIT_POINTS)] for i in range(kills)]
         stretches = segments(trace, kills)
-        report = Report(f"fit ({kills} faults, seed {seed})")
+        report = Report(f"fit ({kills} faults at named points" + (f", {wall} at seeded times" if wall else "") + f", seed {seed})")
         for i, kind in enumerate(kinds):
             step = resumed_step(self.cut) if self.cut.exists() else 0
             if step >= len([n for n in trace if n == "train_batch"]):
@@ -226,9 +228,34 @@ class FitFaults:
             fault = self.interrupt(plan + (":enospc" if full_disk else ""), step)
             report.faults.append(fault)
             self.log(f"fit: fault {i + 1}/{kills}: {fault.line()}")
+        for _ in range(wall):
+            report.faults.append(self.wall_kill(rng.uniform(*WALL_SECONDS), resumed_step(self.cut)))
+            self.log(f"fit: wall-clock kill: {report.faults[-1].line()}")
         expect(self.resume(), 0, "the final resume")
         self.check(report)
         return report
+
+    def wall_kill(self, seconds: float, step: int) -> Fault:
+        """``resume=`` SIGKILLed ``seconds`` after its start, wherever it is (not reproducible to the
+        step: start-up time varies; a process that finished first is noted, not an error)."""
+        import signal
+        import subprocess
+
+        from tests.helpers.cli import cli_env
+
+        proc = subprocess.Popen([sys.executable, "-m", "embedkit", "fit", f"resume={self.cut}"], cwd=self.work,
+                                env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        fault = Fault(f"wall clock {seconds:.1f}s", step, proc.returncode)
+        if proc.returncode not in (KILLED, 0):
+            fault.notes.append(f"not killed: {err[-500:]}")
+        elif proc.returncode == 0:
+            fault.notes.append("finished before the kill")
+        return fault
 
     def interrupt(self, plan: str, step: int) -> Fault:
         """One process (a fresh fit, else a resume) under ``plan``; what it ended in, checked."""
@@ -367,10 +394,10 @@ def eval_faults(work: Path, model: Path, log=print) -> Report:
 
 
 def run_all(work: Path, fit_args: list[str], kills: int, seed: int, commands=("fit", "encode", "mine", "eval"),
-            enospc: bool = True, log: Callable[[str], None] = print) -> list[Report]:
+            enospc: bool = True, wall: int = 0, log: Callable[[str], None] = print) -> list[Report]:
     """The fit's faults (its reference run is the model the other commands use), then the others'."""
     fit = FitFaults(work / "fit", fit_args, log)
-    reports = [fit.run(kills, seed, enospc=enospc)] if "fit" in commands else []
+    reports = [fit.run(kills, seed, enospc=enospc, wall=wall)] if "fit" in commands else []
     fit.reference()
     model = fit.whole
     if "encode" in commands:
@@ -385,6 +412,7 @@ def run_all(work: Path, fit_args: list[str], kills: int, seed: int, commands=("f
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=10, help="faults in the fit (the first a full disk)")
+    ap.add_argument("--wall", type=int, default=2, help="then SIGKILLs at seeded times after a resume's start")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
     ap.add_argument("--quick", action="store_true", help="the CI's small config instead of the demo's")
@@ -393,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     work = a.work or Path(tempfile.mkdtemp(prefix="embedkit-faults-"))
     started = time.monotonic()
     reports = run_all(work, QUICK_FIT if a.quick else FULL_FIT, a.kills, a.seed, tuple(a.commands.split(",")),
-                      log=lambda m: print(m, flush=True))
+                      wall=a.wall, log=lambda m: print(m, flush=True))
     print(f"\nfault driver, seed {a.seed}, {time.monotonic() - started:.0f}s, runs in {work}")
     for report in reports:
         print("\n".join(report.lines()))

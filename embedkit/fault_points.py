@@ -64,6 +64,11 @@ def _plan(text: str) -> Plan:
     return parse_plan(text)
 
 
+def reset() -> None:
+    """Forget every plan's reach counts (a test that runs the same plan twice in one process)."""
+    _plan.cache_clear()
+
+
 def fault_point(name: str) -> None:
     """Reached ``name``: act if the plan says so (SIGKILL; or raise ``OSError(ENOSPC)``), else nothing."""
     text, trace = os.environ.get(PLAN_ENV), os.environ.get(TRACE_ENV)

@@ -55,12 +55,13 @@ class Fault:
     """One interrupted process: the plan it ran under, the step it had resumed from, how it ended."""
 
     plan: str
-    resumed_from: int
+    resumed_from: int | None  # None: a command re-run from its own partial outputs
     returncode: int
     notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        return (f"{self.plan:<32} resumed from step {self.resumed_from:>4}  exit {self.returncode}"
+        start = "" if self.resumed_from is None else f"resumed from step {self.resumed_from:>4}  "
+        return (f"{self.plan:<32} {start}exit {self.returncode}"
                 + (f"  ({'; '.join(self.notes)})" if self.notes else ""))
 
 
@@ -209,25 +210,26 @@ class FitFaults:
         return self.trace_path.read_text().split()
 
     def run(self, kills: int, seed: int, enospc: bool = False, wall: int = 0) -> Report:
-        """The reference, then ``kills`` seeded faults (the first a full disk when ``enospc``), then
-        ``wall`` SIGKILLs at seeded times (``wall_kill``), each followed by a resume, then the checks."""
+        """The reference, then (``enospc``) a full disk at a checkpoint write, ``kills`` SIGKILLs at
+        seeded named points and ``wall`` at seeded times (``wall_kill``), each followed by a resume,
+        then the checks."""
         self.work.mkdir(parents=True, exist_ok=True)
         trace = self.reference()
         rng = random.Random(seed)
-        kinds = [FIT_POINTS[(i + seed) % len(FIT_POINTS)] for i in range(kills)]
-        stretches = segments(trace, kills)
-        report = Report(f"fit ({kills} faults at named points" + (f", {wall} at seeded times" if wall else "") + f", seed {seed})")
+        kinds = ["checkpoint_write"] * enospc + [FIT_POINTS[(i + seed) % len(FIT_POINTS)] for i in range(kills)]
+        stretches = segments(trace, len(kinds))
+        report = Report(f"fit ({'a full disk, ' if enospc else ''}{kills} SIGKILLs at named points"
+                        + (f", {wall} at seeded times" if wall else "") + f"; seed {seed})")
         for i, kind in enumerate(kinds):
             step = resumed_step(self.cut) if self.cut.exists() else 0
             if step >= len([n for n in trace if n == "train_batch"]):
                 report.problems.append(f"the run finished before fault {i + 1}")
                 break
             full_disk = enospc and i == 0  # a failing write: only a checkpoint write
-            plan = draw_fault(rng, trace, step, stretches[i], "checkpoint_write" if full_disk else kind,
-                              () if full_disk else FIT_POINTS)
+            plan = draw_fault(rng, trace, step, stretches[i], kind, () if full_disk else FIT_POINTS)
             fault = self.interrupt(plan + (":enospc" if full_disk else ""), step)
             report.faults.append(fault)
-            self.log(f"fit: fault {i + 1}/{kills}: {fault.line()}")
+            self.log(f"fit: fault {i + 1}/{len(kinds)}: {fault.line()}")
         for _ in range(wall):
             report.faults.append(self.wall_kill(rng.uniform(*WALL_SECONDS), resumed_step(self.cut)))
             self.log(f"fit: wall-clock kill: {report.faults[-1].line()}")
@@ -319,7 +321,7 @@ def rerun_faults(name: str, args: Callable[[Path], list[str]], out: Callable[[Pa
     expect(launch(args(work / f"{name}-ref"), work), 0, f"the uninterrupted {name}")
     for plan in plans:
         r = launch(args(work / f"{name}-cut"), work, plan)
-        fault = Fault(plan, 0, r.returncode)
+        fault = Fault(plan, None, r.returncode)
         if r.returncode != KILLED:
             report.problems.append(f"{plan}: not killed (exit {r.returncode}): {r.stderr[-500:]}")
         report.faults.append(fault)
@@ -411,7 +413,7 @@ def run_all(work: Path, fit_args: list[str], kills: int, seed: int, commands=("f
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kills", type=int, default=10, help="faults in the fit (the first a full disk)")
+    ap.add_argument("--kills", type=int, default=10, help="SIGKILLs at named points of the fit (after a full disk)")
     ap.add_argument("--wall", type=int, default=2, help="then SIGKILLs at seeded times after a resume's start")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")

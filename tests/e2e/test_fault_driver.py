@@ -1,7 +1,7 @@
 """The fault driver's short seeded set (``bench/faults.py``, the same code as ``make faults``): a fit
-interrupted three times, a full disk at a checkpoint write (one line, the previous checkpoint intact,
-the temporary gone), a SIGKILL between a checkpoint's write and its rename and one inside validation,
-each resumed with
+interrupted four times, a full disk at a checkpoint write (one line, the previous checkpoint intact,
+the temporary gone), a SIGKILL inside validation, one after a training batch and one between a
+checkpoint's write and its rename, each resumed with
 ``embedkit fit resume=RUN``, ends with the uninterrupted run's weights and one MLflow run holding its
 whole metric history; an ``encode`` killed inside a part's write, re-run, writes the same bytes."""
 
@@ -12,13 +12,14 @@ from bench.faults import QUICK_FIT, FitFaults, draw_fault, encode_faults, histor
 
 def test_fit_and_encode_under_seeded_faults_end_as_the_uninterrupted_runs(tmp_path):
     fit = FitFaults(tmp_path / "fit", QUICK_FIT, log=lambda m: None)
-    report = fit.run(kills=2, seed=0, enospc=True)
+    report = fit.run(kills=3, seed=1, enospc=True)
     assert report.ok, "\n".join(report.lines())
-    # a full disk at a checkpoint write, then (seed 0) a kill between a checkpoint's write and its rename,
-    # then one inside validation
-    assert [f.plan.split(":")[0] for f in report.faults] == ["checkpoint_write", "checkpoint_write",
-                                                            "validation_batch"]
-    assert report.faults[1].notes and report.faults[1].notes[0].startswith("left .step-")
+    # a full disk at a checkpoint write, then (seed 1) a kill inside the validation at step 20 (whose metric
+    # a resume from that step's checkpoint never logged), one after a training batch, and one between a
+    # checkpoint's write and its rename
+    assert [f.plan.split(":")[0] for f in report.faults] == ["checkpoint_write", "validation_batch", "train_batch",
+                                                            "checkpoint_write"]
+    assert report.faults[3].notes and report.faults[3].notes[0].startswith("left .step-")
     assert report.faults[0].returncode == 2 and report.faults[0].notes == [
         "full disk: one line, previous checkpoint intact"]
     assert all(f.returncode == -9 for f in report.faults[1:])

@@ -22,7 +22,8 @@ from typing import Callable
 import numpy as np
 
 from embedkit.errors import UserError
-from embedkit.files import atomic_path, write_atomic
+from embedkit.fault_points import fault_point
+from embedkit.files import atomic_path, is_disk_full, write_atomic
 
 OUTPUTS = (".npy", ".parquet")
 
@@ -97,8 +98,7 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
         chunk = rows[start : start + part_size]
         emb = encoder.encode(texts=[r.get("text") for r in chunk], images=[to_image(r.get("image"), root) for r in chunk],
                              instruction=instruction, batch_size=batch_size, dim=dim)
-        with atomic_path(part) as tmp, open(tmp, "wb") as f:
-            np.save(f, emb.numpy().astype(np.float32))
+        write_part(part, emb.numpy().astype(np.float32))
         encoded += len(chunk)
         rate = encoded / max(time.monotonic() - began, 1e-9)
         log(f"encode: {min(start + part_size, len(rows))}/{len(rows)} rows ({rate:.1f} rows/s)")
@@ -117,6 +117,19 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
     shutil.rmtree(parts_dir)
     log(f"encode: wrote {out} ({emb.shape[0]} x {emb.shape[1]}{' ' + str(emb.dtype) if quantize else ''})")
     return out
+
+
+def write_part(part: Path, emb: np.ndarray) -> None:
+    """One part, atomically; a full disk is one line (the parts before it stay: a re-run resumes)."""
+    try:
+        with atomic_path(part) as tmp, open(tmp, "wb") as f:
+            np.save(f, emb)
+            fault_point("encode_part")
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise UserError(f"disk full writing {part}; the parts written before it are kept; free space and run "
+                        "the same command again to resume") from None
 
 
 def quantized(emb: np.ndarray, mode: str, out: Path) -> np.ndarray:

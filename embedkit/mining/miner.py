@@ -38,6 +38,7 @@ from PIL import Image
 
 from embedkit.data.schema import Example, Item, content_key
 from embedkit.data.shards import ImageBytes, encode_example, iter_samples, write_shard
+from embedkit.fault_points import fault_point
 from embedkit.files import atomic_path, write_atomic
 from embedkit.mining.judges.base import Judge, Pairs
 
@@ -202,6 +203,7 @@ class Miner:
         t = encode_slots(self.encoder, targets, self.settings.batch_size, self.log, f"{subset} targets")
         with atomic_path(cache) as tmp, open(tmp, "wb") as f:
             np.savez(f, q=q.numpy(), t=t.numpy())
+        fault_point("mine_cache")
         return q, t
 
     def mine_subset(self, subset: str, shards: list[tuple[str, str]]) -> None:
@@ -231,6 +233,7 @@ class Miner:
                              negative_scores=sc)
                 out.append(encode_example(ex, key))
             write_shard(self.out / rel, out)
+            fault_point("mine_shard")
             counts["examples"] = len(shard)
             write_atomic(self.state / f"{rel}.json", json.dumps(counts, sort_keys=True) + "\n")
             self.log(f"mine: wrote {rel}: {len(shard)} examples, {counts['kept']} negatives "

@@ -13,7 +13,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from embedkit.distributed.ranks import all_max
-from embedkit.files import link_atomic, move_into_place, temp_path
+from embedkit.errors import UserError
+from embedkit.fault_points import fault_point
+from embedkit.files import is_disk_full, link_atomic, move_into_place, temp_path
 from embedkit.runs import RunDir
 
 
@@ -63,7 +65,10 @@ class AtomicLastCheckpoint(L.Callback):
     copy where links are refused); only the newest ``keep`` step files are kept.
 
     A checkpoint is never written with non-finite weights, and never while the module reports a
-    diverged run (``pl_module.diverged_at``): the last good one stays the newest.
+    diverged run (``pl_module.diverged_at``): the last good one stays the newest. A full disk stops the
+    run with one line (``UserError``) naming the intact previous checkpoint; the temporaries are removed,
+    as are stale ones a killed write left (at the start of training). It hosts the fit's fault points
+    (``embedkit/fault_points.py``): ``checkpoint_write``, ``train_batch``, ``validation_batch``.
     """
 
     def __init__(self, run: RunDir, every: int | None, keep: int = 3):
@@ -72,6 +77,7 @@ class AtomicLastCheckpoint(L.Callback):
         self.keep = max(1, keep)
         self.saved_step: int | None = None
         self.last_good: Path | None = None
+        self._after_validation: int | None = None  # a step whose checkpoint waits for its validation
 
     def save(self, trainer, pl_module=None) -> Path | None:
         step = trainer.global_step
@@ -81,26 +87,84 @@ class AtomicLastCheckpoint(L.Callback):
         if getattr(module, "diverged_at", None) is not None or not all_finite(module):
             return None
         path = self.run.step_checkpoint(step)
-        # weights_only=False: a full, resumable checkpoint (optimizer, loops), said explicitly
-        # every rank calls it (sharded strategies gather); the global zero writes the file
-        trainer.save_checkpoint(str(temp_path(path)), weights_only=False)
-        trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            link_atomic(move_into_place(path), self.run.last_checkpoint)
-            for old in self.run.step_checkpoints()[:-self.keep]:
-                old.unlink(missing_ok=True)
-        trainer.strategy.barrier()
+        failed = self._write(trainer, path) is not None
+        if trainer.world_size > 1:  # one answer: every rank stops when the global zero's write failed
+            failed = bool(all_max(int(failed), module.device))
+        if failed:
+            raise UserError(self._disk_full_line(path))
         self.saved_step, self.last_good = step, path
         return path
 
+    def _write(self, trainer, path: Path) -> OSError | None:
+        """Every rank calls it (sharded strategies gather); the global zero writes ``path`` under its
+        temporary name, renames it, links the last checkpoint to it and prunes old step files. A full
+        disk: the temporaries are removed (the previous checkpoints stand) and its error returned."""
+        failure = None
+        try:
+            # weights_only=False: a full, resumable checkpoint (optimizer, loops), said explicitly
+            trainer.save_checkpoint(str(temp_path(path)), weights_only=False)
+            fault_point("checkpoint_write")
+        except OSError as exc:
+            failure = self._cleaned_up(exc, path)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero and failure is None:
+            try:
+                link_atomic(move_into_place(path), self.run.last_checkpoint)
+            except OSError as exc:
+                failure = self._cleaned_up(exc, path)
+            for old in self.run.step_checkpoints()[:-self.keep]:
+                old.unlink(missing_ok=True)
+        trainer.strategy.barrier()
+        return failure
+
+    def _cleaned_up(self, exc: OSError, path: Path) -> OSError:
+        """A full disk's error, its temporaries removed; any other error raised as it is."""
+        if not is_disk_full(exc):
+            raise exc
+        for tmp in (temp_path(path), temp_path(self.run.last_checkpoint)):
+            tmp.unlink(missing_ok=True)
+        return exc
+
+    def _disk_full_line(self, path: Path) -> str:
+        previous = [p for p in self.run.step_checkpoints() if p != path]
+        kept = (f"the previous checkpoint {previous[-1]} is intact; free space and resume with: "
+                f"embedkit fit resume={self.run.path}" if previous
+                else "no checkpoint was written before it; free space and run again")
+        return f"disk full writing {path}; {kept}"
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero:  # a write killed between its temporary and the rename (the run dir is locked)
+            for stale in self.run.checkpoints_dir.glob(f"{temp_path('*').name}"):
+                stale.unlink(missing_ok=True)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        fault_point("validation_batch")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        fault_point("train_batch")
         step = trainer.global_step
         if (self.every and step and step % self.every == 0 and step != trainer.max_steps
                 and pl_module.at_step_boundary()):
+            if validation_follows(trainer):  # written once it has run: a kill inside it resumes before it
+                self._after_validation = step
+            else:
+                self.save(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self._after_validation == trainer.global_step and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._after_validation = None
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
         self.save(trainer, pl_module)
+
+
+def validation_follows(trainer) -> bool:
+    """Whether Lightning validates after this training batch: every ``val_check_batch`` batches (``Fit``
+    sets ``check_val_every_n_epoch=None``), Lightning's own test."""
+    every = trainer.val_check_batch
+    return (bool(trainer.enable_validation) and every not in (None, float("inf"))
+            and (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % int(every) == 0)
 
 
 def all_finite(module) -> bool:

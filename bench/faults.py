@@ -209,19 +209,25 @@ class FitFaults:
             self.log(f"fit: the uninterrupted run took {time.monotonic() - started:.0f}s")
         return self.trace_path.read_text().split()
 
-    def run(self, kills: int, seed: int, enospc: bool = False, wall: int = 0) -> Report:
-        """The reference, then (``enospc``) a full disk at a checkpoint write, ``kills`` SIGKILLs at
-        seeded named points and ``wall`` at seeded times (``wall_kill``), each followed by a resume,
-        then the checks."""
+    def run(self, kills: int, seed: int, enospc: bool = False, wall: int = 0, early: bool = False) -> Report:
+        """The reference, then (``early``) a SIGKILL after a training batch before the first checkpoint
+        (the resume starts the run again from step 0, in the same MLflow run), (``enospc``) a full disk at
+        a checkpoint write, ``kills`` SIGKILLs at seeded named points and ``wall`` at seeded times
+        (``wall_kill``), each followed by a resume, then the checks."""
         self.work.mkdir(parents=True, exist_ok=True)
         trace = self.reference()
         rng = random.Random(seed)
         kinds = ["checkpoint_write"] * enospc + [FIT_POINTS[(i + seed) % len(FIT_POINTS)] for i in range(kills)]
         stretches = segments(trace, len(kinds))
-        report = Report(f"fit ({'a full disk, ' if enospc else ''}{kills} SIGKILLs at named points"
+        report = Report(f"fit ({'a kill before the first checkpoint, ' if early else ''}"
+                        f"{'a full disk, ' if enospc else ''}{kills} SIGKILLs at named points"
                         + (f", {wall} at seeded times" if wall else "") + f"; seed {seed})")
+        if early:
+            before = trace[:trace.index("checkpoint_write")].count("train_batch")
+            report.faults.append(self.interrupt(f"train_batch:{random.Random(f'{seed}-early').randint(1, before)}", 0))
+            self.log(f"fit: a kill before the first checkpoint: {report.faults[-1].line()}")
         for i, kind in enumerate(kinds):
-            step = resumed_step(self.cut) if self.cut.exists() else 0
+            step = resumed_step(self.cut) if self.cut.exists() else 0  # 0 too for a run killed before its first
             if step >= len([n for n in trace if n == "train_batch"]):
                 report.problems.append(f"the run finished before fault {i + 1}")
                 break
@@ -261,7 +267,9 @@ class FitFaults:
 
     def interrupt(self, plan: str, step: int) -> Fault:
         """One process (a fresh fit, else a resume) under ``plan``; what it ended in, checked."""
-        r = self.resume(plan) if step else self.fit(self.cut, plan)
+        from embedkit.runs import RunDir
+
+        r = self.resume(plan) if RunDir(self.cut).is_run() else self.fit(self.cut, plan)
         fault = Fault(plan, step, r.returncode)
         if plan.endswith(":enospc"):
             fault.notes += self.full_disk_problems(r)
@@ -399,7 +407,7 @@ def run_all(work: Path, fit_args: list[str], kills: int, seed: int, commands=("f
             enospc: bool = True, wall: int = 0, log: Callable[[str], None] = print) -> list[Report]:
     """The fit's faults (its reference run is the model the other commands use), then the others'."""
     fit = FitFaults(work / "fit", fit_args, log)
-    reports = [fit.run(kills, seed, enospc=enospc, wall=wall)] if "fit" in commands else []
+    reports = [fit.run(kills, seed, enospc=enospc, wall=wall, early=True)] if "fit" in commands else []
     fit.reference()
     model = fit.whole
     if "encode" in commands:

@@ -114,12 +114,12 @@ def resumed_config(saved: dict, new: dict, where: str) -> dict:
     return out
 
 
-def resume_config(run: RunDir, args: list[str]) -> tuple[dict, list[str], Path]:
+def resume_config(run: RunDir, args: list[str]) -> tuple[dict, list[str], Path | None]:
     """``resume=RUN_DIR [overrides]``: (the run's saved config with the overrides a resume may make,
-    the overrides, its newest checkpoint)."""
+    the overrides, its newest checkpoint; None for a run stopped before its first checkpoint, which
+    starts again from step 0 and continues its MLflow run)."""
     from embedkit.config import schema
     from embedkit.config.loader import apply_overrides, overridden_keys, split_args
-    from embedkit.errors import UserError
 
     saved = run.saved_config("resume")
     _, overrides = split_args(args)
@@ -127,9 +127,14 @@ def resume_config(run: RunDir, args: list[str]) -> tuple[dict, list[str], Path]:
     cfg = resumed_config(saved, new, str(run.config_path))
     ckpt = run.newest_good_checkpoint(warn=rank_zero_warn)
     if ckpt is None:
-        raise UserError(f"resume={run.path}: no checkpoint under {run.checkpoints_dir}")
+        restart_warning(run, "resume")
     cfg["run"]["dir"] = str(run.path)
     return cfg, overrides, ckpt
+
+
+def restart_warning(run: RunDir, what: str) -> None:
+    rank_zero_warn(f"warning: {what}={run.path}: the run stopped before its first checkpoint; starting it again "
+                   "from step 0 (its saved config, its MLflow run)")
 
 
 #: the environment variables that number a process among a job's ranks (Lightning's launcher sets
@@ -148,26 +153,29 @@ def rank_zero_warn(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def compose_run(args: list[str]) -> tuple[dict, list[str], Path | None]:
-    """(config, overrides, checkpoint to resume from or None) from the command line:
-    ``resume=RUN_DIR [overrides]``, or a recipe and overrides (``run.resume=auto`` continuing
-    ``run.dir`` when it holds a checkpoint)."""
+def compose_run(args: list[str]) -> tuple[dict, list[str], Path | None, bool]:
+    """(config, overrides, checkpoint to resume from or None, whether the run dir's run is continued)
+    from the command line: ``resume=RUN_DIR [overrides]``, or a recipe and overrides (``run.resume=auto``
+    continuing ``run.dir`` when it holds a run). A continued run without a checkpoint (killed before its
+    first) starts again from step 0 with its saved config, logging to its MLflow run."""
     from embedkit.config.loader import compose, split_args
 
     resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
     args = [a for a in args if not a.startswith("resume=")]
     if resume:
-        return resume_config(RunDir(resume[-1]), args)
+        return (*resume_config(RunDir(resume[-1]), args), True)
     cfg = compose(args)
     _, overrides = split_args(args)
     if cfg["run"]["resume"] == "auto":
         _, run = run_paths(cfg)
-        ckpt = run.newest_good_checkpoint(warn=rank_zero_warn, what="run.resume=auto: run.dir") if run.is_run() else None
-        if ckpt is not None:
+        if run.is_run():
+            ckpt = run.newest_good_checkpoint(warn=rank_zero_warn, what="run.resume=auto: run.dir")
+            if ckpt is None:
+                restart_warning(run, "run.resume=auto: run.dir")
             cfg = resumed_config(run.saved_config("resume"), cfg, str(run.config_path))
             cfg["run"]["dir"] = str(run.path)
-            return cfg, overrides, ckpt
-    return cfg, overrides, None
+            return cfg, overrides, ckpt, True
+    return cfg, overrides, None, False
 
 
 def trust_word(args: list[str]) -> tuple[bool, list[str]]:
@@ -221,14 +229,14 @@ def main(args: list[str]) -> int:
     from embedkit.encoder import read_checkpoint
 
     trust, args = trust_word(args)
-    cfg, overrides, ckpt = compose_run(args)
+    cfg, overrides, ckpt, continuing = compose_run(args)
     if ckpt is not None:  # refused here, before anything is built, unless weights-only can read it
         read_checkpoint(ckpt, trust=trust)
     name, run = run_paths(cfg)
     cfg["run"]["name"], cfg["run"]["dir"] = name, str(run.path)
     shards = check_inputs(cfg)
     created = not run.path.exists()
-    fit = Fit(cfg, overrides, ckpt, shards, trust=trust)
+    fit = Fit(cfg, overrides, ckpt, shards, trust=trust, continuing=continuing)
     # one fit per run dir: the launching process holds the lock; the ranks it starts run under it
     lock = run.lock(warn=rank_zero_warn) if launching_process() else contextlib.nullcontext()
     with lock, run_name_for_ranks(name):
@@ -249,8 +257,10 @@ class Fit:
     """
 
     def __init__(self, cfg: dict, overrides: list[str], ckpt: Path | None,
-                 shards: tuple[list[str] | None, list[str] | None], trust: bool = False):
+                 shards: tuple[list[str] | None, list[str] | None], trust: bool = False, continuing: bool = False):
         self.cfg, self.overrides, self.ckpt, self.checked_shards = cfg, overrides, ckpt, shards
+        # the run dir's run continued (a resume; a restart of one killed before its first checkpoint)
+        self.continuing = continuing or ckpt is not None
         self.trust = trust  # trust_checkpoint=true: the resumed checkpoint read with the full unpickler
         self.trained = False  # set once training starts: the run dir then holds a run
 
@@ -338,7 +348,7 @@ class Fit:
             return False
         from embedkit.tracking.mlflow_setup import make_logger
 
-        run_id = self.run_dir.mlflow_run_id() if self.ckpt else None
+        run_id = self.run_dir.mlflow_run_id() if self.continuing else None
         return make_logger(tracking, recipe, self.cfg["run"]["name"], run_id=run_id)
 
     def _setup_callbacks(self, trainer: dict, ev: dict, train: dict) -> list:
@@ -383,11 +393,11 @@ class Fit:
         logger = self.logger
         if not logger:
             return
-        from embedkit.tracking.mlflow_setup import log_run_inputs, mark_running, tag_mined_shards
+        from embedkit.tracking.mlflow_setup import has_params, log_run_inputs, mark_running, tag_mined_shards
 
-        if self.ckpt:
+        if self.continuing:
             mark_running(logger)
-        else:
+        if not (self.continuing and has_params(logger)):  # a restart killed before its inputs were logged too
             log_run_inputs(logger, self.cfg, self.run_dir.config_path, self.overrides)
             tag_mined_shards(logger, train_shards)
         if self.trainer.is_global_zero:

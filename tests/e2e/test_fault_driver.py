@@ -1,5 +1,6 @@
 """The fault driver's short seeded set (``bench/faults.py``, the same code as ``make faults``): a fit
-interrupted four times, a full disk at a checkpoint write (one line, the previous checkpoint intact,
+interrupted five times, a SIGKILL before its first checkpoint (the resume starts it again in the same
+MLflow run), a full disk at a checkpoint write (one line, the previous checkpoint intact,
 the temporary gone), a SIGKILL inside validation, one after a training batch and one between a
 checkpoint's write and its rename, each resumed with
 ``embedkit fit resume=RUN``, ends with the uninterrupted run's weights and one MLflow run holding its
@@ -12,17 +13,17 @@ from bench.faults import QUICK_FIT, FitFaults, draw_fault, encode_faults, histor
 
 def test_fit_and_encode_under_seeded_faults_end_as_the_uninterrupted_runs(tmp_path):
     fit = FitFaults(tmp_path / "fit", QUICK_FIT, log=lambda m: None)
-    report = fit.run(kills=3, seed=1, enospc=True)
+    report = fit.run(kills=3, seed=1, enospc=True, early=True)
     assert report.ok, "\n".join(report.lines())
-    # a full disk at a checkpoint write, then (seed 1) a kill inside the validation at step 20 (whose metric
+    # a kill before the first checkpoint, a full disk at a checkpoint write, then (seed 1) a kill inside the validation at step 20 (whose metric
     # a resume from that step's checkpoint never logged), one after a training batch, and one between a
     # checkpoint's write and its rename
-    assert [f.plan.split(":")[0] for f in report.faults] == ["checkpoint_write", "validation_batch", "train_batch",
-                                                            "checkpoint_write"]
-    assert report.faults[3].notes and report.faults[3].notes[0].startswith("left .step-")
-    assert report.faults[0].returncode == 2 and report.faults[0].notes == [
+    assert [f.plan.split(":")[0] for f in report.faults] == ["train_batch", "checkpoint_write", "validation_batch",
+                                                            "train_batch", "checkpoint_write"]
+    assert report.faults[4].notes and report.faults[4].notes[0].startswith("left .step-")
+    assert report.faults[1].returncode == 2 and report.faults[1].notes == [
         "full disk: one line, previous checkpoint intact"]
-    assert all(f.returncode == -9 for f in report.faults[1:])
+    assert all(f.returncode == -9 for f in report.faults[:1] + report.faults[2:])
     assert report.max_weight_diff <= 1e-6
 
     report = encode_faults(tmp_path, fit.whole, kills=1, seed=0, log=lambda m: None)

@@ -7,7 +7,7 @@ nothing is counted twice. The per-rank counts live on the host; they are summed 
 all-reduce of a small vector) only when they are reported: at the trainer's logging interval, at a
 checkpoint and at the end of fit. Reported as the metrics ``data/skipped/<reason>`` (every reason of
 ``shards.SKIP_REASONS``, so every rank logs the same keys) and as one log line whenever the total rose
-since the last report, and one at the end of fit.
+since the last report, and one at the end of a fit that skipped any.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ class SkipCounts:
     def report(self, totals: dict[str, int], final: bool = False) -> None:
         """The log line (rank 0): at the end of fit, or when the total rose since the last report."""
         total = sum(totals.values())
-        if rank_and_world()[0] != 0 or (not final and total <= self.reported):
-            return
+        if rank_and_world()[0] != 0 or total == 0 or (not final and total <= self.reported):
+            return  # a clean run says nothing
         self.reported = total
         parts = ", ".join(f"{r} {n}" for r, n in totals.items() if n)
         log.warning("data: %d training sample%s skipped %s%s", total, "" if total == 1 else "s",

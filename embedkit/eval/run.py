@@ -117,7 +117,7 @@ class MMEBRun:
             model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
         summary = mmeb.evaluate(
             self.root, self.datasets, lambda items: model.encode_items(items, self.chunk_size),
-            chunk_size=self.chunk_size, normalize=model.normalize, manifest=self.manifest,
+            normalize=model.normalize, manifest=self.manifest,
             log=log if rank == 0 else None, quantize=self.quantize, rescore_k=self.rescore_k, muvera=self.muvera,
         )
         if depth:

@@ -6,7 +6,9 @@ or ``path`` are read too). Output: ``.npy`` (float32 [N, D]) or ``.parquet`` (an
 column). Rows are encoded in parts of ``part_size`` rows, each written atomically into
 ``<out>.parts/`` as it completes; an interrupted run re-run with the same arguments skips the parts
 already there, and the final file is written atomically from the parts (identical to an
-uninterrupted run's), then the parts are removed.
+uninterrupted run's), then the parts are removed. Each part goes through the inference engine
+(``Encoder.encode``: cost-ordered within the part, ``batch_tokens``, ``num_workers``); a part's images
+are decoded before it is encoded, so at most ``part_size`` rows are held decoded.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def fingerprint(*parts) -> str:
 
 def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruction: str | None = None,
                 dim: int | None = None, part_size: int = 1024, model_id: str = "",
-                log: Callable[[str], None] = print, quantize: str | None = None) -> Path:
+                log: Callable[[str], None] = print, quantize: str | None = None, batch_tokens: int = 0,
+                num_workers: int = 0) -> Path:
     input_path, out = Path(input_path).expanduser(), Path(out_path).expanduser()
     if out.suffix not in OUTPUTS:
         raise UserError(f"out: {out} must end in {' or '.join(OUTPUTS)}")
@@ -96,7 +99,8 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
             continue
         chunk = rows[start : start + part_size]
         emb = encoder.encode(texts=[r.get("text") for r in chunk], images=[to_image(r.get("image"), root) for r in chunk],
-                             instruction=instruction, batch_size=batch_size, dim=dim)
+                             instruction=instruction, batch_size=batch_size, dim=dim, batch_tokens=batch_tokens,
+                             num_workers=num_workers)
         with atomic_path(part) as tmp, open(tmp, "wb") as f:
             np.save(f, emb.numpy().astype(np.float32))
         encoded += len(chunk)

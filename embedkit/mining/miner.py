@@ -39,6 +39,7 @@ from PIL import Image
 from embedkit.data.schema import Example, Item, content_key
 from embedkit.data.shards import ImageBytes, encode_example, iter_samples, write_shard
 from embedkit.files import atomic_path, write_atomic
+from embedkit.inference import LazyItems
 from embedkit.mining.judges.base import Judge, Pairs
 
 REASONS = ("duplicate", "false_negative")
@@ -88,15 +89,35 @@ def read_shard(path: str) -> list[tuple[str, dict, Slot, Slot]]:
     return out
 
 
+class SlotItems(LazyItems):
+    """Slots as ``Item``s made on demand (``Slot.item``: the image decoded); ``sized(i)`` reads the
+    image's size from its header only (the inference engine's costs)."""
+
+    def __init__(self, slots: Sequence[Slot]):
+        self.slots = list(slots)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __getitem__(self, i: int) -> Item:
+        return self.slots[i].item()
+
+    def sized(self, i: int) -> Item:
+        slot = self.slots[i]
+        if slot.image is None:
+            return Item(slot.text, None)
+        with Image.open(io.BytesIO(slot.image.data)) as image:  # the header only; closed, never decoded
+            return Item(slot.text, image)
+
+
 def encode_slots(encoder, slots: Sequence[Slot], batch_size: int, log: Callable[[str], None], what: str) -> torch.Tensor:
-    """Embeddings [N, D] (float32, CPU) of ``slots``, ``batch_size`` items per forward pass."""
-    parts, every = [], max(1, len(slots) // 10)
-    for start in range(0, len(slots), batch_size):
-        items = [s.item() for s in slots[start : start + batch_size]]
-        parts.append(encoder.encode_items(items, batch_size=batch_size).float().cpu())
-        done = min(start + batch_size, len(slots))
-        if done == len(slots) or done // every != (done - len(items)) // every:
-            log(f"mine: {what}: encoded {done}/{len(slots)}")
+    """Embeddings [N, D] (float32, CPU) of ``slots``, ``batch_size`` items per forward pass, through the
+    inference engine (``encode_items``: cost-ordered) in about ten windows, one progress line each."""
+    parts, step = [], max(4 * batch_size, -(-len(slots) // 10))
+    for start in range(0, len(slots), step):
+        window = SlotItems(slots[start : start + step])
+        parts.append(encoder.encode_items(window, batch_size=batch_size).float().cpu())
+        log(f"mine: {what}: encoded {start + len(window)}/{len(slots)}")
     return torch.cat(parts) if parts else torch.empty(0, 0)
 
 

@@ -122,7 +122,7 @@ def test_perfect_encoder_scores_one_and_outputs_are_written(root, tmp_path):
         return fx.perfect_encoder(items)
 
     out = tmp_path / "out"
-    summary = mmeb.evaluate(root, [], encode, chunk_size=8, out_dir=out)
+    summary = mmeb.evaluate(root, [], encode, out_dir=out)
     assert list(summary["datasets"]) == ["N24News", "RefCOCO"]  # manifest order
     for name, r in summary["datasets"].items():
         assert (r["acc"], r["num_correct"], r["num_pred"]) == (1.0, fx.ROWS, fx.ROWS), name
@@ -151,7 +151,7 @@ def test_perfect_encoder_scores_one_and_outputs_are_written(root, tmp_path):
 
 
 def test_scrambled_encoder_scores_about_chance(root):
-    summary = mmeb.evaluate(root, [], fx.scrambled_encoder, chunk_size=16)
+    summary = mmeb.evaluate(root, [], fx.scrambled_encoder)
     accs = [r["acc"] for r in summary["datasets"].values()]
     # chance is 1/10; 60 rows give a standard deviation of about 0.04
     assert all(a < 0.3 for a in accs), accs
@@ -198,7 +198,7 @@ def test_shard_bounds_cover_everything_once():
 
 
 def test_two_process_evaluation_equals_one_process(root, tmp_path):
-    one = mmeb.evaluate(root, [], fx.scrambled_encoder, chunk_size=7)
+    one = mmeb.evaluate(root, [], fx.scrambled_encoder)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -377,6 +377,12 @@ def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):
     whole = np.load(tmp_path / "whole.npy")
     ref = reference(module, [Item(text=t) for t in TEXTS]).numpy()
     assert whole.shape == ref.shape and np.abs(whole - ref).max() <= 1e-5
+    # the engine's options: a token budget, loader workers, the model run in bfloat16 (float32 out)
+    assert cli(["encode", *args, "batch_tokens=8", "num_workers=1", f"out={tmp_path / 'budget.npy'}"]) == 0
+    assert np.abs(np.load(tmp_path / "budget.npy") - whole).max() <= 1e-6
+    assert cli(["encode", *args, "dtype=bfloat16", f"out={tmp_path / 'bf16.npy'}"]) == 0
+    bf16 = np.load(tmp_path / "bf16.npy")
+    assert bf16.dtype == np.float32 and 0 < np.abs(bf16 - whole).max() <= 5e-2
 
     real, calls = Encoder.encode, []
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from embedkit.data.batch import chunked, chunked_by_tokens, cost_order, pad_counts
 from embedkit.data.schema import Item
+from embedkit.distributed.ranks import gather_in_order, rank_and_world, shard_bounds
 
 #: items per ``processor.costs`` call while costing a corpus (bounds what is held at once)
 COST_BLOCK = 512
@@ -173,3 +174,17 @@ def in_input_order(parts: list[torch.Tensor], order: list[int]) -> torch.Tensor:
     out = torch.empty_like(rows)
     out[torch.tensor(order)] = rows
     return out
+
+
+def encode_split(n: int, encode_share: Callable[[int, int], torch.Tensor]) -> torch.Tensor | None:
+    """Embeddings of ``n`` items, split across the ranks of a process group: this rank embeds its
+    contiguous share ``encode_share(start, stop)`` (``distributed.ranks.shard_bounds``), and the shares
+    are gathered in rank order, so every rank returns all ``n`` rows in input order, as one process
+    would (the engine's results do not depend on the batches). Without a group: ``encode_share(0, n)``.
+    None when ``n`` is 0."""
+    rank, world = rank_and_world()
+    start, stop = shard_bounds(n, rank, world)
+    local = encode_share(start, stop) if stop > start else None
+    if local is not None and local.shape[0] != stop - start:
+        raise RuntimeError(f"encode returned {local.shape[0]} embeddings for {stop - start} items")
+    return gather_in_order(local)

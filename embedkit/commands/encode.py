@@ -10,6 +10,8 @@ codes ``[N, D]`` and the per-dimension ranges beside them (``<out>.int8-ranges.n
 max) (``embedkit/eval/quantize.py``). Parts are written as they complete; interrupted and re-run, it resumes where it stopped
 (see ``embedkit/export/corpus.py``). Rows are ordered by token cost within a part and cut into forward
 passes of ``batch_size`` items and at most ``batch_tokens`` padded tokens (``embedkit/inference.py``).
+Under ``torchrun --nproc_per_node N -m embedkit encode ...`` the parts are split across the N processes
+(each on its own GPU when there are GPUs) and rank 0 writes the file; the bytes are those of one process.
 """
 
 from __future__ import annotations
@@ -46,13 +48,17 @@ VERB = Verb("encode", "embed a corpus file with a trained model", EncodeOptions)
 
 def main(args: list[str]) -> int:
     opts = VERB.parse(args)
+    from embedkit.distributed.ranks import join_launched_group, leave_group, rank_logger
     from embedkit.export.corpus import encode_file
     from embedkit.export.reader import load
 
+    joined = join_launched_group()
     encoder = load(opts.model, device=opts.device, dtype=opts.dtype, trust_checkpoint=opts.trust_checkpoint)
     encode_file(encoder, opts.input, opts.out, batch_size=opts.batch_size,
                 instruction=opts.instruction, dim=opts.dim, part_size=opts.part_size,
                 quantize=opts.quantize, batch_tokens=opts.batch_tokens, num_workers=opts.num_workers,
                 model_id=f"{opts.model} {opts.dtype or ''}",  # parts of another model or dtype are not reused
-                log=lambda m: print(m, flush=True))
+                log=rank_logger())
+    if joined:
+        leave_group()
     return 0

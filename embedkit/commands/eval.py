@@ -42,7 +42,6 @@ is the one a single process gives.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -81,15 +80,9 @@ VERB = Verb("eval", "MMEB evaluation: ckpt=PATH | model=DIR | model.backbone.pat
 
 def init_distributed() -> int:
     """Join the process group torchrun describes (if any); this process's rank."""
-    import torch
+    from embedkit.distributed.ranks import join_launched_group, rank_and_world
 
-    from embedkit.distributed.ranks import rank_and_world
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    join_launched_group()
     return rank_and_world()[0]
 
 
@@ -130,8 +123,6 @@ MODEL_KINDS = ("checkpoint", "run", "export", "sentence_transformers")
 
 def close_distributed() -> None:
     """Wait for every rank, then leave the process group (if one was joined)."""
-    import torch
+    from embedkit.distributed.ranks import leave_group
 
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_group()

@@ -37,12 +37,12 @@ import torch
 import yaml
 
 from embedkit.data.schema import Item
-from embedkit.distributed.ranks import rank_and_world
+from embedkit.distributed.ranks import rank_and_world, shard_bounds  # noqa: F401 (shard_bounds: its old home)
 from embedkit.errors import UserError
 from embedkit.eval import retrieval
 from embedkit.eval.muvera import MuveraRetrieval, muvera_row_scores
 from embedkit.files import write_atomic
-from embedkit.inference import LazyItems
+from embedkit.inference import LazyItems, encode_split
 
 #: ``encode(items) -> Tensor[len(items), D]``: any callable that embeds a sequence of items (it batches them)
 EncodeFn = Callable[[Sequence[Item]], torch.Tensor]
@@ -173,13 +173,6 @@ def unique_keys(keys: Sequence[tuple[str, str]]) -> tuple[list[tuple[str, str]],
     return list(pos), index
 
 
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous share ``[start, stop)`` of ``n`` items for ``rank`` (sizes differ by at most 1)."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
 class KeyItems(LazyItems):
     """The entries ``keys`` (text, image path) of ``root`` as ``Item``s made on demand: ``self[i]`` opens
     and decodes the image; ``sized(i)`` reads its size only (the engine's costs). Picklable."""
@@ -205,22 +198,14 @@ class KeyItems(LazyItems):
 
 def encode_keys(keys: Sequence[tuple[str, str]], encode: EncodeFn, root: Path) -> torch.Tensor:
     """Embeddings ``[len(keys), D]``: this rank encodes its share (one ``encode`` call, ``KeyItems``),
-    then all shares are gathered."""
-    rank, world = rank_and_world()
-    start, stop = shard_bounds(len(keys), rank, world)
-    local = None
-    if stop > start:
-        share = KeyItems(root, keys[start:stop])
+    then all shares are gathered (``inference.encode_split``)."""
+
+    def share(start: int, stop: int) -> torch.Tensor:
         with torch.no_grad():
-            emb = encode(share)
-        if emb.shape[0] != len(share):
-            raise RuntimeError(f"encode returned {emb.shape[0]} embeddings for {len(share)} items")
-        local = emb.detach().float().cpu()
-    if world == 1:
-        return local if local is not None else torch.empty(0, 0)
-    gathered: list = [None] * world
-    torch.distributed.all_gather_object(gathered, local)
-    return torch.cat([g for g in gathered if g is not None])
+            return encode(KeyItems(root, keys[start:stop])).detach().float().cpu()
+
+    out = encode_split(len(keys), share)
+    return out if out is not None else torch.empty(0, 0)
 
 
 # ---------------------------------------------------------------- one dataset, several datasets

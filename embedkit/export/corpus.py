@@ -9,6 +9,9 @@ already there, and the final file is written atomically from the parts (identica
 uninterrupted run's), then the parts are removed. Each part goes through the inference engine
 (``Encoder.encode``: cost-ordered within the part, ``batch_tokens``, ``num_workers``); a part's images
 are decoded before it is encoded, so at most ``part_size`` rows are held decoded.
+
+Under ``torchrun`` (a process group) the parts are dealt round-robin over the ranks, each encoded once;
+rank 0 writes the final file, in input order, when every rank is done (the same bytes as one process).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from embedkit.distributed.ranks import barrier, rank_and_world
 from embedkit.errors import UserError
 from embedkit.files import atomic_path, write_atomic
 
@@ -82,20 +86,19 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
     stat = input_path.stat()
     key = fingerprint(input_path.resolve(), stat.st_size, stat.st_mtime_ns, model_id, instruction, dim, part_size)
     parts_dir = out.with_name(out.name + ".parts")
-    stamp = parts_dir / "run.json"
-    if parts_dir.is_dir() and (not stamp.is_file() or json.loads(stamp.read_text()).get("key") != key):
-        shutil.rmtree(parts_dir)  # parts of another input, model or setting: start over
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(stamp, json.dumps({"key": key, "rows": len(rows)}))
+    rank, world = rank_and_world()
+    if rank == 0:
+        open_parts(parts_dir, key, len(rows))
+    barrier()
     root = input_path.parent
     starts = range(0, len(rows), part_size)
     done = sum((parts_dir / f"part-{s:09d}.npy").is_file() for s in starts)
     if done:
         log(f"encode: resuming, {done} of {len(starts)} parts already written")
     began, encoded = time.monotonic(), 0
-    for start in starts:
+    for index, start in enumerate(starts):
         part = parts_dir / f"part-{start:09d}.npy"
-        if part.is_file():
+        if part.is_file() or index % world != rank:  # written, or another rank's part
             continue
         chunk = rows[start : start + part_size]
         emb = encoder.encode(texts=[r.get("text") for r in chunk], images=[to_image(r.get("image"), root) for r in chunk],
@@ -106,9 +109,20 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
         encoded += len(chunk)
         rate = encoded / max(time.monotonic() - began, 1e-9)
         log(f"encode: {min(start + part_size, len(rows))}/{len(rows)} rows ({rate:.1f} rows/s)")
+    barrier()  # every rank's parts written
+    if rank != 0:
+        return out
     emb = np.concatenate([np.load(parts_dir / f"part-{s:09d}.npy") for s in starts])
     if quantize:  # the parts stay float (resumable whatever the mode); the final file holds the codes
         emb = quantized(emb, quantize, out)
+    write_output(out, emb)
+    shutil.rmtree(parts_dir)
+    log(f"encode: wrote {out} ({emb.shape[0]} x {emb.shape[1]}{' ' + str(emb.dtype) if quantize else ''})")
+    return out
+
+
+def write_output(out: Path, emb: np.ndarray) -> None:
+    """``emb`` written atomically to ``out``: ``.npy``, or ``.parquet`` with an ``embedding`` list column."""
     with atomic_path(out) as tmp:
         if out.suffix == ".npy":
             with open(tmp, "wb") as f:
@@ -118,9 +132,16 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
             import pyarrow.parquet as pq
 
             pq.write_table(pa.table({"embedding": list(emb)}), tmp)
-    shutil.rmtree(parts_dir)
-    log(f"encode: wrote {out} ({emb.shape[0]} x {emb.shape[1]}{' ' + str(emb.dtype) if quantize else ''})")
-    return out
+
+
+def open_parts(parts_dir: Path, key: str, rows: int) -> None:
+    """The parts folder of a run with fingerprint ``key``: kept when it holds this run's parts, else
+    emptied (parts of another input, model or setting: start over); its stamp written."""
+    stamp = parts_dir / "run.json"
+    if parts_dir.is_dir() and (not stamp.is_file() or json.loads(stamp.read_text()).get("key") != key):
+        shutil.rmtree(parts_dir)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(stamp, json.dumps({"key": key, "rows": rows}))
 
 
 def quantized(emb: np.ndarray, mode: str, out: Path) -> np.ndarray:

@@ -21,6 +21,11 @@ deterministic: re-mining the same inputs gives the same bytes. DST's shard-set m
 last, ``data.shard_set.write_manifest``) records the provenance (``mining/provenance.py``).
 
 Memory: the targets of one subset are held as their encoded bytes (what the new shards copy).
+
+Under ``torchrun`` (a process group): each subset's queries and targets are encoded once, split across
+the ranks and gathered in input order (``inference.encode_split``), so every rank holds the same
+embeddings as one process; rank 0 writes the cache; the shards are dealt round-robin over the ranks
+(counting on across subsets), each written by one rank.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from PIL import Image
 
 from embedkit.data.schema import Example, Item, content_key
 from embedkit.data.shards import ImageBytes, encode_example, iter_samples, write_shard
+from embedkit.distributed.ranks import barrier, rank_and_world
 from embedkit.files import atomic_path, write_atomic
-from embedkit.inference import LazyItems
+from embedkit.inference import LazyItems, encode_split
 from embedkit.mining.judges.base import Judge, Pairs
 
 REASONS = ("duplicate", "false_negative")
@@ -195,6 +201,7 @@ class Miner:
         self.encoder, self.judge, self.sources = encoder, judge, sources
         self.out, self.settings, self.log = Path(out), settings, log
         self.state = self.out / ".mine"
+        self.dealt = 0  # shards dealt to the ranks so far, over every subset (the next goes to rank dealt % world)
 
     def done(self, rel: str) -> bool:
         return (self.out / rel).is_file() and (self.state / f"{rel}.json").is_file()
@@ -207,7 +214,8 @@ class Miner:
                 self.mine_subset(subset, shards)
             else:
                 self.log(f"mine: {subset}: complete, skipped")
-                (self.state / f"{subset}.embeddings.npz").unlink(missing_ok=True)  # killed before its cleanup
+                if rank_and_world()[0] == 0:
+                    (self.state / f"{subset}.embeddings.npz").unlink(missing_ok=True)  # killed before its cleanup
             for _, rel in shards:
                 stats[rel] = json.loads((self.state / f"{rel}.json").read_text())
         return stats
@@ -219,11 +227,17 @@ class Miner:
                 if z["q"].shape[0] == len(queries):
                     self.log(f"mine: {subset}: embeddings from {cache}")
                     return torch.from_numpy(z["q"]), torch.from_numpy(z["t"])
-        q = encode_slots(self.encoder, queries, self.settings.batch_size, self.log, f"{subset} queries")
-        t = encode_slots(self.encoder, targets, self.settings.batch_size, self.log, f"{subset} targets")
-        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
-            np.savez(f, q=q.numpy(), t=t.numpy())
+        q, t = self.encode_split(queries, f"{subset} queries"), self.encode_split(targets, f"{subset} targets")
+        if rank_and_world()[0] == 0:
+            with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+                np.savez(f, q=q.numpy(), t=t.numpy())
         return q, t
+
+    def encode_split(self, slots: list[Slot], what: str) -> torch.Tensor:
+        """``encode_slots`` of ``slots``, split across the ranks and gathered in order (every rank gets all)."""
+        size = self.settings.batch_size
+        out = encode_split(len(slots), lambda a, b: encode_slots(self.encoder, slots[a:b], size, self.log, what))
+        return out if out is not None else torch.empty(0, 0)
 
     def mine_subset(self, subset: str, shards: list[tuple[str, str]]) -> None:
         samples = [(rel, read_shard(src)) for src, rel in shards]
@@ -236,11 +250,12 @@ class Miner:
         targets = [r[3] for r in rows]
         q, t = self.embeddings(subset, queries, targets)
         keys = [content_key(s.item()) for s in targets]
-        start = 0
-        for rel, shard in samples:
+        start, (rank, world) = 0, rank_and_world()
+        for index, (rel, shard) in enumerate(samples, self.dealt):
             stop = start + len(shard)
-            if self.done(rel):
-                self.log(f"mine: {rel}: complete, skipped")
+            if self.done(rel) or index % world != rank:  # done, or another rank's shard
+                if self.done(rel):
+                    self.log(f"mine: {rel}: complete, skipped")
                 start = stop
                 continue
             picked, scores, counts = select(
@@ -257,4 +272,7 @@ class Miner:
             self.log(f"mine: wrote {rel}: {len(shard)} examples, {counts['kept']} negatives "
                      f"(dropped {counts['duplicate']} duplicates, {counts['false_negative']} false negatives)")
             start = stop
-        (self.state / f"{subset}.embeddings.npz").unlink(missing_ok=True)
+        self.dealt += len(samples)
+        barrier()  # every rank's shards written before the cache goes
+        if rank == 0:
+            (self.state / f"{subset}.embeddings.npz").unlink(missing_ok=True)

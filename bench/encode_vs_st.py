@@ -75,6 +75,15 @@ def st_pad_fraction(st, texts: list[str], batch: int) -> float:
     return 1 - real / slots
 
 
+def planned_pad_fraction(costs: list[int], batch: int, sort: bool) -> float:
+    """The padding share of the engine's plan (``inference.plan_batches``) from the exact costs: each
+    batch padded to its longest. What the forward passes' masks give, without running the model."""
+    from embedkit.inference import Batching, plan_batches
+
+    plan = plan_batches(costs, len(costs), Batching(batch, sort=sort))
+    return 1 - sum(costs) / sum(len(b) * max(costs[i] for i in b) for b in plan)
+
+
 def interleaved(runs: int, sides: dict) -> dict[str, list[float]]:
     """Seconds of each side's run, ``runs`` rounds, the sides alternating within a round."""
     times: dict[str, list[float]] = {name: [] for name in sides}
@@ -93,14 +102,13 @@ def text_side_by_side(ns) -> None:
     from embedkit.config import schema
     from embedkit.data.schema import Item
     from embedkit.encoder import Encoder
-    from embedkit.inference import Batching, encode_in_order
 
     model_dir, label = model_folder(ns.model)
     cfg = schema.validate({"seed": 0, "model": {"backbone": {"name": "hf_text", "path": str(model_dir),
                                                              "max_length": 256},
                                                 "pooling": {"name": "mean"}, "normalize": True}})
-    encoder = Encoder.from_config(cfg["model"], seed=0).eval()
-    st = SentenceTransformer(str(model_dir), device="cpu").eval()
+    encoder = Encoder.from_config(cfg["model"], seed=0).eval().to(ns.device)
+    st = SentenceTransformer(str(model_dir), device=ns.device).eval()
     st.max_seq_length = 256
     texts = stdlib_texts(ns.texts)
     items = [Item(text=t) for t in texts]
@@ -110,16 +118,15 @@ def text_side_by_side(ns) -> None:
           f"({sysconfig.get_paths()['stdlib']}); tokens min {min(costs)}, median {int(statistics.median(costs))}, "
           f"max {max(costs)} (max length 256)")
     ek = encoder.encode(texts, batch_size=ns.batch)
-    ref = st.encode(texts, batch_size=ns.batch, convert_to_tensor=True)
+    ref = st.encode(texts, batch_size=ns.batch, convert_to_tensor=True).cpu()
     print(f"max |embedding difference| embedkit vs sentence-transformers: {(ek - ref).abs().max().item():.2e}")
-    pads = {sort: encode_in_order(items, encoder, encoder.processor(), Batching(ns.batch, sort=sort))[1].pad_fraction
-            for sort in (True, False)}
+    pads = {sort: planned_pad_fraction(costs, ns.batch, sort) for sort in (True, False)}
     print(f"pad fraction: embedkit cost-ordered {pads[True]:.3f}, embedkit input order {pads[False]:.3f}, "
           f"sentence-transformers {st_pad_fraction(st, texts, ns.batch):.3f}")
     times = interleaved(ns.runs, {
         "embedkit": lambda: encoder.encode(texts, batch_size=ns.batch),
         "sentence-transformers": lambda: st.encode(texts, batch_size=ns.batch, convert_to_tensor=True)})
-    report(times, len(texts), f"batch {ns.batch}, torch threads {torch.get_num_threads()}")
+    report(times, len(texts), f"batch {ns.batch}, torch threads {torch.get_num_threads()}, {ns.device}")
     ek_t, st_t = statistics.median(times["embedkit"]), statistics.median(times["sentence-transformers"])
     print(f"ratio of times embedkit / sentence-transformers: {ek_t / st_t:.2f}x")
 
@@ -166,7 +173,7 @@ def vlm_ordering(ns) -> None:
     images, mixed = vlm_corpora(ns.vlm_items)
     for family in ns.families:
         cfg = compose(["recipe=demo", f"model.backbone.name={family}", "model.backbone.tiny=true"])
-        encoder = Encoder.from_config(cfg["model"], seed=0).eval()
+        encoder = Encoder.from_config(cfg["model"], seed=0).eval().to(ns.device)
         for name, items in (("images", images), ("mixed", mixed)):
             pads = {sort: encode_in_order(items, encoder, encoder.processor(), Batching(ns.vlm_batch, sort=sort))[1]
                     for sort in (True, False)}
@@ -175,7 +182,7 @@ def vlm_ordering(ns) -> None:
                 "cost-ordered": lambda enc=encoder, its=items: enc.encode_items(its, ns.vlm_batch),
                 "input order": lambda enc=encoder, its=items: enc.encode_items(its, ns.vlm_batch, sort=False)})
             report(times, len(items), f"tiny {family}, {name} corpus of {len(items)}, batch {ns.vlm_batch}, "
-                                      f"threads {torch.get_num_threads()}")
+                                      f"threads {torch.get_num_threads()}, {ns.device}")
             ratio = statistics.median(times["cost-ordered"]) / statistics.median(times["input order"])
             print(f"  pad fraction cost-ordered {pads[True].pad_fraction:.3f}, input order "
                   f"{pads[False].pad_fraction:.3f}; time ratio {ratio:.2f}x; max |difference| "
@@ -193,6 +200,7 @@ def main() -> int:
     ap.add_argument("--families", nargs="*", default=["qwen2_vl", "llava_onevision"])
     ap.add_argument("--vlm-items", type=int, default=192)
     ap.add_argument("--vlm-batch", type=int, default=16)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda ... (both sides)")
     ns = ap.parse_args()
 
     import torch

@@ -65,6 +65,10 @@ class EvalOptions:
                                 metavar="D")
     trust_checkpoint: bool = option(False, "read a checkpoint you trust with the full unpickler (it may run code "
                                            "from the file); default: weights and embedkit's own states only")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = option(None, "run the model in this dtype; "
+                                                                        "null: as stored")
+    num_workers: int = option(0, "loader processes that tokenise and decode images ahead of the model; "
+                                 "0: in this process", minimum=0)
     overrides: list[str] = config_words()
 
     def __post_init__(self):
@@ -101,7 +105,7 @@ def main(args: list[str]) -> int:
     from embedkit.export.reader import open_model
 
     run = MMEBRun(cfg["data"]["eval"], chunk_size=cfg["train"]["chunk_size"], quantize=opts.quantize,
-                  rescore_k=opts.rescore_k if opts.rescore else None)
+                  rescore_k=opts.rescore_k if opts.rescore else None, dtype=opts.dtype, num_workers=opts.num_workers)
     what = "ckpt" if opts.ckpt is not None else "model"
     kinds = ("checkpoint",) if what == "ckpt" else ("config",) if from_config else MODEL_KINDS
     rank = init_distributed()

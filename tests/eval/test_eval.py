@@ -282,6 +282,14 @@ def test_eval_cli_end_to_end_on_a_demo_checkpoint(root, tmp_path, monkeypatch):
     assert summary["aggregate"]["overall"] == pytest.approx((scores["N24News"]["acc"] + scores["RefCOCO"]["acc"]) / 2)
     assert "| overall | 2 |" in (out_dir / "summary.md").read_text()
     assert "overall P@1" in proc.stdout
+    # the engine's loader workers and a bfloat16 model: the same items scored (float32 ranks as before)
+    assert cli(["eval", f"ckpt={ckpt}", f"data.eval.root={root}", "data.eval.datasets=[N24News]", "num_workers=1",
+                f"out={tmp_path / 'eval-workers'}", "tracking.enabled=false", "train.chunk_size=16"]) == 0
+    again = json.loads((tmp_path / "eval-workers" / "N24News_score.json").read_text())
+    assert again == scores["N24News"]
+    assert cli(["eval", f"ckpt={ckpt}", f"data.eval.root={root}", "data.eval.datasets=[N24News]", "dtype=bfloat16",
+                f"out={tmp_path / 'eval-bf16'}", "tracking.enabled=false"]) == 0
+    assert json.loads((tmp_path / "eval-bf16" / "N24News_score.json").read_text())["num_pred"] == fx.ROWS
     # logged to the MLflow run that trained the checkpoint
     from mlflow.tracking import MlflowClient
 

@@ -321,3 +321,29 @@ def test_eval_cli_user_errors_exit_2_with_one_line(root, tmp_path, capsys):
     assert code == 2 and "ckpt: file not found" in capsys.readouterr().err
     assert cli(["eval", f"data.eval.root={root}"]) == 2
     assert "ckpt=PATH" in capsys.readouterr().err
+
+
+def test_key_items_are_costed_from_image_headers_and_decoded_one_batch_at_a_time(root, monkeypatch):
+    """``KeyItems``: the engine's costs read each image's size without decoding it; an image is decoded
+    when its batch is processed, and what is decoded is ``make_item``'s item."""
+    from PIL import ImageFile
+
+    from embedkit.inference import item_costs
+
+    rows = mmeb.load_dataset(root, "RefCOCO")
+    keys, _ = mmeb.unique_keys([(t, p) for r in rows for t, p in zip(r.tgt_text, r.tgt_img_path)])
+    items = mmeb.KeyItems(root, keys)
+    real_load, loads = ImageFile.ImageFile.load, []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1) or real_load(self))
+
+    class Sizes:
+        def costs(self, batch):
+            return [it.image.width * it.image.height for it in batch]
+
+    sizes = item_costs(items, Sizes())
+    assert not loads and len(sizes) == len(keys) > 1
+    for i in (0, len(keys) - 1):
+        made = mmeb.make_item(root, keys[i])
+        assert sizes[i] == made.image.width * made.image.height
+        assert items[i].image.tobytes() == made.image.tobytes()
+    assert loads  # decoding happens on item access

@@ -2,7 +2,8 @@
 
     embedkit mine model=RUN_DIR|EXPORT|CKPT shards=SRC out=DST num_negatives=K
                   [window=[30,100]] [threshold=0.95] [judge=embedding] [judge.PARAM=VALUE ...]
-                  [pick=top|random] [seed=0] [batch_size=32] [device=cpu|cuda] [plugins=[mod,...]]
+                  [pick=top|random] [seed=0] [batch_size=32] [num_workers=0] [device=cpu|cuda]
+                  [dtype=float32|bfloat16|float16] [plugins=[mod,...]]
 
 Each source folder of SRC (an MMEB subset) is encoded, its queries retrieve their top targets, the
 rank window is kept, duplicates of the positive and the judge's false negatives (score above
@@ -41,6 +42,10 @@ class MineOptions:
     seed: int = option(0, "the seed of pick=random", minimum=0)
     batch_size: int = option(32, "items per forward pass", minimum=1)
     device: Optional[str] = option(None, "cpu, cuda, cuda:1 ...; null: the CPU", metavar="DEVICE")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = option(None, "run the model in this dtype; "
+                                                                        "null: as stored")
+    num_workers: int = option(0, "loader processes that decode and process images ahead of the model; "
+                                 "0: in this process", minimum=0)
     plugins: list[str] = option([], "modules to import first (they register judges)", metavar="[MODULE,...]")
     trust_checkpoint: bool = option(False, "read a checkpoint you trust with the full unpickler (it may run code "
                                            "from the file); default: weights and embedkit's own states only")
@@ -98,11 +103,15 @@ def main(args: list[str]) -> int:
     log = rank_logger()
     log(f"mine: model {opts.model}")
     encoder, model = open_model(opts.model, kinds=ENCODER_KINDS, trust_checkpoint=opts.trust_checkpoint)
+    if opts.dtype:
+        from embedkit.backbones.base import torch_dtype
+
+        encoder.to(torch_dtype(opts.dtype))
     if opts.device:
         encoder.to(opts.device)
     settings = MineSettings(num_negatives=opts.num_negatives, window=tuple(opts.window),
                             threshold=opts.threshold, pick=opts.pick, seed=opts.seed,
-                            batch_size=opts.batch_size)
+                            batch_size=opts.batch_size, num_workers=opts.num_workers)
     stats = Miner(encoder, judge, src, opts.out, settings, log=log).run()
     if rank_and_world()[0] == 0:
         write_provenance(opts, src, root, model, judge, stats, log)

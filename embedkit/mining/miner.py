@@ -59,6 +59,7 @@ class MineSettings:
     pick: str = "top"  # or "random"
     seed: int = 0
     batch_size: int = 32
+    num_workers: int = 0  # the inference engine's loader processes (decoding, processing)
     block: int = 1024  # queries per retrieval matmul
 
 
@@ -116,13 +117,16 @@ class SlotItems(LazyItems):
             return Item(slot.text, image)
 
 
-def encode_slots(encoder, slots: Sequence[Slot], batch_size: int, log: Callable[[str], None], what: str) -> torch.Tensor:
+def encode_slots(encoder, slots: Sequence[Slot], batch_size: int, log: Callable[[str], None], what: str,
+                 num_workers: int = 0) -> torch.Tensor:
     """Embeddings [N, D] (float32, CPU) of ``slots``, ``batch_size`` items per forward pass, through the
-    inference engine (``encode_items``: cost-ordered) in about ten windows, one progress line each."""
+    inference engine (``encode_items``: cost-ordered; ``num_workers`` loader processes) in about ten
+    windows, one progress line each."""
+    engine = {"num_workers": num_workers} if num_workers else {}
     parts, step = [], max(4 * batch_size, -(-len(slots) // 10))
     for start in range(0, len(slots), step):
         window = SlotItems(slots[start : start + step])
-        parts.append(encoder.encode_items(window, batch_size=batch_size).float().cpu())
+        parts.append(encoder.encode_items(window, batch_size=batch_size, **engine).float().cpu())
         log(f"mine: {what}: encoded {start + len(window)}/{len(slots)}")
     return torch.cat(parts) if parts else torch.empty(0, 0)
 
@@ -235,8 +239,9 @@ class Miner:
 
     def encode_split(self, slots: list[Slot], what: str) -> torch.Tensor:
         """``encode_slots`` of ``slots``, split across the ranks and gathered in order (every rank gets all)."""
-        size = self.settings.batch_size
-        out = encode_split(len(slots), lambda a, b: encode_slots(self.encoder, slots[a:b], size, self.log, what))
+        size, workers = self.settings.batch_size, self.settings.num_workers
+        out = encode_split(len(slots), lambda a, b: encode_slots(self.encoder, slots[a:b], size, self.log, what,
+                                                                 workers))
         return out if out is not None else torch.empty(0, 0)
 
     def mine_subset(self, subset: str, shards: list[tuple[str, str]]) -> None:

@@ -183,3 +183,16 @@ def test_slots_are_costed_from_image_headers_and_encoded_in_order(monkeypatch):
 
     out = encode_slots(ByText(), slots, batch_size=2, log=lambda m: None, what="slots")
     assert out.tolist() == [[float(i), float(i % 2)] for i in range(9)]
+
+
+def test_encode_slots_with_loader_workers_equals_in_process():
+    from embedkit.config.loader import compose
+    from embedkit.encoder import Encoder
+    from embedkit.mining.miner import Slot, encode_slots
+
+    cfg = compose(["recipe=demo", "model.backbone.name=hf_text", "model.backbone.tiny=true"])
+    encoder = Encoder.from_config(cfg["model"], seed=0).eval()
+    slots = [Slot(" ".join(["red circle"] * (1 + i % 5)) + f" {i}", None) for i in range(12)]
+    here = encode_slots(encoder, slots, batch_size=4, log=lambda m: None, what="slots")
+    workers = encode_slots(encoder, slots, batch_size=4, log=lambda m: None, what="slots", num_workers=1)
+    assert here.shape == (12, encoder.embedding_dim) and (workers - here).abs().max().item() <= 1e-6

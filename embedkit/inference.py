@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from embedkit.data.batch import chunked, chunked_by_tokens, cost_order, pad_counts
 from embedkit.data.schema import Item
 from embedkit.distributed.ranks import gather_in_order, rank_and_world, shard_bounds
+from embedkit.errors import UserError
 
 #: items per ``processor.costs`` call while costing a corpus (bounds what is held at once)
 COST_BLOCK = 512
@@ -111,13 +112,20 @@ def plan_batches(costs: list[int] | None, n: int, batching: Batching) -> list[li
 
 
 class ProcessBatch:
-    """The loader's collate function: a batch's indices -> (indices, the processed inputs). Picklable."""
+    """The loader's collate function: a batch's indices -> (indices, the processed inputs). Picklable.
+
+    A ``UserError`` (an image not found, an image item for a text model) comes back as the value and is
+    raised in the main process as it is: a loader worker would wrap it in its traceback, and the user's
+    one-line error would become a page (docs/bugs-and-fixes.md)."""
 
     def __init__(self, items: Sequence[Item], processor):
         self.items, self.processor = items, processor
 
-    def __call__(self, indices: list[int]) -> tuple[list[int], dict]:
-        return indices, self.processor([self.items[i] for i in indices])
+    def __call__(self, indices: list[int]) -> tuple[list[int], dict | UserError]:
+        try:
+            return indices, self.processor([self.items[i] for i in indices])
+        except UserError as exc:
+            return indices, exc
 
 
 def to_device(inputs: dict, device: torch.device) -> dict:
@@ -150,6 +158,8 @@ def encode_in_order(
         num_workers=batching.num_workers, pin_memory=device.type == "cuda")
     parts, order = [], []
     for indices, inputs in loader:
+        if isinstance(inputs, UserError):
+            raise inputs
         padded, real = pad_counts([inputs])
         stats.padded_tokens, stats.real_tokens = stats.padded_tokens + padded, stats.real_tokens + real
         with torch.inference_mode():

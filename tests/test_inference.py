@@ -15,6 +15,7 @@ from PIL import Image
 from embedkit.config.loader import compose
 from embedkit.data.schema import Item
 from embedkit.encoder import Encoder
+from embedkit.errors import UserError
 from embedkit.inference import Batching, LazyItems, encode_in_order, item_costs, plan_batches
 from tests.helpers.images import speckled_image
 
@@ -170,3 +171,20 @@ def test_cost_ordering_pads_less_on_uneven_items():
     assert in_order.real_tokens == ordered.real_tokens == sum(process.costs(items))
     assert ordered.pad_fraction < in_order.pad_fraction
     assert encoder.encode_items([]).shape == (0, encoder.embedding_dim)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_user_error_in_processing_stays_one_line_in_loader_workers(workers):
+    class Missing(LazyItems):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            if i == 2:
+                raise UserError("input: image not found: x.png")
+            return Item(text="a red circle")
+
+    encoder = tiny_encoder("hf_text")
+    with pytest.raises(UserError) as caught:
+        encoder.encode_items(Missing(), batch_size=1, sort=False, num_workers=workers)
+    assert str(caught.value) == "input: image not found: x.png"

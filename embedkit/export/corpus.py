@@ -7,8 +7,9 @@ column). Rows are encoded in parts of ``part_size`` rows, each written atomicall
 ``<out>.parts/`` as it completes; an interrupted run re-run with the same arguments skips the parts
 already there, and the final file is written atomically from the parts (identical to an
 uninterrupted run's), then the parts are removed. Each part goes through the inference engine
-(``Encoder.encode``: cost-ordered within the part, ``batch_tokens``, ``num_workers``); a part's images
-are decoded before it is encoded, so at most ``part_size`` rows are held decoded.
+(``Encoder.encode_items``: cost-ordered within the part, ``batch_tokens``, ``num_workers``) as
+``RowItems``: the costs read each image's size from its header, and an image is decoded when its batch
+is processed (in the loader workers with ``num_workers``), so no part is held decoded.
 
 Under ``torchrun`` (a process group) the parts are dealt round-robin over the ranks, each encoded once;
 rank 0 writes the final file, in input order, when every rank is done (the same bytes as one process).
@@ -26,9 +27,11 @@ from typing import Callable
 
 import numpy as np
 
+from embedkit.data.schema import Item
 from embedkit.distributed.ranks import barrier, rank_and_world
 from embedkit.errors import UserError
 from embedkit.files import atomic_path, write_atomic
+from embedkit.inference import LazyItems
 
 OUTPUTS = (".npy", ".parquet")
 
@@ -53,6 +56,13 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def to_image(value, root: Path):
+    """The row's image decoded (RGB), or None."""
+    image = open_image(value, root)
+    return image.convert("RGB") if image is not None else None
+
+
+def open_image(value, root: Path):
+    """The row's image opened, not decoded (its size is known), or None; ``UserError`` when missing."""
     from PIL import Image
 
     if value is None:
@@ -60,11 +70,35 @@ def to_image(value, root: Path):
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value)).convert("RGB")
+        return Image.open(io.BytesIO(value))
     path = Path(value) if Path(value).is_absolute() else root / value
     if not path.is_file():
         raise UserError(f"input: image not found: {path}")
-    return Image.open(path).convert("RGB")
+    return Image.open(path)
+
+
+class RowItems(LazyItems):
+    """Rows as ``Item``s made on demand, ``prefix`` (an instruction) before every text: ``self[i]``
+    decodes the image; ``sized(i)`` only opens it (its size, for the engine's costs). Picklable."""
+
+    def __init__(self, rows: list[dict], root: Path, prefix: str | None = None):
+        self.rows, self.root, self.prefix = rows, root, prefix
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _item(self, i: int, image) -> Item:
+        text = self.rows[i].get("text")
+        return Item(text=self.prefix + (text or "") if self.prefix else text, image=image)
+
+    def __getitem__(self, i: int) -> Item:
+        return self._item(i, to_image(self.rows[i].get("image"), self.root))
+
+    def sized(self, i: int) -> Item:
+        image = open_image(self.rows[i].get("image"), self.root)
+        if image is not None:
+            image.close()  # the header is read: the size stays known, nothing is decoded
+        return self._item(i, image)
 
 
 def fingerprint(*parts) -> str:
@@ -95,15 +129,15 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
     done = sum((parts_dir / f"part-{s:09d}.npy").is_file() for s in starts)
     if done:
         log(f"encode: resuming, {done} of {len(starts)} parts already written")
+    prefix = encoder.provenance.prompts.get(instruction, instruction) if instruction else None
     began, encoded = time.monotonic(), 0
     for index, start in enumerate(starts):
         part = parts_dir / f"part-{start:09d}.npy"
         if part.is_file() or index % world != rank:  # written, or another rank's part
             continue
         chunk = rows[start : start + part_size]
-        emb = encoder.encode(texts=[r.get("text") for r in chunk], images=[to_image(r.get("image"), root) for r in chunk],
-                             instruction=instruction, batch_size=batch_size, dim=dim, batch_tokens=batch_tokens,
-                             num_workers=num_workers)
+        emb = encoder.encode_items(RowItems(chunk, root, prefix), batch_size, dim=dim, batch_tokens=batch_tokens,
+                                   num_workers=num_workers)
         with atomic_path(part) as tmp, open(tmp, "wb") as f:
             np.save(f, emb.numpy().astype(np.float32))
         encoded += len(chunk)

@@ -384,7 +384,7 @@ def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):
     bf16 = np.load(tmp_path / "bf16.npy")
     assert bf16.dtype == np.float32 and 0 < np.abs(bf16 - whole).max() <= 5e-2
 
-    real, calls = Encoder.encode, []
+    real, calls = Encoder.encode_items, []
 
     def interrupted(self, *a, **k):
         calls.append(1)
@@ -393,10 +393,10 @@ def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):
         return real(self, *a, **k)
 
     target = tmp_path / "resumed.npy"
-    monkeypatch.setattr(Encoder, "encode", interrupted)
+    monkeypatch.setattr(Encoder, "encode_items", interrupted)
     assert cli(["encode", *args, f"out={target}"]) == 130
     assert not target.exists() and len(list((tmp_path / "resumed.npy.parts").glob("part-*.npy"))) == 2
-    monkeypatch.setattr(Encoder, "encode", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(Encoder, "encode_items", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     calls.clear()
     assert cli(["encode", *args, f"out={target}"]) == 0
     assert len(calls) == 3  # 5 parts, 2 were already written

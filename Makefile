@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU torch pin lives here (constraints/cpu.txt), not in the package: GPU users keep their torch.
 PIP_INSTALL := $(BIN)/pip install -c constraints/cpu.txt
 
-.PHONY: venv demo lint test docker-smoke device-wheels clean
+.PHONY: venv demo lint test faults docker-smoke device-wheels clean
 
 $(BIN)/embedkit: pyproject.toml constraints/cpu.txt
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ lint: venv
 # machine idles while a test waits on a subprocess's start-up (Lightning's import, DDP ranks)
 test: venv lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+# SIGKILL and a full disk at seeded named points of fit, encode, mine and eval; each resumed or re-run and
+# compared with an uninterrupted run (docs/faults.md). Minutes; CI runs a shorter set (tests/e2e/test_fault_driver.py).
+faults: venv
+	PYTHONPATH=. HF_HUB_OFFLINE=1 $(BIN)/python bench/faults.py --kills 10 --seed 0
 
 # The packages a GPU machine's image lacks (omegaconf, webdataset), as Python 3.12 wheels in .whl/,
 # for bench/gpu_session.sh (carried by the `device` tool; docs/gradcache.md, "On a GPU").

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "embedkit"
 
 #: bottom to top; a module may import its own layer's packages (without cycles) and those below
 LAYERS = [
-    {"errors", "files", "console", "version", "runs"},
+    {"errors", "files", "console", "version", "runs", "fault_points"},
     {"config"},
     {"data", "backbones", "pooling", "losses"},
     {"distributed", "encoder", "inference"},

@@ -63,7 +63,16 @@ class BackboneOutput:
 
 
 class ChunkProcessor:
-    """Picklable: ``processor(items) -> dict of tensors`` for one forward pass."""
+    """Picklable: ``processor(items) -> dict of tensors`` for one forward pass.
+
+    ``refusal(item)`` is the admission check the training stream runs on every item as its sample is
+    drawn, so a sample the processor would refuse is skipped and counted before it takes a place in a
+    batch: the default takes every item (a text backbone truncates); a vision-language family refuses what
+    its arithmetic (``num_tokens``, no pixels processed) raises on -- an aspect ratio the image processor
+    refuses, several image placeholders -- and an item longer than ``max_tokens``."""
+
+    #: the longest processed item (tokens) admitted; None: no limit
+    max_tokens: int | None = None
 
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -76,6 +85,24 @@ class ChunkProcessor:
     def costs(self, items: list[Item]) -> list[int]:
         """``num_tokens`` of each item (cost-aware chunking); adapters may batch the work."""
         return [self.num_tokens(it) for it in items]
+
+    def refusal(self, item: Item) -> str | None:
+        """Why this processor would refuse ``item`` (one line), None when it takes it. Default: takes all."""
+        return None
+
+
+def refusal_by_length(processor: ChunkProcessor, item: Item) -> str | None:
+    """The vision-language families' ``refusal``: what ``num_tokens`` (arithmetic only) raises on, or a
+    processed length over ``max_tokens``."""
+    try:
+        n = processor.num_tokens(item)
+    except (ValueError, ArithmeticError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if processor.max_tokens is not None and n > processor.max_tokens:
+        return f"an item of {n} tokens exceeds {processor.max_tokens}"
+    if n == 0:
+        return "the item tokenized to nothing"
+    return None
 
 
 class Backbone(nn.Module):

@@ -28,6 +28,7 @@ from embedkit.backbones.base import (
     BackboneOutput,
     ChunkProcessor,
     one_source,
+    refusal_by_length,
     seeded,
     set_attention,
     torch_dtype,
@@ -106,6 +107,10 @@ class LlavaOnevisionChunkProcessor(ChunkProcessor):
             raise ValueError(f"{FAMILY}: an image item of {len(row)} tokens exceeds max_length={self.max_length}; "
                              "lower model.backbone.max_grid / anyres_max or raise model.backbone.max_length")
         return row
+
+    def refusal(self, item: Item) -> str | None:
+        """Several image placeholders, a placeholder without an image, an item over ``max_tokens``."""
+        return refusal_by_length(self, item)
 
     def num_tokens(self, item: Item) -> int:
         """The processed length by arithmetic: the row ``__call__`` builds, without the pixels."""
@@ -225,13 +230,16 @@ class LlavaOnevision(Backbone):
 
     def make_processor(self) -> LlavaOnevisionChunkProcessor:
         cfg = self.model.config
-        return LlavaOnevisionChunkProcessor(
+        processor = LlavaOnevisionChunkProcessor(
             self.tokenizer, self.image_processor, cfg.image_token_id,
             tile=cfg.vision_config.image_size, patch=cfg.vision_config.patch_size,
             pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
             anyres_max=int(cfg.vision_aspect_ratio.removeprefix("anyres_max_")), append_eos=self.append_eos,
             max_length=self.max_length, system_prompt=self.system_prompt,
         )
+        # admission (``refusal``): no item longer than the language model's positions
+        processor.max_tokens = getattr(cfg.text_config, "max_position_embeddings", None)
+        return processor
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
         if "image_token_index" in inputs:

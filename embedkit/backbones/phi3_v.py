@@ -50,6 +50,7 @@ from embedkit.backbones.base import (
     BackboneOutput,
     ChunkProcessor,
     one_source,
+    refusal_by_length,
     seeded,
     set_attention,
     torch_dtype,
@@ -164,6 +165,10 @@ class Phi3VChunkProcessor(ChunkProcessor):
             raise ValueError(f"{FAMILY}: one image per item; the text holds several {_common.IMAGE_PLACEHOLDER}")
         h, w = grid or hd_grid(item.image.width, item.image.height, self.num_crops, self.crop)
         return bos + self._ids(before) + [-1] * num_image_tokens(h, w, self.merged_side) + self._ids(after) + self.end
+
+    def refusal(self, item: Item) -> str | None:
+        """Several image placeholders, a placeholder without an image, an item over ``max_tokens``."""
+        return refusal_by_length(self, item)
 
     def num_tokens(self, item: Item) -> int:
         """The processed length by arithmetic (the HD transform's crop grid from the image size)."""
@@ -328,8 +333,11 @@ class Phi3V(Backbone):
     # -- the contract ------------------------------------------------------------------------------
 
     def make_processor(self) -> Phi3VChunkProcessor:
-        return Phi3VChunkProcessor(self.tokenizer, self.num_crops, self.crop, self.merged_side, self.append_eos,
-                                   max_length=self.max_length)
+        processor = Phi3VChunkProcessor(self.tokenizer, self.num_crops, self.crop, self.merged_side,
+                                        self.append_eos, max_length=self.max_length)
+        # admission (``refusal``): no item longer than the language model's positions
+        processor.max_tokens = getattr(self.language_model.config, "max_position_embeddings", None)
+        return processor
 
     def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
                        grids: list | None = None) -> torch.Tensor:

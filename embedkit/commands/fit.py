@@ -56,24 +56,38 @@ def quiet_third_party_noise(tracking: bool) -> None:
     warnings.filterwarnings("ignore", message=".*weights_only.*")
 
 
-def make_strategy(trainer: dict):
+def make_strategy(trainer: dict, resume: str = "resume=RUN_DIR"):
     """``trainer.strategy``, with ``fsdp2``: FSDP2 (``fully_shard``) data parallel over every device.
 
-    The schema has already checked the combination (an integer ``trainer.devices``).
+    DDP (``ddp``, or ``auto`` over several devices or nodes) and FSDP2 watch their ranks
+    (``distributed.watch``): collectives time out after ``trainer.collective_timeout_s``, and a rank
+    that dies stops the others with one line naming it and the ``resume`` words. The schema has
+    already checked the combination (an integer ``trainer.devices`` for fsdp2).
     """
-    if trainer["strategy"] != "fsdp2":
-        return trainer["strategy"]
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    strategy, devices = trainer["strategy"], trainer["devices"]
+    several = trainer["num_nodes"] > 1 or (isinstance(devices, int) and devices > 1)
+    if strategy not in ("ddp", "fsdp2") and not (strategy == "auto" and several):
+        return strategy
+    import signal
 
+    from embedkit.distributed.watch import RankWatch, watched_strategy
+
+    stops = [signal.SIGTERM, signal.SIGINT] + ([getattr(signal, trainer["stop_signal"])] if trainer["stop_signal"] else [])
+    # the exits all ranks reach together (a clean stop, the non-finite guard): a rank ending so did not die
+    agreed = (0, EXIT_DIVERGED, *(128 + int(s) for s in stops))
+    watch = RankWatch(resume, trainer["collective_timeout_s"], agreed)
+    if strategy != "fsdp2":
+        return watched_strategy("ddp", watch)
     # one consolidated checkpoint file (as with DDP), not a distributed-checkpoint folder
-    return ModelParallelStrategy(data_parallel_size=trainer["devices"] * trainer["num_nodes"], tensor_parallel_size=1,
-                                 save_distributed_checkpoint=False)
+    return watched_strategy("fsdp2", watch, data_parallel_size=devices * trainer["num_nodes"], tensor_parallel_size=1,
+                            save_distributed_checkpoint=False)
 
 
 #: keys a resume may change: they leave the training math as it was (``tracking.tags.*`` too).
 #: ``trainer.max_steps`` extends (or shortens) the run; the cosine schedule is rebuilt for the new length.
 RESUMABLE = ("trainer.max_steps", "trainer.progress", "trainer.val_check_interval", "trainer.log_every_n_steps",
-             "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.stop_signal", "train.max_skipped_steps",
+             "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.stop_signal", "trainer.collective_timeout_s",
+             "train.max_skipped_steps",
              "tracking.tags", "run.resume")
 #: exit status when the non-finite guard stops a run (signals: 128 + the signal number, e.g. 143, 130)
 EXIT_DIVERGED = 3
@@ -100,12 +114,12 @@ def resumed_config(saved: dict, new: dict, where: str) -> dict:
     return out
 
 
-def resume_config(run: RunDir, args: list[str]) -> tuple[dict, list[str], Path]:
+def resume_config(run: RunDir, args: list[str]) -> tuple[dict, list[str], Path | None]:
     """``resume=RUN_DIR [overrides]``: (the run's saved config with the overrides a resume may make,
-    the overrides, its newest checkpoint)."""
+    the overrides, its newest checkpoint; None for a run stopped before its first checkpoint, which
+    starts again from step 0 and continues its MLflow run)."""
     from embedkit.config import schema
     from embedkit.config.loader import apply_overrides, overridden_keys, split_args
-    from embedkit.errors import UserError
 
     saved = run.saved_config("resume")
     _, overrides = split_args(args)
@@ -113,9 +127,14 @@ def resume_config(run: RunDir, args: list[str]) -> tuple[dict, list[str], Path]:
     cfg = resumed_config(saved, new, str(run.config_path))
     ckpt = run.newest_good_checkpoint(warn=rank_zero_warn)
     if ckpt is None:
-        raise UserError(f"resume={run.path}: no checkpoint under {run.checkpoints_dir}")
+        restart_warning(run, "resume")
     cfg["run"]["dir"] = str(run.path)
     return cfg, overrides, ckpt
+
+
+def restart_warning(run: RunDir, what: str) -> None:
+    rank_zero_warn(f"warning: {what}={run.path}: the run stopped before its first checkpoint; starting it again "
+                   "from step 0 (its saved config, its MLflow run)")
 
 
 #: the environment variables that number a process among a job's ranks (Lightning's launcher sets
@@ -134,26 +153,29 @@ def rank_zero_warn(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def compose_run(args: list[str]) -> tuple[dict, list[str], Path | None]:
-    """(config, overrides, checkpoint to resume from or None) from the command line:
-    ``resume=RUN_DIR [overrides]``, or a recipe and overrides (``run.resume=auto`` continuing
-    ``run.dir`` when it holds a checkpoint)."""
+def compose_run(args: list[str]) -> tuple[dict, list[str], Path | None, bool]:
+    """(config, overrides, checkpoint to resume from or None, whether the run dir's run is continued)
+    from the command line: ``resume=RUN_DIR [overrides]``, or a recipe and overrides (``run.resume=auto``
+    continuing ``run.dir`` when it holds a run). A continued run without a checkpoint (killed before its
+    first) starts again from step 0 with its saved config, logging to its MLflow run."""
     from embedkit.config.loader import compose, split_args
 
     resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
     args = [a for a in args if not a.startswith("resume=")]
     if resume:
-        return resume_config(RunDir(resume[-1]), args)
+        return (*resume_config(RunDir(resume[-1]), args), True)
     cfg = compose(args)
     _, overrides = split_args(args)
     if cfg["run"]["resume"] == "auto":
         _, run = run_paths(cfg)
-        ckpt = run.newest_good_checkpoint(warn=rank_zero_warn, what="run.resume=auto: run.dir") if run.is_run() else None
-        if ckpt is not None:
+        if run.is_run():
+            ckpt = run.newest_good_checkpoint(warn=rank_zero_warn, what="run.resume=auto: run.dir")
+            if ckpt is None:
+                restart_warning(run, "run.resume=auto: run.dir")
             cfg = resumed_config(run.saved_config("resume"), cfg, str(run.config_path))
             cfg["run"]["dir"] = str(run.path)
-            return cfg, overrides, ckpt
-    return cfg, overrides, None
+            return cfg, overrides, ckpt, True
+    return cfg, overrides, None, False
 
 
 def trust_word(args: list[str]) -> tuple[bool, list[str]]:
@@ -207,14 +229,14 @@ def main(args: list[str]) -> int:
     from embedkit.encoder import read_checkpoint
 
     trust, args = trust_word(args)
-    cfg, overrides, ckpt = compose_run(args)
+    cfg, overrides, ckpt, continuing = compose_run(args)
     if ckpt is not None:  # refused here, before anything is built, unless weights-only can read it
         read_checkpoint(ckpt, trust=trust)
     name, run = run_paths(cfg)
     cfg["run"]["name"], cfg["run"]["dir"] = name, str(run.path)
     shards = check_inputs(cfg)
     created = not run.path.exists()
-    fit = Fit(cfg, overrides, ckpt, shards, trust=trust)
+    fit = Fit(cfg, overrides, ckpt, shards, trust=trust, continuing=continuing)
     # one fit per run dir: the launching process holds the lock; the ranks it starts run under it
     lock = run.lock(warn=rank_zero_warn) if launching_process() else contextlib.nullcontext()
     with lock, run_name_for_ranks(name):
@@ -235,8 +257,10 @@ class Fit:
     """
 
     def __init__(self, cfg: dict, overrides: list[str], ckpt: Path | None,
-                 shards: tuple[list[str] | None, list[str] | None], trust: bool = False):
+                 shards: tuple[list[str] | None, list[str] | None], trust: bool = False, continuing: bool = False):
         self.cfg, self.overrides, self.ckpt, self.checked_shards = cfg, overrides, ckpt, shards
+        # the run dir's run continued (a resume; a restart of one killed before its first checkpoint)
+        self.continuing = continuing or ckpt is not None
         self.trust = trust  # trust_checkpoint=true: the resumed checkpoint read with the full unpickler
         self.trained = False  # set once training starts: the run dir then holds a run
 
@@ -258,13 +282,18 @@ class Fit:
         self.callbacks = self._setup_callbacks(cfg["trainer"], cfg["data"]["eval"], cfg["train"])
         self.trainer = self._setup_trainer(cfg["trainer"])
         self._record_run(train_shards)
-        before, after = self.train()
+        try:
+            before, after = self.train()
+        except Exception as exc:  # a rank died: one line naming it (re-raised when it was something else)
+            return self.lost_rank(exc)
         return self.report(before, after, started)
 
     # -- setup steps, in order ------------------------------------------------------------------
     def _setup_process(self, trainer: dict, tracking: dict) -> None:
-        """Process-wide settings: a quiet console, TF32 matmuls where asked."""
+        """Process-wide settings: a quiet console, TF32 matmuls where asked, the signals that stop the
+        run cleanly besides SIGTERM and SIGINT (the loader workers ignore them all)."""
         quiet_third_party_noise(tracking["enabled"])
+        self.stop_signals = [trainer["stop_signal"]] if trainer["stop_signal"] else []
         if trainer["tf32"]:
             import torch
 
@@ -311,7 +340,7 @@ class Fit:
         return EmbeddingDataModule(data, self.module.encoder.processor(), train_shards, val_shards, seed=seed,
                                    global_batch_size=train["global_batch_size"], chunk_size=train["chunk_size"],
                                    chunk_tokens=train["chunk_tokens"], accumulate=self.accumulate,
-                                   sort_chunks=train["sort_chunks"])
+                                   sort_chunks=train["sort_chunks"], stop_signals=self.stop_signals)
 
     def _setup_logger(self, tracking: dict, recipe: str | None):
         """The MLflow logger (continuing the run's MLflow run on a resume), or False."""
@@ -319,7 +348,7 @@ class Fit:
             return False
         from embedkit.tracking.mlflow_setup import make_logger
 
-        run_id = self.run_dir.mlflow_run_id() if self.ckpt else None
+        run_id = self.run_dir.mlflow_run_id() if self.continuing else None
         return make_logger(tracking, recipe, self.cfg["run"]["name"], run_id=run_id)
 
     def _setup_callbacks(self, trainer: dict, ev: dict, train: dict) -> list:
@@ -330,7 +359,7 @@ class Fit:
 
         self.checkpoints = AtomicLastCheckpoint(self.run_dir, every=trainer["checkpoint_every"],
                                                 keep=trainer["keep_checkpoints"])
-        self.stop = CleanStop(self.checkpoints, [trainer["stop_signal"]] if trainer["stop_signal"] else [])
+        self.stop = CleanStop(self.checkpoints, self.stop_signals)
         callbacks = [self.checkpoints, self.stop]
         if progress_mode(trainer["progress"]) == "log":
             callbacks.append(LogProgress(max(trainer["log_every_n_steps"], self.max_steps // 20)))
@@ -350,7 +379,7 @@ class Fit:
         every = interval if interval and self.validating else max_steps + 1  # optimizer steps between validations
         return L.Trainer(
             max_steps=max_steps, devices=trainer["devices"], num_nodes=trainer["num_nodes"],
-            accelerator=trainer["accelerator"], strategy=make_strategy(trainer),
+            accelerator=trainer["accelerator"], strategy=make_strategy(trainer, f"resume={self.run_dir.path}"),
             precision=trainer["precision"], logger=self.logger, callbacks=self.callbacks,
             log_every_n_steps=min(trainer["log_every_n_steps"], max_steps), enable_progress_bar=progress_mode(trainer["progress"]) == "bar",
             enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -364,11 +393,11 @@ class Fit:
         logger = self.logger
         if not logger:
             return
-        from embedkit.tracking.mlflow_setup import log_run_inputs, mark_running, tag_mined_shards
+        from embedkit.tracking.mlflow_setup import has_params, log_run_inputs, mark_running, tag_mined_shards
 
-        if self.ckpt:
+        if self.continuing:
             mark_running(logger)
-        else:
+        if not (self.continuing and has_params(logger)):  # a restart killed before its inputs were logged too
             log_run_inputs(logger, self.cfg, self.run_dir.config_path, self.overrides)
             tag_mined_shards(logger, train_shards)
         if self.trainer.is_global_zero:
@@ -428,6 +457,20 @@ class Fit:
             from embedkit.tracking.mlflow_setup import mark_ended
 
             mark_ended(self.logger, status)
+
+    def lost_rank(self, exc: Exception) -> int:
+        """``exc`` ended training: when a rank died (or a collective timed out on one out of contact),
+        print the line naming it, stop the ranks this process launched, return ``EXIT_RANK_LOST``;
+        else re-raise ``exc``."""
+        watch = getattr(self.trainer.strategy, "watch", None)
+        line = watch.lost_line(exc) if watch is not None else None
+        if line is None:
+            raise exc
+        from embedkit.distributed.watch import EXIT_RANK_LOST
+
+        watch.report(line)
+        watch.stop_children()
+        return EXIT_RANK_LOST
 
     def diverged(self) -> int:
         """The non-finite guard stopped the run: say where, and the last good checkpoint."""

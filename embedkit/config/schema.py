@@ -162,6 +162,10 @@ class TrainerSection:
     checkpoint_every: Optional[int] = 500  # optimizer steps between checkpoints (plus one at the end); None: end only
     keep_checkpoints: int = 3  # newest step-N.ckpt files kept (last.ckpt always points at the newest)
     stop_signal: Optional[str] = None  # e.g. SIGUSR1 (SLURM --signal): stops cleanly like SIGTERM/SIGINT
+    # seconds a rank waits in a collective for the others before the run stops with a line naming the
+    # lost rank (DDP and FSDP2; gloo's and NCCL's timeout alike); must outlast the longest legitimate
+    # wait, rank 0 writing a checkpoint (docs/clusters.md)
+    collective_timeout_s: int = 900
 
 
 @dataclass
@@ -201,6 +205,7 @@ MINIMUMS = {
     "train.lr": 0.0, "train.weight_decay": 0.0, "train.warmup": 0.0, "train.min_lr_ratio": 0.0,
     "trainer.max_steps": 1, "trainer.max_epochs": 0, "trainer.num_nodes": 1, "trainer.log_every_n_steps": 1, "trainer.val_check_interval": 1,
     "trainer.checkpoint_every": 1, "trainer.keep_checkpoints": 1, "train.max_skipped_steps": 1,
+    "trainer.collective_timeout_s": 1,
     "data.train.num_negatives": 0, "data.train.num_workers": 0, "data.train.shuffle_buffer": 1,
     "data.train.task_batch_size": 0, "data.train.epoch_steps": 0,
     "data.demo.train_size": 1, "data.demo.val_size": 1, "data.demo.image_size": 28, "data.demo.holdout_combinations": 0,

@@ -10,7 +10,7 @@ devices; ``TrainBatch.per_device_batch`` is one device's share; a chunk is one f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 import torch
@@ -42,6 +42,11 @@ class TrainBatch:
     candidate_restore: torch.Tensor | None = None  # [B*(1+K)] long, likewise
     padded_tokens: int = 0
     real_tokens: int = 0
+    #: samples the stream skipped, by reason (``shards.SKIP_REASONS``), since its worker's previous batch
+    skipped: dict[str, int] = field(default_factory=dict)
+    #: where the worker's readers stood (``ShardStream.reader_state``): kept by the data module for an
+    #: exact resume past skipped samples; None outside a ``ShardStream``
+    reader_state: dict | None = None
 
     @property
     def pad_fraction(self) -> float:

@@ -9,9 +9,10 @@ from torch.utils.data import DataLoader
 
 from embedkit.data import demo
 from embedkit.data.batch import ChunkCollate, ValCollate, ValItems
-from embedkit.data.remote import is_remote
-from embedkit.data.shards import decode_sample, iter_samples, list_shards
+from embedkit.data.remote import ShardUnavailable, is_remote
+from embedkit.data.shards import iter_samples, list_shards
 from embedkit.data.stream import ShardStream
+from embedkit.data.workers import WorkerSignals
 from embedkit.errors import ConfigError, UserError
 
 
@@ -68,13 +69,33 @@ def checked_shards(key: str, spec) -> list[str]:
     return shards
 
 
-def read_examples(shards: list[str], limit: int):
-    out = []
+def read_examples(shards: list[str], limit: int, processor=None) -> list:
+    """The first ``limit`` usable examples of ``shards`` (validation): a sample that does not decode or that
+    ``processor`` would refuse, and the rest of a truncated shard, are skipped and counted in one warning."""
+    import logging
+    from collections import Counter
+
+    from embedkit.data.reader import take
+
+    out, skipped = [], Counter()
     for shard in shards:
-        for key, files in iter_samples(shard):
-            out.append(decode_sample(key, files))
-            if len(out) >= limit:
-                return out
+        try:
+            for key, files in iter_samples(shard):
+                example, reason, _ = take(key, files, processor)
+                if example is None:
+                    skipped[reason] += 1
+                    continue
+                out.append(example)
+                if len(out) >= limit:
+                    break
+        except ShardUnavailable:
+            raise
+        except Exception:  # a truncated or unreadable tar: what was read counts
+            skipped["truncated_shard"] += 1
+        if len(out) >= limit:
+            break
+    if skipped:
+        logging.getLogger(__name__).warning("validation data: skipped %s", dict(skipped))
     return out
 
 
@@ -84,13 +105,15 @@ class EmbeddingDataModule(L.LightningDataModule):
     ``global_batch_size`` is the contrastive batch across all ranks, split evenly; ``chunk_size``
     and ``chunk_tokens`` cut each side of a device's batch into forward passes (ordered by cost
     first when ``sort_chunks``); ``processor`` (the
-    encoder's) runs in the DataLoader workers.
+    encoder's) runs in the DataLoader workers, which ignore the stop signals (SIGTERM, SIGINT and
+    ``stop_signals``, e.g. ``["SIGUSR1"]``): the main process decides when to stop (``WorkerSignals``).
     """
 
     def __init__(self, data: dict, processor, train_shards: list[str], val_shards: list[str], *, seed: int,
                  global_batch_size: int, chunk_size: int, chunk_tokens: int = 0, accumulate: int = 1,
-                 sort_chunks: bool = False):
+                 sort_chunks: bool = False, stop_signals: list[str] | None = None):
         super().__init__()
+        self.stop_signals = list(stop_signals or [])
         self.train_data = data["train"]
         self.processor = processor
         self.train_shards = train_shards
@@ -102,7 +125,9 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.sort_chunks = sort_chunks  # cost-aware chunking (ChunkCollate)
         self.accumulate = accumulate  # training batches per optimizer step: where a resumed stream starts
         val = data["val"]
-        self.val_examples = read_examples(val_shards, val["max_queries"]) if val["enabled"] and val_shards else []
+        self.val_examples = read_examples(val_shards, val["max_queries"], processor) if val["enabled"] and val_shards else []
+        self.reader_states: dict[int, dict] = {}  # worker -> reader_state of its last batch trained on (this rank)
+        self.resume_states: dict[int, dict] = {}  # the same, from the checkpoint a resumed fit started from
 
     def train_dataloader(self):
         t = self.train_data
@@ -119,7 +144,7 @@ class EmbeddingDataModule(L.LightningDataModule):
             stream = ShardStream(self.train_shards, collate, gbs // world, self.seed, rank, world, t["shuffle_buffer"],
                                  mix=t["mix"], task_batch_size=t["task_batch_size"], epoch_steps=t["epoch_steps"],
                                  start_step=start, accumulate=self.accumulate, group_by=t["group_by"],
-                                 length_order=t["length_order"])
+                                 length_order=t["length_order"], resume_states=self.resume_states)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         workers = t["num_workers"]
@@ -127,12 +152,45 @@ class EmbeddingDataModule(L.LightningDataModule):
         # resumed run creates them at other points of the run than the uninterrupted one)
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                           prefetch_factor=4 if workers > 0 else None, generator=self._generator(),
-                          pin_memory=self.pin_memory())
+                          pin_memory=self.pin_memory(), worker_init_fn=self._worker_init(rank) if workers else None)
+
+    # -- exact resume past skipped samples: where each worker's readers stood, in the checkpoint -------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Keep the ``reader_state`` of each training batch as it is trained on (in the main process; a
+        batch still in the loader's prefetch queue is not)."""
+        state = getattr(batch, "reader_state", None)
+        if state is not None:
+            self.reader_states[state["worker"]] = state
+        return batch
+
+    def state_dict(self) -> dict:
+        """Every rank's reader states (gathered: each rank reads its own shares)."""
+        import torch.distributed as dist
+
+        states = [self.reader_states]
+        if dist.is_available() and dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, self.reader_states)
+        return {"reader_states": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        rank = self.trainer.global_rank if self.trainer else 0
+        states = state.get("reader_states") or []
+        self.resume_states = dict(states[rank]) if rank < len(states) else {}
+        # a worker that gives no batch before the next checkpoint is still where the resume put it
+        self.reader_states = dict(self.resume_states)
 
     def val_dataloader(self):
         return DataLoader(ValItems(self.val_examples), batch_size=self.chunk_size,
                           collate_fn=ValCollate(self.processor), num_workers=0, generator=self._generator(),
                           pin_memory=self.pin_memory())
+
+    def _worker_init(self, rank: int) -> WorkerSignals:
+        """The workers' init: stop signals left to the main process, and the per-worker seeding
+        Lightning adds after ``seed_everything(workers=True)`` to loaders without an init of their own."""
+        import os
+
+        return WorkerSignals(self.stop_signals, rank, seed=bool(int(os.environ.get("PL_SEED_WORKERS", 0))))
 
     def pin_memory(self) -> bool:
         """Batches in page-locked memory when training on CUDA (asynchronous host-to-device copies);

@@ -8,9 +8,11 @@ is drawn, so the window stays cheap). Every pass order and window permutation is
 index, so a reader can start at its ``n``-th example without decoding, or even reading, what came
 before: the shards' sample counts (``ShardSet.shard_count``) tell which passes and shards to skip.
 
-A sample that fails to decode (a corrupt image, a missing part) or a truncated tar is skipped and
-reported through ``skip(what, where)``; a remote shard that cannot be had after the retries stops
-the run with ``ShardUnavailable``.
+A sample that fails to decode (a corrupt image, a malformed JSON, a member its JSON declares but the
+shard lacks), one the backbone's processor would refuse (``admit``: its cheap per-item check) and the
+rest of a truncated tar are skipped and reported through ``skip(reason, what, where)``, ``reason`` one
+of ``shards.SKIP_REASONS``; a remote shard that cannot be had after the retries stops the run with
+``ShardUnavailable``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Callable
 from embedkit.data.remote import ShardUnavailable
 from embedkit.data.schema import Example
 from embedkit.data.shard_set import ShardSet
-from embedkit.data.shards import decode_sample, iter_samples
+from embedkit.data.shards import BadSample, decode_sample, iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +38,17 @@ class SourceReader:
     ``[w * buffer, (w + 1) * buffer)`` are permuted by an RNG drawn from ``(key, w)`` alone. So the
     state after ``n`` examples is derivable without replaying them: ``start=n`` counts the shards'
     samples from their tar headers, skips whole passes and shards, and reads (without decoding) at
-    most one shard and one window to land on sample ``n``.
+    most one shard and one window to land on sample ``n``. A skipped sample (``next`` draws the one
+    after it) takes a raw position too, so a reader that had skipped ``k`` samples before its example
+    ``n`` starts at raw sample ``n + k`` (``skipped=k``: the run's count, from ``TrainBatch.reader_state``).
     """
 
     def __init__(self, shard_set: ShardSet, name: str, slot: int, slots: int, key: str, buffer: int,
-                 skip: Callable[[str, str], None], start: int = 0):
+                 skip: Callable[[str, str, str], None], start: int = 0, processor=None, skipped: int = 0):
         self.shard_set, self.name, self.key, self.buffer_size, self.skip = shard_set, name, key, buffer, skip
+        self.skipped = skipped  # raw samples skipped before this reader's example ``start`` and since
+        start += skipped  # the raw sample to start at: every skipped sample took a raw position
+        self.processor = processor  # the backbone's chunk processor: its ``refusal`` admits examples
         shards = self.shards = shard_set.sources[name]
         if len(shards) >= slots:
             self.mine, self.stride, self.offset = shards[slot::slots], 1, 0
@@ -110,7 +117,7 @@ class SourceReader:
         except ShardUnavailable:  # a remote shard that cannot be had (retries spent): stop, say which
             raise
         except Exception as exc:  # a truncated or unreadable tar: keep what was read, move on
-            self.skip(f"the rest of {shard} ({exc})", shard)
+            self.skip("truncated_shard", f"the rest of {shard} ({exc})", shard)
         return got, rem
 
     def _fall_back(self, fallback: bool) -> bool:
@@ -120,6 +127,7 @@ class SourceReader:
         log.warning("source %s: this reader's share is empty (fewer samples than readers); "
                     "reading all of it", self.name)
         self.mine, self.stride, self.offset = self.shards, 1, 0
+        self._share_total = None  # the share changed
         return True
 
     def _fill(self) -> None:
@@ -130,11 +138,52 @@ class SourceReader:
         self.pending, self.window = window, self.window + 1
 
     def next(self) -> Example:
+        """The next usable example. A whole pass of this reader's share skipped in a row (no usable
+        sample in it: every one corrupt or refused) stops the run with the last reason, never a hang."""
+        in_a_row = 0
         while True:
             if not self.pending:
                 self._fill()
             shard, key, files = self.pending.pop()
-            try:
-                return decode_sample(key, files)
-            except Exception as exc:  # a corrupt image or a malformed sample: skip, count
-                self.skip(f"sample {key} in {shard} ({type(exc).__name__}: {exc})", f"{shard}#{key}")
+            example, reason, why = take(key, files, self.processor)
+            if example is not None:
+                return example
+            self.skipped += 1
+            in_a_row += 1
+            self.skip(reason, f"sample {key} in {shard} ({reason}: {why})", f"{shard}#{key}")
+            if in_a_row > self._share_size():
+                raise RuntimeError(f"training source {self.name!r} has no usable sample: {in_a_row} skipped in a "
+                                   f"row, the last as {reason} ({why})")
+
+    def _share_size(self) -> int:
+        """Raw samples in one pass of this reader's share (from the shards' counts, cached)."""
+        if getattr(self, "_share_total", None) is None:
+            self._share_total = sum(self._share(s) for s in self.mine)
+        return max(self._share_total, 1)
+
+
+def refusal(processor, example: Example) -> str | None:
+    """Why ``processor`` would refuse one of the example's items (None: it takes them all): its cheap
+    per-item ``refusal`` (``backbones.base.ChunkProcessor``), where it has one."""
+    check = getattr(processor, "refusal", None)
+    if check is None:
+        return None
+    for item in (example.query, example.positive, *example.negatives):
+        why = check(item)
+        if why is not None:
+            return why
+    return None
+
+
+def take(key: str, files: dict, processor=None) -> tuple[Example | None, str, str]:
+    """One raw sample, decoded and admitted: (the example, "", "") or (None, skip reason, why)."""
+    try:
+        example = decode_sample(key, files)
+    except BadSample as exc:
+        return None, exc.reason, str(exc)
+    except Exception as exc:  # anything else a hostile sample may raise while decoding
+        return None, "decode", f"{type(exc).__name__}: {exc}"
+    why = refusal(processor, example)
+    if why is not None:
+        return None, "processor", why
+    return example, "", ""

@@ -68,24 +68,107 @@ def encode_example(example: Example, key: str) -> dict[str, bytes]:
     return files
 
 
+#: why a sample is skipped (``SourceReader`` counts skips by these; the module logs ``data/skipped/<reason>``)
+SKIP_REASONS = ("decode", "processor", "missing_member", "bad_json", "bad_text", "truncated_shard")
+
+
+class BadSample(ValueError):
+    """A sample that cannot become an ``Example``; ``reason`` is one of ``SKIP_REASONS``."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The pixels a backbone sees, as every loader converts them: EXIF orientation applied (what a viewer
+    shows), transparency composited over white (P with a transparent index, LA, RGBA, ...), 16-bit and
+    float greyscale (I;16, I, F) scaled to 8 bits (values over 255 read as 16-bit), any other mode
+    (1, L, P, CMYK, YCbCr, ...) converted by PIL."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        import numpy as np
+
+        a = np.asarray(image, dtype=np.float64)
+        a = a / 257.0 if a.size and a.max() > 255 else a
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _slot_text(slot: dict, where: str) -> str | None:
+    text = slot.get("text")
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise BadSample("bad_text", f"{where}: text is a {type(text).__name__}, not a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (a JSON \udXXX escape): no tokenizer takes it
+        raise BadSample("bad_text", f"{where}: text is not valid Unicode") from None
+    return text
+
+
+def _slot_image(slot: dict, files: dict[str, bytes], key: str, tag: str):
+    ext = slot.get("image")
+    if not ext:
+        return None
+    if not isinstance(ext, str):
+        raise BadSample("bad_json", f"{tag}: image is a {type(ext).__name__}, not a file extension")
+    name = f"{key}.{tag}.{ext}"
+    if name not in files:  # declared by the JSON but not in the shard (a renamed or lost member)
+        raise BadSample("missing_member", f"no member {name} (the JSON declares it)")
+    try:
+        image = Image.open(io.BytesIO(files[name]))
+        image.load()
+        return to_rgb(image)
+    except Exception as exc:
+        raise BadSample("decode", f"{name}: {type(exc).__name__}: {exc}") from None
+
+
+def _meta(key: str, files: dict[str, bytes]) -> dict:
+    if f"{key}.json" not in files:
+        raise BadSample("missing_member", f"no member {key}.json")
+    try:
+        meta = json.loads(files[f"{key}.json"])
+    except UnicodeDecodeError as exc:
+        raise BadSample("bad_text", f"{key}.json is not UTF-8 ({exc})") from None
+    except ValueError as exc:
+        raise BadSample("bad_json", f"{key}.json: {exc}") from None
+    slots = [meta.get("query"), meta.get("positive"), *(meta.get("negatives") or [])] if isinstance(meta, dict) else []
+    if not slots or not all(isinstance(s, dict) for s in slots) or not isinstance(meta.get("negatives", []), list):
+        raise BadSample("bad_json", f"{key}.json: not a sample (query, positive, negatives)")
+    return meta
+
+
 def decode_sample(key: str, files: dict[str, bytes]) -> Example:
-    """An ``Example`` from one sample's files; raises on a corrupt image or missing part."""
-    meta = json.loads(files[f"{key}.json"])
+    """An ``Example`` from one sample's files, images converted by ``to_rgb``; raises ``BadSample`` (its
+    ``reason`` one of ``SKIP_REASONS``) for a malformed JSON, a text that is not one, a declared member
+    that is missing or an image that does not decode."""
+    meta = _meta(key, files)
 
     def item(slot: dict, tag: str) -> Item:
-        image = None
-        if slot.get("image"):
-            image = Image.open(io.BytesIO(files[f"{key}.{tag}.{slot['image']}"]))
-            image.load()
-            image = image.convert("RGB")
-        return Item(text=slot.get("text"), image=image)
+        text, image = _slot_text(slot, tag), _slot_image(slot, files, key, tag)
+        if text is None and image is None:
+            raise BadSample("bad_text", f"{tag}: neither text nor image")
+        return Item(text=text, image=image)
 
+    scores = meta.get("negative_scores")
     return Example(
         query=item(meta["query"], "q"),
         positive=item(meta["positive"], "p"),
-        negatives=[item(s, f"n{i}") for i, s in enumerate(meta.get("negatives", []))],
-        task=meta.get("task", "default"),
-        negative_scores=meta.get("negative_scores"),
+        negatives=[item(s, f"n{i}") for i, s in enumerate(meta.get("negatives") or [])],
+        task=meta["task"] if isinstance(meta.get("task"), str) else "default",
+        negative_scores=scores if isinstance(scores, list) else None,
     )
 
 

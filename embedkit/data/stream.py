@@ -26,8 +26,12 @@ step re-reads that worker's earlier micro-batches of it (at most ``accumulate - 
 optimizer step cut by the end of an epoch is arranged in its two parts. Re-dealing moves examples
 between micro-batches, so it is refused with ``task_batch_size`` > 0.
 
-A sample that fails to decode or a truncated tar is skipped, counted (``skipped``) and logged once
-per sample or shard, and the batch is filled from the next sample: batches are always full. Shards
+A sample that fails to decode, one the backbone's processor would refuse (its ``refusal``, checked per
+item as the sample is drawn, before it takes a place in a batch) or the rest of a truncated tar is
+skipped and counted by reason (``skipped_by_reason``, ``shards.SKIP_REASONS``), and the batch is filled
+from the next sample: batches are always full. Each ``TrainBatch`` carries the skips its worker counted
+since its previous batch (``TrainBatch.skipped``), so the module sums exactly the skips of the batches it
+trained on. The first few samples of each reason are logged as warnings, the rest at debug level. Shards
 may be URLs or ``pipe:`` commands (``embedkit.data.remote``). Everything is deterministic in ``seed``.
 """
 
@@ -35,17 +39,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from embedkit.data.batch import ChunkCollate
+from embedkit.data.batch import ChunkCollate, TrainBatch
 from embedkit.data.mixture import MixturePlan, arrange_by_length, source_weights
 from embedkit.data.reader import SourceReader
 from embedkit.data.schema import Example
 from embedkit.data.shard_set import ShardSet
 
 log = logging.getLogger(__name__)
+#: skipped samples of one reason logged as warnings (per process); the rest at debug level
+WARN_PER_REASON = 3
 
 
 class ShardStream(IterableDataset):
@@ -59,7 +66,8 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: ShardSet | list[str] | dict[str, list[str]], collate: ChunkCollate, local_batch_size: int,
                  seed: int, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
                  mix: dict | None = None, task_batch_size: int = 0, epoch_steps: int = 0,
-                 start_step: int = 0, accumulate: int = 1, group_by: str = "none", length_order: str = "none"):
+                 start_step: int = 0, accumulate: int = 1, group_by: str = "none", length_order: str = "none",
+                 resume_states: dict | None = None):
         self.shard_set = shards if isinstance(shards, ShardSet) else ShardSet(shards)
         self.sources = self.shard_set.sources
         self.weights = source_weights(self.shard_set, mix)
@@ -93,7 +101,12 @@ class ShardStream(IterableDataset):
                                 group_by, self.modality)
         self.epoch_steps = epoch_steps
         self.start_step = start_step  # resume: the first __iter__ starts at this step
+        # resume: worker -> the reader_state of the last batch it gave the run (skips before start_step)
+        self.resume_states = {int(w): st for w, st in (resume_states or {}).items()}
+        self.reader_state: dict | None = None  # of the batch just built (batches() sets it)
         self.skipped = 0
+        self.skipped_by_reason: Counter = Counter()  # this process's skips, by reason (shards.SKIP_REASONS)
+        self._reported: Counter = Counter()  # the part of it already carried by a yielded batch
         self._warned: set[str] = set()  # samples and shards already warned about
         self.epoch = -1  # counted per process: persistent workers keep their copy across epochs
 
@@ -102,12 +115,21 @@ class ShardStream(IterableDataset):
             return self.epoch_steps
         raise TypeError("an endless stream has no length (data.train.epoch_steps=0)")
 
-    def skip(self, what: str, where: str) -> None:
-        """Count a skip; warn the first time a given sample or shard fails (resampling meets it again)."""
+    def skip(self, reason: str, what: str, where: str) -> None:
+        """Count a skip by reason; warn the first time a given sample or shard fails (resampling meets it
+        again), for the first few of each reason (debug level after that)."""
         self.skipped += 1
-        level = logging.DEBUG if where in self._warned else logging.WARNING
+        self.skipped_by_reason[reason] += 1
+        first = where not in self._warned
         self._warned.add(where)
+        level = logging.WARNING if first and self.skipped_by_reason[reason] <= WARN_PER_REASON else logging.DEBUG
         log.log(level, "skipped %s; %d skipped so far on rank %d", what, self.skipped, self.rank)
+
+    def take_skipped(self) -> dict[str, int]:
+        """The skips counted since the last call, by reason (carried by the next batch)."""
+        delta = self.skipped_by_reason - self._reported
+        self._reported = Counter(self.skipped_by_reason)
+        return dict(delta)
 
     # -- the plan: which source feeds which example, by step (data/mixture.py) --------------------
     def step_modality(self, step: int) -> str | None:
@@ -118,46 +140,68 @@ class ShardStream(IterableDataset):
         """The source of each example of this rank's batch at ``step``."""
         return self.plan.step_sources(step)
 
-    def batches(self, worker: int = 0, num_workers: int = 1, epoch: int = 0, start: int = 0):
+    def batches(self, worker: int = 0, num_workers: int = 1, epoch: int = 0, start: int = 0,
+                resume: dict | None = None):
         """The examples of each batch this (rank, worker) builds, in order (before collation), from
         step ``start`` on. Skipping costs the mixture draws of the skipped steps (a few seeded RNG
-        calls each) and the readers' ``start``: no skipped sample is decoded."""
-        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
-        buffer = max(1, -(-self.shuffle_buffer // len(self.weights)))
+        calls each) and the readers' ``start``: no skipped sample is decoded. ``resume``: the
+        ``reader_state`` of the last batch this worker gave the run (``TrainBatch.reader_state``), so
+        that samples skipped before ``start`` move the readers on as they did in the run."""
         a = self.accumulate
         # length_order builds a worker's micro-batches of one optimizer step together: a start inside
         # one reads that worker's earlier micro-batches of it again (and yields from ``start`` on)
         read_from = start - start % a if self.length_order != "none" else start
-        if self.epoch_steps > 0:
-            first = epoch * self.epoch_steps
-            mine = range(first + worker, first + self.epoch_steps, num_workers)
-            skipped = np.array([s for s in mine if s < read_from], dtype=np.int64)
-            steps = iter([s for s in mine if s >= read_from])
-        else:
-            first = max(0, -(-(read_from - worker) // num_workers))
-            skipped = worker + num_workers * np.arange(first, dtype=np.int64)
-            steps = _count(worker + first * num_workers, num_workers)
-        drawn = self.plan.drawn_before(skipped)  # examples each source gave the skipped steps
-        step = next(steps, None)
-        readers = {
-            name: SourceReader(self.shard_set, name, slot, slots,
-                               f"{self.seed}-read-{epoch}-{self.rank}-{worker}-{name}", buffer, self.skip,
-                               drawn.get(name, 0))
-            for name in self.weights
-        }
+        skipped, steps = self._steps(worker, num_workers, epoch, read_from)
+        readers = self._readers(worker, num_workers, epoch, self.plan.drawn_before(skipped),
+                                _skipped_before(resume, epoch, read_from))
+        state = {"epoch": epoch, "worker": worker}
+
+        def draw(step):
+            return [readers[name].next() for name in self.step_sources(step)]
+
         if self.length_order == "none":
-            while step is not None:
-                yield [readers[name].next() for name in self.step_sources(step)]
-                step = next(steps, None)
+            for step in steps:
+                before = {n: r.skipped for n, r in readers.items()}
+                examples = draw(step)
+                self.reader_state = {**state, "first_step": step, "before": before,
+                                     "after": {n: r.skipped for n, r in readers.items()}}
+                yield examples
             return
         group: list[tuple[int, list[Example]]] = []  # this worker's steps of one optimizer step
-        for nxt in itertools.chain([step], steps, [None]):
+        for nxt in itertools.chain(steps, [None]):
             if group and (nxt is None or nxt // a != group[0][0] // a):
                 arranged = arrange_by_length([b for _, b in group], self.length_order)
+                self.reader_state = {**state, "first_step": group[0][0], "before": before,
+                                     "after": {n: r.skipped for n, r in readers.items()}}
                 yield from (b for (s, _), b in zip(group, arranged) if s >= start)
                 group = []
             if nxt is not None:
-                group.append((nxt, [readers[name].next() for name in self.step_sources(nxt)]))
+                if not group:
+                    before = {n: r.skipped for n, r in readers.items()}
+                group.append((nxt, draw(nxt)))
+
+    def _steps(self, worker: int, num_workers: int, epoch: int, read_from: int):
+        """(the steps of this worker before ``read_from``, as an array; an iterator of its steps from there)."""
+        if self.epoch_steps > 0:
+            first = epoch * self.epoch_steps
+            mine = range(first + worker, first + self.epoch_steps, num_workers)
+            return (np.array([s for s in mine if s < read_from], dtype=np.int64),
+                    iter([s for s in mine if s >= read_from]))
+        first = max(0, -(-(read_from - worker) // num_workers))
+        return worker + num_workers * np.arange(first, dtype=np.int64), _count(worker + first * num_workers, num_workers)
+
+    def _readers(self, worker: int, num_workers: int, epoch: int, drawn: dict, skipped: dict) -> dict:
+        """A ``SourceReader`` per source for this (rank, worker), at the examples ``drawn`` before and the
+        samples ``skipped`` before them."""
+        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
+        buffer = max(1, -(-self.shuffle_buffer // len(self.weights)))
+        return {
+            name: SourceReader(self.shard_set, name, slot, slots,
+                               f"{self.seed}-read-{epoch}-{self.rank}-{worker}-{name}", buffer, self.skip,
+                               drawn.get(name, 0), processor=getattr(self.collate, "processor", None),
+                               skipped=skipped.get(name, 0))
+            for name in self.weights
+        }
 
     def __iter__(self):
         info = get_worker_info()
@@ -167,8 +211,27 @@ class ShardStream(IterableDataset):
             start = self.start_step
             self.epoch = start // self.epoch_steps - 1 if self.epoch_steps > 0 else -1
         self.epoch += 1
-        for examples in self.batches(worker, num_workers, self.epoch, start):
-            yield self.collate(examples)
+        if start and num_workers > 1:
+            # the loader takes batches from its workers in turn, worker 0 first: the worker that built
+            # step ``start`` in the uninterrupted run (with its reader) must be asked first; ``worker`` is
+            # that role from here on (its readers, its steps, its ``reader_state``)
+            first = self.epoch * self.epoch_steps if self.epoch_steps > 0 else 0
+            worker = (worker + start - first) % num_workers
+        resume = self.resume_states.get(worker) if start else None
+        for examples in self.batches(worker, num_workers, self.epoch, start, resume):
+            batch = self.collate(examples)
+            if isinstance(batch, TrainBatch):
+                batch.skipped, batch.reader_state = self.take_skipped(), self.reader_state
+            yield batch
+
+
+def _skipped_before(resume: dict | None, epoch: int, read_from: int) -> dict:
+    """The samples each source's reader of this worker had skipped when it reached step ``read_from``,
+    from the ``reader_state`` of the last batch the worker gave the run: its skips before that batch (or
+    group) when the resume reads it again, else after it; none when it was another epoch's."""
+    if not resume or resume.get("epoch") != epoch:
+        return {}
+    return resume["before"] if resume["first_step"] >= read_from else resume["after"]
 
 
 def _count(first: int = 0, stride: int = 1):

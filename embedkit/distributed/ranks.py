@@ -95,6 +95,14 @@ def max_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed elementwise over all ranks (in place; ``t`` itself without a group).
+    Under NCCL ``t`` must be on the rank's device."""
+    if process_group_up():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_max(value: int, device) -> int:
     """The largest ``value`` over all ranks (the value itself when not distributed)."""
     if not process_group_up():

@@ -41,6 +41,7 @@ from embedkit.distributed.ranks import rank_and_world, shard_bounds  # noqa: F40
 from embedkit.errors import UserError
 from embedkit.eval import retrieval
 from embedkit.eval.muvera import MuveraRetrieval, muvera_row_scores
+from embedkit.fault_points import fault_point
 from embedkit.files import write_atomic
 from embedkit.inference import LazyItems, encode_split
 
@@ -308,6 +309,7 @@ def evaluate(
         rows = load_dataset(root, name, max_rows)
         results[name] = evaluate_rows(rows, encode, root, normalize, encode_candidates,
                                       quantize=quantize, rescore_k=rescore_k, muvera=muvera)
+        fault_point("eval_dataset")
         if log:
             log(f"  {name}: P@1 {results[name]['acc']:.4f} ({results[name]['num_correct']}/{results[name]['num_pred']})")
             info = results[name]["details"].get("muvera")

@@ -30,7 +30,8 @@ import numpy as np
 from embedkit.data.schema import Item
 from embedkit.distributed.ranks import barrier, rank_and_world
 from embedkit.errors import UserError
-from embedkit.files import atomic_path, write_atomic
+from embedkit.fault_points import fault_point
+from embedkit.files import atomic_path, is_disk_full, write_atomic
 from embedkit.inference import LazyItems
 
 OUTPUTS = (".npy", ".parquet")
@@ -138,8 +139,7 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
         chunk = rows[start : start + part_size]
         emb = encoder.encode_items(RowItems(chunk, root, prefix), batch_size, dim=dim, batch_tokens=batch_tokens,
                                    num_workers=num_workers)
-        with atomic_path(part) as tmp, open(tmp, "wb") as f:
-            np.save(f, emb.numpy().astype(np.float32))
+        write_part(part, emb.numpy().astype(np.float32))
         encoded += len(chunk)
         rate = encoded / max(time.monotonic() - began, 1e-9)
         log(f"encode: {min(start + part_size, len(rows))}/{len(rows)} rows ({rate:.1f} rows/s)")
@@ -176,6 +176,19 @@ def open_parts(parts_dir: Path, key: str, rows: int) -> None:
         shutil.rmtree(parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(stamp, json.dumps({"key": key, "rows": rows}))
+
+
+def write_part(part: Path, emb: np.ndarray) -> None:
+    """One part, atomically; a full disk is one line (the parts before it stay: a re-run resumes)."""
+    try:
+        with atomic_path(part) as tmp, open(tmp, "wb") as f:
+            np.save(f, emb)
+            fault_point("encode_part")
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise UserError(f"disk full writing {part}; the parts written before it are kept; free space and run "
+                        "the same command again to resume") from None
 
 
 def quantized(emb: np.ndarray, mode: str, out: Path) -> np.ndarray:

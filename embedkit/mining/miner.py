@@ -44,6 +44,7 @@ from PIL import Image
 from embedkit.data.schema import Example, Item, content_key
 from embedkit.data.shards import ImageBytes, encode_example, iter_samples, write_shard
 from embedkit.distributed.ranks import barrier, rank_and_world
+from embedkit.fault_points import fault_point
 from embedkit.files import atomic_path, write_atomic
 from embedkit.inference import LazyItems, encode_split
 from embedkit.mining.judges.base import Judge, Pairs
@@ -235,6 +236,7 @@ class Miner:
         if rank_and_world()[0] == 0:
             with atomic_path(cache) as tmp, open(tmp, "wb") as f:
                 np.savez(f, q=q.numpy(), t=t.numpy())
+            fault_point("mine_cache")
         return q, t
 
     def encode_split(self, slots: list[Slot], what: str) -> torch.Tensor:
@@ -272,6 +274,7 @@ class Miner:
                              negative_scores=sc)
                 out.append(encode_example(ex, key))
             write_shard(self.out / rel, out)
+            fault_point("mine_shard")
             counts["examples"] = len(shard)
             write_atomic(self.state / f"{rel}.json", json.dumps(counts, sort_keys=True) + "\n")
             self.log(f"mine: wrote {rel}: {len(shard)} examples, {counts['kept']} negatives "

@@ -76,6 +76,13 @@ def mark_running(logger: EmbedkitMLFlowLogger) -> None:
 
 
 @rank_zero_only
+def has_params(logger: EmbedkitMLFlowLogger) -> bool:
+    """Whether the run already holds its params (a restarted run may have logged them before it was
+    killed); None on the other ranks (which log nothing)."""
+    return bool(logger.experiment.get_run(logger.run_id).data.params)
+
+
+@rank_zero_only
 def mark_ended(logger: EmbedkitMLFlowLogger, status: str) -> None:
     """The true end status (Lightning marks every fit that returns FINISHED): KILLED for a stop on a
     signal, FAILED for a run the non-finite guard stopped."""

@@ -13,7 +13,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from embedkit.distributed.ranks import all_max
-from embedkit.files import link_atomic, move_into_place, temp_path
+from embedkit.errors import UserError
+from embedkit.fault_points import fault_point
+from embedkit.files import is_disk_full, link_atomic, move_into_place, temp_path
 from embedkit.runs import RunDir
 
 
@@ -63,7 +65,10 @@ class AtomicLastCheckpoint(L.Callback):
     copy where links are refused); only the newest ``keep`` step files are kept.
 
     A checkpoint is never written with non-finite weights, and never while the module reports a
-    diverged run (``pl_module.diverged_at``): the last good one stays the newest.
+    diverged run (``pl_module.diverged_at``): the last good one stays the newest. A full disk stops the
+    run with one line (``UserError``) naming the intact previous checkpoint; the temporaries are removed,
+    as are stale ones a killed write left (at the start of training). It hosts the fit's fault points
+    (``embedkit/fault_points.py``): ``checkpoint_write``, ``train_batch``, ``validation_batch``.
     """
 
     def __init__(self, run: RunDir, every: int | None, keep: int = 3):
@@ -72,6 +77,7 @@ class AtomicLastCheckpoint(L.Callback):
         self.keep = max(1, keep)
         self.saved_step: int | None = None
         self.last_good: Path | None = None
+        self._after_validation: int | None = None  # a step whose checkpoint waits for its validation
 
     def save(self, trainer, pl_module=None) -> Path | None:
         step = trainer.global_step
@@ -81,26 +87,84 @@ class AtomicLastCheckpoint(L.Callback):
         if getattr(module, "diverged_at", None) is not None or not all_finite(module):
             return None
         path = self.run.step_checkpoint(step)
-        # weights_only=False: a full, resumable checkpoint (optimizer, loops), said explicitly
-        # every rank calls it (sharded strategies gather); the global zero writes the file
-        trainer.save_checkpoint(str(temp_path(path)), weights_only=False)
-        trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            link_atomic(move_into_place(path), self.run.last_checkpoint)
-            for old in self.run.step_checkpoints()[:-self.keep]:
-                old.unlink(missing_ok=True)
-        trainer.strategy.barrier()
+        failed = self._write(trainer, path) is not None
+        if trainer.world_size > 1:  # one answer: every rank stops when the global zero's write failed
+            failed = bool(all_max(int(failed), module.device))
+        if failed:
+            raise UserError(self._disk_full_line(path))
         self.saved_step, self.last_good = step, path
         return path
 
+    def _write(self, trainer, path: Path) -> OSError | None:
+        """Every rank calls it (sharded strategies gather); the global zero writes ``path`` under its
+        temporary name, renames it, links the last checkpoint to it and prunes old step files. A full
+        disk: the temporaries are removed (the previous checkpoints stand) and its error returned."""
+        failure = None
+        try:
+            # weights_only=False: a full, resumable checkpoint (optimizer, loops), said explicitly
+            trainer.save_checkpoint(str(temp_path(path)), weights_only=False)
+            fault_point("checkpoint_write")
+        except OSError as exc:
+            failure = self._cleaned_up(exc, path)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero and failure is None:
+            try:
+                link_atomic(move_into_place(path), self.run.last_checkpoint)
+            except OSError as exc:
+                failure = self._cleaned_up(exc, path)
+            for old in self.run.step_checkpoints()[:-self.keep]:
+                old.unlink(missing_ok=True)
+        trainer.strategy.barrier()
+        return failure
+
+    def _cleaned_up(self, exc: OSError, path: Path) -> OSError:
+        """A full disk's error, its temporaries removed; any other error raised as it is."""
+        if not is_disk_full(exc):
+            raise exc
+        for tmp in (temp_path(path), temp_path(self.run.last_checkpoint)):
+            tmp.unlink(missing_ok=True)
+        return exc
+
+    def _disk_full_line(self, path: Path) -> str:
+        previous = [p for p in self.run.step_checkpoints() if p != path]
+        kept = (f"the previous checkpoint {previous[-1]} is intact; free space and resume with: "
+                f"embedkit fit resume={self.run.path}" if previous
+                else "no checkpoint was written before it; free space and run again")
+        return f"disk full writing {path}; {kept}"
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero:  # a write killed between its temporary and the rename (the run dir is locked)
+            for stale in self.run.checkpoints_dir.glob(f"{temp_path('*').name}"):
+                stale.unlink(missing_ok=True)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        fault_point("validation_batch")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        fault_point("train_batch")
         step = trainer.global_step
         if (self.every and step and step % self.every == 0 and step != trainer.max_steps
                 and pl_module.at_step_boundary()):
+            if validation_follows(trainer):  # written once it has run: a kill inside it resumes before it
+                self._after_validation = step
+            else:
+                self.save(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self._after_validation == trainer.global_step and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._after_validation = None
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
         self.save(trainer, pl_module)
+
+
+def validation_follows(trainer) -> bool:
+    """Whether Lightning validates after this training batch: every ``val_check_batch`` batches (``Fit``
+    sets ``check_val_every_n_epoch=None``), Lightning's own test."""
+    every = trainer.val_check_batch
+    return (bool(trainer.enable_validation) and every not in (None, float("inf"))
+            and (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % int(every) == 0)
 
 
 def all_finite(module) -> bool:
@@ -118,6 +182,16 @@ def exit_code_for(signum: int) -> int:
     return 128 + int(signum)
 
 
+def signal_process_group(name: str) -> None:
+    """Send signal ``name`` to this process's whole process group from a helper process (the sender
+    is then neither this process nor any worker's parent, as with a scheduler's signal)."""
+    import subprocess
+    import sys
+
+    code = f"import os, signal; os.killpg({os.getpgid(0)}, signal.{name})"
+    subprocess.run([sys.executable, "-c", code], stderr=subprocess.DEVNULL, check=False)
+
+
 class CleanStop(L.Callback):
     """SIGTERM, SIGINT (and ``extra`` signals, e.g. SIGUSR1 for SLURM's ``--signal``) finish the
     current optimizer step, write a checkpoint and stop the run; a second SIGINT aborts at once.
@@ -130,6 +204,11 @@ class CleanStop(L.Callback):
     Test support: ``EMBEDKIT_TEST_SIGNAL_AFTER_BATCH=N`` makes global rank 0 send itself SIGTERM
     after its N-th training batch (micro-batch; inside an accumulation cycle when N is not a
     multiple of ``train.accumulate_steps``), so tests drive the real signal path deterministically.
+    ``EMBEDKIT_TEST_SIGNAL_GROUP_AFTER_BATCH=N`` (or ``N:SIGINT``) signals the whole process group
+    instead, DataLoader workers (and launched ranks) included, from a short-lived helper process, as
+    ``kill -TERM -- -PGID``, ``timeout`` or SLURM do. ``EMBEDKIT_TEST_KILL_RANK_AFTER_BATCH=R:N``
+    makes global rank R SIGKILL itself after its N-th batch (a rank that dies; ``R:N:SIGSTOP``: one
+    that hangs).
     """
 
     def __init__(self, checkpoints: AtomicLastCheckpoint, extra: list[str] | None = None, print_fn=print):
@@ -143,6 +222,11 @@ class CleanStop(L.Callback):
         self._batches = 0
         test_at = os.environ.get("EMBEDKIT_TEST_SIGNAL_AFTER_BATCH")
         self._test_at = int(test_at) if test_at else None
+        at, _, name = os.environ.get("EMBEDKIT_TEST_SIGNAL_GROUP_AFTER_BATCH", "").partition(":")
+        self._test_group = (int(at), name or "SIGTERM") if at else None
+        rank, _, at = os.environ.get("EMBEDKIT_TEST_KILL_RANK_AFTER_BATCH", "").partition(":")
+        at, _, self._test_kill_with = at.partition(":")
+        self._test_kill = (int(rank), int(at)) if at else None
 
     def signals(self) -> list[int]:
         import signal
@@ -170,11 +254,8 @@ class CleanStop(L.Callback):
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        import signal
-
         self._batches += 1
-        if self._test_at is not None and self._batches == self._test_at and trainer.is_global_zero:
-            os.kill(os.getpid(), signal.SIGTERM)
+        self._test_signals(trainer)
         if not pl_module.at_step_boundary():
             return  # finish the accumulation cycle: a stop lands on an optimizer step
         flag = self.received or 0
@@ -185,6 +266,21 @@ class CleanStop(L.Callback):
             self.stopped_at = trainer.global_step
             self.checkpoints.save(trainer, pl_module)
             trainer.should_stop = True
+
+    def _test_signals(self, trainer) -> None:
+        """The test hooks (the class docstring): signals sent after this rank's N-th batch."""
+        import signal
+
+        if self._test_at is not None and self._batches == self._test_at and trainer.is_global_zero:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self._test_group is not None and self._batches == self._test_group[0] and trainer.is_global_zero:
+            signal_process_group(self._test_group[1])
+        if self._test_kill == (trainer.global_rank, self._batches):
+            import sys
+
+            name = self._test_kill_with or "SIGKILL"
+            print(f"test: rank {trainer.global_rank} sends itself {name}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), getattr(signal, name))
 
     def teardown(self, trainer, pl_module, stage):
         import signal

@@ -21,6 +21,7 @@ from embedkit.encoder import Encoder
 from embedkit.losses.base import CandidateMask, Loss, LossOutput, accepts_mask
 from embedkit.losses.similarity import similarity_for
 from embedkit.training import grad_sync, gradcache
+from embedkit.training.data_skips import SkipCounts
 from embedkit.training.optim import build_optimizer, build_scheduler
 
 
@@ -84,6 +85,7 @@ class EmbeddingModule(L.LightningModule):
         self._cycle_finite: torch.Tensor | None = None
         self.nonfinite = ""  # what the last skipped step found non-finite (for the stop message)
         self._pending_rng: dict | None = None  # restored at the first batch after a resume
+        self.data_skips = SkipCounts()  # training samples skipped by the stream, by reason (data_skips.py)
         self.automatic_optimization = False
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -227,6 +229,11 @@ class EmbeddingModule(L.LightningModule):
             self.log("train/pad_fraction", torch.tensor(batch.pad_fraction), batch_size=B)
         for name, value in out.parts.items():
             self.log(f"train/loss/{name}", value, batch_size=B, sync_dist=True)
+        if self._trainer is not None and self.trainer._logger_connector.should_update_logs:
+            totals = self.data_skips.totals(self.device)  # the ranks' sum, at the logging interval only
+            for reason, n in totals.items():
+                self.log(f"data/skipped/{reason}", torch.tensor(float(n)), batch_size=B)
+            self.data_skips.report(totals)
 
     def _grads_finite(self) -> torch.Tensor:
         """Device bool: every gradient finite. GradScaler's own check (one multi-tensor kernel per device
@@ -274,7 +281,15 @@ class EmbeddingModule(L.LightningModule):
     def on_train_start(self):
         self.micro = self.trainer.global_step * self.accumulate
 
+    def on_train_end(self):
+        totals = self.data_skips.totals(self.device)
+        self.data_skips.report(totals, final=True)
+        if self.logger is not None:  # the final counts, whatever the logging interval (rank 0 writes)
+            self.logger.log_metrics({f"data/skipped/{r}": float(n) for r, n in totals.items()},
+                                    step=self.trainer.global_step)
+
     def on_train_batch_start(self, batch, batch_idx):
+        self.data_skips.add(getattr(batch, "skipped", None) or {})
         # before the DDP wrapper's forward: the reducer stays out of every backward of the step
         grad_sync.keep_reducer_out(self.trainer.strategy)
         if self._pending_rng is not None:  # after the dataloader and anything else drew at startup
@@ -289,7 +304,8 @@ class EmbeddingModule(L.LightningModule):
         else:
             gathered = [states]
         checkpoint["embedkit"] = {"rng": gathered, "skipped_steps": self.skipped_steps,
-                                  "consecutive_skips": self.consecutive_skips}
+                                  "consecutive_skips": self.consecutive_skips,
+                                  "data_skipped": self.data_skips.state(self.device)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("embedkit")
@@ -297,6 +313,7 @@ class EmbeddingModule(L.LightningModule):
             return
         self.skipped_steps = saved["skipped_steps"]
         self.consecutive_skips = saved["consecutive_skips"]
+        self.data_skips.load(saved.get("data_skipped"))
         rank = rank_and_world()[0]
         if rank < len(saved["rng"]):
             self._pending_rng = saved["rng"][rank]

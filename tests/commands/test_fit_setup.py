@@ -110,17 +110,37 @@ def test_resume_and_auto_resume_fall_back_past_a_cut_checkpoint_with_one_warning
     for var in fit.RANK_ENVS:
         monkeypatch.delenv(var, raising=False)
     run = _saved_run(tmp_path)
-    _, _, ckpt = fit.compose_run([f"resume={run.path}"])
+    _, _, ckpt, _ = fit.compose_run([f"resume={run.path}"])
     assert ckpt == run.step_checkpoint(20)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unreadable checkpoint" in err[0] and str(run.last_checkpoint) in err[0]
-    _, _, ckpt = fit.compose_run(["recipe=demo", f"run.dir={run.path}", "run.resume=auto",
+    _, _, ckpt, _ = fit.compose_run(["recipe=demo", f"run.dir={run.path}", "run.resume=auto",
                                   f"data.demo.cache_dir={tmp_path / 'cache'}", "data.demo.train_size=16",
                                   "data.demo.val_size=4"])
     assert ckpt == run.step_checkpoint(20) and len(capsys.readouterr().err.strip().splitlines()) == 1
     monkeypatch.setenv("LOCAL_RANK", "1")  # a rank the launcher started: the same choice, said once by rank 0
     assert fit.compose_run([f"resume={run.path}"])[2] == run.step_checkpoint(20)
     assert capsys.readouterr().err == ""
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_continued_from_step_0(tmp_path, capsys, monkeypatch):
+    """resume= (and run.resume=auto) on a run dir with its config and no checkpoint: the saved config, no
+    checkpoint, the run continued (its MLflow run), one warning; a fresh fit on another dir is not continued."""
+    from embedkit.config.loader import to_yaml
+
+    for var in fit.RANK_ENVS:
+        monkeypatch.delenv(var, raising=False)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config(to_yaml(_demo(tmp_path)))
+    cfg, _, ckpt, continuing = fit.compose_run([f"resume={run.path}", "trainer.max_steps=7"])
+    assert ckpt is None and continuing and cfg["run"]["dir"] == str(run.path) and cfg["trainer"]["max_steps"] == 7
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stopped before its first checkpoint" in err[0] and str(run.path) in err[0]
+    demo = ["recipe=demo", f"data.demo.cache_dir={tmp_path / 'cache'}", "data.demo.train_size=16",
+            "data.demo.val_size=4"]
+    assert fit.compose_run([*demo, f"run.dir={run.path}", "run.resume=auto"])[2:] == (None, True)
+    assert fit.compose_run([*demo, f"run.dir={tmp_path / 'other'}", "run.resume=auto"])[2:] == (None, False)
 
 
 def test_resume_with_no_readable_checkpoint_is_one_line(tmp_path):

@@ -49,6 +49,27 @@ def test_start_step_applies_to_the_first_iteration_only(shards):
     assert first == e0[4:] and second == e1
 
 
+@pytest.mark.parametrize("start,epoch_steps", [(7, 0), (5, 7), (10, 7)])
+def test_a_resumed_loader_with_two_workers_yields_the_uninterrupted_batches_in_order(shards, start, epoch_steps):
+    """The loader asks its workers in turn, worker 0 first: after an odd start the worker that built
+    step ``start`` must answer first (else steps come swapped: start+1, start, ...)."""
+    from torch.utils.data import DataLoader
+
+    def loader(**kw):
+        return DataLoader(make(shards, world=1, task_batch_size=4, epoch_steps=epoch_steps, **kw), batch_size=None,
+                          num_workers=2, persistent_workers=True)
+
+    whole, resumed = loader(), loader(start_step=start)
+    if epoch_steps:  # the resumed epoch's rest, then the next epoch whole
+        flat = [b for _ in range(3) for b in texts(iter(whole))]
+        expected = flat[start:(start // epoch_steps + 2) * epoch_steps]
+        got = texts(iter(resumed)) + texts(iter(resumed))
+    else:
+        expected = texts(itertools.islice(iter(whole), 12))[start:]
+        got = texts(itertools.islice(iter(resumed), len(expected)))
+    assert got == expected
+
+
 def _first_batch_seconds(shards, starts: tuple[int, ...], repeats: int = 5) -> list[float]:
     """Best time to the first batch at each start step; the starts are measured interleaved, so a
     busy machine (another test worker, another process) slows all of them alike."""

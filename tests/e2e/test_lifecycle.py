@@ -34,7 +34,8 @@ def _losses(client, run) -> dict[int, float]:
 
 def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path):
     steps, stop_after = 60, 23
-    common = FAST + [f"trainer.max_steps={steps}", "trainer.checkpoint_every=10", "trainer.log_every_n_steps=3"]
+    common = FAST + [f"trainer.max_steps={steps}", "trainer.checkpoint_every=10", "trainer.log_every_n_steps=3",
+                     "data.train.num_workers=2"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     r = run_cli(["fit", *common, f"run.dir={whole}", f"tracking.uri=sqlite:///{tmp_path / 'whole.db'}"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -64,6 +65,32 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert {s: resumed[s] for s in after} == after
     # before the stop too (the stopped run may add a point at its last step, on stopping)
     assert {s: resumed[s] for s in expected} == expected
+
+    # SIGTERM to the whole process group (as `kill -TERM -- -PGID`, `timeout` and SLURM send it), the
+    # two DataLoader workers included: they ignore it and the main process stops exactly as above
+    group, group_at = tmp_path / "group", 17
+    r = _in_own_session(["fit", *common, f"run.dir={group}",
+                         f"tracking.uri=sqlite:///{tmp_path / 'group.db'}"], tmp_path,
+                        EMBEDKIT_TEST_SIGNAL_GROUP_AFTER_BATCH=str(group_at))
+    assert r.returncode == 143, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "DataLoader worker" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"stopped at step {group_at}; resume with: embedkit fit resume={group}" in r.stdout
+    assert f"step-{group_at:08d}.ckpt" in {p.name for p in (group / "checkpoints").iterdir()}
+    r = run_cli(["fit", f"resume={group}", "trainer.progress=none"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = _weights(group)
+    assert max((a[k].float() - c[k].float()).abs().max().item() for k in a) <= 1e-6
+
+
+def _in_own_session(args, cwd, **env):
+    """``run_cli`` with the CLI leading a process group of its own (the group a signal is sent to)."""
+    import subprocess
+    import sys
+
+    from tests.helpers.cli import cli_env
+
+    return subprocess.run([sys.executable, "-m", "embedkit", *args], cwd=cwd, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=600, start_new_session=True)
 
 
 def test_resume_refuses_an_override_that_changes_the_math(tmp_path, capsys):

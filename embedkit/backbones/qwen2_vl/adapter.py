@@ -24,6 +24,7 @@ from embedkit.backbones.base import (
     BackboneOutput,
     ChunkProcessor,
     one_source,
+    refusal_by_length,
     seeded,
     set_attention,
     torch_dtype,
@@ -48,7 +49,7 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.merge_size = merge_size
-        self.max_length = max_length
+        self.max_length = self.max_tokens = max_length
         self.end = tokenizer.eos_token if append_eos else ""
         self.resize = tuple(resize) if resize else None  # (width, height)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
@@ -86,6 +87,10 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
         if images and self.host_positions:
             out.update(host_inputs(out, self.merge_size, self.image_token_id))
         return out
+
+    def refusal(self, item: Item) -> str | None:
+        """An image the image processor refuses (an aspect ratio of 200 or more), an item over ``max_length``."""
+        return refusal_by_length(self, item)
 
     def num_tokens(self, item: Item) -> int:
         """The processed length by arithmetic: text tokens, image tokens from the image size, EOS."""

@@ -74,6 +74,15 @@ def random_minilm(out: Path) -> Path:
     return out
 
 
+def model_folder(spec: str) -> tuple[Path, str]:
+    """(the sentence-transformers folder ``--model`` names, its label); ``random``: a random BERT of
+    MiniLM-L6's shape, built in a temporary folder and labelled as the stand-in it is."""
+    if spec == "random":
+        return random_minilm(Path(tempfile.mkdtemp()) / "random-minilm"), \
+            "RANDOM BERT of MiniLM-L6 shape (stand-in, not real weights)"
+    return Path(spec), str(spec)
+
+
 def trimmed_pad_fraction(features: list[dict], chunk: int) -> float:
     """Padding share of CachedMNRL's mini-batches: rows of ``chunk``, trailing all-pad columns trimmed."""
     slots = real = 0
@@ -119,12 +128,7 @@ def main() -> int:
     from embedkit.training.module import EmbeddingModule
 
     torch.set_num_threads(ns.threads)
-    if ns.model == "random":
-        model_dir = random_minilm(Path(tempfile.mkdtemp()) / "random-minilm")
-        label = "RANDOM BERT of MiniLM-L6 shape (stand-in, not real weights)"
-    else:
-        model_dir = Path(ns.model)
-        label = str(model_dir)
+    model_dir, label = model_folder(ns.model)
 
     cfg = schema.validate({
         "seed": 0,

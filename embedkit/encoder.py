@@ -35,6 +35,7 @@ from torch import nn
 from embedkit.backbones.base import Backbone, ChunkProcessor
 from embedkit.data.schema import Item
 from embedkit.errors import UserError
+from embedkit.inference import Batching, encode_in_order
 
 #: the prefix of the encoder's weights in a training checkpoint's state_dict
 CHECKPOINT_PREFIX = "encoder."
@@ -203,6 +204,10 @@ class Encoder(nn.Module):
         batch_size: int = 32,
         dim: int | None = None,
         layer: int | None = None,
+        *,
+        batch_tokens: int = 0,
+        sort: bool = True,
+        num_workers: int = 0,
     ) -> torch.Tensor:
         """Texts and/or images (PIL) -> embeddings [N, D] on the CPU, float32, no grad.
 
@@ -211,10 +216,12 @@ class Encoder(nn.Module):
         string) is prepended to every text, as sentence-transformers' prompts are. ``dim`` keeps the
         first ``dim`` coordinates (Matryoshka), re-normalised when the encoder normalises. ``layer``
         runs the model to that depth only, 1..L (2D Matryoshka / Starbucks: the pooling head on the
-        output of layer ``layer``; L, or None, is the full model).
+        output of layer ``layer``; L, or None, is the full model). ``batch_tokens``, ``sort``,
+        ``num_workers``: how the inference engine batches (``encode_items``).
         """
         items = make_items(texts, images, self.provenance.prompts.get(instruction, instruction) if instruction else None)
-        return self.encode_items(items, batch_size, layer=layer, dim=dim)
+        return self.encode_items(items, batch_size, layer=layer, dim=dim, batch_tokens=batch_tokens, sort=sort,
+                                 num_workers=num_workers)
 
     def truncate(self, emb: torch.Tensor, dim: int | None) -> torch.Tensor:
         if dim is None or dim == emb.shape[-1]:
@@ -226,24 +233,21 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def encode_items(self, items: Sequence[Item], batch_size: int = 32, layer: int | None = None,
-                     dim: int | None = None) -> torch.Tensor:
-        """Raw ``Item``s -> embeddings [N, D] on the CPU, ``batch_size`` items per forward pass
-        (``layer``, ``dim``: the model cut to that depth and size, as ``encode``)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+                     dim: int | None = None, *, batch_tokens: int = 0, sort: bool = True, num_workers: int = 0,
+                     progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Raw ``Item``s (a list, or ``inference.LazyItems`` made on demand) -> embeddings [N, D] on the
+        CPU, in input order, through the inference engine (``embedkit/inference.py``): ordered by exact
+        token cost (``sort``), at most ``batch_size`` items and ``batch_tokens`` padded tokens (0: no
+        budget) per forward pass, processed in ``num_workers`` loader workers; ``progress(done, total)``
+        after each pass. ``layer``, ``dim``: the model cut to that depth and size, as ``encode``."""
+        batching = Batching(batch_size, batch_tokens, sort, num_workers)
         self.check_depth(layer, dim)
-        depth = self.backbone.num_layers
-        if layer is None or layer == depth:
-            forward = self
+        if layer is None or layer == self.backbone.num_layers:
+            forward = lambda x: self.truncate(self(x), dim)  # noqa: E731
         else:
-            forward = lambda x: self.truncate(self.layer_embeddings(x, depth=layer), self.dim)  # noqa: E731
-        process, device = self.processor(), self.device
-        parts = []
-        for start in range(0, len(items), batch_size):
-            inputs = process(list(items[start : start + batch_size]))
-            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-            parts.append(self.truncate(forward(inputs), dim).cpu())
-        return torch.cat(parts) if parts else torch.empty(0, dim or self.embedding_dim)
+            forward = lambda x: self.truncate(self.truncate(self.layer_embeddings(x, depth=layer), self.dim), dim)  # noqa: E731
+        emb, _ = encode_in_order(items, forward, self.processor(), batching, self.device, progress)
+        return emb if emb is not None else torch.empty(0, dim or self.embedding_dim)
 
 
 def head_dim(backbone: Backbone, pooling: nn.Module) -> int:

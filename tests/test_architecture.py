@@ -16,7 +16,7 @@ LAYERS = [
     {"errors", "files", "console", "version", "runs", "fault_points"},
     {"config"},
     {"data", "backbones", "pooling", "losses"},
-    {"distributed", "encoder"},
+    {"distributed", "encoder", "inference"},
     {"training", "eval", "tracking", "export", "mining"},
     {"commands"},
     {"cli", "__main__", "__init__"},

@@ -42,7 +42,6 @@ is the one a single process gives.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -66,6 +65,10 @@ class EvalOptions:
                                 metavar="D")
     trust_checkpoint: bool = option(False, "read a checkpoint you trust with the full unpickler (it may run code "
                                            "from the file); default: weights and embedkit's own states only")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = option(None, "run the model in this dtype; "
+                                                                        "null: as stored")
+    num_workers: int = option(0, "loader processes that tokenise and decode images ahead of the model; "
+                                 "0: in this process", minimum=0)
     overrides: list[str] = config_words()
 
     def __post_init__(self):
@@ -81,15 +84,9 @@ VERB = Verb("eval", "MMEB evaluation: ckpt=PATH | model=DIR | model.backbone.pat
 
 def init_distributed() -> int:
     """Join the process group torchrun describes (if any); this process's rank."""
-    import torch
+    from embedkit.distributed.ranks import join_launched_group, rank_and_world
 
-    from embedkit.distributed.ranks import rank_and_world
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    join_launched_group()
     return rank_and_world()[0]
 
 
@@ -108,7 +105,7 @@ def main(args: list[str]) -> int:
     from embedkit.export.reader import open_model
 
     run = MMEBRun(cfg["data"]["eval"], chunk_size=cfg["train"]["chunk_size"], quantize=opts.quantize,
-                  rescore_k=opts.rescore_k if opts.rescore else None)
+                  rescore_k=opts.rescore_k if opts.rescore else None, dtype=opts.dtype, num_workers=opts.num_workers)
     what = "ckpt" if opts.ckpt is not None else "model"
     kinds = ("checkpoint",) if what == "ckpt" else ("config",) if from_config else MODEL_KINDS
     rank = init_distributed()
@@ -130,8 +127,6 @@ MODEL_KINDS = ("checkpoint", "run", "export", "sentence_transformers")
 
 def close_distributed() -> None:
     """Wait for every rank, then leave the process group (if one was joined)."""
-    import torch
+    from embedkit.distributed.ranks import leave_group
 
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_group()

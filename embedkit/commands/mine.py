@@ -2,12 +2,15 @@
 
     embedkit mine model=RUN_DIR|EXPORT|CKPT shards=SRC out=DST num_negatives=K
                   [window=[30,100]] [threshold=0.95] [judge=embedding] [judge.PARAM=VALUE ...]
-                  [pick=top|random] [seed=0] [batch_size=32] [device=cpu|cuda] [plugins=[mod,...]]
+                  [pick=top|random] [seed=0] [batch_size=32] [num_workers=0] [device=cpu|cuda]
+                  [dtype=float32|bfloat16|float16] [plugins=[mod,...]]
 
 Each source folder of SRC (an MMEB subset) is encoded, its queries retrieve their top targets, the
 rank window is kept, duplicates of the positive and the judge's false negatives (score above
 ``threshold`` x the positive's) are dropped, and DST gets the same shards with K mined negatives and
-their scores per example, plus DST/manifest.json (provenance). Re-run after an interruption, it
+their scores per example, plus DST/manifest.json (provenance). Under ``torchrun --nproc_per_node N -m
+embedkit mine ...`` each subset is encoded once, split across the N processes, and its shards are
+written by the processes in turn; the bytes are those of one process. Re-run after an interruption, it
 resumes; with the same inputs, the bytes are the same. Train on it with
 ``embedkit fit data.train.shards=DST data.train.num_negatives=K``. See ``embedkit/mining/miner.py``.
 """
@@ -39,6 +42,10 @@ class MineOptions:
     seed: int = option(0, "the seed of pick=random", minimum=0)
     batch_size: int = option(32, "items per forward pass", minimum=1)
     device: Optional[str] = option(None, "cpu, cuda, cuda:1 ...; null: the CPU", metavar="DEVICE")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = option(None, "run the model in this dtype; "
+                                                                        "null: as stored")
+    num_workers: int = option(0, "loader processes that decode and process images ahead of the model; "
+                                 "0: in this process", minimum=0)
     plugins: list[str] = option([], "modules to import first (they register judges)", metavar="[MODULE,...]")
     trust_checkpoint: bool = option(False, "read a checkpoint you trust with the full unpickler (it may run code "
                                            "from the file); default: weights and embedkit's own states only")
@@ -88,20 +95,36 @@ def main(args: list[str]) -> int:
     opts = VERB.parse(args)
     src, root = sources(opts.shards, opts.out)
     judge = build_judge(opts.judge_block(), opts.plugins)
-    from embedkit.data.shard_set import write_manifest
+    from embedkit.distributed.ranks import join_launched_group, leave_group, rank_and_world, rank_logger
     from embedkit.export.reader import ENCODER_KINDS, open_model
-    from embedkit.mining import provenance
     from embedkit.mining.miner import Miner, MineSettings
 
-    log = lambda m: print(m, flush=True)  # noqa: E731
+    joined = join_launched_group()
+    log = rank_logger()
     log(f"mine: model {opts.model}")
     encoder, model = open_model(opts.model, kinds=ENCODER_KINDS, trust_checkpoint=opts.trust_checkpoint)
+    if opts.dtype:
+        from embedkit.backbones.base import torch_dtype
+
+        encoder.to(torch_dtype(opts.dtype))
     if opts.device:
         encoder.to(opts.device)
     settings = MineSettings(num_negatives=opts.num_negatives, window=tuple(opts.window),
                             threshold=opts.threshold, pick=opts.pick, seed=opts.seed,
-                            batch_size=opts.batch_size)
+                            batch_size=opts.batch_size, num_workers=opts.num_workers)
     stats = Miner(encoder, judge, src, opts.out, settings, log=log).run()
+    if rank_and_world()[0] == 0:
+        write_provenance(opts, src, root, model, judge, stats, log)
+    if joined:
+        leave_group()
+    return 0
+
+
+def write_provenance(opts: MineOptions, src: dict, root: Path, model, judge, stats: dict, log) -> None:
+    """DST's shard-set manifest with the mining provenance; the summary line."""
+    from embedkit.data.shard_set import write_manifest
+    from embedkit.mining import provenance
+
     mining = {
         "source": str(root.resolve()),
         "source_shards": {rel: provenance.file_sha256(s) for group in src.values() for s, rel in group},
@@ -118,4 +141,3 @@ def main(args: list[str]) -> int:
         f"kept of {m['considered']} in the window; dropped {m['dropped']['duplicate']} duplicates, "
         f"{m['dropped']['false_negative']} false negatives; {m['short']} examples short of "
         f"{opts.num_negatives}; manifest {written}")
-    return 0

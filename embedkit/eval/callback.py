@@ -26,8 +26,7 @@ class MMEBValidation(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         encoder = pl_module.encoder
         metrics = validation_metrics(lambda items: encoder.encode_items(items, self.chunk_size), self.root,
-                                     self.datasets, max_rows=self.max_rows, chunk_size=self.chunk_size,
-                                     prefix="val")
+                                     self.datasets, max_rows=self.max_rows, prefix="val")
         metrics["val/mmeb/p@1"] = metrics.pop("val/p@1")
         for name, value in metrics.items():  # logged: trainer.validate returns them beside val/p@1
             pl_module.log(name, value)

@@ -16,11 +16,14 @@ Image paths in the files are relative: each is looked up as ``<root>/images/<pat
 ``<root>/<path>``. An empty path means no image, an empty text means no text. Dataset names are
 those of ``data/mmeb/eval.yaml``.
 
-Nothing here knows about models: ``encode(items: list[Item]) -> Tensor[N, D]`` is any callable, so
-the protocol is tested with fake encoders. Under ``torch.distributed`` each rank encodes a
-contiguous share of the distinct items and the shares are gathered, so every rank ends with the
-same embeddings and the same scores as one process would (the encoder must not depend on what else
-is in the batch, which the pooling contract already demands).
+Nothing here knows about models: ``encode(items: Sequence[Item]) -> Tensor[N, D]`` is any callable, so
+the protocol is tested with fake encoders. It gets a rank's whole share of the distinct items at once,
+as ``KeyItems`` (made on demand: an image is decoded when it is read, its size read from the file's
+header for the costs), and batches it itself: a model's ``encode_items`` goes through the inference
+engine (``embedkit/inference.py``), which orders the share by token cost, so no corpus is held decoded.
+Under ``torch.distributed`` each rank encodes a contiguous share of the distinct items and the shares
+are gathered, so every rank ends with the same embeddings and the same scores as one process would
+(the encoder must not depend on what else is in the batch, which the pooling contract already demands).
 """
 
 from __future__ import annotations
@@ -34,15 +37,16 @@ import torch
 import yaml
 
 from embedkit.data.schema import Item
-from embedkit.distributed.ranks import rank_and_world
+from embedkit.distributed.ranks import rank_and_world, shard_bounds  # noqa: F401 (shard_bounds: its old home)
 from embedkit.errors import UserError
 from embedkit.eval import retrieval
 from embedkit.eval.muvera import MuveraRetrieval, muvera_row_scores
 from embedkit.fault_points import fault_point
 from embedkit.files import write_atomic
+from embedkit.inference import LazyItems, encode_split
 
-#: ``encode(items) -> Tensor[len(items), D]``: any callable that embeds a chunk of items
-EncodeFn = Callable[[list[Item]], torch.Tensor]
+#: ``encode(items) -> Tensor[len(items), D]``: any callable that embeds a sequence of items (it batches them)
+EncodeFn = Callable[[Sequence[Item]], torch.Tensor]
 
 COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 FILE_PATTERNS = ("test.parquet", "test-*.parquet", "test.jsonl")
@@ -170,34 +174,39 @@ def unique_keys(keys: Sequence[tuple[str, str]]) -> tuple[list[tuple[str, str]],
     return list(pos), index
 
 
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous share ``[start, stop)`` of ``n`` items for ``rank`` (sizes differ by at most 1)."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+class KeyItems(LazyItems):
+    """The entries ``keys`` (text, image path) of ``root`` as ``Item``s made on demand: ``self[i]`` opens
+    and decodes the image; ``sized(i)`` reads its size only (the engine's costs). Picklable."""
+
+    def __init__(self, root: Path, keys: Sequence[tuple[str, str]]):
+        self.root, self.keys = root, list(keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> Item:
+        return make_item(self.root, self.keys[i])
+
+    def sized(self, i: int) -> Item:
+        text, img = self.keys[i]
+        if not img:
+            return make_item(self.root, self.keys[i])
+        from PIL import Image
+
+        with Image.open(resolve_image(self.root, img)) as im:  # the header only; closed, never decoded
+            return Item(text=text or None, image=im)
 
 
-def encode_keys(
-    keys: Sequence[tuple[str, str]], encode: EncodeFn, root: Path, chunk_size: int = 16
-) -> torch.Tensor:
-    """Embeddings ``[len(keys), D]``: this rank encodes its share, ``chunk_size`` items per ``encode`` call
-    (one forward pass), then all shares are gathered."""
-    rank, world = rank_and_world()
-    start, stop = shard_bounds(len(keys), rank, world)
-    parts = []
-    with torch.no_grad():
-        for b in range(start, stop, chunk_size):
-            items = [make_item(root, k) for k in keys[b : min(b + chunk_size, stop)]]
-            emb = encode(items)
-            if emb.shape[0] != len(items):
-                raise RuntimeError(f"encode returned {emb.shape[0]} embeddings for {len(items)} items")
-            parts.append(emb.detach().float().cpu())
-    local = torch.cat(parts) if parts else None
-    if world == 1:
-        return local if local is not None else torch.empty(0, 0)
-    gathered: list = [None] * world
-    torch.distributed.all_gather_object(gathered, local)
-    return torch.cat([g for g in gathered if g is not None])
+def encode_keys(keys: Sequence[tuple[str, str]], encode: EncodeFn, root: Path) -> torch.Tensor:
+    """Embeddings ``[len(keys), D]``: this rank encodes its share (one ``encode`` call, ``KeyItems``),
+    then all shares are gathered (``inference.encode_split``)."""
+
+    def share(start: int, stop: int) -> torch.Tensor:
+        with torch.no_grad():
+            return encode(KeyItems(root, keys[start:stop])).detach().float().cpu()
+
+    out = encode_split(len(keys), share)
+    return out if out is not None else torch.empty(0, 0)
 
 
 # ---------------------------------------------------------------- one dataset, several datasets
@@ -207,7 +216,6 @@ def evaluate_rows(
     rows: Sequence[Row],
     encode: EncodeFn,
     root: str | Path,
-    chunk_size: int = 16,
     normalize: bool = True,
     encode_candidates: EncodeFn | None = None,
     quantize: Sequence[str] = (),
@@ -231,8 +239,8 @@ def evaluate_rows(
     for r in rows:
         c_index.append(flat_index[at : at + len(r.tgt_text)])
         at += len(r.tgt_text)
-    q_emb = encode_keys(queries, encode, root, chunk_size)
-    c_emb = encode_keys(cands, encode_candidates or encode, root, chunk_size)
+    q_emb = encode_keys(queries, encode, root)
+    c_emb = encode_keys(cands, encode_candidates or encode, root)
     if muvera is not None:
         scores, muvera_info = muvera_row_scores(q_emb, c_emb, q_index, c_index, muvera, normalize=normalize)
     else:
@@ -276,7 +284,6 @@ def evaluate(
     datasets: Sequence[str],
     encode: EncodeFn,
     *,
-    chunk_size: int = 16,
     normalize: bool = True,
     max_rows: int | None = None,
     out_dir: str | Path | None = None,
@@ -289,7 +296,7 @@ def evaluate(
 ) -> dict:
     """Evaluate ``datasets`` (all found under root when empty); write outputs on rank 0.
 
-    ``chunk_size``: items per ``encode`` call (one forward pass). Returns the summary:
+    ``encode`` embeds a rank's share of a dataset's distinct items at once and batches it. Returns the summary:
     ``{"datasets": {name: score dict}, "aggregate": {...}}``. Every rank must call this under
     torch.distributed (the encodings are gathered).
     """
@@ -300,7 +307,7 @@ def evaluate(
         if log:
             log(f"[{i + 1}/{len(names)}] {name}")
         rows = load_dataset(root, name, max_rows)
-        results[name] = evaluate_rows(rows, encode, root, chunk_size, normalize, encode_candidates,
+        results[name] = evaluate_rows(rows, encode, root, normalize, encode_candidates,
                                       quantize=quantize, rescore_k=rescore_k, muvera=muvera)
         fault_point("eval_dataset")
         if log:
@@ -324,7 +331,6 @@ def validation_metrics(
     root: str | Path,
     datasets: Sequence[str] = (),
     max_rows: int = 100,
-    chunk_size: int = 16,
     normalize: bool = True,
     prefix: str = "val",
 ) -> dict[str, float]:
@@ -334,7 +340,7 @@ def validation_metrics(
     encodes a share); every rank gets the same numbers. The metric names keep ``@``; the MLflow logger
     maps it (``tracking.store.stored_name``).
     """
-    summary = evaluate(root, datasets, encode, chunk_size=chunk_size, normalize=normalize, max_rows=max_rows)
+    summary = evaluate(root, datasets, encode, normalize=normalize, max_rows=max_rows)
     out = {f"{prefix}/{name}/p@1": r["acc"] for name, r in summary["datasets"].items()}
     out[f"{prefix}/p@1"] = summary["aggregate"]["overall"]
     return out

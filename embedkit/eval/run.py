@@ -81,9 +81,12 @@ def output_dir(provenance, tag: str | None, recipe: str) -> Path:
 
 class MMEBRun:
     """The ``data.eval`` section read and checked (datasets found, MUVERA settings) before any
-    model is built; ``evaluate`` scores a model with it. ``chunk_size``: items per forward pass."""
+    model is built; ``evaluate`` scores a model with it. ``chunk_size``: items per forward pass;
+    ``dtype``: the model cast to it (None: as stored); ``num_workers``: the inference engine's loader
+    processes (``embedkit/inference.py``)."""
 
-    def __init__(self, section: dict, *, chunk_size: int, quantize: list[str], rescore_k: int | None):
+    def __init__(self, section: dict, *, chunk_size: int, quantize: list[str], rescore_k: int | None,
+                 dtype: str | None = None, num_workers: int = 0):
         from embedkit.eval import mmeb
         from embedkit.eval.muvera import MuveraRetrieval
 
@@ -92,6 +95,7 @@ class MMEBRun:
         self.datasets = mmeb.resolve_datasets(self.root, section["datasets"], self.manifest)
         self.muvera = MuveraRetrieval.from_config(section["muvera"]) if section["retrieval"] == "muvera" else None
         self.chunk_size, self.quantize, self.rescore_k = chunk_size, quantize, rescore_k
+        self.dtype, self.engine = dtype, {"num_workers": num_workers} if num_workers else {}
 
     def check(self, model) -> None:
         """One-line errors for a scoring mode the model cannot take, before anything is encoded."""
@@ -113,11 +117,15 @@ class MMEBRun:
         tag = depth_tag(depth) if depth else None
         out_dir = Path(out) if out else output_dir(model.provenance, tag, recipe)
         self.check(model)
+        if self.dtype:
+            from embedkit.backbones.base import torch_dtype
+
+            model.to(torch_dtype(self.dtype))
         if torch.cuda.is_available():
             model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
         summary = mmeb.evaluate(
-            self.root, self.datasets, lambda items: model.encode_items(items, self.chunk_size),
-            chunk_size=self.chunk_size, normalize=model.normalize, manifest=self.manifest,
+            self.root, self.datasets, lambda items: model.encode_items(items, self.chunk_size, **self.engine),
+            normalize=model.normalize, manifest=self.manifest,
             log=log if rank == 0 else None, quantize=self.quantize, rescore_k=self.rescore_k, muvera=self.muvera,
         )
         if depth:

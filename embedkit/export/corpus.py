@@ -6,7 +6,13 @@ or ``path`` are read too). Output: ``.npy`` (float32 [N, D]) or ``.parquet`` (an
 column). Rows are encoded in parts of ``part_size`` rows, each written atomically into
 ``<out>.parts/`` as it completes; an interrupted run re-run with the same arguments skips the parts
 already there, and the final file is written atomically from the parts (identical to an
-uninterrupted run's), then the parts are removed.
+uninterrupted run's), then the parts are removed. Each part goes through the inference engine
+(``Encoder.encode_items``: cost-ordered within the part, ``batch_tokens``, ``num_workers``) as
+``RowItems``: the costs read each image's size from its header, and an image is decoded when its batch
+is processed (in the loader workers with ``num_workers``), so no part is held decoded.
+
+Under ``torchrun`` (a process group) the parts are dealt round-robin over the ranks, each encoded once;
+rank 0 writes the final file, in input order, when every rank is done (the same bytes as one process).
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ from typing import Callable
 
 import numpy as np
 
+from embedkit.data.schema import Item
+from embedkit.distributed.ranks import barrier, rank_and_world
 from embedkit.errors import UserError
 from embedkit.fault_points import fault_point
 from embedkit.files import atomic_path, is_disk_full, write_atomic
+from embedkit.inference import LazyItems
 
 OUTPUTS = (".npy", ".parquet")
 
@@ -48,6 +57,13 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def to_image(value, root: Path):
+    """The row's image decoded (RGB), or None."""
+    image = open_image(value, root)
+    return image.convert("RGB") if image is not None else None
+
+
+def open_image(value, root: Path):
+    """The row's image opened, not decoded (its size is known), or None; ``UserError`` when missing."""
     from PIL import Image
 
     if value is None:
@@ -55,11 +71,35 @@ def to_image(value, root: Path):
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value)).convert("RGB")
+        return Image.open(io.BytesIO(value))
     path = Path(value) if Path(value).is_absolute() else root / value
     if not path.is_file():
         raise UserError(f"input: image not found: {path}")
-    return Image.open(path).convert("RGB")
+    return Image.open(path)
+
+
+class RowItems(LazyItems):
+    """Rows as ``Item``s made on demand, ``prefix`` (an instruction) before every text: ``self[i]``
+    decodes the image; ``sized(i)`` only opens it (its size, for the engine's costs). Picklable."""
+
+    def __init__(self, rows: list[dict], root: Path, prefix: str | None = None):
+        self.rows, self.root, self.prefix = rows, root, prefix
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _item(self, i: int, image) -> Item:
+        text = self.rows[i].get("text")
+        return Item(text=self.prefix + (text or "") if self.prefix else text, image=image)
+
+    def __getitem__(self, i: int) -> Item:
+        return self._item(i, to_image(self.rows[i].get("image"), self.root))
+
+    def sized(self, i: int) -> Item:
+        image = open_image(self.rows[i].get("image"), self.root)
+        if image is not None:
+            image.close()  # the header is read: the size stays known, nothing is decoded
+        return self._item(i, image)
 
 
 def fingerprint(*parts) -> str:
@@ -68,7 +108,8 @@ def fingerprint(*parts) -> str:
 
 def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruction: str | None = None,
                 dim: int | None = None, part_size: int = 1024, model_id: str = "",
-                log: Callable[[str], None] = print, quantize: str | None = None) -> Path:
+                log: Callable[[str], None] = print, quantize: str | None = None, batch_tokens: int = 0,
+                num_workers: int = 0) -> Path:
     input_path, out = Path(input_path).expanduser(), Path(out_path).expanduser()
     if out.suffix not in OUTPUTS:
         raise UserError(f"out: {out} must end in {' or '.join(OUTPUTS)}")
@@ -80,31 +121,42 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
     stat = input_path.stat()
     key = fingerprint(input_path.resolve(), stat.st_size, stat.st_mtime_ns, model_id, instruction, dim, part_size)
     parts_dir = out.with_name(out.name + ".parts")
-    stamp = parts_dir / "run.json"
-    if parts_dir.is_dir() and (not stamp.is_file() or json.loads(stamp.read_text()).get("key") != key):
-        shutil.rmtree(parts_dir)  # parts of another input, model or setting: start over
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(stamp, json.dumps({"key": key, "rows": len(rows)}))
+    rank, world = rank_and_world()
+    if rank == 0:
+        open_parts(parts_dir, key, len(rows))
+    barrier()
     root = input_path.parent
     starts = range(0, len(rows), part_size)
     done = sum((parts_dir / f"part-{s:09d}.npy").is_file() for s in starts)
     if done:
         log(f"encode: resuming, {done} of {len(starts)} parts already written")
+    prefix = encoder.provenance.prompts.get(instruction, instruction) if instruction else None
     began, encoded = time.monotonic(), 0
-    for start in starts:
+    for index, start in enumerate(starts):
         part = parts_dir / f"part-{start:09d}.npy"
-        if part.is_file():
+        if part.is_file() or index % world != rank:  # written, or another rank's part
             continue
         chunk = rows[start : start + part_size]
-        emb = encoder.encode(texts=[r.get("text") for r in chunk], images=[to_image(r.get("image"), root) for r in chunk],
-                             instruction=instruction, batch_size=batch_size, dim=dim)
+        emb = encoder.encode_items(RowItems(chunk, root, prefix), batch_size, dim=dim, batch_tokens=batch_tokens,
+                                   num_workers=num_workers)
         write_part(part, emb.numpy().astype(np.float32))
         encoded += len(chunk)
         rate = encoded / max(time.monotonic() - began, 1e-9)
         log(f"encode: {min(start + part_size, len(rows))}/{len(rows)} rows ({rate:.1f} rows/s)")
+    barrier()  # every rank's parts written
+    if rank != 0:
+        return out
     emb = np.concatenate([np.load(parts_dir / f"part-{s:09d}.npy") for s in starts])
     if quantize:  # the parts stay float (resumable whatever the mode); the final file holds the codes
         emb = quantized(emb, quantize, out)
+    write_output(out, emb)
+    shutil.rmtree(parts_dir)
+    log(f"encode: wrote {out} ({emb.shape[0]} x {emb.shape[1]}{' ' + str(emb.dtype) if quantize else ''})")
+    return out
+
+
+def write_output(out: Path, emb: np.ndarray) -> None:
+    """``emb`` written atomically to ``out``: ``.npy``, or ``.parquet`` with an ``embedding`` list column."""
     with atomic_path(out) as tmp:
         if out.suffix == ".npy":
             with open(tmp, "wb") as f:
@@ -114,9 +166,16 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
             import pyarrow.parquet as pq
 
             pq.write_table(pa.table({"embedding": list(emb)}), tmp)
-    shutil.rmtree(parts_dir)
-    log(f"encode: wrote {out} ({emb.shape[0]} x {emb.shape[1]}{' ' + str(emb.dtype) if quantize else ''})")
-    return out
+
+
+def open_parts(parts_dir: Path, key: str, rows: int) -> None:
+    """The parts folder of a run with fingerprint ``key``: kept when it holds this run's parts, else
+    emptied (parts of another input, model or setting: start over); its stamp written."""
+    stamp = parts_dir / "run.json"
+    if parts_dir.is_dir() and (not stamp.is_file() or json.loads(stamp.read_text()).get("key") != key):
+        shutil.rmtree(parts_dir)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(stamp, json.dumps({"key": key, "rows": rows}))
 
 
 def write_part(part: Path, emb: np.ndarray) -> None:

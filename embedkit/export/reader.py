@@ -19,6 +19,7 @@ import json
 from functools import partial
 from pathlib import Path
 
+from embedkit.backbones.base import DTYPE_NAMES, torch_dtype
 from embedkit.encoder import Encoder, Provenance, read_checkpoint, skip_final_norm
 from embedkit.errors import UserError
 from embedkit.export import FORMAT_VERSION, META
@@ -33,13 +34,20 @@ ENCODER_KINDS = ("checkpoint", "run", "export")
 
 
 def load(path: str | Path, device: str | None = None, layer: int | None = None, dim: int | None = None,
-         trust_checkpoint: bool = False) -> Encoder:
+         trust_checkpoint: bool = False, dtype: str | None = None) -> Encoder:
     """An ``Encoder`` in eval mode, from an export folder, a run dir or a checkpoint file; ``layer``,
     ``dim``: cut to that depth and embedding size (``Encoder.cut``; the layers above are dropped), so
     ``encode`` gives what the full model's ``encode(layer=layer, dim=dim)`` gives. A checkpoint is read
-    weights-only (``encoder.load_checkpoint_file``) unless ``trust_checkpoint`` (a file you trust)."""
+    weights-only (``encoder.load_checkpoint_file``) unless ``trust_checkpoint`` (a file you trust).
+    ``dtype`` (``float32``, ``bfloat16``, ``float16``; None: as stored): the weights cast to it, so
+    ``encode`` runs the model in it (embeddings still come back float32)."""
     encoder, _ = open_model(path, kinds=ENCODER_KINDS, trust_checkpoint=trust_checkpoint)
     encoder.cut(layer=layer, dim=dim)
+    if dtype:
+        try:
+            encoder.to(torch_dtype(dtype))
+        except KeyError:
+            raise UserError(f"dtype: expected one of {', '.join(DTYPE_NAMES)}, got {dtype!r}") from None
     if device:
         encoder.to(device)
     return encoder.eval()

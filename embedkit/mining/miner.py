@@ -21,6 +21,11 @@ deterministic: re-mining the same inputs gives the same bytes. DST's shard-set m
 last, ``data.shard_set.write_manifest``) records the provenance (``mining/provenance.py``).
 
 Memory: the targets of one subset are held as their encoded bytes (what the new shards copy).
+
+Under ``torchrun`` (a process group): each subset's queries and targets are encoded once, split across
+the ranks and gathered in input order (``inference.encode_split``), so every rank holds the same
+embeddings as one process; rank 0 writes the cache; the shards are dealt round-robin over the ranks
+(counting on across subsets), each written by one rank.
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ from PIL import Image
 
 from embedkit.data.schema import Example, Item, content_key
 from embedkit.data.shards import ImageBytes, encode_example, iter_samples, write_shard
+from embedkit.distributed.ranks import barrier, rank_and_world
 from embedkit.fault_points import fault_point
 from embedkit.files import atomic_path, write_atomic
+from embedkit.inference import LazyItems, encode_split
 from embedkit.mining.judges.base import Judge, Pairs
 
 REASONS = ("duplicate", "false_negative")
@@ -53,6 +60,7 @@ class MineSettings:
     pick: str = "top"  # or "random"
     seed: int = 0
     batch_size: int = 32
+    num_workers: int = 0  # the inference engine's loader processes (decoding, processing)
     block: int = 1024  # queries per retrieval matmul
 
 
@@ -89,15 +97,38 @@ def read_shard(path: str) -> list[tuple[str, dict, Slot, Slot]]:
     return out
 
 
-def encode_slots(encoder, slots: Sequence[Slot], batch_size: int, log: Callable[[str], None], what: str) -> torch.Tensor:
-    """Embeddings [N, D] (float32, CPU) of ``slots``, ``batch_size`` items per forward pass."""
-    parts, every = [], max(1, len(slots) // 10)
-    for start in range(0, len(slots), batch_size):
-        items = [s.item() for s in slots[start : start + batch_size]]
-        parts.append(encoder.encode_items(items, batch_size=batch_size).float().cpu())
-        done = min(start + batch_size, len(slots))
-        if done == len(slots) or done // every != (done - len(items)) // every:
-            log(f"mine: {what}: encoded {done}/{len(slots)}")
+class SlotItems(LazyItems):
+    """Slots as ``Item``s made on demand (``Slot.item``: the image decoded); ``sized(i)`` reads the
+    image's size from its header only (the inference engine's costs)."""
+
+    def __init__(self, slots: Sequence[Slot]):
+        self.slots = list(slots)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __getitem__(self, i: int) -> Item:
+        return self.slots[i].item()
+
+    def sized(self, i: int) -> Item:
+        slot = self.slots[i]
+        if slot.image is None:
+            return Item(slot.text, None)
+        with Image.open(io.BytesIO(slot.image.data)) as image:  # the header only; closed, never decoded
+            return Item(slot.text, image)
+
+
+def encode_slots(encoder, slots: Sequence[Slot], batch_size: int, log: Callable[[str], None], what: str,
+                 num_workers: int = 0) -> torch.Tensor:
+    """Embeddings [N, D] (float32, CPU) of ``slots``, ``batch_size`` items per forward pass, through the
+    inference engine (``encode_items``: cost-ordered; ``num_workers`` loader processes) in about ten
+    windows, one progress line each."""
+    engine = {"num_workers": num_workers} if num_workers else {}
+    parts, step = [], max(4 * batch_size, -(-len(slots) // 10))
+    for start in range(0, len(slots), step):
+        window = SlotItems(slots[start : start + step])
+        parts.append(encoder.encode_items(window, batch_size=batch_size, **engine).float().cpu())
+        log(f"mine: {what}: encoded {start + len(window)}/{len(slots)}")
     return torch.cat(parts) if parts else torch.empty(0, 0)
 
 
@@ -175,6 +206,7 @@ class Miner:
         self.encoder, self.judge, self.sources = encoder, judge, sources
         self.out, self.settings, self.log = Path(out), settings, log
         self.state = self.out / ".mine"
+        self.dealt = 0  # shards dealt to the ranks so far, over every subset (the next goes to rank dealt % world)
 
     def done(self, rel: str) -> bool:
         return (self.out / rel).is_file() and (self.state / f"{rel}.json").is_file()
@@ -187,7 +219,8 @@ class Miner:
                 self.mine_subset(subset, shards)
             else:
                 self.log(f"mine: {subset}: complete, skipped")
-                (self.state / f"{subset}.embeddings.npz").unlink(missing_ok=True)  # killed before its cleanup
+                if rank_and_world()[0] == 0:
+                    (self.state / f"{subset}.embeddings.npz").unlink(missing_ok=True)  # killed before its cleanup
             for _, rel in shards:
                 stats[rel] = json.loads((self.state / f"{rel}.json").read_text())
         return stats
@@ -199,12 +232,19 @@ class Miner:
                 if z["q"].shape[0] == len(queries):
                     self.log(f"mine: {subset}: embeddings from {cache}")
                     return torch.from_numpy(z["q"]), torch.from_numpy(z["t"])
-        q = encode_slots(self.encoder, queries, self.settings.batch_size, self.log, f"{subset} queries")
-        t = encode_slots(self.encoder, targets, self.settings.batch_size, self.log, f"{subset} targets")
-        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
-            np.savez(f, q=q.numpy(), t=t.numpy())
-        fault_point("mine_cache")
+        q, t = self.encode_split(queries, f"{subset} queries"), self.encode_split(targets, f"{subset} targets")
+        if rank_and_world()[0] == 0:
+            with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+                np.savez(f, q=q.numpy(), t=t.numpy())
+            fault_point("mine_cache")
         return q, t
+
+    def encode_split(self, slots: list[Slot], what: str) -> torch.Tensor:
+        """``encode_slots`` of ``slots``, split across the ranks and gathered in order (every rank gets all)."""
+        size, workers = self.settings.batch_size, self.settings.num_workers
+        out = encode_split(len(slots), lambda a, b: encode_slots(self.encoder, slots[a:b], size, self.log, what,
+                                                                 workers))
+        return out if out is not None else torch.empty(0, 0)
 
     def mine_subset(self, subset: str, shards: list[tuple[str, str]]) -> None:
         samples = [(rel, read_shard(src)) for src, rel in shards]
@@ -217,11 +257,12 @@ class Miner:
         targets = [r[3] for r in rows]
         q, t = self.embeddings(subset, queries, targets)
         keys = [content_key(s.item()) for s in targets]
-        start = 0
-        for rel, shard in samples:
+        start, (rank, world) = 0, rank_and_world()
+        for index, (rel, shard) in enumerate(samples, self.dealt):
             stop = start + len(shard)
-            if self.done(rel):
-                self.log(f"mine: {rel}: complete, skipped")
+            if self.done(rel) or index % world != rank:  # done, or another rank's shard
+                if self.done(rel):
+                    self.log(f"mine: {rel}: complete, skipped")
                 start = stop
                 continue
             picked, scores, counts = select(
@@ -239,4 +280,7 @@ class Miner:
             self.log(f"mine: wrote {rel}: {len(shard)} examples, {counts['kept']} negatives "
                      f"(dropped {counts['duplicate']} duplicates, {counts['false_negative']} false negatives)")
             start = stop
-        (self.state / f"{subset}.embeddings.npz").unlink(missing_ok=True)
+        self.dealt += len(samples)
+        barrier()  # every rank's shards written before the cache goes
+        if rank == 0:
+            (self.state / f"{subset}.embeddings.npz").unlink(missing_ok=True)

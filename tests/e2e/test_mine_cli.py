@@ -119,3 +119,43 @@ def test_mine_user_errors_are_one_line(tmp_path, capsys):
     assert cli(["mine", "model=x", f"shards={tmp_path}", "out=y", "num_negatives=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(e.startswith("embedkit: error: ") for e in err), err
+
+
+def test_two_processes_mine_and_encode_what_one_does(demo):
+    """One torchrun launch of 2 gloo processes runs ``mine`` and ``encode``: each corpus encoded once,
+    split across the ranks (both ranks write shards and parts), the results those of one process."""
+    import json
+
+    import numpy as np
+
+    from embedkit.data.schema import content_key
+    from tests.helpers.cli import REPO
+
+    tmp, src, out = demo
+    run = tmp / "runs" / "first"
+    corpus = tmp / "corpus.jsonl"
+    words = "a red circle at the top left of a small blue square beside the green triangle".split()
+    corpus.write_text("".join(json.dumps({"text": " ".join(words[: 1 + (7 * i) % len(words)])}) + "\n"
+                              for i in range(11)))
+    encode = [f"model={run}", f"input={corpus}", "part_size=3", "batch_size=2"]
+    assert cli(["encode", *encode, f"out={tmp / 'one.npy'}"]) == 0
+    mined = tmp / "mined-2p"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "tests" / "helpers" / "scripts" / "ranks_mine_encode.py"),
+         f"model={run}", f"shards={src}", f"out={mined}", *MINE, "--", *encode, f"out={tmp / 'two.npy'}"],
+        cwd=tmp, env=cli_env(), capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    for rank in ("[0/2]", "[1/2]"):
+        assert f"{rank} mine: wrote" in log and f"{rank} encode: " in log, log[-4000:]
+    assert np.abs(np.load(tmp / "two.npy") - np.load(tmp / "one.npy")).max() <= 1e-6
+    assert sorted(files_of(mined)) == sorted(files_of(out))
+    for shard in sorted(out.rglob("*.tar")):
+        one = [decode_sample(k, f) for k, f in iter_samples(shard)]
+        two = [decode_sample(k, f) for k, f in iter_samples(mined / shard.relative_to(out))]
+        assert [[content_key(n) for n in ex.negatives] for ex in two] == [[content_key(n) for n in ex.negatives]
+                                                                         for ex in one]
+        assert np.allclose([ex.negative_scores for ex in two], [ex.negative_scores for ex in one], atol=1e-5)
+    one_m, two_m = (json.loads((d / "manifest.json").read_text())["mining"] for d in (out, mined))
+    assert two_m == one_m

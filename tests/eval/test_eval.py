@@ -122,7 +122,7 @@ def test_perfect_encoder_scores_one_and_outputs_are_written(root, tmp_path):
         return fx.perfect_encoder(items)
 
     out = tmp_path / "out"
-    summary = mmeb.evaluate(root, [], encode, chunk_size=8, out_dir=out)
+    summary = mmeb.evaluate(root, [], encode, out_dir=out)
     assert list(summary["datasets"]) == ["N24News", "RefCOCO"]  # manifest order
     for name, r in summary["datasets"].items():
         assert (r["acc"], r["num_correct"], r["num_pred"]) == (1.0, fx.ROWS, fx.ROWS), name
@@ -151,7 +151,7 @@ def test_perfect_encoder_scores_one_and_outputs_are_written(root, tmp_path):
 
 
 def test_scrambled_encoder_scores_about_chance(root):
-    summary = mmeb.evaluate(root, [], fx.scrambled_encoder, chunk_size=16)
+    summary = mmeb.evaluate(root, [], fx.scrambled_encoder)
     accs = [r["acc"] for r in summary["datasets"].values()]
     # chance is 1/10; 60 rows give a standard deviation of about 0.04
     assert all(a < 0.3 for a in accs), accs
@@ -198,7 +198,7 @@ def test_shard_bounds_cover_everything_once():
 
 
 def test_two_process_evaluation_equals_one_process(root, tmp_path):
-    one = mmeb.evaluate(root, [], fx.scrambled_encoder, chunk_size=7)
+    one = mmeb.evaluate(root, [], fx.scrambled_encoder)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -282,6 +282,14 @@ def test_eval_cli_end_to_end_on_a_demo_checkpoint(root, tmp_path, monkeypatch):
     assert summary["aggregate"]["overall"] == pytest.approx((scores["N24News"]["acc"] + scores["RefCOCO"]["acc"]) / 2)
     assert "| overall | 2 |" in (out_dir / "summary.md").read_text()
     assert "overall P@1" in proc.stdout
+    # the engine's loader workers and a bfloat16 model: the same items scored (float32 ranks as before)
+    assert cli(["eval", f"ckpt={ckpt}", f"data.eval.root={root}", "data.eval.datasets=[N24News]", "num_workers=1",
+                f"out={tmp_path / 'eval-workers'}", "tracking.enabled=false", "train.chunk_size=16"]) == 0
+    again = json.loads((tmp_path / "eval-workers" / "N24News_score.json").read_text())
+    assert again == scores["N24News"]
+    assert cli(["eval", f"ckpt={ckpt}", f"data.eval.root={root}", "data.eval.datasets=[N24News]", "dtype=bfloat16",
+                f"out={tmp_path / 'eval-bf16'}", "tracking.enabled=false"]) == 0
+    assert json.loads((tmp_path / "eval-bf16" / "N24News_score.json").read_text())["num_pred"] == fx.ROWS
     # logged to the MLflow run that trained the checkpoint
     from mlflow.tracking import MlflowClient
 
@@ -313,3 +321,29 @@ def test_eval_cli_user_errors_exit_2_with_one_line(root, tmp_path, capsys):
     assert code == 2 and "ckpt: file not found" in capsys.readouterr().err
     assert cli(["eval", f"data.eval.root={root}"]) == 2
     assert "ckpt=PATH" in capsys.readouterr().err
+
+
+def test_key_items_are_costed_from_image_headers_and_decoded_one_batch_at_a_time(root, monkeypatch):
+    """``KeyItems``: the engine's costs read each image's size without decoding it; an image is decoded
+    when its batch is processed, and what is decoded is ``make_item``'s item."""
+    from PIL import ImageFile
+
+    from embedkit.inference import item_costs
+
+    rows = mmeb.load_dataset(root, "RefCOCO")
+    keys, _ = mmeb.unique_keys([(t, p) for r in rows for t, p in zip(r.tgt_text, r.tgt_img_path)])
+    items = mmeb.KeyItems(root, keys)
+    real_load, loads = ImageFile.ImageFile.load, []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1) or real_load(self))
+
+    class Sizes:
+        def costs(self, batch):
+            return [it.image.width * it.image.height for it in batch]
+
+    sizes = item_costs(items, Sizes())
+    assert not loads and len(sizes) == len(keys) > 1
+    for i in (0, len(keys) - 1):
+        made = mmeb.make_item(root, keys[i])
+        assert sizes[i] == made.image.width * made.image.height
+        assert items[i].image.tobytes() == made.image.tobytes()
+    assert loads  # decoding happens on item access

@@ -118,8 +118,8 @@ def test_quantize_cli_errors_are_one_line(tmp_path, capsys):
 
 
 class FakeEncoder:
-    def encode(self, texts, images, instruction=None, batch_size=32, dim=None):
-        return torch.stack([rand(20, seed=len(t) * 31 + i) for i, t in enumerate(texts)])
+    def encode_items(self, items, batch_size=32, dim=None, **batching):
+        return torch.stack([rand(20, seed=len(it.text) * 31 + i) for i, it in enumerate(items)])
 
 
 @pytest.mark.parametrize("mode", ["binary", "int8"])

@@ -14,8 +14,8 @@ from embedkit.export.corpus import encode_file
 class Fake:
     """An encoder whose embedding of a text is its length and its first character."""
 
-    def encode(self, texts, images, instruction=None, batch_size=32, dim=None):
-        return torch.tensor([[float(len(t)), float(ord(t[0]))] for t in texts])
+    def encode_items(self, items, batch_size=32, dim=None, **batching):
+        return torch.tensor([[float(len(it.text)), float(ord(it.text[0]))] for it in items])
 
 
 def test_a_full_disk_while_writing_a_part_is_one_line_and_a_rerun_resumes(tmp_path, monkeypatch):

@@ -377,8 +377,14 @@ def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):
     whole = np.load(tmp_path / "whole.npy")
     ref = reference(module, [Item(text=t) for t in TEXTS]).numpy()
     assert whole.shape == ref.shape and np.abs(whole - ref).max() <= 1e-5
+    # the engine's options: a token budget, loader workers, the model run in bfloat16 (float32 out)
+    assert cli(["encode", *args, "batch_tokens=8", "num_workers=1", f"out={tmp_path / 'budget.npy'}"]) == 0
+    assert np.abs(np.load(tmp_path / "budget.npy") - whole).max() <= 1e-6
+    assert cli(["encode", *args, "dtype=bfloat16", f"out={tmp_path / 'bf16.npy'}"]) == 0
+    bf16 = np.load(tmp_path / "bf16.npy")
+    assert bf16.dtype == np.float32 and 0 < np.abs(bf16 - whole).max() <= 5e-2
 
-    real, calls = Encoder.encode, []
+    real, calls = Encoder.encode_items, []
 
     def interrupted(self, *a, **k):
         calls.append(1)
@@ -387,10 +393,10 @@ def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):
         return real(self, *a, **k)
 
     target = tmp_path / "resumed.npy"
-    monkeypatch.setattr(Encoder, "encode", interrupted)
+    monkeypatch.setattr(Encoder, "encode_items", interrupted)
     assert cli(["encode", *args, f"out={target}"]) == 130
     assert not target.exists() and len(list((tmp_path / "resumed.npy.parts").glob("part-*.npy"))) == 2
-    monkeypatch.setattr(Encoder, "encode", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(Encoder, "encode_items", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     calls.clear()
     assert cli(["encode", *args, f"out={target}"]) == 0
     assert len(calls) == 3  # 5 parts, 2 were already written

@@ -25,7 +25,7 @@ def worker(rank: int, world: int, root: str, out: str, port: int) -> None:
             encoded.append(len(items))
             return fx.scrambled_encoder(items)
 
-        summary = mmeb.evaluate(root, [], encode, chunk_size=7)
+        summary = mmeb.evaluate(root, [], encode)
         counts = [None] * world
         dist.all_gather_object(counts, sum(encoded))
         if rank == 0:

@@ -148,3 +148,51 @@ def test_random_pick_is_seeded_and_stays_in_the_window(fixture, tmp_path):
     assert sum(negatives_of(a, i) != best2[i] for i in range(N)) > N // 2  # a sample, not the top 2
     stats = json.loads((tmp_path / "r1" / ".mine" / "synth" / "train-000000.tar.json").read_text())
     assert stats["examples"] == 100 and stats["kept"] == 200
+
+
+def test_slots_are_costed_from_image_headers_and_encoded_in_order(monkeypatch):
+    """``SlotItems``: the engine's costs read each image's size without decoding it; ``encode_slots``
+    returns one row per slot, in order, whatever windows and batches it used."""
+    import io
+
+    from PIL import Image, ImageFile
+
+    from embedkit.data.shards import ImageBytes
+    from embedkit.inference import item_costs
+    from embedkit.mining.miner import Slot, SlotItems, encode_slots
+
+    def png(w, h):
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (w % 256, h % 256, 9)).save(buf, format="PNG")
+        return ImageBytes(buf.getvalue(), "png")
+
+    slots = [Slot(f"slot {i}", png(8 + i, 5 + 2 * i) if i % 2 else None) for i in range(9)]
+    real_load, loads = ImageFile.ImageFile.load, []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1) or real_load(self))
+
+    class Sizes:
+        def costs(self, batch):
+            return [it.image.width * it.image.height if it.image else 0 for it in batch]
+
+    assert item_costs(SlotItems(slots), Sizes()) == [0 if i % 2 == 0 else (8 + i) * (5 + 2 * i) for i in range(9)]
+    assert not loads
+
+    class ByText:
+        def encode_items(self, items, batch_size=32):
+            return torch.tensor([[float(it.text.split()[1]), float(it.image is not None)] for it in items])
+
+    out = encode_slots(ByText(), slots, batch_size=2, log=lambda m: None, what="slots")
+    assert out.tolist() == [[float(i), float(i % 2)] for i in range(9)]
+
+
+def test_encode_slots_with_loader_workers_equals_in_process():
+    from embedkit.config.loader import compose
+    from embedkit.encoder import Encoder
+    from embedkit.mining.miner import Slot, encode_slots
+
+    cfg = compose(["recipe=demo", "model.backbone.name=hf_text", "model.backbone.tiny=true"])
+    encoder = Encoder.from_config(cfg["model"], seed=0).eval()
+    slots = [Slot(" ".join(["red circle"] * (1 + i % 5)) + f" {i}", None) for i in range(12)]
+    here = encode_slots(encoder, slots, batch_size=4, log=lambda m: None, what="slots")
+    workers = encode_slots(encoder, slots, batch_size=4, log=lambda m: None, what="slots", num_workers=1)
+    assert here.shape == (12, encoder.embedding_dim) and (workers - here).abs().max().item() <= 1e-6

@@ -69,7 +69,10 @@ def encode_example(example: Example, key: str) -> dict[str, bytes]:
 
 
 #: why a sample is skipped (``SourceReader`` counts skips by these; the module logs ``data/skipped/<reason>``)
-SKIP_REASONS = ("decode", "processor", "missing_member", "bad_json", "bad_text", "truncated_shard")
+#: ``video``: a corrupt, undecodable or empty video (or frames over the size cap); ``video_short``: fewer
+#: decodable frames than the frame policy's ``min_frames`` (both from ``data/video.py``)
+SKIP_REASONS = ("decode", "processor", "missing_member", "bad_json", "bad_text", "truncated_shard", "video",
+                "video_short")
 
 
 class BadSample(ValueError):

@@ -192,10 +192,9 @@ def _read(source, policy: FramePolicy, what: str) -> Frames:
     with _open(source) as container:
         stream = _video_stream(container, what)
         duration = _duration(container, stream)
-        times = None
-        if policy.sampling == "fps" or not stream.frames:
-            times = _packet_times(container, stream)
-    n = len(times) if times is not None else stream.frames
+        stated = 0 if policy.sampling == "fps" else _stated_frames(stream)
+        times = None if stated else _packet_times(container, stream)
+    n = len(times) if times is not None else stated
     _check_count(n, policy, what)
     picks = fps_indices(times, policy.fps, policy.num_frames) if policy.sampling == "fps" \
         else uniform_indices(n, policy.num_frames)
@@ -204,7 +203,7 @@ def _read(source, policy: FramePolicy, what: str) -> Frames:
         _check_count(decoded, policy, what)
         if times is None:  # the header's count was too high: pick again from the frames there are
             return _read_counted(source, policy, what, decoded, duration)
-    # fewer frames decode than packets demuxed (a damaged tail): the picks that were reached
+    # fewer frames decoded than packets demuxed, without an error: the picks that were reached
     return Frames([im for im, _ in kept], [t for _, t in kept], picks[:len(kept)], n, duration)
 
 
@@ -223,6 +222,11 @@ def _video_stream(container, what: str):
     if w * h > cap:
         raise BadSample("video", f"{what}: frames of {w}x{h} pixels exceed the limit of {cap} (a decompression bomb?)")
     return stream
+
+
+def _stated_frames(stream) -> int:
+    """The frame count the container states (MP4's sample table), 0 when it states none (Matroska, AVI)."""
+    return int(stream.frames or 0)
 
 
 def _duration(container, stream) -> float | None:

@@ -30,14 +30,15 @@ def _pixels(i: int) -> np.ndarray:
     return a
 
 
-def _write(times_ms: list[int], fmt: str = "matroska", codec: str = "ffv1") -> bytes:
-    """A video of frames 0..len(times_ms)-1 presented at ``times_ms`` (time base 1/1000 s)."""
+def _write(times_ms: list[int], fmt: str = "matroska", codec: str = "ffv1", size=(64, 48)) -> bytes:
+    """A video of frames 0..len(times_ms)-1 presented at ``times_ms`` (time base 1/1000 s); frames of
+    another ``size`` are a flat colour."""
     import av
 
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as out:
         stream = out.add_stream(codec, rate=10)
-        stream.width, stream.height = 64, 48
+        stream.width, stream.height = size
         if codec == "ffv1":
             stream.pix_fmt = "bgr0"  # RGB, lossless
         else:
@@ -45,7 +46,8 @@ def _write(times_ms: list[int], fmt: str = "matroska", codec: str = "ffv1") -> b
         if fmt == "matroska":
             stream.time_base = Fraction(1, 1000)
         for i, ms in enumerate(times_ms):
-            frame = av.VideoFrame.from_ndarray(_pixels(i), format="rgb24")
+            pixels = _pixels(i) if size == (64, 48) else np.full((size[1], size[0], 3), 90, np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             if fmt == "matroska":
                 frame.pts, frame.time_base = ms, Fraction(1, 1000)
             for packet in stream.encode(frame):
@@ -244,7 +246,25 @@ def test_frames_beyond_the_pixel_cap_are_refused_before_any_frame_is_decoded(mon
     def no_decoding(*args):
         raise AssertionError("a frame was decoded")
 
-    monkeypatch.setattr(video, "MAX_FRAME_PIXELS", 64 * 48 - 1)
     monkeypatch.setattr(video, "_decode", no_decoding)
+    small = _write([0, 100, 200], size=(256, 256))
+    # the Matroska header's PixelWidth and PixelHeight (EBML ids B0 and BA, 2 bytes: 256) made 8448 (0x2100):
+    # 71 million pixels a frame stated, 256x256 stored
+    width, height = b"\xb0\x82\x01\x00", b"\xba\x82\x01\x00"
+    assert small.count(width) == 1 and small.count(height) == 1
+    bomb = small.replace(width, b"\xb0\x82\x21\x00").replace(height, b"\xba\x82\x21\x00")
+    err = _refused(bomb)
+    assert err.reason == "video" and "8448x8448" in str(err) and "limit of 67108864" in str(err)
+    monkeypatch.setattr(video, "MAX_FRAME_PIXELS", 64 * 48 - 1)  # the cap is the module's
     err = _refused(_constant(10))
     assert err.reason == "video" and "64x48" in str(err)
+
+
+@needs_av
+def test_a_header_that_overstates_the_frame_count_is_sampled_from_the_frames_there_are(monkeypatch):
+    monkeypatch.setattr(video, "_stated_frames", lambda stream: 20)  # 10 frames stored
+    frames = read_video(_constant(10), FramePolicy(num_frames=4))
+    assert frames.indices == [0, 3, 6, 9] and frames.source_frames == 10
+    _same(frames, frames.indices)
+    err = _refused(_constant(10), FramePolicy(min_frames=12))  # 20 stated passes the check, 10 decoded do not
+    assert err.reason == "video_short"

@@ -86,8 +86,8 @@ def _positive_int(key: str, value) -> None:
 
 @dataclass
 class Frames:
-    """The frames a policy kept: RGB images, their timestamps in seconds (PTS x time_base for a video;
-    as given, or None, for a list), their indices in the source, the source's frame count and its
+    """The frames a policy kept: RGB images, their timestamps in seconds (PTS x time_base for a video, None
+    for a stream without PTS such as raw H.264; as given, or None, for a list), their indices in the source, the source's frame count and its
     duration in seconds (None when unknown)."""
 
     images: list[Image.Image]
@@ -194,6 +194,8 @@ def _read(source, policy: FramePolicy, what: str) -> Frames:
         duration = _duration(container, stream)
         stated = 0 if policy.sampling == "fps" else _stated_frames(stream)
         times = None if stated else _packet_times(container, stream)
+    if policy.sampling == "fps" and None in times:
+        times = _decoded_times(source, what)
     n = len(times) if times is not None else stated
     _check_count(n, policy, what)
     picks = fps_indices(times, policy.fps, policy.num_frames) if policy.sampling == "fps" \
@@ -204,24 +206,33 @@ def _read(source, policy: FramePolicy, what: str) -> Frames:
         if times is None:  # the header's count was too high: pick again from the frames there are
             return _read_counted(source, policy, what, decoded, duration)
     # fewer frames decoded than packets demuxed, without an error: the picks that were reached
-    return Frames([im for im, _ in kept], [t for _, t in kept], picks[:len(kept)], n, duration)
+    return Frames([im for im, _ in kept], _stamps(kept), picks[:len(kept)], n, duration)
 
 
 def _read_counted(source, policy: FramePolicy, what: str, n: int, duration: float | None) -> Frames:
     picks = uniform_indices(n, policy.num_frames)
     kept, _ = _decode(source, picks, policy, what)
-    return Frames([im for im, _ in kept], [t for _, t in kept], picks, n, duration)
+    return Frames([im for im, _ in kept], _stamps(kept), picks, n, duration)
+
+
+def _stamps(kept: list) -> list[float] | None:
+    """The kept frames' timestamps; None when a frame has no PTS (a raw elementary stream): never guessed."""
+    stamps = [t for _, t in kept]
+    return None if None in stamps else stamps
 
 
 def _video_stream(container, what: str):
     if not container.streams.video:
         raise BadSample("video", f"{what}: no video stream")
     stream = container.streams.video[0]
-    w, h = stream.codec_context.width, stream.codec_context.height
+    _check_size(stream.codec_context.width, stream.codec_context.height, what)
+    return stream
+
+
+def _check_size(w: int, h: int, what: str) -> None:
     cap = min(MAX_FRAME_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_FRAME_PIXELS)
     if w * h > cap:
         raise BadSample("video", f"{what}: frames of {w}x{h} pixels exceed the limit of {cap} (a decompression bomb?)")
-    return stream
 
 
 def _stated_frames(stream) -> int:
@@ -239,39 +250,38 @@ def _duration(container, stream) -> float | None:
     return None
 
 
-def _packet_times(container, stream) -> list[float]:
-    """Every frame's presentation time (s), ascending, from the packets alone (demuxed, not decoded):
-    the frame count of a container that does not state it (mkv, avi) and the instants fps sampling needs.
-    A stream whose packets carry no PTS is decoded once for its frames' times instead."""
-    times = []
-    for packet in container.demux(stream):
-        if packet.size == 0:  # the demuxer's final flush packet
-            continue
-        if packet.pts is None:
-            return _decoded_times(container, stream)
-        times.append(float(packet.pts * stream.time_base))
-    return sorted(times)
+def _packet_times(container, stream) -> list[float | None]:
+    """Every frame's presentation time (s) from the packets alone (demuxed, not decoded), ascending; None
+    for a packet without PTS (a raw H.264 stream has none). The frame count of a container that does not
+    state it (Matroska, AVI), and the instants fps sampling needs."""
+    times = [None if p.pts is None else float(p.pts * stream.time_base) for p in container.demux(stream) if p.size]
+    return times if None in times else sorted(times)  # packets come in decode order
 
 
-def _decoded_times(container, stream) -> list[float]:
-    container.seek(0)
-    return [_frame_time(frame) for frame in container.decode(stream)]
+def _decoded_times(source, what: str) -> list[float]:
+    """Every frame's presentation time (s), decoding the whole stream (packets without PTS, fps sampling)."""
+    with _open(source) as container:
+        times = [_frame_time(frame) for frame in container.decode(_video_stream(container, what))]
+    if None in times:
+        raise BadSample("video", f"{what}: frames without presentation timestamps (fps sampling needs them)")
+    return times
 
 
-def _frame_time(frame) -> float:
+def _frame_time(frame) -> float | None:
     if frame.pts is None or frame.time_base is None:
-        raise BadSample("video", "a decoded frame has no presentation timestamp")
+        return None
     return float(frame.pts * frame.time_base)
 
 
 def _decode(source, picks: list[int], policy: FramePolicy, what: str):
     """((image, timestamp) of each picked index, frames decoded): decoding stops after the last pick,
     and only the picked frames are kept."""
-    kept: list[tuple[Image.Image, float]] = []
+    kept: list[tuple[Image.Image, float | None]] = []
     wanted, last, decoded = set(picks), picks[-1], 0
     with _open(source) as container:
         for index, frame in enumerate(container.decode(_video_stream(container, what))):
             decoded = index + 1
+            _check_size(frame.width, frame.height, what)  # a stream may change size after its header
             if index in wanted:
                 kept.append((_fit(frame.to_image(), policy.max_pixels), _frame_time(frame)))
             if index == last:

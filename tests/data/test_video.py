@@ -156,6 +156,16 @@ def test_an_mp4_stating_its_frame_count_is_sampled_from_the_header_count():
 
 
 @needs_av
+def test_a_raw_h264_stream_without_timestamps_is_sampled_by_index_and_refused_for_fps():
+    data = _write([0] * 12, fmt="h264", codec="libx264")  # an elementary stream: no PTS on packets or frames
+    frames = read_video(data, FramePolicy(num_frames=4))
+    assert frames.indices == [0, 3, 7, 11] and frames.source_frames == 12 and frames.timestamps is None
+    _same(frames, frames.indices, tol=2)
+    err = _refused(data, FramePolicy(sampling="fps", fps=2))
+    assert err.reason == "video" and "without presentation timestamps" in str(err)
+
+
+@needs_av
 def test_fps_sampling_of_a_variable_frame_rate_stream_uses_presentation_times():
     times_ms = [500, 600, 700, 1000, 1100, 1500, 2300]
     data = _write(times_ms)
@@ -258,6 +268,17 @@ def test_frames_beyond_the_pixel_cap_are_refused_before_any_frame_is_decoded(mon
     monkeypatch.setattr(video, "MAX_FRAME_PIXELS", 64 * 48 - 1)  # the cap is the module's
     err = _refused(_constant(10))
     assert err.reason == "video" and "64x48" in str(err)
+
+
+@needs_av
+def test_a_stream_that_grows_past_the_cap_after_its_header_is_refused_when_the_big_frame_decodes(monkeypatch):
+    # two raw H.264 streams back to back: the probe sees 64x48, frames 30.. are 256x256 (a new SPS)
+    data = _write([0] * 30, fmt="h264", codec="libx264") + _write([0] * 3, fmt="h264", codec="libx264",
+                                                                    size=(256, 256))
+    monkeypatch.setattr(video, "MAX_FRAME_PIXELS", 64 * 48 * 4)
+    assert len(read_video(data, FramePolicy(num_frames=1)).images) == 1  # frame 0 only: never meets a big one
+    err = _refused(data)
+    assert err.reason == "video" and "256x256" in str(err)
 
 
 @needs_av

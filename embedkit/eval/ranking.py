@@ -14,8 +14,9 @@ order of a stable sort on descending score. The rank of a candidate is therefore
 It is the rule ``retrieval.hits_at_1`` already uses (argmax picks the lowest index), so P@1 of the
 per-query-candidates scope (candidate 0 = the answer) equals ``hit_at_k(scores, [{0: 1}] * R, 1)``.
 
-Only the ranks of the judged candidates are computed, by counting (no argsort of the corpus): the
-cost is O(#qrels * C) comparisons, chunked, so 1k queries x 10k candidates take well under a second.
+Only the ranks of the judged candidates are needed: with few qrels per query they are counted
+(O(#qrels * C) comparisons, no sort), with many the judged rows are sorted once (stable), both in
+chunks; 1k queries x 10k candidates take about a second either way on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from embedkit.errors import UserError
 GAINS = ("linear", "exponential")
 #: compared numbers per chunk of the rank count (bool [rows, C]); 16M -> 16 MiB per mask
 _CHUNK = 1 << 24
+#: judged candidates per judged query from which one sort per row beats counting (measured, 10k corpus)
+_SORT_FROM = 4
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,18 @@ def _require_relevant(q: torch.Tensor, g: torch.Tensor, num_queries: int) -> Non
 
 
 def _ranks(s: torch.Tensor, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Tie-rule rank of candidate ``c[i]`` in row ``q[i]``, counted in chunks of pairs."""
+    """Tie-rule rank of candidate ``c[i]`` in row ``q[i]``: by counting when the queries have few
+    judged candidates, else by one stable sort per judged row (cheaper from ~5 per query on)."""
+    if len(q) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    rows = torch.unique(q)
+    if len(q) > _SORT_FROM * len(rows):
+        return _ranks_by_sort(s, q, c, rows)
+    return _ranks_by_count(s, q, c)
+
+
+def _ranks_by_count(s: torch.Tensor, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """#{higher score} + #{equal score, lower index}, in chunks of pairs: O(#pairs * C)."""
     out = torch.empty(len(q), dtype=torch.long)
     step = max(1, _CHUNK // max(1, s.shape[1]))
     cols = torch.arange(s.shape[1])
@@ -116,6 +130,19 @@ def _ranks(s: torch.Tensor, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         mine = rows.gather(1, cb[:, None])
         before = (rows == mine) & (cols[None, :] < cb[:, None])
         out[a : a + step] = (rows > mine).sum(dim=1) + before.sum(dim=1)
+    return out
+
+
+def _ranks_by_sort(s: torch.Tensor, q: torch.Tensor, c: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The position in a stable descending sort of the row (= the tie rule), in chunks of rows."""
+    out = torch.empty(len(q), dtype=torch.long)
+    step = max(1, _CHUNK // max(1, s.shape[1]))
+    for a in range(0, len(rows), step):
+        rb = rows[a : a + step]
+        order = torch.sort(s[rb], dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1]).expand(len(rb), -1))
+        pick = (q >= rb[0]) & (q <= rb[-1])
+        out[pick] = rank[torch.searchsorted(rb, q[pick]), c[pick]]
     return out
 
 

@@ -58,12 +58,17 @@ def test_ndcg_at_5_equals_the_reference_on_200_random_graded_runs_with_ties(gain
     assert checked > 1000
 
 
-def test_rank_chunking_does_not_change_the_ranks(monkeypatch):
+@pytest.mark.parametrize("sort_from", [0, 10**9])
+def test_counted_and_sorted_ranks_follow_the_tie_rule_in_any_chunking(monkeypatch, sort_from):
+    monkeypatch.setattr(ranking, "_SORT_FROM", sort_from)  # 0: always sort; 10**9: always count
     rng = random.Random(3)
-    scores, qrels = random_run(rng)
-    whole = ranking.judge(scores, qrels, allow_empty=True).rank
-    monkeypatch.setattr(ranking, "_CHUNK", 1)
-    assert torch.equal(ranking.judge(scores, qrels, allow_empty=True).rank, whole)
+    for chunk in (1 << 24, 1, 7):
+        monkeypatch.setattr(ranking, "_CHUNK", chunk)
+        for _ in range(30):
+            scores, qrels = random_run(rng)
+            got = ranking.judge(scores, qrels, allow_empty=True)
+            want = [ref_order(scores[q]).index(c) for q, c in zip(got.query.tolist(), got.candidate.tolist())]
+            assert got.rank.tolist() == want
 
 
 # ------------------------------------------------------------------ hand-worked cases
@@ -251,11 +256,12 @@ def test_bad_scores_k_and_gain_are_one_line_errors():
 # ------------------------------------------------------------------ speed
 
 
-def test_10k_corpus_by_1k_queries_takes_seconds():
+@pytest.mark.parametrize("per_query", [1, 5, 50])
+def test_10k_corpus_by_1k_queries_takes_seconds(per_query):
     g = torch.Generator().manual_seed(1)
     scores = torch.randn(1000, 10_000, generator=g)
     rng = random.Random(1)
-    qrels = [{c: rng.randint(1, 3) for c in rng.sample(range(10_000), 5)} for _ in range(1000)]
+    qrels = [{c: rng.randint(1, 3) for c in rng.sample(range(10_000), per_query)} for _ in range(1000)]
     start = time.perf_counter()
     report = ranking.ranking_report(scores, qrels, ks=(1, 5, 10))
     elapsed = time.perf_counter() - start

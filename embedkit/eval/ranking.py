@@ -65,7 +65,10 @@ def judge(scores, qrels: Sequence[Mapping[int, float]], allow_empty: bool = Fals
 
 
 def _score_matrix(scores) -> torch.Tensor:
-    s = torch.as_tensor(scores)
+    """``scores`` as a CPU tensor without grad; integers become float64 (so -inf can pad them)."""
+    s = torch.as_tensor(scores).detach().cpu()
+    if not s.is_floating_point():
+        s = s.double()
     if s.dim() != 2:
         raise UserError(f"scores must be a [queries, candidates] matrix, got shape {tuple(s.shape)}")
     if s.shape[0] == 0 or s.shape[1] == 0:
@@ -189,9 +192,13 @@ def _ideal_dcg(q: torch.Tensor, gains: torch.Tensor, num_queries: int, k: int) -
     return (best / torch.log2(torch.arange(best.shape[1], dtype=torch.float64) + 2.0)).sum(dim=1)
 
 
+#: ``first_relevant_rank`` of a query without a relevant candidate: past any k
+NO_RELEVANT = torch.iinfo(torch.long).max
+
+
 def first_relevant_rank(judged: Judged) -> torch.Tensor:
-    """``[Q]`` long: the best rank of a relevant candidate (grade > 0); C when there is none."""
-    best = torch.full((judged.num_queries,), judged.num_candidates, dtype=torch.long)
+    """``[Q]`` long: the best rank of a relevant candidate (grade > 0); ``NO_RELEVANT`` when none."""
+    best = torch.full((judged.num_queries,), NO_RELEVANT, dtype=torch.long)
     rel = judged.grade > 0
     return best.scatter_reduce(0, judged.query[rel], judged.rank[rel], reduce="amin")
 
@@ -257,16 +264,22 @@ def ndcg_vlm2vec_convention(scores, qrels: Sequence[Mapping[int, float]], k: int
     IDCG is unchanged (same multiset of grades); ranking uses this module's tie rule. With binary
     (or uniform) grades the result equals ``ndcg_at_k``. CPython's set order of ints is fixed; for
     string ids it depends on PYTHONHASHSEED, as it did in VLM2Vec's runs."""
-    rows = _score_matrix(scores).shape[0]
-    if len(qrels) != rows:
-        raise UserError(f"qrels has {len(qrels)} queries but scores has {rows} rows")
-    shuffled = [_misaligned(_items(rel, qi), ids) for qi, rel in enumerate(qrels)]
+    rows, cols = _score_matrix(scores).shape
+    _flatten_qrels(qrels, rows, cols)  # the same one-line errors before ids[c] is read
+    if ids is not None and len(ids) != cols:
+        raise UserError(f"ids has {len(ids)} entries but scores has {cols} candidates")
+    shuffled = [_misaligned(list(_items(rel, qi)), ids, qi) for qi, rel in enumerate(qrels)]
     return ndcg_at_k(scores, shuffled, k, gain, allow_empty)
 
 
-def _misaligned(items, ids: Sequence | None) -> dict:
-    pairs = list(items)
-    key = {(ids[c] if ids is not None else c): c for c, _ in pairs}
+def _misaligned(pairs: list, ids: Sequence | None, qi: int) -> dict:
+    """The query's ``{candidate: grade}`` after VLM2Vec's ``dict(zip(list(set(labels)), grades))``."""
+    key: dict = {}
+    for c, _ in pairs:
+        label = ids[c] if ids is not None else c
+        if label in key:
+            raise UserError(f"ids give candidates {key[label]} and {c} of query {qi} the same id {label!r}")
+        key[label] = c
     labels = list(set(key))
     return {key[label]: grade for label, (_, grade) in zip(labels, pairs)}
 

@@ -267,3 +267,24 @@ def test_10k_corpus_by_1k_queries_takes_seconds(per_query):
     elapsed = time.perf_counter() - start
     assert 0.0 <= report["ndcg_linear@5"] <= 1.0
     assert elapsed < 10.0, f"{elapsed:.1f}s"
+
+
+def test_a_query_with_no_relevant_candidate_misses_even_with_k_past_the_corpus():
+    judged = ranking.judge([[0.3, 0.2], [0.1, 0.9]], [{0: 1}, {}], allow_empty=True)
+    assert ranking.hit_at_k(judged, 10).tolist() == [1.0, 0.0]
+    assert ranking.recall_at_k(judged, 10).tolist() == [1.0, 0.0]
+    assert ranking.reciprocal_rank(judged, k=10).tolist() == [1.0, 0.0]
+    assert ranking.ndcg(judged, 10).tolist() == [1.0, 0.0]
+
+
+def test_integer_scores_and_scores_that_need_grad_are_accepted():
+    assert ranking.set_retrieval([[2, 1], [0, 3]], [0, 1], ks=(1,), v2t="group")["v2t"]["R@1"] == 1.0
+    scores = torch.tensor([[0.1, 0.9]], requires_grad=True)
+    assert ranking.ndcg_at_k(scores, [{1: 1}]) == 1.0
+
+
+def test_vlm2vec_convention_ids_errors():
+    with pytest.raises(UserError, match="ids has 1 entries but scores has 2 candidates"):
+        ranking.ndcg_vlm2vec_convention([[0.1, 0.2]], [{0: 1}], ids=[0])
+    with pytest.raises(UserError, match="ids give candidates 0 and 1 of query 0 the same id 'a'"):
+        ranking.ndcg_vlm2vec_convention([[0.1, 0.2]], [{0: 1, 1: 2}], ids=["a", "a"])

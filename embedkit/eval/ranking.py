@@ -73,7 +73,7 @@ def _score_matrix(scores) -> torch.Tensor:
         raise UserError(f"scores must be a [queries, candidates] matrix, got shape {tuple(s.shape)}")
     if s.shape[0] == 0 or s.shape[1] == 0:
         raise UserError(f"scores must have at least one query and one candidate, got shape {tuple(s.shape)}")
-    if s.is_floating_point() and bool(torch.isnan(s).any()):
+    if bool(torch.isnan(s).any()):
         raise UserError("scores contain NaN; rank only finite scores (or -inf for padding)")
     return s
 

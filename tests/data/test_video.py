@@ -7,7 +7,6 @@ import io
 import subprocess
 import sys
 from fractions import Fraction
-from importlib.util import find_spec
 
 import numpy as np
 import pytest
@@ -17,8 +16,6 @@ from embedkit.data import video
 from embedkit.data.shards import SKIP_REASONS, BadSample
 from embedkit.data.video import FramePolicy, fps_indices, frames_from_images, read_video, uniform_indices
 from embedkit.errors import ConfigError
-
-needs_av = pytest.mark.skipif(find_spec("av") is None, reason="PyAV (av) is not installed: pip install av")
 
 
 def _pixels(i: int) -> np.ndarray:
@@ -129,7 +126,6 @@ def test_importing_the_module_does_not_import_pyav():
 # ---- decoding
 
 
-@needs_av
 def test_uniform_over_more_frames_than_asked_picks_floor_linspace_with_pts_timestamps():
     data = _constant(20, start_ms=500)  # no frame count in Matroska's header: the packets are counted
     frames = read_video(data, FramePolicy(num_frames=8))
@@ -139,14 +135,12 @@ def test_uniform_over_more_frames_than_asked_picks_floor_linspace_with_pts_times
     assert frames.source_frames == 20 and frames.duration == pytest.approx(2.5, abs=0.11)
 
 
-@needs_av
 def test_uniform_over_fewer_frames_than_asked_gives_all_of_them_unpadded():
     frames = read_video(_constant(5), FramePolicy(num_frames=8))
     assert frames.indices == [0, 1, 2, 3, 4] and len(frames.images) == 5
     _same(frames, range(5))
 
 
-@needs_av
 def test_an_mp4_stating_its_frame_count_is_sampled_from_the_header_count():
     data = _write([0] * 12, fmt="mp4", codec="libx264")
     frames = read_video(data, FramePolicy(num_frames=4))
@@ -155,7 +149,6 @@ def test_an_mp4_stating_its_frame_count_is_sampled_from_the_header_count():
     assert frames.timestamps == pytest.approx([i / 10 for i in frames.indices])
 
 
-@needs_av
 def test_a_raw_h264_stream_without_timestamps_is_sampled_by_index_and_refused_for_fps():
     data = _write([0] * 12, fmt="h264", codec="libx264")  # an elementary stream: no PTS on packets or frames
     frames = read_video(data, FramePolicy(num_frames=4))
@@ -165,7 +158,6 @@ def test_a_raw_h264_stream_without_timestamps_is_sampled_by_index_and_refused_fo
     assert err.reason == "video" and "without presentation timestamps" in str(err)
 
 
-@needs_av
 def test_fps_sampling_of_a_variable_frame_rate_stream_uses_presentation_times():
     times_ms = [500, 600, 700, 1000, 1100, 1500, 2300]
     data = _write(times_ms)
@@ -177,13 +169,11 @@ def test_fps_sampling_of_a_variable_frame_rate_stream_uses_presentation_times():
     assert thinned.indices == [0, 3, 6] and thinned.timestamps == pytest.approx([0.5, 1.0, 2.3])
 
 
-@needs_av
 def test_decoding_stops_after_the_last_picked_frame():
     kept, decoded = video._decode(_constant(20), [1, 4], FramePolicy(), "test")
     assert decoded == 5 and len(kept) == 2
 
 
-@needs_av
 def test_max_pixels_resizes_down_with_the_aspect_kept_and_rounds_down():
     frames = read_video(_constant(10), FramePolicy(num_frames=2, max_pixels=1000))
     # scale sqrt(1000 / 3072) = 0.5705: 64 -> 36.5 -> 36, 48 -> 27.4 -> 27 (972 pixels <= 1000)
@@ -191,7 +181,6 @@ def test_max_pixels_resizes_down_with_the_aspect_kept_and_rounds_down():
     assert read_video(_constant(3), FramePolicy(max_pixels=64 * 48)).images[0].size == (64, 48)
 
 
-@needs_av
 def test_bytes_and_a_path_give_the_same_frames(tmp_path):
     data = _constant(15)
     path = tmp_path / "clip.mkv"
@@ -202,7 +191,6 @@ def test_bytes_and_a_path_give_the_same_frames(tmp_path):
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images))
 
 
-@needs_av
 @pytest.mark.parametrize("policy", [FramePolicy(num_frames=5, max_pixels=1500), FramePolicy(num_frames=3),
                                     FramePolicy(num_frames=4, sampling="fps", fps=2.5)])
 def test_a_frame_list_and_a_video_of_those_frames_give_the_same_frames(policy):
@@ -234,7 +222,6 @@ def _refused(source, policy: FramePolicy | None = None) -> BadSample:
     return err.value
 
 
-@needs_av
 def test_corrupt_empty_and_truncated_videos_are_refused_as_video(tmp_path):
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")
@@ -244,14 +231,12 @@ def test_corrupt_empty_and_truncated_videos_are_refused_as_video(tmp_path):
         assert err.reason == "video", (source, str(err))
 
 
-@needs_av
 def test_a_video_with_fewer_frames_than_min_frames_is_refused_as_short():
     err = _refused(_constant(5), FramePolicy(min_frames=6))
     assert err.reason == "video_short" and "5 frames, fewer than min_frames=6" in str(err)
     assert len(read_video(_constant(6), FramePolicy(min_frames=6)).images) == 6
 
 
-@needs_av
 def test_frames_beyond_the_pixel_cap_are_refused_before_any_frame_is_decoded(monkeypatch):
     def no_decoding(*args):
         raise AssertionError("a frame was decoded")
@@ -270,7 +255,6 @@ def test_frames_beyond_the_pixel_cap_are_refused_before_any_frame_is_decoded(mon
     assert err.reason == "video" and "64x48" in str(err)
 
 
-@needs_av
 def test_a_stream_that_grows_past_the_cap_after_its_header_is_refused_when_the_big_frame_decodes(monkeypatch):
     # two raw H.264 streams back to back: the probe sees 64x48, frames 30.. are 256x256 (a new SPS)
     data = _write([0] * 30, fmt="h264", codec="libx264") + _write([0] * 3, fmt="h264", codec="libx264",
@@ -281,7 +265,6 @@ def test_a_stream_that_grows_past_the_cap_after_its_header_is_refused_when_the_b
     assert err.reason == "video" and "256x256" in str(err)
 
 
-@needs_av
 def test_a_header_that_overstates_the_frame_count_is_sampled_from_the_frames_there_are(monkeypatch):
     monkeypatch.setattr(video, "_stated_frames", lambda stream: 20)  # 10 frames stored
     frames = read_video(_constant(10), FramePolicy(num_frames=4))

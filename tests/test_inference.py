@@ -12,26 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from embedkit.config.loader import compose
 from embedkit.data.schema import Item
 from embedkit.encoder import Encoder
 from embedkit.errors import UserError
 from embedkit.inference import Batching, LazyItems, encode_in_order, item_costs, plan_batches
 from tests.helpers.images import speckled_image
+from tests.helpers.models import tiny_encoder
 
 WORDS = "a red circle at the top left find blue square small green triangle in centre of picture".split()
 FAMILIES = ("hf_text", "qwen2_vl", "llava_onevision", "phi3_v")
-
-
-def tiny_encoder(family: str, *extra: str) -> Encoder:
-    """A tiny random encoder with its weights moved off their initialisation (a fresh norm's ones hide a lot)."""
-    cfg = compose(["recipe=demo", f"model.backbone.name={family}", "model.backbone.tiny=true", *extra])
-    encoder = Encoder.from_config(cfg["model"], seed=0).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in encoder.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen).to(p.dtype))
-    return encoder
 
 
 def corpus(family: str, seed: int = 0) -> list[Item]:

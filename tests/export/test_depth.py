@@ -17,28 +17,15 @@ import pytest
 import torch
 
 import embedkit
-from embedkit.config.loader import compose
-from embedkit.encoder import Encoder
 from embedkit.errors import UserError
 from embedkit.export.writer import export_model
 from tests.export.test_export import FAMILIES, items_for, trained_run
 from tests.helpers import mmeb_fixture as fx  # noqa: E402
+from tests.helpers.models import tiny_encoder
 
 
 def n_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def tiny_encoder(family: str, *extra: str) -> Encoder:
-    """A tiny random encoder with every weight moved off its initialisation: a fresh RMSNorm's weight is
-    all ones, and last-token pooling + L2 normalisation cannot tell such a norm from none."""
-    cfg = compose(["recipe=demo", f"model.backbone.name={family}", "model.backbone.tiny=true", *extra])
-    encoder = Encoder.from_config(cfg["model"], seed=0).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in encoder.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen).to(p.dtype))
-    return encoder
 
 
 @pytest.mark.parametrize("family", FAMILIES)

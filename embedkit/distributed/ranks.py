@@ -69,14 +69,21 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def all_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` without a group."""
+    if not process_group_up():
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def gather_in_order(local: torch.Tensor | None) -> torch.Tensor | None:
     """Every rank's ``local`` rows (its share; None for an empty one), concatenated in rank order, on
     every rank (CPU tensors, through ``all_gather_object``); ``local`` itself without a group."""
     if not is_distributed():
         return local
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    shares = [g for g in gathered if g is not None]
+    shares = [g for g in all_objects(local) if g is not None]
     return torch.cat(shares) if shares else None
 
 

@@ -36,6 +36,8 @@ from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
+from embedkit.distributed.ranks import all_objects
+
 #: exit status of a run stopped because a rank died (not 2: no user mistake; not a signal's 128 + n)
 EXIT_RANK_LOST = 4
 
@@ -116,9 +118,7 @@ class RankWatch:
         import torch.distributed as dist
 
         self.me = Peer(dist.get_rank(), os.getpid(), self.host)
-        found: list = [None] * dist.get_world_size()
-        dist.all_gather_object(found, (self.me.rank, self.me.pid, self.me.host))
-        self.peers = [Peer(*p) for p in found]
+        self.peers = [Peer(*p) for p in all_objects((self.me.rank, self.me.pid, self.me.host))]
 
     def ended(self, peer: Peer) -> str | None:
         """How ``peer`` ended ("died", "killed by SIGKILL", ...), None while it runs, cannot be checked

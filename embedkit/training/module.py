@@ -16,7 +16,7 @@ import torch
 
 from embedkit.data.batch import Role, TrainBatch
 from embedkit.distributed import distributed_loss
-from embedkit.distributed.ranks import max_over_ranks, process_group_up, rank_and_world
+from embedkit.distributed.ranks import all_objects, max_over_ranks, rank_and_world
 from embedkit.encoder import Encoder
 from embedkit.losses.base import CandidateMask, Loss, LossOutput, accepts_mask
 from embedkit.losses.similarity import similarity_for
@@ -297,13 +297,7 @@ class EmbeddingModule(L.LightningModule):
             self._pending_rng = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        states = rng_states()
-        if process_group_up():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, states)
-        else:
-            gathered = [states]
-        checkpoint["embedkit"] = {"rng": gathered, "skipped_steps": self.skipped_steps,
+        checkpoint["embedkit"] = {"rng": all_objects(rng_states()), "skipped_steps": self.skipped_steps,
                                   "consecutive_skips": self.consecutive_skips,
                                   "data_skipped": self.data_skips.state(self.device)}
 

@@ -219,9 +219,14 @@ class Encoder(nn.Module):
         output of layer ``layer``; L, or None, is the full model). ``batch_tokens``, ``sort``,
         ``num_workers``: how the inference engine batches (``encode_items``).
         """
-        items = make_items(texts, images, self.provenance.prompts.get(instruction, instruction) if instruction else None)
+        items = make_items(texts, images, self.instruction_prefix(instruction))
         return self.encode_items(items, batch_size, layer=layer, dim=dim, batch_tokens=batch_tokens, sort=sort,
                                  num_workers=num_workers)
+
+    def instruction_prefix(self, instruction: str | None) -> str | None:
+        """The text put before every text for ``instruction``: the model's prompt of that name, else the
+        instruction itself; None for none."""
+        return self.provenance.prompts.get(instruction, instruction) if instruction else None
 
     def truncate(self, emb: torch.Tensor, dim: int | None) -> torch.Tensor:
         if dim is None or dim == emb.shape[-1]:
@@ -312,9 +317,13 @@ def make_items(texts, images, prefix: str | None = None) -> list[Item]:
         if len(texts) != len(images):
             raise ValueError(f"encode: {len(texts)} texts but {len(images)} images")
         items = [Item(text=t, image=i) for t, i in zip(texts, images)]
-    if prefix:
-        items = [Item(text=prefix + (it.text or ""), image=it.image) for it in items]
-    return items
+    return [prefixed_item(it.text, it.image, prefix) for it in items] if prefix else items
+
+
+def prefixed_item(text: str | None, image, prefix: str | None) -> Item:
+    """An ``Item`` with ``prefix`` (an instruction) before its text; an image-only item gets the prefix as
+    its text. No prefix: the item as given."""
+    return Item(text=prefix + (text or "") if prefix else text, image=image)
 
 #: the one opt-in that loads a checkpoint with the full unpickler (code in the file may run)
 TRUST_OPTION = "trust_checkpoint=true"

@@ -29,6 +29,7 @@ import numpy as np
 
 from embedkit.data.schema import Item
 from embedkit.distributed.ranks import barrier, rank_and_world
+from embedkit.encoder import prefixed_item
 from embedkit.errors import UserError
 from embedkit.fault_points import fault_point
 from embedkit.files import atomic_path, is_disk_full, write_atomic
@@ -89,8 +90,7 @@ class RowItems(LazyItems):
         return len(self.rows)
 
     def _item(self, i: int, image) -> Item:
-        text = self.rows[i].get("text")
-        return Item(text=self.prefix + (text or "") if self.prefix else text, image=image)
+        return prefixed_item(self.rows[i].get("text"), image, self.prefix)
 
     def __getitem__(self, i: int) -> Item:
         return self._item(i, to_image(self.rows[i].get("image"), self.root))
@@ -130,7 +130,7 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
     done = sum((parts_dir / f"part-{s:09d}.npy").is_file() for s in starts)
     if done:
         log(f"encode: resuming, {done} of {len(starts)} parts already written")
-    prefix = encoder.provenance.prompts.get(instruction, instruction) if instruction else None
+    prefix = encoder.instruction_prefix(instruction) if instruction else None  # (no instruction: any encoder)
     began, encoded = time.monotonic(), 0
     for index, start in enumerate(starts):
         part = parts_dir / f"part-{start:09d}.npy"

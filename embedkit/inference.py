@@ -198,3 +198,36 @@ def encode_split(n: int, encode_share: Callable[[int, int], torch.Tensor]) -> to
     if local is not None and local.shape[0] != stop - start:
         raise RuntimeError(f"encode returned {local.shape[0]} embeddings for {stop - start} items")
     return gather_in_order(local)
+
+
+class ItemSlice(LazyItems):
+    """``items[start:stop]`` of a ``LazyItems`` as a ``LazyItems`` (a rank's share), nothing made ahead."""
+
+    def __init__(self, items: Sequence[Item], start: int, stop: int):
+        self.items, self.start, self.stop = items, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def _at(self, i: int) -> int:
+        if not 0 <= i < len(self):  # iteration stops here, not at the end of the whole sequence
+            raise IndexError(i)
+        return self.start + i
+
+    def __getitem__(self, i: int) -> Item:
+        return self.items[self._at(i)]
+
+    def sized(self, i: int) -> Item:
+        return getattr(self.items, "sized", self.items.__getitem__)(self._at(i))
+
+
+def encode_shared(items: Sequence[Item], encode: Callable[[Sequence[Item]], torch.Tensor]) -> torch.Tensor:
+    """Embeddings ``[len(items), D]`` (float32, CPU) of every item: each rank encodes its share in one
+    ``encode`` call (``ItemSlice``) and the shares are gathered (``encode_split``); ``[0, 0]`` when empty."""
+
+    def share(start: int, stop: int) -> torch.Tensor:
+        with torch.no_grad():
+            return encode(ItemSlice(items, start, stop)).detach().float().cpu()
+
+    out = encode_split(len(items), share)
+    return out if out is not None else torch.empty(0, 0)

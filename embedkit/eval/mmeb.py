@@ -43,7 +43,7 @@ from embedkit.eval import retrieval
 from embedkit.eval.muvera import MuveraRetrieval, muvera_row_scores
 from embedkit.fault_points import fault_point
 from embedkit.files import write_atomic
-from embedkit.inference import LazyItems, encode_split
+from embedkit.inference import LazyItems, encode_shared
 
 #: ``encode(items) -> Tensor[len(items), D]``: any callable that embeds a sequence of items (it batches them)
 EncodeFn = Callable[[Sequence[Item]], torch.Tensor]
@@ -199,14 +199,8 @@ class KeyItems(LazyItems):
 
 def encode_keys(keys: Sequence[tuple[str, str]], encode: EncodeFn, root: Path) -> torch.Tensor:
     """Embeddings ``[len(keys), D]``: this rank encodes its share (one ``encode`` call, ``KeyItems``),
-    then all shares are gathered (``inference.encode_split``)."""
-
-    def share(start: int, stop: int) -> torch.Tensor:
-        with torch.no_grad():
-            return encode(KeyItems(root, keys[start:stop])).detach().float().cpu()
-
-    out = encode_split(len(keys), share)
-    return out if out is not None else torch.empty(0, 0)
+    then all shares are gathered (``inference.encode_shared``)."""
+    return encode_shared(KeyItems(root, list(keys)), encode)
 
 
 # ---------------------------------------------------------------- one dataset, several datasets

@@ -97,6 +97,9 @@ class MuveraSettings:
 class EvalData:
     root: Optional[str] = None
     datasets: list[str] = field(default_factory=list)
+    # corpus task folders (task.json, queries/corpus/qrels.jsonl: docs/eval-tasks.md): visual documents
+    # by NDCG@5, text<->video R@k, classification, moments; scored with or without data.eval.root
+    tasks: list[str] = field(default_factory=list)
     val_rows: int = 0  # >0: during fit, each validation also scores this many rows per dataset (val/<dataset>/p@1)
     # how embedkit eval ranks token-vector sets (model.pooling=multi_vector): exact MaxSim over every
     # candidate, or MUVERA's FDE picks data.eval.muvera.candidates per query and exact MaxSim re-ranks them

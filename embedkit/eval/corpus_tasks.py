@@ -190,3 +190,18 @@ def evaluate_task(task: CorpusTask, encode: Callable, *, normalize: bool = True,
     result = task_scores(task, sides["query"], sides["candidate"], normalize)
     result.update(kind=task.kind, queries=len(task.queries), corpus=len(task.corpus))
     return result
+
+
+def metric_items(results: dict[str, dict]) -> dict[str, float]:
+    """Display names of every task metric: ``eval/<task>/<metric>`` (``ndcg_linear@5``, ``t2v/R@1``, ...)."""
+    return {f"eval/{name}/{k}": v for name, r in results.items() for k, v in r["metrics"].items()}
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """One row per task: kind, sizes, the main metric and the frame/pixel settings its items were made with."""
+    lines = ["| task | kind | queries | corpus | metric | score | items |", "|---|---|---:|---:|---|---:|---|"]
+    for name, r in results.items():
+        items = ", ".join(f"{k}={v}" for k, v in r.get("items", {}).items()) or "-"
+        lines.append(f"| {name} | {r['kind']} | {r['queries']} | {r['corpus']} | {r['main']} | "
+                     f"{100 * r['score']:.2f} | {items} |")
+    return "\n".join(lines) + "\n"

@@ -343,14 +343,20 @@ def validation_metrics(
 # ---------------------------------------------------------------- outputs
 
 
+def write_score_files(out_dir: str | Path, summary: dict) -> list[Path]:
+    """``<Dataset>_score.json`` per dataset, in the reference's shape."""
+    written = []
+    for name, r in summary["datasets"].items():
+        path = Path(out_dir) / f"{name}_score.json"
+        write_atomic(path, json.dumps({k: r[k] for k in ("acc", "num_correct", "num_pred")}, indent=4) + "\n")
+        written.append(path)
+    return written
+
+
 def write_outputs(out_dir: str | Path, summary: dict, manifest: dict[str, dict]) -> list[Path]:
     """``<Dataset>_score.json`` (the reference's shape), ``summary.json`` and ``summary.md``."""
     out_dir = Path(out_dir)
-    written = []
-    for name, r in summary["datasets"].items():
-        path = out_dir / f"{name}_score.json"
-        write_atomic(path, json.dumps({k: r[k] for k in ("acc", "num_correct", "num_pred")}, indent=4) + "\n")
-        written.append(path)
+    written = write_score_files(out_dir, summary)
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_atomic(out_dir / "summary.md", markdown_table(summary, manifest))
     return written + [out_dir / "summary.json", out_dir / "summary.md"]

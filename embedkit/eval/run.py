@@ -11,12 +11,14 @@ or a sentence-transformers folder, and ``runs/eval-<recipe>/`` for a recipe's mo
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from embedkit.errors import UserError
+from embedkit.files import write_atomic
 from embedkit.runs import RunDir, eval_folder
 
 
@@ -38,8 +40,11 @@ class EvalResult:
     def metrics(self) -> dict[str, float]:
         """Metric display names -> values; a cut model's names end in ``/<tag>``."""
         from embedkit.eval import mmeb
+        from embedkit.eval.corpus_tasks import metric_items
 
-        return {f"{k}/{self.tag}" if self.tag else k: v for k, v in mmeb.metric_items(self.summary).items()}
+        items = mmeb.metric_items(self.summary) if self.summary.get("datasets") else {}
+        items.update(metric_items(self.summary.get("tasks", {})))
+        return {f"{k}/{self.tag}" if self.tag else k: v for k, v in items.items()}
 
     def files(self) -> list[Path]:
         return [self.out_dir / "summary.json", self.out_dir / "summary.md"]
@@ -88,11 +93,14 @@ class MMEBRun:
     def __init__(self, section: dict, *, chunk_size: int, quantize: list[str], rescore_k: int | None,
                  dtype: str | None = None, num_workers: int = 0):
         from embedkit.eval import mmeb
+        from embedkit.eval.corpus_tasks import read_task
         from embedkit.eval.muvera import MuveraRetrieval
 
         self.manifest = mmeb.load_manifest()
         self.root = section["root"]
-        self.datasets = mmeb.resolve_datasets(self.root, section["datasets"], self.manifest)
+        self.tasks = [read_task(folder) for folder in section["tasks"]]
+        only_tasks = self.tasks and not self.root and not section["datasets"]
+        self.datasets = [] if only_tasks else mmeb.resolve_datasets(self.root, section["datasets"], self.manifest)
         self.muvera = MuveraRetrieval.from_config(section["muvera"]) if section["retrieval"] == "muvera" else None
         self.chunk_size, self.quantize, self.rescore_k = chunk_size, quantize, rescore_k
         self.dtype, self.engine = dtype, {"num_workers": num_workers} if num_workers else {}
@@ -123,11 +131,13 @@ class MMEBRun:
             model.to(torch_dtype(self.dtype))
         if torch.cuda.is_available():
             model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+        encode = lambda items: model.encode_items(items, self.chunk_size, **self.engine)  # noqa: E731
         summary = mmeb.evaluate(
-            self.root, self.datasets, lambda items: model.encode_items(items, self.chunk_size, **self.engine),
-            normalize=model.normalize, manifest=self.manifest,
+            self.root, self.datasets, encode, normalize=model.normalize, manifest=self.manifest,
             log=log if rank == 0 else None, quantize=self.quantize, rescore_k=self.rescore_k, muvera=self.muvera,
-        )
+        ) if self.datasets else {}
+        if self.tasks:
+            summary["tasks"] = self.score_tasks(model, encode, log if rank == 0 else None)
         if depth:
             summary["depth"] = depth
         result = EvalResult(summary, out_dir, tag, str(self.root))
@@ -135,12 +145,37 @@ class MMEBRun:
             self.report(result, depth, log)
         return result
 
-    def report(self, result: EvalResult, depth: dict | None, log: Callable[[str], None]) -> None:
-        from embedkit.eval import mmeb
+    def score_tasks(self, model, encode, log: Callable[[str], None] | None) -> dict:
+        """Every corpus task scored (``eval/corpus_tasks.py``), each result with the item settings it used."""
+        from embedkit.eval.corpus_tasks import evaluate_task
 
-        mmeb.write_outputs(result.out_dir, result.summary, self.manifest)
-        log(mmeb.markdown_table(result.summary, self.manifest).rstrip("\n"))
+        options = getattr(model, "item_options", dict)()
+        results = {}
+        for i, task in enumerate(self.tasks):
+            if log:
+                log(f"[task {i + 1}/{len(self.tasks)}] {task.name} ({task.kind})")
+            results[task.name] = evaluate_task(task, encode, normalize=model.normalize, item_options=options, log=log)
+            results[task.name]["items"] = {k: v for k, v in options.items() if v is not None}
+            if log:
+                log(f"  {task.name}: {task.main} {results[task.name]['score']:.4f}")
+        return results
+
+    def report(self, result: EvalResult, depth: dict | None, log: Callable[[str], None]) -> None:
+        from embedkit.eval import corpus_tasks, mmeb
+
         at = (f" at layer {depth['layer']}/{depth['num_layers']}, dim {depth['dim']}/{depth['embedding_dim']}"
               if result.tag else "")
-        log(f"overall P@1 {result.summary['aggregate']['overall']:.4f}{at} over "
-            f"{len(result.summary['datasets'])} datasets; files in {result.out_dir}")
+        tables = []
+        if result.summary.get("datasets"):
+            tables.append(mmeb.markdown_table(result.summary, self.manifest))
+            mmeb.write_score_files(result.out_dir, result.summary)
+        if result.summary.get("tasks"):
+            tables.append(corpus_tasks.markdown_table(result.summary["tasks"]))
+        write_atomic(result.out_dir / "summary.json", json.dumps(result.summary, indent=2) + "\n")
+        write_atomic(result.out_dir / "summary.md", "\n".join(tables))
+        log("\n".join(tables).rstrip("\n"))
+        if result.summary.get("datasets"):
+            log(f"overall P@1 {result.summary['aggregate']['overall']:.4f}{at} over "
+                f"{len(result.summary['datasets'])} datasets; files in {result.out_dir}")
+        for name, r in result.summary.get("tasks", {}).items():
+            log(f"{name}: {r['main']} {r['score']:.4f}{at}; files in {result.out_dir}")

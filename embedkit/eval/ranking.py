@@ -16,7 +16,8 @@ per-query-candidates scope (candidate 0 = the answer) equals ``hit_at_k(scores, 
 
 Only the ranks of the judged candidates are needed: with few qrels per query they are counted
 (O(#qrels * C) comparisons, no sort), with many the judged rows are sorted once (stable), both in
-chunks; 1k queries x 10k candidates take about a second either way on 2 CPU cores.
+chunks. ``bench/ranking.py``: 1k queries x 10k candidates in 0.3 s (1 judged per query), 1.6 s (5) and
+5.2 s (50) on 2 CPU cores shared with other work.
 """
 
 from __future__ import annotations

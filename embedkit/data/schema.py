@@ -1,7 +1,7 @@
 """The sample schema shared by the demo data, MMEB conversion and every loader.
 
 An ``Item`` is what gets embedded: text, and any number of images or one video (its sampled frames,
-``data.video.Frames``). MMEB text marks where each visual goes: ``<|image_1|>`` ... ``<|image_k|>``
+``Frames``, made by ``data.video``). MMEB text marks where each visual goes: ``<|image_1|>`` ... ``<|image_k|>``
 for images and ``<|video_1|>`` for the video; text without them gets the visuals in front, in order
 (``segments`` is the one reading of that grammar; each backbone swaps in its own tokens). An
 ``Example`` is one training row: a query, its positive, K hard negatives and the task it came from
@@ -13,15 +13,26 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from PIL import Image
 
-if TYPE_CHECKING:  # data.video imports the shard codec, which imports this module
-    from embedkit.data.video import Frames
-
 VIDEO_PLACEHOLDER = "<|video_1|>"
 _PLACEHOLDER = re.compile(r"<\|(image|video)_(\d+)\|>")
+
+
+@dataclass
+class Frames:
+    """A video's frames as a policy kept them (``data.video``): RGB images, their timestamps in seconds
+    (PTS x time_base for a video, None for a stream without PTS such as raw H.264; as given, or None,
+    for a list), their indices in the source, the source's frame count and its duration in seconds
+    (None when unknown)."""
+
+    images: list[Image.Image]
+    timestamps: list[float] | None
+    indices: list[int]
+    source_frames: int
+    duration: float | None = None
 
 
 def image_placeholder(k: int) -> str:

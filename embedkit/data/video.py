@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 
 from PIL import Image
 
+from embedkit.data.schema import Frames  # noqa: F401 (re-exported: the frames a policy kept)
 from embedkit.data.shards import BadSample, to_rgb
 from embedkit.errors import ConfigError
 
@@ -82,19 +83,6 @@ class FramePolicy:
 def _positive_int(key: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"frame policy {key}: must be a positive integer, got {value!r}")
-
-
-@dataclass
-class Frames:
-    """The frames a policy kept: RGB images, their timestamps in seconds (PTS x time_base for a video, None
-    for a stream without PTS such as raw H.264; as given, or None, for a list), their indices in the source, the source's frame count and its
-    duration in seconds (None when unknown)."""
-
-    images: list[Image.Image]
-    timestamps: list[float] | None
-    indices: list[int]
-    source_frames: int
-    duration: float | None = None
 
 
 def uniform_indices(n: int, k: int) -> list[int]:

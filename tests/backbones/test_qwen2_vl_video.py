@@ -151,3 +151,33 @@ def test_placeholder_mismatch_is_a_one_line_refusal(backbone, item):
     assert reason and reason.startswith("ValueError: ") and "\n" not in reason
     with pytest.raises(ValueError):
         backbone.make_processor()([item])
+
+
+def test_a_chunk_without_pixels_runs_a_trainable_tower_on_a_dummy_input(backbone, monkeypatch):
+    """Text only, tower trainable: the same outputs as without the dummy, the tower's gradients zero
+    tensors (DDP sees every parameter used; FSDP2 ranks run the same all-gathers), no host sync added;
+    a frozen tower is not run."""
+    from bench.host_sync import SyncCounter
+
+    chunk = backbone.make_processor()([Item(text="a b c"), Item(text="only words here")])
+    assert not any(k.startswith("pixel") for k in chunk)
+    calls = []
+    hook = backbone.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    named = [(n, p) for n, p in backbone.named_parameters() if p.requires_grad]
+    with SyncCounter() as c:
+        out = backbone(chunk, output_all_layers=True)
+        grads = torch.autograd.grad(out.hidden.sum() + out.all_layers[1].sum(), [p for _, p in named],
+                                    allow_unused=True)
+    assert calls == [1]
+    assert all("masking_utils" in site for site in c.counts), c.report()
+    tower = [g for (n, _), g in zip(named, grads) if n.startswith("model.visual.")]
+    assert tower and all(g is not None and not g.any() for g in tower)
+    assert any(g is not None and g.any() for (n, _), g in zip(named, grads) if not n.startswith("model.visual."))
+    monkeypatch.setattr(type(backbone), "_vision_trainable", lambda self: False)
+    plain = backbone(chunk, output_all_layers=True)
+    hook.remove()
+    assert calls == [1]  # not run for a frozen tower
+    assert torch.equal(plain.hidden, out.hidden)
+    assert all(torch.equal(x, y) for x, y in zip(plain.all_layers, out.all_layers))
+    frozen = Qwen2VLBackbone(seed=0, tiny=True, **PIXELS)
+    assert not frozen._vision_trainable()

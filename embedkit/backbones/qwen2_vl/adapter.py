@@ -30,7 +30,7 @@ from embedkit.backbones.base import (
     torch_dtype,
 )
 from embedkit.backbones.checkpoints import load_pretrained, open_checkpoint
-from embedkit.backbones.qwen2_vl.host_positions import HOST_KEYS, host_inputs
+from embedkit.backbones.qwen2_vl.host_positions import HOST_KEYS, host_inputs, vision_rope
 from embedkit.backbones.qwen2_vl.video_pixels import video_grid, video_pixels
 from embedkit.backbones.qwen2_vl.vision_attention import use_batched_vision_attention
 from embedkit.config.registry import register
@@ -40,6 +40,8 @@ FAMILY = "qwen2_vl"
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 VIDEO_PAD = "<|video_pad|>"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
+#: the chunk keys that carry pixels (a chunk with none runs a trainable tower on a dummy input)
+PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 #: the transformers model types this family loads
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -237,8 +239,34 @@ class Qwen2VLBackbone(Backbone):
             out = self._forward_prepared(inputs, output_all_layers)
         else:
             out = self.model(**inputs, output_hidden_states=output_all_layers, use_cache=False)
-        return BackboneOutput(out.last_hidden_state, inputs["attention_mask"],
-                              out.hidden_states if output_all_layers else None)
+        hidden, layers = out.last_hidden_state, out.hidden_states if output_all_layers else None
+        if not any(k in inputs for k in PIXEL_KEYS) and self._vision_trainable():
+            zero = 0 * self._vision_dummy(hidden.device).sum().to(hidden.dtype)
+            hidden = hidden + zero
+            layers = tuple(h + zero for h in layers) if layers is not None else None
+        return BackboneOutput(hidden, inputs["attention_mask"], layers)
+
+    def _vision_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.model.visual.parameters())
+
+    def _vision_dummy(self, device: torch.device) -> torch.Tensor:
+        """The trainable vision tower's output on a minimal input (one image of merge x merge zero patches),
+        for a chunk without pixels. Under DDP and FSDP2 every rank must run the same modules: FSDP2
+        all-gathers the tower's parameters in its forward (a collective), and DDP's reducer waits for a
+        gradient of every parameter; a rank whose chunk has no image or video while another rank's has
+        would skip the tower and hang the step (or fail DDP's unused-parameter check). ``forward`` adds
+        ``0 * sum`` of this to its outputs: the same values, and zero (not None) gradients on the tower.
+        Qwen2-VL gets the host's inputs for it (no host sync); Qwen2.5-VL runs transformers' own path."""
+        m = self.merge_size
+        embed = self.model.visual.patch_embed
+        width = embed.in_channels * embed.temporal_patch_size * embed.patch_size**2
+        pixels = torch.zeros(m * m, width, device=device)
+        grid = torch.tensor([[1, m, m]], device=device)
+        if not self.host_positions:
+            return self.model.visual(pixels.type(self.model.visual.dtype), grid_thw=grid).pooler_output
+        cu = torch.tensor([0, m * m], dtype=torch.int32, device=device)
+        positions = torch.from_numpy(vision_rope(1, m, m, m)).to(device)
+        return self._run_visual(pixels, grid, cu, positions, ([(m * m, 1, 0)], None))
 
     def _forward_prepared(self, inputs: dict[str, Any], output_all_layers: bool):
         """Qwen2-VL's forward for a chunk carrying ``host_inputs``: the vision tower with its positions and

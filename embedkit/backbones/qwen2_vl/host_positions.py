@@ -35,7 +35,7 @@ def _image_rope(t: int, h: int, w: int, merge: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def _vision_rope(t: int, h: int, w: int, merge: int) -> np.ndarray:
+def vision_rope(t: int, h: int, w: int, merge: int) -> np.ndarray:
     """The vision tower's rotary (row, column) of each patch of one image, [t * h * w, 2], in the
     tower's order: merge x merge blocks, row-major inside and across blocks, repeated per frame."""
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
@@ -103,7 +103,7 @@ def host_inputs(inputs: dict[str, torch.Tensor], merge_size: int) -> dict[str, A
     frames = [h * w for t, h, w in every for _ in range(t)]  # one attention segment per frame
     cu = torch.from_numpy(np.concatenate([[0], np.cumsum(frames)]).astype(np.int32))
     groups, order = image_groups(cu)
-    vision = np.concatenate([_vision_rope(t, h, w, merge_size) for t, h, w in every])
+    vision = np.concatenate([vision_rope(t, h, w, merge_size) for t, h, w in every])
     out: dict[str, Any] = {
         "rope_position_ids": rope_positions(inputs["input_ids"], inputs["mm_token_type_ids"],
                                             inputs["attention_mask"], grids, merge_size),

@@ -185,3 +185,14 @@ def test_a_chunk_without_pixels_runs_a_trainable_tower_on_a_dummy_input(backbone
     assert all(torch.equal(x, y) for x, y in zip(plain.all_layers, out.all_layers))
     frozen = Qwen2VLBackbone(seed=0, tiny=True, **PIXELS)
     assert not frozen._vision_trainable()
+
+
+def test_video_pixel_keys_are_checked_in_one_line():
+    from embedkit.config.loader import compose
+    from embedkit.errors import ConfigError
+
+    Qwen2VLBackbone.check_config({"video_total_pixels": None, "video_max_pixels": 112 * 112})
+    with pytest.raises(ValueError, match="video_total_pixels: expected a positive number"):
+        Qwen2VLBackbone.check_config({"video_total_pixels": 0})
+    with pytest.raises(ConfigError, match="video_min_pixels"):
+        compose(["recipe=demo", "model.backbone.video_min_pixels=-4"])

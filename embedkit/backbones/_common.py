@@ -1,5 +1,5 @@
 """Helpers shared by the backbone adapters' chunk processing: right padding, Qwen's chat frame, the
-placeholder error, an item's visuals laid out as text pieces, and the dummy vision pass of a chunk without
+refusal of a placeholder in a text-only item, an item's visuals laid out as text pieces, and the dummy vision pass of a chunk without
 pixels. (The shared constructor pieces are in ``base``; checkpoint loading is
 ``backbones.checkpoints``.)
 
@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from embedkit.backbones.base import IMAGE_PLACEHOLDER
 from embedkit.data.schema import Item, segments
 
 #: MMEB's placeholders (``schema.segments`` reads them; here only to refuse them in a text-only item)
@@ -48,10 +47,6 @@ def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
     return ids, mask
-
-
-def placeholder_error(family: str) -> ValueError:
-    return ValueError(f"{family}: an item's text contains {IMAGE_PLACEHOLDER} but the item has no image")
 
 
 def check_text_only(text: str, family: str) -> None:

@@ -10,9 +10,12 @@ resized base view go through the vision tower, the tiled features are unpadded t
 ratio, shrunk (bilinear) when they exceed ``anyres_max`` tiles' worth, and a learned newline vector
 ends every feature row. The processor computes that token count itself, with the model's own
 arithmetic, and expands MMEB's ``<|image_1|>`` into that many image tokens; the model checks the count.
+An item with several images gets each at the base resolution plus one newline, and a video goes through
+the model's video path (frames encoded one by one, 2 x 2 pooled, one newline per video), both as
+transformers' ``LlavaOnevisionProcessor`` counts them (docs/video.md, "Backbones").
 
-Processing is image-only and PIL-based (``LlavaOnevisionImageProcessorPil``): the stock processor
-insists on a torchvision video processor, and torchvision does not import beside the CPU torch.
+Processing is PIL-based (``LlavaOnevisionImageProcessorPil``, and the frames' pixels built here): the stock
+processor insists on a torchvision video processor, and torchvision does not import beside the CPU torch.
 """
 
 from __future__ import annotations

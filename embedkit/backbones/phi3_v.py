@@ -16,6 +16,9 @@ Architecture (Phi-3 technical report, arXiv 2404.14219, sec. "Phi-3-Vision"; the
   view ("sub_glb"); a 2-layer MLP (Linear, GELU, Linear) projects to the LM width.
   Image tokens per image: ``(h*w + 1) * 144 + 1 + (h + 1) * 12`` for an ``h x w`` crop grid.
 
+An item may hold several images, each with its own crops and tokens, placed by ``schema.segments``; a
+video is read as its frames, each frame one image (``phi_pieces``; docs/video.md, "Backbones").
+
 Checkpoint key layout (official name -> this module), loaded with strict key checks:
 
     model.embed_tokens.*, model.layers.*, model.norm.*        -> language_model.*

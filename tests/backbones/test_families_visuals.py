@@ -44,7 +44,7 @@ def _mixed() -> list[Item]:
         Item(text="a red circle at the top left"),
         Item(text="<|image_1|> represent the given image", image=_image(56, 40, 1)),
         Item(text="compare <|image_2|> with <|image_1|> and <|image_3|>", images=_images(3, 10)),
-        Item(text="<|video_1|> what happens in the video", video=_video(8)),
+        Item(text="<|video_1|> what happens in the video", video=_video(4)),
         Item(text="find a blue square"),
         Item(text="these pictures", images=_images(2, 20)),
     ]
@@ -179,7 +179,7 @@ def _reference(backbone, inputs) -> torch.Tensor:
 
 def test_llava_prepared_forward_equals_transformers_forward_on_a_mixed_chunk():
     backbone = LlavaOnevision(seed=0, tiny=True).eval()
-    items = _mixed() + [Item(video=_video(8, 300))]  # two videos of 8 frames: transformers stacks them
+    items = _mixed() + [Item(video=_video(4, 300))]  # two videos of 4 frames: transformers stacks them
     inputs = backbone.make_processor()(items)
     assert "video_token_index" in inputs and "image_token_index" in inputs
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """Helpers shared by the backbone adapters' chunk processing: right padding, Qwen's chat frame, the
-placeholder error. (The shared constructor pieces are in ``base``; checkpoint loading is
+refusal of a placeholder in a text-only item, an item's visuals laid out as text pieces, and the dummy vision pass of a chunk without
+pixels. (The shared constructor pieces are in ``base``; checkpoint loading is
 ``backbones.checkpoints``.)
 
 Not a component (the leading underscore keeps the registry from importing it as one).
@@ -7,9 +8,15 @@ Not a component (the leading underscore keeps the registry from importing it as 
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import torch
 
-from embedkit.backbones.base import IMAGE_PLACEHOLDER
+from embedkit.data.schema import Item, segments
+
+#: MMEB's placeholders (``schema.segments`` reads them; here only to refuse them in a text-only item)
+_PLACEHOLDER = re.compile(r"<\|(image|video)_\d+\|>")
 
 #: Qwen's chat markers (ChatML): the Qwen2 tokenizers of LLaVA-OneVision and Qwen2-VL hold both as special tokens
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -42,5 +49,64 @@ def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def placeholder_error(family: str) -> ValueError:
-    return ValueError(f"{family}: an item's text contains {IMAGE_PLACEHOLDER} but the item has no image")
+def check_text_only(text: str, family: str) -> None:
+    """A text-only item whose text holds an image or video placeholder: one-line ValueError."""
+    found = _PLACEHOLDER.search(text)
+    if found:
+        raise ValueError(f"{family}: an item's text contains {found.group(0)} but the item has no image or video")
+
+
+def visual_pieces(item: Item, joiner: str) -> list:
+    r"""The item's prompt as pieces: text (str), or ``("image", k)`` / ``("video", 0)``.
+
+    These are ``schema.segments`` with the separators a family puts around its visuals: where the text places
+    no visual, the visuals lead it with ``joiner`` between them and "\n" before the text (the single-image
+    layout ``<image>\n{text}``); where it places them, the text is taken as it is. Consecutive text pieces
+    are joined, so they tokenize as one string."""
+    segs = segments(item)
+    placed = bool(_PLACEHOLDER.search(item.text or ""))
+    out: list = []
+    for i, (kind, value) in enumerate(segs):
+        if kind == "text":
+            out.append(value)
+            continue
+        out.append((kind, value))
+        if not placed and i + 1 < len(segs):
+            out.append("\n" if segs[i + 1][0] == "text" else joiner)
+    return join_text(out)
+
+
+def join_text(pieces: list) -> list:
+    """Adjacent text pieces joined into one; empty ones dropped."""
+    out: list = []
+    for piece in pieces:
+        if isinstance(piece, str) and out and isinstance(out[-1], str):
+            out[-1] += piece
+        elif piece != "":
+            out.append(piece)
+    return out
+
+
+def vision_trainable(module: torch.nn.Module, prefixes: tuple[str, ...]) -> bool:
+    """Whether any parameter under ``prefixes`` (the vision tower and projector) takes gradients now."""
+    return any(p.requires_grad for name, p in module.named_parameters() if name.startswith(prefixes))
+
+
+def keep_vision_in_graph(module: torch.nn.Module, out, dummy) -> Any:
+    """``out`` (a ``BackboneOutput``) with ``0 * dummy().sum()`` added to every hidden state, when a chunk
+    without pixels meets a trainable vision tower (or projector) under autograd; ``out`` as it is otherwise.
+
+    Data parallelism needs every rank to run the same modules: DDP expects a gradient for every trainable
+    parameter (else its reducer waits, or errors on unused parameters), and a rank whose chunk holds no image
+    or video would skip the tower while its peers' chunks run it. ``dummy()`` runs the tower (and projector) on
+    a minimal input; the added zero puts its parameters in the graph with zero gradients and changes no
+    value. It is added after the language model, so the RNG stream a GradCache replay consumes (LoRA dropout)
+    is the same with and without grad. ``module.vision_prefixes + projector_prefixes`` name the parameters."""
+    prefixes = tuple(module.vision_prefixes) + tuple(module.projector_prefixes)
+    if not torch.is_grad_enabled() or not vision_trainable(module, prefixes):
+        return out
+    zero = 0 * dummy().sum()
+    out.hidden = out.hidden + zero
+    if out.all_layers is not None:
+        out.all_layers = tuple(h + zero for h in out.all_layers)
+    return out

@@ -1,8 +1,8 @@
 """Text-only backbone: any transformers ``AutoModel`` encoder or decoder (BERT, Qwen2, Llama, ...).
 
 Loads ``AutoModel`` + ``AutoTokenizer`` from ``path`` (hub id or local directory), or builds a tiny
-random ``Qwen2Model`` with the offline word-level tokenizer (``tiny=true``). Items carrying an image are
-refused with a clear error. The LoRA target regex is chosen from the module names the model actually
+random ``Qwen2Model`` with the offline word-level tokenizer (``tiny=true``). Items carrying images or a
+video are refused in one line (``refusal``, and the processor raises the same ``UserError``). The LoRA target regex is chosen from the module names the model actually
 has (decoder-style ``q/k/v/o_proj`` + MLP projections, or BERT-style ``query/key/value`` + dense layers).
 """
 
@@ -51,16 +51,23 @@ class TextChunkProcessor(ChunkProcessor):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def _rows(self, items: list[Item]) -> list[list[int]]:
-        if any(item.image is not None for item in items):
-            raise UserError(
-                f"{FAMILY}: an item has an image, but backbone {FAMILY!r} embeds text only "
-                "(use a vision-language backbone, or data.demo.text_only=true for the demo)"
-            )
+        for item in items:
+            why = self.refusal(item)
+            if why:
+                raise UserError(why)
         cut = self.max_length - (self.eos is not None)
         rows = self.tokenizer([item.text for item in items], truncation=True, max_length=cut)["input_ids"]
         if self.eos is not None:
             rows = [r if r and r[-1] == self.eos else r + [self.eos] for r in rows]
         return rows
+
+    def refusal(self, item: Item) -> str | None:
+        """An item with images or a video: this backbone is text-only (one line)."""
+        if not item.has_visual:
+            return None
+        what = "a video" if item.video is not None else "an image" if len(item.images) == 1 else "several images"
+        return (f"{FAMILY}: an item has {what}, but backbone {FAMILY!r} is text-only: it embeds text only "
+                "(use a vision-language backbone, or data.demo.text_only=true for the demo)")
 
     def num_tokens(self, item: Item) -> int:
         """The processed length: the tokenizer's row (truncated, EOS added), with no tensors built."""

@@ -10,9 +10,12 @@ resized base view go through the vision tower, the tiled features are unpadded t
 ratio, shrunk (bilinear) when they exceed ``anyres_max`` tiles' worth, and a learned newline vector
 ends every feature row. The processor computes that token count itself, with the model's own
 arithmetic, and expands MMEB's ``<|image_1|>`` into that many image tokens; the model checks the count.
+An item with several images gets each at the base resolution plus one newline, and a video goes through
+the model's video path (frames encoded one by one, 2 x 2 pooled, one newline per video), both as
+transformers' ``LlavaOnevisionProcessor`` counts them (docs/video.md, "Backbones").
 
-Processing is image-only and PIL-based (``LlavaOnevisionImageProcessorPil``): the stock processor
-insists on a torchvision video processor, and torchvision does not import beside the CPU torch.
+Processing is PIL-based (``LlavaOnevisionImageProcessorPil``, and the frames' pixels built here): the stock
+processor insists on a torchvision video processor, and torchvision does not import beside the CPU torch.
 """
 
 from __future__ import annotations
@@ -68,10 +71,18 @@ def num_image_tokens(
     return side * side + cur_h * (cur_w + 1)  # base view + tiled rows, each ended by a newline
 
 
+def num_video_tokens(frames: int, *, tile: int, patch: int) -> int:
+    """Video tokens for ``frames`` frames: each frame's ``side x side`` features pooled (bilinear) to
+    ``ceil(side / 2)`` squared, then one newline for the whole video (transformers 5.25,
+    ``LlavaOnevisionProcessor.replace_video_token`` and ``LlavaOnevisionModel.get_video_features``)."""
+    pooled = math.ceil(tile // patch / 2)
+    return frames * pooled * pooled + 1
+
+
 class LlavaOnevisionChunkProcessor(ChunkProcessor):
     def __init__(self, tokenizer, image_processor, image_token_id: int, tile: int, patch: int,
                  pinpoints: list[list[int]], anyres_max: int, append_eos: bool = True,
-                 max_length: int | None = None, system_prompt: str | None = None):
+                 max_length: int | None = None, system_prompt: str | None = None, video_token_id: int | None = None):
         self.tokenizer = tokenizer
         self.end = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
         self.max_length = max_length
@@ -79,37 +90,47 @@ class LlavaOnevisionChunkProcessor(ChunkProcessor):
         if system_prompt is not None:  # prompt=chat: Qwen's chat template around every item
             self.before, self.after = _common.chat_frame(self._ids, system_prompt)
         self.image_processor = image_processor
-        self.image_token_id = image_token_id
+        self.image_token_id, self.video_token_id = image_token_id, video_token_id
         self.tile, self.patch, self.pinpoints, self.anyres_max = tile, patch, pinpoints, anyres_max
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def _row(self, item: Item) -> list[int]:
-        """The item's token ids, image tokens counted from the image size (nothing is resized here)."""
-        text = item.text or ""
-        if item.image is None:
-            if _common.IMAGE_PLACEHOLDER in text:
-                raise _common.placeholder_error(FAMILY)
-            content = self._ids(text)
+        """The item's token ids, image and video tokens counted from the image sizes and the frame count
+        (nothing is resized here)."""
+        if not item.has_visual:
+            _common.check_text_only(item.text or "", FAMILY)
+            content = self._ids(item.text or "")
             if self.max_length is not None:  # text-only items are cut to max_length tokens in all
                 content = content[: max(0, self.max_length - len(self.before) - len(self.after) - len(self.end))]
             return self.before + content + self.after + self.end
-        if _common.IMAGE_PLACEHOLDER not in text:
-            text = _common.IMAGE_PLACEHOLDER + ("\n" + text if text else "")
-        n = num_image_tokens(item.image.height, item.image.width, tile=self.tile, patch=self.patch,
-                             pinpoints=self.pinpoints, anyres_max=self.anyres_max)
-        before, _, after = text.partition(_common.IMAGE_PLACEHOLDER)
-        if _common.IMAGE_PLACEHOLDER in after:
-            raise ValueError(f"{FAMILY}: one image per item; the text holds several {_common.IMAGE_PLACEHOLDER}")
-        row = self.before + self._ids(before) + [self.image_token_id] * n + self._ids(after) + self.after + self.end
+        row = list(self.before)
+        for piece in _common.visual_pieces(item, ""):  # the chat template's layout: <image><image>\n{text}
+            row += self._ids(piece) if isinstance(piece, str) else self._visual_tokens(item, piece[0])
+        row += self.after + self.end
         if self.max_length is not None and len(row) > self.max_length:
-            raise ValueError(f"{FAMILY}: an image item of {len(row)} tokens exceeds max_length={self.max_length}; "
+            raise ValueError(f"{FAMILY}: an item of {len(row)} tokens exceeds max_length={self.max_length}; "
                              "lower model.backbone.max_grid / anyres_max or raise model.backbone.max_length")
         return row
 
+    def _visual_tokens(self, item: Item, kind: str) -> list[int]:
+        """One visual's tokens: a video's (``num_video_tokens``); an image's: AnyRes-Max for an item's only
+        image, the base view plus one newline for each image of a several-image item (transformers 5.25,
+        ``LlavaOnevisionProcessor.replace_image_token``: "only single image patching is supported")."""
+        side = self.tile // self.patch
+        if kind == "video":
+            if self.video_token_id is None:
+                raise ValueError(f"{FAMILY}: this checkpoint's config has no video token")
+            return [self.video_token_id] * num_video_tokens(len(item.video.images), tile=self.tile, patch=self.patch)
+        if len(item.images) > 1:
+            return [self.image_token_id] * (side * side + 1)
+        image = item.images[0]
+        return [self.image_token_id] * num_image_tokens(image.height, image.width, tile=self.tile, patch=self.patch,
+                                                        pinpoints=self.pinpoints, anyres_max=self.anyres_max)
+
     def refusal(self, item: Item) -> str | None:
-        """Several image placeholders, a placeholder without an image, an item over ``max_tokens``."""
+        """Placeholders that do not match the item's visuals, an item over ``max_tokens``."""
         return refusal_by_length(self, item)
 
     def num_tokens(self, item: Item) -> int:
@@ -118,21 +139,52 @@ class LlavaOnevisionChunkProcessor(ChunkProcessor):
 
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
         rows = [self._row(item) for item in items]
-        images = [item.image.convert("RGB") for item in items if item.image is not None]
         if any(len(r) == 0 for r in rows):
             raise ValueError(f"{FAMILY}: an item tokenized to nothing")
         input_ids, attention_mask = _common.pad_right(rows, self.tokenizer.pad_token_id)
         out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        # each item's images in the order the prompt places them: features fill the image tokens in order
+        images = [placed_images(item) for item in items if item.images]
         if images:
-            pix = self.image_processor(images=images, image_grid_pinpoints=self.pinpoints, return_tensors="pt")
-            out["pixel_values"] = pix["pixel_values"]
-            out["image_sizes"] = pix["image_sizes"]
-            out["batch_num_images"] = torch.ones(len(images), dtype=torch.long)
-            # the same, as Python lists, and where the image tokens are: read on the host by the forward
-            # (transformers reads each image's size back from the device, several syncs per image)
-            out["image_sizes_host"] = pix["image_sizes"].tolist()
+            out.update(self._image_inputs(images))
             out["image_token_index"] = (input_ids.reshape(-1) == self.image_token_id).nonzero().squeeze(1)
+        videos = [item.video.images for item in items if item.video is not None]
+        if videos:
+            out.update(self._video_inputs(videos))
+            out["video_token_index"] = (input_ids.reshape(-1) == self.video_token_id).nonzero().squeeze(1)
         return out
+
+    def _image_inputs(self, images: list[list]) -> dict:
+        """The image processor on each item's images (a nested list: it tiles an item's only image and
+        pads a several-image item's images to squares, base view only, as transformers does)."""
+        pix = self.image_processor(images=images, image_grid_pinpoints=self.pinpoints, return_tensors="pt")
+        return {
+            "pixel_values": pix["pixel_values"], "image_sizes": pix["image_sizes"],
+            "batch_num_images": torch.tensor([len(x) for x in images], dtype=torch.long),
+            # as Python lists too, read on the host by the forward (transformers reads each image's size back
+            # from the device, several syncs per image)
+            "image_sizes_host": pix["image_sizes"].tolist(), "batch_num_images_host": [len(x) for x in images],
+        }
+
+    def _video_inputs(self, videos: list[list]) -> dict:
+        """Each frame resized to one ``tile x tile`` view (bicubic), rescaled and normalized with the image
+        processor's mean and std: what ``LlavaOnevisionVideoProcessor`` does (transformers 5.25: size
+        384 x 384, bicubic, CLIP mean/std), built with PIL because that processor needs torchvision.
+        ``pixel_values_videos`` is ``[videos, most frames, 3, tile, tile]``, shorter videos zero-padded;
+        ``video_frames_host`` holds each video's frame count."""
+        import numpy as np
+        from PIL import Image
+
+        mean = torch.tensor(self.image_processor.image_mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.image_processor.image_std, dtype=torch.float32)[:, None, None]
+        most = max(len(v) for v in videos)
+        pixels = torch.zeros(len(videos), most, 3, self.tile, self.tile)
+        for v, frames in enumerate(videos):
+            for f, frame in enumerate(frames):
+                resized = frame.convert("RGB").resize((self.tile, self.tile), Image.Resampling.BICUBIC)
+                t = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+                pixels[v, f] = (t - mean) / std
+        return {"pixel_values_videos": pixels, "video_frames_host": [len(v) for v in videos]}
 
 
 @register("backbone", FAMILY)
@@ -236,13 +288,14 @@ class LlavaOnevision(Backbone):
             pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
             anyres_max=int(cfg.vision_aspect_ratio.removeprefix("anyres_max_")), append_eos=self.append_eos,
             max_length=self.max_length, system_prompt=self.system_prompt,
+            video_token_id=getattr(cfg, "video_token_id", None),
         )
         # admission (``refusal``): no item longer than the language model's positions
         processor.max_tokens = getattr(cfg.text_config, "max_position_embeddings", None)
         return processor
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
-        if "image_token_index" in inputs:
+        if "image_token_index" in inputs or "video_token_index" in inputs:
             return self._forward_prepared(inputs, output_all_layers)
         kwargs = {}
         if "pixel_values" in inputs:
@@ -251,37 +304,81 @@ class LlavaOnevision(Backbone):
                 "image_sizes": inputs["image_sizes"],
                 "batch_num_images": inputs["batch_num_images"],
             }
+        if "pixel_values_videos" in inputs:
+            kwargs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.model.dtype)
         out = self.model(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
             output_hidden_states=output_all_layers, return_dict=True, **kwargs,
         )
-        return BackboneOutput(
+        return self._output(out, inputs, output_all_layers, visual=bool(kwargs))
+
+    def _output(self, out, inputs: dict[str, Any], output_all_layers: bool, visual: bool) -> BackboneOutput:
+        result = BackboneOutput(
             out.last_hidden_state, inputs["attention_mask"], tuple(out.hidden_states) if output_all_layers else None
         )
+        return result if visual else _common.keep_vision_in_graph(self, result, self._dummy_vision)
+
+    def _dummy_vision(self) -> torch.Tensor:
+        """The video path on one blank frame: vision tower, projector, pooling and the newline vector."""
+        tile = self.model.config.vision_config.image_size
+        pixels = torch.zeros(1, 1, 3, tile, tile, dtype=self.model.dtype, device=self.model.image_newline.device)
+        return self.model.get_video_features(pixels, return_dict=True).pooler_output
 
     def _forward_prepared(self, inputs: dict[str, Any], output_all_layers: bool) -> BackboneOutput:
-        """The model's forward for a chunk whose image sizes and image-token positions the processor gave
-        on the host: transformers' own ``get_image_features`` with the sizes as lists, the features
-        written at the known positions (``index_copy``: what ``masked_scatter`` does), then the
+        """The model's forward for a chunk whose image sizes, frame counts and visual-token positions the
+        processor gave on the host: transformers' own ``get_image_features`` / ``get_video_features``, the
+        features written at the known positions (``index_copy``: what ``masked_scatter`` does), then the
         language model. The same outputs, without the per-image host syncs."""
         model = self.model
         embeds = model.get_input_embeddings()(inputs["input_ids"])
-        sizes = inputs["image_sizes_host"]
-        feats = model.get_image_features(inputs["pixel_values"].to(model.dtype), sizes,
-                                         batch_num_images=[1] * len(sizes), return_dict=True).pooler_output
-        feats = torch.cat(feats, dim=0).to(embeds.device, embeds.dtype)
-        flat = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, inputs["image_token_index"], feats)
+        flat = embeds.reshape(-1, embeds.shape[-1])
+        if "image_token_index" in inputs:
+            flat = _place(flat, inputs["image_token_index"], self._image_features(inputs), "image")
+        if "video_token_index" in inputs:
+            flat = _place(flat, inputs["video_token_index"], self._video_features(inputs), "video")
         out = model(inputs_embeds=flat.view_as(embeds), attention_mask=inputs["attention_mask"], use_cache=False,
                     output_hidden_states=output_all_layers, return_dict=True)
-        return BackboneOutput(
-            out.last_hidden_state, inputs["attention_mask"], tuple(out.hidden_states) if output_all_layers else None
-        )
+        return self._output(out, inputs, output_all_layers, visual=True)
+
+    def _image_features(self, inputs: dict[str, Any]) -> torch.Tensor:
+        sizes = inputs["image_sizes_host"]
+        counts = inputs.get("batch_num_images_host", [1] * len(sizes))
+        feats = self.model.get_image_features(inputs["pixel_values"].to(self.model.dtype), sizes,
+                                              batch_num_images=counts, return_dict=True).pooler_output
+        return torch.cat(feats, dim=0)
+
+    def _video_features(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Every video's frames through ``get_video_features`` in one call (its work is per frame), then cut
+        per video, each ended by the newline vector as that function ends a video."""
+        frames = inputs["video_frames_host"]
+        pixels = inputs["pixel_values_videos"]
+        every = torch.cat([pixels[v, :n] for v, n in enumerate(frames)])[None].to(self.model.dtype)
+        feats = self.model.get_video_features(every, return_dict=True).pooler_output[0]
+        per_frame = (feats.shape[0] - 1) // sum(frames)
+        newline = feats[-1:]
+        pieces = feats[:-1].split([n * per_frame for n in frames])
+        return torch.cat([torch.cat([piece, newline]) for piece in pieces])
 
     def save_pretrained(self, directory: str) -> None:
         """Model, tokenizer and image-processor files: a directory ``path=`` loads back."""
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
+
+
+def placed_images(item: Item) -> list:
+    """The item's images (RGB) in the order its prompt places them: the features fill the image tokens in
+    order, so ``<|image_2|> ... <|image_1|>`` puts the second image first."""
+    pieces = _common.visual_pieces(item, "")
+    return [item.images[p[1]].convert("RGB") for p in pieces if isinstance(p, tuple) and p[0] == "image"]
+
+
+def _place(flat: torch.Tensor, index: torch.Tensor, feats: torch.Tensor, kind: str) -> torch.Tensor:
+    """``feats`` written at the rows ``index`` of ``flat`` (embeddings ``[B*T, H]``); a count mismatch is the
+    one-line error transformers raises (its placeholder mask check)."""
+    if feats.shape[0] != index.shape[0]:
+        raise ValueError(f"{FAMILY}: {index.shape[0]} {kind} tokens but {feats.shape[0]} {kind} features")
+    return flat.index_copy(0, index, feats.to(flat.device, flat.dtype))
 
 
 def peft_module_name(name: str) -> Optional[str]:

@@ -16,6 +16,9 @@ Architecture (Phi-3 technical report, arXiv 2404.14219, sec. "Phi-3-Vision"; the
   view ("sub_glb"); a 2-layer MLP (Linear, GELU, Linear) projects to the LM width.
   Image tokens per image: ``(h*w + 1) * 144 + 1 + (h + 1) * 12`` for an ``h x w`` crop grid.
 
+An item may hold several images, each with its own crops and tokens, placed by ``schema.segments``; a
+video is read as its frames, each frame one image (``phi_pieces``; docs/video.md, "Backbones").
+
 Checkpoint key layout (official name -> this module), loaded with strict key checks:
 
     model.embed_tokens.*, model.layers.*, model.norm.*        -> language_model.*
@@ -147,54 +150,81 @@ class Phi3VChunkProcessor(ChunkProcessor):
         pix[: 1 + crops.shape[0]] = torch.cat([glb, crops])
         return pix, (H, W)
 
-    def _row(self, item: Item, grid: tuple[int, int] | None = None) -> list[int]:
-        """The item's token ids; image tokens from the crop ``grid`` (by arithmetic when not given)."""
+    def _row(self, item: Item, grids: dict[int, tuple[int, int]] | None = None) -> list[int]:
+        """The item's token ids; each image's tokens from its crop grid (``grids``: index in ``visuals(item)``
+        -> grid; by arithmetic on the image sizes when not given)."""
         bos = [self.tokenizer.bos_token_id] if getattr(self.tokenizer, "add_bos_token", False) else []
-        text = item.text or ""
-        if item.image is None:
-            if _common.IMAGE_PLACEHOLDER in text:
-                raise _common.placeholder_error(FAMILY)
-            row = bos + self._ids(text) + self.end
+        if not item.has_visual:
+            _common.check_text_only(item.text or "", FAMILY)
+            row = bos + self._ids(item.text or "") + self.end
             if self.max_length is not None:  # VLM2Vec --max_len: cuts text-only inputs, the end kept
                 row = row[: max(0, self.max_length - len(self.end))] + self.end if len(row) > self.max_length else row
             return row
-        if _common.IMAGE_PLACEHOLDER not in text:
-            text = _common.IMAGE_PLACEHOLDER + ("\n" + text if text else "")
-        before, _, after = text.partition(_common.IMAGE_PLACEHOLDER)
-        if _common.IMAGE_PLACEHOLDER in after:
-            raise ValueError(f"{FAMILY}: one image per item; the text holds several {_common.IMAGE_PLACEHOLDER}")
-        h, w = grid or hd_grid(item.image.width, item.image.height, self.num_crops, self.crop)
-        return bos + self._ids(before) + [-1] * num_image_tokens(h, w, self.merged_side) + self._ids(after) + self.end
+        if grids is None:
+            grids = {k: hd_grid(im.width, im.height, self.num_crops, self.crop) for k, im in enumerate(visuals(item))}
+        row = list(bos)
+        for piece in phi_pieces(item):
+            row += self._ids(piece) if isinstance(piece, str) else [-1] * num_image_tokens(*grids[piece], self.merged_side)
+        return row + self.end
 
     def refusal(self, item: Item) -> str | None:
-        """Several image placeholders, a placeholder without an image, an item over ``max_tokens``."""
+        """Placeholders that do not match the item's visuals, an item over ``max_tokens``."""
         return refusal_by_length(self, item)
 
     def num_tokens(self, item: Item) -> int:
-        """The processed length by arithmetic (the HD transform's crop grid from the image size)."""
+        """The processed length by arithmetic (each image's HD crop grid from its size)."""
         return len(self._row(item))
 
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
-        rows, pixels, sizes = [], [], []
+        rows, pixels, grids = [], [], []
         for item in items:
-            grid = None
-            if item.image is not None:
-                pix, (H, W) = self._pixels(item.image)
+            item_grids = {}
+            for k in placed_order(item):  # pixels in the order their tokens come (masked_scatter's order)
+                pix, (H, W) = self._pixels(visuals(item)[k])
                 pixels.append(pix)
-                sizes.append((H, W))
-                grid = (H // self.crop, W // self.crop)
-            rows.append(self._row(item, grid))
+                item_grids[k] = (H // self.crop, W // self.crop)
+                grids.append(item_grids[k])
+            rows.append(self._row(item, item_grids or None))
         if any(len(r) == 0 for r in rows):
             raise ValueError(f"{FAMILY}: an item tokenized to nothing")
         input_ids, attention_mask = _common.pad_right(rows, self.tokenizer.pad_token_id)
         out = {"input_ids": input_ids, "attention_mask": attention_mask}
         if pixels:
             out["pixel_values"] = torch.stack(pixels)
-            out["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+            out["image_sizes"] = torch.tensor([[h * self.crop, w * self.crop] for h, w in grids], dtype=torch.long)
             # known here, read on the host by the forward: no device->host sync there
-            out["image_grids"] = [[H // self.crop, W // self.crop] for H, W in sizes]
+            out["image_grids"] = [list(g) for g in grids]
             out["image_token_index"] = (input_ids.reshape(-1) < 0).nonzero().squeeze(1)
         return out
+
+
+def visuals(item: Item) -> tuple:
+    """The images Phi-3.5-V encodes for an item, in order: its images, or its video's frames."""
+    return item.video.images if item.video is not None else item.images
+
+
+def placed_order(item: Item) -> list[int]:
+    """Indices into ``visuals(item)`` in the order the prompt places them (``<|image_2|> ... <|image_1|>``
+    puts the second image first)."""
+    return [p for p in phi_pieces(item) if not isinstance(p, str)] if item.has_visual else []
+
+
+def phi_pieces(item: Item) -> list:
+    r"""The item's prompt as text pieces and indices into ``visuals(item)``.
+
+    Images take their places (``schema.segments``); where the text places none, they lead it, each followed
+    by "\n" (the layout of Phi-3.5-vision-instruct's model card for several images,
+    ``<|image_1|>\n<|image_2|>\n...{text}``; one image: ``<|image_1|>\n{text}`` as before). A video
+    is its frames as images ``<|image_1|>\n...\n<|image_n|>`` at the video's place: Phi-3.5-V has no
+    video input, and VLM2Vec feeds it frames as images."""
+    out: list = []
+    for piece in _common.visual_pieces(item, "\n"):
+        if isinstance(piece, str) or piece[0] == "image":
+            out.append(piece if isinstance(piece, str) else piece[1])
+            continue
+        for f in range(len(item.video.images)):
+            out += ["\n", f] if f else [f]
+    return _common.join_text(out)
 
 
 @register("backbone", FAMILY)
@@ -380,9 +410,18 @@ class Phi3V(Backbone):
             inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=False,
             output_hidden_states=output_all_layers, return_dict=True,
         )
-        return BackboneOutput(
+        result = BackboneOutput(
             out.last_hidden_state, inputs["attention_mask"], tuple(out.hidden_states) if output_all_layers else None
         )
+        if "pixel_values" in inputs:
+            return result
+        return _common.keep_vision_in_graph(self, result, self._dummy_vision)
+
+    def _dummy_vision(self) -> torch.Tensor:
+        """The vision path on one blank 1 x 1 crop grid (global view + one crop): its projected features."""
+        c = self.crop
+        pixels = torch.zeros(1, 2, 3, c, c, device=self.projector[0].weight.device)
+        return self.image_features(pixels, torch.tensor([[c, c]]), grids=[(1, 1)])
 
 
 def official_key(key: str, strict: bool = False) -> str:

@@ -13,7 +13,8 @@ from embedkit.errors import UserError
 
 class STEncoder(nn.Module):
     """``encode_items(items, batch_size)`` through ``SentenceTransformer.encode``, and the
-    ``provenance`` every model ``open_model`` gives carries; items with an image are refused (sentence-transformers' image path needs torchvision, absent on CPU torch)."""
+    ``provenance`` every model ``open_model`` gives carries; items with images or a video are refused in one
+    line (sentence-transformers' image path needs torchvision, absent on CPU torch, and it has no video)."""
 
     def __init__(self, path: str | Path):
         super().__init__()
@@ -29,9 +30,9 @@ class STEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_items(self, items, batch_size: int = 32) -> torch.Tensor:
-        if any(it.image is not None for it in items):
+        if any(it.has_visual for it in items):
             raise UserError("model: this sentence-transformers folder is scored on text only; an item has an image "
-                            "(choose text datasets with data.eval.datasets=[...])")
+                            "or a video (choose text datasets with data.eval.datasets=[...])")
         emb = self.model.encode([it.text or "" for it in items], batch_size=batch_size, convert_to_tensor=True,
                                 normalize_embeddings=True)
         return emb.float().cpu()

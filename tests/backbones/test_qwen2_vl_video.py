@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench.host_sync import SyncCounter
+from embedkit.backbones.base import set_trainable
 from embedkit.backbones.qwen2_vl import Qwen2VLBackbone
 from embedkit.backbones.qwen2_vl.video_pixels import frame_cap, video_pixels
 from embedkit.data.schema import Item
@@ -159,7 +160,7 @@ def test_placeholder_mismatch_is_a_one_line_refusal(backbone, item):
         backbone.make_processor()([item])
 
 
-def test_a_chunk_without_pixels_runs_a_trainable_tower_on_a_dummy_input(backbone, monkeypatch):
+def test_a_chunk_without_pixels_runs_a_trainable_tower_on_a_dummy_input(backbone):
     """Text only, tower trainable: the same outputs as without the dummy, the tower's gradients zero
     tensors (DDP sees every parameter used; FSDP2 ranks run the same all-gathers), no host sync added;
     a frozen tower is not run."""
@@ -177,14 +178,18 @@ def test_a_chunk_without_pixels_runs_a_trainable_tower_on_a_dummy_input(backbone
     tower = [g for (n, _), g in zip(named, grads) if n.startswith("model.visual.")]
     assert tower and all(g is not None and not g.any() for g in tower)
     assert any(g is not None and g.any() for (n, _), g in zip(named, grads) if not n.startswith("model.visual."))
-    monkeypatch.setattr(type(backbone), "_vision_trainable", lambda self: False)
-    plain = backbone(chunk, output_all_layers=True)
-    hook.remove()
+    with torch.no_grad():
+        plain = backbone(chunk, output_all_layers=True)
+    assert calls == [1]  # not run without autograd
+    backbone.freeze_vision_tower()  # the module's fixture: trainable again below
+    try:
+        backbone(chunk)
+    finally:
+        set_trainable(backbone, backbone.vision_prefixes, True)
+        hook.remove()
     assert calls == [1]  # not run for a frozen tower
     assert torch.equal(plain.hidden, out.hidden)
     assert all(torch.equal(x, y) for x, y in zip(plain.all_layers, out.all_layers))
-    frozen = Qwen2VLBackbone(seed=0, tiny=True, **PIXELS)
-    assert not frozen._vision_trainable()
 
 
 def test_video_pixel_keys_are_checked_in_one_line():

@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 import torch
 
+from embedkit.backbones._common import keep_vision_in_graph
 from embedkit.backbones.base import (
     Backbone,
     BackboneOutput,
@@ -240,15 +241,11 @@ class Qwen2VLBackbone(Backbone):
             out = self._forward_prepared(inputs, output_all_layers)
         else:
             out = self.model(**inputs, output_hidden_states=output_all_layers, use_cache=False)
-        hidden, layers = out.last_hidden_state, out.hidden_states if output_all_layers else None
-        if not any(k in inputs for k in PIXEL_KEYS) and self._vision_trainable():
-            zero = 0 * self._vision_dummy(hidden.device).sum().to(hidden.dtype)
-            hidden = hidden + zero
-            layers = tuple(h + zero for h in layers) if layers is not None else None
-        return BackboneOutput(hidden, inputs["attention_mask"], layers)
-
-    def _vision_trainable(self) -> bool:
-        return any(p.requires_grad for p in self.model.visual.parameters())
+        hidden = out.last_hidden_state
+        result = BackboneOutput(hidden, inputs["attention_mask"], out.hidden_states if output_all_layers else None)
+        if any(k in inputs for k in PIXEL_KEYS):
+            return result
+        return keep_vision_in_graph(self, result, lambda: self._vision_dummy(hidden.device))
 
     def _vision_dummy(self, device: torch.device) -> torch.Tensor:
         """The trainable vision tower's output on a minimal input (one image of merge x merge zero patches),
@@ -256,7 +253,8 @@ class Qwen2VLBackbone(Backbone):
         all-gathers the tower's parameters in its forward (a collective), and DDP's reducer waits for a
         gradient of every parameter; a rank whose chunk has no image or video while another rank's has
         would skip the tower and hang the step (or fail DDP's unused-parameter check). ``forward`` adds
-        ``0 * sum`` of this to its outputs: the same values, and zero (not None) gradients on the tower.
+        ``0 * sum`` of this to its outputs (``_common.keep_vision_in_graph``, as every family): the same
+        values, and zero (not None) gradients on the tower.
         Qwen2-VL gets the host's inputs for it (no host sync); Qwen2.5-VL runs transformers' own path."""
         m = self.merge_size
         embed = self.model.visual.patch_embed

@@ -100,12 +100,16 @@ def keep_vision_in_graph(module: torch.nn.Module, out, dummy) -> Any:
     parameter (else its reducer waits, or errors on unused parameters), and a rank whose chunk holds no image
     or video would skip the tower while its peers' chunks run it. ``dummy()`` runs the tower (and projector) on
     a minimal input; the added zero puts its parameters in the graph with zero gradients and changes no
-    value. It is added after the language model, so the RNG stream a GradCache replay consumes (LoRA dropout)
-    is the same with and without grad. ``module.vision_prefixes + projector_prefixes`` name the parameters."""
+    value. It is added after the language model and draws no random numbers, so the RNG stream a GradCache
+    replay consumes (LoRA and attention dropout) is the same with and without grad. ``module.vision_prefixes + projector_prefixes`` name the parameters."""
     prefixes = tuple(module.vision_prefixes) + tuple(module.projector_prefixes)
     if not torch.is_grad_enabled() or not vision_trainable(module, prefixes):
         return out
-    zero = 0 * dummy().sum()
+    device = out.hidden.device
+    # the dummy draws no random numbers (a dropout in the tower would): the RNG stream of a GradCache replay,
+    # which runs it, stays the stream of the no-grad pass, which does not
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        zero = 0 * dummy().sum()
     out.hidden = out.hidden + zero
     if out.all_layers is not None:
         out.all_layers = tuple(h + zero for h in out.all_layers)

@@ -4,6 +4,8 @@ One launch per strategy of tests/helpers/scripts/gradcache_dist.py (Lightning st
 The reference encodes every rank's chunks with grad in one graph under the same dropout seeds, so
 the comparison is exact with dropout on; clipping is on and below the gradient norm. ``fsdp2_tokens``:
 FSDP2 with ``train.chunk_tokens`` and cost-sorted chunks, ranks running different numbers of passes.
+``*_video``: a tiny Qwen2-VL, vision tower trainable, rank 0's chunks holding videos and several images,
+rank 1's text only (no pixels: the dummy tower pass keeps the collectives matched).
 """
 
 import json
@@ -15,7 +17,7 @@ import pytest
 from tests.helpers.cli import REPO, cli_env
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2_tokens"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2_tokens", "ddp_video", "fsdp2_video"])
 def test_two_process_step_equals_full_batch(mode, tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "scripts" / "gradcache_dist.py"), mode, str(out)],

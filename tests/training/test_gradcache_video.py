@@ -5,17 +5,10 @@ side, and with attention dropout on the cache equals one graph over the same chu
 trainable gradient to 1e-5 (float32). The first query chunk is text only: the tower runs on its dummy
 input there (``Qwen2VLBackbone._vision_dummy``).
 
-Under 2-process DDP (gloo; this file run as a script, one launch): rank 0 encodes videos and images,
-rank 1 text only; with the dummy pass rank 1's tower gradients are zeros, DDP reduces every bucket (no
-hang, no unused-parameter error) and the averaged gradients equal the single-process ones."""
+Two processes (DDP and FSDP2, rank 0 with videos and images, rank 1 text only): tests/e2e/
+test_gradcache_distributed.py, modes ``ddp_video`` and ``fsdp2_video``."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -120,66 +113,3 @@ def test_cache_equals_one_graph_with_dropout_on(module):
     finally:
         for m in dropped:
             m.attention_dropout = 0.0
-
-
-ROOT = Path(__file__).resolve().parents[2]
-DDP_ITEMS = {0: lambda: [Item(text="a clip <|video_1|>", video=_video(3, 5)), Item(text="x", images=_images(2, 7))],
-             1: lambda: [Item(text="find the red dog"), Item(text="only words")]}
-
-
-def _pooled_loss(out):
-    """The last real token's squared norm, averaged over the chunk."""
-    last = out.mask.sum(1) - 1
-    return out.hidden[torch.arange(len(last)), last].pow(2).mean()
-
-
-def _ddp_worker(rank: int, port: int, out_path: str) -> None:
-    import datetime
-
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    from embedkit.backbones.qwen2_vl import Qwen2VLBackbone
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))  # a missing collective fails, not hangs
-    pixels = dict(min_pixels=28 * 28, max_pixels=56 * 56, freeze_vision=False)
-    backbone = Qwen2VLBackbone(seed=0, tiny=True, **pixels).train()
-    ddp = DistributedDataParallel(backbone)
-    for _ in range(2):  # a second step: DDP raises there if the first left a bucket unreduced
-        backbone.zero_grad(set_to_none=True)
-        _pooled_loss(ddp(backbone.make_processor()(DDP_ITEMS[rank]()))).backward()
-    grads = {n: p.grad for n, p in backbone.named_parameters() if p.requires_grad}
-    if rank == 0:
-        ref = Qwen2VLBackbone(seed=0, tiny=True, **pixels).train()
-        sum(_pooled_loss(ref(ref.make_processor()(DDP_ITEMS[r]()))) / 2 for r in (0, 1)).backward()
-        named = dict(ref.named_parameters())
-        diff = max((grads[n] - named[n].grad).abs().max().item() for n in grads)
-        tower = [n for n in grads if n.startswith("model.visual.")]
-        Path(out_path).write_text(json.dumps({"max_diff": diff, "none": [n for n in grads if grads[n] is None],
-                                              "tower": len(tower),
-                                              "tower_scale": max(named[n].grad.abs().max().item() for n in tower)}))
-    dist.destroy_process_group()
-
-
-def test_ddp_rank_without_pixels_matches_single_process(tmp_path):
-    out = tmp_path / "ddp.json"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
-                          timeout=240, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads(out.read_text())
-    assert r["none"] == [] and r["tower"] > 0 and r["tower_scale"] > 0, r
-    assert r["max_diff"] < 1e-5, r
-
-
-if __name__ == "__main__":
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(free, sys.argv[1]), nprocs=2)

@@ -1,6 +1,6 @@
 """One GradCache step of the real EmbeddingModule on 2 CPU processes (gloo), against the full batch.
 
-    python tests/helpers/scripts/gradcache_dist.py {ddp|fsdp2|fsdp2_tokens} OUT.json
+    python tests/helpers/scripts/gradcache_dist.py {ddp|fsdp2|fsdp2_tokens|ddp_video|fsdp2_video} OUT.json
 
 Lightning launches the second process itself (it re-runs this script). Each rank trains ONE SGD
 step on its half of a global batch of 8 examples (1 hard negative each), in chunks of 2, with
@@ -14,6 +14,11 @@ pytest side asserts on them.
 ``fsdp2_tokens``: the batches come from the real ``ChunkCollate`` with a token budget and cost
 sorting, over variable-length items, so rank 0 (long items) runs more forward passes than rank 1
 (short ones): the ranks agree on the count and rank 1 pads with passes of zero gradient.
+
+``ddp_video`` / ``fsdp2_video``: the backbone is a tiny Qwen2-VL with its vision tower trainable, and the
+batches are the real ``ChunkCollate`` over video (3 and 4 frames), several-image and text items on rank 0
+and text only on rank 1: rank 1's chunks carry no pixels, so its tower runs on the dummy input
+(``_common.keep_vision_in_graph``) and the ranks' collectives match (issue 28).
 """
 
 from __future__ import annotations
@@ -50,9 +55,14 @@ class Probe(Backbone):
         return BackboneOutput(h, inputs.get("attention_mask", torch.ones(h.shape[:2], dtype=torch.long)))
 
 
-def config() -> dict:
+VIDEO_BACKBONE = {"name": "qwen2_vl", "tiny": True, "freeze_vision": False, "min_pixels": 28 * 28,
+                  "max_pixels": 56 * 56}
+
+
+def config(mode: str) -> dict:
+    backbone = VIDEO_BACKBONE if mode.endswith("_video") else {"name": "probe"}
     return schema.validate({
-        "seed": 0, "model": {"backbone": {"name": "probe"}, "pooling": "last_token"},
+        "seed": 0, "model": {"backbone": backbone, "pooling": "last_token"},
         "loss": {"name": "infonce", "temperature": 0.1, "learnable_temperature": True},
         "train": {"global_batch_size": B, "chunk_size": CHUNK, "optimizer": "sgd", "lr": LR, "warmup": 0.0,
                   "clip_grad_norm": CLIP},
@@ -109,9 +119,58 @@ def token_batch(rank: int) -> TrainBatch:
     return ChunkCollate(TokenProcessor(), CHUNK, K, chunk_tokens=BUDGET, sort=True)(examples)
 
 
+def _frames(n: int, seed: int):
+    from embedkit.data.video import frames_from_images
+    from tests.helpers.images import speckled_image
+
+    return frames_from_images([speckled_image(56, 28 + 28 * (seed % 2), seed + i) for i in range(n)])
+
+
+def _images(k: int, seed: int):
+    from tests.helpers.images import speckled_image
+
+    return [speckled_image(28 + 28 * (i % 2), 56, seed + i) for i in range(k)]
+
+
+def video_examples(rank: int) -> list[Example]:
+    """Rank 0: videos, several images and text; rank 1: text only (no pixels in any of its chunks)."""
+    if rank == 1:
+        return [Example(Item(text=f"words {i} and more"), Item(text=f"doc {i}"), [Item(text=f"other {i}")], "t")
+                for i in range(B // WORLD)]
+    q = [Item(text="<|video_1|> what moves", video=_frames(3, 0)), Item(text="pair", images=_images(2, 10)),
+         Item(text="find the dog"), Item(text="a clip", video=_frames(4, 20))]
+    p = [Item(text="a square", images=_images(1, 30)), Item(text="two photos"),
+         Item(text="dog", video=_frames(3, 40)), Item(text="<|image_2|> then <|image_1|>", images=_images(2, 50))]
+    n = [Item(text="nothing"), Item(text="x", video=_frames(3, 60)), Item(text="y", images=_images(3, 70)),
+         Item(text="z")]
+    return [Example(*parts, "t") for parts in zip(q, p, [[x] for x in n])]
+
+
+_PROCESSOR = []
+
+
+def video_batch(rank: int) -> TrainBatch:
+    if not _PROCESSOR:
+        from embedkit.backbones.qwen2_vl import Qwen2VLBackbone
+
+        settings = {k: v for k, v in VIDEO_BACKBONE.items() if k != "name"}
+        _PROCESSOR.append(Qwen2VLBackbone(seed=0, **settings).make_processor())
+    return ChunkCollate(_PROCESSOR[0], CHUNK, K)(video_examples(rank))
+
+
+def with_dropout(module: EmbeddingModule) -> EmbeddingModule:
+    """The tiny Qwen2-VL's attention dropout on (it is built with 0), so the replay is exercised."""
+    for m in module.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.2
+    return module
+
+
 def rank_batch(rank: int, mode: str) -> TrainBatch:
     if mode == "fsdp2_tokens":
         return token_batch(rank)
+    if mode.endswith("_video"):
+        return video_batch(rank)
     qc, cc = rank_chunks(rank)
     return TrainBatch(qc, cc, B // WORLD, K, ["t"] * (B // WORLD))
 
@@ -148,7 +207,7 @@ def full(t):
 
 def reference(cfg, mode):
     """Single process, full batch: every rank's chunks with grad in one graph, the same dropout draws."""
-    module = EmbeddingModule.from_config(cfg)
+    module = with_dropout(EmbeddingModule.from_config(cfg))
     init = {n: p.detach().clone() for n, p in module.named_parameters()}
     qs, cs = [], []
     for rank in range(WORLD):
@@ -179,14 +238,14 @@ def main(mode: str, out_path: str) -> None:
     global MODE
     MODE = mode
     torch.set_num_threads(1)
-    cfg = config()
-    if mode == "ddp":
+    cfg = config(mode)
+    if mode.startswith("ddp"):
         strategy = "ddp"
     else:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
-    module = Probed.from_config(cfg)
+    module = with_dropout(Probed.from_config(cfg))
     trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0)
@@ -211,9 +270,9 @@ def main(mode: str, out_path: str) -> None:
     result["rank_diff"] = max((theirs[1]["grads"][n] - synced[n]).abs().max().item() for n in synced)
     # dropout is on: the reference under other seeds gives another gradient
     torch.manual_seed(0)
-    other = EmbeddingModule.from_config(cfg)
-    qc, cc = rank_chunks(0)
-    embs = [other.encode(c) for c in qc + cc]
+    other = with_dropout(EmbeddingModule.from_config(cfg))
+    qc = rank_batch(0, mode).query_chunks
+    embs = [other.encode(c) for c in qc]
     result["dropout_active"] = not torch.allclose(embs[0], other.encode(qc[0]))
     with open(out_path, "w") as fh:
         json.dump(result, fh)

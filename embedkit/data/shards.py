@@ -27,7 +27,7 @@ import io
 import json
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -37,7 +37,7 @@ from embedkit.data.schema import Example, Item
 from embedkit.data.video import FramePolicy, Frames, frames_from_images, read_video
 from embedkit.files import atomic_path
 
-__all__ = ["SKIP_REASONS", "BadSample", "ImageBytes", "VideoBytes", "decode_sample", "encode_example",
+__all__ = ["SKIP_REASONS", "BadSample", "Decoding", "ImageBytes", "VideoBytes", "decode_sample", "encode_example",
            "iter_samples", "list_shards", "to_rgb", "write_shard"]
 
 
@@ -256,6 +256,24 @@ def decode_sample(key: str, files: dict[str, bytes], policy: FramePolicy | None 
         task=meta["task"] if isinstance(meta.get("task"), str) else "default",
         negative_scores=scores if isinstance(scores, list) else None,
     )
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a run decodes its samples' visuals: the frame policy (``data.video``) and the image pixel cap
+    (``data.max_image_pixels``). Picklable (it travels to DataLoader workers)."""
+
+    policy: FramePolicy = field(default_factory=FramePolicy)
+    max_image_pixels: int | None = None
+
+    @classmethod
+    def from_config(cls, data: Mapping) -> Decoding:
+        """From the config's ``data`` section; a key it lacks keeps its default."""
+        return cls(FramePolicy.from_config(data.get("video") or {}), data.get("max_image_pixels"))
+
+    def decode(self, key: str, files: dict[str, bytes], on_resize: Callable[[str], None] | None = None) -> Example:
+        """``decode_sample`` with this policy and cap."""
+        return decode_sample(key, files, self.policy, self.max_image_pixels, on_resize)
 
 
 def sample_key(member_name: str) -> str:

@@ -37,7 +37,7 @@ from embedkit.data.schema import Example, Item
 from embedkit.data.video import FramePolicy, Frames, frames_from_images, read_video
 from embedkit.files import atomic_path
 
-__all__ = ["SKIP_REASONS", "BadSample", "Decoding", "ImageBytes", "VideoBytes", "decode_sample", "encode_example",
+__all__ = ["SKIP_REASONS", "BadSample", "Decoding", "ImageBytes", "StoredSlot", "VideoBytes", "decode_sample", "encode_example",
            "iter_samples", "list_shards", "to_rgb", "write_shard"]
 
 
@@ -55,6 +55,30 @@ class VideoBytes:
 
     data: bytes
     ext: str  # "mp4", "webm", "mkv", ...
+
+
+@dataclass
+class StoredSlot:
+    """One slot as a shard stores it: its JSON (``text`` and the visual keys) and the bytes of the members
+    it declares, by their names without the ``<key>.<tag>.`` prefix. ``encode_example`` takes one in place
+    of an ``Item`` and copies it verbatim (``embedkit mine`` copies slots so); ``Decoding.item`` decodes it."""
+
+    meta: dict
+    members: dict[str, bytes]
+
+
+def stored_slot(key: str, files: dict[str, bytes], slot: dict, tag: str) -> StoredSlot:
+    """The slot ``tag`` of a sample as stored; ``BadSample`` (``missing_member``, ``bad_json``) as
+    ``decode_sample`` raises for a member it lacks or a malformed slot."""
+    reading = _Reading(key, files, FramePolicy(), None, None)
+    if not isinstance(slot, dict):
+        raise BadSample("bad_json", f"{key}.{tag}: not a slot")
+    names = [n for k in _VISUAL_KEYS if slot.get(k) for n in _member_names(slot, k, tag)]
+    return StoredSlot(dict(slot), {n: reading.member(tag, n) for n in names})
+
+
+def _member_names(slot: dict, kind: str, tag: str) -> list:
+    return [slot[kind]] if kind in ("image", "video") else _names(slot, kind, tag)
 
 
 def _image_bytes(image) -> ImageBytes:
@@ -116,7 +140,10 @@ def encode_example(example: Example, key: str, videos: Mapping[str, VideoBytes] 
     if unknown:
         raise ValueError(f"encode_example: videos for slot {unknown[0]!r}, which the example lacks ({', '.join(tags)})")
 
-    def slot(item: Item, tag: str) -> dict:
+    def slot(item: Item | StoredSlot, tag: str) -> dict:
+        if isinstance(item, StoredSlot):  # copied as stored, under this sample's key and tag
+            files.update({f"{key}.{tag}.{name}": data for name, data in item.members.items()})
+            return dict(item.meta)
         return {"text": item.text, **_visual_slot(item, tag, key, files, videos.get(tag))}
 
     meta = {
@@ -214,6 +241,13 @@ def _frames(slot: dict, tag: str, r: _Reading) -> Frames:
     return frames_from_images(images, stamps, r.policy)
 
 
+def _item(slot: dict, tag: str, reading: _Reading) -> Item:
+    text, visuals = _slot_text(slot, tag), _slot_visuals(slot, tag, reading)
+    if text is None and not visuals:
+        raise BadSample("bad_text", f"{tag}: neither text nor a visual")
+    return Item(text=text, **visuals)
+
+
 def _meta(key: str, files: dict[str, bytes]) -> dict:
     if f"{key}.json" not in files:
         raise BadSample("missing_member", f"no member {key}.json")
@@ -241,18 +275,11 @@ def decode_sample(key: str, files: dict[str, bytes], policy: FramePolicy | None 
     video that is corrupt, empty (``video``) or too short (``video_short``)."""
     meta = _meta(key, files)
     reading = _Reading(key, files, policy or FramePolicy(), max_image_pixels, on_resize)
-
-    def item(slot: dict, tag: str) -> Item:
-        text, visuals = _slot_text(slot, tag), _slot_visuals(slot, tag, reading)
-        if text is None and not visuals:
-            raise BadSample("bad_text", f"{tag}: neither text nor a visual")
-        return Item(text=text, **visuals)
-
     scores = meta.get("negative_scores")
     return Example(
-        query=item(meta["query"], "q"),
-        positive=item(meta["positive"], "p"),
-        negatives=[item(s, f"n{i}") for i, s in enumerate(meta.get("negatives") or [])],
+        query=_item(meta["query"], "q", reading),
+        positive=_item(meta["positive"], "p", reading),
+        negatives=[_item(s, f"n{i}", reading) for i, s in enumerate(meta.get("negatives") or [])],
         task=meta["task"] if isinstance(meta.get("task"), str) else "default",
         negative_scores=scores if isinstance(scores, list) else None,
     )
@@ -274,6 +301,11 @@ class Decoding:
     def decode(self, key: str, files: dict[str, bytes], on_resize: Callable[[str], None] | None = None) -> Example:
         """``decode_sample`` with this policy and cap."""
         return decode_sample(key, files, self.policy, self.max_image_pixels, on_resize)
+
+    def item(self, slot: StoredSlot, on_resize: Callable[[str], None] | None = None) -> Item:
+        """One stored slot decoded with this policy and cap, as ``decode_sample`` decodes a slot."""
+        files = {f"slot.s.{name}": data for name, data in slot.members.items()}
+        return _item(slot.meta, "s", _Reading("slot", files, self.policy, self.max_image_pixels, on_resize))
 
 
 def sample_key(member_name: str) -> str:

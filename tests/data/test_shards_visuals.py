@@ -249,3 +249,61 @@ def test_the_decoding_reaches_validation_examples(tmp_path):
     got = read_examples([str(tmp_path / "val-000000.tar")], 10, decoding=Decoding(FramePolicy(num_frames=2)))
     assert [len(e.query.video.images) for e in got] == [2, 2, 2]
     assert [k for k, _ in iter_samples(tmp_path / "val-000000.tar")] == ["v0", "v1", "v2"]
+
+
+# ---- embedkit mine: slots with several images or a video
+
+
+class _Encoder:
+    """A mining model: a fixed random vector per example number (``q3`` and ``t3`` alike: every query finds its
+    positive first); records the frames it saw."""
+
+    def __init__(self, decoding: Decoding):
+        self.decoding, self.frames_seen = decoding, []
+
+    def encode_items(self, items, batch_size=32, **engine):
+        import torch
+
+        out = []
+        for it in items:
+            if it.video is not None:
+                self.frames_seen.append(len(it.video.images))
+            out.append(torch.randn(16, generator=torch.Generator().manual_seed(int(it.text[1:]))))
+        return torch.nn.functional.normalize(torch.stack(out), dim=-1)
+
+
+def test_mining_copies_image_and_video_slots_verbatim_and_decodes_them_with_the_models_policy(tmp_path):
+    from embedkit.mining.judges.embedding import EmbeddingJudge
+    from embedkit.mining.miner import Miner, MineSettings, SlotItems, read_shard
+
+    def target(i):
+        if i % 3 == 0:
+            return Item(f"t{i}", images=[speckled_image(8, 6, i), speckled_image(6, 8, i + 50)])
+        if i % 3 == 1:
+            return Item(f"t{i}", video=frames_from_images([Image.fromarray(_pixels(i + j)) for j in range(6)], None,
+                                                          FramePolicy(num_frames=6)))
+        return Item(f"t{i}", speckled_image(8, 8, i))
+
+    examples = [Example(Item(f"q{i}"), target(i), task="t") for i in range(9)]
+    src = [encode_example(ex, f"{i:04d}") for i, ex in enumerate(examples)]
+    write_shard(tmp_path / "src" / "train-000000.tar", src)
+    shard = str(tmp_path / "src" / "train-000000.tar")
+    encoder = _Encoder(Decoding(FramePolicy(num_frames=3)))
+    rows = read_shard(shard, encoder.decoding)
+    assert [im.size for im in SlotItems([rows[0][3]]).sized(0).images] == [(8, 6), (6, 8)]  # headers only
+    Miner(encoder, EmbeddingJudge(), {"t": [(shard, "t/train-000000.tar")]}, tmp_path / "out",
+          MineSettings(num_negatives=2, window=(1, 4), threshold=10.0), log=lambda m: None).run()
+    assert encoder.frames_seen and set(encoder.frames_seen) == {3}  # the mining model's policy, not the default 8
+    by_text = {ex.positive.text: files for ex, files in zip(examples, src)}
+    for key, files in iter_samples(tmp_path / "out" / "t" / "train-000000.tar"):
+        meta = json.loads(files[f"{key}.json"])
+        assert len(meta["negatives"]) == 2
+        for n, slot in enumerate(meta["negatives"]):  # each negative is a source positive's slot, byte for byte
+            source = by_text[slot["text"]]
+            skey = next(k for k in source if k.endswith(".json"))[:-5]
+            assert slot == json.loads(source[f"{skey}.json"])["positive"]
+            members = {k.split(".", 2)[2]: v for k, v in source.items() if k.startswith(f"{skey}.p.")}
+            assert members and members == {k.split(".", 2)[2]: v for k, v in files.items()
+                                           if k.startswith(f"{key}.n{n}.")}
+        ex = decode_sample(key, files, FramePolicy(num_frames=2))
+        assert all(len(neg.video.images) == 2 for neg in ex.negatives if neg.video is not None)

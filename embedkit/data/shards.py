@@ -14,7 +14,8 @@ lacks is ``missing_member``, never a silent text-only item). ``<tag>`` is ``q``,
     {"text": ..., "video": "video.mp4"}                       a video file, decoded at read time: <key>.<tag>.video.mp4
 Image bytes are stored as they came (``ImageBytes``: MMEB's JPEGs are not re-encoded); decoded images
 and frames are written as PNG. A stored video is ``VideoBytes``. Reading applies the run's
-``FramePolicy`` to frames (``frames_from_images``) and to a video file (``read_video``) alike, and
+``FramePolicy`` to frames (``frames_from_images``'s rule; only the picked frames are decoded) and to a
+video file (``read_video``) alike, and
 ``max_image_pixels`` (``data.max_image_pixels``) to images: a larger one is resized down, aspect kept,
 and reported to ``on_resize``. Shards are written under a temporary name and renamed when complete, so
 a reader never sees a partial shard and an interrupted writer can be re-run.
@@ -34,7 +35,7 @@ from typing import Callable, Iterator, Mapping
 from embedkit.data.pixels import SKIP_REASONS, BadSample, fit, open_image, to_rgb
 from embedkit.data.remote import is_remote
 from embedkit.data.schema import Example, Item
-from embedkit.data.video import FramePolicy, Frames, frames_from_images, read_video
+from embedkit.data.video import FramePolicy, Frames, fps_indices, read_video, uniform_indices
 from embedkit.files import atomic_path
 
 __all__ = ["SKIP_REASONS", "BadSample", "Decoding", "ImageBytes", "StoredSlot", "VideoBytes", "decode_sample", "encode_example",
@@ -231,14 +232,30 @@ def _slot_visuals(slot: dict, tag: str, r: _Reading) -> dict:
 
 
 def _frames(slot: dict, tag: str, r: _Reading) -> Frames:
+    """A frames slot sampled by the policy: every declared member must be there, only the picked frames
+    are decoded (as ``read_video`` decodes only its picks); the same ``Frames`` as ``frames_from_images``
+    on all of them."""
     names = _names(slot, "frames", tag)
     stamps = slot.get("timestamps")
     ok = stamps is None or (isinstance(stamps, list) and len(stamps) == len(names)
                             and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in stamps))
     if not ok:
         raise BadSample("bad_json", f"{tag}: timestamps is not one number per frame ({len(names)} frames)")
-    images = [open_image(r.member(tag, n), f"{r.key}.{tag}.{n}") for n in names]
-    return frames_from_images(images, stamps, r.policy)
+    data = [r.member(tag, n) for n in names]
+    picks = _frame_picks(len(names), stamps, r.policy, f"{r.key}.{tag}")
+    images = [fit(open_image(data[i], f"{r.key}.{tag}.{names[i]}"), r.policy.max_pixels) for i in picks]
+    return Frames(images, None if stamps is None else [float(stamps[i]) for i in picks], picks, len(names))
+
+
+def _frame_picks(n: int, stamps: list | None, policy: FramePolicy, what: str) -> list[int]:
+    """The frame indices ``policy`` keeps of ``n`` stored frames (``frames_from_images``'s rule)."""
+    if n < policy.min_frames:
+        raise BadSample("video_short", f"{what}: {n} frames, fewer than min_frames={policy.min_frames}")
+    if policy.sampling != "fps":
+        return uniform_indices(n, policy.num_frames)
+    if stamps is None:
+        raise BadSample("video", f"{what}: frames without timestamps (sampling=fps needs them)")
+    return fps_indices([float(t) for t in stamps], policy.fps, policy.num_frames)
 
 
 def _item(slot: dict, tag: str, reading: _Reading) -> Item:

@@ -102,6 +102,27 @@ def test_a_video_file_and_its_frames_stored_as_images_decode_to_the_same_frames(
         assert np.abs(np.asarray(y, dtype=int) - _pixels(i)).max() <= 2, f"frame {i}"
 
 
+@pytest.mark.parametrize("policy", [FramePolicy(num_frames=3), FramePolicy(num_frames=5, max_pixels=500),
+                                    FramePolicy(num_frames=4, sampling="fps", fps=3.0)])
+def test_a_frames_slot_gives_what_frames_from_images_gives_decoding_only_the_picked_frames(policy):
+    images = [Image.fromarray(_pixels(i)) for i in range(7)]
+    stamps = [0.1 * i for i in range(7)]
+    files = encode_example(Example(Item("v", video=frames_from_images(images, stamps, FramePolicy(num_frames=7))),
+                                   Item("p")), "k")
+    want, got = frames_from_images(images, stamps, policy), _one(files, policy=policy).query.video
+    assert (got.indices, got.timestamps, got.source_frames) == (want.indices, want.timestamps, want.source_frames)
+    assert [im.tobytes() for im in got.images] == [im.tobytes() for im in want.images]
+    unpicked = next(i for i in range(7) if i not in want.indices)
+    files[f"k.q.frame{unpicked:03d}.png"] = b"corrupt, never decoded"
+    assert _one(files, policy=policy).query.video.indices == want.indices
+
+
+def test_fps_sampling_of_frames_without_timestamps_is_refused_as_video():
+    with pytest.raises(BadSample) as err:
+        _one(_video_sample(4), policy=FramePolicy(sampling="fps", fps=2.0))
+    assert err.value.reason == "video" and "timestamps" in str(err.value)
+
+
 def test_fps_sampling_reads_the_frames_timestamps_from_the_json():
     frames = frames_from_images([Image.fromarray(_pixels(i)) for i in range(10)], [0.1 * i for i in range(10)],
                                 FramePolicy(num_frames=10))
@@ -224,7 +245,7 @@ def test_a_stream_skips_and_counts_hostile_visuals_and_counts_resizes(tmp_path, 
         if i % 4 == 0:  # good video samples, 6 frames
             samples.append(_video_sample(6, key))
         elif i == 1:  # a corrupt frame
-            samples.append({**_video_sample(6, key), f"{key}.q.frame002.png": b"broken"})
+            samples.append({**_video_sample(6, key), f"{key}.q.frame003.png": b"broken"})  # picked: 0, 1, 3, 5
         elif i == 2:  # too short for min_frames=4
             samples.append(_video_sample(2, key))
         elif i == 3:  # a decompression bomb

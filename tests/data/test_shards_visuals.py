@@ -328,3 +328,21 @@ def test_mining_copies_image_and_video_slots_verbatim_and_decodes_them_with_the_
                                            if k.startswith(f"{key}.n{n}.")}
         ex = decode_sample(key, files, FramePolicy(num_frames=2))
         assert all(len(neg.video.images) == 2 for neg in ex.negatives if neg.video is not None)
+
+
+def _frames_of(items) -> list[int]:
+    return [len(it.video.images) for it in items]
+
+
+def test_the_frame_policy_reaches_the_loader_workers(tmp_path):
+    """The stream (and its Decoding) pickled into a DataLoader worker samples each video by the run's policy."""
+    from torch.utils.data import DataLoader
+
+    write_shard(tmp_path / "train-000000.tar",
+                [encode_example(Example(Item(f"v{i}", video=frames_from_images(
+                    [Image.fromarray(_pixels(i + j)) for j in range(7)], None, FramePolicy(num_frames=7))),
+                    Item(f"p{i}")), f"s{i:03d}") for i in range(6)])
+    st = ShardStream([str(tmp_path / "train-000000.tar")], ChunkCollate(lambda items: items, 3, 0), 3, seed=0,
+                     shuffle_buffer=2, epoch_steps=2, decoding=Decoding(FramePolicy(num_frames=2)))
+    batches = list(DataLoader(st, batch_size=None, num_workers=1))
+    assert len(batches) == 2 and all(_frames_of(b.query_chunks[0]) == [2, 2, 2] for b in batches)

@@ -38,8 +38,10 @@ from embedkit.data.schema import Example, Item
 from embedkit.data.video import FramePolicy, Frames, fps_indices, read_video, uniform_indices
 from embedkit.files import atomic_path
 
-__all__ = ["SKIP_REASONS", "BadSample", "Decoding", "ImageBytes", "StoredSlot", "VideoBytes", "decode_sample", "encode_example",
-           "iter_samples", "list_shards", "to_rgb", "write_shard"]
+#: the codec's names, and those of ``pixels`` it re-exports (``SKIP_REASONS``, ``BadSample``, ``to_rgb``: their old home)
+__all__ = ["SKIP_REASONS", "BadSample", "Decoding", "ImageBytes", "StoredSlot", "VideoBytes", "count_samples",
+           "decode_sample", "encode_example", "iter_samples", "list_shards", "sample_key", "slot_has_visual",
+           "stored_slot", "to_rgb", "write_shard"]
 
 
 @dataclass
@@ -203,6 +205,12 @@ class _Reading:
 
 #: a slot's visual keys; a slot holds at most one of them
 _VISUAL_KEYS = ("image", "images", "frames", "video")
+
+
+def slot_has_visual(slot: dict) -> bool:
+    """Whether a sample JSON's slot declares a visual (an image, several, a video's frames or a video file),
+    from the JSON alone (nothing decoded)."""
+    return any(slot.get(k) for k in _VISUAL_KEYS)
 
 
 def _names(slot: dict, field: str, tag: str) -> list:

@@ -346,3 +346,15 @@ def test_the_frame_policy_reaches_the_loader_workers(tmp_path):
                      shuffle_buffer=2, epoch_steps=2, decoding=Decoding(FramePolicy(num_frames=2)))
     batches = list(DataLoader(st, batch_size=None, num_workers=1))
     assert len(batches) == 2 and all(_frames_of(b.query_chunks[0]) == [2, 2, 2] for b in batches)
+
+
+def test_a_source_of_video_or_several_image_queries_is_a_visual_source_for_modality_grouping(tmp_path):
+    from embedkit.data.shard_set import ShardSet
+
+    for name, query in (("video", lambda i: _video_sample(3, f"s{i}")),
+                        ("images", lambda i: encode_example(Example(Item("q", images=[speckled_image(6, 6, i)] * 2),
+                                                                    Item("p")), f"s{i}")),
+                        ("text", lambda i: encode_example(Example(Item("q"), Item("p")), f"s{i}"))):
+        write_shard(tmp_path / name / "train-000000.tar", [query(i) for i in range(3)])
+    shards = ShardSet({n: [str(tmp_path / n / "train-000000.tar")] for n in ("video", "images", "text")})
+    assert [shards.query_modality(n) for n in ("video", "images", "text")] == ["image", "image", "text"]

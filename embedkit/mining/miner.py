@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from embedkit.data.pixels import fit, open_image
 from embedkit.data.schema import Example, Item, content_key
 from embedkit.data.shards import (
     Decoding,
@@ -86,13 +87,13 @@ class Slot:
     decoding: Decoding = field(default_factory=Decoding)
 
     def item(self) -> Item:
+        """The slot decoded as the training reader decodes it (``to_rgb``, the image cap, the frame policy)."""
         if self.stored is not None:
             return self.decoding.item(self.stored)
         if self.image is None:
             return Item(self.text, None)
-        image = Image.open(io.BytesIO(self.image.data))
-        image.load()
-        return Item(self.text, image.convert("RGB"))
+        image = open_image(self.image.data, f"the image of slot {self.text!r}")
+        return Item(self.text, fit(image, self.decoding.max_image_pixels))
 
     def raw(self) -> Item | StoredSlot:
         return self.stored if self.stored is not None else Item(self.text, self.image)
@@ -103,7 +104,7 @@ def _slot(key: str, files: dict[str, bytes], meta: dict, role: str, tag: str, de
     if s.get("images") or s.get("frames") or s.get("video"):
         return Slot(s.get("text"), stored=stored_slot(key, files, s, tag), decoding=decoding)
     ext = s.get("image")
-    return Slot(s.get("text"), ImageBytes(files[f"{key}.{tag}.{ext}"], ext) if ext else None)
+    return Slot(s.get("text"), ImageBytes(files[f"{key}.{tag}.{ext}"], ext) if ext else None, decoding=decoding)
 
 
 def read_shard(path: str, decoding: Decoding | None = None) -> list[tuple[str, dict, Slot, Slot]]:

@@ -280,7 +280,7 @@ class _Encoder:
     positive first); records the frames it saw."""
 
     def __init__(self, decoding: Decoding):
-        self.decoding, self.frames_seen = decoding, []
+        self.decoding, self.frames_seen, self.pixels_seen = decoding, [], []
 
     def encode_items(self, items, batch_size=32, **engine):
         import torch
@@ -289,6 +289,7 @@ class _Encoder:
         for it in items:
             if it.video is not None:
                 self.frames_seen.append(len(it.video.images))
+            self.pixels_seen += [im.size[0] * im.size[1] for im in it.images]
             out.append(torch.randn(16, generator=torch.Generator().manual_seed(int(it.text[1:]))))
         return torch.nn.functional.normalize(torch.stack(out), dim=-1)
 
@@ -309,12 +310,13 @@ def test_mining_copies_image_and_video_slots_verbatim_and_decodes_them_with_the_
     src = [encode_example(ex, f"{i:04d}") for i, ex in enumerate(examples)]
     write_shard(tmp_path / "src" / "train-000000.tar", src)
     shard = str(tmp_path / "src" / "train-000000.tar")
-    encoder = _Encoder(Decoding(FramePolicy(num_frames=3)))
+    encoder = _Encoder(Decoding(FramePolicy(num_frames=3), max_image_pixels=40))
     rows = read_shard(shard, encoder.decoding)
     assert [im.size for im in SlotItems([rows[0][3]]).sized(0).images] == [(8, 6), (6, 8)]  # headers only
     Miner(encoder, EmbeddingJudge(), {"t": [(shard, "t/train-000000.tar")]}, tmp_path / "out",
           MineSettings(num_negatives=2, window=(1, 4), threshold=10.0), log=lambda m: None).run()
     assert encoder.frames_seen and set(encoder.frames_seen) == {3}  # the mining model's policy, not the default 8
+    assert encoder.pixels_seen and max(encoder.pixels_seen) <= 40  # and its image cap (one image or several)
     by_text = {ex.positive.text: files for ex, files in zip(examples, src)}
     for key, files in iter_samples(tmp_path / "out" / "t" / "train-000000.tar"):
         meta = json.loads(files[f"{key}.json"])

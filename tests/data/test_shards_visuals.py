@@ -240,7 +240,7 @@ def test_the_decoding_comes_from_the_data_section_and_pickles():
 def test_a_stream_skips_and_counts_hostile_visuals_and_counts_resizes(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20000)
     samples = []
-    for i in range(12):
+    for i in range(16):  # the bad ones (1, 2, 3, 5) all lie in the first windows the 9 good examples need
         key = f"s{i:03d}"
         if i % 4 == 0:  # good video samples, 6 frames
             samples.append(_video_sample(6, key))
@@ -248,6 +248,8 @@ def test_a_stream_skips_and_counts_hostile_visuals_and_counts_resizes(tmp_path, 
             samples.append({**_video_sample(6, key), f"{key}.q.frame003.png": b"broken"})  # picked: 0, 1, 3, 5
         elif i == 2:  # too short for min_frames=4
             samples.append(_video_sample(2, key))
+        elif i == 5:  # a zero-length video file
+            samples.append(encode_example(Example(Item(""), Item("p")), key, videos={"q": VideoBytes(b"", "mp4")}))
         elif i == 3:  # a decompression bomb
             samples.append(encode_example(Example(Item("q", speckled_image(200, 120, i)), Item("p")), key))
         else:  # an image over the cap: resized, not skipped
@@ -258,9 +260,9 @@ def test_a_stream_skips_and_counts_hostile_visuals_and_counts_resizes(tmp_path, 
                      decoding=Decoding(FramePolicy(num_frames=4, min_frames=4), max_image_pixels=450))
     with caplog.at_level(logging.WARNING):
         batches = list(st)
-    assert st.skipped_by_reason == {"decode": 1, "video_short": 1, "image_too_large": 1}
+    assert st.skipped_by_reason == {"decode": 1, "video_short": 1, "image_too_large": 1, "video": 1}
     assert st.resized >= 1 and "resized s0" in caplog.text and "60x30 resized to 30x15" in caplog.text
-    assert len(batches) == 3 and sum(sum(b.skipped.values()) for b in batches) == 3
+    assert len(batches) == 3 and sum(sum(b.skipped.values()) for b in batches) == 4
 
 
 def test_the_decoding_reaches_validation_examples(tmp_path):

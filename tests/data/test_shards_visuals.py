@@ -362,3 +362,13 @@ def test_a_source_of_video_or_several_image_queries_is_a_visual_source_for_modal
         write_shard(tmp_path / name / "train-000000.tar", [query(i) for i in range(3)])
     shards = ShardSet({n: [str(tmp_path / n / "train-000000.tar")] for n in ("video", "images", "text")})
     assert [shards.query_modality(n) for n in ("video", "images", "text")] == ["image", "image", "text"]
+
+
+def test_the_data_module_reads_with_the_configs_decoding():
+    from embedkit.config.loader import compose
+    from embedkit.data.datamodule import EmbeddingDataModule
+
+    cfg = compose(["recipe=demo", "data.video.num_frames=5", "data.video.sampling=fps", "data.video.fps=2",
+                   "data.max_image_pixels=4096"])
+    dm = EmbeddingDataModule(cfg["data"], None, [], [], seed=0, global_batch_size=2, chunk_size=2)
+    assert dm.decoding == Decoding(FramePolicy(num_frames=5, sampling="fps", fps=2.0), 4096)

@@ -16,7 +16,7 @@ LAYERS = [
     {"errors", "files", "console", "version", "runs", "fault_points"},
     {"config"},
     {"data", "backbones", "pooling", "losses"},
-    {"distributed", "encoder", "inference"},
+    {"distributed", "encoder", "inference", "rows"},
     {"training", "eval", "tracking", "export", "mining"},
     {"commands"},
     {"cli", "__main__", "__init__"},

@@ -15,7 +15,7 @@ graded relevance (docs/eval-tasks.md has the folder format and each kind's metri
 - ``moment``: each query names its own candidate clips (``candidates``); it is ranked against those only
   (the rest of the corpus scores -inf), main metric ``hit@1``.
 
-Items come from the rows through ``export.corpus.RowItems`` (text, images, video, paths relative to the
+Items come from the rows through ``rows.RowItems`` (text, images, video, paths relative to the
 task folder), each side with its task's instruction. ``encode`` is any callable (``EncodeFn``), so the
 protocol is tested with fake encoders; under ``torch.distributed`` the ranks share the encoding.
 """
@@ -177,8 +177,8 @@ def evaluate_task(task: CorpusTask, encode: Callable, *, normalize: bool = True,
                   log: Callable[[str], None] | None = None) -> dict:
     """Encode a task's queries and corpus (the ranks sharing the work) and score it; the result also
     records the sizes and ``item_options`` (the frame policy and caps the items were made with)."""
-    from embedkit.export.corpus import RowItems
     from embedkit.inference import encode_shared
+    from embedkit.rows import RowItems
 
     options = item_options or {}
     sides = {}
@@ -201,7 +201,10 @@ def markdown_table(results: dict[str, dict]) -> str:
     """One row per task: kind, sizes, the main metric and the frame/pixel settings its items were made with."""
     lines = ["| task | kind | queries | corpus | metric | score | items |", "|---|---|---:|---:|---|---:|---|"]
     for name, r in results.items():
-        items = ", ".join(f"{k}={v}" for k, v in r.get("items", {}).items()) or "-"
+        items = ", ".join(f"{k}={v}" for k, v in r.get("items", {}).items() if k != "frames") or "-"
+        frames = r.get("items", {}).get("frames")
+        if frames:
+            items += f", {frames['num_frames']} frames {frames['sampling']}"
         lines.append(f"| {name} | {r['kind']} | {r['queries']} | {r['corpus']} | {r['main']} | "
                      f"{100 * r['score']:.2f} | {items} |")
     return "\n".join(lines) + "\n"

@@ -84,6 +84,21 @@ def output_dir(provenance, tag: str | None, recipe: str) -> Path:
     return run.eval_dir(tag)
 
 
+def item_settings(model) -> tuple[dict, dict]:
+    """How a model's task rows become items: ``RowItems`` options (its frame policy and image cap,
+    ``Encoder.decoding``; none for a sentence-transformers folder) and the record a result carries: those
+    plus the backbone's pixel caps (``*pixels*`` and ``resize`` keys of its config)."""
+    decoding = getattr(model, "decoding", None)
+    if decoding is None:
+        return {}, {}
+    from dataclasses import asdict
+
+    backbone = ((getattr(model, "provenance", None) and model.provenance.config) or {}).get("model", {}).get("backbone", {})
+    caps = {k: v for k, v in backbone.items() if ("pixels" in k or k == "resize") and v is not None}
+    record = {"frames": asdict(decoding.policy), "max_image_pixels": decoding.max_image_pixels, **caps}
+    return {"policy": decoding.policy, "max_pixels": decoding.max_image_pixels}, record
+
+
 class MMEBRun:
     """The ``data.eval`` section read and checked (datasets found, MUVERA settings) before any
     model is built; ``evaluate`` scores a model with it. ``chunk_size``: items per forward pass;
@@ -149,13 +164,13 @@ class MMEBRun:
         """Every corpus task scored (``eval/corpus_tasks.py``), each result with the item settings it used."""
         from embedkit.eval.corpus_tasks import evaluate_task
 
-        options = getattr(model, "item_options", dict)()
+        options, record = item_settings(model)
         results = {}
         for i, task in enumerate(self.tasks):
             if log:
                 log(f"[task {i + 1}/{len(self.tasks)}] {task.name} ({task.kind})")
             results[task.name] = evaluate_task(task, encode, normalize=model.normalize, item_options=options, log=log)
-            results[task.name]["items"] = {k: v for k, v in options.items() if v is not None}
+            results[task.name]["items"] = record
             if log:
                 log(f"  {task.name}: {task.main} {results[task.name]['score']:.4f}")
         return results

@@ -13,8 +13,9 @@ import pytest
 from embedkit.config.loader import compose
 from embedkit.encoder import Encoder
 from embedkit.errors import UserError
-from embedkit.export.corpus import RowItems, encode_file
+from embedkit.export.corpus import encode_file
 from embedkit.inference import item_costs
+from embedkit.rows import RowItems
 from tests.helpers.images import speckled_image
 
 

@@ -132,3 +132,39 @@ def test_encode_refuses_images_and_a_video_in_one_entry_and_unequal_lists(setup)
     with pytest.raises(UserError, match=r"encode: videos\[0\]: video file not found"):
         encoder.encode(texts=["x"], videos=["/nonexistent.mp4"])
     assert torch.is_tensor(encoder.encode(texts=["x"], images=[Image.new("RGB", (56, 56))]))
+
+
+def test_eval_scores_a_corpus_task_of_videos_and_images_with_the_exports_policy(setup):
+    """``data.eval.tasks``: a retrieval task whose corpus holds the video, the 3-image item and text, scored
+    through the export (its 4-frame policy and 6000-pixel cap) as ``task_scores`` scores the module's own
+    embeddings of what training would see; the result records the frame policy and the caps."""
+    from embedkit.config.loader import compose
+    from embedkit.eval.corpus_tasks import read_task, task_scores
+    from embedkit.eval.run import MMEBRun
+
+    tmp, module, out, video_path, images = setup
+    folder = tmp / "task"
+    folder.mkdir()
+    (folder / "task.json").write_text(json.dumps({"kind": "retrieval"}))
+    corpus = [{"id": "v", "text": "<|video_1|> a square moving right", "video": "../clip.mp4"},
+              {"id": "i", "text": "<|image_1|> then <|image_2|> then <|image_3|>",
+               "images": [f"../im{k}.png" for k in range(3)]},
+              {"id": "t", "text": "just text"}]
+    queries = [{"id": "q1", "text": "a moving square"}, {"id": "q2", "text": "three pictures"}]
+    qrels = [{"query": "q1", "doc": "v", "grade": 2}, {"query": "q1", "doc": "t", "grade": 1},
+             {"query": "q2", "doc": "i"}]
+    for name, rows in (("corpus", corpus), ("queries", queries), ("qrels", qrels)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = MMEBRun(compose([f"data.eval.tasks=[{folder}]"])["data"]["eval"], chunk_size=2, quantize=[], rescore_k=None)
+    result = run.evaluate(embedkit.load(out), layer=None, dim=None, out=tmp / "eval", recipe="demo",
+                          log=lambda m: None)
+    got = result.summary["tasks"]["task"]
+    docs = _items(video_path, images)[:3]
+    want = task_scores(read_task(folder), reference(module, [Item(q["text"]) for q in queries]),
+                       reference(module, docs))
+    assert got["score"] == pytest.approx(want["score"], abs=1e-6) and got["main"] == "ndcg_linear@5"
+    assert got["metrics"] == pytest.approx(want["metrics"], abs=1e-6)
+    assert got["items"]["frames"]["num_frames"] == 4 and got["items"]["max_image_pixels"] == 6000
+    assert json.loads((tmp / "eval" / "summary.json").read_text())["tasks"]["task"]["kind"] == "retrieval"
+    assert "| task | retrieval | 2 | 3 | ndcg_linear@5 |" in (tmp / "eval" / "summary.md").read_text()
+    assert result.metrics()["eval/task/ndcg_linear@5"] == got["score"]

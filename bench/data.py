@@ -1,6 +1,7 @@
 """Is the loader fast enough? Loader samples/s with 0, 1 and 2 workers against the demo model's rate.
 
-    PYTHONPATH=. python bench/data.py [--steps 20] [key=value ...]   (overrides go to the demo recipe)
+    PYTHONPATH=. python bench/data.py [--steps 20] [--recipe demo] [key=value ...]   (overrides go to the recipe)
+    PYTHONPATH=. python bench/data.py --recipe demo_video        # video clips: decoded frames (bench/video.py)
 
 The loader side iterates the real training DataLoader (shard reading, decoding, shuffling, mixing
 and the backbone's processor per chunk, i.e. everything but the model). The model side times the
@@ -55,6 +56,8 @@ def model_rate(module, batches) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20, help="batches timed per setting")
+    p.add_argument("--recipe", default="demo", help="a demo recipe: demo, demo_video, demo_docs")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts to time")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.global_batch_size=32")
     ns = p.parse_args()
     os.environ.setdefault("EMBEDKIT_CACHE", str(Path(tempfile.gettempdir()) / "embedkit-bench"))
@@ -64,14 +67,14 @@ def main() -> int:
     from embedkit.data.datamodule import EmbeddingDataModule, resolve_shards
     from embedkit.training.module import EmbeddingModule
 
-    cfg = compose(["recipe=demo", "data.demo.train_size=2000", "data.val.enabled=false", *ns.overrides])
+    cfg = compose([f"recipe={ns.recipe}", "data.demo.train_size=2000", "data.val.enabled=false", *ns.overrides])
     module = EmbeddingModule.from_config(cfg)
     train, val = resolve_shards(cfg["data"], log=lambda m: print(m, flush=True))
     gbs = cfg["train"]["global_batch_size"]
     data = EmbeddingDataModule(cfg["data"], module.encoder.processor(), train, val, seed=cfg["seed"],
                                global_batch_size=gbs, chunk_size=cfg["train"]["chunk_size"],
                                chunk_tokens=cfg["train"]["chunk_tokens"], sort_chunks=cfg["train"]["sort_chunks"])
-    print(f"demo model, global_batch_size={gbs}, chunk_size={cfg['train']['chunk_size']}, "
+    print(f"{ns.recipe} model, global_batch_size={gbs}, chunk_size={cfg['train']['chunk_size']}, "
           f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
 
     cfg["data"]["train"]["num_workers"] = 0
@@ -79,7 +82,7 @@ def main() -> int:
     batches = [next(it) for _ in range(max(3, ns.steps // 2))]
     model = model_rate(module, batches)
     print(f"model consumes            {model:8.1f} examples/s")
-    for workers in (0, 1, 2):
+    for workers in ns.workers:
         rate = loader_rate(cfg, data, workers, ns.steps)
         print(f"loader, {workers} workers          {rate:8.1f} examples/s   ratio loader/model {rate / model:5.2f}")
     return 0

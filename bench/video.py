@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/video.py                  # both parts
     PYTHONPATH=. python bench/video.py --part memory --sizes 16 64
-    PYTHONPATH=. python bench/video.py --part loader --workers 2 --clips 256
+    PYTHONPATH=. python bench/video.py --part loader --workers 2 --steps 10
 
 **memory**: one GradCache step of the demo's tiny Qwen2-VL (vision tower trainable, 56 px frames) on a
 contrastive batch of G queries that are 8-frame videos against G captions, in chunks of ``--chunk``;
@@ -11,13 +11,12 @@ and the processed batch excluded: they exist before the step), with every tensor
 mapped on its own (``MALLOC_MMAP_THRESHOLD_``) so freed memory leaves the RSS (as bench/gradcache.py).
 Printed: peak per G and the ratio largest / smallest (target: flat within 1.25x, issue 28).
 
-**loader**: the demo_video recipe's data as the training stream reads it -- video shards decoded at read
-time (PyAV, one ``.mp4`` member per clip) and, as a second source, the same clips stored as frames --
-through the real ``ShardStream`` + ``ChunkCollate`` (decode, frame sampling, processing) in a DataLoader
-with ``--workers`` workers: video samples per second delivered. Against it, the model's consumption: the
-demo module's training steps (forward + backward, no optimizer) on batches from the same loader, samples
-per second. Printed: both rates and loader / model (target: above 1 with 2 workers, i.e. the loader is
-never the bottleneck).
+**loader** (``bench/data.py --recipe demo_video``): the demo_video recipe's clips as the training stream
+reads them -- shards of PNG frames, decoded, sampled by the frame policy and processed into Qwen2-VL's
+video patches by the real ``ShardStream`` + ``ChunkCollate`` in a DataLoader with 0 and ``--workers``
+workers: video examples per second delivered. Against it, the model's consumption: the demo module's
+optimizer steps on batches taken from the same loader beforehand, examples per second. Printed: both rates
+and loader / model (target: above 1 with 2 workers, i.e. the loader is never the bottleneck).
 """
 
 from __future__ import annotations
@@ -81,7 +80,10 @@ def memory(args) -> None:
 
 
 def loader(args) -> None:
-    raise SystemExit("the loader part needs the video shard codec (issue 28): not built yet")
+    """bench/data.py on the demo_video recipe: the loader's rate with ``--workers`` against the model's."""
+    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data.py")
+    subprocess.run([sys.executable, bench, "--recipe", "demo_video", "--steps", str(args.steps), "--workers", "0",
+                    str(args.workers)], check=True)
 
 
 def main(argv=None) -> int:
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--clips", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10, help="loader batches timed per setting")
     ap.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:

@@ -59,7 +59,7 @@ VIDEO_BACKBONE = {"name": "qwen2_vl", "tiny": True, "freeze_vision": False, "min
                   "max_pixels": 56 * 56}
 
 
-def config(mode: str) -> dict:
+def config(mode: str = "ddp") -> dict:
     backbone = VIDEO_BACKBONE if mode.endswith("_video") else {"name": "probe"}
     return schema.validate({
         "seed": 0, "model": {"backbone": backbone, "pooling": "last_token"},

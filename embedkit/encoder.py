@@ -7,6 +7,11 @@ and evaluation, export, encoding and mining use it without Lightning.
     encoder = embedkit.load("runs/demo")                                # a trained one (export/reader.py)
     emb = encoder.encode(texts=["a red circle", None], images=[None, img])  # [N, D], no grad
     emb = encoder.encode_items([Item(text="a red circle"), Item(image=img)])  # the same, from Items
+    emb = encoder.encode(texts=["<|image_1|> vs <|image_2|>", "a clip"], images=[[a, b], None],
+                         videos=[None, "clip.mp4"])              # several images; a video (a path or frames)
+
+A video is decoded with the encoder's frame policy (``encoder.decoding``: the training config's
+``data.video``, recorded in an export), so inference sees the frames training saw.
 
 Every encoder carries its ``Provenance`` (where it comes from: the training config, the step, the
 Matryoshka sizes it was trained for, its prompts), declared when it is built; ``open_model``
@@ -195,6 +200,14 @@ class Encoder(nn.Module):
         emb = F.normalize(emb, dim=-1) if self.normalize else emb
         return emb[:, 0] if depth is not None else emb
 
+    @property
+    def decoding(self):
+        """How this model's inputs are decoded (``data.shards.Decoding``): the frame policy and image cap of
+        its training config (``data.video``, ``data.max_image_pixels``); the defaults where it has none."""
+        from embedkit.data.shards import Decoding
+
+        return Decoding.from_config(self.provenance.config.get("data") or {})
+
     @torch.no_grad()
     def encode(
         self,
@@ -208,18 +221,25 @@ class Encoder(nn.Module):
         batch_tokens: int = 0,
         sort: bool = True,
         num_workers: int = 0,
+        videos: Sequence | None = None,
     ) -> torch.Tensor:
-        """Texts and/or images (PIL) -> embeddings [N, D] on the CPU, float32, no grad.
+        """Texts, images (PIL) and/or videos -> embeddings [N, D] on the CPU, float32, no grad.
 
-        ``texts`` and ``images`` are parallel lists (``None`` entries for a missing half); ``texts``
-        may instead be a list of ``Item``s. ``instruction`` (a prompt name of ``prompts`` or a literal
+        ``texts``, ``images`` and ``videos`` are parallel lists (``None`` entries for a missing part); an
+        ``images`` entry is one image or a list of them (in the order of the text's ``<|image_k|>``); a
+        ``videos`` entry is a video file's path or bytes, or a list of frames (PIL, in order), sampled by
+        the encoder's frame policy (``decoding``; a bad file is one ``UserError`` line naming the entry);
+        an image over its ``max_image_pixels`` is resized down as training's reader does (``capped``).
+        ``texts`` may instead be a list of ``Item``s. ``instruction`` (a prompt name of ``prompts`` or a literal
         string) is prepended to every text, as sentence-transformers' prompts are. ``dim`` keeps the
         first ``dim`` coordinates (Matryoshka), re-normalised when the encoder normalises. ``layer``
         runs the model to that depth only, 1..L (2D Matryoshka / Starbucks: the pooling head on the
         output of layer ``layer``; L, or None, is the full model). ``batch_tokens``, ``sort``,
         ``num_workers``: how the inference engine batches (``encode_items``).
         """
-        items = make_items(texts, images, self.instruction_prefix(instruction))
+        decoding = self.decoding
+        items = make_items(texts, images, self.instruction_prefix(instruction), videos, decoding.policy)
+        items = [capped(it, decoding.max_image_pixels) for it in items]
         return self.encode_items(items, batch_size, layer=layer, dim=dim, batch_tokens=batch_tokens, sort=sort,
                                  num_workers=num_workers)
 
@@ -302,27 +322,77 @@ def skip_final_norm(backbone: Backbone) -> None:
         module.norm = nn.Identity()
 
 
-def make_items(texts, images, prefix: str | None = None) -> list[Item]:
-    """Parallel ``texts`` / ``images`` lists (or a list of ``Item``s as ``texts``) -> ``Item``s."""
+def make_items(texts, images, prefix: str | None = None, videos=None, policy=None) -> list[Item]:
+    """Parallel ``texts`` / ``images`` / ``videos`` lists (or a list of ``Item``s as ``texts``) -> ``Item``s
+    (``encode`` says what an entry may be; ``policy``: the ``FramePolicy`` videos are sampled by)."""
     if texts is not None and len(texts) and all(isinstance(t, Item) for t in texts):
-        if images is not None:
-            raise ValueError("encode: give Items, or texts and images, not both")
+        if images is not None or videos is not None:
+            raise ValueError("encode: give Items, or texts, images and videos, not both")
         items = list(texts)
     else:
         if isinstance(texts, str):
             texts = [texts]
-        n = len(texts) if texts is not None else len(images) if images is not None else 0
-        texts = list(texts) if texts is not None else [None] * n
-        images = list(images) if images is not None else [None] * n
-        if len(texts) != len(images):
-            raise ValueError(f"encode: {len(texts)} texts but {len(images)} images")
-        items = [Item(text=t, image=i) for t, i in zip(texts, images)]
-    return [prefixed_item(it.text, it.image, prefix) for it in items] if prefix else items
+        n = next((len(x) for x in (texts, images, videos) if x is not None), 0)
+        columns = [list(x) if x is not None else [None] * n for x in (texts, images, videos)]
+        if len({len(c) for c in columns}) > 1:
+            raise ValueError(f"encode: {len(columns[0])} texts, {len(columns[1])} images and {len(columns[2])} "
+                             "videos: give one entry each (None for none)")
+        items = [_item(i, t, im, v, policy) for i, (t, im, v) in enumerate(zip(*columns))]
+    return [prefixed(it, prefix) for it in items] if prefix else items
+
+
+def _item(i: int, text, images, video, policy) -> Item:
+    """Entry ``i`` of ``encode``'s lists as an ``Item``."""
+    if images is not None and video is not None:
+        raise ValueError(f"encode: entry {i} has images and a video; an item holds one or the other")
+    if video is not None:
+        return Item(text=text, video=to_frames(video, policy, f"encode: videos[{i}]"))
+    if isinstance(images, (list, tuple)):
+        return Item(text=text, images=images)
+    return Item(text=text, image=images)
+
+
+def to_frames(video, policy, what: str):
+    """A video entry (a file's path or bytes, a list of frames, or ``Frames``) sampled by ``policy``;
+    a file that is missing or does not decode is one ``UserError`` line starting with ``what``."""
+    from embedkit.data.pixels import BadSample
+    from embedkit.data.video import FramePolicy, Frames, frames_from_images, read_video
+
+    policy = policy or FramePolicy()
+    if isinstance(video, Frames):
+        return video
+    try:
+        if isinstance(video, (list, tuple)):
+            return frames_from_images(video, None, policy)
+        if not isinstance(video, (bytes, bytearray)) and not Path(video).is_file():
+            raise UserError(f"{what}: video file not found: {video}")
+        return read_video(video, policy)
+    except BadSample as exc:
+        raise UserError(f"{what}: {exc}") from None
+
+
+def capped(item: Item, max_pixels: int | None) -> Item:
+    """``item`` with every image over ``max_pixels`` resized down, aspect kept (``data.pixels.fit``: what
+    the training reader does with ``data.max_image_pixels``); the item itself when none is."""
+    from embedkit.data.pixels import fit
+
+    images = tuple(fit(im, max_pixels) for im in item.images)
+    if all(a is b for a, b in zip(images, item.images)):
+        return item
+    return Item(text=item.text, images=images)
+
+
+def prefixed(item: Item, prefix: str | None) -> Item:
+    """``item`` with ``prefix`` (an instruction) before its text; a visual-only item gets the prefix as its
+    text. No prefix: the item as given."""
+    if not prefix:
+        return item
+    text = prefix + (item.text or "")
+    return Item(text=text, video=item.video) if item.video is not None else Item(text=text, images=item.images)
 
 
 def prefixed_item(text: str | None, image, prefix: str | None) -> Item:
-    """An ``Item`` with ``prefix`` (an instruction) before its text; an image-only item gets the prefix as
-    its text. No prefix: the item as given."""
+    """``Item(text, image)`` (one image or None) with ``prefix`` before its text, as ``prefixed``."""
     return Item(text=prefix + (text or "") if prefix else text, image=image)
 
 #: the one opt-in that loads a checkpoint with the full unpickler (code in the file may run)

@@ -108,11 +108,27 @@ class EvalData:
 
 
 @dataclass
+class VideoData:
+    """The frame policy (``data.video.FramePolicy``, docs/video.md) of every reader: training, validation,
+    ``embedkit encode``, ``embedkit mine`` and the exported model."""
+
+    num_frames: int = 8  # the most frames kept (VLM2Vec-V2's 8 uniformly sampled frames)
+    sampling: Literal["uniform", "fps"] = "uniform"  # uniform: by index; fps: by presentation time
+    fps: Optional[float] = None  # frames per second of video, sampling=fps only
+    min_frames: int = 1  # fewer decodable frames: the sample is skipped as video_short
+    max_pixels: Optional[int] = None  # a larger frame is resized down, aspect kept; None: native size
+
+
+@dataclass
 class DataSection:
     train: TrainData = field(default_factory=TrainData)
     val: ValData = field(default_factory=ValData)
     eval: EvalData = field(default_factory=EvalData)
     demo: DemoData = field(default_factory=DemoData)
+    video: VideoData = field(default_factory=VideoData)
+    # an image (or page) with more pixels is resized down, aspect kept, and counted as a resize (not a
+    # skip); None: native size (the backbone's processor still resizes to its own budget)
+    max_image_pixels: Optional[int] = None
 
 
 @dataclass
@@ -211,6 +227,7 @@ MINIMUMS = {
     "trainer.collective_timeout_s": 1,
     "data.train.num_negatives": 0, "data.train.num_workers": 0, "data.train.shuffle_buffer": 1,
     "data.train.task_batch_size": 0, "data.train.epoch_steps": 0,
+    "data.video.num_frames": 1, "data.video.min_frames": 1, "data.video.max_pixels": 1, "data.max_image_pixels": 1,
     "data.demo.train_size": 1, "data.demo.val_size": 1, "data.demo.image_size": 28, "data.demo.holdout_combinations": 0,
     "model.lora.r": 1,
     "data.eval.muvera.k_sim": 0, "data.eval.muvera.d_proj": 1, "data.eval.muvera.repetitions": 1,
@@ -261,6 +278,15 @@ def check_combinations(cfg: dict, overridden: Collection[str] = ()) -> None:
         if train["global_batch_size"] % world:
             raise ConfigError(f"train.global_batch_size={train['global_batch_size']} is not divisible by the "
                               f"{world} devices (trainer.devices x trainer.num_nodes)")
+    _check_video(cfg["data"]["video"])
+
+
+def _check_video(video: dict) -> None:
+    """data.video.fps goes with sampling=fps, and only with it (the rule ``FramePolicy`` checks too)."""
+    if video["sampling"] == "fps" and (video["fps"] is None or not video["fps"] > 0):
+        raise ConfigError(f"data.video.sampling=fps needs a positive data.video.fps, got {video['fps']!r}")
+    if video["sampling"] == "uniform" and video["fps"] is not None:
+        raise ConfigError("data.video.fps: only for data.video.sampling=fps (sampling is uniform)")
 
 
 def _value_at(cfg: dict, key: str) -> Any:

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from embedkit.data import demo_visual
 from embedkit.data.batch import ChunkCollate, ValCollate, ValItems
 from embedkit.data.remote import ShardUnavailable, is_remote
-from embedkit.data.shards import iter_samples, list_shards
+from embedkit.data.shards import Decoding, iter_samples, list_shards
 from embedkit.data.stream import ShardStream
 from embedkit.data.workers import WorkerSignals
 from embedkit.errors import ConfigError, UserError
@@ -70,13 +70,13 @@ def checked_shards(key: str, spec) -> list[str]:
     return shards
 
 
-def read_examples(shards: list[str], limit: int, processor=None) -> list:
+def read_examples(shards: list[str], limit: int, processor=None, decoding=None) -> list:
     """The first ``limit`` usable examples of ``shards`` (validation): a sample that does not decode or that
     ``processor`` would refuse, and the rest of a truncated shard, are skipped and counted in one warning."""
-    return [example for example, _ in read_samples(shards, limit, processor)]
+    return [example for example, _ in read_samples(shards, limit, processor, decoding)]
 
 
-def read_samples(shards: list[str], limit: int, processor=None) -> list[tuple]:
+def read_samples(shards: list[str], limit: int, processor=None, decoding=None) -> list[tuple]:
     """``read_examples`` with each example's sample JSON: [(example, JSON dict)]."""
     import logging
     from collections import Counter
@@ -87,7 +87,7 @@ def read_samples(shards: list[str], limit: int, processor=None) -> list[tuple]:
     for shard in shards:
         try:
             for key, files in iter_samples(shard):
-                example, reason, _ = take(key, files, processor)
+                example, reason, _ = take(key, files, processor, decoding)
                 if example is None:
                     skipped[reason] += 1
                     continue
@@ -161,7 +161,9 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.sort_chunks = sort_chunks  # cost-aware chunking (ChunkCollate)
         self.accumulate = accumulate  # training batches per optimizer step: where a resumed stream starts
         val = data["val"]
-        samples = read_samples(val_shards, val["max_queries"], processor) if val["enabled"] and val_shards else []
+        self.decoding = Decoding.from_config(data)  # data.video and data.max_image_pixels, for training and validation
+        samples = (read_samples(val_shards, val["max_queries"], processor, self.decoding)
+                   if val["enabled"] and val_shards else [])
         self.val_examples = [example for example, _ in samples]
         self.held_out = HeldOut.of(samples)  # the metric the module's validation logs, and its qrels
         self.reader_states: dict[int, dict] = {}  # worker -> reader_state of its last batch trained on (this rank)
@@ -182,7 +184,8 @@ class EmbeddingDataModule(L.LightningDataModule):
             stream = ShardStream(self.train_shards, collate, gbs // world, self.seed, rank, world, t["shuffle_buffer"],
                                  mix=t["mix"], task_batch_size=t["task_batch_size"], epoch_steps=t["epoch_steps"],
                                  start_step=start, accumulate=self.accumulate, group_by=t["group_by"],
-                                 length_order=t["length_order"], resume_states=self.resume_states)
+                                 length_order=t["length_order"], resume_states=self.resume_states,
+                                 decoding=self.decoding)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         workers = t["num_workers"]

@@ -24,7 +24,7 @@ from typing import Callable
 from embedkit.data.remote import ShardUnavailable
 from embedkit.data.schema import Example
 from embedkit.data.shard_set import ShardSet
-from embedkit.data.shards import BadSample, decode_sample, iter_samples
+from embedkit.data.shards import BadSample, Decoding, iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,10 @@ class SourceReader:
     """
 
     def __init__(self, shard_set: ShardSet, name: str, slot: int, slots: int, key: str, buffer: int,
-                 skip: Callable[[str, str, str], None], start: int = 0, processor=None, skipped: int = 0):
+                 skip: Callable[[str, str, str], None], start: int = 0, processor=None, skipped: int = 0,
+                 decoding: Decoding | None = None, resize: Callable[[str], None] | None = None):
         self.shard_set, self.name, self.key, self.buffer_size, self.skip = shard_set, name, key, buffer, skip
+        self.decoding, self.resize = decoding, resize  # the run's frame policy and image cap; resizes reported
         self.skipped = skipped  # raw samples skipped before this reader's example ``start`` and since
         start += skipped  # the raw sample to start at: every skipped sample took a raw position
         self.processor = processor  # the backbone's chunk processor: its ``refusal`` admits examples
@@ -145,7 +147,7 @@ class SourceReader:
             if not self.pending:
                 self._fill()
             shard, key, files = self.pending.pop()
-            example, reason, why = take(key, files, self.processor)
+            example, reason, why = take(key, files, self.processor, self.decoding, self.resize)
             if example is not None:
                 return example
             self.skipped += 1
@@ -175,10 +177,13 @@ def refusal(processor, example: Example) -> str | None:
     return None
 
 
-def take(key: str, files: dict, processor=None) -> tuple[Example | None, str, str]:
-    """One raw sample, decoded and admitted: (the example, "", "") or (None, skip reason, why)."""
+def take(key: str, files: dict, processor=None, decoding: Decoding | None = None,
+         on_resize: Callable[[str], None] | None = None) -> tuple[Example | None, str, str]:
+    """One raw sample, decoded by ``decoding`` (the run's frame policy and image cap; None: the defaults)
+    and admitted: (the example, "", "") or (None, skip reason, why). An image resized down to the cap
+    is reported to ``on_resize`` (a resize, not a skip)."""
     try:
-        example = decode_sample(key, files)
+        example = (decoding or Decoding()).decode(key, files, on_resize)
     except BadSample as exc:
         return None, exc.reason, str(exc)
     except Exception as exc:  # anything else a hostile sample may raise while decoding

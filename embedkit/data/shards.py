@@ -3,11 +3,21 @@
 A sample is the WebDataset convention (files sharing a key in a tar):
     <key>.json      {"task": str, "query": slot, "positive": slot, "negatives": [slot, ...],
                      "negative_scores": [float, ...] (mined shards only)}
-                    slot = {"text": str | null, "image": "<file extension>" | null}
-    <key>.q.<ext>   the query's image bytes, <key>.p.<ext> the positive's, <key>.n<i>.<ext> negatives'
-Image bytes are stored as they came (MMEB's JPEGs are not re-encoded); the demo writes PNG.
-Shards are written under a temporary name and renamed when complete, so a reader never sees a
-partial shard and an interrupted writer can be re-run.
+A slot is one item; its JSON names every member it needs (a member the JSON declares but the shard
+lacks is ``missing_member``, never a silent text-only item). ``<tag>`` is ``q``, ``p`` or ``n<i>``:
+    {"text": str | null, "image": null}                        text only
+    {"text": ..., "image": "<ext>"}                           one image: <key>.<tag>.<ext> (the first form;
+                                                              one-image items are still written so)
+    {"text": ..., "images": ["img1.png", "img2.jpg", ...]}    several images, in order: <key>.<tag>.img1.png ...
+    {"text": ..., "frames": ["frame000.png", ...],            a video's frames, in order, and their
+     "timestamps": [float, ...] | null}                       timestamps (s): <key>.<tag>.frame000.png ...
+    {"text": ..., "video": "video.mp4"}                       a video file, decoded at read time: <key>.<tag>.video.mp4
+Image bytes are stored as they came (``ImageBytes``: MMEB's JPEGs are not re-encoded); decoded images
+and frames are written as PNG. A stored video is ``VideoBytes``. Reading applies the run's
+``FramePolicy`` to frames (``frames_from_images``) and to a video file (``read_video``) alike, and
+``max_image_pixels`` (``data.max_image_pixels``) to images: a larger one is resized down, aspect kept,
+and reported to ``on_resize``. Shards are written under a temporary name and renamed when complete, so
+a reader never sees a partial shard and an interrupted writer can be re-run.
 """
 
 from __future__ import annotations
@@ -17,15 +27,18 @@ import io
 import json
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
-from PIL import Image
-
+from embedkit.data.pixels import SKIP_REASONS, BadSample, fit, open_image, to_rgb
 from embedkit.data.remote import is_remote
 from embedkit.data.schema import Example, Item
+from embedkit.data.video import FramePolicy, Frames, frames_from_images, read_video
 from embedkit.files import atomic_path
+
+__all__ = ["SKIP_REASONS", "BadSample", "Decoding", "ImageBytes", "VideoBytes", "decode_sample", "encode_example",
+           "iter_samples", "list_shards", "to_rgb", "write_shard"]
 
 
 @dataclass
@@ -36,6 +49,14 @@ class ImageBytes:
     ext: str  # "png", "jpg", ...
 
 
+@dataclass
+class VideoBytes:
+    """A video file kept as its encoded bytes (``encode_example(videos=...)``), decoded when read."""
+
+    data: bytes
+    ext: str  # "mp4", "webm", "mkv", ...
+
+
 def _image_bytes(image) -> ImageBytes:
     if isinstance(image, ImageBytes):
         return image
@@ -44,17 +65,59 @@ def _image_bytes(image) -> ImageBytes:
     return ImageBytes(buf.getvalue(), "png")
 
 
-def encode_example(example: Example, key: str) -> dict[str, bytes]:
-    """Files of one sample: {"<key>.json": ..., "<key>.q.png": ...}."""
+def _ext(ext: str, what: str) -> str:
+    ext = str(ext).lstrip(".")
+    if not ext.isalnum():
+        raise ValueError(f"{what}: file extension {ext!r} is not a plain extension (png, jpg, mp4, ...)")
+    return ext
+
+
+def _visual_slot(item: Item, tag: str, key: str, files: dict, video: VideoBytes | None) -> dict:
+    """The slot's visual keys, its members added to ``files``."""
+    if video is not None:
+        if item.has_visual:
+            raise ValueError(f"slot {tag}: a stored video file and the item's own visuals; give one")
+        name = f"video.{_ext(video.ext, tag)}"
+        files[f"{key}.{tag}.{name}"] = bytes(video.data)
+        return {"video": name}
+    if item.video is not None:
+        names = _put(files, key, tag, "frame{:03d}", item.video.images)
+        stamps = item.video.timestamps
+        return {"frames": names, "timestamps": None if stamps is None else [float(t) for t in stamps]}
+    if len(item.images) > 1:
+        return {"images": _put(files, key, tag, "img{}", item.images, start=1)}
+    if item.images:  # one image: the first form, so existing readers and caches see what they always saw
+        img = _image_bytes(item.images[0])
+        ext = _ext(img.ext, tag)
+        files[f"{key}.{tag}.{ext}"] = img.data
+        return {"image": ext}
+    return {"image": None}
+
+
+def _put(files: dict, key: str, tag: str, stem: str, images, start: int = 0) -> list[str]:
+    names = []
+    for i, image in enumerate(images, start):
+        img = _image_bytes(image)
+        name = f"{stem.format(i)}.{_ext(img.ext, tag)}"
+        files[f"{key}.{tag}.{name}"] = img.data
+        names.append(name)
+    return names
+
+
+def encode_example(example: Example, key: str, videos: Mapping[str, VideoBytes] | None = None) -> dict[str, bytes]:
+    """Files of one sample: {"<key>.json": ..., "<key>.q.png": ...}, any ``Item`` (text, images, a
+    video's frames). ``videos`` maps a slot's tag (``q``, ``p``, ``n0``, ...) to a video file stored
+    for it as it is (decoded at read time with the reader's frame policy); that slot's item then holds
+    text only (``Item(text="")`` for none)."""
     files: dict[str, bytes] = {}
+    videos = dict(videos or {})
+    tags = ["q", "p", *(f"n{i}" for i in range(len(example.negatives)))]
+    unknown = sorted(set(videos) - set(tags))
+    if unknown:
+        raise ValueError(f"encode_example: videos for slot {unknown[0]!r}, which the example lacks ({', '.join(tags)})")
 
     def slot(item: Item, tag: str) -> dict:
-        ext = None
-        if item.image is not None:
-            img = _image_bytes(item.image)
-            ext = img.ext
-            files[f"{key}.{tag}.{ext}"] = img.data
-        return {"text": item.text, "image": ext}
+        return {"text": item.text, **_visual_slot(item, tag, key, files, videos.get(tag))}
 
     meta = {
         "task": example.task,
@@ -66,46 +129,6 @@ def encode_example(example: Example, key: str) -> dict[str, bytes]:
         meta["negative_scores"] = [float(x) for x in example.negative_scores]
     files[f"{key}.json"] = json.dumps(meta).encode()
     return files
-
-
-#: why a sample is skipped (``SourceReader`` counts skips by these; the module logs ``data/skipped/<reason>``)
-#: ``video``: a corrupt, undecodable or empty video (or frames over the size cap); ``video_short``: fewer
-#: decodable frames than the frame policy's ``min_frames`` (both from ``data/video.py``)
-SKIP_REASONS = ("decode", "processor", "missing_member", "bad_json", "bad_text", "truncated_shard", "video",
-                "video_short")
-
-
-class BadSample(ValueError):
-    """A sample that cannot become an ``Example``; ``reason`` is one of ``SKIP_REASONS``."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """The pixels a backbone sees, as every loader converts them: EXIF orientation applied (what a viewer
-    shows), transparency composited over white (P with a transparent index, LA, RGBA, ...), 16-bit and
-    float greyscale (I;16, I, F) scaled to 8 bits (values over 255 read as 16-bit), any other mode
-    (1, L, P, CMYK, YCbCr, ...) converted by PIL."""
-    from PIL import ImageOps
-
-    image = ImageOps.exif_transpose(image)
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        import numpy as np
-
-        a = np.asarray(image, dtype=np.float64)
-        a = a / 257.0 if a.size and a.max() > 255 else a
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _slot_text(slot: dict, where: str) -> str | None:
@@ -121,21 +144,74 @@ def _slot_text(slot: dict, where: str) -> str | None:
     return text
 
 
-def _slot_image(slot: dict, files: dict[str, bytes], key: str, tag: str):
-    ext = slot.get("image")
-    if not ext:
-        return None
-    if not isinstance(ext, str):
-        raise BadSample("bad_json", f"{tag}: image is a {type(ext).__name__}, not a file extension")
-    name = f"{key}.{tag}.{ext}"
-    if name not in files:  # declared by the JSON but not in the shard (a renamed or lost member)
-        raise BadSample("missing_member", f"no member {name} (the JSON declares it)")
-    try:
-        image = Image.open(io.BytesIO(files[name]))
-        image.load()
-        return to_rgb(image)
-    except Exception as exc:
-        raise BadSample("decode", f"{name}: {type(exc).__name__}: {exc}") from None
+@dataclass(frozen=True)
+class _Reading:
+    """How one sample's visuals are read: its key and files, the frame policy, the image pixel cap and
+    where resizes are reported."""
+
+    key: str
+    files: dict
+    policy: FramePolicy
+    max_image_pixels: int | None
+    on_resize: Callable[[str], None] | None
+
+    def member(self, tag: str, name) -> bytes:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise BadSample("bad_json", f"{tag}: member name {name!r} is not a file name")
+        full = f"{self.key}.{tag}.{name}"
+        if full not in self.files:  # declared by the JSON but not in the shard (a renamed or lost member)
+            raise BadSample("missing_member", f"no member {full} (the JSON declares it)")
+        return self.files[full]
+
+    def image(self, tag: str, name: str):
+        what = f"{self.key}.{tag}.{name}"
+        image = open_image(self.member(tag, name), what)
+        capped = fit(image, self.max_image_pixels)
+        if capped is not image and self.on_resize is not None:
+            self.on_resize(f"{what}: {image.size[0]}x{image.size[1]} resized to {capped.size[0]}x{capped.size[1]} "
+                           f"(data.max_image_pixels={self.max_image_pixels})")
+        return capped
+
+
+#: a slot's visual keys; a slot holds at most one of them
+_VISUAL_KEYS = ("image", "images", "frames", "video")
+
+
+def _names(slot: dict, field: str, tag: str) -> list:
+    names = slot[field]
+    if not isinstance(names, list) or not names:
+        raise BadSample("bad_json", f"{tag}: {field} is not a non-empty list of member names")
+    return names
+
+
+def _slot_visuals(slot: dict, tag: str, r: _Reading) -> dict:
+    """The ``Item`` keyword arguments of a slot's visuals ({} for none)."""
+    present = [k for k in _VISUAL_KEYS if slot.get(k)]
+    if len(present) > 1:
+        raise BadSample("bad_json", f"{tag}: holds {' and '.join(present)}; a slot holds one kind of visual")
+    if not present:
+        return {}
+    kind = present[0]
+    if kind == "image":
+        if not isinstance(slot["image"], str):
+            raise BadSample("bad_json", f"{tag}: image is a {type(slot['image']).__name__}, not a file extension")
+        return {"images": [r.image(tag, slot["image"])]}
+    if kind == "images":
+        return {"images": [r.image(tag, n) for n in _names(slot, "images", tag)]}
+    if kind == "frames":
+        return {"video": _frames(slot, tag, r)}
+    return {"video": read_video(r.member(tag, slot["video"]), r.policy)}
+
+
+def _frames(slot: dict, tag: str, r: _Reading) -> Frames:
+    names = _names(slot, "frames", tag)
+    stamps = slot.get("timestamps")
+    ok = stamps is None or (isinstance(stamps, list) and len(stamps) == len(names)
+                            and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in stamps))
+    if not ok:
+        raise BadSample("bad_json", f"{tag}: timestamps is not one number per frame ({len(names)} frames)")
+    images = [open_image(r.member(tag, n), f"{r.key}.{tag}.{n}") for n in names]
+    return frames_from_images(images, stamps, r.policy)
 
 
 def _meta(key: str, files: dict[str, bytes]) -> dict:
@@ -153,17 +229,24 @@ def _meta(key: str, files: dict[str, bytes]) -> dict:
     return meta
 
 
-def decode_sample(key: str, files: dict[str, bytes]) -> Example:
-    """An ``Example`` from one sample's files, images converted by ``to_rgb``; raises ``BadSample`` (its
-    ``reason`` one of ``SKIP_REASONS``) for a malformed JSON, a text that is not one, a declared member
-    that is missing or an image that does not decode."""
+def decode_sample(key: str, files: dict[str, bytes], policy: FramePolicy | None = None,
+                  max_image_pixels: int | None = None, on_resize: Callable[[str], None] | None = None) -> Example:
+    """An ``Example`` from one sample's files (any slot form of the module docstring).
+
+    Images are converted by ``to_rgb``; a video's frames (stored as images or as a video file) are
+    sampled by ``policy`` (None: ``FramePolicy()``); an image over ``max_image_pixels`` is resized down, aspect kept, and
+    ``on_resize(message)`` called (a resize, not a skip). Raises ``BadSample`` (its ``reason`` one of
+    ``SKIP_REASONS``) for a malformed JSON, a text that is not one, a declared member that is missing,
+    an image that does not decode (``decode``) or states too many pixels (``image_too_large``), or a
+    video that is corrupt, empty (``video``) or too short (``video_short``)."""
     meta = _meta(key, files)
+    reading = _Reading(key, files, policy or FramePolicy(), max_image_pixels, on_resize)
 
     def item(slot: dict, tag: str) -> Item:
-        text, image = _slot_text(slot, tag), _slot_image(slot, files, key, tag)
-        if text is None and image is None:
-            raise BadSample("bad_text", f"{tag}: neither text nor image")
-        return Item(text=text, image=image)
+        text, visuals = _slot_text(slot, tag), _slot_visuals(slot, tag, reading)
+        if text is None and not visuals:
+            raise BadSample("bad_text", f"{tag}: neither text nor a visual")
+        return Item(text=text, **visuals)
 
     scores = meta.get("negative_scores")
     return Example(
@@ -173,6 +256,24 @@ def decode_sample(key: str, files: dict[str, bytes]) -> Example:
         task=meta["task"] if isinstance(meta.get("task"), str) else "default",
         negative_scores=scores if isinstance(scores, list) else None,
     )
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a run decodes its samples' visuals: the frame policy (``data.video``) and the image pixel cap
+    (``data.max_image_pixels``). Picklable (it travels to DataLoader workers)."""
+
+    policy: FramePolicy = field(default_factory=FramePolicy)
+    max_image_pixels: int | None = None
+
+    @classmethod
+    def from_config(cls, data: Mapping) -> Decoding:
+        """From the config's ``data`` section; a key it lacks keeps its default."""
+        return cls(FramePolicy.from_config(data.get("video") or {}), data.get("max_image_pixels"))
+
+    def decode(self, key: str, files: dict[str, bytes], on_resize: Callable[[str], None] | None = None) -> Example:
+        """``decode_sample`` with this policy and cap."""
+        return decode_sample(key, files, self.policy, self.max_image_pixels, on_resize)
 
 
 def sample_key(member_name: str) -> str:

@@ -49,6 +49,7 @@ from embedkit.data.mixture import MixturePlan, arrange_by_length, source_weights
 from embedkit.data.reader import SourceReader
 from embedkit.data.schema import Example
 from embedkit.data.shard_set import ShardSet
+from embedkit.data.shards import Decoding
 
 log = logging.getLogger(__name__)
 #: skipped samples of one reason logged as warnings (per process); the rest at debug level
@@ -67,7 +68,7 @@ class ShardStream(IterableDataset):
                  seed: int, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
                  mix: dict | None = None, task_batch_size: int = 0, epoch_steps: int = 0,
                  start_step: int = 0, accumulate: int = 1, group_by: str = "none", length_order: str = "none",
-                 resume_states: dict | None = None):
+                 resume_states: dict | None = None, decoding: Decoding | None = None):
         self.shard_set = shards if isinstance(shards, ShardSet) else ShardSet(shards)
         self.sources = self.shard_set.sources
         self.weights = source_weights(self.shard_set, mix)
@@ -106,6 +107,8 @@ class ShardStream(IterableDataset):
         self.reader_state: dict | None = None  # of the batch just built (batches() sets it)
         self.skipped = 0
         self.skipped_by_reason: Counter = Counter()  # this process's skips, by reason (shards.SKIP_REASONS)
+        self.decoding = decoding  # the frame policy and image cap (data.video, data.max_image_pixels)
+        self.resized = 0  # this process's images resized down to data.max_image_pixels (not skips)
         self._reported: Counter = Counter()  # the part of it already carried by a yielded batch
         self._warned: set[str] = set()  # samples and shards already warned about
         self.epoch = -1  # counted per process: persistent workers keep their copy across epochs
@@ -124,6 +127,12 @@ class ShardStream(IterableDataset):
         self._warned.add(where)
         level = logging.WARNING if first and self.skipped_by_reason[reason] <= WARN_PER_REASON else logging.DEBUG
         log.log(level, "skipped %s; %d skipped so far on rank %d", what, self.skipped, self.rank)
+
+    def resize(self, what: str) -> None:
+        """Count an image resized down to ``data.max_image_pixels``; warn for the first few (debug after)."""
+        self.resized += 1
+        level = logging.WARNING if self.resized <= WARN_PER_REASON else logging.DEBUG
+        log.log(level, "resized %s; %d resized so far on rank %d", what, self.resized, self.rank)
 
     def take_skipped(self) -> dict[str, int]:
         """The skips counted since the last call, by reason (carried by the next batch)."""
@@ -199,7 +208,7 @@ class ShardStream(IterableDataset):
             name: SourceReader(self.shard_set, name, slot, slots,
                                f"{self.seed}-read-{epoch}-{self.rank}-{worker}-{name}", buffer, self.skip,
                                drawn.get(name, 0), processor=getattr(self.collate, "processor", None),
-                               skipped=skipped.get(name, 0))
+                               skipped=skipped.get(name, 0), decoding=self.decoding, resize=self.resize)
             for name in self.weights
         }
 

@@ -10,7 +10,7 @@ Sampling (facts from /work/shared/research/mmeb-v2.md section 2 and VLM2Vec-V2, 
 - ``"fps"``: one frame every ``1 / fps`` seconds of presentation time (from the first frame's timestamp,
   the first frame at or after each instant), at most ``num_frames``: more are thinned by the uniform rule.
 Frames over ``max_pixels`` are resized down, aspect kept (``_fit``). Bad input raises
-``shards.BadSample``: ``video`` (corrupt, undecodable, empty, or frames over ``MAX_FRAME_PIXELS``) or
+``pixels.BadSample``: ``video`` (corrupt, undecodable, empty, or frames over ``MAX_FRAME_PIXELS``) or
 ``video_short`` (fewer than ``min_frames`` decodable frames). PyAV is imported only when a video is read.
 """
 
@@ -24,7 +24,8 @@ from typing import Mapping, Sequence
 
 from PIL import Image
 
-from embedkit.data.shards import BadSample, to_rgb
+from embedkit.data.pixels import BadSample, to_rgb
+from embedkit.data.pixels import fit as _fit
 from embedkit.errors import ConfigError
 
 #: frame dimensions beyond this (w * h) are refused before any frame is decoded (a decompression bomb);
@@ -127,17 +128,6 @@ def fps_indices(times: Sequence[float], fps: float, k: int) -> list[int]:
             picks.append(i)
         j += 1
     return [picks[x] for x in uniform_indices(len(picks), k)]
-
-
-def _fit(image: Image.Image, max_pixels: int | None) -> Image.Image:
-    """The image resized down (bicubic) to at most ``max_pixels`` pixels, aspect kept: each side scaled by
-    ``sqrt(max_pixels / (w * h))`` and rounded down (at least 1), so the result never exceeds the cap."""
-    w, h = image.size
-    if max_pixels is None or w * h <= max_pixels:
-        return image
-    scale = math.sqrt(max_pixels / (w * h))
-    size = (max(1, math.floor(w * scale)), max(1, math.floor(h * scale)))
-    return image.resize(size, Image.Resampling.BICUBIC)
 
 
 def _check_count(n: int, policy: FramePolicy, what: str) -> None:

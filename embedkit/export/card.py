@@ -16,6 +16,19 @@ def title(meta: dict) -> str:
     return run.path.name if run else meta["checkpoint"]
 
 
+def inputs_lines(inputs: dict | None) -> list[str]:
+    """The card's lines on visual inputs: the frame policy, the image cap and the prompt format."""
+    if not inputs:
+        return []
+    v = inputs["video"]
+    rate = f"{v['fps']} frames a second" if v["sampling"] == "fps" else "uniformly"
+    cap = inputs.get("max_image_pixels")
+    return [f"- videos: at most {v['num_frames']} frames sampled {rate} (at least {v['min_frames']}), "
+            f"frames over {v['max_pixels'] or 'no'} pixels resized; images over {cap or 'no'} pixels resized "
+            "(`embedkit.load(...).encode(videos=[path])` applies this)",
+            f"- prompt format: {inputs['prompt_format']}"]
+
+
 def render(meta: dict) -> str:
     """The card of an export from its ``embedkit.json`` (``meta``)."""
     config = meta["training_config"]
@@ -47,6 +60,7 @@ def render(meta: dict) -> str:
         lines.append(f"- cut (2D Matryoshka): the first {meta.get('layer') or meta.get('num_layers')} of "
                      f"{meta.get('num_layers')} layers, {meta.get('dim') or meta['embedding_dim']} of "
                      f"{meta['embedding_dim']} dimensions (`embedkit export layer= dim=`)")
+    lines += inputs_lines(meta.get("inputs"))
     if meta.get("metrics"):
         lines += ["", "## Metrics", "", "The latest value of each metric the MLflow run logged.", "",
                   "| metric | value |", "|---|---|"]

@@ -2,7 +2,9 @@
 
 Input: JSONL (one object a line) or parquet, with a ``text`` and/or an ``image`` column (an image is
 a path, relative to the input file's folder, or encoded bytes; parquet image structs with ``bytes``
-or ``path`` are read too). Output: ``.npy`` (float32 [N, D]) or ``.parquet`` (an ``embedding`` list
+or ``path`` are read too), or ``images`` (a list of such images, in the order of the text's
+``<|image_k|>``) or ``video`` (a video file's path, relative likewise, or its bytes: sampled by the
+model's frame policy, ``Encoder.decoding``). A missing or undecodable file is one line naming its row. Output: ``.npy`` (float32 [N, D]) or ``.parquet`` (an ``embedding`` list
 column). Rows are encoded in parts of ``part_size`` rows, each written atomically into
 ``<out>.parts/`` as it completes; an interrupted run re-run with the same arguments skips the parts
 already there, and the final file is written atomically from the parts (identical to an
@@ -29,7 +31,7 @@ import numpy as np
 
 from embedkit.data.schema import Item
 from embedkit.distributed.ranks import barrier, rank_and_world
-from embedkit.encoder import prefixed_item
+from embedkit.encoder import capped, prefixed, prefixed_item, to_frames
 from embedkit.errors import UserError
 from embedkit.fault_points import fault_point
 from embedkit.files import atomic_path, is_disk_full, write_atomic
@@ -81,10 +83,15 @@ def open_image(value, root: Path):
 
 class RowItems(LazyItems):
     """Rows as ``Item``s made on demand, ``prefix`` (an instruction) before every text: ``self[i]``
-    decodes the image; ``sized(i)`` only opens it (its size, for the engine's costs). Picklable."""
+    decodes the images (or samples the video by ``policy``, a ``FramePolicy``); ``sized(i)`` only opens
+    the images (their sizes, for the engine's costs, before ``max_pixels``; a video is sampled, its frames
+    are its cost). Images over ``max_pixels`` are resized down (``encoder.capped``). ``first``: the input
+    row number of ``rows[0]`` (0-based), for messages. Picklable."""
 
-    def __init__(self, rows: list[dict], root: Path, prefix: str | None = None):
-        self.rows, self.root, self.prefix = rows, root, prefix
+    def __init__(self, rows: list[dict], root: Path, prefix: str | None = None, policy=None, first: int = 0,
+                 max_pixels: int | None = None):
+        self.rows, self.root, self.prefix, self.policy, self.first = rows, root, prefix, policy, first
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -93,13 +100,41 @@ class RowItems(LazyItems):
         return prefixed_item(self.rows[i].get("text"), image, self.prefix)
 
     def __getitem__(self, i: int) -> Item:
-        return self._item(i, to_image(self.rows[i].get("image"), self.root))
+        item = self._visuals(i, to_image) or self._item(i, self._open(to_image, i, self.rows[i].get("image")))
+        return capped(item, self.max_pixels)
 
     def sized(self, i: int) -> Item:
-        image = open_image(self.rows[i].get("image"), self.root)
-        if image is not None:
-            image.close()  # the header is read: the size stays known, nothing is decoded
-        return self._item(i, image)
+        def header(value, root):
+            image = open_image(value, root)
+            if image is not None:
+                image.close()  # the header is read: the size stays known, nothing is decoded
+            return image
+
+        return self._visuals(i, header) or self._item(i, self._open(header, i, self.rows[i].get("image")))
+
+    def _open(self, read, i: int, value):
+        try:
+            return read(value, self.root)
+        except UserError as exc:
+            raise UserError(f"input: row {self.first + i + 1}: {str(exc).removeprefix('input: ')}") from None
+        except Exception as exc:  # bytes PIL cannot read
+            raise UserError(f"input: row {self.first + i + 1}: image does not decode ({type(exc).__name__})") from None
+
+    def _visuals(self, i: int, read) -> Item | None:
+        """The row as an ``Item`` when it has ``images`` or a ``video``; None for the one-image form."""
+        row = self.rows[i]
+        images, video = row.get("images"), row.get("video")
+        if images is None and video is None:
+            return None
+        where = f"input: row {self.first + i + 1}"
+        if images is not None and (video is not None or row.get("image") is not None):
+            raise UserError(f"{where}: images with a video or an image; a row holds one kind of visual")
+        if video is not None:
+            path = video if isinstance(video, (bytes, bytearray)) or Path(video).is_absolute() else self.root / video
+            return prefixed(Item(row.get("text"), video=to_frames(path, self.policy, where)), self.prefix)
+        if not isinstance(images, list) or not images:
+            raise UserError(f"{where}: images must be a non-empty list of paths")
+        return prefixed(Item(row.get("text"), images=[self._open(read, i, v) for v in images]), self.prefix)
 
 
 def fingerprint(*parts) -> str:
@@ -116,8 +151,8 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
     rows = read_rows(input_path)
     if not rows:
         raise UserError(f"input: {input_path} has no rows")
-    if not any("text" in r or "image" in r for r in rows[:1]):
-        raise UserError(f"input: {input_path} needs a text and/or an image column; has {sorted(rows[0])}")
+    if not any(k in r for r in rows[:1] for k in ("text", "image", "images", "video")):
+        raise UserError(f"input: {input_path} needs a text, image, images or video column; has {sorted(rows[0])}")
     stat = input_path.stat()
     key = fingerprint(input_path.resolve(), stat.st_size, stat.st_mtime_ns, model_id, instruction, dim, part_size)
     parts_dir = out.with_name(out.name + ".parts")
@@ -137,7 +172,10 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
         if part.is_file() or index % world != rank:  # written, or another rank's part
             continue
         chunk = rows[start : start + part_size]
-        emb = encoder.encode_items(RowItems(chunk, root, prefix), batch_size, dim=dim, batch_tokens=batch_tokens,
+        decoding = getattr(encoder, "decoding", None)  # an Encoder's frame policy and image cap
+        items = RowItems(chunk, root, prefix, getattr(decoding, "policy", None), first=start,
+                         max_pixels=getattr(decoding, "max_image_pixels", None))
+        emb = encoder.encode_items(items, batch_size, dim=dim, batch_tokens=batch_tokens,
                                    num_workers=num_workers)
         write_part(part, emb.numpy().astype(np.float32))
         encoded += len(chunk)

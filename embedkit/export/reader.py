@@ -151,8 +151,15 @@ def read_meta(folder: Path) -> dict:
 
 
 def export_provenance(folder: Path, meta: dict) -> Provenance:
+    """The export's provenance; its recorded ``inputs`` (frame policy, image cap) are the config's
+    ``data.video`` / ``data.max_image_pixels`` (what ``Encoder.decoding`` reads)."""
     pairs = meta.get("matryoshka_pairs")
-    return Provenance(kind="export", source=folder, config=meta.get("training_config") or {},
+    config = dict(meta.get("training_config") or {})
+    inputs = meta.get("inputs")
+    if inputs:  # an export before inputs were recorded decodes with its training config's (or the defaults)
+        config["data"] = {**(config.get("data") or {}), "video": inputs["video"],
+                          "max_image_pixels": inputs.get("max_image_pixels")}
+    return Provenance(kind="export", source=folder, config=config,
                       step=int(meta.get("step", 0)), dims=meta.get("matryoshka_dims"),
                       pairs=[tuple(p) for p in pairs] if pairs else None, prompts=dict(meta.get("prompts") or {}))
 

@@ -156,6 +156,7 @@ def metadata(encoder: Encoder, model: dict, cut: Cut, *, merged: bool, prompts: 
         "final_norm": cut.layer is None,
         "dim": cut.dim,
         "prompts": dict(prompts or {}),
+        "inputs": inputs_record(encoder),
         "plugins": list(config.get("plugins") or []),
         "step": provenance.step,
         "checkpoint": str(ckpt.resolve()),
@@ -163,6 +164,21 @@ def metadata(encoder: Encoder, model: dict, cut: Cut, *, merged: bool, prompts: 
     }
     meta.update(training_run_record(config, RunDir.of_checkpoint(ckpt)))  # the MLflow run, or why there is none
     return meta
+
+
+#: how an item's text places its visuals (``data.schema.segments``); recorded so a user of the export writes it
+PROMPT_FORMAT = ("<|image_1|> ... <|image_k|> mark where each image goes and <|video_1|> the video; text "
+                 "without them has the visuals before it, in order")
+
+
+def inputs_record(encoder: Encoder) -> dict:
+    """``embedkit.json``'s ``inputs``: the frame policy videos are sampled by (``data.video``), the image
+    pixel cap (``data.max_image_pixels``) and the prompt format; ``embedkit.load`` decodes with these."""
+    from dataclasses import asdict
+
+    decoding = encoder.decoding
+    return {"video": asdict(decoding.policy), "max_image_pixels": decoding.max_image_pixels,
+            "prompt_format": PROMPT_FORMAT}
 
 
 def write_folder(folder: Path, meta: dict, encoder: Encoder, cut: Cut, log: Callable[[str], None]) -> None:

@@ -28,7 +28,8 @@ COMMON = {"path": None, "tiny": False, "dtype": "float32", "attn_implementation"
 VISION = {"freeze_vision": True}
 KEYS = {
     "qwen2_vl": {**COMMON, **VISION, "min_pixels": 3136, "max_pixels": 1003520, "max_length": 4096,
-                 "append_eos": True, "resize": None, "tiny_hidden_size": 64, "tiny_layers": 2, "tiny_vision_layers": 2,
+                 "append_eos": True, "resize": None, "video_min_pixels": None, "video_max_pixels": None,
+                 "video_total_pixels": None, "tiny_hidden_size": 64, "tiny_layers": 2, "tiny_vision_layers": 2,
                  "batched_vision_attention": True},
     "llava_onevision": {**COMMON, **VISION, "train_projector": False, "append_eos": True, "anyres_max": None,
                         "max_grid": None, "max_length": None, "prompt": "none",

@@ -70,5 +70,5 @@ def test_row_items_are_costed_without_decoding_and_a_missing_image_is_one_line(e
     assert items.sized(1).image.size == (56, 56) and items.sized(5).image.size == (84, 84)
     path = tmp_path / "missing.jsonl"
     path.write_text(json.dumps({"text": "x", "image": "nowhere.png"}) + "\n")
-    with pytest.raises(UserError, match=r"^input: image not found: .*nowhere\.png$"):
+    with pytest.raises(UserError, match=r"^input: row 1: image not found: .*nowhere\.png$"):  # names its row
         encode_file(encoder, path, tmp_path / "m.npy", num_workers=1, log=lambda m: None)

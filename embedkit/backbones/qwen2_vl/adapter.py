@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
+import numpy as np
 import torch
 
 from embedkit.backbones.base import (
-    IMAGE_PLACEHOLDER,
     Backbone,
     BackboneOutput,
     ChunkProcessor,
@@ -30,75 +30,118 @@ from embedkit.backbones.base import (
     torch_dtype,
 )
 from embedkit.backbones.checkpoints import load_pretrained, open_checkpoint
-from embedkit.backbones.qwen2_vl.host_positions import HOST_KEYS, host_inputs
+from embedkit.backbones.qwen2_vl.host_positions import HOST_KEYS, host_inputs, vision_rope
+from embedkit.backbones.qwen2_vl.video_pixels import video_grid, video_pixels
 from embedkit.backbones.qwen2_vl.vision_attention import use_batched_vision_attention
 from embedkit.config.registry import register
-from embedkit.data.schema import Item
+from embedkit.data.schema import Item, Segment, segments
 
 FAMILY = "qwen2_vl"
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
+VIDEO_PAD = "<|video_pad|>"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
+#: the chunk keys that carry pixels (a chunk with none runs a trainable tower on a dummy input)
+PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 #: the transformers model types this family loads
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
 class Qwen2VLChunkProcessor(ChunkProcessor):
+    """Items -> Qwen2-VL inputs: every image of every item through the PIL image processor, every video
+    through ``video_pixels``, each placed where ``schema.segments`` reads it.
+
+    ``video``: the per-frame ``(min_pixels, max_pixels, total_pixels)`` of ``video_pixels`` (None: the
+    image caps, no budget)."""
+
     def __init__(self, tokenizer, image_processor, merge_size: int, max_length: int, append_eos: bool = True,
-                 resize: Optional[list[int]] = None, host_positions: bool = False):
-        self.host_positions = host_positions  # add ``host_inputs`` to chunks with images (Qwen2-VL)
+                 resize: Optional[list[int]] = None, host_positions: bool = False,
+                 video: Optional[tuple[int, int, Optional[int]]] = None):
+        self.host_positions = host_positions  # add ``host_inputs`` to chunks with images or videos (Qwen2-VL)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.merge_size = merge_size
         self.max_length = self.max_tokens = max_length
         self.end = tokenizer.eos_token if append_eos else ""
         self.resize = tuple(resize) if resize else None  # (width, height)
+        size = image_processor.size
+        self.video = video or (size["shortest_edge"], size["longest_edge"], None)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
 
     def _image(self, image):
         """The fixed pre-resize (``resize``, aspect not kept), before the processor's own policy."""
         return image.convert("RGB").resize(self.resize) if self.resize else image
 
-    def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
-        images = [self._image(it.image) for it in items if it.image is not None]
+    def _visuals(self, items: list[Item], segs: list[list[Segment]]) -> tuple[dict[str, torch.Tensor], list, list]:
+        """The pixel inputs of a chunk and each image's and each video's token count, in token order (an
+        item's ``<|image_2|>`` before its ``<|image_1|>`` puts image 2 first: transformers pairs the image
+        grids and features with the image tokens in token order)."""
         out: dict[str, torch.Tensor] = {}
-        counts = []
+        images = [self._image(it.images[k]) for it, s in zip(items, segs) for kind, k in s if kind == "image"]
+        videos = [it.video.images for it in items if it.video is not None]
+        image_counts, video_counts = [], []
         if images:
             vision = self.image_processor(images=images, return_tensors="pt")
             out["pixel_values"] = vision["pixel_values"]
             out["image_grid_thw"] = vision["image_grid_thw"]
-            counts = (vision["image_grid_thw"].prod(-1) // self.merge_size**2).tolist()
-        texts, k = [], 0
-        for it in items:
-            text = it.text or ""
-            if it.image is not None:
-                image = VISION_START + IMAGE_PAD * counts[k] + VISION_END
-                k += 1
-                text = text.replace(IMAGE_PLACEHOLDER, image, 1) if IMAGE_PLACEHOLDER in text else image + text
-            texts.append(text + self.end)
+            image_counts = (vision["image_grid_thw"].prod(-1) // self.merge_size**2).tolist()
+        if videos:
+            pixels, grids = zip(*(video_pixels(frames, self.image_processor, *self.video) for frames in videos))
+            out["pixel_values_videos"] = torch.from_numpy(np.concatenate(pixels))
+            out["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+            video_counts = (out["video_grid_thw"].prod(-1) // self.merge_size**2).tolist()
+        return out, image_counts, video_counts
+
+    def _text(self, segs: list[Segment], counts: dict) -> str:
+        """An item's text with each visual's tokens in its place; ``counts``: iterators over the chunk's
+        image and video token counts, in token order."""
+        parts = []
+        for kind, value in segs:
+            if kind == "text":
+                parts.append(value)
+            else:
+                pad = IMAGE_PAD if kind == "image" else VIDEO_PAD
+                parts.append(VISION_START + pad * next(counts[kind]) + VISION_END)
+        return "".join(parts) + self.end
+
+    def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        segs = [segments(it) for it in items]
+        out, image_counts, video_counts = self._visuals(items, segs)
+        counts = {"image": iter(image_counts), "video": iter(video_counts)}
+        texts = [self._text(s, counts) for s in segs]
         enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         if enc["input_ids"].shape[1] > self.max_length:
             raise ValueError(
                 f"a sequence of {enc['input_ids'].shape[1]} tokens exceeds max_length={self.max_length}; "
-                "lower model.backbone.max_pixels or raise model.backbone.max_length"
+                "lower model.backbone.max_pixels (or video_max_pixels) or raise model.backbone.max_length"
             )
-        out["input_ids"] = enc["input_ids"]
+        ids = out["input_ids"] = enc["input_ids"]
         out["attention_mask"] = enc["attention_mask"]
-        out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).int()
-        if images and self.host_positions:
-            out.update(host_inputs(out, self.merge_size, self.image_token_id))
+        # transformers 5's token types: 0 text, 1 image, 2 video
+        out["mm_token_type_ids"] = (ids == self.image_token_id).int() + 2 * (ids == self.video_token_id).int()
+        if (image_counts or video_counts) and self.host_positions:
+            out.update(host_inputs(out, self.merge_size))
         return out
 
     def refusal(self, item: Item) -> str | None:
-        """An image the image processor refuses (an aspect ratio of 200 or more), an item over ``max_length``."""
+        """An image the image processor refuses (an aspect ratio of 200 or more), placeholders that do not
+        match the item's visuals, an item over ``max_length``."""
         return refusal_by_length(self, item)
 
     def num_tokens(self, item: Item) -> int:
-        """The processed length by arithmetic: text tokens, image tokens from the image size, EOS."""
-        parts = (item.text or "").split(IMAGE_PLACEHOLDER, 1)
-        n = sum(len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in parts if p) + bool(self.end)
-        if item.image is not None:
-            width, height = self.resize or item.image.size
-            n += self.image_processor.get_number_of_image_patches(height, width) // self.merge_size**2 + 2
+        """The processed length by arithmetic: text tokens, each image's and the video's tokens from their
+        sizes (and frame count), 2 per visual for ``<|vision_start|>``/``<|vision_end|>``, EOS."""
+        n = bool(self.end)
+        for kind, value in segments(item):
+            if kind == "text":
+                n += len(self.tokenizer(value, add_special_tokens=False)["input_ids"])
+            elif kind == "image":
+                width, height = self.resize or item.images[value].size
+                n += self.image_processor.get_number_of_image_patches(height, width) // self.merge_size**2 + 2
+            else:
+                width, height = item.video.images[0].size
+                t, h, w = video_grid(width, height, len(item.video.images), self.image_processor, *self.video)
+                n += t * h * w // self.merge_size**2 + 2
         return n
 
 
@@ -132,6 +175,9 @@ class Qwen2VLBackbone(Backbone):
         max_length: int = 4096,
         append_eos: bool = True,
         resize: Optional[list[int]] = None,
+        video_min_pixels: Optional[int] = None,
+        video_max_pixels: Optional[int] = None,
+        video_total_pixels: Optional[int] = None,
         tiny_hidden_size: int = 64,
         tiny_layers: int = 2,
         tiny_vision_layers: int = 2,
@@ -145,7 +191,7 @@ class Qwen2VLBackbone(Backbone):
         if tiny:
             from embedkit.backbones.processors import tiny_tokenizer
 
-            self.tokenizer = tiny_tokenizer([VISION_START, IMAGE_PAD, VISION_END], pad=PAD, eos=EOS)
+            self.tokenizer = tiny_tokenizer([VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD], pad=PAD, eos=EOS)
             self.image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
             with seeded(seed):
                 self.model = _tiny_model(self.tokenizer, tiny_hidden_size, tiny_layers, tiny_vision_layers,
@@ -157,6 +203,8 @@ class Qwen2VLBackbone(Backbone):
             )
         self.max_length = max_length
         self.append_eos, self.resize = append_eos, resize
+        # per frame; None: the image caps (VLM2Vec-V2 resizes frames like images), no per-video budget
+        self.video = (video_min_pixels or min_pixels, video_max_pixels or max_pixels, video_total_pixels)
         config = self.model.config
         self.hidden_size = config.text_config.hidden_size
         self.num_layers = config.text_config.num_hidden_layers
@@ -175,38 +223,78 @@ class Qwen2VLBackbone(Backbone):
     def make_processor(self) -> ChunkProcessor:
         return Qwen2VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length,
                                      append_eos=self.append_eos, resize=self.resize,
-                                     host_positions=self.host_positions)
+                                     host_positions=self.host_positions, video=self.video)
 
     @staticmethod
     def check_config(params: dict) -> None:
         resize = params.get("resize")
         if resize is not None and (len(resize) != 2 or min(resize) < 1):
             raise ValueError(f"resize: expected [width, height] in pixels, got {resize!r}")
+        for key in ("video_min_pixels", "video_max_pixels", "video_total_pixels"):
+            if params.get(key) is not None and params[key] < 1:
+                raise ValueError(f"{key}: expected a positive number of pixels (or null), got {params[key]!r}")
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
         if HOST_KEYS[0] in inputs:
             out = self._forward_prepared(inputs, output_all_layers)
         else:
             out = self.model(**inputs, output_hidden_states=output_all_layers, use_cache=False)
-        return BackboneOutput(out.last_hidden_state, inputs["attention_mask"],
-                              out.hidden_states if output_all_layers else None)
+        hidden, layers = out.last_hidden_state, out.hidden_states if output_all_layers else None
+        if not any(k in inputs for k in PIXEL_KEYS) and self._vision_trainable():
+            zero = 0 * self._vision_dummy(hidden.device).sum().to(hidden.dtype)
+            hidden = hidden + zero
+            layers = tuple(h + zero for h in layers) if layers is not None else None
+        return BackboneOutput(hidden, inputs["attention_mask"], layers)
+
+    def _vision_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.model.visual.parameters())
+
+    def _vision_dummy(self, device: torch.device) -> torch.Tensor:
+        """The trainable vision tower's output on a minimal input (one image of merge x merge zero patches),
+        for a chunk without pixels. Under DDP and FSDP2 every rank must run the same modules: FSDP2
+        all-gathers the tower's parameters in its forward (a collective), and DDP's reducer waits for a
+        gradient of every parameter; a rank whose chunk has no image or video while another rank's has
+        would skip the tower and hang the step (or fail DDP's unused-parameter check). ``forward`` adds
+        ``0 * sum`` of this to its outputs: the same values, and zero (not None) gradients on the tower.
+        Qwen2-VL gets the host's inputs for it (no host sync); Qwen2.5-VL runs transformers' own path."""
+        m = self.merge_size
+        embed = self.model.visual.patch_embed
+        width = embed.in_channels * embed.temporal_patch_size * embed.patch_size**2
+        pixels = torch.zeros(m * m, width, device=device)
+        grid = torch.tensor([[1, m, m]], device=device)
+        if not self.host_positions:
+            return self.model.visual(pixels.type(self.model.visual.dtype), grid_thw=grid).pooler_output
+        cu = torch.tensor([0, m * m], dtype=torch.int32, device=device)
+        positions = torch.from_numpy(vision_rope(1, m, m, m)).to(device)
+        return self._run_visual(pixels, grid, cu, positions, ([(m * m, 1, 0)], None))
 
     def _forward_prepared(self, inputs: dict[str, Any], output_all_layers: bool):
         """Qwen2-VL's forward for a chunk carrying ``host_inputs``: the vision tower with its positions and
         ``cu_seqlens`` given, its features written into the token embeddings at the image tokens' known
         positions (``index_copy``: what ``masked_scatter`` does, without counting the mask), the language
-        model with the M-RoPE position ids given."""
+        model with the M-RoPE position ids given. The tower runs once over the image patches followed by
+        the video patches (one patch width: C * t * p * p); ``visual_token_index`` lists the image tokens'
+        positions, then the video tokens', in that order."""
         model = self.model
-        cu = inputs["vision_cu_seqlens"]
-        if self._vision_cache is not None:  # the grouping, from the host: no .tolist() in the forward
-            self._vision_cache.clear()
-            self._vision_cache.update(key=cu, groups=(inputs["vision_groups"], inputs.get("vision_order")))
-        image = model.visual(inputs["pixel_values"].type(model.visual.dtype), grid_thw=inputs["image_grid_thw"],
-                             cu_seqlens=cu, position_ids=inputs["vision_position_ids"]).pooler_output
+        pixels = [inputs[k] for k in ("pixel_values", "pixel_values_videos") if k in inputs]
+        grids = [inputs[k] for k in ("image_grid_thw", "video_grid_thw") if k in inputs]
+        visual = self._run_visual(pixels[0] if len(pixels) == 1 else torch.cat(pixels),
+                                  grids[0] if len(grids) == 1 else torch.cat(grids), inputs["vision_cu_seqlens"],
+                                  inputs["vision_position_ids"], (inputs["vision_groups"], inputs.get("vision_order")))
         embeds = model.get_input_embeddings()(inputs["input_ids"])
-        flat = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, inputs["image_token_index"], image.to(embeds.dtype))
+        flat = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, inputs["visual_token_index"], visual.to(embeds.dtype))
         return model(inputs_embeds=flat.view_as(embeds), attention_mask=inputs["attention_mask"],
                      position_ids=inputs["rope_position_ids"], output_hidden_states=output_all_layers, use_cache=False)
+
+    def _run_visual(self, pixels: torch.Tensor, grid: torch.Tensor, cu: torch.Tensor, positions: torch.Tensor,
+                    groups) -> torch.Tensor:
+        """The vision tower's merged features of ``pixels`` with the host's ``cu_seqlens``, rotary positions
+        and batched-attention grouping ``(groups, order)`` given: no ``.tolist()`` in the forward."""
+        visual = self.model.visual
+        if self._vision_cache is not None:
+            self._vision_cache.clear()
+            self._vision_cache.update(key=cu, groups=groups)
+        return visual(pixels.type(visual.dtype), grid_thw=grid, cu_seqlens=cu, position_ids=positions).pooler_output
 
     def save_pretrained(self, directory: str) -> None:
         self.model.save_pretrained(directory)
@@ -244,6 +332,7 @@ def _tiny_model(tokenizer, hidden: int, layers: int, vision_layers: int, attn_im
         vision_config=dict(depth=vision_layers, embed_dim=hidden, hidden_size=hidden, num_heads=heads,
                            mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PAD),
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_PAD),
         vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START),
         vision_end_token_id=tokenizer.convert_tokens_to_ids(VISION_END),
     )

@@ -178,3 +178,16 @@ def test_the_image_demo_keeps_its_cache_key():
     root = demo.cache_root(p)
     assert root == demo.cache_root({**p, "num_frames": 9, "first_frame_only": True, "kind": "video"})
     assert root.parent.name == "demo" and demo_visual.cache_root({**p, "kind": "video"}).parent.name == "demo_video"
+
+
+def test_the_tiny_tokenizer_tells_every_motion_and_page_word_apart():
+    from embedkit.backbones.processors import tiny_tokenizer
+    from embedkit.data import demo_visual
+
+    tok = tiny_tokenizer([], pad="<pad>", eos="<eos>")
+    unk = tok.convert_tokens_to_ids("<unk>")
+    words = [w for c in dv.combinations("all") for w in dv.clip_caption(c).split()]
+    words += "a page with a table of 3 columns above below".split()
+    assert unk not in tok(" ".join(words))["input_ids"]
+    vocab = tok.get_vocab()
+    assert all(vocab[w] >= len(vocab) - len(demo_visual.WORDS) for w in demo_visual.WORDS)  # appended last

@@ -5,7 +5,8 @@
                     [part_size=1024] [device=cpu|cuda] [dtype=float32|bfloat16|float16] [quantize=binary|int8]
 
 ``model`` is an export folder, a run dir or a checkpoint. Rows need a ``text`` and/or ``image``
-column. ``quantize=binary`` writes packed sign bits (uint8 ``[N, ceil(D/8)]``), ``quantize=int8`` int8
+column, or ``images`` (a list of paths, in the order of the text's ``<|image_k|>``) or ``video`` (a
+path, sampled by the model's frame policy); paths are relative to the input file. ``quantize=binary`` writes packed sign bits (uint8 ``[N, ceil(D/8)]``), ``quantize=int8`` int8
 codes ``[N, D]`` and the per-dimension ranges beside them (``<out>.int8-ranges.npy``, ``[2, D]``: min,
 max) (``embedkit/eval/quantize.py``). Parts are written as they complete; interrupted and re-run, it resumes where it stopped
 (see ``embedkit/export/corpus.py``). Rows are ordered by token cost within a part and cut into forward
@@ -25,7 +26,7 @@ from embedkit.commands._options import Verb, option
 @dataclass
 class EncodeOptions:
     model: str = option(help="an export folder, a run dir or a checkpoint", metavar="PATH")
-    input: str = option(help="the corpus: rows with a text and/or image column", metavar="FILE.jsonl|.parquet")
+    input: str = option(help="the corpus: rows with text and/or image, images or video columns", metavar="FILE.jsonl|.parquet")
     out: str = option(help="the embeddings to write", metavar="FILE.npy|.parquet")
     batch_size: int = option(32, "items per forward pass", minimum=1)
     batch_tokens: int = option(0, "padded tokens per forward pass (items x the longest); 0: no budget", minimum=0)

@@ -37,13 +37,13 @@ from collections import Counter
 from pathlib import Path
 
 from embedkit.data.remote import ShardUnavailable, is_remote
-from embedkit.data.shards import count_samples, iter_samples
+from embedkit.data.shards import count_samples, iter_samples, slot_has_visual
 from embedkit.files import write_atomic
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-MODALITIES = ("image", "text")  # a query with an image, a text-only query
+MODALITIES = ("image", "text")  # a query with a visual (images or a video), a text-only query
 
 
 def group_shards(shards: list[str]) -> dict[str, list[str]]:
@@ -169,7 +169,8 @@ class ShardSet:
     # -- query modality ---------------------------------------------------------------------------
     def query_modality(self, source: str, probe: int = 32) -> str:
         """``"image"`` or ``"text"``: the manifest's ``query_modality`` for ``source`` where recorded,
-        else the majority of its first ``probe`` samples' queries (their JSON only; ties: image)."""
+        else the majority of its first ``probe`` samples' queries (their JSON only; ties: image). A query
+        with several images or a video counts as ``"image"`` (visual)."""
         if source not in self._modality:
             recorded = self.entry(source).get("query_modality")
             self._modality[source] = recorded if recorded in MODALITIES else self._probe(source, probe)
@@ -181,7 +182,7 @@ class ShardSet:
             try:
                 for key, files in iter_samples(shard):
                     try:
-                        votes[bool(json.loads(files[f"{key}.json"])["query"].get("image"))] += 1
+                        votes[slot_has_visual(json.loads(files[f"{key}.json"])["query"])] += 1
                     except (KeyError, ValueError, TypeError, AttributeError):
                         continue  # a malformed sample: the stream skips it too
                     if sum(votes.values()) >= probe:

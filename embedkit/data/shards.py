@@ -14,7 +14,8 @@ lacks is ``missing_member``, never a silent text-only item). ``<tag>`` is ``q``,
     {"text": ..., "video": "video.mp4"}                       a video file, decoded at read time: <key>.<tag>.video.mp4
 Image bytes are stored as they came (``ImageBytes``: MMEB's JPEGs are not re-encoded); decoded images
 and frames are written as PNG. A stored video is ``VideoBytes``. Reading applies the run's
-``FramePolicy`` to frames (``frames_from_images``) and to a video file (``read_video``) alike, and
+``FramePolicy`` to frames (``frames_from_images``'s rule; only the picked frames are decoded) and to a
+video file (``read_video``) alike, and
 ``max_image_pixels`` (``data.max_image_pixels``) to images: a larger one is resized down, aspect kept,
 and reported to ``on_resize``. Shards are written under a temporary name and renamed when complete, so
 a reader never sees a partial shard and an interrupted writer can be re-run.
@@ -34,11 +35,13 @@ from typing import Callable, Iterator, Mapping
 from embedkit.data.pixels import SKIP_REASONS, BadSample, fit, open_image, to_rgb
 from embedkit.data.remote import is_remote
 from embedkit.data.schema import Example, Item
-from embedkit.data.video import FramePolicy, Frames, frames_from_images, read_video
+from embedkit.data.video import FramePolicy, Frames, fps_indices, read_video, uniform_indices
 from embedkit.files import atomic_path
 
-__all__ = ["SKIP_REASONS", "BadSample", "Decoding", "ImageBytes", "VideoBytes", "decode_sample", "encode_example",
-           "iter_samples", "list_shards", "to_rgb", "write_shard"]
+#: the codec's names, and those of ``pixels`` it re-exports (``SKIP_REASONS``, ``BadSample``, ``to_rgb``: their old home)
+__all__ = ["SKIP_REASONS", "BadSample", "Decoding", "ImageBytes", "StoredSlot", "VideoBytes", "count_samples",
+           "decode_sample", "encode_example", "iter_samples", "list_shards", "sample_key", "slot_has_visual",
+           "stored_slot", "to_rgb", "write_shard"]
 
 
 @dataclass
@@ -55,6 +58,30 @@ class VideoBytes:
 
     data: bytes
     ext: str  # "mp4", "webm", "mkv", ...
+
+
+@dataclass
+class StoredSlot:
+    """One slot as a shard stores it: its JSON (``text`` and the visual keys) and the bytes of the members
+    it declares, by their names without the ``<key>.<tag>.`` prefix. ``encode_example`` takes one in place
+    of an ``Item`` and copies it verbatim (``embedkit mine`` copies slots so); ``Decoding.item`` decodes it."""
+
+    meta: dict
+    members: dict[str, bytes]
+
+
+def stored_slot(key: str, files: dict[str, bytes], slot: dict, tag: str) -> StoredSlot:
+    """The slot ``tag`` of a sample as stored; ``BadSample`` (``missing_member``, ``bad_json``) as
+    ``decode_sample`` raises for a member it lacks or a malformed slot."""
+    reading = _Reading(key, files, FramePolicy(), None, None)
+    if not isinstance(slot, dict):
+        raise BadSample("bad_json", f"{key}.{tag}: not a slot")
+    names = [n for k in _VISUAL_KEYS if slot.get(k) for n in _member_names(slot, k, tag)]
+    return StoredSlot(dict(slot), {n: reading.member(tag, n) for n in names})
+
+
+def _member_names(slot: dict, kind: str, tag: str) -> list:
+    return [slot[kind]] if kind in ("image", "video") else _names(slot, kind, tag)
 
 
 def _image_bytes(image) -> ImageBytes:
@@ -116,7 +143,10 @@ def encode_example(example: Example, key: str, videos: Mapping[str, VideoBytes] 
     if unknown:
         raise ValueError(f"encode_example: videos for slot {unknown[0]!r}, which the example lacks ({', '.join(tags)})")
 
-    def slot(item: Item, tag: str) -> dict:
+    def slot(item: Item | StoredSlot, tag: str) -> dict:
+        if isinstance(item, StoredSlot):  # copied as stored, under this sample's key and tag
+            files.update({f"{key}.{tag}.{name}": data for name, data in item.members.items()})
+            return dict(item.meta)
         return {"text": item.text, **_visual_slot(item, tag, key, files, videos.get(tag))}
 
     meta = {
@@ -177,6 +207,12 @@ class _Reading:
 _VISUAL_KEYS = ("image", "images", "frames", "video")
 
 
+def slot_has_visual(slot: dict) -> bool:
+    """Whether a sample JSON's slot declares a visual (an image, several, a video's frames or a video file),
+    from the JSON alone (nothing decoded)."""
+    return any(slot.get(k) for k in _VISUAL_KEYS)
+
+
 def _names(slot: dict, field: str, tag: str) -> list:
     names = slot[field]
     if not isinstance(names, list) or not names:
@@ -204,14 +240,37 @@ def _slot_visuals(slot: dict, tag: str, r: _Reading) -> dict:
 
 
 def _frames(slot: dict, tag: str, r: _Reading) -> Frames:
+    """A frames slot sampled by the policy: every declared member must be there, only the picked frames
+    are decoded (as ``read_video`` decodes only its picks); the same ``Frames`` as ``frames_from_images``
+    on all of them."""
     names = _names(slot, "frames", tag)
     stamps = slot.get("timestamps")
     ok = stamps is None or (isinstance(stamps, list) and len(stamps) == len(names)
                             and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in stamps))
     if not ok:
         raise BadSample("bad_json", f"{tag}: timestamps is not one number per frame ({len(names)} frames)")
-    images = [open_image(r.member(tag, n), f"{r.key}.{tag}.{n}") for n in names]
-    return frames_from_images(images, stamps, r.policy)
+    data = [r.member(tag, n) for n in names]
+    picks = _frame_picks(len(names), stamps, r.policy, f"{r.key}.{tag}")
+    images = [fit(open_image(data[i], f"{r.key}.{tag}.{names[i]}"), r.policy.max_pixels) for i in picks]
+    return Frames(images, None if stamps is None else [float(stamps[i]) for i in picks], picks, len(names))
+
+
+def _frame_picks(n: int, stamps: list | None, policy: FramePolicy, what: str) -> list[int]:
+    """The frame indices ``policy`` keeps of ``n`` stored frames (``frames_from_images``'s rule)."""
+    if n < policy.min_frames:
+        raise BadSample("video_short", f"{what}: {n} frames, fewer than min_frames={policy.min_frames}")
+    if policy.sampling != "fps":
+        return uniform_indices(n, policy.num_frames)
+    if stamps is None:
+        raise BadSample("video", f"{what}: frames without timestamps (sampling=fps needs them)")
+    return fps_indices([float(t) for t in stamps], policy.fps, policy.num_frames)
+
+
+def _item(slot: dict, tag: str, reading: _Reading) -> Item:
+    text, visuals = _slot_text(slot, tag), _slot_visuals(slot, tag, reading)
+    if text is None and not visuals:
+        raise BadSample("bad_text", f"{tag}: neither text nor a visual")
+    return Item(text=text, **visuals)
 
 
 def _meta(key: str, files: dict[str, bytes]) -> dict:
@@ -241,18 +300,11 @@ def decode_sample(key: str, files: dict[str, bytes], policy: FramePolicy | None 
     video that is corrupt, empty (``video``) or too short (``video_short``)."""
     meta = _meta(key, files)
     reading = _Reading(key, files, policy or FramePolicy(), max_image_pixels, on_resize)
-
-    def item(slot: dict, tag: str) -> Item:
-        text, visuals = _slot_text(slot, tag), _slot_visuals(slot, tag, reading)
-        if text is None and not visuals:
-            raise BadSample("bad_text", f"{tag}: neither text nor a visual")
-        return Item(text=text, **visuals)
-
     scores = meta.get("negative_scores")
     return Example(
-        query=item(meta["query"], "q"),
-        positive=item(meta["positive"], "p"),
-        negatives=[item(s, f"n{i}") for i, s in enumerate(meta.get("negatives") or [])],
+        query=_item(meta["query"], "q", reading),
+        positive=_item(meta["positive"], "p", reading),
+        negatives=[_item(s, f"n{i}", reading) for i, s in enumerate(meta.get("negatives") or [])],
         task=meta["task"] if isinstance(meta.get("task"), str) else "default",
         negative_scores=scores if isinstance(scores, list) else None,
     )
@@ -274,6 +326,11 @@ class Decoding:
     def decode(self, key: str, files: dict[str, bytes], on_resize: Callable[[str], None] | None = None) -> Example:
         """``decode_sample`` with this policy and cap."""
         return decode_sample(key, files, self.policy, self.max_image_pixels, on_resize)
+
+    def item(self, slot: StoredSlot, on_resize: Callable[[str], None] | None = None) -> Item:
+        """One stored slot decoded with this policy and cap, as ``decode_sample`` decodes a slot."""
+        files = {f"slot.s.{name}": data for name, data in slot.members.items()}
+        return _item(slot.meta, "s", _Reading("slot", files, self.policy, self.max_image_pixels, on_resize))
 
 
 def sample_key(member_name: str) -> str:

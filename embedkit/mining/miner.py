@@ -20,7 +20,9 @@ examples in the same order. Every shard is written atomically with a sidecar of 
 deterministic: re-mining the same inputs gives the same bytes. DST's shard-set manifest (written
 last, ``data.shard_set.write_manifest``) records the provenance (``mining/provenance.py``).
 
-Memory: the targets of one subset are held as their encoded bytes (what the new shards copy).
+Memory: the targets of one subset are held as their encoded bytes (what the new shards copy). A slot with
+several images or a video is copied as stored and decoded, when it is encoded or judged, with the mining
+model's frame policy and image cap (``Encoder.decoding``: its training config's ``data.video``).
 
 Under ``torchrun`` (a process group): each subset's queries and targets are encoded once, split across
 the ranks and gathered in input order (``inference.encode_split``), so every rank holds the same
@@ -33,7 +35,7 @@ from __future__ import annotations
 import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,8 +43,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from embedkit.data.pixels import fit, open_image
 from embedkit.data.schema import Example, Item, content_key
-from embedkit.data.shards import ImageBytes, encode_example, iter_samples, write_shard
+from embedkit.data.shards import (
+    Decoding,
+    ImageBytes,
+    StoredSlot,
+    encode_example,
+    iter_samples,
+    stored_slot,
+    write_shard,
+)
 from embedkit.distributed.ranks import barrier, rank_and_world
 from embedkit.fault_points import fault_point
 from embedkit.files import atomic_path, write_atomic
@@ -66,34 +77,44 @@ class MineSettings:
 
 @dataclass
 class Slot:
-    """One item as stored in a shard: its text and image bytes (copied into the new shards verbatim)."""
+    """One item as stored in a shard, copied into the new shards verbatim: its text and image bytes, or
+    (several images, a video's frames, a video file) the slot as stored, decoded by ``decoding`` (the
+    mining model's frame policy and image cap, ``Encoder.decoding``)."""
 
     text: str | None
-    image: ImageBytes | None
+    image: ImageBytes | None = None
+    stored: StoredSlot | None = None
+    decoding: Decoding = field(default_factory=Decoding)
 
     def item(self) -> Item:
+        """The slot decoded as the training reader decodes it (``to_rgb``, the image cap, the frame policy)."""
+        if self.stored is not None:
+            return self.decoding.item(self.stored)
         if self.image is None:
             return Item(self.text, None)
-        image = Image.open(io.BytesIO(self.image.data))
-        image.load()
-        return Item(self.text, image.convert("RGB"))
+        image = open_image(self.image.data, f"the image of slot {self.text!r}")
+        return Item(self.text, fit(image, self.decoding.max_image_pixels))
 
-    def raw(self) -> Item:
-        return Item(self.text, self.image)
+    def raw(self) -> Item | StoredSlot:
+        return self.stored if self.stored is not None else Item(self.text, self.image)
 
 
-def _slot(key: str, files: dict[str, bytes], meta: dict, role: str, tag: str) -> Slot:
+def _slot(key: str, files: dict[str, bytes], meta: dict, role: str, tag: str, decoding: Decoding) -> Slot:
     s = meta[role]
+    if s.get("images") or s.get("frames") or s.get("video"):
+        return Slot(s.get("text"), stored=stored_slot(key, files, s, tag), decoding=decoding)
     ext = s.get("image")
-    return Slot(s.get("text"), ImageBytes(files[f"{key}.{tag}.{ext}"], ext) if ext else None)
+    return Slot(s.get("text"), ImageBytes(files[f"{key}.{tag}.{ext}"], ext) if ext else None, decoding=decoding)
 
 
-def read_shard(path: str) -> list[tuple[str, dict, Slot, Slot]]:
-    """(key, meta, query slot, positive slot) of every sample of a shard, in order."""
-    out = []
+def read_shard(path: str, decoding: Decoding | None = None) -> list[tuple[str, dict, Slot, Slot]]:
+    """(key, meta, query slot, positive slot) of every sample of a shard, in order; ``decoding``: how
+    slots with several images or a video are decoded (None: the defaults)."""
+    out, decoding = [], decoding or Decoding()
     for key, files in iter_samples(path):
         meta = json.loads(files[f"{key}.json"])
-        out.append((key, meta, _slot(key, files, meta, "query", "q"), _slot(key, files, meta, "positive", "p")))
+        out.append((key, meta, _slot(key, files, meta, "query", "q", decoding),
+                    _slot(key, files, meta, "positive", "p", decoding)))
     return out
 
 
@@ -112,10 +133,25 @@ class SlotItems(LazyItems):
 
     def sized(self, i: int) -> Item:
         slot = self.slots[i]
+        if slot.stored is not None:
+            return _sized_stored(slot)
         if slot.image is None:
             return Item(slot.text, None)
         with Image.open(io.BytesIO(slot.image.data)) as image:  # the header only; closed, never decoded
             return Item(slot.text, image)
+
+
+def _sized_stored(slot: Slot) -> Item:
+    """A stored slot with its sizes known: several images from their headers only; a video sampled by the
+    slot's frame policy (its cost is its kept frames, known only by decoding)."""
+    names = slot.stored.meta.get("images")
+    if not names:
+        return slot.item()
+    images = []
+    for name in names:
+        with Image.open(io.BytesIO(slot.stored.members[name])) as image:  # the header only
+            images.append(image)
+    return Item(slot.text, images=images)
 
 
 def encode_slots(encoder, slots: Sequence[Slot], batch_size: int, log: Callable[[str], None], what: str,
@@ -247,7 +283,8 @@ class Miner:
         return out if out is not None else torch.empty(0, 0)
 
     def mine_subset(self, subset: str, shards: list[tuple[str, str]]) -> None:
-        samples = [(rel, read_shard(src)) for src, rel in shards]
+        decoding = getattr(self.encoder, "decoding", None)  # the mining model's frame policy and image cap
+        samples = [(rel, read_shard(src, decoding)) for src, rel in shards]
         rows = [s for _, shard in samples for s in shard]
         n = len(rows)
         if n - 1 < self.settings.window[0]:

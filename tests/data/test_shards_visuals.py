@@ -102,6 +102,27 @@ def test_a_video_file_and_its_frames_stored_as_images_decode_to_the_same_frames(
         assert np.abs(np.asarray(y, dtype=int) - _pixels(i)).max() <= 2, f"frame {i}"
 
 
+@pytest.mark.parametrize("policy", [FramePolicy(num_frames=3), FramePolicy(num_frames=5, max_pixels=500),
+                                    FramePolicy(num_frames=4, sampling="fps", fps=3.0)])
+def test_a_frames_slot_gives_what_frames_from_images_gives_decoding_only_the_picked_frames(policy):
+    images = [Image.fromarray(_pixels(i)) for i in range(7)]
+    stamps = [0.1 * i for i in range(7)]
+    files = encode_example(Example(Item("v", video=frames_from_images(images, stamps, FramePolicy(num_frames=7))),
+                                   Item("p")), "k")
+    want, got = frames_from_images(images, stamps, policy), _one(files, policy=policy).query.video
+    assert (got.indices, got.timestamps, got.source_frames) == (want.indices, want.timestamps, want.source_frames)
+    assert [im.tobytes() for im in got.images] == [im.tobytes() for im in want.images]
+    unpicked = next(i for i in range(7) if i not in want.indices)
+    files[f"k.q.frame{unpicked:03d}.png"] = b"corrupt, never decoded"
+    assert _one(files, policy=policy).query.video.indices == want.indices
+
+
+def test_fps_sampling_of_frames_without_timestamps_is_refused_as_video():
+    with pytest.raises(BadSample) as err:
+        _one(_video_sample(4), policy=FramePolicy(sampling="fps", fps=2.0))
+    assert err.value.reason == "video" and "timestamps" in str(err.value)
+
+
 def test_fps_sampling_reads_the_frames_timestamps_from_the_json():
     frames = frames_from_images([Image.fromarray(_pixels(i)) for i in range(10)], [0.1 * i for i in range(10)],
                                 FramePolicy(num_frames=10))
@@ -219,14 +240,16 @@ def test_the_decoding_comes_from_the_data_section_and_pickles():
 def test_a_stream_skips_and_counts_hostile_visuals_and_counts_resizes(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20000)
     samples = []
-    for i in range(12):
+    for i in range(16):  # the bad ones (1, 2, 3, 5) all lie in the first windows the 9 good examples need
         key = f"s{i:03d}"
         if i % 4 == 0:  # good video samples, 6 frames
             samples.append(_video_sample(6, key))
         elif i == 1:  # a corrupt frame
-            samples.append({**_video_sample(6, key), f"{key}.q.frame002.png": b"broken"})
+            samples.append({**_video_sample(6, key), f"{key}.q.frame003.png": b"broken"})  # picked: 0, 1, 3, 5
         elif i == 2:  # too short for min_frames=4
             samples.append(_video_sample(2, key))
+        elif i == 5:  # a zero-length video file
+            samples.append(encode_example(Example(Item(""), Item("p")), key, videos={"q": VideoBytes(b"", "mp4")}))
         elif i == 3:  # a decompression bomb
             samples.append(encode_example(Example(Item("q", speckled_image(200, 120, i)), Item("p")), key))
         else:  # an image over the cap: resized, not skipped
@@ -237,9 +260,9 @@ def test_a_stream_skips_and_counts_hostile_visuals_and_counts_resizes(tmp_path, 
                      decoding=Decoding(FramePolicy(num_frames=4, min_frames=4), max_image_pixels=450))
     with caplog.at_level(logging.WARNING):
         batches = list(st)
-    assert st.skipped_by_reason == {"decode": 1, "video_short": 1, "image_too_large": 1}
+    assert st.skipped_by_reason == {"decode": 1, "video_short": 1, "image_too_large": 1, "video": 1}
     assert st.resized >= 1 and "resized s0" in caplog.text and "60x30 resized to 30x15" in caplog.text
-    assert len(batches) == 3 and sum(sum(b.skipped.values()) for b in batches) == 3
+    assert len(batches) == 3 and sum(sum(b.skipped.values()) for b in batches) == 4
 
 
 def test_the_decoding_reaches_validation_examples(tmp_path):
@@ -249,3 +272,103 @@ def test_the_decoding_reaches_validation_examples(tmp_path):
     got = read_examples([str(tmp_path / "val-000000.tar")], 10, decoding=Decoding(FramePolicy(num_frames=2)))
     assert [len(e.query.video.images) for e in got] == [2, 2, 2]
     assert [k for k, _ in iter_samples(tmp_path / "val-000000.tar")] == ["v0", "v1", "v2"]
+
+
+# ---- embedkit mine: slots with several images or a video
+
+
+class _Encoder:
+    """A mining model: a fixed random vector per example number (``q3`` and ``t3`` alike: every query finds its
+    positive first); records the frames it saw."""
+
+    def __init__(self, decoding: Decoding):
+        self.decoding, self.frames_seen, self.pixels_seen = decoding, [], []
+
+    def encode_items(self, items, batch_size=32, **engine):
+        import torch
+
+        out = []
+        for it in items:
+            if it.video is not None:
+                self.frames_seen.append(len(it.video.images))
+            self.pixels_seen += [im.size[0] * im.size[1] for im in it.images]
+            out.append(torch.randn(16, generator=torch.Generator().manual_seed(int(it.text[1:]))))
+        return torch.nn.functional.normalize(torch.stack(out), dim=-1)
+
+
+def test_mining_copies_image_and_video_slots_verbatim_and_decodes_them_with_the_models_policy(tmp_path):
+    from embedkit.mining.judges.embedding import EmbeddingJudge
+    from embedkit.mining.miner import Miner, MineSettings, SlotItems, read_shard
+
+    def target(i):
+        if i % 3 == 0:
+            return Item(f"t{i}", images=[speckled_image(8, 6, i), speckled_image(6, 8, i + 50)])
+        if i % 3 == 1:
+            return Item(f"t{i}", video=frames_from_images([Image.fromarray(_pixels(i + j)) for j in range(6)], None,
+                                                          FramePolicy(num_frames=6)))
+        return Item(f"t{i}", speckled_image(8, 8, i))
+
+    examples = [Example(Item(f"q{i}"), target(i), task="t") for i in range(9)]
+    src = [encode_example(ex, f"{i:04d}") for i, ex in enumerate(examples)]
+    write_shard(tmp_path / "src" / "train-000000.tar", src)
+    shard = str(tmp_path / "src" / "train-000000.tar")
+    encoder = _Encoder(Decoding(FramePolicy(num_frames=3), max_image_pixels=40))
+    rows = read_shard(shard, encoder.decoding)
+    assert [im.size for im in SlotItems([rows[0][3]]).sized(0).images] == [(8, 6), (6, 8)]  # headers only
+    Miner(encoder, EmbeddingJudge(), {"t": [(shard, "t/train-000000.tar")]}, tmp_path / "out",
+          MineSettings(num_negatives=2, window=(1, 4), threshold=10.0), log=lambda m: None).run()
+    assert encoder.frames_seen and set(encoder.frames_seen) == {3}  # the mining model's policy, not the default 8
+    assert encoder.pixels_seen and max(encoder.pixels_seen) <= 40  # and its image cap (one image or several)
+    by_text = {ex.positive.text: files for ex, files in zip(examples, src)}
+    for key, files in iter_samples(tmp_path / "out" / "t" / "train-000000.tar"):
+        meta = json.loads(files[f"{key}.json"])
+        assert len(meta["negatives"]) == 2
+        for n, slot in enumerate(meta["negatives"]):  # each negative is a source positive's slot, byte for byte
+            source = by_text[slot["text"]]
+            skey = next(k for k in source if k.endswith(".json"))[:-5]
+            assert slot == json.loads(source[f"{skey}.json"])["positive"]
+            members = {k.split(".", 2)[2]: v for k, v in source.items() if k.startswith(f"{skey}.p.")}
+            assert members and members == {k.split(".", 2)[2]: v for k, v in files.items()
+                                           if k.startswith(f"{key}.n{n}.")}
+        ex = decode_sample(key, files, FramePolicy(num_frames=2))
+        assert all(len(neg.video.images) == 2 for neg in ex.negatives if neg.video is not None)
+
+
+def _frames_of(items) -> list[int]:
+    return [len(it.video.images) for it in items]
+
+
+def test_the_frame_policy_reaches_the_loader_workers(tmp_path):
+    """The stream (and its Decoding) pickled into a DataLoader worker samples each video by the run's policy."""
+    from torch.utils.data import DataLoader
+
+    write_shard(tmp_path / "train-000000.tar",
+                [encode_example(Example(Item(f"v{i}", video=frames_from_images(
+                    [Image.fromarray(_pixels(i + j)) for j in range(7)], None, FramePolicy(num_frames=7))),
+                    Item(f"p{i}")), f"s{i:03d}") for i in range(6)])
+    st = ShardStream([str(tmp_path / "train-000000.tar")], ChunkCollate(lambda items: items, 3, 0), 3, seed=0,
+                     shuffle_buffer=2, epoch_steps=2, decoding=Decoding(FramePolicy(num_frames=2)))
+    batches = list(DataLoader(st, batch_size=None, num_workers=1))
+    assert len(batches) == 2 and all(_frames_of(b.query_chunks[0]) == [2, 2, 2] for b in batches)
+
+
+def test_a_source_of_video_or_several_image_queries_is_a_visual_source_for_modality_grouping(tmp_path):
+    from embedkit.data.shard_set import ShardSet
+
+    for name, query in (("video", lambda i: _video_sample(3, f"s{i}")),
+                        ("images", lambda i: encode_example(Example(Item("q", images=[speckled_image(6, 6, i)] * 2),
+                                                                    Item("p")), f"s{i}")),
+                        ("text", lambda i: encode_example(Example(Item("q"), Item("p")), f"s{i}"))):
+        write_shard(tmp_path / name / "train-000000.tar", [query(i) for i in range(3)])
+    shards = ShardSet({n: [str(tmp_path / n / "train-000000.tar")] for n in ("video", "images", "text")})
+    assert [shards.query_modality(n) for n in ("video", "images", "text")] == ["image", "image", "text"]
+
+
+def test_the_data_module_reads_with_the_configs_decoding():
+    from embedkit.config.loader import compose
+    from embedkit.data.datamodule import EmbeddingDataModule
+
+    cfg = compose(["recipe=demo", "data.video.num_frames=5", "data.video.sampling=fps", "data.video.fps=2",
+                   "data.max_image_pixels=4096"])
+    dm = EmbeddingDataModule(cfg["data"], None, [], [], seed=0, global_batch_size=2, chunk_size=2)
+    assert dm.decoding == Decoding(FramePolicy(num_frames=5, sampling="fps", fps=2.0), 4096)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.host_sync import SyncCounter
 from embedkit.backbones.qwen2_vl import Qwen2VLBackbone
 from embedkit.backbones.qwen2_vl.video_pixels import frame_cap, video_pixels
 from embedkit.data.schema import Item
@@ -46,6 +47,8 @@ def test_num_tokens_is_the_processed_length_for_images_and_videos(backbone):
         Item(text="sixteen frames", video=video(16, 112, 84)),
         Item(text="seven frames <|video_1|>", video=video(7, 56, 84)),
         Item(text="just text"),
+        Item(text="frames of two sizes", video=Frames([speckled_image(84, 56, 1), speckled_image(140, 56, 2),
+                                                        speckled_image(56, 56, 3)], None, [0, 1, 2], 3)),
     ]
     budget = Qwen2VLBackbone(seed=0, tiny=True, video_total_pixels=4 * 56 * 56, **PIXELS)
     for b in (backbone, budget):
@@ -115,10 +118,13 @@ def test_host_prepared_forward_equals_transformers_own_with_images_and_videos(ba
     params = [p for p in backbone.parameters() if p.requires_grad]
     results = []
     for inputs in (prepared, plain):
-        torch.manual_seed(0)
-        out = backbone(inputs, output_all_layers=True)
-        results.append((out, torch.autograd.grad(out.hidden.pow(2).sum(), params, allow_unused=True)))
-    (a, ga), (b, gb) = results
+        with SyncCounter() as c:
+            out = backbone(inputs, output_all_layers=True)
+            grads = torch.autograd.grad(out.hidden.pow(2).sum(), params, allow_unused=True)
+        results.append((out, grads, c))
+    (a, ga, ca), (b, gb, cb) = results
+    assert all("masking_utils" in site for site in ca.counts), ca.report()  # the host path: no read-back
+    assert cb.total() > ca.total(), cb.report()
     torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=0)
     for x, y in zip(a.all_layers, b.all_layers):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
@@ -157,8 +163,6 @@ def test_a_chunk_without_pixels_runs_a_trainable_tower_on_a_dummy_input(backbone
     """Text only, tower trainable: the same outputs as without the dummy, the tower's gradients zero
     tensors (DDP sees every parameter used; FSDP2 ranks run the same all-gathers), no host sync added;
     a frozen tower is not run."""
-    from bench.host_sync import SyncCounter
-
     chunk = backbone.make_processor()([Item(text="a b c"), Item(text="only words here")])
     assert not any(k.startswith("pixel") for k in chunk)
     calls = []
@@ -181,3 +185,14 @@ def test_a_chunk_without_pixels_runs_a_trainable_tower_on_a_dummy_input(backbone
     assert all(torch.equal(x, y) for x, y in zip(plain.all_layers, out.all_layers))
     frozen = Qwen2VLBackbone(seed=0, tiny=True, **PIXELS)
     assert not frozen._vision_trainable()
+
+
+def test_video_pixel_keys_are_checked_in_one_line():
+    from embedkit.config.loader import compose
+    from embedkit.errors import ConfigError
+
+    Qwen2VLBackbone.check_config({"video_total_pixels": None, "video_max_pixels": 112 * 112})
+    with pytest.raises(ValueError, match="video_total_pixels: expected a positive number"):
+        Qwen2VLBackbone.check_config({"video_total_pixels": 0})
+    with pytest.raises(ConfigError, match="video_min_pixels"):
+        compose(["recipe=demo", "model.backbone.video_min_pixels=-4"])

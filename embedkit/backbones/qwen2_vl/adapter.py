@@ -1,8 +1,9 @@
 """Qwen2-VL / Qwen2.5-VL as an embedding backbone (VLM2Vec arXiv 2410.05160 uses Qwen2-VL 2B/7B).
 
 Processing: an image becomes ``<|vision_start|>`` + N x ``<|image_pad|>`` + ``<|vision_end|>`` with
-N = (grid_h * grid_w) / merge_size^2 from the PIL image processor (no torchvision); MMEB's
-``<|image_1|>`` marks where it goes (else it leads the text). Resolution policy: at most
+N = (grid_h * grid_w) / merge_size^2 from the PIL image processor (no torchvision), a video the same with
+``<|video_pad|>`` and N = t * h * w / merge_size^2 (``video_pixels``); MMEB's ``<|image_k|>`` /
+``<|video_1|>`` mark where they go, else they lead the text (``schema.segments``; docs/video.md). Resolution policy: at most
 ``max_pixels`` (reference default 1280*28*28, Qwen2-VL model card) and at least ``min_pixels``.
 Sequences are right-padded and end with the EOS token, the state that last-token pooling reads
 (``append_eos=false``: the last text token, as VLM2Vec pools). ``resize: [W, H]`` first resizes every

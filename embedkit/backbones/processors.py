@@ -11,6 +11,7 @@ from __future__ import annotations
 import string
 
 from embedkit.data.demo import DEMO_WORDS
+from embedkit.data.demo_visual import WORDS as VISUAL_DEMO_WORDS
 
 _COMMON = (
     "a an the of in on at to and or is are was with for from by as this that these those it its "
@@ -24,7 +25,8 @@ _COMMON = (
 def tiny_vocabulary() -> list[str]:
     words = list(dict.fromkeys(DEMO_WORDS + _COMMON))
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    return list(dict.fromkeys(words + chars))
+    # the video and docs demos' words last: the image demo's token ids stay as they were
+    return list(dict.fromkeys(words + chars + list(VISUAL_DEMO_WORDS)))
 
 
 def tiny_tokenizer(special_tokens: list[str], *, pad: str, eos: str, unk: str = "<unk>"):

@@ -278,6 +278,7 @@ class Fit:
         self.module = self._setup_module(cfg["model"], cfg["loss"], cfg["train"], cfg["seed"])
         self.data = self._setup_data(cfg["data"], cfg["train"], cfg["seed"], train_shards, val_shards)
         self.validating = len(self.data.val_examples) > 0
+        self._setup_held_out()
         self.logger = self._setup_logger(cfg["tracking"], cfg["recipe"])
         self.callbacks = self._setup_callbacks(cfg["trainer"], cfg["data"]["eval"], cfg["train"])
         self.trainer = self._setup_trainer(cfg["trainer"])
@@ -341,6 +342,15 @@ class Fit:
                                    global_batch_size=train["global_batch_size"], chunk_size=train["chunk_size"],
                                    chunk_tokens=train["chunk_tokens"], accumulate=self.accumulate,
                                    sort_chunks=train["sort_chunks"], stop_signals=self.stop_signals)
+
+    def _setup_held_out(self) -> None:
+        """A graded held-out set (the docs demo's qrels) is scored by eval.ranking's NDCG@5, its metric."""
+        if self.data.held_out.qrels is not None:
+            import functools
+
+            from embedkit.eval.ranking import ndcg_at_k
+
+            self.module.graded_metric = functools.partial(ndcg_at_k, k=5, allow_empty=True)
 
     def _setup_logger(self, tracking: dict, recipe: str | None):
         """The MLflow logger (continuing the run's MLflow run on a resume), or False."""
@@ -439,17 +449,21 @@ class Fit:
                       flush=True)
             return exit_code_for(self.stop.signum)
         if self.trainer.is_global_zero:
-            self._print_held_out(before.get("val/p@1"), after.get("val/p@1"))
+            metric = f"val/{self.data.held_out.metric}"
+            self._print_held_out(before.get(metric), after.get(metric))
             print(f"checkpoint: {self.run_dir.last_checkpoint}  ({time.monotonic() - started:.0f}s wall)", flush=True)
         return 0
 
     def _print_held_out(self, before: float | None, after: float | None) -> None:
         n = len(self.data.val_examples)  # each held-out example is one query and one candidate
+        metric = self.data.held_out.metric
+        label = {"p@1": "P@1", "t2v_r@1": "text-to-video R@1", "ndcg@5": "NDCG@5"}.get(metric, metric)
         if before is not None and after is not None:
-            print(f"held-out P@1 ({n} queries, each against {n} candidates): "
-                  f"before {before:.3f} -> after {after:.3f}  (chance {1 / n:.3f})", flush=True)
+            chance = "" if metric == "ndcg@5" else f"  (chance {1 / n:.3f})"  # one answer among n candidates
+            print(f"held-out {label} ({n} queries, each against {n} candidates): "
+                  f"before {before:.3f} -> after {after:.3f}{chance}", flush=True)
         elif after is not None:
-            print(f"held-out P@1: {after:.3f}", flush=True)
+            print(f"held-out {label}: {after:.3f}", flush=True)
 
     def _end_tracking(self, status: str) -> None:
         """The MLflow run's true end status (Lightning marks every fit that returns FINISHED)."""

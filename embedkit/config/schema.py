@@ -53,10 +53,13 @@ class ModelSection:
 @dataclass
 class DemoData:
     enabled: bool = False  # train on the drawn demo scenes (demo recipes); else data.train.shards is required
-    scenes: Literal["single", "pair", "mixed"] = "single"
+    kind: Literal["scenes", "video", "docs"] = "scenes"  # what is drawn: still scenes, moving clips, document pages (docs/demos.md)
+    scenes: Literal["single", "pair", "mixed"] = "single"  # one object, two, or both (scenes and video; docs ignore it)
     train_size: int = 20000
-    val_size: int = 120  # held-out queries, each ranked against all val images
-    image_size: int = 56
+    val_size: int = 120  # held-out queries, each ranked against all val images (clips, pages)
+    image_size: int = 56  # a scene's, a clip frame's or a page's side in pixels
+    num_frames: int = 4  # video: frames per clip
+    first_frame_only: bool = False  # video: every frame replaced by the first (the no-motion baseline)
     holdout_combinations: int = 10  # caption combinations that never occur in training
     seed: int = 1234  # the data's own seed: the drawn scenes do not change with the run seed
     cache_dir: Optional[str] = None  # default: $EMBEDKIT_CACHE or ~/.cache/embedkit

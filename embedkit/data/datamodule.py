@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from embedkit.data import demo
+from embedkit.data import demo_visual
 from embedkit.data.batch import ChunkCollate, ValCollate, ValItems
 from embedkit.data.remote import ShardUnavailable, is_remote
 from embedkit.data.shards import Decoding, iter_samples, list_shards
@@ -41,7 +42,7 @@ def resolve_shards(data: dict, log=print, checked: tuple | None = None) -> tuple
     train, val = checked if checked is not None else check_shards(data)
     if train is not None and val is not None:
         return train, val
-    demo_dir = Path(demo.ensure_demo_shards(data["demo"], log=log))
+    demo_dir = Path(demo_visual.ensure_shards(data["demo"], log=log))
     if train is None:
         train = sorted(str(p) for p in demo_dir.glob("*/train-*.tar"))
     if val is None:
@@ -72,6 +73,11 @@ def checked_shards(key: str, spec) -> list[str]:
 def read_examples(shards: list[str], limit: int, processor=None, decoding=None) -> list:
     """The first ``limit`` usable examples of ``shards`` (validation): a sample that does not decode or that
     ``processor`` would refuse, and the rest of a truncated shard, are skipped and counted in one warning."""
+    return [example for example, _ in read_samples(shards, limit, processor, decoding)]
+
+
+def read_samples(shards: list[str], limit: int, processor=None, decoding=None) -> list[tuple]:
+    """``read_examples`` with each example's sample JSON: [(example, JSON dict)]."""
     import logging
     from collections import Counter
 
@@ -85,7 +91,7 @@ def read_examples(shards: list[str], limit: int, processor=None, decoding=None) 
                 if example is None:
                     skipped[reason] += 1
                     continue
-                out.append(example)
+                out.append((example, _sample_json(files, key)))
                 if len(out) >= limit:
                     break
         except ShardUnavailable:
@@ -97,6 +103,36 @@ def read_examples(shards: list[str], limit: int, processor=None, decoding=None) 
     if skipped:
         logging.getLogger(__name__).warning("validation data: skipped %s", dict(skipped))
     return out
+
+
+def _sample_json(files: dict, key: str) -> dict:
+    import json
+
+    raw = files.get(f"{key}.json")
+    return json.loads(raw) if raw else {}
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """What the held-out ranking scores: its ``metric`` (``p@1``; ``t2v_r@1`` for text -> video;
+    ``ndcg@5`` where the samples carry graded qrels) and, for graded sets, ``qrels``: per query (= per
+    held-out example), ``{candidate index: grade}`` over the candidates (= the examples' positives).
+
+    Graded qrels come from the samples' JSON: ``"doc_id"`` names the sample's positive, ``"qrels"``
+    maps doc ids to grades (docs/demos.md); a doc id that names no read sample is dropped."""
+
+    metric: str = "p@1"
+    qrels: list | None = None
+
+    @classmethod
+    def of(cls, samples: list[tuple]) -> "HeldOut":
+        if samples and all("qrels" in meta and "doc_id" in meta for _, meta in samples):
+            index = {meta["doc_id"]: i for i, (_, meta) in enumerate(samples)}
+            qrels = [{index[d]: g for d, g in meta["qrels"].items() if d in index} for _, meta in samples]
+            return cls("ndcg@5", qrels)
+        if samples and all(not ex.query.has_visual and ex.positive.video is not None for ex, _ in samples):
+            return cls("t2v_r@1")
+        return cls()
 
 
 class EmbeddingDataModule(L.LightningDataModule):
@@ -126,8 +162,10 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.accumulate = accumulate  # training batches per optimizer step: where a resumed stream starts
         val = data["val"]
         self.decoding = Decoding.from_config(data)  # data.video and data.max_image_pixels, for training and validation
-        self.val_examples = (read_examples(val_shards, val["max_queries"], processor, self.decoding)
-                             if val["enabled"] and val_shards else [])
+        samples = (read_samples(val_shards, val["max_queries"], processor, self.decoding)
+                   if val["enabled"] and val_shards else [])
+        self.val_examples = [example for example, _ in samples]
+        self.held_out = HeldOut.of(samples)  # the metric the module's validation logs, and its qrels
         self.reader_states: dict[int, dict] = {}  # worker -> reader_state of its last batch trained on (this rank)
         self.resume_states: dict[int, dict] = {}  # the same, from the checkpoint a resumed fit started from
 

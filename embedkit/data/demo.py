@@ -192,19 +192,37 @@ def held_out_captions(p: dict) -> set[str]:
     return {caption(c) for c in split_combinations(p["scenes"], p["holdout_combinations"], p["seed"])[1]}
 
 
+def cache_base(p: dict) -> Path:
+    """The folder of every demo's drawn data: ``data.demo.cache_dir``, ``$EMBEDKIT_CACHE`` or ``~/.cache/embedkit``."""
+    return Path(p.get("cache_dir") or os.environ.get("EMBEDKIT_CACHE") or Path.home() / ".cache" / "embedkit").expanduser()
+
+
 def cache_root(p: dict) -> Path:
-    base = p.get("cache_dir") or os.environ.get("EMBEDKIT_CACHE") or Path.home() / ".cache" / "embedkit"
     keyed = {k: p[k] for k in ("scenes", "train_size", "val_size", "image_size", "holdout_combinations", "seed", "text_only")}
     digest = hashlib.sha256(json.dumps([FORMAT_VERSION, keyed], sort_keys=True).encode()).hexdigest()[:12]
-    return Path(base).expanduser() / "demo" / digest
+    return cache_base(p) / "demo" / digest
 
 
 def ensure_demo_shards(p: dict, log=print) -> Path:
     """The demo's shard folder (``demo_t2i/train-*.tar``, ``demo_i2t/train-*.tar``, ``val-000000.tar``),
     generated on first use."""
+    from embedkit.data.shards import encode_example
+
+    def val_samples() -> list[dict]:
+        return [encode_example(ex, f"{i:08d}") for i, ex in enumerate(val_examples(p))]
+
+    return write_demo_shards(cache_root(p), p, lambda: train_examples(p, 0, p["train_size"]), val_samples, log)
+
+
+def write_demo_shards(root: Path, p: dict, train, val_samples, log=print) -> Path:
+    """``root``, written once (atomically: a temporary folder renamed) unless it is complete already.
+
+    ``train()`` yields the training ``Example``s, written into one folder of shards per task
+    (``<task>/train-*.tar``); ``val_samples()`` returns the held-out samples as shard members
+    (``shards.encode_example``'s dicts, extra JSON fields allowed), written into ``val-000000.tar``;
+    ``p`` (the ``data.demo`` section) goes into ``done.json``."""
     from embedkit.data.shards import encode_example, write_shard
 
-    root = cache_root(p)
     if (root / "done.json").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -220,13 +238,13 @@ def ensure_demo_shards(p: dict, log=print) -> Path:
             write_shard(tmp / task / f"train-{n:06d}.tar", pending.pop(task))
             written[task] = n + 1
 
-        for i, ex in enumerate(train_examples(p, 0, p["train_size"])):
+        for i, ex in enumerate(train()):
             pending.setdefault(ex.task, []).append(encode_example(ex, f"{i:08d}"))
             if len(pending[ex.task]) == SHARD_SIZE:
                 flush(ex.task)
         for task in list(pending):
             flush(task)
-        write_shard(tmp / "val-000000.tar", [encode_example(ex, f"{i:08d}") for i, ex in enumerate(val_examples(p))])
+        write_shard(tmp / "val-000000.tar", val_samples())
         (tmp / "done.json").write_text(json.dumps(p, sort_keys=True))
         try:
             os.rename(tmp, root)

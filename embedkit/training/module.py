@@ -4,9 +4,10 @@ A training batch (``TrainBatch``) arrives already split into processed chunks. T
 chunks into embeddings, the loss sees embeddings only, and ``gradcache.cached_step`` backpropagates
 (through the cache when there is more than one chunk). The module owns gradient clipping, the LR
 schedule and the optimizer step (manual optimization), so the same code serves one chunk or many.
-Held-out validation ranks each validation query against every validation candidate and logs
-``val/p@1`` (``trainer.validate`` returns it; further validation, of MMEB subsets, is a callback the
-fit command installs).
+Held-out validation ranks each validation query against every validation candidate and logs the
+metric the datamodule's ``held_out`` names: ``val/p@1``, ``val/t2v_r@1`` (text -> video) or, with graded
+qrels, ``val/ndcg@5`` (``trainer.validate`` returns it; further validation, of MMEB subsets, is a
+callback the fit command installs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from embedkit.data.batch import Role, TrainBatch
 from embedkit.distributed import distributed_loss
 from embedkit.distributed.ranks import all_objects, max_over_ranks, rank_and_world
 from embedkit.encoder import Encoder
+from embedkit.errors import UserError
 from embedkit.losses.base import CandidateMask, Loss, LossOutput, accepts_mask
 from embedkit.losses.similarity import similarity_for
 from embedkit.training import grad_sync, gradcache
@@ -88,6 +90,9 @@ class EmbeddingModule(L.LightningModule):
         self.data_skips = SkipCounts()  # training samples skipped by the stream, by reason (data_skips.py)
         self.automatic_optimization = False
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # (scores [Q, C], qrels) -> float for a graded held-out set (the datamodule's ``held_out.qrels``):
+        # ``embedkit fit`` sets eval.ranking's NDCG@5 (training does not import eval)
+        self.graded_metric = None
 
     @classmethod
     def build(cls, model: dict, loss: dict, train: dict, *, seed: int, max_steps: int, accumulate: int,
@@ -371,5 +376,17 @@ class EmbeddingModule(L.LightningModule):
         self._val.clear()
         q = emb[roles == Role.QUERY][index[roles == Role.QUERY].argsort()]
         c = emb[roles == Role.CANDIDATE][index[roles == Role.CANDIDATE].argsort()]
-        hits = similarity_for(q)(q, c).argmax(dim=1) == torch.arange(len(q))
-        self.log("val/p@1", hits.float().mean(), batch_size=len(q))
+        name, value = self.held_out_metric(similarity_for(q)(q, c))
+        self.log(f"val/{name}", value, batch_size=len(q))
+
+    def held_out_metric(self, scores: torch.Tensor) -> tuple[str, torch.Tensor | float]:
+        """(name, value) of the held-out ranking ``scores [Q, C]`` (query i's answer is candidate i): the
+        datamodule's ``held_out`` names it (``p@1`` without one) and, for a graded set, gives the qrels
+        that ``graded_metric`` scores; else the fraction of queries whose best candidate is their own."""
+        held = getattr(self.trainer.datamodule, "held_out", None) if self._trainer is not None else None
+        if held is None or held.qrels is None:
+            hits = scores.argmax(dim=1) == torch.arange(len(scores))
+            return (held.metric if held is not None else "p@1"), hits.float().mean()
+        if self.graded_metric is None:
+            raise UserError(f"the held-out set has graded qrels ({held.metric}) but no graded_metric was set")
+        return held.metric, self.graded_metric(scores, held.qrels)

@@ -98,3 +98,94 @@ def test_bad_input_is_one_line_error(call, msg):
     with pytest.raises(UserError, match=msg) as e:
         call()
     assert "\n" not in str(e.value)
+
+
+# -- the docs demo's examples, held-out corpus and shards (data/demo_visual.py, datamodule.HeldOut) ------
+DOCS = {"enabled": True, "kind": "docs", "scenes": "single", "train_size": 6, "val_size": 12, "image_size": 56,
+        "holdout_combinations": 5, "seed": 3, "cache_dir": None, "text_only": False, "num_frames": 4,
+        "first_frame_only": False}
+
+
+def test_docs_training_never_draws_a_held_out_spec():
+    from embedkit.data import demo_visual
+
+    train, held = demo_visual.split_specs(5, 3)
+    assert len(held) == 5 and not set(train) & set(held) and len(train) + 5 == len(dd.all_specs())
+    assert demo_visual.split_specs(5, 3) == (train, held)
+    queries = {q for s in held for q in dd.page_queries(s)}
+    seen = [ex.query.text for ex in demo_visual.docs_train_examples({**DOCS, "train_size": 300}, 0, 300)]
+    assert len(seen) == 300 and not set(seen) & queries
+    assert all(ex.task == "demo_docs" and ex.positive.image.size == (56, 56) for ex in
+               demo_visual.docs_train_examples(DOCS, 0, 3))
+
+
+def test_docs_held_out_corpus_carries_ids_and_graded_qrels():
+    from embedkit.data import demo_visual
+
+    val = demo_visual.docs_val_examples(DOCS)
+    _, held = demo_visual.split_specs(5, 3)
+    ids = [extra["doc_id"] for _, extra in val]
+    assert len(val) == 12 and len(set(ids)) == 12
+    specs = [next(s for s in dd.all_specs() if ex.query.text in dd.page_queries(s)) for ex, _ in val]
+    assert len(set(specs)) == 12 and set(held) <= set(specs)  # distinct pages, every held-out spec in
+    for (_, extra), spec in zip(val, specs):
+        want = {ids[k]: dd.grade(spec, s) for k, s in enumerate(specs) if dd.grade(spec, s) > 0}
+        assert extra["qrels"] == want and want[extra["doc_id"]] == 2
+    assert [e["qrels"] for _, e in demo_visual.docs_val_examples(DOCS)] == [e["qrels"] for _, e in val]
+
+
+def test_docs_shards_round_trip_to_the_held_out_qrels(tmp_path):
+    from embedkit.data import demo_visual
+    from embedkit.data.datamodule import HeldOut, read_samples
+
+    p = {**DOCS, "cache_dir": str(tmp_path)}
+    root = demo_visual.ensure_shards(p, log=lambda m: None)
+    assert root.parent.name == "demo_docs" and (root / "demo_docs" / "train-000000.tar").is_file()
+    assert demo_visual.ensure_shards(p, log=lambda m: 1 / 0) == root  # cached: nothing drawn again
+    samples = read_samples([str(root / "val-000000.tar")], 100)
+    held = HeldOut.of(samples)
+    val = demo_visual.docs_val_examples(p)
+    assert held.metric == "ndcg@5" and len(held.qrels) == 12
+    index = {extra["doc_id"]: i for i, (_, extra) in enumerate(val)}
+    assert held.qrels == [{index[d]: g for d, g in extra["qrels"].items()} for _, extra in val]
+    # the qrels score a perfect ranking 1 and the untrained-like identity of scores by the tie rule below 1
+    perfect = torch.tensor([[float(r.get(i, 0)) for i in range(12)] for r in held.qrels])
+    assert ndcg_at_k(perfect, held.qrels, k=5) == pytest.approx(1.0)
+
+
+def test_held_out_cut_keeps_only_read_candidates():
+    from embedkit.data.datamodule import HeldOut
+    from embedkit.data.schema import Example, Item
+
+    ex = Example(query=Item(text="q"), positive=Item(text="p"))
+    samples = [(ex, {"doc_id": "a", "qrels": {"a": 2, "z": 1}}), (ex, {"doc_id": "b", "qrels": {"b": 2, "a": 1}})]
+    assert HeldOut.of(samples).qrels == [{0: 2}, {1: 2, 0: 1}]
+    assert HeldOut.of([(ex, {})]).metric == "p@1" and HeldOut.of([]).qrels is None
+
+
+class _Trainer:
+    def __init__(self, held):
+        self.datamodule = type("DM", (), {"held_out": held})()
+
+
+def test_module_scores_a_graded_held_out_set_with_its_metric():
+    from functools import partial
+
+    from embedkit.data.datamodule import HeldOut
+    from embedkit.training.module import EmbeddingModule
+
+    qrels = [{0: 2, 2: 1}, {1: 2}, {2: 2, 0: 1}]
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.1], [0.7, 0.0, 0.6]])  # query 2 ranks its page second
+    import lightning as L
+
+    module = EmbeddingModule.__new__(EmbeddingModule)  # the metric needs no encoder nor loss
+    L.LightningModule.__init__(module)
+    module._trainer = _Trainer(HeldOut("ndcg@5", qrels))
+    module.graded_metric = None
+    with pytest.raises(UserError, match="graded qrels"):
+        module.held_out_metric(scores)
+    module.graded_metric = partial(ndcg_at_k, k=5)
+    name, value = module.held_out_metric(scores)
+    assert name == "ndcg@5" and value == pytest.approx(ndcg_at_k(scores, qrels, k=5)) and value < 1
+    module._trainer = _Trainer(HeldOut())
+    assert module.held_out_metric(scores) == ("p@1", pytest.approx(2 / 3))

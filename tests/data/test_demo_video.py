@@ -105,3 +105,89 @@ def test_bad_input_is_one_line_error(call, msg):
     with pytest.raises(UserError, match=msg) as e:
         call()
     assert "\n" not in str(e.value)
+
+
+# -- the video demo's examples, held-out groups and shards (data/demo_visual.py, datamodule.HeldOut) -----
+VIDEO = {"enabled": True, "kind": "video", "scenes": "single", "train_size": 4, "val_size": 10, "image_size": 32,
+         "holdout_combinations": 3, "seed": 5, "cache_dir": None, "text_only": False, "num_frames": 4,
+         "first_frame_only": False}
+
+
+def test_clip_items_are_videos_and_first_frame_only_freezes_them():
+    from embedkit.data import demo_visual
+
+    combo = ("red", "circle", "left")
+    moving = demo_visual.clip_item(combo, random.Random(1), VIDEO)
+    still = demo_visual.clip_item(combo, random.Random(1), {**VIDEO, "first_frame_only": True})
+    assert moving.video is not None and not moving.images and len(moving.video.images) == 4
+    assert moving.video.timestamps == [i / dv.FPS for i in range(4)]
+    first = moving.video.images[0].tobytes()
+    assert still.video.images[0].tobytes() == first and len(still.video.images) == 4
+    assert all(f.tobytes() == first for f in still.video.images)
+    assert moving.video.images[-1].tobytes() != first
+
+
+def test_video_training_never_shows_a_held_out_caption():
+    from embedkit.data import demo_visual
+
+    _, held = dv.split_combinations("single", 3, 5)
+    held_captions = {dv.clip_caption(c) for c in held}
+    examples = list(demo_visual.video_train_examples({**VIDEO, "num_frames": 2}, 0, 200))
+    assert all(ex.task == "demo_t2v" and ex.positive.video is not None for ex in examples)
+    assert not {ex.query.text for ex in examples} & held_captions
+
+
+def test_video_validation_holds_whole_motion_partner_groups():
+    from embedkit.data import demo_visual
+
+    _, held = dv.split_combinations("single", 3, 5)
+    val = demo_visual.video_val_examples(VIDEO)
+    captions = [ex.query.text for ex, _ in val]
+    assert len(val) == 8 and len(set(captions)) == 8  # two whole groups of 4 fit in 10
+    for c in captions:  # every caption's partners are there: one frame cannot pick among them
+        combo = next(k for k in dv.combinations("single") if dv.clip_caption(k) == c)
+        assert {dv.clip_caption(p) for p in dv.motion_partners(combo)} <= set(captions)
+    assert {dv.clip_caption(c) for c in held[:2]} <= set(captions)  # the held-out captions' groups first
+    assert [ex.query.text for ex, _ in demo_visual.video_val_examples(VIDEO)] == captions
+    with pytest.raises(ValueError, match="val_size=3"):
+        demo_visual.video_val_examples({**VIDEO, "val_size": 3})
+
+
+def test_video_shards_read_back_as_text_to_video(tmp_path):
+    from embedkit.data import demo_visual
+    from embedkit.data.datamodule import HeldOut, read_samples
+
+    p = {**VIDEO, "cache_dir": str(tmp_path), "val_size": 4}
+    root = demo_visual.ensure_shards(p, log=lambda m: None)
+    assert root.parent.name == "demo_video" and (root / "demo_t2v" / "train-000000.tar").is_file()
+    samples = read_samples([str(root / "val-000000.tar")], 100)
+    want = demo_visual.video_val_examples(p)
+    assert [ex.query.text for ex, _ in samples] == [ex.query.text for ex, _ in want]
+    got, drawn = samples[0][0].positive.video, want[0][0].positive.video
+    assert [f.tobytes() for f in got.images] == [f.tobytes() for f in drawn.images]
+    held = HeldOut.of(samples)
+    assert held.metric == "t2v_r@1" and held.qrels is None
+    # the cache key follows the drawing: the baseline's clips are another folder
+    assert demo_visual.cache_root({**p, "first_frame_only": True}) != root
+
+
+def test_the_image_demo_keeps_its_cache_key():
+    from embedkit.data import demo, demo_visual
+
+    p = {**VIDEO, "kind": "scenes", "image_size": 56, "holdout_combinations": 10, "cache_dir": "/c"}
+    root = demo.cache_root(p)
+    assert root == demo.cache_root({**p, "num_frames": 9, "first_frame_only": True, "kind": "video"})
+    assert root.parent.name == "demo" and demo_visual.cache_root({**p, "kind": "video"}).parent.name == "demo_video"
+
+
+def test_the_tiny_tokenizer_tells_every_motion_and_page_word_apart():
+    from embedkit.backbones.processors import tiny_tokenizer
+    from embedkit.data import demo_visual
+
+    tok = tiny_tokenizer([], pad="<pad>", eos="<eos>")
+    unk = tok.convert_tokens_to_ids("<unk>")
+    words = [w for c in dv.combinations("all") for w in dv.clip_caption(c).split()]
+    words += "a page with a table of 3 columns above below".split()
+    assert unk not in tok(" ".join(words))["input_ids"]
+    vocab = tok.get_vocab()
+    assert all(vocab[w] >= len(vocab) - len(demo_visual.WORDS) for w in demo_visual.WORDS)  # appended last

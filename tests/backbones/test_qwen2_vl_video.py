@@ -12,7 +12,7 @@ import torch
 from bench.host_sync import SyncCounter
 from embedkit.backbones.base import set_trainable
 from embedkit.backbones.qwen2_vl import Qwen2VLBackbone
-from embedkit.backbones.qwen2_vl.video_pixels import frame_cap, video_pixels
+from embedkit.backbones.qwen2_vl.video_pixels import frame_cap, video_pixels, videos_pixels
 from embedkit.data.schema import Item
 from embedkit.data.video import Frames
 from tests.helpers.images import speckled_image
@@ -92,6 +92,21 @@ def test_video_frames_fill_the_temporal_slots_in_order(backbone):
     for i, frame in enumerate(frames + [frames[-1]]):
         alone = stock(images=[frame], return_tensors="np")["pixel_values"].reshape(h * w, 3, 2, 14, 14)[:, :, 0]
         np.testing.assert_array_equal(rows[i // 2, :, :, i % 2], alone)
+
+
+def test_videos_of_a_chunk_processed_together_equal_each_alone(backbone):
+    """``videos_pixels`` groups videos by frame size and cap into one processor call; each video's rows and grid
+    are still its own (sizes interleaved, frame counts differing, a per-video budget that changes the cap)."""
+    clips = [[speckled_image(56, 84, 10 * v + i) for i in range(n)] for v, n in enumerate((3, 4, 8, 2))]
+    clips[1] = [f.resize((84, 56)) for f in clips[1]]
+    for total in (None, 4 * 56 * 56):
+        caps = (PIXELS["min_pixels"], PIXELS["max_pixels"], total)
+        together = videos_pixels(clips, backbone.image_processor, *caps)
+        for clip, (rows, grid) in zip(clips, together):
+            alone, alone_grid = video_pixels(clip, backbone.image_processor, *caps)
+            assert grid == alone_grid
+            np.testing.assert_array_equal(rows, alone)
+        assert len({tuple(g) for _, g in together}) >= 3
 
 
 def _mixed_items():

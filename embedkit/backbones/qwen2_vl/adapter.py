@@ -33,7 +33,7 @@ from embedkit.backbones.base import (
 )
 from embedkit.backbones.checkpoints import load_pretrained, open_checkpoint
 from embedkit.backbones.qwen2_vl.host_positions import HOST_KEYS, host_inputs, vision_rope
-from embedkit.backbones.qwen2_vl.video_pixels import video_grid, video_pixels
+from embedkit.backbones.qwen2_vl.video_pixels import video_grid, videos_pixels
 from embedkit.backbones.qwen2_vl.vision_attention import use_batched_vision_attention
 from embedkit.config.registry import register
 from embedkit.data.schema import Item, Segment, segments
@@ -88,7 +88,7 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
             out["image_grid_thw"] = vision["image_grid_thw"]
             image_counts = (vision["image_grid_thw"].prod(-1) // self.merge_size**2).tolist()
         if videos:
-            pixels, grids = zip(*(video_pixels(frames, self.image_processor, *self.video) for frames in videos))
+            pixels, grids = zip(*videos_pixels(videos, self.image_processor, *self.video))
             out["pixel_values_videos"] = torch.from_numpy(np.concatenate(pixels))
             out["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
             video_counts = (out["video_grid_thw"].prod(-1) // self.merge_size**2).tolist()

@@ -62,18 +62,49 @@ def video_pixels(frames: Sequence[Image.Image], image_processor, min_pixels: int
     ``frames``: RGB PIL images (``data.video.Frames.images``), at least one. Resized, rescaled and
     normalised by ``image_processor`` (a ``Qwen2VLImageProcessorPil``) with the frame cap as its
     ``longest_edge``; see the module docstring for the padding and the layout."""
-    temporal = image_processor.temporal_patch_size
+    (rows, grid), = videos_pixels([frames], image_processor, min_pixels, max_pixels, total_pixels)
+    return rows, grid
+
+
+def _padded(frames: Sequence[Image.Image], temporal: int) -> list[Image.Image]:
+    """Every frame at the first one's size, the count padded to a multiple of ``temporal`` with the last."""
     first = frames[0].size
     frames = [f if f.size == first else f.resize(first, Image.Resampling.BICUBIC) for f in frames]
-    frames = list(frames) + [frames[-1]] * (-len(frames) % temporal)
-    cap = frame_cap(len(frames), min_pixels, max_pixels, total_pixels)
-    out = image_processor(images=frames, size={"shortest_edge": min_pixels, "longest_edge": cap},
-                          return_tensors="np")
-    _, gh, gw = (int(x) for x in out["image_grid_thw"][0])
-    width = out["pixel_values"].shape[1]  # C * t * p * p, each frame copied into the t slots
+    return frames + [frames[-1]] * (-len(frames) % temporal)
+
+
+def videos_pixels(videos: Sequence[Sequence[Image.Image]], image_processor, min_pixels: int, max_pixels: int,
+                  total_pixels: Optional[int]) -> list[tuple[np.ndarray, list[int]]]:
+    """``video_pixels`` of several videos, in their order. The videos whose frames share a size and a cap
+    go through the image processor in ONE call: for short clips its per-call cost, not the pixels,
+    dominates (bench/video.py: one call per video held the loader below the model's rate)."""
+    temporal = image_processor.temporal_patch_size
+    padded = [_padded(list(frames), temporal) for frames in videos]
+    groups: dict[tuple, list[int]] = {}
+    for i, frames in enumerate(padded):
+        cap = frame_cap(len(frames), min_pixels, max_pixels, total_pixels)
+        groups.setdefault((frames[0].size, cap), []).append(i)
+    out: list = [None] * len(videos)
+    for (_, cap), members in groups.items():
+        processed = image_processor(images=[f for i in members for f in padded[i]],
+                                    size={"shortest_edge": min_pixels, "longest_edge": cap}, return_tensors="np")
+        _, gh, gw = (int(x) for x in processed["image_grid_thw"][0])
+        rows = processed["pixel_values"].reshape(-1, gh * gw, processed["pixel_values"].shape[1])  # per frame
+        at = 0
+        for i in members:
+            n = len(padded[i])
+            out[i] = (_video_rows(rows[at:at + n], image_processor), [n // temporal, gh, gw])
+            at += n
+    return out
+
+
+def _video_rows(frame_rows: np.ndarray, image_processor) -> np.ndarray:
+    """[frames, h * w, C * t * p * p] rows of single frames (each copied into the t temporal slots by the
+    image processor) -> the video's rows: slot 0 of each frame kept, the t frames of a temporal group put
+    in the t slots, temporal group first (module docstring, "Layout")."""
+    temporal = image_processor.temporal_patch_size
+    n, hw, width = frame_rows.shape
     channels = width // (temporal * image_processor.patch_size**2)
-    # [frames, hw, C, t, p*p]: keep slot 0 of each frame, then put the t frames of a group in the t slots
-    per_frame = out["pixel_values"].reshape(len(frames), gh * gw, channels, temporal, -1)[:, :, :, 0]
-    groups = per_frame.reshape(len(frames) // temporal, temporal, gh * gw, channels, -1)
-    video = groups.transpose(0, 2, 3, 1, 4).reshape(-1, width)
-    return np.ascontiguousarray(video), [len(frames) // temporal, gh, gw]
+    per_frame = frame_rows.reshape(n, hw, channels, temporal, -1)[:, :, :, 0]
+    groups = per_frame.reshape(n // temporal, temporal, hw, channels, -1)
+    return np.ascontiguousarray(groups.transpose(0, 2, 3, 1, 4).reshape(-1, width))

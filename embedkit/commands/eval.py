@@ -9,6 +9,9 @@
                                                      # PEFT adapters; outputs in runs/eval-<recipe>/)
     embedkit eval ... quantize=binary|int8|[int8,binary] [rescore=true] [rescore_k=10]
     embedkit eval ... layer=L dim=D                # the model cut to its first L layers and D dims
+    embedkit eval model=DIR data.eval.tasks=[T1,T2]  # corpus task folders (docs/eval-tasks.md), with or
+                                                     # without data.eval.root: visual documents by NDCG@5,
+                                                     # text<->video R@k, classification, moments
     embedkit eval ... data.eval.retrieval=muvera [data.eval.muvera.candidates=100]   # multi_vector models
 
 ``quantize`` also scores the same embeddings quantised (``eval/quantize.py``: binary codes by Hamming
@@ -76,7 +79,8 @@ class EvalOptions:
             raise UserError("rescore: rescoring applies to binary codes; add quantize=binary")
 
 
-VERB = Verb("eval", "MMEB evaluation: ckpt=PATH | model=DIR | model.backbone.path=PATH, and data.eval.root=DIR",
+VERB = Verb("eval", "MMEB and corpus-task evaluation: ckpt=PATH | model=DIR | model.backbone.path=PATH, and "
+                    "data.eval.root=DIR and/or data.eval.tasks=[DIR,...]",
             EvalOptions, config=("data.eval", "train.chunk_size", "tracking"),
             words=(("model.backbone.path=PATH", "evaluate the recipe's model with these weights (e.g. a released "
                                                 "checkpoint); outputs in runs/eval-<recipe>/"),))

@@ -89,7 +89,8 @@ def available(root: str | Path, manifest: dict[str, dict]) -> list[str]:
 def resolve_datasets(root: str | Path | None, names: Sequence[str], manifest: dict[str, dict]) -> list[str]:
     """The datasets to evaluate (``names``, or all found under root); UserError naming the choices."""
     if not root:
-        raise UserError("data.eval.root: not set; give data.eval.root=DIR (a folder of MMEB eval datasets)")
+        raise UserError("data.eval.root: not set; give data.eval.root=DIR (a folder of MMEB eval datasets) "
+                        "or data.eval.tasks=[DIR,...] (corpus task folders, docs/eval-tasks.md)")
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data.eval.root: folder not found: {root}")

@@ -95,7 +95,9 @@ def item_settings(model) -> tuple[dict, dict]:
 
     backbone = ((getattr(model, "provenance", None) and model.provenance.config) or {}).get("model", {}).get("backbone", {})
     caps = {k: v for k, v in backbone.items() if ("pixels" in k or k == "resize") and v is not None}
-    record = {"frames": asdict(decoding.policy), "max_image_pixels": decoding.max_image_pixels, **caps}
+    record = {"frames": asdict(decoding.policy), **caps}
+    if decoding.max_image_pixels is not None:
+        record["max_image_pixels"] = decoding.max_image_pixels
     return {"policy": decoding.policy, "max_pixels": decoding.max_image_pixels}, record
 
 

@@ -69,3 +69,25 @@ def link_atomic(src: str | Path, dst: str | Path) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     move_into_place(dst)
+
+
+def read_jsonl(path: str | Path, what: str) -> list[dict]:
+    """The objects of a JSON Lines file, blank lines skipped; ``UserError`` (one line, ``what`` first: the
+    option or file role being read) for a line that is not JSON or not an object."""
+    import json
+
+    from embedkit.errors import UserError
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{what}: {path}:{n} is not JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{what}: {path}:{n} is not a JSON object")
+            rows.append(row)
+    return rows

@@ -9,12 +9,12 @@ model's frame policy). ``read_rows`` reads JSONL or parquet; ``RowItems`` makes 
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 from embedkit.data.schema import Item
 from embedkit.encoder import capped, prefixed, prefixed_item, to_frames
 from embedkit.errors import UserError
+from embedkit.files import read_jsonl
 from embedkit.inference import LazyItems
 
 
@@ -22,14 +22,7 @@ def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"input: file not found: {path}")
     if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"input: {path}:{n} is not JSON ({exc.msg})") from None
-        return rows
+        return read_jsonl(path, "input")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

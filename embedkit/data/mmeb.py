@@ -36,7 +36,7 @@ from pathlib import Path
 
 from embedkit.console import interactive
 from embedkit.errors import UserError
-from embedkit.files import write_atomic
+from embedkit.files import read_jsonl, write_atomic
 
 REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 OPTIONAL = ("neg_text", "neg_image_path")
@@ -72,18 +72,7 @@ def read_rows(path: Path) -> list[dict]:
         _check_columns(names, path)
         table = pq.read_table(path, columns=[c for c in REQUIRED + OPTIONAL if c in names])
         return table.to_pylist()
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}: line {n} is not JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}: line {n} is not a JSON object")
-            rows.append(row)
+    rows = read_jsonl(path, "data")
     if rows:
         _check_columns(set().union(*(r.keys() for r in rows)), path)
     return rows

@@ -31,6 +31,7 @@ import torch
 
 from embedkit.errors import UserError
 from embedkit.eval import ranking
+from embedkit.files import read_jsonl
 
 #: kind -> its main metric
 KINDS = {"retrieval": "ndcg_linear@5", "video_text": "t2v/R@1", "classification": "hit@1", "moment": "hit@1"}
@@ -59,18 +60,7 @@ class CorpusTask:
 def _jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"eval task: no {path.name} in {path.parent}")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"eval task: {path}:{n} is not JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"eval task: {path}:{n} is not an object")
-        rows.append(row)
-    return rows
+    return read_jsonl(path, "eval task")
 
 
 def _ids(rows: list[dict], path: Path) -> dict[str, int]:

@@ -28,6 +28,7 @@ from embedkit.data.shards import (
 from embedkit.data.stream import ShardStream
 from embedkit.data.video import FramePolicy, frames_from_images, read_video
 from tests.helpers.images import speckled_image
+from tests.helpers.videos import lossless_mp4
 
 
 def _pixels(i: int) -> np.ndarray:
@@ -38,20 +39,8 @@ def _pixels(i: int) -> np.ndarray:
 
 
 def _mp4(n: int) -> bytes:
-    """An MP4 of frames 0..n-1 at 10 frames a second (x264, lossless in YUV 4:4:4: RGB within 2)."""
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=10)
-        stream.width, stream.height = 64, 48
-        stream.pix_fmt, stream.options = "yuv444p", {"qp": "0"}
-        for i in range(n):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(_pixels(i), format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return buf.getvalue()
+    """An MP4 of frames 0..n-1 at 10 frames a second (lossless: RGB within 2)."""
+    return lossless_mp4([_pixels(i) for i in range(n)])
 
 
 def _png(image: Image.Image) -> bytes:

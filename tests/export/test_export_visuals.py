@@ -5,7 +5,6 @@ embeds a video and a 3-image item as the trained module does. Tiny Qwen2-VL; vid
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -21,26 +20,18 @@ from embedkit.export.corpus import encode_file
 from embedkit.export.writer import export_model
 from tests.export.test_export import reference, trained_run
 from tests.helpers.images import speckled_image
+from tests.helpers.videos import lossless_mp4
 
 POLICY = FramePolicy(num_frames=4)  # the run's data.video.num_frames=4 (the default is 8: a policy not applied shows)
 
 
 def _mp4(n: int = 9) -> bytes:
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=10)
-        stream.width, stream.height = 64, 48
-        stream.pix_fmt, stream.options = "yuv444p", {"qp": "0"}
-        for i in range(n):
-            a = np.full((48, 64, 3), (20, 40, 60), np.uint8)
-            a[10:18, 3 * i:3 * i + 8] = (255, 200, 20 * i)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return buf.getvalue()
+    frames = []
+    for i in range(n):
+        a = np.full((48, 64, 3), (20, 40, 60), np.uint8)
+        a[10:18, 3 * i:3 * i + 8] = (255, 200, 20 * i)
+        frames.append(a)
+    return lossless_mp4(frames)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,172 @@
+"""Qwen3-VL (issue 29): host position ids equal transformers' ``get_rope_index`` (image, several images,
+video, mixed chunks), the forward equals ``Qwen3VLModel(**inputs)`` (deepstack included), token counts by
+arithmetic equal the processed lengths, the video text equals Qwen3-VL's processor's, a text-only chunk
+keeps a trainable tower (and its deepstack mergers) in the graph, LoRA adapts the language model only, a
+``...ForConditionalGeneration`` checkpoint loads by ``path``."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from embedkit.backbones.lora import adapted_module_names, apply_lora
+from embedkit.backbones.qwen3_vl import Qwen3VLBackbone, timestamps
+from embedkit.backbones.qwen3_vl.processing import video_text
+from embedkit.data.schema import Frames, Item
+from tests.helpers.images import speckled_image
+
+PIXELS = dict(min_pixels=32 * 32, max_pixels=128 * 128)
+SYSTEM = "Represent the user's input."
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return Qwen3VLBackbone(seed=0, tiny=True, freeze_vision=False, **PIXELS).train()
+
+
+def video(n: int, w: int = 96, h: int = 64, seed: int = 0, stamps=None, duration=None):
+    return Frames([speckled_image(w, h, seed + i) for i in range(n)], stamps, list(range(0, 3 * n, 3)), 3 * n,
+                  duration)
+
+
+def images(k: int, seed: int = 0):
+    sizes = [(64, 64), (128, 64), (96, 160), (32, 96)]
+    return [speckled_image(*sizes[i % len(sizes)], seed + i) for i in range(k)]
+
+
+ITEMS = {
+    "image": [Item(text="a photo", images=images(1)), Item(text="a cat")],
+    "images": [Item(text="<|image_2|> two <|image_1|> images", images=images(2, 3)),
+               Item(text="three images", images=images(3, 7))],
+    "video": [Item(text="a video <|video_1|> of four", video=video(4, stamps=[0.0, 0.5, 1.0, 1.5])),
+              Item(text="seven frames", video=video(7, 64, 96, 9))],
+    "mixed": [Item(text="a cat"), Item(text="an image", images=images(1, 2)),
+              Item(text="a clip", video=video(5, duration=2.5)), Item(text="two", images=images(2, 4))],
+}
+
+
+def model_inputs(chunk: dict) -> dict:
+    """The chunk without the host's position ids: what transformers' own forward computes from."""
+    return {k: v for k, v in chunk.items() if k != "position_ids"}
+
+
+@pytest.mark.parametrize("case", list(ITEMS))
+@pytest.mark.parametrize("system", [None, SYSTEM])
+def test_host_positions_equal_get_rope_index(backbone, case, system):
+    backbone.system = system
+    chunk = backbone.make_processor()(ITEMS[case])
+    backbone.system = None
+    ref, _ = backbone.model.get_rope_index(chunk["input_ids"], chunk["mm_token_type_ids"],
+                                           chunk.get("image_grid_thw"), chunk.get("video_grid_thw"),
+                                           chunk["attention_mask"])
+    mask = chunk["attention_mask"].bool()
+    assert torch.equal(chunk["position_ids"][:, mask], ref[:, mask])
+    if case in ("video", "mixed"):  # frames split: not Qwen2-VL's single (t, h, w) block
+        assert chunk["position_ids"][0].max() > chunk["position_ids"][1].max() - 4
+
+
+@pytest.mark.parametrize("case", list(ITEMS))
+def test_forward_equals_transformers_own_with_deepstack(backbone, case):
+    chunk = backbone.make_processor()(ITEMS[case])
+    with torch.no_grad():
+        ours = backbone(chunk).hidden
+        ref = backbone.model(**model_inputs(chunk), use_cache=False).last_hidden_state
+    assert (ours - ref).abs().max() <= 1e-5
+    if case != "image":
+        return
+    # deepstack is in play: the same forward without it differs (so equality above is not vacuous)
+    visual = backbone.model.visual
+    saved = visual.deepstack_visual_indexes
+    visual.deepstack_visual_indexes = []
+    try:
+        with torch.no_grad():
+            without = backbone(chunk).hidden
+    finally:
+        visual.deepstack_visual_indexes = saved
+    assert (without - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("system", [None, SYSTEM])
+def test_num_tokens_is_the_processed_length(backbone, system):
+    backbone.system = system
+    processor = backbone.make_processor()
+    backbone.system = None
+    items = [it for case in ITEMS.values() for it in case] + [Item(text="just text")]
+    chunk = processor(items)
+    assert chunk["attention_mask"].sum(1).tolist() == [processor.num_tokens(it) for it in items]
+    for it in items:
+        assert processor([it])["input_ids"].shape[1] == processor.num_tokens(it)
+
+
+def test_video_text_is_qwen3_vl_processors(backbone):
+    """Our video text against transformers' ``Qwen3VLProcessor.replace_video_token`` (called on a stand-in
+    ``self``: the processor itself cannot be built without torchvision), frame indices at 6 fps."""
+    from transformers import Qwen3VLProcessor
+
+    frames = video(7, stamps=[i * 3 / 6 for i in range(7)])
+    chunk = backbone.make_processor()([Item(text="x", video=frames)])
+    grid = chunk["video_grid_thw"]
+    merge = backbone.merge_size
+    stand_in = SimpleNamespace(
+        video_processor=SimpleNamespace(merge_size=merge, temporal_patch_size=2), video_token="<|video_pad|>",
+        vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>",
+        _calculate_timestamps=lambda idx, fps, m: Qwen3VLProcessor._calculate_timestamps(None, idx, fps, m))
+    metadata = SimpleNamespace(fps=6.0, frames_indices=list(frames.indices))
+    upstream = Qwen3VLProcessor.replace_video_token(stand_in, {"video_grid_thw": grid, "video_metadata": [metadata]}, 0)
+    ours = video_text(timestamps(frames, 2), int(grid[0, 1:].prod()) // merge**2)
+    assert ours == upstream and ours.startswith("<0.2 seconds><|vision_start|>")
+
+
+def test_timestamps_without_stamps_use_the_duration_else_24_fps():
+    assert timestamps(video(4, stamps=[0.0, 1.0, 2.0, 3.0]), 2) == [0.5, 2.5]
+    assert timestamps(video(3, stamps=[0.0, 1.0, 2.0]), 2) == [0.5, 2.0]  # padded with the last frame
+    assert timestamps(video(4, duration=1.2), 2) == pytest.approx([0.15, 0.75])  # 12 frames in 1.2 s: 10 fps
+    assert timestamps(video(4), 2) == pytest.approx([1.5 / 24, 7.5 / 24])  # transformers' fallback
+
+
+def test_a_chunk_without_pixels_keeps_the_tower_and_deepstack_mergers_in_the_graph(backbone):
+    chunk = backbone.make_processor()([Item(text="a cat"), Item(text="a red circle")])
+    named = [(n, p) for n, p in backbone.named_parameters() if p.requires_grad]
+    out = backbone(chunk)
+    grads = torch.autograd.grad(out.hidden.sum(), [p for _, p in named], allow_unused=True)
+    tower = {n: g for (n, _), g in zip(named, grads) if n.startswith("model.visual.")}
+    assert tower and all(g is not None and not g.any() for g in tower.values())
+    assert any(n.startswith("model.visual.deepstack_merger_list.") for n in tower)
+    with torch.no_grad():
+        ref = backbone.model(**model_inputs(chunk), use_cache=False).last_hidden_state
+    mask = chunk["attention_mask"].bool()  # padding: our position 0, transformers' arange
+    assert (out.hidden.detach()[mask] - ref[mask]).abs().max() <= 1e-6
+
+
+def test_lora_adapts_the_language_model_only():
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "dora": False, "target": None}
+    names = set(adapted_module_names(apply_lora(Qwen3VLBackbone(seed=0, tiny=True, **PIXELS), lora)))
+    decoder = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    assert names == {f"model.language_model.layers.{i}.{m}" for i in range(2) for m in decoder}
+
+
+def test_a_conditional_generation_checkpoint_loads_by_path(backbone, tmp_path):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    full = Qwen3VLForConditionalGeneration(backbone.model.config)
+    full.model.load_state_dict(backbone.model.state_dict())
+    full.save_pretrained(tmp_path)
+    backbone.tokenizer.save_pretrained(tmp_path)
+    backbone.image_processor.save_pretrained(tmp_path)
+    loaded = Qwen3VLBackbone(seed=0, path=str(tmp_path), **PIXELS).eval()
+    chunk = loaded.make_processor()(ITEMS["mixed"])
+    assert loaded.image_processor.patch_size == 16 and list(loaded.image_processor.image_mean) == [0.5] * 3
+    with torch.no_grad():
+        assert torch.equal(loaded(chunk).hidden, backbone.eval()(chunk).hidden)
+    backbone.train()
+
+
+def test_bad_input_is_a_one_line_error(backbone):
+    with pytest.raises(ValueError, match="does not match"):
+        backbone.make_processor()([Item(text="<|image_2|> only", images=images(1))])
+    with pytest.raises(ValueError, match="system: expected a string"):
+        Qwen3VLBackbone.check_config({"system": 3})
+    assert backbone.make_processor().refusal(Item(text="<|image_3|>", images=images(1))) is not None

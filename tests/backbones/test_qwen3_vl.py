@@ -15,6 +15,7 @@ from embedkit.backbones.lora import adapted_module_names, apply_lora
 from embedkit.backbones.qwen3_vl import Qwen3VLBackbone, timestamps
 from embedkit.backbones.qwen3_vl.processing import video_text
 from embedkit.data.schema import Frames, Item
+from embedkit.errors import UserError
 from tests.helpers.images import speckled_image
 
 PIXELS = dict(min_pixels=32 * 32, max_pixels=128 * 128)
@@ -47,6 +48,15 @@ ITEMS = {
 }
 
 
+def processor(backbone, system):
+    """The backbone's chunk processor, in Qwen3-VL-Embedding's chat layout when ``system`` is set."""
+    from embedkit.backbones.qwen3_vl import Qwen3VLChunkProcessor
+
+    return Qwen3VLChunkProcessor(backbone.tokenizer, backbone.image_processor, backbone.merge_size,
+                                 backbone.max_length, video=backbone.video, system=system,
+                                 append_token="<|endoftext|>" if system else None)
+
+
 def model_inputs(chunk: dict) -> dict:
     """The chunk without the host's position ids: what transformers' own forward computes from."""
     return {k: v for k, v in chunk.items() if k != "position_ids"}
@@ -55,9 +65,7 @@ def model_inputs(chunk: dict) -> dict:
 @pytest.mark.parametrize("case", list(ITEMS))
 @pytest.mark.parametrize("system", [None, SYSTEM])
 def test_host_positions_equal_get_rope_index(backbone, case, system):
-    backbone.system = system
-    chunk = backbone.make_processor()(ITEMS[case])
-    backbone.system = None
+    chunk = processor(backbone, system)(ITEMS[case])
     ref, _ = backbone.model.get_rope_index(chunk["input_ids"], chunk["mm_token_type_ids"],
                                            chunk.get("image_grid_thw"), chunk.get("video_grid_thw"),
                                            chunk["attention_mask"])
@@ -90,14 +98,12 @@ def test_forward_equals_transformers_own_with_deepstack(backbone, case):
 
 @pytest.mark.parametrize("system", [None, SYSTEM])
 def test_num_tokens_is_the_processed_length(backbone, system):
-    backbone.system = system
-    processor = backbone.make_processor()
-    backbone.system = None
+    chunks = processor(backbone, system)
     items = [it for case in ITEMS.values() for it in case] + [Item(text="just text")]
-    chunk = processor(items)
-    assert chunk["attention_mask"].sum(1).tolist() == [processor.num_tokens(it) for it in items]
+    chunk = chunks(items)
+    assert chunk["attention_mask"].sum(1).tolist() == [chunks.num_tokens(it) for it in items]
     for it in items:
-        assert processor([it])["input_ids"].shape[1] == processor.num_tokens(it)
+        assert chunks([it])["input_ids"].shape[1] == chunks.num_tokens(it)
 
 
 def test_video_text_is_qwen3_vl_processors(backbone):
@@ -167,6 +173,6 @@ def test_a_conditional_generation_checkpoint_loads_by_path(backbone, tmp_path):
 def test_bad_input_is_a_one_line_error(backbone):
     with pytest.raises(ValueError, match="does not match"):
         backbone.make_processor()([Item(text="<|image_2|> only", images=images(1))])
-    with pytest.raises(ValueError, match="system: expected a string"):
-        Qwen3VLBackbone.check_config({"system": 3})
+    with pytest.raises(UserError, match="append_token: the tokenizer has no single token 'two words'"):
+        Qwen3VLBackbone(seed=0, tiny=True, append_token="two words")
     assert backbone.make_processor().refusal(Item(text="<|image_3|>", images=images(1))) is not None

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from embedkit.backbones._common import IM_START, keep_vision_in_graph
+from embedkit.backbones._common import IM_END, IM_START, keep_vision_in_graph
 from embedkit.backbones.base import (
     Backbone,
     BackboneOutput,
@@ -39,6 +39,7 @@ from embedkit.backbones.qwen2_vl.adapter import (
 )
 from embedkit.backbones.qwen3_vl.processing import Qwen3VLChunkProcessor
 from embedkit.config.registry import register
+from embedkit.errors import UserError
 
 FAMILY = "qwen3_vl"
 EOS, PAD = "<|im_end|>", "<|endoftext|>"  # Qwen3-VL's eos_token_id 151645; <|endoftext|> 151643 pads
@@ -46,6 +47,8 @@ EOS, PAD = "<|im_end|>", "<|endoftext|>"  # Qwen3-VL's eos_token_id 151645; <|en
 MODEL_TYPES = ("qwen3_vl",)
 #: Qwen3-VL's image normalisation (the checkpoints' preprocessor_config; the Pil class defaults are CLIP's)
 MEAN_STD = [0.5, 0.5, 0.5]
+#: Qwen3-VL-Embedding's default instruction, its system message (src/models/qwen3_vl_embedding.py L170)
+DEFAULT_SYSTEM = "Represent the user's input."
 
 
 @register("backbone", FAMILY)
@@ -54,9 +57,10 @@ class Qwen3VLBackbone(Backbone):
     in the transformers layout (a ``Qwen3VLForConditionalGeneration`` one loads, its ``lm_head`` dropped),
     or a PEFT adapter folder over one.
 
-    ``system``: None, the raw layout (text + EOS when ``append_eos``); a string, Qwen's chat template with it
-    as the system message, the generation prompt and ``<|endoftext|>`` appended (Qwen3-VL-Embedding's input;
-    ``processing``). The projector (``model.visual.merger`` and the deepstack mergers) belongs to the tower
+    ``prompt``: ``none``, the item's content as it is; ``chat``, Qwen's chat template with ``system_prompt``
+    as the system message and the generation prompt (Qwen3-VL-Embedding's input; ``processing``). Then
+    ``append_token`` (None: the tokenizer's EOS) when ``append_eos``: Qwen3-VL-Embedding appends and pools
+    ``<|endoftext|>`` (recipes/qwen3_vl_embedding.yaml). The projector (``model.visual.merger`` and the deepstack mergers) belongs to the tower
     and trains exactly when it does (``freeze_vision=false``).
     """
 
@@ -77,7 +81,9 @@ class Qwen3VLBackbone(Backbone):
         max_pixels: int = 1800 * 32 * 32,
         max_length: int = 8192,
         append_eos: bool = True,
-        system: Optional[str] = None,
+        append_token: Optional[str] = None,
+        prompt: Literal["none", "chat"] = "none",
+        system_prompt: str = DEFAULT_SYSTEM,
         resize: Optional[list[int]] = None,
         video_min_pixels: Optional[int] = None,
         video_max_pixels: Optional[int] = None,
@@ -103,7 +109,10 @@ class Qwen3VLBackbone(Backbone):
             self.model, self.tokenizer, self.image_processor = load_pretrained(
                 checkpoint, torch_dtype(dtype), attn_implementation, model_types=MODEL_TYPES,
                 image_processor=(Qwen2VLImageProcessorPil, pixels))
-        self.max_length, self.append_eos, self.system, self.resize = max_length, append_eos, system, resize
+        self.max_length, self.append_eos, self.resize = max_length, append_eos, resize
+        self.system = system_prompt if prompt == "chat" else None
+        self.append_token = append_token
+        _check_tokens(self.tokenizer, prompt, append_token if append_eos else None)
         # per frame; None: the image caps, no per-video budget
         self.video = (video_min_pixels or min_pixels, video_max_pixels or max_pixels, video_total_pixels)
         config = self.model.config
@@ -119,7 +128,7 @@ class Qwen3VLBackbone(Backbone):
     def make_processor(self) -> ChunkProcessor:
         return Qwen3VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length,
                                      append_eos=self.append_eos, resize=self.resize, video=self.video,
-                                     system=self.system)
+                                     system=self.system, append_token=self.append_token)
 
     @staticmethod
     def check_config(params: dict) -> None:
@@ -129,9 +138,6 @@ class Qwen3VLBackbone(Backbone):
         for key in ("video_min_pixels", "video_max_pixels", "video_total_pixels"):
             if params.get(key) is not None and params[key] < 1:
                 raise ValueError(f"{key}: expected a positive number of pixels (or null), got {params[key]!r}")
-        if params.get("system") is not None and not isinstance(params["system"], str):
-            raise ValueError(f"system: expected a string (the chat template's system message) or null, "
-                             f"got {params['system']!r}")
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
         """transformers' forward on the chunk (its ``position_ids`` from the host when present)."""
@@ -159,6 +165,16 @@ class Qwen3VLBackbone(Backbone):
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
+
+
+def _check_tokens(tokenizer, prompt: str, append_token: Optional[str]) -> None:
+    """One-line UserError when the tokenizer lacks what the prompt needs: the chat markers as single
+    tokens (``prompt=chat``), ``append_token`` as one token."""
+    wanted = ([IM_START, IM_END] if prompt == "chat" else []) + ([append_token] if append_token else [])
+    for token in wanted:
+        if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1:
+            key = "append_token" if token == append_token else "prompt"
+            raise UserError(f"model.backbone.{key}: the tokenizer has no single token {token!r}")
 
 
 def tiny_tokenizer():

@@ -14,12 +14,13 @@
   ``Frames.timestamps``; when those are None, ``index / fps`` with fps = ``source_frames / duration``;
   when the duration is unknown too, transformers' own fallback, 24 fps on the frame indices (it warns
   "Defaulting to fps=24"). docs/video.md, "Qwen3-VL".
-- **Template** (``system``): None keeps the raw layout (text, then EOS when ``append_eos``); a string wraps
-  the item in Qwen's chat template as Qwen3-VL-Embedding renders it (``apply_chat_template(...,
-  add_generation_prompt=True)``, QwenLM/Qwen3-VL-Embedding ``src/models/qwen3_vl_embedding.py``; research
-  note qwen-vl-backbones.md sec. 1.2) with ``<|endoftext|>`` appended, the token its pooling reads::
+- **Template** (``system``): None keeps the raw layout (the content, then ``end``); a string wraps the
+  item in Qwen's chat template as Qwen3-VL-Embedding renders it (``apply_chat_template(...,
+  add_generation_prompt=True)``, QwenLM/Qwen3-VL-Embedding @ 8ce3aab ``src/models/qwen3_vl_embedding.py``;
+  research note qwen-vl-backbones.md sec. 1.2), then ``end`` (the embedder appends ``<|endoftext|>``, the
+  token its pooling reads, TR p.4)::
 
-      <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{visuals}{text}<|im_end|>\\n<|im_start|>assistant\\n<|endoftext|>
+      <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{visuals}{text}<|im_end|>\n<|im_start|>assistant\n{end}
 
 - **Positions**: ``position_ids`` [3, B, S] for every chunk, computed here (``positions``): Qwen3-VL's
   ``get_rope_index`` (interleaving is the rotary's business, not the ids').
@@ -39,8 +40,6 @@ from embedkit.data.schema import Frames, Item, Segment, segments
 
 #: transformers' fallback frame rate when a video has no timestamps and no duration (processing_qwen3_vl.py)
 FALLBACK_FPS = 24.0
-#: the token appended after the chat template, the one Qwen3-VL-Embedding pools (TR p.4)
-APPENDED = "<|endoftext|>"
 
 
 def timestamps(frames: Frames, temporal: int) -> list[float]:
@@ -63,10 +62,9 @@ def video_text(stamps: list[float], frame_tokens: int) -> str:
 
 
 def chat(content: str, system: str) -> str:
-    """``content`` in Qwen's chat template with ``system`` as the system message, the generation prompt
-    and the appended ``<|endoftext|>`` (module docstring, "Template")."""
-    return (f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{content}{IM_END}\n"
-            f"{IM_START}assistant\n{APPENDED}")
+    """``content`` as the user turn of Qwen's chat template with ``system`` as the system message and the
+    generation prompt (module docstring, "Template"); the appended token is the caller's."""
+    return f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{content}{IM_END}\n{IM_START}assistant\n"
 
 
 def positions(chunk: dict[str, torch.Tensor], merge: int) -> torch.Tensor:
@@ -87,12 +85,11 @@ class Qwen3VLChunkProcessor(Qwen2VLChunkProcessor):
 
     def __init__(self, tokenizer, image_processor, merge_size: int, max_length: int, append_eos: bool = True,
                  resize: Optional[list[int]] = None, video: Optional[tuple[int, int, Optional[int]]] = None,
-                 system: Optional[str] = None):
+                 system: Optional[str] = None, append_token: Optional[str] = None):
         super().__init__(tokenizer, image_processor, merge_size, max_length, append_eos=append_eos,
                          resize=resize, host_positions=False, video=video)
-        self.system = system
-        if system is not None:
-            self.end = ""  # the template ends in its own appended token
+        self.system = system  # None: no chat template
+        self.end = (append_token or tokenizer.eos_token) if append_eos else ""
 
     def _render(self, item: Item, segs: list[Segment], counts: dict) -> str:
         """An item's text, its visuals' tokens in place (``counts``: iterators over the token counts of the
@@ -107,7 +104,7 @@ class Qwen3VLChunkProcessor(Qwen2VLChunkProcessor):
                 stamps = timestamps(item.video, self.image_processor.temporal_patch_size)
                 parts.append(video_text(stamps, next(counts["video"])))
         content = "".join(parts)
-        return content + self.end if self.system is None else chat(content, self.system)
+        return (content if self.system is None else chat(content, self.system)) + self.end
 
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
         segs = [segments(it) for it in items]

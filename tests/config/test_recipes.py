@@ -172,6 +172,8 @@ def test_llave_2b_mined_is_llave_2b_with_mined_negatives_and_masking():
 #: per family, what shrinks to test size (resolution bounds only; the keys a recipe sets stay)
 TINY = {
     "qwen2_vl": ["model.backbone.min_pixels=3136", "model.backbone.max_pixels=12544"],
+    # and the Matryoshka dims, which the tiny model's 64-d embedding must hold
+    "qwen3_vl": ["model.backbone.min_pixels=1024", "model.backbone.max_pixels=16384", "loss.dims=[64,32]"],
     "llava_onevision": [],
     "phi3_v": [],
     "hf_text": [],

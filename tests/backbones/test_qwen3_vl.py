@@ -176,3 +176,120 @@ def test_bad_input_is_a_one_line_error(backbone):
     with pytest.raises(UserError, match="append_token: the tokenizer has no single token 'two words'"):
         Qwen3VLBackbone(seed=0, tiny=True, append_token="two words")
     assert backbone.make_processor().refusal(Item(text="<|image_3|>", images=images(1))) is not None
+
+
+# -- golden parity with Qwen3-VL-Embedding's reference steps ------------------------------------------------
+#: the Qwen2/Qwen3 tokenizer's ids of the special tokens Qwen3-VL-Embedding's input uses (Qwen3-VL config:
+#: image_token_id 151655, video_token_id 151656, vision_start/end 151652/151653; vocab 151936)
+REAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
+            "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656}
+REAL_VOCAB = 151936
+SMALL = dict(min_pixels=32 * 32, max_pixels=96 * 96)
+
+
+def released_tokenizer():
+    """A word-level tokenizer carrying Qwen3-VL's special tokens at their real ids (words below them)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from embedkit.backbones.processors import tiny_vocabulary
+
+    vocab = {w: i for i, w in enumerate(["<unk>", *tiny_vocabulary()])}
+    vocab.update(REAL_IDS)
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    others = [t for t in REAL_IDS if t not in ("<|endoftext|>", "<|im_end|>")]
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   unk_token="<unk>", additional_special_tokens=others)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A tiny random Qwen3-VL-Embedding in the released layout: ``Qwen3VLForConditionalGeneration`` (tied
+    embeddings, as the 2B), its tokenizer and Qwen3-VL's image processor config."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("qwen3_vl_embedding")
+    tok = released_tokenizer()
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=REAL_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096,
+                         eos_token_id=REAL_IDS["<|im_end|>"], pad_token_id=None,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 1, 1],
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=256,
+                           deepstack_visual_indexes=[0, 1]),
+        image_token_id=REAL_IDS["<|image_pad|>"], video_token_id=REAL_IDS["<|video_pad|>"],
+        vision_start_token_id=REAL_IDS["<|vision_start|>"], vision_end_token_id=REAL_IDS["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Qwen3VLForConditionalGeneration(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                             image_std=[0.5] * 3, **SMALL).save_pretrained(folder)
+    return str(folder)
+
+
+def reference_embeddings(folder: str, inputs: list[tuple], side: str, shift: int = 0) -> torch.Tensor:
+    """Qwen3-VL-Embedding's steps by hand (QwenLM/Qwen3-VL-Embedding @ 8ce3aab
+    ``src/models/qwen3_vl_embedding.py``; research note sec. 1.2/1.4): the chat template rendered with the
+    default instruction as the system message, the user turn [image][text], the generation prompt and the
+    appended ``<|endoftext|>``; tokenized with ``side`` padding; ``Qwen3VLModel`` (transformers' own position
+    ids from ``mm_token_type_ids``); the last non-pad token (``_pooling_last``: flip-argmax of the mask) ``-
+    shift``; L2. ``inputs``: (text or None, image or None)."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3VLModel
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = side
+    model = Qwen3VLModel.from_pretrained(folder).eval()
+    images = [img for _, img in inputs if img is not None]
+    vision = dict(Qwen2VLImageProcessorPil.from_pretrained(folder, **SMALL)(images=images, return_tensors="pt")) \
+        if images else {}
+    counts = iter((vision["image_grid_thw"].prod(-1) // 4).tolist() if images else [])
+    texts = []
+    for text, img in inputs:
+        content = ("<|vision_start|>" + "<|image_pad|>" * next(counts) + "<|vision_end|>" if img else "") + (text or "")
+        texts.append(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{content}<|im_end|>\n"
+                     "<|im_start|>assistant\n<|endoftext|>")
+    enc = tok(texts, padding=True, return_tensors="pt")
+    types = (enc["input_ids"] == REAL_IDS["<|image_pad|>"]).int()
+    with torch.no_grad():
+        hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], mm_token_type_ids=types,
+                       **vision).last_hidden_state
+    mask = enc["attention_mask"]
+    last = mask.shape[1] - mask.flip(1).argmax(1) - 1 - shift
+    return torch.nn.functional.normalize(hidden[torch.arange(len(inputs)), last], dim=-1)
+
+
+def test_qwen3_vl_embedding_recipe_equals_the_reference_embedder(released):
+    """Text, image and image+text through ``recipes/qwen3_vl_embedding.yaml`` (weights from the released
+    layout) equal the reference's steps <= 1e-5, left and right padding, batch 1 and 5; pooling the token
+    before the appended ``<|endoftext|>`` does not."""
+    from embedkit.config.loader import compose
+    from embedkit.encoder import Encoder
+
+    cfg = compose(["recipe=qwen3_vl_embedding", f"model.backbone.path={released}", "model.backbone.dtype=float32",
+                   "model.backbone.min_pixels=1024", "model.backbone.max_pixels=9216"])
+    encoder = Encoder.from_config(cfg["model"]).eval()
+    tokenizer = encoder.backbone.tokenizer
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") == REAL_IDS["<|endoftext|>"]
+    pictures = images(3, 11)
+    inputs = [("a red circle at the top", None), (None, pictures[0]), ("a photo of a cat", pictures[1]),
+              ("two", None), ("what is in this image?", pictures[2])]
+    items = [Item(text=text, images=[img] if img else []) for text, img in inputs]
+    with torch.no_grad():
+        ours = encoder(encoder.processor()(items))
+        alone = torch.cat([encoder(encoder.processor()([it])) for it in items])
+    chunk = encoder.processor()(items[:1])
+    assert chunk["input_ids"][0, chunk["attention_mask"][0].sum() - 1] == REAL_IDS["<|endoftext|>"]
+    for side in ("right", "left"):
+        ref = reference_embeddings(released, inputs, side)
+        assert (ours - ref).abs().max() <= 1e-5, side
+        assert (alone - ref).abs().max() <= 1e-5, side
+        for i, one in enumerate(inputs):  # batch 1
+            assert (alone[i] - reference_embeddings(released, [one], side)[0]).abs().max() <= 1e-5
+    before = reference_embeddings(released, inputs, "right", shift=1)  # the token before the appended one
+    assert (ours - before).abs().max() > 1e-2

@@ -15,6 +15,7 @@ from embedkit.backbones.hf_text import HFText
 from embedkit.backbones.llava_onevision import LlavaOnevision
 from embedkit.backbones.phi3_v import Phi3V
 from embedkit.backbones.qwen2_vl import Qwen2VLBackbone
+from embedkit.backbones.qwen3_vl import Qwen3VLBackbone
 from embedkit.config.loader import compose
 from embedkit.errors import ConfigError, UserError
 
@@ -38,6 +39,14 @@ KEYS = {
                "max_length": None},
     "hf_text": {**COMMON, "append_eos": True, "max_length": 512},
 }
+# Qwen3-VL (issue 29): pixel caps of Qwen3-VL-Embedding's reference (32 px per token), its prompt keys
+FAMILIES["qwen3_vl"] = Qwen3VLBackbone
+VLMS.append("qwen3_vl")
+KEYS["qwen3_vl"] = {**COMMON, **VISION, "min_pixels": 4096, "max_pixels": 1843200, "max_length": 8192,
+                    "append_eos": True, "append_token": None, "prompt": "none",
+                    "system_prompt": "Represent the user's input.", "resize": None, "video_min_pixels": None,
+                    "video_max_pixels": None, "video_total_pixels": None, "tiny_hidden_size": 64, "tiny_layers": 2,
+                    "tiny_vision_layers": 2}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -127,7 +136,7 @@ def test_seeded_touches_no_accelerator_generator(monkeypatch):
 def test_vision_and_projector_trainability(family):
     cls = FAMILIES[family]
     vision, projector = cls.vision_prefixes, cls.projector_prefixes
-    assert vision and (projector or family == "qwen2_vl")  # Qwen2-VL's merger lies inside model.visual
+    assert vision and (projector or family in ("qwen2_vl", "qwen3_vl"))  # their mergers lie inside model.visual
 
     def trainable(backbone, prefixes):
         flags = [p.requires_grad for n, p in backbone.named_parameters() if n.startswith(prefixes)]

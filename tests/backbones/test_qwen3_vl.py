@@ -184,21 +184,24 @@ def test_bad_input_is_a_one_line_error(backbone):
 REAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
             "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656}
 REAL_VOCAB = 151936
+NEWLINE = "newlinetoken"
 SMALL = dict(min_pixels=32 * 32, max_pixels=96 * 96)
 
 
 def released_tokenizer():
-    """A word-level tokenizer carrying Qwen3-VL's special tokens at their real ids (words below them)."""
+    """A word-level tokenizer carrying Qwen3-VL's special tokens at their real ids (words below them), with
+    "\n" as a token (``NEWLINE``)."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     from embedkit.backbones.processors import tiny_vocabulary
 
-    vocab = {w: i for i, w in enumerate(["<unk>", *tiny_vocabulary()])}
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["<unk>", NEWLINE, "system", "user", "assistant", *tiny_vocabulary()]))}
     vocab.update(REAL_IDS)
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
+    # "\n" a token of its own (a whitespace split would drop it): the template's newlines count
+    tok.normalizer = normalizers.Sequence([normalizers.Replace("\n", f" {NEWLINE} "), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     others = [t for t in REAL_IDS if t not in ("<|endoftext|>", "<|im_end|>")]
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
@@ -285,6 +288,7 @@ def test_qwen3_vl_embedding_recipe_equals_the_reference_embedder(released):
         alone = torch.cat([encoder(encoder.processor()([it])) for it in items])
     chunk = encoder.processor()(items[:1])
     assert chunk["input_ids"][0, chunk["attention_mask"][0].sum() - 1] == REAL_IDS["<|endoftext|>"]
+    assert tokenizer.convert_ids_to_tokens(chunk["input_ids"][0, -3:]) == ["assistant", NEWLINE, "<|endoftext|>"]
     for side in ("right", "left"):
         ref = reference_embeddings(released, inputs, side)
         assert (ours - ref).abs().max() <= 1e-5, side

@@ -13,7 +13,7 @@
   time (``_calculate_timestamps``), the frame count padded with the last frame first. A frame's time is
   ``Frames.timestamps``; when those are None, ``index / fps`` with fps = ``source_frames / duration``;
   when the duration is unknown too, transformers' own fallback, 24 fps on the frame indices (it warns
-  "Defaulting to fps=24"). docs/video.md, "Qwen3-VL".
+  "Defaulting to fps=24"). docs/qwen3-vl.md.
 - **Template** (``system``): None keeps the raw layout (the content, then ``end``); a string wraps the
   item in Qwen's chat template as Qwen3-VL-Embedding renders it (``apply_chat_template(...,
   add_generation_prompt=True)``, QwenLM/Qwen3-VL-Embedding @ 8ce3aab ``src/models/qwen3_vl_embedding.py``;

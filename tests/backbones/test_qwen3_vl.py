@@ -125,6 +125,17 @@ def test_video_text_is_qwen3_vl_processors(backbone):
     assert ours == upstream and ours.startswith("<0.2 seconds><|vision_start|>")
 
 
+def test_qwen2_vl_video_pixels_fit_patch_16(backbone):
+    """qwen2_vl's ``video_pixels`` with Qwen3-VL's processor: rows of width 3 * 2 * 16 * 16, and a video of
+    one repeated image is the image processor's rows of that image, tiled (per temporal patch)."""
+    image = speckled_image(96, 64, 5)
+    chunk = backbone.make_processor()([Item(text="x", video=Frames([image] * 4, [0.0, 1.0, 2.0, 3.0], [0, 1, 2, 3], 4))])
+    still = backbone.image_processor(images=[image], return_tensors="pt")
+    assert chunk["pixel_values_videos"].shape[1] == 3 * 2 * 16 * 16
+    assert chunk["video_grid_thw"].tolist() == [[2, *still["image_grid_thw"][0, 1:].tolist()]]
+    assert torch.allclose(chunk["pixel_values_videos"], still["pixel_values"].repeat(2, 1))
+
+
 def test_timestamps_without_stamps_use_the_duration_else_24_fps():
     assert timestamps(video(4, stamps=[0.0, 1.0, 2.0, 3.0]), 2) == [0.5, 2.5]
     assert timestamps(video(3, stamps=[0.0, 1.0, 2.0]), 2) == [0.5, 2.0]  # padded with the last frame

@@ -308,3 +308,21 @@ def test_qwen3_vl_embedding_recipe_equals_the_reference_embedder(released):
             assert (alone[i] - reference_embeddings(released, [one], side)[0]).abs().max() <= 1e-5
     before = reference_embeddings(released, inputs, "right", shift=1)  # the token before the appended one
     assert (ours - before).abs().max() > 1e-2
+
+
+def test_gradients_reach_the_tower_and_deepstack_and_checkpointing_keeps_them():
+    """A mixed chunk with a trainable tower: the tower and the deepstack mergers get gradients, and
+    activation checkpointing gives the same gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        backbone = Qwen3VLBackbone(seed=0, tiny=True, freeze_vision=False, gradient_checkpointing=checkpointing,
+                                   **PIXELS)
+        backbone.model.config.text_config.attention_dropout = 0.0
+        named = [(n, p) for n, p in backbone.named_parameters() if p.requires_grad]
+        out = backbone(backbone.make_processor()(ITEMS["mixed"]))
+        grads.append(dict(zip([n for n, _ in named], torch.autograd.grad(out.hidden.pow(2).sum(),
+                                                                          [p for _, p in named]))))
+    plain, checkpointed = grads
+    assert any(g.abs().sum() > 0 for n, g in plain.items() if n.startswith("model.visual.deepstack_merger_list."))
+    assert any(g.abs().sum() > 0 for n, g in plain.items() if n.startswith("model.visual.blocks."))
+    assert max((plain[n] - checkpointed[n]).abs().max().item() for n in plain) <= 1e-5

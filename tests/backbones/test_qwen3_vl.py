@@ -326,3 +326,52 @@ def test_gradients_reach_the_tower_and_deepstack_and_checkpointing_keeps_them():
     assert any(g.abs().sum() > 0 for n, g in plain.items() if n.startswith("model.visual.deepstack_merger_list."))
     assert any(g.abs().sum() > 0 for n, g in plain.items() if n.startswith("model.visual.blocks."))
     assert max((plain[n] - checkpointed[n]).abs().max().item() for n in plain) <= 1e-5
+
+
+#: the Qwen3-VL-Embedding conventions and fine-tuning values, with their sources (research note sec. 1),
+#: kept apart from the recipe files so a recipe edit that drifts from a source fails here
+EMB = "QwenLM/Qwen3-VL-Embedding@8ce3aab src/models/qwen3_vl_embedding.py"
+TR = "Qwen3-VL-Embedding technical report"
+SOURCED = {
+    "qwen3_vl_embedding": [
+        ("model.backbone.name", "qwen3_vl", "TR sec. 4.2: Qwen3-VL"),
+        ("model.backbone.prompt", "chat", EMB + " L330-332"),
+        ("model.backbone.system_prompt", "Represent the user's input.", EMB + " L170"),
+        ("model.backbone.append_eos", True, TR + " p.4"), ("model.backbone.append_token", "<|endoftext|>", TR + " p.4"),
+        ("model.backbone.min_pixels", 4 * 32 * 32, EMB + " L24-33"),
+        ("model.backbone.max_pixels", 1800 * 32 * 32, EMB + " L24-33"),
+        ("model.backbone.video_max_pixels", 768 * 32 * 32, EMB + " L24-33"),
+        ("model.backbone.video_total_pixels", 10 * 768 * 32 * 32, EMB + " L24-33"),
+        ("model.backbone.max_length", 8192, EMB + " L24-33"),
+        ("model.pooling.name", "last_token", EMB + " L364-370"), ("model.normalize", True, EMB + " L389-391"),
+        ("data.video.num_frames", 64, EMB + " MAX_FRAMES"), ("data.video.fps", 1.0, EMB + " FPS"),
+    ],
+    "qwen3vl_embedding_2b_ft": [
+        ("model.lora.enabled", True, TR + " sec. 4.2"), ("model.lora.r", 32, "README L70-75"),
+        ("model.lora.alpha", 32, "README L70-75"),
+        ("loss.name", "matryoshka", TR + " sec. 5.1.1"), ("loss.inner.name", "infonce", TR + " sec. 5.1"),
+        ("loss.dims", [2048, 1536, 1024, 512, 256, 128, 64], "HF blog train-multimodal-sentence-transformers"),
+        ("train.false_negative_margin", -0.1, TR + " sec. 5.1: s_ij > s(q, d+) + 0.1"),
+        ("train.mask_duplicates", True, TR + " sec. 5.1: d_j = d+"),
+        ("train.global_batch_size", 64, "HF blog"), ("train.lr", 2e-5, "HF blog"),
+    ],
+}
+
+
+def _get(cfg: dict, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+@pytest.mark.parametrize("name", list(SOURCED))
+def test_recipes_carry_the_sourced_values(name):
+    from embedkit.config.loader import compose
+
+    cfg = compose([f"recipe={name}"])
+    wrong = [f"{key}={_get(cfg, key)!r}, source says {value!r} ({source})"
+             for key, value, source in SOURCED[name] if _get(cfg, key) != value]
+    assert not wrong, "\n".join(wrong)
+    if name.endswith("_ft"):  # the README's targets: no o_proj, no vision module
+        target = cfg["model"]["lora"]["target"]
+        assert "o_proj" not in target and target.startswith("^model\\.language_model\\.")

@@ -375,3 +375,24 @@ def test_recipes_carry_the_sourced_values(name):
     if name.endswith("_ft"):  # the README's targets: no o_proj, no vision module
         target = cfg["model"]["lora"]["target"]
         assert "o_proj" not in target and target.startswith("^model\\.language_model\\.")
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_export_loads_back_equal_with_the_chat_prompt(merge, tmp_path):
+    """A trained qwen3_vl run with LoRA and Qwen3-VL-Embedding's prompt keys, exported (adapter merged or
+    not) and loaded back with ``embedkit.load``: the same embeddings for text, image and image+text."""
+    import embedkit
+    from embedkit.export.writer import export_model
+    from tests.export.test_export import assert_equal_embeddings, reference, trained_run
+
+    run, module = trained_run(tmp_path, [
+        "model.backbone=qwen3_vl", "model.backbone.tiny=true", "model.backbone.prompt=chat",
+        "model.backbone.append_token=<|endoftext|>", "model.backbone.min_pixels=1024",
+        "model.backbone.max_pixels=16384", "model.lora.enabled=true"])
+    pictures = images(2, 21)
+    items = [Item(text="a red circle"), Item(images=[pictures[0]]), Item(text="a cat", images=[pictures[1]])]
+    ref = reference(module, items)
+    out = export_model(run, tmp_path / "export", merge_lora=merge, log=lambda m: None)
+    encoder = embedkit.load(out)
+    assert encoder.backbone.system == SYSTEM and encoder.processor().end == "<|endoftext|>"
+    assert_equal_embeddings(encoder, items, ref)

@@ -396,3 +396,16 @@ def test_export_loads_back_equal_with_the_chat_prompt(merge, tmp_path):
     encoder = embedkit.load(out)
     assert encoder.backbone.system == SYSTEM and encoder.processor().end == "<|endoftext|>"
     assert_equal_embeddings(encoder, items, ref)
+
+
+def test_bidirectional_attention_lets_a_later_token_change_an_early_state():
+    """``attention=bidirectional`` (set_attention) on Qwen3-VL's language model, image chunks padded:
+    an early state depends on a later token only when bidirectional."""
+    picture = images(1, 31)[0]
+    a, b = (Item(text=t, images=[picture]) for t in ("a red circle at the top left", "a red circle at the top right"))
+    pad = Item(text="a")
+    for attention, changes in (("causal", False), ("bidirectional", True)):
+        backbone = Qwen3VLBackbone(seed=0, tiny=True, attention=attention, **PIXELS).eval()
+        with torch.no_grad():
+            ha, hb = (backbone(backbone.make_processor()([x, pad])).hidden[0] for x in (a, b))
+        assert ((ha[0] - hb[0]).abs().max().item() > 1e-4) == changes, attention

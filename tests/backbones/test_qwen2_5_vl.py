@@ -136,3 +136,29 @@ def test_registered_and_loads_back_from_a_folder(backbone, tmp_path):
     with pytest.raises(UserError) as err:
         Qwen25VLBackbone(seed=0, path=str(tmp_path / "q2"))
     assert "qwen2_vl" in str(err.value) and "\n" not in str(err.value)
+
+
+JINA_HF = "HF jinaai/jina-embeddings-v4 @ 509c533 (qwen-vl-backbones.md sec. 2)"
+JINA = [  # (key, value, source): jina-embeddings-v4 single-vector, retrieval adapter
+    ("model.backbone.name", "qwen2_5_vl", JINA_HF + ": Qwen2_5_VLForConditionalGeneration"),
+    ("model.pooling.name", "mean", JINA_HF + ": single_vector_pool_strategy mean"),
+    ("model.normalize", True, JINA_HF),
+    ("model.backbone.max_length", 8192, JINA_HF + ": text_max_length"),
+    ("loss.name", "matryoshka", JINA_HF + ": TRUNCATE_DIMS"),
+    ("loss.dims", [128, 256, 512, 1024, 2048], JINA_HF + ": TRUNCATE_DIMS + the full 2048"),
+]
+
+
+def test_jina_v4_recipe_resolves_with_its_sourced_values():
+    """(Its tiny 2-step run: tests/config/test_recipes.py, every shipped recipe.)"""
+    from embedkit.config.loader import compose
+
+    cfg = compose(["recipe=jina_v4"])
+    wrong = []
+    for key, value, source in JINA:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if node != value:
+            wrong.append(f"{key}={node!r}, source says {value!r} ({source})")
+    assert not wrong, "\n".join(wrong)

@@ -101,6 +101,36 @@ def test_mm_token_type_ids_matter_and_are_always_there(backbone):
         assert not torch.allclose(backbone(chunk).hidden, backbone.model(**bare, use_cache=False).last_hidden_state)
 
 
+def test_the_step_does_not_run_get_rope_index(backbone, monkeypatch):
+    """With the host's ``position_ids`` the model never calls its own ``get_rope_index`` (a Python loop with
+    host syncs per row and visual): a chunk of images and videos runs with it made to raise."""
+    chunk = backbone.make_processor()(CHUNKS["mixed"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("get_rope_index called in the step")
+
+    monkeypatch.setattr(backbone.model, "get_rope_index", refuse)
+    with torch.no_grad():
+        backbone(chunk)
+    with pytest.raises(AssertionError, match="get_rope_index called"):
+        backbone.model(**{k: v for k, v in chunk.items() if k != "position_ids"}, use_cache=False)
+
+
+def test_gradient_checkpointing_backward_matches():
+    """Gradient checkpointing (language model and vision tower, trainable) gives the same gradients."""
+    chunk = None
+    grads = []
+    for checkpointing in (False, True):
+        b = Qwen25VLBackbone(seed=0, tiny=True, freeze_vision=False, gradient_checkpointing=checkpointing, **PIXELS)
+        b.train()
+        chunk = chunk or b.make_processor()(CHUNKS["mixed"])
+        b(chunk).hidden.square().mean().backward()
+        grads.append({n: p.grad for n, p in b.named_parameters()})
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[1].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_num_tokens_is_the_processed_length(backbone):
     processor = backbone.make_processor()
     items = [it for chunk in CHUNKS.values() for it in chunk]

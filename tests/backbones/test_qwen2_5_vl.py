@@ -192,3 +192,27 @@ def test_jina_v4_recipe_resolves_with_its_sourced_values():
         if node != value:
             wrong.append(f"{key}={node!r}, source says {value!r} ({source})")
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_hub_layout_of_qwen2_5_vl_instruct_loads(backbone, tmp_path):
+    """Qwen2.5-VL-*-Instruct on the hub (and a jina-v4 folder saved from it) are
+    ``Qwen2_5_VLForConditionalGeneration`` in the legacy key layout (``model.layers.*``, ``model.embed_tokens``,
+    ``visual.*``, ``lm_head``; qwen-vl-backbones.md sec. 3.4 probe F): written here by hand, it loads equal."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "hub"
+    backbone.save_pretrained(str(folder))
+    own = load_file(str(folder / "model.safetensors"))
+    assert own and all(k.startswith(("language_model.", "visual.")) for k in own)
+    legacy = {("model." + k[len("language_model."):] if k.startswith("language_model.") else k): v
+              for k, v in own.items()}
+    legacy["lm_head.weight"] = own["language_model.embed_tokens.weight"].clone()
+    save_file(legacy, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2_5_VLForConditionalGeneration"]}))
+    loaded = Qwen25VLBackbone(seed=1, path=str(folder), **PIXELS).eval()
+    chunk = backbone.make_processor()(CHUNKS["mixed"])
+    with torch.no_grad():
+        assert torch.equal(loaded(chunk).hidden, backbone(chunk).hidden)

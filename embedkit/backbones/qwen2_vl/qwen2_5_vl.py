@@ -66,6 +66,14 @@ class Qwen25VLChunkProcessor(Qwen2VLChunkProcessor):
         super().__init__(*args, host_positions=False, **kwargs)
         self.tokens_per_second = tokens_per_second
 
+    @classmethod
+    def extending(cls, processor: Qwen2VLChunkProcessor, tokens_per_second: int) -> "Qwen25VLChunkProcessor":
+        """``processor``'s settings, whatever keys the ``qwen2_vl`` family gives it (prompt layouts
+        included), with Qwen2.5-VL's positions added: the family keeps one place for its keys."""
+        out = cls.__new__(cls)
+        out.__dict__.update(vars(processor), host_positions=False, tokens_per_second=tokens_per_second)
+        return out
+
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
         out = super().__call__(items)
         grids = {1: out["image_grid_thw"].tolist() if "image_grid_thw" in out else [], 2: []}
@@ -97,9 +105,8 @@ class Qwen25VLBackbone(Qwen2VLBackbone):
         return _tiny_model(tokenizer, hidden, layers, vision_layers, attn_implementation)
 
     def make_processor(self) -> ChunkProcessor:
-        return Qwen25VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length,
-                                      append_eos=self.append_eos, resize=self.resize, video=self.video,
-                                      tokens_per_second=self.model.config.vision_config.tokens_per_second)
+        return Qwen25VLChunkProcessor.extending(super().make_processor(),
+                                                self.model.config.vision_config.tokens_per_second)
 
 
 def _tiny_model(tokenizer, hidden: int, layers: int, vision_layers: int, attn_implementation: str,

@@ -34,7 +34,8 @@ class MineOptions:
     num_negatives: int = option(help="mined negatives per example", minimum=1, metavar="K")
     window: list[int] = option([30, 100], "the ranks the negatives come from: [first rank, last rank], 1-based",
                                minimum=1, metavar="[FIRST,LAST]")
-    threshold: float = option(0.95, "drop a candidate the judge scores above threshold x the positive's score")
+    threshold: float = option(0.95, "drop a candidate the judge scores above threshold x the positive's score (for a negative "
+                                      "score: that margin below it)")
     judge: str = option("embedding", "the judge of false negatives (a registered judge name)", metavar="NAME")
     judge_params: dict[str, str] = option({}, "one of the judge's parameters (repeatable)", prefix="judge",
                                           metavar="VALUE")

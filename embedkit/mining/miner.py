@@ -9,8 +9,10 @@ For each source (a folder of shards, e.g. one MMEB subset):
    (the query's own positive is not a candidate); rank r is 1-based over the other targets;
 3. keep the rank window ``window=[lo, hi]`` (ranks lo..hi inclusive; mmE5 mines from ranks 30-100);
 4. drop exact duplicates of the positive (same text and pixels: ``data.schema.content_key``) and
-   false negatives: a candidate the judge scores above ``threshold * score(query, positive)``
-   (NV-Retriever's TopK-PercPos, threshold 0.95);
+   false negatives: a candidate the judge scores above ``false_negative_bar(pos, threshold)`` =
+   ``pos - (1 - threshold) * |pos|`` with ``pos = score(query, positive)``: NV-Retriever's TopK-PercPos
+   (``threshold * pos``, threshold 0.95) wherever ``pos >= 0``, and the same margin below ``pos`` when it
+   is negative (``threshold * pos`` would put the bar on the wrong side of it there);
 5. keep K survivors (``pick=top``: the best-ranked; ``pick=random``: a sample seeded by ``seed`` and
    the example's key) and write each example with its K negatives and their judge scores.
 
@@ -73,6 +75,14 @@ class MineSettings:
     batch_size: int = 32
     num_workers: int = 0  # the inference engine's loader processes (decoding, processing)
     block: int = 1024  # queries per retrieval matmul
+
+
+def false_negative_bar(pos: float, threshold: float) -> float:
+    """The score above which a candidate counts as a false negative: ``threshold * pos`` for ``pos >= 0``
+    (NV-Retriever, arXiv 2407.15831, TopK-PercPos), ``pos - (1 - threshold) * |pos|`` in general, so a
+    negative positive score (an early or collapsed model, a judge with signed scores) keeps the bar the
+    same relative margin below the positive instead of flipping it above."""
+    return pos - (1.0 - threshold) * abs(pos)
 
 
 @dataclass
@@ -217,7 +227,7 @@ def select(
         pos_score = scores[len(cands):]
         survivors: list[list[tuple[int, float]]] = [[] for _ in block]
         for (j, _, c), s in zip(cands, scores):
-            if s > settings.threshold * pos_score[j]:
+            if s > false_negative_bar(pos_score[j], settings.threshold):
                 counts["false_negative"] += 1
             else:
                 survivors[j].append((c, s))

@@ -25,13 +25,20 @@ READER_NAMES = {"load_file", "safe_open", "AutoConfig", "AutoModel", "AutoTokeni
 
 
 def family_modules() -> dict[str, Path]:
-    """Built-in backbone name -> the file its class is defined in (components other tests register in
-    this process, defined outside ``embedkit.backbones``, are not families of the package)."""
+    """Built-in backbone name -> the file its loading is defined in: its class's, or for a family that
+    inherits its constructor (``qwen2_5_vl`` from ``qwen2_vl``) the file of the class defining it
+    (components other tests register in this process, defined outside ``embedkit.backbones``, are not
+    families of the package)."""
     from embedkit.config import registry
 
     factories = {name: registry.get("backbone", name).factory for name in registry.choices("backbone")}
-    return {name: Path(inspect.getfile(f)) for name, f in factories.items()
+    return {name: Path(inspect.getfile(_constructor_owner(f))) for name, f in factories.items()
             if f.__module__.startswith("embedkit.backbones.")}
+
+
+def _constructor_owner(cls: type) -> type:
+    """The class in ``cls``'s MRO whose own ``__init__`` it runs."""
+    return next((c for c in cls.__mro__ if "__init__" in vars(c)), cls)
 
 
 def loads_through_the_package(source: str) -> bool:

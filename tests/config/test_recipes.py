@@ -177,7 +177,10 @@ TINY = {
     "llava_onevision": [],
     "phi3_v": [],
     "hf_text": [],
+    "qwen2_5_vl": ["model.backbone.min_pixels=3136", "model.backbone.max_pixels=12544"],
 }
+#: per recipe, what else shrinks (Matryoshka dims that fit the tiny model's 64 dimensions)
+TINY_RECIPE = {"jina_v4": ["loss.dims=[16,32,64]"]}
 
 
 def _examples(n: int) -> list[Example]:
@@ -210,7 +213,8 @@ def test_recipe_trains_two_steps_tiny(name, tmp_path):
     raw = compose([f"recipe={name}"])
     family = raw["model"]["backbone"]["name"]
     overrides = [f"recipe={name}", "model.backbone.tiny=true", "train.global_batch_size=4", "train.chunk_size=2",
-                 "model.backbone.gradient_checkpointing=false", *TINY[family]]
+                 "model.backbone.gradient_checkpointing=false", *TINY[family],
+                 *TINY_RECIPE.get(name, [])]
     if raw["model"]["backbone"]["path"] is not None:
         overrides.append("~model.backbone.path")
     cfg = compose(overrides)

@@ -5,7 +5,8 @@ The reference encodes every rank's chunks with grad in one graph under the same 
 the comparison is exact with dropout on; clipping is on and below the gradient norm. ``fsdp2_tokens``:
 FSDP2 with ``train.chunk_tokens`` and cost-sorted chunks, ranks running different numbers of passes.
 ``*_video``: a tiny Qwen2-VL, vision tower trainable, rank 0's chunks holding videos and several images,
-rank 1's text only (no pixels: the dummy tower pass keeps the collectives matched).
+rank 1's text only (no pixels: the dummy tower pass keeps the collectives matched); ``ddp_video25`` the
+same on a tiny Qwen2.5-VL (``qwen2_5_vl``).
 """
 
 import json
@@ -17,7 +18,7 @@ import pytest
 from tests.helpers.cli import REPO, cli_env
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2_tokens", "ddp_video", "fsdp2_video"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2_tokens", "ddp_video", "fsdp2_video", "ddp_video25"])
 def test_two_process_step_equals_full_batch(mode, tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "scripts" / "gradcache_dist.py"), mode, str(out)],

@@ -21,7 +21,8 @@ from tests.helpers.cli import cli_env
 SMALL = ["data.demo.train_size=48", "data.demo.val_size=8", "data.demo.holdout_combinations=4",
          "train.global_batch_size=8", "train.chunk_size=8", "trainer.max_steps=2", "data.train.num_workers=0",
          "data.train.shuffle_buffer=8"]
-# a 2-step model scores every candidate near its positive: a loose threshold keeps K=2 per example
+# a 2-step model scores every candidate near its positive (all near -1 with some seeds): a loose
+# threshold keeps K=2 per example
 MINE = ["num_negatives=2", "window=[1,6]", "batch_size=16", "threshold=2"]
 
 

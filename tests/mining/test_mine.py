@@ -196,3 +196,12 @@ def test_encode_slots_with_loader_workers_equals_in_process():
     here = encode_slots(encoder, slots, batch_size=4, log=lambda m: None, what="slots")
     workers = encode_slots(encoder, slots, batch_size=4, log=lambda m: None, what="slots", num_workers=1)
     assert here.shape == (12, encoder.embedding_dim) and (workers - here).abs().max().item() <= 1e-6
+
+
+def test_the_false_negative_bar_is_percpos_and_keeps_its_side_for_negative_positives():
+    from embedkit.mining.miner import false_negative_bar
+
+    assert false_negative_bar(0.8, 0.95) == pytest.approx(0.76)  # NV-Retriever's 95% of the positive
+    assert false_negative_bar(-0.8, 0.95) == pytest.approx(-0.84)  # below a negative positive, not above it
+    assert false_negative_bar(-0.96, 2.0) == pytest.approx(0.0)  # a loose threshold stays loose
+    assert false_negative_bar(0.0, 0.95) == 0.0

@@ -159,6 +159,8 @@ class Qwen2VLBackbone(Backbone):
     trains exactly when it does (``freeze_vision=false``).
     """
 
+    #: the registered name, the transformers model types ``path`` may hold, the tiny model's builder
+    family, model_types = FAMILY, MODEL_TYPES
     lora_target = r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
     vision_prefixes = ("model.visual.",)
 
@@ -188,19 +190,19 @@ class Qwen2VLBackbone(Backbone):
         super().__init__()
         from transformers import Qwen2VLImageProcessorPil
 
-        one_source(FAMILY, path, tiny)
-        checkpoint = None if tiny else open_checkpoint(path, FAMILY)
+        one_source(self.family, path, tiny)
+        checkpoint = None if tiny else open_checkpoint(path, self.family)
         if tiny:
             from embedkit.backbones.processors import tiny_tokenizer
 
             self.tokenizer = tiny_tokenizer([VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD], pad=PAD, eos=EOS)
             self.image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
             with seeded(seed):
-                self.model = _tiny_model(self.tokenizer, tiny_hidden_size, tiny_layers, tiny_vision_layers,
+                self.model = self._tiny_model(self.tokenizer, tiny_hidden_size, tiny_layers, tiny_vision_layers,
                                          attn_implementation)
         else:
             self.model, self.tokenizer, self.image_processor = load_pretrained(
-                checkpoint, torch_dtype(dtype), attn_implementation, model_types=MODEL_TYPES,
+                checkpoint, torch_dtype(dtype), attn_implementation, model_types=self.model_types,
                 image_processor=(Qwen2VLImageProcessorPil, {"min_pixels": min_pixels, "max_pixels": max_pixels}),
             )
         self.max_length = max_length
@@ -211,7 +213,7 @@ class Qwen2VLBackbone(Backbone):
         self.hidden_size = config.text_config.hidden_size
         self.num_layers = config.text_config.num_hidden_layers
         self.merge_size = config.vision_config.spatial_merge_size
-        set_attention(self.model.language_model, attention, FAMILY)
+        set_attention(self.model.language_model, attention, self.family)
         self._vision_cache: dict | None = None  # the batched vision attention's grouping, per forward
         if batched_vision_attention and use_batched_vision_attention(self.model):
             self._vision_cache = next(m._embedkit_groups for m in self.model.modules() if hasattr(m, "_embedkit_groups"))
@@ -221,6 +223,11 @@ class Qwen2VLBackbone(Backbone):
                          gradient_checkpointing=gradient_checkpointing)
         if checkpoint is not None:
             checkpoint.merge_adapter(self, peft_module_name)
+
+    @staticmethod
+    def _tiny_model(tokenizer, hidden: int, layers: int, vision_layers: int, attn_implementation: str):
+        """The family's small random model (``tiny=true``)."""
+        return _tiny_model(tokenizer, hidden, layers, vision_layers, attn_implementation)
 
     def make_processor(self) -> ChunkProcessor:
         return Qwen2VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length,

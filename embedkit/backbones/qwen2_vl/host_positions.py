@@ -6,8 +6,8 @@ the vision tower's rotary positions and ``cu_seqlens``, where the image and vide
 of the batched vision attention -- the chunk processor computes on the CPU, in the DataLoader workers
 (``host_inputs``). The adapter's forward then runs the vision tower, writes its features into the token
 embeddings at the known positions and calls the model with the position ids given: no host sync in the
-vision path or the position ids, the same outputs (``tests/training/test_host_sync.py``). Qwen2-VL only: Qwen2.5-VL's
-forward differs, so its chunks keep transformers' own path.
+vision path or the position ids, the same outputs (``tests/training/test_host_sync.py``). The full path is Qwen2-VL
+only; the ``qwen2_5_vl`` family uses ``rope_positions`` alone (its vision tower keeps transformers' forward).
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ HOST_KEYS = ("rope_position_ids", "vision_cu_seqlens", "vision_position_ids", "v
 
 
 @functools.lru_cache(maxsize=256)
-def _image_rope(t: int, h: int, w: int, merge: int) -> np.ndarray:
+def _image_rope(t: int, h: int, w: int, merge: int, interval: float = 1.0) -> np.ndarray:
     """M-RoPE ids of one image's tokens relative to its first position, [3, t * h/m * w/m]: temporal,
-    height and width index of each merged patch (row-major over t, h, w)."""
+    height and width index of each merged patch (row-major over t, h, w). ``interval``: the temporal
+    index of temporal patch k is ``int(k * interval)``, in float32 as transformers' Qwen2.5-VL
+    ``get_vision_position_ids`` (``(arange(t) * time_interval).long()``); 1 for Qwen2-VL and images."""
     gh, gw = h // merge, w // merge
-    tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+    temporal = (np.arange(t, dtype=np.float32) * np.float32(interval)).astype(np.int64)
+    tt, hh, ww = np.meshgrid(temporal, np.arange(gh), np.arange(gw), indexing="ij")
     return np.stack([tt.ravel(), hh.ravel(), ww.ravel()])
 
 
@@ -53,7 +56,9 @@ def rope_positions(input_ids: torch.Tensor, token_types: torch.Tensor, attention
     ``grids``: 1 images, 2 videos, each in order) take ``current + (t, h/m, w/m)`` indices (a video's
     temporal index is its temporal grid index: Qwen2-VL's ``get_vision_position_ids`` with interval 1),
     and the text after it starts at ``current + max(h, w)/m``. Padding gets 0. Raises if a run of visual
-    tokens does not match its visual's token count."""
+    tokens does not match its visual's token count. A grid may carry a fourth entry, its temporal interval
+    (Qwen2.5-VL's ``tokens_per_second * second_per_grid_ts``, arXiv 2502.13923 sec. 2.1.3 "absolute time
+    encoding"; ``_image_rope``)."""
     ids = input_ids.numpy()
     kinds_all, mask = token_types.numpy(), attention_mask.numpy().astype(bool)
     out = np.zeros((3, *ids.shape), dtype=np.int64)
@@ -76,8 +81,8 @@ def _row_positions(kinds: np.ndarray, visuals: dict, merge: int) -> list[np.ndar
             row.append(np.broadcast_to(np.arange(e - a) + current, (3, e - a)))
             current += e - a
             continue
-        t, h, w = next(visuals[int(kinds[a])])
-        block = _image_rope(t, h, w, merge)
+        t, h, w, *interval = next(visuals[int(kinds[a])])
+        block = _image_rope(int(t), int(h), int(w), merge, *interval)
         if block.shape[1] != e - a:
             raise ValueError(f"qwen2_vl: {e - a} visual tokens in a row, but its grid has {block.shape[1]}")
         row.append(block + current)

@@ -5,7 +5,7 @@ embeddings of both sides (always there, free) and the raw ``Item``s (decoded on 
 that only needs embeddings never decodes an image). Mining asks the judge for each query's windowed
 candidates and for the query's own positive in the same call, and drops a candidate scoring above
 ``threshold * score(query, positive)`` (NV-Retriever's TopK-PercPos, Moreira et al. 2024, arXiv
-2407.15831). A judge must be deterministic (re-mining is byte-identical) and return float scores on
+2407.15831; for a negative positive score the same margin below it: ``miner.false_negative_bar``). A judge must be deterministic (re-mining is byte-identical) and return float scores on
 the scale the threshold is meant for (a probability, a cosine).
 """
 

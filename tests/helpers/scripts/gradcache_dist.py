@@ -1,6 +1,6 @@
 """One GradCache step of the real EmbeddingModule on 2 CPU processes (gloo), against the full batch.
 
-    python tests/helpers/scripts/gradcache_dist.py {ddp|fsdp2|fsdp2_tokens|ddp_video|fsdp2_video} OUT.json
+    python tests/helpers/scripts/gradcache_dist.py {ddp|fsdp2|fsdp2_tokens|ddp_video|fsdp2_video|ddp_video25} OUT.json
 
 Lightning launches the second process itself (it re-runs this script). Each rank trains ONE SGD
 step on its half of a global batch of 8 examples (1 hard negative each), in chunks of 2, with
@@ -18,7 +18,8 @@ sorting, over variable-length items, so rank 0 (long items) runs more forward pa
 ``ddp_video`` / ``fsdp2_video``: the backbone is a tiny Qwen2-VL with its vision tower trainable, and the
 batches are the real ``ChunkCollate`` over video (3 and 4 frames), several-image and text items on rank 0
 and text only on rank 1: rank 1's chunks carry no pixels, so its tower runs on the dummy input
-(``_common.keep_vision_in_graph``) and the ranks' collectives match (issue 28).
+(``_common.keep_vision_in_graph``) and the ranks' collectives match (issue 28). ``ddp_video25``: the same
+on a tiny Qwen2.5-VL (``qwen2_5_vl``: window attention, host position ids; issue 29).
 """
 
 from __future__ import annotations
@@ -57,10 +58,13 @@ class Probe(Backbone):
 
 VIDEO_BACKBONE = {"name": "qwen2_vl", "tiny": True, "freeze_vision": False, "min_pixels": 28 * 28,
                   "max_pixels": 56 * 56}
+#: mode -> its video backbone
+VIDEO_MODES = {"ddp_video": VIDEO_BACKBONE, "fsdp2_video": VIDEO_BACKBONE,
+               "ddp_video25": {**VIDEO_BACKBONE, "name": "qwen2_5_vl"}}
 
 
 def config(mode: str = "ddp") -> dict:
-    backbone = VIDEO_BACKBONE if mode.endswith("_video") else {"name": "probe"}
+    backbone = VIDEO_MODES.get(mode, {"name": "probe"})
     return schema.validate({
         "seed": 0, "model": {"backbone": backbone, "pooling": "last_token"},
         "loss": {"name": "infonce", "temperature": 0.1, "learnable_temperature": True},
@@ -146,16 +150,16 @@ def video_examples(rank: int) -> list[Example]:
     return [Example(*parts, "t") for parts in zip(q, p, [[x] for x in n])]
 
 
-_PROCESSOR = []
+_PROCESSOR: dict = {}
 
 
-def video_batch(rank: int) -> TrainBatch:
-    if not _PROCESSOR:
-        from embedkit.backbones.qwen2_vl import Qwen2VLBackbone
-
-        settings = {k: v for k, v in VIDEO_BACKBONE.items() if k != "name"}
-        _PROCESSOR.append(Qwen2VLBackbone(seed=0, **settings).make_processor())
-    return ChunkCollate(_PROCESSOR[0], CHUNK, K)(video_examples(rank))
+def video_batch(rank: int, mode: str) -> TrainBatch:
+    if mode not in _PROCESSOR:
+        backbone = VIDEO_MODES[mode]
+        settings = {k: v for k, v in backbone.items() if k != "name"}
+        factory = registry.get("backbone", backbone["name"]).factory
+        _PROCESSOR[mode] = factory(seed=0, **settings).make_processor()
+    return ChunkCollate(_PROCESSOR[mode], CHUNK, K)(video_examples(rank))
 
 
 def with_dropout(module: EmbeddingModule) -> EmbeddingModule:
@@ -169,8 +173,8 @@ def with_dropout(module: EmbeddingModule) -> EmbeddingModule:
 def rank_batch(rank: int, mode: str) -> TrainBatch:
     if mode == "fsdp2_tokens":
         return token_batch(rank)
-    if mode.endswith("_video"):
-        return video_batch(rank)
+    if mode in VIDEO_MODES:
+        return video_batch(rank, mode)
     qc, cc = rank_chunks(rank)
     return TrainBatch(qc, cc, B // WORLD, K, ["t"] * (B // WORLD))
 

@@ -132,8 +132,7 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
             else:
                 pad = (IMAGE_PAD if kind == "image" else VIDEO_PAD) * next(counts[kind])
                 parts.append(pad if self.layout.bare else VISION_START + pad + VISION_END)
-        if self.layout.bare and len(segs) > 1 and segs[-1][0] == "text" and segs[-2][0] != "text":
-            parts[-1] = " " + parts[-1]  # a visual leading the text: "<|image_pad|> {text}" (VLM2Vec-V2)
+        parts[-1] = self._lead_space(segs) + parts[-1]
         return self.layout.before + "".join(parts) + self.layout.after + self.end
 
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
@@ -164,9 +163,11 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
         """The processed length by arithmetic: text tokens, each image's and the video's tokens from their
         sizes (and frame count), 2 per visual for ``<|vision_start|>``/``<|vision_end|>``, EOS."""
         n = bool(self.end) + self._frame_tokens()
-        for kind, value in segments(item):
+        segs = segments(item)
+        for i, (kind, value) in enumerate(segs):
             if kind == "text":
-                n += len(self.tokenizer(value, add_special_tokens=False)["input_ids"])
+                space = self._lead_space(segs) if i == len(segs) - 1 else ""
+                n += len(self.tokenizer(space + value, add_special_tokens=False)["input_ids"])
             elif kind == "image":
                 width, height = self.resize or item.images[value].size
                 n += self.image_processor.get_number_of_image_patches(height, width) // self.merge_size**2
@@ -176,6 +177,11 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
                 n += t * h * w // self.merge_size**2
             n += 0 if kind == "text" or self.layout.bare else 2
         return n
+
+    def _lead_space(self, segs: list[Segment]) -> str:
+        """" " where the bare layout's visual leads the final text ("<|image_pad|> {text}", VLM2Vec-V2)."""
+        bare = self.layout.bare and len(segs) > 1
+        return " " if bare and segs[-1][0] == "text" and segs[-2][0] != "text" else ""
 
     def _frame_tokens(self) -> int:
         """The tokens of the prompt layout's frame (the chat template's text around the content)."""

@@ -297,6 +297,13 @@ def test_prompt_layout_errors_are_one_line(gme):
         Qwen2VLBackbone.check_config({"append_token": ENDOFTEXT, "append_eos": False})
     with pytest.raises(ValueError, match=re.escape("the tokenizer has no token '<|nope|>'")):
         Qwen2VLBackbone(seed=0, path=str(root), append_token="<|nope|>")
+    # through the config: one line naming the key
+    from embedkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.backbone.prompt: 'chatty' is not accepted; choices: none, chat, bare"):
+        compose(["recipe=gme_qwen2_vl", "model.backbone.prompt=chatty"])
+    with pytest.raises(ConfigError, match="model.backbone.append_token: set, but append_eos is false"):
+        compose(["recipe=gme_qwen2_vl", "model.backbone.append_eos=false"])
 
 
 # -- the recipes: each resolves, and its tiny form trains on the demo data ------------------------------------------

@@ -1,4 +1,5 @@
-"""Golden parity with the released embedders (issue 29): GME-Qwen2-VL and VLM2Vec-V2.0 on the qwen2_vl family.
+"""Golden parity with the released embedders (issue 29): GME-Qwen2-VL and VLM2Vec-V2.0 on the qwen2_vl family,
+LLaVE (text) on llava_onevision; and each released-embedder recipe's tiny form trains on the demo.
 
 Each test writes a tiny random model in the released on-disk layout (``Qwen2VLForConditionalGeneration``
 ``config.json`` and ``model.safetensors`` with the transformers < 4.52 key names the releases carry:
@@ -335,3 +336,52 @@ def test_recipe_tiny_trains_on_the_demo(recipe, demo_cache, tmp_path, monkeypatc
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3
     assert any("lora_A" in k for k in ckpt["state_dict"]) == recipe.endswith("_ft")
+
+
+# -- LLaVE (text only) ------------------------------------------------------------------------------------------
+
+LLAVE_SYSTEM = "You are a helpful assistant."
+
+
+def llave_prompt(text: str) -> str:
+    """LLaVE's preprocess_qwen (DeepLearnXMU/LLaVE @ 2c23053 llava/train/train.py): the chat template with an
+    assistant turn of a lone "\\n"; the final "\\n" after the last <|im_end|> is pooled."""
+    return f"{START}system\n{LLAVE_SYSTEM}{END}\n{START}user\n{text}{END}\n{START}assistant\n\n{END}\n"
+
+
+def test_llave_text_matches_the_released_convention(tmp_path):
+    """A tiny LLaVA-OneVision written in LLaVE's llava_qwen layout, loaded by ``recipe=llave``: text embeddings
+    equal the transformers model's state at the final "\\n" of the hand-rendered prompt, L2-normalised. (Images:
+    the anyres token count needs LLaVA-OneVision's processor, which needs torchvision here; not compared.)"""
+    from embedkit.backbones.checkpoints.llava_qwen import SIGLIP_MEAN, SIGLIP_STD
+    from embedkit.backbones.llava_onevision import LlavaOnevision
+    from tests.backbones.test_checkpoint_layouts import write_llava_qwen
+
+    source = LlavaOnevision(seed=0, tiny=True)
+    source.image_processor.image_mean, source.image_processor.image_std = list(SIGLIP_MEAN), list(SIGLIP_STD)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    write_llava_qwen(source, tmp_path / "LLaVE-2B")
+    texts = [t for t, _ in INPUTS if t is not None]
+    cfg = compose(["recipe=llave", f"model.backbone.path={tmp_path / 'LLaVE-2B'}", "model.backbone.dtype=float32"])
+    encoder = Encoder.from_config(cfg["model"], seed=0).eval()
+    ours = {bs: encoder.encode(texts=texts, batch_size=bs) for bs in (1, 5)}
+    tok, model = source.tokenizer, source.model.eval()
+
+    def reference(side: str, offset: int = 0) -> torch.Tensor:
+        tok.padding_side = side
+        enc = tok([llave_prompt(t) for t in texts], padding=True, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            hidden = model(**enc, use_cache=False).last_hidden_state
+        index = enc["attention_mask"].sum(1) - 1 - offset if side == "right" else torch.full((len(texts),), -1 - offset)
+        return torch.nn.functional.normalize(hidden[torch.arange(len(texts)), index], dim=-1)
+
+    try:
+        for side in ("left", "right"):
+            assert_parity(ours[1], reference(side))
+            assert_parity(ours[5], reference(side))
+        assert (reference("right", offset=1) - reference("right")).abs().max() > 1e-3
+    finally:
+        tok.padding_side = "right"

@@ -161,7 +161,8 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
 
     def num_tokens(self, item: Item) -> int:
         """The processed length by arithmetic: text tokens, each image's and the video's tokens from their
-        sizes (and frame count), 2 per visual for ``<|vision_start|>``/``<|vision_end|>``, EOS."""
+        sizes (and frame count), 2 per visual for ``<|vision_start|>``/``<|vision_end|>`` (none in the bare
+        layout), the prompt frame's tokens (counted apart from the content), EOS or ``append_token``."""
         n = bool(self.end) + self._frame_tokens()
         segs = segments(item)
         for i, (kind, value) in enumerate(segs):

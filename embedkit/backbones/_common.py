@@ -38,6 +38,26 @@ def chat_frame(ids, system: str) -> tuple[list[int], list[int]]:
     return before, after
 
 
+#: the system message of Qwen2-VL's chat template when none is given (Qwen2-VL-Instruct chat_template.json);
+#: GME uses it for every document (gme_inference.py ``is_query=False``)
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def chat_text_frame(system: str) -> tuple[str, str]:
+    """The text before and after one user turn in Qwen's chat template with the generation prompt, as
+    ``apply_chat_template(add_generation_prompt=True)`` renders it and GME builds its inputs
+    (GME-Qwen2-VL ``gme_inference.py``, as copied in TIGER-AI-Lab/VLM2Vec @ 6e1e1d4
+    ``src/model/baseline_backbone/gme/gme_inference.py``; ms-swift ``GMETemplate``)::
+
+        <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n  ...user content...
+        <|im_end|>\n<|im_start|>assistant\n
+
+    The family appends its pooled token after it (GME: ``<|endoftext|>``). The whole string is tokenized
+    at once, as the released processors do (unlike ``chat_frame``, LLaVE's pieces tokenized apart)."""
+    before = f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n"
+    return before, f"{IM_END}\n{IM_START}assistant\n"
+
+
 def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id rows: ``(input_ids [B, T], attention_mask [B, T])``."""
     width = max(len(r) for r in rows)

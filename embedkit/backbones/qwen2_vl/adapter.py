@@ -8,6 +8,8 @@ N = (grid_h * grid_w) / merge_size^2 from the PIL image processor (no torchvisio
 Sequences are right-padded and end with the EOS token, the state that last-token pooling reads
 (``append_eos=false``: the last text token, as VLM2Vec pools). ``resize: [W, H]`` first resizes every
 image to exactly W x H (VLM2Vec v1's ``--image_resolution high``: 1344 x 1344, aspect not kept).
+``prompt``/``system_prompt``/``append_token``: the released embedders' prompt layouts (``PromptLayout``;
+GME: ``chat`` + ``<|endoftext|>``, VLM2Vec-V2: ``bare``; docs/released-embedders.md).
 
 The vision attention (``batched_vision_attention``, default on) is ``vision_attention``'s; the
 position ids and vision bookkeeping of Qwen2-VL chunks are computed on the host (``host_positions``).
@@ -15,12 +17,13 @@ position ids and vision bookkeeping of Qwen2-VL chunks are computed on the host 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
 
-from embedkit.backbones._common import keep_vision_in_graph
+from embedkit.backbones._common import DEFAULT_SYSTEM, IM_END, IM_START, chat_text_frame, keep_vision_in_graph
 from embedkit.backbones.base import (
     Backbone,
     BackboneOutput,
@@ -48,6 +51,29 @@ PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
+# -- prompt layout (issue 29: the released embedders' conventions; docs/released-embedders.md) ----------------
+@dataclass(frozen=True)
+class PromptLayout:
+    """How an item is framed: ``before`` + content + ``after`` (text), then the appended token.
+
+    ``bare``: each image or video is its pad tokens alone, without ``<|vision_start|>``/``<|vision_end|>``,
+    and a visual that leads the text is followed by a space (VLM2Vec-V2: ``"<|image_pad|> {instruction}
+    {text}"``, TIGER-AI-Lab/VLM2Vec @ 6e1e1d4 ``src/model/processor.py``)."""
+
+    before: str = ""
+    after: str = ""
+    bare: bool = False
+
+
+def prompt_layout(prompt: str, system_prompt: str) -> PromptLayout:
+    """``prompt`` (none | chat | bare) -> its layout; ``chat``: Qwen's chat template with the generation
+    prompt and ``system_prompt`` as the system message (``_common.chat_text_frame``, GME's)."""
+    if prompt == "chat":
+        return PromptLayout(*chat_text_frame(system_prompt))
+    return PromptLayout(bare=prompt == "bare")
+# -- end of prompt layout ---------------------------------------------------------------------------------
+
+
 class Qwen2VLChunkProcessor(ChunkProcessor):
     """Items -> Qwen2-VL inputs: every image of every item through the PIL image processor, every video
     through ``video_pixels``, each placed where ``schema.segments`` reads it.
@@ -57,13 +83,15 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
 
     def __init__(self, tokenizer, image_processor, merge_size: int, max_length: int, append_eos: bool = True,
                  resize: Optional[list[int]] = None, host_positions: bool = False,
-                 video: Optional[tuple[int, int, Optional[int]]] = None):
+                 video: Optional[tuple[int, int, Optional[int]]] = None,
+                 layout: PromptLayout = PromptLayout(), end: Optional[str] = None):
+        self.layout = layout  # prompt layout: the frame around the content; ``end``: the appended token
         self.host_positions = host_positions  # add ``host_inputs`` to chunks with images or videos (Qwen2-VL)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.merge_size = merge_size
         self.max_length = self.max_tokens = max_length
-        self.end = tokenizer.eos_token if append_eos else ""
+        self.end = (end or tokenizer.eos_token) if append_eos else ""
         self.resize = tuple(resize) if resize else None  # (width, height)
         size = image_processor.size
         self.video = video or (size["shortest_edge"], size["longest_edge"], None)
@@ -102,9 +130,10 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
             if kind == "text":
                 parts.append(value)
             else:
-                pad = IMAGE_PAD if kind == "image" else VIDEO_PAD
-                parts.append(VISION_START + pad * next(counts[kind]) + VISION_END)
-        return "".join(parts) + self.end
+                pad = (IMAGE_PAD if kind == "image" else VIDEO_PAD) * next(counts[kind])
+                parts.append(pad if self.layout.bare else VISION_START + pad + VISION_END)
+        parts[-1] = self._lead_space(segs) + parts[-1]
+        return self.layout.before + "".join(parts) + self.layout.after + self.end
 
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
         segs = [segments(it) for it in items]
@@ -132,19 +161,33 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
 
     def num_tokens(self, item: Item) -> int:
         """The processed length by arithmetic: text tokens, each image's and the video's tokens from their
-        sizes (and frame count), 2 per visual for ``<|vision_start|>``/``<|vision_end|>``, EOS."""
-        n = bool(self.end)
-        for kind, value in segments(item):
+        sizes (and frame count), 2 per visual for ``<|vision_start|>``/``<|vision_end|>`` (none in the bare
+        layout), the prompt frame's tokens (counted apart from the content), EOS or ``append_token``."""
+        n = bool(self.end) + self._frame_tokens()
+        segs = segments(item)
+        for i, (kind, value) in enumerate(segs):
             if kind == "text":
-                n += len(self.tokenizer(value, add_special_tokens=False)["input_ids"])
+                space = self._lead_space(segs) if i == len(segs) - 1 else ""
+                n += len(self.tokenizer(space + value, add_special_tokens=False)["input_ids"])
             elif kind == "image":
                 width, height = self.resize or item.images[value].size
-                n += self.image_processor.get_number_of_image_patches(height, width) // self.merge_size**2 + 2
+                n += self.image_processor.get_number_of_image_patches(height, width) // self.merge_size**2
             else:
                 width, height = item.video.images[0].size
                 t, h, w = video_grid(width, height, len(item.video.images), self.image_processor, *self.video)
-                n += t * h * w // self.merge_size**2 + 2
+                n += t * h * w // self.merge_size**2
+            n += 0 if kind == "text" or self.layout.bare else 2
         return n
+
+    def _lead_space(self, segs: list[Segment]) -> str:
+        """" " where the bare layout's visual leads the final text ("<|image_pad|> {text}", VLM2Vec-V2)."""
+        bare = self.layout.bare and len(segs) > 1
+        return " " if bare and segs[-1][0] == "text" and segs[-2][0] != "text" else ""
+
+    def _frame_tokens(self) -> int:
+        """The tokens of the prompt layout's frame (the chat template's text around the content)."""
+        return sum(len(self.tokenizer(t, add_special_tokens=False)["input_ids"])
+                   for t in (self.layout.before, self.layout.after) if t)
 
 
 @register("backbone", FAMILY)
@@ -186,6 +229,9 @@ class Qwen2VLBackbone(Backbone):
         tiny_layers: int = 2,
         tiny_vision_layers: int = 2,
         batched_vision_attention: bool = True,
+        prompt: Literal["none", "chat", "bare"] = "none",
+        system_prompt: str = DEFAULT_SYSTEM,
+        append_token: Optional[str] = None,
     ):
         super().__init__()
         from transformers import Qwen2VLImageProcessorPil
@@ -195,7 +241,8 @@ class Qwen2VLBackbone(Backbone):
         if tiny:
             from embedkit.backbones.processors import tiny_tokenizer
 
-            self.tokenizer = tiny_tokenizer([VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD], pad=PAD, eos=EOS)
+            chat = [IM_START, IM_END] if prompt == "chat" else []  # (the default tiny vocabulary stays as it was)
+            self.tokenizer = tiny_tokenizer([VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD, *chat], pad=PAD, eos=EOS)
             self.image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
             with seeded(seed):
                 self.model = self._tiny_model(self.tokenizer, tiny_hidden_size, tiny_layers, tiny_vision_layers,
@@ -207,6 +254,9 @@ class Qwen2VLBackbone(Backbone):
             )
         self.max_length = max_length
         self.append_eos, self.resize = append_eos, resize
+        # prompt layout (issue 29): the frame of each item and the appended token (None: the tokenizer's EOS)
+        self.layout, self.append_token = prompt_layout(prompt, system_prompt), append_token
+        _check_prompt_tokens(self.tokenizer, prompt, append_token if append_eos else None)
         # per frame; None: the image caps (VLM2Vec-V2 resizes frames like images), no per-video budget
         self.video = (video_min_pixels or min_pixels, video_max_pixels or max_pixels, video_total_pixels)
         config = self.model.config
@@ -232,7 +282,8 @@ class Qwen2VLBackbone(Backbone):
     def make_processor(self) -> ChunkProcessor:
         return Qwen2VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length,
                                      append_eos=self.append_eos, resize=self.resize,
-                                     host_positions=self.host_positions, video=self.video)
+                                     host_positions=self.host_positions, video=self.video,
+                                     layout=self.layout, end=self.append_token)
 
     @staticmethod
     def check_config(params: dict) -> None:
@@ -242,6 +293,8 @@ class Qwen2VLBackbone(Backbone):
         for key in ("video_min_pixels", "video_max_pixels", "video_total_pixels"):
             if params.get(key) is not None and params[key] < 1:
                 raise ValueError(f"{key}: expected a positive number of pixels (or null), got {params[key]!r}")
+        if params.get("append_token") and params.get("append_eos") is False:
+            raise ValueError("append_token: set, but append_eos is false (nothing is appended)")
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
         if HOST_KEYS[0] in inputs:
@@ -306,6 +359,16 @@ class Qwen2VLBackbone(Backbone):
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
+
+
+def _check_prompt_tokens(tokenizer, prompt: str, append_token: Optional[str]) -> None:
+    """One-line ValueError when the tokenizer lacks a token the prompt layout needs: the chat markers
+    (``prompt=chat``) or ``append_token`` as one token."""
+    needed = ([IM_START, IM_END] if prompt == "chat" else []) + ([append_token] if append_token else [])
+    for token in needed:
+        if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1 or \
+                tokenizer.convert_tokens_to_ids(token) == tokenizer.unk_token_id:
+            raise ValueError(f"model.backbone: the tokenizer has no token {token!r} (prompt={prompt}, append_token)")
 
 
 def peft_module_name(name: str) -> Optional[str]:

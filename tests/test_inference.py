@@ -64,7 +64,9 @@ def test_token_sets_come_back_in_input_order_equal_to_one_at_a_time(family):
     ref = one_at_a_time(encoder, items)
     assert ref.shape == (len(items), 12, 8)
     got = encoder.encode_items(items, batch_size=4, batch_tokens=200)
-    assert (got - ref).abs().max().item() <= 1e-6
+    # float32 rounding: a batch's padding changes the attention's summation order; unit token vectors move
+    # by up to ~1e-6 (1.01e-6 seen with qwen2_vl after its tiny vocabulary grew), a misplaced row by ~1
+    assert (got - ref).abs().max().item() <= 2e-6
     assert (ref.norm(dim=-1) == 0).any() and (ref.norm(dim=-1) > 0.99).any()  # short sets padded with zeros
 
 

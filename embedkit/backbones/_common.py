@@ -134,3 +134,20 @@ def keep_vision_in_graph(module: torch.nn.Module, out, dummy) -> Any:
     if out.all_layers is not None:
         out.all_layers = tuple(h + zero for h in out.all_layers)
     return out
+
+
+def qwen_token_inputs(tokenizer, texts: list[str], max_length: int, image_token_id: int,
+                      video_token_id: int) -> dict[str, torch.Tensor]:
+    """The Qwen-VL families' text inputs of a chunk whose visual tokens are already expanded in ``texts``:
+    ``input_ids`` and ``attention_mask`` (right-padded, no special tokens added) and transformers 5's
+    ``mm_token_type_ids`` (0 text, 1 image, 2 video; Qwen2.5-VL and Qwen3-VL need them). ValueError (one
+    line) for a row over ``max_length``."""
+    enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    if enc["input_ids"].shape[1] > max_length:
+        raise ValueError(
+            f"a sequence of {enc['input_ids'].shape[1]} tokens exceeds max_length={max_length}; "
+            "lower model.backbone.max_pixels (or video_max_pixels) or raise model.backbone.max_length"
+        )
+    ids = enc["input_ids"]
+    types = (ids == image_token_id).int() + 2 * (ids == video_token_id).int()
+    return {"input_ids": ids, "attention_mask": enc["attention_mask"], "mm_token_type_ids": types}

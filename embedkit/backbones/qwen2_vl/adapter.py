@@ -23,7 +23,14 @@ from typing import Any, Literal, Optional
 import numpy as np
 import torch
 
-from embedkit.backbones._common import DEFAULT_SYSTEM, IM_END, IM_START, chat_text_frame, keep_vision_in_graph
+from embedkit.backbones._common import (
+    DEFAULT_SYSTEM,
+    IM_END,
+    IM_START,
+    chat_text_frame,
+    keep_vision_in_graph,
+    qwen_token_inputs,
+)
 from embedkit.backbones.base import (
     Backbone,
     BackboneOutput,
@@ -140,16 +147,7 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
         out, image_counts, video_counts = self._visuals(items, segs)
         counts = {"image": iter(image_counts), "video": iter(video_counts)}
         texts = [self._text(s, counts) for s in segs]
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-        if enc["input_ids"].shape[1] > self.max_length:
-            raise ValueError(
-                f"a sequence of {enc['input_ids'].shape[1]} tokens exceeds max_length={self.max_length}; "
-                "lower model.backbone.max_pixels (or video_max_pixels) or raise model.backbone.max_length"
-            )
-        ids = out["input_ids"] = enc["input_ids"]
-        out["attention_mask"] = enc["attention_mask"]
-        # transformers 5's token types: 0 text, 1 image, 2 video
-        out["mm_token_type_ids"] = (ids == self.image_token_id).int() + 2 * (ids == self.video_token_id).int()
+        out.update(qwen_token_inputs(self.tokenizer, texts, self.max_length, self.image_token_id, self.video_token_id))
         if (image_counts or video_counts) and self.host_positions:
             out.update(host_inputs(out, self.merge_size))
         return out

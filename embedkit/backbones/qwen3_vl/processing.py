@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from embedkit.backbones._common import IM_END, IM_START
+from embedkit.backbones._common import IM_END, IM_START, qwen_token_inputs
 from embedkit.backbones.qwen2_vl.adapter import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, Qwen2VLChunkProcessor
 from embedkit.backbones.qwen2_vl.host_positions import rope_positions
 from embedkit.backbones.qwen2_vl.video_pixels import video_grid
@@ -112,16 +112,8 @@ class Qwen3VLChunkProcessor(Qwen2VLChunkProcessor):
         grids = out["video_grid_thw"].tolist() if video_counts else []
         counts = {"image": iter(image_counts), "video": iter([h * w // self.merge_size**2 for _, h, w in grids])}
         texts = [self._render(it, s, counts) for it, s in zip(items, segs)]
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-        if enc["input_ids"].shape[1] > self.max_length:
-            raise ValueError(
-                f"a sequence of {enc['input_ids'].shape[1]} tokens exceeds max_length={self.max_length}; "
-                "lower model.backbone.max_pixels (or video_max_pixels) or raise model.backbone.max_length"
-            )
-        ids = out["input_ids"] = enc["input_ids"]
-        out["attention_mask"] = enc["attention_mask"]
-        # transformers 5's token types: 0 text, 1 image, 2 video (Qwen3-VL raises without them)
-        out["mm_token_type_ids"] = (ids == self.image_token_id).int() + 2 * (ids == self.video_token_id).int()
+        # with transformers 5's token types (Qwen3-VL raises without them)
+        out.update(qwen_token_inputs(self.tokenizer, texts, self.max_length, self.image_token_id, self.video_token_id))
         out["position_ids"] = positions(out, self.merge_size)
         return out
 

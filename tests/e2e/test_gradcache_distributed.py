@@ -18,7 +18,8 @@ import pytest
 from tests.helpers.cli import REPO, cli_env
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2_tokens", "ddp_video", "fsdp2_video", "ddp_video25"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2_tokens", "ddp_video", "fsdp2_video", "ddp_video25",
+                                  "ddp_video3"])
 def test_two_process_step_equals_full_batch(mode, tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "scripts" / "gradcache_dist.py"), mode, str(out)],

@@ -1,6 +1,6 @@
 """One GradCache step of the real EmbeddingModule on 2 CPU processes (gloo), against the full batch.
 
-    python tests/helpers/scripts/gradcache_dist.py {ddp|fsdp2|fsdp2_tokens|ddp_video|fsdp2_video|ddp_video25} OUT.json
+    python tests/helpers/scripts/gradcache_dist.py {ddp|fsdp2|fsdp2_tokens|ddp_video|fsdp2_video|ddp_video25|ddp_video3} OUT.json
 
 Lightning launches the second process itself (it re-runs this script). Each rank trains ONE SGD
 step on its half of a global batch of 8 examples (1 hard negative each), in chunks of 2, with
@@ -19,7 +19,8 @@ sorting, over variable-length items, so rank 0 (long items) runs more forward pa
 batches are the real ``ChunkCollate`` over video (3 and 4 frames), several-image and text items on rank 0
 and text only on rank 1: rank 1's chunks carry no pixels, so its tower runs on the dummy input
 (``_common.keep_vision_in_graph``) and the ranks' collectives match (issue 28). ``ddp_video25``: the same
-on a tiny Qwen2.5-VL (``qwen2_5_vl``: window attention, host position ids; issue 29).
+on a tiny Qwen2.5-VL (``qwen2_5_vl``: window attention, host position ids; issue 29); ``ddp_video3`` on a
+tiny Qwen3-VL (``qwen3_vl``: deepstack, timestamps in the text, host position ids).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ VIDEO_BACKBONE = {"name": "qwen2_vl", "tiny": True, "freeze_vision": False, "min
                   "max_pixels": 56 * 56}
 #: mode -> its video backbone
 VIDEO_MODES = {"ddp_video": VIDEO_BACKBONE, "fsdp2_video": VIDEO_BACKBONE,
-               "ddp_video25": {**VIDEO_BACKBONE, "name": "qwen2_5_vl"}}
+               "ddp_video25": {**VIDEO_BACKBONE, "name": "qwen2_5_vl"},
+               "ddp_video3": {**VIDEO_BACKBONE, "name": "qwen3_vl", "min_pixels": 32 * 32, "max_pixels": 64 * 64}}
 
 
 def config(mode: str = "ddp") -> dict:

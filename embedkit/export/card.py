@@ -76,7 +76,10 @@ def render(meta: dict) -> str:
         'model = embedkit.load("PATH")',
         'emb = model.encode(texts=["a red circle"]' + (f', instruction="{prompt}"' if prompt else "") + ")  # [N, D]",
         "```", ""]
-    if meta.get("final_norm", True):
+    if meta.get("no_sentence_transformers"):
+        lines += [f"No sentence-transformers files: {meta['no_sentence_transformers']}; `embedkit.load` reproduces "
+                  "the model's input.", ""]
+    elif meta.get("final_norm", True):
         lines += [
             "sentence-transformers (text):", "", "```python",
             "from sentence_transformers import SentenceTransformer", "",

@@ -66,6 +66,21 @@ CHAT_TEMPLATES = {
 VLM_FAMILIES = ("qwen2_vl", "llava_onevision", "phi3_v")
 
 
+def unsupported(model: dict) -> str | None:
+    """Why the sentence-transformers files could not reproduce embedkit's input for this model section (one
+    line), None when they can: the saved chat templates render the default layout only (no ``prompt`` frame,
+    no ``append_token``), and the Qwen2.5-VL / Qwen3-VL families have no template here yet."""
+    backbone = model["backbone"]
+    family = backbone["name"]
+    if family not in VLM_FAMILIES and family in ("qwen2_5_vl", "qwen3_vl"):
+        return f"no sentence-transformers layout for the {family} family yet"
+    if backbone.get("prompt", "none") not in ("none", None) and family == "qwen2_vl":
+        return f"the saved chat template does not render model.backbone.prompt={backbone['prompt']}"
+    if backbone.get("append_token") is not None:
+        return f"the saved tokenizer does not append model.backbone.append_token={backbone['append_token']}"
+    return None
+
+
 def prepare_tokenizer(backbone, family: str) -> None:
     """Before saving: right padding (what embedkit's processors use) and the family's chat template."""
     tokenizer = backbone.tokenizer

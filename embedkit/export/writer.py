@@ -183,10 +183,15 @@ def inputs_record(encoder: Encoder) -> dict:
 
 def write_folder(folder: Path, meta: dict, encoder: Encoder, cut: Cut, log: Callable[[str], None]) -> None:
     """``embedkit.json``, the sentence-transformers files (not for a model cut below its top), the card."""
+    why_not = st_files.unsupported(meta["model"])
+    if why_not:
+        meta["no_sentence_transformers"] = why_not
     (folder / META).write_text(json.dumps(meta, indent=2, default=str))
     if cut.layer is not None:
         log(f"export: no sentence-transformers files (layer={cut.layer} < {cut.depth}: the cut model skips the "
             "final norm, which transformers readers apply); embedkit.load reads it")
+    elif why_not:
+        log(f"export: no sentence-transformers files ({why_not}); embedkit.load reads it")
     else:
         log("export: writing sentence-transformers files")
         st_files.write(folder, meta, encoder)

@@ -159,3 +159,20 @@ def test_eval_scores_a_corpus_task_of_videos_and_images_with_the_exports_policy(
     assert json.loads((tmp / "eval" / "summary.json").read_text())["tasks"]["task"]["kind"] == "retrieval"
     assert "| task | retrieval | 2 | 3 | ndcg_linear@5 |" in (tmp / "eval" / "summary.md").read_text()
     assert result.metrics()["eval/task/ndcg_linear@5"] == got["score"]
+
+
+@pytest.mark.parametrize("backbone, words", [
+    ({"name": "qwen2_vl"}, None),
+    ({"name": "qwen2_vl", "prompt": "none", "append_token": None}, None),
+    ({"name": "hf_text"}, None),
+    ({"name": "qwen2_vl", "prompt": "chat"}, "prompt=chat"),
+    ({"name": "qwen2_vl", "prompt": "bare"}, "prompt=bare"),
+    ({"name": "qwen2_vl", "append_token": "<|endoftext|>"}, "append_token"),
+    ({"name": "qwen3_vl", "prompt": "chat"}, "qwen3_vl family"),
+    ({"name": "qwen2_5_vl"}, "qwen2_5_vl family"),
+])
+def test_sentence_transformers_files_are_left_out_where_they_cannot_render_the_input(backbone, words):
+    from embedkit.export.st_files import unsupported
+
+    why = unsupported({"backbone": backbone})
+    assert (why is None) if words is None else (words in why and "\n" not in why)

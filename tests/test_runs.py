@@ -88,10 +88,13 @@ def test_a_stale_lock_is_taken_over_with_one_warning(tmp_path):
 HOLDER = """import os, sys, time
 from embedkit.runs import RunDir
 with RunDir(sys.argv[1]).lock():
+    ready, started = os.pipe()
     child = os.fork()  # as a data loader worker is forked: it outlives a killed parent for a while
     if child == 0:
+        os.write(started, b"x")  # running: the at-fork hook has closed this copy of the lock
         time.sleep(60)
         os._exit(0)
+    os.read(ready, 1)  # a child not yet scheduled still holds its copy (a race under load, not the case here)
     print(child, flush=True)
     time.sleep(60)
 """

@@ -139,7 +139,8 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
             else:
                 pad = (IMAGE_PAD if kind == "image" else VIDEO_PAD) * next(counts[kind])
                 parts.append(pad if self.layout.bare else VISION_START + pad + VISION_END)
-        parts[-1] = self._lead_space(segs) + parts[-1]
+        if parts:  # an empty text (no segments) renders as the frame alone
+            parts[-1] = self._lead_space(segs) + parts[-1]
         return self.layout.before + "".join(parts) + self.layout.after + self.end
 
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:

@@ -112,6 +112,19 @@ def vision_trainable(module: torch.nn.Module, prefixes: tuple[str, ...]) -> bool
     return any(p.requires_grad for name, p in module.named_parameters() if name.startswith(prefixes))
 
 
+def model_output(backbone: torch.nn.Module, inputs: dict, out, output_all_layers: bool, pixel_keys, dummy) -> Any:
+    """A transformers model output of a chunk as a ``BackboneOutput`` (last hidden state, the chunk's mask, every
+    layer when asked); a chunk with none of ``pixel_keys`` keeps a trainable tower in the graph
+    (``keep_vision_in_graph`` with ``dummy(device)``)."""
+    from embedkit.backbones.base import BackboneOutput
+
+    hidden = out.last_hidden_state
+    result = BackboneOutput(hidden, inputs["attention_mask"], out.hidden_states if output_all_layers else None)
+    if any(k in inputs for k in pixel_keys):
+        return result
+    return keep_vision_in_graph(backbone, result, lambda: dummy(hidden.device))
+
+
 def keep_vision_in_graph(module: torch.nn.Module, out, dummy) -> Any:
     """``out`` (a ``BackboneOutput``) with ``0 * dummy().sum()`` added to every hidden state, when a chunk
     without pixels meets a trainable vision tower (or projector) under autograd; ``out`` as it is otherwise.

@@ -28,7 +28,7 @@ from embedkit.backbones._common import (
     IM_END,
     IM_START,
     chat_text_frame,
-    keep_vision_in_graph,
+    model_output,
     qwen_token_inputs,
 )
 from embedkit.backbones.base import (
@@ -300,11 +300,7 @@ class Qwen2VLBackbone(Backbone):
             out = self._forward_prepared(inputs, output_all_layers)
         else:
             out = self.model(**inputs, output_hidden_states=output_all_layers, use_cache=False)
-        hidden = out.last_hidden_state
-        result = BackboneOutput(hidden, inputs["attention_mask"], out.hidden_states if output_all_layers else None)
-        if any(k in inputs for k in PIXEL_KEYS):
-            return result
-        return keep_vision_in_graph(self, result, lambda: self._vision_dummy(hidden.device))
+        return model_output(self, inputs, out, output_all_layers, PIXEL_KEYS, self._vision_dummy)
 
     def _vision_dummy(self, device: torch.device) -> torch.Tensor:
         """The trainable vision tower's output on a minimal input (one image of merge x merge zero patches),

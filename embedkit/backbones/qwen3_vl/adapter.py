@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from embedkit.backbones._common import IM_END, IM_START, keep_vision_in_graph
+from embedkit.backbones._common import IM_END, IM_START, model_output
 from embedkit.backbones.base import (
     Backbone,
     BackboneOutput,
@@ -142,11 +142,7 @@ class Qwen3VLBackbone(Backbone):
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
         """transformers' forward on the chunk (its ``position_ids`` from the host when present)."""
         out = self.model(**inputs, output_hidden_states=output_all_layers, use_cache=False)
-        hidden = out.last_hidden_state
-        result = BackboneOutput(hidden, inputs["attention_mask"], out.hidden_states if output_all_layers else None)
-        if any(k in inputs for k in PIXEL_KEYS):
-            return result
-        return keep_vision_in_graph(self, result, lambda: self._vision_dummy(hidden.device))
+        return model_output(self, inputs, out, output_all_layers, PIXEL_KEYS, self._vision_dummy)
 
     def _vision_dummy(self, device: torch.device) -> torch.Tensor:
         """The trainable tower's outputs on one image of merge x merge zero patches, for a chunk without

@@ -382,26 +382,35 @@ def peft_module_name(name: str) -> Optional[str]:
 def _tiny_model(tokenizer, hidden: int, layers: int, vision_layers: int, attn_implementation: str):
     from transformers import Qwen2VLConfig, Qwen2VLModel
 
-    heads = 4
     config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
-            max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-            # M-RoPE sections (temporal, height, width) must sum to head_dim / 2
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": _mrope_sections(hidden // heads // 2)},
-        ),
-        vision_config=dict(depth=vision_layers, embed_dim=hidden, hidden_size=hidden, num_heads=heads,
+        text_config=tiny_text_config(tokenizer, hidden, layers, rope_theta=10000.0),
+        vision_config=dict(depth=vision_layers, embed_dim=hidden, hidden_size=hidden, num_heads=4,
                            mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PAD),
-        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_PAD),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids(VISION_END),
+        **vision_token_ids(tokenizer),
     )
     config._attn_implementation = attn_implementation
     return Qwen2VLModel(config)
+
+
+def tiny_text_config(tokenizer, hidden: int, layers: int, rope_theta: float) -> dict:
+    """The language model of the tiny Qwen2-VL / Qwen2.5-VL: 4 heads (2 KV), M-RoPE sections (temporal,
+    height, width) summing to head_dim / 2, the tokenizer's pad and EOS ids."""
+    return dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
+                         "mrope_section": _mrope_sections(hidden // 4 // 2)},
+    )
+
+
+def vision_token_ids(tokenizer) -> dict:
+    """The Qwen-VL configs' image, video, vision-start and vision-end token ids, from ``tokenizer``."""
+    return {"image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_PAD),
+            "video_token_id": tokenizer.convert_tokens_to_ids(VIDEO_PAD),
+            "vision_start_token_id": tokenizer.convert_tokens_to_ids(VISION_START),
+            "vision_end_token_id": tokenizer.convert_tokens_to_ids(VISION_END)}
 
 
 def _mrope_sections(half: int) -> list[int]:

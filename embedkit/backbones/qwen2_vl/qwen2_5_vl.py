@@ -30,13 +30,10 @@ import torch
 
 from embedkit.backbones.base import ChunkProcessor
 from embedkit.backbones.qwen2_vl.adapter import (
-    IMAGE_PAD,
-    VIDEO_PAD,
-    VISION_END,
-    VISION_START,
     Qwen2VLBackbone,
     Qwen2VLChunkProcessor,
-    _mrope_sections,
+    tiny_text_config,
+    vision_token_ids,
 )
 from embedkit.backbones.qwen2_vl.host_positions import rope_positions
 from embedkit.config.registry import register
@@ -116,23 +113,12 @@ def _tiny_model(tokenizer, hidden: int, layers: int, vision_layers: int, attn_im
     attention), ``tokens_per_second`` 2 so that video temporal ids are scaled."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
 
-    heads = 4
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
-            max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                             "mrope_section": _mrope_sections(hidden // heads // 2)},
-        ),
+        text_config=tiny_text_config(tokenizer, hidden, layers, rope_theta=1e6),
         vision_config=dict(depth=vision_layers, hidden_size=hidden // 2, intermediate_size=hidden, num_heads=2,
                            out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                            window_size=window_size, fullatt_block_indexes=[vision_layers - 1], tokens_per_second=2),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PAD),
-        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_PAD),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids(VISION_END),
+        **vision_token_ids(tokenizer),
     )
     config._attn_implementation = attn_implementation
     return Qwen2_5_VLModel(config)

@@ -36,6 +36,7 @@ from embedkit.backbones.qwen2_vl.adapter import (
     VISION_END,
     VISION_START,
     peft_module_name,
+    vision_token_ids,
 )
 from embedkit.backbones.qwen3_vl.processing import Qwen3VLChunkProcessor
 from embedkit.config.registry import register
@@ -198,10 +199,7 @@ def _tiny_model(tokenizer, hidden: int, layers: int, vision_layers: int, attn_im
         vision_config=dict(depth=vision_layers, hidden_size=32, intermediate_size=64, num_heads=2,
                            out_hidden_size=hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                            num_position_embeddings=256, deepstack_visual_indexes=list(range(vision_layers))),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PAD),
-        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_PAD),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids(VISION_END),
+        **vision_token_ids(tokenizer),
     )
     config._attn_implementation = attn_implementation
     return Qwen3VLModel(config)

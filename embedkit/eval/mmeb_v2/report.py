@@ -217,3 +217,48 @@ def to_markdown(rows: list[Row], title: str = "") -> str:
 
 def to_json(rows: list[Row], meta: dict | None = None) -> str:
     return json.dumps({**(meta or {}), "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
+
+
+def load_results(path) -> dict:
+    """A run's results: ``<dir>/mmeb_v2/results.json``, ``<dir>/results.json`` or the file itself."""
+    path = Path(path)
+    for candidate in (path / "mmeb_v2" / "results.json", path / "results.json", path):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except json.JSONDecodeError as exc:
+                raise UserError(f"report: {candidate} is not JSON ({exc.msg}, line {exc.lineno})") from None
+    raise UserError(f"report: no mmeb_v2/results.json under {path} (run embedkit eval benchmark=mmeb_v2 out=...)")
+
+
+def report_text(results, theirs_path, their_protocol=None, our_protocol_spec=None, fmt: str = "markdown") -> str:
+    """The whole report for ``results`` (a dict, or a run folder / results.json path) against a published
+    file, as markdown (a title line naming both sides and their protocols, then the table) or JSON."""
+    ours = results if isinstance(results, dict) else load_results(results)
+    pub = read_published(theirs_path)
+    theirs = resolve_protocol(their_protocol, pub)
+    rows = compare(ours, theirs_path, theirs, our_protocol_spec)
+    head = ours.get("protocol") or {}
+    meta = {"ours": {"protocol": {k: head.get(k) for k in ("benchmark", "version", "fingerprint")},
+                     "partial": ours.get("partial", False)},
+            "theirs": {"file": str(theirs_path), "model": pub.model,
+                       "protocol": {"version": theirs.version, "fingerprint": theirs.fingerprint(),
+                                    "guessed": their_protocol is None}}}
+    if fmt == "json":
+        return to_json(rows, meta)
+    guessed = " (guessed from the file)" if their_protocol is None else ""
+    partial = " PARTIAL" if ours.get("partial") else ""
+    title = (f"ours{partial}: protocol {head.get('version', '?')} ({str(head.get('fingerprint', ''))[:12]}) | "
+             f"theirs: {pub.model}, protocol {theirs.version}{guessed} ({theirs.fingerprint()[:12]}); "
+             "scores in percent, gap = ours - theirs")
+    return to_markdown(rows, title)
+
+
+def write_report(path, text: str) -> Path:
+    """``text`` to ``path`` (temporary name, then renamed)."""
+    from embedkit.files import write_atomic
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text)
+    return path

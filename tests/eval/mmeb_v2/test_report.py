@@ -101,3 +101,20 @@ def test_writers_and_bad_files(tmp_path):
 def test_the_version_of_a_released_file_is_guessed():
     assert [R.guess_version(R.read_published(FIXTURES / f"{v}_VLM2Vec-V2.0-Qwen2VL-2B.json"))
             for v in ("v2.0.0", "v2.0.1", "v2.1")] == ["v2.0.0", "v2.0.1", "v2.1"]
+
+
+def test_the_report_verb_reads_a_run_folder_and_writes_the_table(tmp_path, capsys):
+    from embedkit import cli
+
+    proto = load_protocol("mmeb_v2@v2.1")
+    (tmp_path / "run" / "mmeb_v2").mkdir(parents=True)
+    (tmp_path / "run" / "mmeb_v2" / "results.json").write_text(json.dumps(results_like(V21, proto)))
+    code = cli.main(["report", str(V20), f"results={tmp_path / 'run'}", f"out={tmp_path / 'r.md'}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "protocol v2.0.0 (guessed from the file)" in out and "| MomentSeeker |" in out
+    assert (tmp_path / "r.md").read_text() == out
+    assert cli.main(["report", str(V21), f"results={tmp_path / 'run'}", "format=json", "protocol=mmeb_v2@v2.1"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["theirs"]["protocol"]["version"] == "v2.1" and len(doc["rows"]) == 76
+    assert cli.main(["report", str(V21), f"results={tmp_path / 'nothing'}"]) == 2
+    assert "no mmeb_v2/results.json under" in capsys.readouterr().err

@@ -26,6 +26,9 @@ from embedkit.files import write_atomic
 
 #: modality key -> the leaderboard's column name
 MODALITY_NAMES = {"image": "Image", "video": "Video", "visdoc": "VisDoc"}
+#: every column the leaderboard can have, in its order: Overall, then each modality before its groups
+COLUMNS = ["Overall"] + [c for m, name in MODALITY_NAMES.items() for c in (name, *GROUPS[m])]
+PREFIX, PARTIAL_PREFIX = "mmeb_v2", "mmeb_v2_partial"
 
 
 @dataclass
@@ -119,10 +122,29 @@ def metric_items(summary: Summary) -> dict[str, float]:
     """MLflow metrics: ``mmeb_v2/overall``, ``mmeb_v2/Image``, ``mmeb_v2/I-CLS``, ... (percent) and
     ``mmeb_v2/num_tasks``; a partial summary logs the same names under ``mmeb_v2_partial/``. Means over no
     task are left out."""
-    prefix = "mmeb_v2_partial" if summary.partial else "mmeb_v2"
-    items = {f"{prefix}/{'overall' if k == 'Overall' else k}": v for k, v in _columns(summary) if v is not None}
+    prefix = PARTIAL_PREFIX if summary.partial else PREFIX
+    items = {f"{prefix}/{_metric_key(k)}": v for k, v in _columns(summary) if v is not None}
     items[f"{prefix}/num_tasks"] = float(summary.counts["Overall"][0])
     return items
+
+
+def _metric_key(column: str) -> str:
+    return "overall" if column == "Overall" else column
+
+
+def columns_from_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], bool] | None:
+    """A run's MLflow metrics (``metric_items`` names) -> ``({column: value}, partial)`` in leaderboard
+    order, or None when the run has no MMEB-V2 summary. Complete wins over partial if both are there."""
+    for prefix, partial in ((PREFIX, False), (PARTIAL_PREFIX, True)):
+        values = {c: metrics[f"{prefix}/{_metric_key(c)}"] for c in COLUMNS if f"{prefix}/{_metric_key(c)}" in metrics}
+        if values:
+            return values, partial
+    return None
+
+
+def columns_from_summary(summary: Summary) -> dict[str, float]:
+    """``{column: value}`` of a summary, leaderboard order, means over no task left out."""
+    return {k: v for k, v in _columns(summary) if v is not None}
 
 
 def write(out_dir, summary: Summary) -> tuple[Path, Path]:

@@ -253,3 +253,56 @@ def test_command_words(tmp_path):
         data_main(["mmeb-v2", f"src={root}", f"out={tmp_path / 'p'}", "split=train"])
     with pytest.raises(UserError, match="^subsets: nope not in the mixture"):
         data_main(["mmeb-v2", f"src={root}", f"out={tmp_path / 'p'}", "subsets=[nope]"])
+
+
+# -- the V2 recipe on the converted mixture ---------------------------------------------------------------
+RECIPE = "vlm2vec_v2_qwen2vl_2b"
+TINY_FIT = ["model.backbone.tiny=true", "~model.backbone.path", "trainer.max_steps=2", "train.global_batch_size=4",
+            "train.chunk_size=2", "data.train.task_batch_size=2", "data.train.num_workers=0",
+            "data.train.shuffle_buffer=4", "model.backbone.min_pixels=3136", "model.backbone.max_pixels=12544",
+            "model.backbone.dtype=float32", "trainer.precision=32", "model.backbone.gradient_checkpointing=false",
+            "tracking.enabled=false"]
+KIND = {"mmeb": "image", "vidore": "document", "visrag": "document", "llavahound_caption": "video",
+        "llavahound_qa": "video"}
+
+
+def test_recipe_mix_is_the_sourced_mixture():
+    from embedkit.config.loader import compose
+
+    mix = compose([f"recipe={RECIPE}"])["data"]["train"]["mix"]
+    assert mix == {name: spec["weight"] for name, spec in _sources().items()}
+    assert sum(mix.values()) == 52
+    assert sum(w for n, w in mix.items() if _sources()[n]["parser"] == "mmeb") == 15
+
+
+def _seed_drawing_every_kind(out: Path, mix: dict) -> int:
+    """The first seed whose 2 steps (4 examples in task runs of 2) draw an image, a document and a video
+    source: the mixture plan is a pure function of the seed, so the two tiny steps see all three."""
+    from embedkit.data.mixture import MixturePlan, source_weights
+    from embedkit.data.shard_set import ShardSet
+    from embedkit.data.shards import list_shards
+
+    weights = source_weights(ShardSet(list_shards(out)), mix)
+    kind = {name: KIND[spec["parser"]] for name, spec in _sources().items()}
+    for seed in range(1000):
+        plan = MixturePlan(weights, seed, 4, 2)
+        if {kind[n] for step in (0, 1) for n in plan.step_sources(step)} == {"image", "document", "video"}:
+            return seed
+    raise AssertionError("no seed draws all three kinds in two steps")
+
+
+def test_recipe_trains_two_tiny_steps_on_the_three_modalities(converted, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from embedkit.cli import main as cli_main
+    from embedkit.config.loader import compose
+
+    out, _ = converted
+    seed = _seed_drawing_every_kind(out, compose([f"recipe={RECIPE}"])["data"]["train"]["mix"])
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["fit", f"recipe={RECIPE}", *TINY_FIT, f"data.train.shards={out}", f"seed={seed}",
+                     f"run.dir={tmp_path / 'run'}"]) == 0
+    printed = capsys.readouterr()
+    assert "step 2/2" in printed.out and "skipped" not in printed.out + printed.err  # every drawn example decoded
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 and any("lora_" in k for k in ckpt["state_dict"])

@@ -46,7 +46,7 @@ from embedkit.data.manifests import manifest_path
 from embedkit.data.schema import VIDEO_PLACEHOLDER, image_placeholder
 from embedkit.data.shard_set import write_manifest
 from embedkit.errors import UserError
-from embedkit.files import write_atomic
+from embedkit.files import jsonl_lines, write_atomic
 
 SOURCES_YAML = manifest_path("train_v2.yaml")
 FORMAT_VERSION = 1
@@ -174,21 +174,14 @@ def _locate_all(root: Path, sources: dict, videos: list[str], images: Path) -> d
 # -- planning rows (in the parent: annotations only, no visual read) -------------------------------
 def read_jsonl_rows(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
     """([(line number, object)], [(line number, why)]) of a JSON Lines file: a corrupt line is reported,
-    never fatal, and every other line is kept. Blank lines are neither."""
+    never fatal, and every other line is kept. Blank lines are neither; bytes that are not UTF-8 are
+    replaced (the line then fails as JSON or keeps a replacement character)."""
     rows, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                bad.append((n, f"not JSON ({exc.msg})"))
-                continue
-            if isinstance(row, dict):
-                rows.append((n, row))
-            else:
-                bad.append((n, "not a JSON object"))
+    for n, row, why in jsonl_lines(path, errors="replace"):
+        if why is None:
+            rows.append((n, row))
+        else:
+            bad.append((n, why))
     return rows, bad
 
 

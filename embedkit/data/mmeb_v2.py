@@ -436,7 +436,8 @@ def convert(src: str | Path, out: str | Path, *, images: str | Path | None = Non
 
     jobs, planned = [], {}
     for name, spec in sources.items():
-        planned[name] = _plan_source(name, spec, located[name], cap, num_frames, out, shard_size, jobs)
+        planned[name] = info = _plan_source(name, spec, located[name], cap, num_frames, out, shard_size, jobs)
+        log(f"mmeb-v2: planned {name}: {info['rows']} rows read, {len(info['shards'])} shards")  # progress
     todo = [j for j in jobs if mmeb._done(Path(j["path"]), j["plan"]) is None]
     log(f"mmeb-v2: {len(planned)} sources, {len(jobs)} shards ({len(jobs) - len(todo)} already complete) -> {out}")
     mmeb.write_jobs(todo, workers, write=write_shard_job)

@@ -273,6 +273,7 @@ def test_recipe_mix_is_the_sourced_mixture():
     assert mix == {name: spec["weight"] for name, spec in _sources().items()}
     assert sum(mix.values()) == 52
     assert sum(w for n, w in mix.items() if _sources()[n]["parser"] == "mmeb") == 15
+    assert compose([f"recipe={RECIPE}"])["data"]["video"]["num_frames"] == 8  # train_alltasks.yaml num_frames
 
 
 def _seed_drawing_every_kind(out: Path, mix: dict) -> int:

@@ -38,7 +38,7 @@ class MmebOptions:
     subsets: Optional[list[str]] = option(None, "subsets (mmeb-v2: sources) to convert; null: every one")
     split: Literal["original", "diverse_instruction", "train"] = option("original",
                                                                       "which parquet files of the download (mmeb)")
-    cap: Optional[int] = option(None, "rows per subset; null: train.yaml's cap, else 50000; 0: all", minimum=0)
+    cap: Optional[int] = option(None, "rows per subset; null: the config's cap (mmeb: else 50000); 0: all", minimum=0)
     shard_size: int = option(1000, "samples per shard", minimum=1)
     workers: Optional[int] = option(None, "processes; null: the cores", minimum=1)
     config: Optional[str] = option(None, "subset list with meta-tasks and caps; null: the shipped train.yaml "

@@ -485,6 +485,8 @@ def report(manifest: dict, out: Path, log=print) -> None:
         log(f"  {name}: {e['count']} of {e['expected']} examples in {len(e['shards'])} shards; skipped: {why}")
         bad += [f"{b['file']}:{b['line']} ({b['why']})" for b in e["bad_rows"]]
         first_missing += e["missing"]["first"]
+    # two sources may read one file (the caption jsonl in both data modes): each line or file named once
+    bad, first_missing = list(dict.fromkeys(bad)), list(dict.fromkeys(first_missing))
     if bad:
         more = f" (+{len(bad) - REPORT_FIRST} more in the manifest)" if len(bad) > REPORT_FIRST else ""
         log(f"mmeb-v2: {len(bad)} row(s) skipped as unusable: {'; '.join(bad[:REPORT_FIRST])}{more}")

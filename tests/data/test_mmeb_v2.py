@@ -148,6 +148,7 @@ def test_missing_frames_and_a_corrupt_row_are_reported_once_and_every_valid_row_
                              str(v2root / "MMEB-train" / "images" / "ImageNet_1K" / "gone.jpg")])
     assert log.count("missing file(s)") == 1 and "2 missing file(s)" in log and str(out / mmeb_v2.MISSING_LIST) in log
     assert log.count("skipped as unusable") == 1 and "video_caption_300k.jsonl:3 (not JSON" in log
+    assert log.count("video_caption_300k.jsonl:3") == 1 and log.count("vidC") == 1  # read by two sources, named once
     assert _manifest(out)["total"]["missing"] == 2
     # the source files' hashes, and the query modality known by construction
     jsonl = v2root / SFT / "video_caption_300k.jsonl"

@@ -88,7 +88,8 @@ def _video(root: Path):
         _turns("vidA", "<video>\nSummarise.", "the ball stops")]) + "\n")
     (sft / "video_240k_caption_15k.jsonl").write_text("\n".join([
         _turns("vidA", "<video>\nwhat colour is the ball?", "red"),
-        _turns("vidB", "<video>\nis the cat awake?", "no")]) + "\n")
+        _turns("vidB", "<video>\nis the cat awake?", "no"),
+        json.dumps({"id": "no-turns", "video": "vidA"})]) + "\n")  # JSON, but not a usable row
 
 
 def _sources() -> dict:
@@ -138,7 +139,9 @@ def test_missing_frames_and_a_corrupt_row_are_reported_once_and_every_valid_row_
         assert e["bad_rows"] == [{"file": str(v2root / SFT / "video_caption_300k.jsonl"), "line": 3,
                                   "why": e["bad_rows"][0]["why"]}] and "not JSON" in e["bad_rows"][0]["why"]
         assert sorted(int(k.rsplit("-", 1)[1]) for k in _samples(out / name)) == [1, 2, 5]
-    assert (subsets["video_qa_240k"]["expected"], subsets["video_qa_240k"]["count"]) == (2, 2)
+    qa = subsets["video_qa_240k"]
+    assert (qa["expected"], qa["count"], qa["skipped"]) == (3, 2, {"bad_row": 1})
+    assert [(b["line"], "conversations" in b["why"]) for b in qa["bad_rows"]] == [(3, True)]
     assert subsets["ImageNet_1K"]["skipped"] == {"missing_image": 1} and subsets["ImageNet_1K"]["count"] == 2
     assert (subsets["colpali_train_set"]["count"], subsets["colpali_train_set"]["skipped"]) == (2, {"empty_text": 1})
     assert subsets["visrag-indomain"]["count"] == 2

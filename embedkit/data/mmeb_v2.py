@@ -119,14 +119,25 @@ def load_sources(path: str | Path) -> tuple[dict[str, dict], list[str]]:
     doc = yaml.safe_load(path.read_text()) or {}
     sources = {str(k): dict(v or {}) for k, v in (doc.get("sources") or {}).items()}
     for name, spec in sources.items():
-        if spec.get("parser") not in PARSERS:
-            raise UserError(f"config: {path}: source {name}: parser {spec.get('parser')!r} is not one of "
-                            f"{', '.join(PARSERS)}")
-        if spec["parser"] == "llavahound_caption" and spec.get("mode") not in MODES:
-            raise UserError(f"config: {path}: source {name}: mode {spec.get('mode')!r} is not one of {', '.join(MODES)}")
+        _check_spec(path, name, spec)
     if not sources:
         raise UserError(f"config: {path}: no sources")
     return sources, [str(v) for v in doc.get("videos") or ["video"]]
+
+
+def _check_spec(path: Path, name: str, spec: dict) -> None:
+    """One line naming the file and source for an unknown parser or mode, or a key its parser needs."""
+    where = f"config: {path}: source {name}:"
+    if spec.get("parser") not in PARSERS:
+        raise UserError(f"{where} parser {spec.get('parser')!r} is not one of {', '.join(PARSERS)}")
+    if spec["parser"] == "llavahound_caption" and spec.get("mode") not in MODES:
+        raise UserError(f"{where} mode {spec.get('mode')!r} is not one of {', '.join(MODES)}")
+    needs = ("annotation", "frames") if spec["parser"].startswith("llavahound") else ()
+    absent = [k for k in needs if not isinstance(spec.get(k), str)]
+    if absent:
+        raise UserError(f"{where} {spec['parser']} needs {absent[0]} (a path under src)")
+    if spec.get("cap") is not None and not (isinstance(spec["cap"], int) and spec["cap"] >= 0):
+        raise UserError(f"{where} cap must be a whole number >= 0, got {spec['cap']!r}")
 
 
 def _select(sources: dict, subsets: list[str] | None) -> dict:

@@ -257,6 +257,10 @@ def test_command_words(tmp_path):
         data_main(["mmeb-v2", f"src={root}", f"out={tmp_path / 'p'}", "split=train"])
     with pytest.raises(UserError, match="^subsets: nope not in the mixture"):
         data_main(["mmeb-v2", f"src={root}", f"out={tmp_path / 'p'}", "subsets=[nope]"])
+    config = tmp_path / "mine.yaml"
+    config.write_text("sources:\n  clips: {parser: llavahound_qa, annotation: a.jsonl}\n")
+    with pytest.raises(UserError, match=r"^config: .*mine.yaml: source clips: llavahound_qa needs frames"):
+        data_main(["mmeb-v2", f"src={root}", f"out={tmp_path / 'p'}", f"config={config}"])
 
 
 # -- the V2 recipe on the converted mixture ---------------------------------------------------------------

@@ -183,19 +183,6 @@ def _locate_all(root: Path, sources: dict, videos: list[str], images: Path) -> d
 
 
 # -- planning rows (in the parent: annotations only, no visual read) -------------------------------
-def read_jsonl_rows(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
-    """([(line number, object)], [(line number, why)]) of a JSON Lines file: a corrupt line is reported,
-    never fatal, and every other line is kept. Blank lines are neither; bytes that are not UTF-8 are
-    replaced (the line then fails as JSON or keeps a replacement character)."""
-    rows, bad = [], []
-    for n, row, why in jsonl_lines(path, errors="replace"):
-        if why is None:
-            rows.append((n, row))
-        else:
-            bad.append((n, why))
-    return rows, bad
-
-
 def _turns(row: dict) -> tuple[str, str, str] | str:
     """(video id, human turn with the video placeholder, answer) of a LLaVA-Hound row, or why not."""
     video, turns = row.get("video"), row.get("conversations")
@@ -266,16 +253,17 @@ class Planned:
 
 
 def plan_llavahound(spec: dict, files: list[Path], cap: int, num_frames: int) -> Planned:
-    plan = Planned(cap)
-    rows, bad = read_jsonl_rows(files[0])
-    for n, why in bad:  # a corrupt line is a row the source has: expected, skipped, named
-        plan.seen += 1
-        plan.skipped["bad_json"] += 1
-        plan.bad.append((str(files[0]), n, why))
-    for n, row in rows:
+    """Rows of the jsonl in file order up to the cap: a corrupt line (not JSON, not an object) is a row the
+    source has -- expected, skipped as ``bad_json`` and named by its line -- never a stop; blank lines are
+    no rows; bytes that are not UTF-8 are replaced (the line then fails as JSON or keeps the replacement)."""
+    plan, path = Planned(cap), files[0]
+    for n, row, why in jsonl_lines(path, errors="replace"):
         if plan.full:
             break
-        plan.add(n, llavahound_entry(row, spec, num_frames), (str(files[0]), n))
+        if why is None:
+            plan.add(n, llavahound_entry(row, spec, num_frames), (str(path), n))
+        else:
+            plan.add(n, why, (str(path), n), reason="bad_json")
     return plan
 
 

@@ -251,6 +251,11 @@ def test_command_words(tmp_path):
                       "num_frames=2"]) == 0
     frames = [json.loads(f["json"])["query"]["frames"] for f in _samples(tmp_path / "o" / "video_qa_240k").values()]
     assert sorted(len(f) for f in frames) == [2, 2]
+    # cap=3: the first 3 usable rows in file order (lines 1, 2, 4; line 3 is corrupt), line 5 never read
+    assert data_main(["mmeb-v2", f"src={root}", f"out={tmp_path / 'c'}", "subsets=[video_caption_300k]", "cap=3",
+                      "workers=1"]) == 0
+    entry = json.loads((tmp_path / "c" / "manifest.json").read_text())["subsets"]["video_caption_300k"]
+    assert (entry["expected"], entry["count"], entry["skipped"]) == (4, 2, {"bad_json": 1, "missing_frames": 1})
     with pytest.raises(UserError, match="^num_frames: only data mmeb-v2"):
         data_main(["mmeb", f"src={root}", f"out={tmp_path / 'p'}", "num_frames=4"])
     with pytest.raises(UserError, match="^split: data mmeb-v2 reads the original split"):

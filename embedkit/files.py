@@ -74,20 +74,30 @@ def link_atomic(src: str | Path, dst: str | Path) -> None:
 def read_jsonl(path: str | Path, what: str) -> list[dict]:
     """The objects of a JSON Lines file, blank lines skipped; ``UserError`` (one line, ``what`` first: the
     option or file role being read) for a line that is not JSON or not an object."""
-    import json
-
     from embedkit.errors import UserError
 
     rows = []
-    with open(path, encoding="utf-8") as f:
+    for n, row, why in jsonl_lines(path):
+        if why is not None:
+            raise UserError(f"{what}: {path}:{n} is {why}")
+        rows.append(row)
+    return rows
+
+
+def jsonl_lines(path: str | Path, errors: str = "strict"):
+    """(line number, object, None) per non-blank line of a JSON Lines file, or (line number, None, why) for a
+    line that is not a JSON object (``why``: "not JSON (<reason>)" or "not a JSON object"); the caller decides
+    whether a bad line stops it (``read_jsonl``) or is skipped and reported (``data mmeb-v2``). ``errors``:
+    ``open``'s handling of bytes that are not UTF-8."""
+    import json
+
+    with open(path, encoding="utf-8", errors=errors) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{what}: {path}:{n} is not JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{what}: {path}:{n} is not a JSON object")
-            rows.append(row)
-    return rows
+                yield n, None, f"not JSON ({exc.msg})"
+                continue
+            yield (n, row, None) if isinstance(row, dict) else (n, None, "not a JSON object")

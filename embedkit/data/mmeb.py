@@ -121,10 +121,6 @@ def check_row(row: dict) -> tuple[dict | None, str | None]:
 # -- writing shards (in pool workers) ---------------------------------------------------------
 def _load_image(images: Path, rel: str):
     """ImageBytes of one file, or a skip reason."""
-    from PIL import Image
-
-    from embedkit.data.shards import ImageBytes
-
     path = images / rel
     try:
         data = path.read_bytes()
@@ -132,46 +128,67 @@ def _load_image(images: Path, rel: str):
         return "missing_image"
     except OSError:
         return "unreadable_image"
+    return image_from_bytes(data, rel)
+
+
+def image_from_bytes(data: bytes, name: str):
+    """ImageBytes of encoded image bytes (stored as they came; the extension from the decoder's format, else
+    from ``name``), or ``"unreadable_image"`` when PIL cannot parse them."""
+    from PIL import Image
+
+    from embedkit.data.shards import ImageBytes
+
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()  # header and structure, no full decode
             fmt = (im.format or "").lower()
     except Exception:
         return "unreadable_image"
-    ext = {"jpeg": "jpg", "": Path(rel).suffix.lstrip(".").lower() or "img"}.get(fmt, fmt)
+    ext = {"jpeg": "jpg", "": Path(name).suffix.lstrip(".").lower() or "img"}.get(fmt, fmt)
     return ImageBytes(data, ext)
 
 
-def write_one(job: dict) -> dict:
-    """Write one planned shard: read its images, skip bad rows, write tar + sidecar. Returns the sidecar."""
-    from embedkit.data.schema import Example, Item
+def load_slot(job: dict, slot: dict):
+    """One planned slot (``{"text", "image": path relative to job["images"] | None}``) -> an ``Item``, or
+    (skip reason, the file's path) when its image is missing or unreadable."""
+    from embedkit.data.schema import Item
+
+    image = None
+    if slot.get("image"):
+        image = _load_image(Path(job["images"]), slot["image"])
+        if isinstance(image, str):
+            return image, str(Path(job["images"]) / slot["image"])
+    return Item(text=slot["text"], image=image)
+
+
+def _load_entry(job: dict, entry: dict, load) -> tuple[list | None, tuple | None]:
+    """(items: query, positive, negatives..., None) or (None, (reason, path)) at the first slot that fails."""
+    items = []
+    for slot in (entry["query"], entry["positive"], *entry["negatives"]):
+        item = load(job, slot)
+        if isinstance(item, tuple):
+            return None, item
+        items.append(item)
+    return items, None
+
+
+def write_one(job: dict, load=None) -> dict:
+    """Write one planned shard: load its rows' slots (``load(job, slot)``: an ``Item`` or (reason, path);
+    default ``load_slot``), skip bad rows, write tar + sidecar. Returns the sidecar (counts, skips by
+    reason and, when any, the missing files' paths)."""
+    from embedkit.data.schema import Example
     from embedkit.data.shards import encode_example, write_shard
 
-    images = Path(job["images"])
-    samples, skipped = [], Counter()
+    load = load or load_slot
+    samples, skipped, missing = [], Counter(), []
     for index, entry in job["rows"]:
-        items, reason = {}, None
-        for side in ("query", "positive"):
-            slot = entry[side]
-            image = None
-            if slot["image"]:
-                image = _load_image(images, slot["image"])
-                if isinstance(image, str):
-                    reason = image
-                    break
-            items[side] = Item(text=slot["text"], image=image)
-        negatives = []
-        if reason is None:
-            for slot in entry["negatives"]:
-                image = _load_image(images, slot["image"]) if slot["image"] else None
-                if isinstance(image, str):
-                    reason = image
-                    break
-                negatives.append(Item(text=slot["text"], image=image))
-        if reason is not None:
-            skipped[reason] += 1
+        items, failed = _load_entry(job, entry, load)
+        if failed is not None:
+            skipped[failed[0]] += 1
+            if failed[0].startswith("missing"):
+                missing.append(failed[1])
             continue
-        ex = Example(query=items["query"], positive=items["positive"], negatives=negatives, task=job["subset"])
+        ex = Example(query=items[0], positive=items[1], negatives=items[2:], task=job["subset"])
         files = encode_example(ex, f"{job['key']}-{index:09d}")
         meta = json.loads(files[next(k for k in files if k.endswith(".json"))])
         meta["meta_task"] = job["meta_task"]  # additive: decode_sample ignores it
@@ -179,6 +196,8 @@ def write_one(job: dict) -> dict:
         samples.append(files)
     shard = Path(job["path"])
     side = {"count": len(samples), "rows": len(job["rows"]), "skipped": dict(skipped), "plan": job["plan"]}
+    if missing:
+        side["missing"] = missing
     if samples:
         write_shard(shard, samples)
         side["bytes"] = shard.stat().st_size
@@ -261,19 +280,20 @@ class Progress:
         self.stream.flush()
 
 
-def write_jobs(todo: list[dict], workers: int | None) -> None:
-    """Write the planned shards, in a process pool (bounded by the cores) with a progress line each."""
+def write_jobs(todo: list[dict], workers: int | None, write=write_one) -> None:
+    """Write the planned shards with ``write(job)`` (a picklable module-level callable: the pool pickles
+    it), in a process pool (bounded by the cores) with a progress line each."""
     progress = Progress(len(todo))
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     if workers == 1:
         for j in todo:
-            write_one(j)
+            write(j)
             progress.step(f"{j['subset']}/{Path(j['path']).name}")
         return
     import multiprocessing as mp
 
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        for j, _ in zip(todo, pool.map(write_one, todo)):
+        for j, _ in zip(todo, pool.map(write, todo)):
             progress.step(f"{j['subset']}/{Path(j['path']).name}")
 
 
@@ -294,6 +314,15 @@ def _plan_subset(subset: str, files: list[Path], cap: int, meta_task: str | None
             seen += 1
         if cap and len(kept) >= cap:
             break
+    shards = plan_shards(subset, kept, meta_task, out, images, shard_size, jobs)
+    return {"meta_task": meta_task, "cap": cap, "source": [str(p) for p in files], "skipped": skipped,
+            "shards": shards, "rows": seen}
+
+
+def plan_shards(subset: str, kept: list, meta_task: str | None, out: Path, images: Path, shard_size: int,
+                jobs: list[dict]) -> list[Path]:
+    """Plan the shards of one source over its ``kept`` rows ([(index, entry)]; appended to ``jobs``, each
+    with its plan digest), remove shards of an earlier, longer plan; returns the shard paths."""
     key = subset.replace(".", "_")
     shards = []
     for n, start in enumerate(range(0, len(kept), shard_size)):
@@ -303,8 +332,7 @@ def _plan_subset(subset: str, files: list[Path], cap: int, meta_task: str | None
                      "path": str(path), "rows": kept[start : start + shard_size]})
         jobs[-1]["plan"] = _plan_digest(jobs[-1])
     _remove_stale(out / subset, {p.name for p in shards})
-    return {"meta_task": meta_task, "cap": cap, "source": [str(p) for p in files], "skipped": skipped,
-            "shards": shards}
+    return shards
 
 
 def convert(src: str | Path, out: str | Path, *, images: str | Path | None = None, subsets: list[str] | None = None,
@@ -378,5 +406,5 @@ def _subset_entry(info: dict, plans: dict, out: Path) -> dict:
         "meta_task": info["meta_task"], "cap": info["cap"], "count": sum(s["count"] for s in shards),
         "bytes": sum(s["bytes"] for s in shards),
         "digest": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
-        "skipped": {r: skipped[r] for r in REASONS if skipped[r]}, "shards": shards, "source": info["source"],
+        "skipped": {r: n for r, n in sorted(skipped.items()) if n}, "shards": shards, "source": info["source"],
     }

@@ -288,7 +288,7 @@ def test_messages_for_the_kinds_of_mistake():
         (["mine", "model=m", "shards=s", "out=o", "num_negatives=2", "window=[0,2]"], "window: must be >= 1, got 0"),
         (["eval", "ckpt=x", "quantize=int8", "rescore=true"], "rescore: rescoring applies to binary codes"),
         (["eval", "ckpt=x", "quantize=[int8,pq]"], "quantize: expected one of binary, int8, or a list of them"),
-        (["data", "xyz", "src=a", "out=b"], "dataset: expected one of mmeb, got 'xyz'"),
+        (["data", "xyz", "src=a", "out=b"], "dataset: expected one of mmeb, mmeb-v2, got 'xyz'"),
         (["config", "list"], "action: expected one of show, got 'list'"),
         (["config"], "config: give show"),
     ]

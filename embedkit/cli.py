@@ -13,7 +13,8 @@ import io
 import sys
 
 #: each verb is the module embedkit/commands/<verb>.py: ``VERB`` declares its options, ``main(args) -> int`` runs it
-VERBS = ("fit", "eval", "data", "compare", "ui", "config", "recipes", "export", "encode", "mine", "merge")
+VERBS = ("fit", "eval", "data", "compare", "ui", "config", "recipes", "export", "encode", "mine", "merge",
+         "report")
 
 EXAMPLES = """examples:
   embedkit fit

@@ -16,16 +16,26 @@ in code (``val/p@1``); MLflow refuses ``@`` so the store holds ``val/p_at_1``, m
 ways. ``--plot`` draws each metric's curve per run (matplotlib, Agg backend) and logs the PNG as an
 artifact of a run tagged ``embedkit.kind=compare`` in the same experiment (such runs are never
 compared themselves).
+
+MMEB-V2: runs that logged the leaderboard summary (``mmeb_v2/overall``, ``mmeb_v2/Image``,
+``mmeb_v2/I-CLS``, ... from ``eval.mmeb_v2.summary.metric_items``) get a second table, one row per run and
+one column per group in the leaderboard's order (Overall, Image, I-CLS..I-VG, Video, V-CLS..V-MRET,
+VisDoc, ViDoRe-V1..OOD), a partial summary's row marked ``(partial)``; ``plot=`` then also draws the
+groups as a bar chart (``<plot stem>_mmeb_v2.png``). ``runs=DIR,...`` reads the same from eval output
+folders (``<dir>/mmeb_v2/summary.json``) without an MLflow store.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from embedkit.errors import UserError
+from embedkit.eval.mmeb_v2 import summary as mmeb_summary
 from embedkit.files import atomic_path
 from embedkit.tracking.store import display_name, is_sqlite, resolve_uri, sqlite_path, stored_name
 
@@ -188,3 +198,89 @@ def log_plot(client, experiment_id: str, png: Path, runs: list) -> str:
     client.log_artifact(run.info.run_id, str(png), artifact_path="compare")
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+# ------------------------------------------------------------------ MMEB-V2 groups
+
+
+@dataclass
+class GroupRow:
+    """One run's MMEB-V2 leaderboard numbers (percent): ``values[column]``, whether partial, the version."""
+
+    label: str
+    values: dict[str, float]
+    partial: bool = False
+    version: str = ""
+
+
+def mmeb_rows_from_runs(runs: list) -> list[GroupRow]:
+    """The runs (MLflow) that logged an MMEB-V2 summary, as rows (each metric's latest value)."""
+    rows = []
+    for r in runs:
+        found = mmeb_summary.columns_from_metrics({display_name(k): v for k, v in r.data.metrics.items()})
+        if found:
+            rows.append(GroupRow(r.info.run_name or r.info.run_id[:8], found[0], found[1]))
+    return rows
+
+
+def mmeb_rows_from_dirs(dirs: list[str]) -> list[GroupRow]:
+    """Eval output folders (``<dir>/mmeb_v2/summary.json``, or a summary.json itself) as rows; a folder
+    without one is a ``UserError`` naming it."""
+    rows = []
+    for d in dirs:
+        path = next((p for p in (Path(d) / "mmeb_v2" / "summary.json", Path(d) / "summary.json", Path(d))
+                     if p.is_file()), None)
+        if path is None:
+            raise UserError(f"runs: no mmeb_v2/summary.json under {d} (run embedkit eval benchmark=mmeb_v2 out={d})")
+        try:
+            summ = mmeb_summary.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise UserError(f"runs: {path} is not an MMEB-V2 summary.json ({exc})") from None
+        label = Path(d).name if Path(d).is_dir() else path.parent.name
+        rows.append(GroupRow(label, mmeb_summary.columns_from_summary(summ), summ.partial, summ.version))
+    return rows
+
+
+def mmeb_table(rows: list[GroupRow]) -> tuple[list[str], list[list]]:
+    """Header (run, then the columns any row has, leaderboard order) and rows; a missing value is ''."""
+    present = [c for c in mmeb_summary.COLUMNS if any(c in r.values for r in rows)]
+    header = ["run"] + present
+    body = [[r.label + (" (partial)" if r.partial else "") + (f" [{r.version}]" if r.version else "")]
+            + [r.values.get(c, "") for c in present] for r in rows]
+    return header, body
+
+
+def mmeb_markdown(rows: list[GroupRow]) -> str:
+    header, body = mmeb_table(rows)
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def plot_groups(rows: list[GroupRow], path: str | Path, title: str) -> Path:
+    """A grouped bar chart: one cluster per leaderboard column, one bar per run (PNG, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    header, body = mmeb_table(rows)
+    columns = header[1:]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(columns) * max(1, len(rows)) ** 0.5 + 2), 4))
+    width = 0.8 / max(1, len(rows))
+    for i, row in enumerate(body):
+        xs = [j + i * width for j, v in enumerate(row[1:]) if v != ""]
+        ys = [v for v in row[1:] if v != ""]
+        ax.bar(xs, ys, width, label=row[0], color=f"C{i % 10}")
+    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(columns))], columns, rotation=45, ha="right")
+    ax.set_ylabel("score (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path

@@ -131,6 +131,7 @@ WRONG = {
     "encode": (["model=m", "input=i.jsonl", "out=o.npy", "batch_size=0"], "batch_size"),
     "mine": (["model=m", "shards=s", "out=o", "num_negatives=2", "threshold=abc"], "threshold"),
     "merge": (["a", "b", "out=o", "density=abc"], "density"),
+    "report": (["p.json", "results=r", "format=xml"], "format"),
 }
 
 

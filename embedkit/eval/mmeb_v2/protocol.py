@@ -122,6 +122,11 @@ class Protocol:
         """What every result file and MLflow run records about the protocol."""
         return {"benchmark": self.benchmark, "version": self.version, "fingerprint": self.fingerprint()}
 
+    def to_dict(self) -> dict:
+        """The header plus every task's pins: what a results file embeds, so a report can name the pins
+        of the protocol a run used even when it was an edited copy (``protocol_from_dict`` reads it)."""
+        return {**self.header(), "tasks": [t.as_dict() for t in self.tasks]}
+
 
 def known_versions() -> list[str]:
     return sorted(p.stem for p in PROTOCOL_DIR.glob("*.yaml"))
@@ -150,32 +155,39 @@ def protocol_from_file(path) -> Protocol:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise UserError(f"protocol file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if isinstance(doc, dict) and "version" not in doc:
+        doc["version"] = path.stem
+    return protocol_from_dict(doc, f"protocol file {path}")
+
+
+def protocol_from_dict(doc: dict, where: str = "protocol in results") -> Protocol:
+    """``Protocol.to_dict()`` output (or a parsed protocol YAML) -> ``Protocol``, validated as a file is."""
     if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), list) or not doc["tasks"]:
-        raise UserError(f"protocol file {path}: needs benchmark, version and a non-empty tasks list")
-    tasks = tuple(_task(entry, path, i) for i, entry in enumerate(doc["tasks"]))
+        raise UserError(f"{where}: needs benchmark, version and a non-empty tasks list")
+    tasks = tuple(_task(entry, where, i) for i, entry in enumerate(doc["tasks"]))
     names = [t.name for t in tasks]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise UserError(f"protocol file {path}: task names repeated: {', '.join(dupes)}")
-    return Protocol(str(doc.get("benchmark", BENCHMARK)), str(doc.get("version", path.stem)), tasks, str(path))
+        raise UserError(f"{where}: task names repeated: {', '.join(dupes)}")
+    return Protocol(str(doc.get("benchmark", BENCHMARK)), str(doc.get("version", "?")), tasks, where)
 
 
 _REQUIRED = [f.name for f in fields(TaskPin) if f.name != "extra"]
 _DATASET_KEYS = ("hf_path", "config", "split", "revision")
 
 
-def _task(entry, path: Path, index: int) -> TaskPin:
+def _task(entry, where: str, index: int) -> TaskPin:
     label = entry.get("name", f"#{index}") if isinstance(entry, dict) else f"#{index}"
     if not isinstance(entry, dict):
-        raise UserError(f"protocol file {path}: task {label} is not a mapping")
+        raise UserError(f"{where}: task {label} is not a mapping")
     unknown = sorted(set(entry) - set(_REQUIRED) - {"extra"})
     missing = [k for k in _REQUIRED if k not in entry]
     if missing or unknown:
-        raise UserError(f"protocol file {path}: task {label}: missing {missing or '-'}, unknown keys {unknown or '-'}")
+        raise UserError(f"{where}: task {label}: missing {missing or '-'}, unknown keys {unknown or '-'}")
     pin = TaskPin(**{**entry, "extra": entry.get("extra") or {}})
     problem = _check(pin)
     if problem:
-        raise UserError(f"protocol file {path}: task {label}: {problem}")
+        raise UserError(f"{where}: task {label}: {problem}")
     return pin
 
 

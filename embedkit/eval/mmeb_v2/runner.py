@@ -252,9 +252,9 @@ def finish(out_dir: str | Path, protocol, model: dict, records: dict[str, dict],
     if report_file:
         from embedkit.eval.mmeb_v2 import report
 
-        rows = report.compare(result, report_file)
-        write_atomic(folder / "report.md", report.to_markdown(rows, f"ours vs {Path(report_file).name}"))
-        write_atomic(folder / "report.json", report.to_json(rows, {"theirs": str(report_file)}))
-        log(report.to_markdown(rows).rstrip("\n"))
+        text = report.report_text(result, report_file)
+        report.write_report(folder / "report.md", text)
+        report.write_report(folder / "report.json", report.report_text(result, report_file, fmt="json"))
+        log(text.rstrip("\n"))
     log(f"mmeb_v2: files in {folder}")
     return result, summary

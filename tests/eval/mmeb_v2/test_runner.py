@@ -68,7 +68,7 @@ def test_every_task_is_scored_as_a_naive_loop_scores_it(setup):
     _, protocol, prepared, records, _ = setup
     assert list(records) == protocol.names()
     for pin, task, _ in prepared.tasks:
-        items_of = lambda rows: runner.TaskItems(rows, pin.pixels["max_pixels"])  # noqa: E731
+        items_of = lambda rows, cap=pin.pixels["max_pixels"]: runner.TaskItems(rows, cap)  # noqa: E731
         assert records[pin.name]["metrics"]["hit@1"] == pytest.approx(naive_hit1(task, items_of), abs=1e-9), pin.name
         assert records[pin.name]["score"] == records[pin.name]["metrics"][pin.metric]
         assert records[pin.name]["task_fingerprint"] == pin.fingerprint()

@@ -236,3 +236,18 @@ def small_protocol(path: Path, counts: dict[str, int], version: str = "v2.0.0") 
     doc["version"] = f"{version}-fixture"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def tiny_checkpoint(path: Path, recipe: str = "demo_video") -> Path:
+    """A checkpoint as ``embedkit fit`` writes it (resolved config + ``encoder.*`` weights) of ``recipe``'s
+    tiny random Qwen2-VL (images and video), untrained: what ``embedkit eval ckpt=`` opens."""
+    import torch
+
+    from embedkit.config.loader import compose
+    from embedkit.encoder import CHECKPOINT_PREFIX, Encoder
+
+    cfg = compose([f"recipe={recipe}"])
+    state = Encoder.from_config(cfg["model"], seed=0).state_dict()
+    torch.save({"hyper_parameters": {"config": cfg}, "global_step": 0,
+                "state_dict": {CHECKPOINT_PREFIX + k: v for k, v in state.items()}}, path)
+    return path

@@ -13,6 +13,15 @@
                                                      # without data.eval.root: visual documents by NDCG@5,
                                                      # text<->video R@k, classification, moments
     embedkit eval ... data.eval.retrieval=muvera [data.eval.muvera.candidates=100]   # multi_vector models
+    embedkit eval model=DIR benchmark=mmeb_v2[@version] data.eval.mmeb_v2_root=DIR [allow_missing=true]
+                  [report=SCORES.json]               # MMEB-V2's pinned protocol (docs/mmeb-v2.md "Running it");
+    embedkit eval model=DIR protocol_file=FILE.yaml data.eval.mmeb_v2_root=DIR   # or an edited protocol file
+
+``benchmark=`` checks every task's data and counts before the model is opened (one error line naming
+each missing task, exit 2; ``allow_missing=true`` scores the rest, marked partial), caches each task's
+embeddings under ``<out>/mmeb_v2/cache/`` keyed by the model's and the task's fingerprints (a killed run
+resumes), and writes ``<out>/mmeb_v2/results.json``, ``summary.json``/``summary.md`` (and ``report.md``
+with ``report=``); ``eval/mmeb_v2/runner.py``.
 
 ``quantize`` also scores the same embeddings quantised (``eval/quantize.py``: binary codes by Hamming
 distance, int8 by per-dimension scalar quantisation) and prints P@1 next to bytes per vector for float

@@ -94,15 +94,7 @@ class EvalOptions:
     def __post_init__(self):
         if self.rescore and "binary" not in self.quantize:
             raise UserError("rescore: rescoring applies to binary codes; add quantize=binary")
-        benchmark_only = [k for k in ("allow_missing", "report") if getattr(self, k)]
-        if benchmark_only and not (self.benchmark or self.protocol_file):
-            raise UserError(f"{benchmark_only[0]}: applies to benchmark=mmeb_v2 (or protocol_file=FILE) only")
-        if self.benchmark and self.protocol_file:
-            raise UserError("benchmark: give benchmark=mmeb_v2[@version] or protocol_file=FILE, not both")
-        if self.benchmark or self.protocol_file:
-            unsupported = [k for k in ("quantize", "layer", "dim") if getattr(self, k)]
-            if unsupported:
-                raise UserError(f"{unsupported[0]}: not supported with benchmark= (it scores the full float model)")
+
 
 
 VERB = Verb("eval", "MMEB and corpus-task evaluation: ckpt=PATH | model=DIR | model.backbone.path=PATH, and "
@@ -110,6 +102,20 @@ VERB = Verb("eval", "MMEB and corpus-task evaluation: ckpt=PATH | model=DIR | mo
             EvalOptions, config=("data.eval", "train.chunk_size", "tracking"),
             words=(("model.backbone.path=PATH", "evaluate the recipe's model with these weights (e.g. a released "
                                                 "checkpoint); outputs in runs/eval-<recipe>/"),))
+
+
+def check_benchmark_words(opts: EvalOptions) -> None:
+    """One-line errors for the ``benchmark=`` words used where they do not apply (checked by ``main``, not
+    at parse time: each option alone is valid)."""
+    benchmark_only = [k for k in ("allow_missing", "report") if getattr(opts, k)]
+    if benchmark_only and not (opts.benchmark or opts.protocol_file):
+        raise UserError(f"{benchmark_only[0]}: applies to benchmark=mmeb_v2 (or protocol_file=FILE) only")
+    if opts.benchmark and opts.protocol_file:
+        raise UserError("benchmark: give benchmark=mmeb_v2[@version] or protocol_file=FILE, not both")
+    if opts.benchmark or opts.protocol_file:
+        unsupported = [k for k in ("quantize", "layer", "dim") if getattr(opts, k)]
+        if unsupported:
+            raise UserError(f"{unsupported[0]}: not supported with benchmark= (it scores the full float model)")
 
 
 def init_distributed() -> int:
@@ -124,6 +130,7 @@ def main(args: list[str]) -> int:
     from embedkit.config.loader import compose
 
     opts = VERB.parse(args)
+    check_benchmark_words(opts)
     from_config = opts.ckpt is None and opts.model is None and any(
         a.startswith("model.backbone.path=") for a in opts.overrides)
     if (opts.ckpt is None) == (opts.model is None) and not from_config:

@@ -106,7 +106,9 @@ def test_visdoc_qrels_are_graded_positive_and_deduplicated(layout):
         assert [q["id"] for q in task.queries] == ["q0", "q1", "q2"]  # q3: no qrel, not evaluated
         assert task.qrels == [{0: 2.0, 1: 1.0}, {2: 1.0}, {4: 3.0}]  # score 0 dropped, repeated pair at its max
         assert task.queries[0]["text"] == "Find a document image that matches the given query: what does page 0 say"
-        assert len(task.corpus) == 5 and "bytes" in task.corpus[0]["images"][0]
+        page = Path(task.corpus[0]["images"][0])  # spilled to <task>/images/ once, not held in memory
+        assert len(task.corpus) == 5 and page.parent == task.folder / "images" and page.suffix == ".png"
+        assert page.read_bytes() == fx.png_bytes(200)
     assert tasks["VisRAG_ArxivQA"].corpus[0]["id"] == "page0.jpg"
 
 

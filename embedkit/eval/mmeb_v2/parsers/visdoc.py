@@ -43,9 +43,34 @@ def _qrels(rows: list[dict], name: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def _page(b: Builder, value) -> list | None:
+def _spill(folder: Path, cid: str, data: bytes) -> list:
+    """A page shipped as bytes, written once to ``<task>/images/`` (as VLM2Vec caches pages to its
+    ``image_root``) so that no corpus is held in memory: its path; the bytes themselves where the data root
+    is read-only."""
+    import hashlib
+    import os
+    import re
+
+    ext = ".png" if data[:4] == b"\x89PNG" else ".jpg" if data[:2] == b"\xff\xd8" else ".img"
+    # named by its content too: an edited page is a new file, so the cache key (the item's path) changes
+    name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', cid)[:50]}_{hashlib.sha1(data).hexdigest()[:12]}{ext}"
+    path = folder / "images" / name
+    if path.is_file():
+        return [str(path)]
+    tmp = path.with_name(f".{name}.{os.getpid()}.tmp")  # one temporary per process: ranks parse at once
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return [str(path)] if path.is_file() else [{"bytes": data}]
+    return [str(path)]
+
+
+def _page(b: Builder, value, cid: str) -> list | None:
     if isinstance(value, dict) and value.get("bytes"):
-        return [{"bytes": value["bytes"]}]
+        return _spill(b.folder, cid, value["bytes"])
     path = value.get("path") if isinstance(value, dict) else value
     if not path:
         b.missing.append("a corpus row has no image")
@@ -59,7 +84,8 @@ def visdoc(pin, root: Path) -> CorpusTask:
     tables = _configs(b.folder, pin.dataset.get("split"))
     for n, row in enumerate(tables["corpus"]):
         cid = str(column(row, "corpus-id", n, pin.name))
-        b.doc(join(pin.candidate_instruction, None), images=_page(b, column(row, "image", n, pin.name)), doc_id=cid)
+        b.doc(join(pin.candidate_instruction, None), images=_page(b, column(row, "image", n, pin.name), cid),
+              doc_id=cid)
     qrels = _qrels(tables["qrels"], pin.name)
     language = (pin.extra or {}).get("language")
     for n, row in enumerate(tables["queries"]):

@@ -95,6 +95,17 @@ def test_summary_means_are_the_hand_computed_means(setup):
     assert json.loads((tmp / "out" / "mmeb_v2" / "summary.json").read_text())["partial"] is False
 
 
+def test_report_diffs_the_run_against_a_published_score_file(setup):
+    tmp, protocol, prepared, records, _ = setup
+    published = fx.Path(__file__).parent / "fixtures" / "v2.0.0_VLM2Vec-V2.0-Qwen2VL-2B.json"
+    runner.finish(tmp / "rep", protocol, {"fingerprint": "m" * 64}, records, prepared, report_file=str(published),
+                  log=lambda m: None)
+    text = (tmp / "rep" / "mmeb_v2" / "report.md").read_text()
+    rows = {r["task"]: r for r in json.loads((tmp / "rep" / "mmeb_v2" / "report.json").read_text())["rows"]}
+    assert "| MSR-VTT |" in text and rows["MSR-VTT"]["ours"] == pytest.approx(100 * records["MSR-VTT"]["score"])
+    assert rows["MSR-VTT"]["differs"] == ["count"]  # the fixture's 3 queries against the published 1000
+
+
 def test_a_second_run_reads_the_cache_and_writes_the_same_bytes(setup):
     tmp, protocol, prepared, records, encoded = setup
     assert encoded > 0

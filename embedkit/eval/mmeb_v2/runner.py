@@ -247,8 +247,11 @@ def finish(out_dir: str | Path, protocol, model: dict, records: dict[str, dict],
     result = results(protocol, model, records, prepared)
     folder = write(out_dir, result).parent
     summary = leaderboard.summarize(protocol, {name: r["score"] for name, r in records.items()})
-    leaderboard.write(folder, summary)
-    log(leaderboard.to_markdown(summary).rstrip("\n"))
+    # summary.write's files, with the model's fingerprint added (the summary carries the protocol's)
+    table = leaderboard.to_markdown(summary) + f"\nmodel {model['fingerprint'][:12]}\n"
+    write_atomic(folder / "summary.json", json.dumps({**summary.to_dict(), "model": model}, indent=2, sort_keys=True) + "\n")
+    write_atomic(folder / "summary.md", table)
+    log(table.rstrip("\n"))
     if report_file:
         from embedkit.eval.mmeb_v2 import report
 

@@ -92,7 +92,12 @@ def test_summary_means_are_the_hand_computed_means(setup):
     written = json.loads((tmp / "out" / "mmeb_v2" / "results.json").read_text())
     assert written["protocol"]["fingerprint"] == protocol.fingerprint() and written["model"]["fingerprint"] == "m" * 64
     assert written["partial"] is False and written["tasks"] == json.loads(json.dumps(records))
-    assert json.loads((tmp / "out" / "mmeb_v2" / "summary.json").read_text())["partial"] is False
+    written_summary = json.loads((tmp / "out" / "mmeb_v2" / "summary.json").read_text())
+    assert written_summary["partial"] is False and written_summary["model"]["fingerprint"] == "m" * 64
+    assert written_summary["protocol_fingerprint"] == protocol.fingerprint()
+    from embedkit.eval.mmeb_v2.summary import from_dict
+
+    assert from_dict(written_summary) == summary  # compare reads it back as B's summary
 
 
 def test_report_diffs_the_run_against_a_published_score_file(setup):

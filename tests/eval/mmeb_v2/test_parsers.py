@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from embedkit.errors import UserError
 from embedkit.eval.mmeb_v2.parsers import MissingData, parse
 from embedkit.eval.mmeb_v2.parsers.common import natural_key, select_frames
 from embedkit.eval.mmeb_v2.protocol import protocol_from_file
@@ -47,6 +48,8 @@ def test_frames_are_8_of_at_most_64_by_index_in_natural_order(tmp_path):
         f"frame_{i + 1:04d}.jpg" for i in (0, 9, 19, 29, 39, 49, 59, 68)]
     assert names(select_frames(files[:5], {"num_frames": 8, "max_saved": 64})) == names(files[:5])  # no padding
     assert sorted(["f10.jpg", "f2.jpg", "f1.jpg"], key=natural_key) == ["f1.jpg", "f2.jpg", "f10.jpg"]
+    with pytest.raises(UserError, match="frames.sampling: 'fps' is not supported"):
+        select_frames(files, {"num_frames": 8, "max_saved": 64, "sampling": "fps"})
 
 
 def test_video_queries_and_candidates_carry_the_pinned_strings(layout):

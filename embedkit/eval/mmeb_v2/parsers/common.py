@@ -16,6 +16,7 @@ import json
 import re
 from pathlib import Path
 
+from embedkit.errors import UserError
 from embedkit.eval.corpus_tasks import CorpusTask
 
 #: frame files VLM2Vec's ``load_frames`` accepts (mmeb-v2.md section 2)
@@ -102,6 +103,9 @@ def select_frames(files: list[Path], frames_pin: dict) -> list[Path]:
     (``sample_frames``), all of them when fewer, with no padding."""
     from embedkit.data.video import uniform_indices
 
+    if frames_pin.get("sampling", "uniform_index") != "uniform_index":
+        raise UserError(f"protocol frames.sampling: {frames_pin['sampling']!r} is not supported (the benchmark's "
+                        "frames are uniform_index: np.linspace over the saved frames)")
     n, cap = len(files), int(frames_pin.get("max_saved") or len(files) or 1)
     if n > cap:
         files = [files[(i * n) // cap] for i in range(cap)]

@@ -42,6 +42,7 @@ from embedkit.tracking.store import display_name, is_sqlite, resolve_uri, sqlite
 DEFAULT_METRICS = ("val/p@1", "eval/overall/p@1", "train/loss")
 HIDDEN_PARAMS = ("run.name", "run.dir")
 KIND_TAG = "embedkit.kind"
+MMEB_PREFIXES = (f"{mmeb_summary.PREFIX}/", f"{mmeb_summary.PARTIAL_PREFIX}/")
 
 
 # ------------------------------------------------------------------ names
@@ -97,7 +98,8 @@ def choose_metrics(runs: list, requested: list[str]) -> list[str]:
         return requested
     present = {display_name(k) for r in runs for k in r.data.metrics}
     chosen = [m for m in DEFAULT_METRICS if m in present]
-    return chosen or sorted(present)
+    # the MMEB-V2 summary has its own groups table (mmeb_rows_from_runs), not best/final columns here
+    return chosen or sorted(m for m in present if not m.startswith(MMEB_PREFIXES))
 
 
 def history(client, run, name: str) -> list[tuple[int, float]]:

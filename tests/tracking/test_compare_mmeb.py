@@ -57,6 +57,7 @@ def test_mlflow_runs_get_a_groups_table_and_a_bar_chart(store, tmp_path, capsys)
     code = cli(["compare", f"tracking.uri={store}", "experiment=v2", f"plot={png}"])
     out, err = capsys.readouterr()
     assert code == 0
+    assert "mmeb_v2/overall best" not in out  # the groups have their own table, not best/final columns
     groups = rows_of(out.split("MMEB-V2 groups, percent:")[1])
     assert groups["header"][:4] == ["run", "Overall", "Image", "I-CLS"] and groups["header"][-1] == "OOD"
     assert groups["full"][1:3] == ["58.02", "64.85"] and "no-mmeb" not in groups

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -157,7 +157,7 @@ def protocol_from_file(path) -> Protocol:
         raise UserError(f"protocol file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if isinstance(doc, dict) and "version" not in doc:
         doc["version"] = path.stem
-    return protocol_from_dict(doc, f"protocol file {path}")
+    return replace(protocol_from_dict(doc, f"protocol file {path}"), source=str(path))
 
 
 def protocol_from_dict(doc: dict, where: str = "protocol in results") -> Protocol:

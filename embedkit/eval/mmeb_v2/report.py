@@ -152,6 +152,17 @@ def _pct(value) -> float | None:
     return None if value is None else 100.0 * float(value)
 
 
+def _status(record, entry, mine, theirs, differs) -> str:
+    """``same protocol`` / ``protocols differ`` when both sides scored the task; else which side lacks it
+    and why: not in that side's protocol (``only ours``/``only theirs``) or pinned but not scored
+    (``missing in ours``: a partial run; ``missing in theirs``: FILE_N/A in the published file)."""
+    if record is not None and entry is not None:
+        return "protocols differ" if differs else "same protocol"
+    if record is None:
+        return "missing in ours" if mine is not None else "only theirs"
+    return "missing in theirs" if theirs is not None else "only ours"
+
+
 def _row(name: str, record: dict | None, mine: TaskPin | None, theirs: TaskPin | None, pub: Published) -> Row:
     entry = pub.tasks.get(name)
     their_metric = theirs.metric if theirs else MODALITY_METRIC.get(pub.modality.get(name, ""))
@@ -166,8 +177,7 @@ def _row(name: str, record: dict | None, mine: TaskPin | None, theirs: TaskPin |
     if record and entry and metric != their_metric and "metric" not in differs:
         differs = sorted(differs + ["metric"])
     gap = our_score - their_score if our_score is not None and their_score is not None else None
-    status = ("only theirs" if record is None else "only ours" if entry is None
-              else "protocols differ" if differs else "same protocol")
+    status = _status(record, entry, mine, theirs, differs)
     return Row(name, (mine or theirs).group if (mine or theirs) else pub.modality.get(name, "?"), our_score,
                their_score, gap, metric, their_metric, our_count, their_count, differs,
                _pct(record.get("ndcg_linear@5_vlm2vec")) if record else None, status)

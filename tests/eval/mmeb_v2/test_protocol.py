@@ -19,6 +19,7 @@ GROUP_SIZES = {"I-CLS": 10, "I-QA": 10, "I-RET": 12, "I-VG": 4, "V-CLS": 5, "V-Q
 def test_each_version_has_its_tasks_and_groups(version, total, ood):
     proto = P.load_protocol(f"mmeb_v2@{version}")
     assert (proto.benchmark, proto.version, len(proto.tasks)) == ("mmeb_v2", version, total)
+    assert proto.source == str(P.PROTOCOL_DIR / f"{version}.yaml")
     sizes = {g: len(n) for g, n in proto.groups().items()}
     assert sizes == {**GROUP_SIZES, "OOD": ood}
     assert {m: len(n) for m, n in proto.modalities().items()} == {"image": 36, "video": 18, "visdoc": 20 + ood}

@@ -72,6 +72,19 @@ def test_a_changed_pin_changes_the_fingerprint_and_is_named(task, change, pin):
     assert [r.task for r in rows.values() if r.differs] == [task]
 
 
+def test_a_partial_run_and_an_unavailable_published_task_are_told_apart(tmp_path):
+    proto = load_protocol("mmeb_v2@v2.1")
+    ours = results_like(V21, proto)
+    del ours["tasks"]["K700"]
+    doc = json.loads(V21.read_text())
+    doc["metrics"]["video"]["UCF101"] = "FILE_N/A"
+    (tmp_path / "theirs.json").write_text(json.dumps(doc))
+    rows = by_task(R.compare(ours, tmp_path / "theirs.json", "mmeb_v2@v2.1"))
+    assert (rows["K700"].status, rows["K700"].ours, rows["K700"].gap) == ("missing in ours", None, None)
+    assert (rows["UCF101"].status, rows["UCF101"].theirs) == ("missing in theirs", None)
+    assert R.read_published(tmp_path / "theirs.json").unavailable == ["UCF101"]
+
+
 def test_results_without_embedded_pins_must_match_the_shipped_fingerprint():
     proto = load_protocol("mmeb_v2@v2.1")
     ours = results_like(V21, proto)

@@ -46,6 +46,9 @@ def test_frames_are_8_of_at_most_64_by_index_in_natural_order(tmp_path):
     # 70 saved -> 64 (floor(i*70/64)) -> linspace(0, 63, 8) = 0 9 18 27 36 45 54 63 -> files 0 9 19 29 39 49 59 68
     assert names(select_frames(files, {"num_frames": 8, "max_saved": 64})) == [
         f"frame_{i + 1:04d}.jpg" for i in (0, 9, 19, 29, 39, 49, 59, 68)]
+    # the QA loaders' cv2 path: every 70 // 64 = 1st frame from 0, the first 64 -> linspace picks 0 9 18 ... 63
+    assert names(select_frames(files, {"num_frames": 8, "max_saved": 64, "extract": "cv2"})) == [
+        f"frame_{i + 1:04d}.jpg" for i in (0, 9, 18, 27, 36, 45, 54, 63)]
     assert names(select_frames(files[:5], {"num_frames": 8, "max_saved": 64})) == names(files[:5])  # no padding
     assert sorted(["f10.jpg", "f2.jpg", "f1.jpg"], key=natural_key) == ["f1.jpg", "f2.jpg", "f10.jpg"]
     with pytest.raises(UserError, match="frames.sampling: 'fps' is not supported"):

@@ -96,10 +96,19 @@ def frame_files(folder: Path) -> list[Path]:
                   key=lambda p: natural_key(p.name))
 
 
+def saved_indices(n: int, cap: int, extract: str) -> list[int]:
+    """Which of ``n`` frames VLM2Vec's extraction keeps (mmeb-v2.md section 2): ``ffmpeg`` (CLS, RET,
+    MRET: ``save_frames``) ``floor(i * n / cap)`` for i < cap; ``cv2`` (the QA loaders) every
+    ``max(1, n // cap)``-th frame from 0, at most ``cap`` of them (the cap on the cv2 path: our reading)."""
+    if extract == "cv2":
+        return list(range(0, n, max(1, n // cap)))[:cap]
+    return [(i * n) // cap for i in range(cap)]
+
+
 def select_frames(files: list[Path], frames_pin: dict) -> list[Path]:
     """The frames an item keeps (mmeb-v2.md section 2): stage 1 keeps at most ``max_saved`` of the saved
-    files (``floor(i * N / max_saved)``, VLM2Vec's ``save_frames``: only when more were extracted than it
-    would have saved); stage 2 takes ``np.linspace(0, n - 1, num_frames, dtype=int)`` of those
+    files as the pin's ``extract`` path would have (``saved_indices``: only when more were extracted than
+    VLM2Vec saves); stage 2 takes ``np.linspace(0, n - 1, num_frames, dtype=int)`` of those
     (``sample_frames``), all of them when fewer, with no padding."""
     from embedkit.data.video import uniform_indices
 
@@ -108,7 +117,7 @@ def select_frames(files: list[Path], frames_pin: dict) -> list[Path]:
                         "frames are uniform_index: np.linspace over the saved frames)")
     n, cap = len(files), int(frames_pin.get("max_saved") or len(files) or 1)
     if n > cap:
-        files = [files[(i * n) // cap] for i in range(cap)]
+        files = [files[i] for i in saved_indices(n, cap, frames_pin.get("extract", "ffmpeg"))]
     return [files[i] for i in uniform_indices(len(files), int(frames_pin["num_frames"]))]
 
 

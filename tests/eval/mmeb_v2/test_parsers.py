@@ -134,6 +134,10 @@ def test_missing_annotations_frames_and_columns_are_named(layout, tmp_path):
     shutil.rmtree(tmp_path / "VisRAG_ArxivQA" / "qrels")
     with pytest.raises(MissingData, match="no folder .*qrels"):
         parse(protocol.task("VisRAG_ArxivQA"), tmp_path)
-    fx.table(next((tmp_path / "QVHighlight").rglob("*.parquet")), [{"question": "x", "video_path": "qv0.mp4"}])
+    shard = next((tmp_path / "QVHighlight").rglob("*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated by an interrupted download
+    with pytest.raises(MissingData, match=r"test-00000-of-00001.parquet does not read \(ArrowInvalid\)"):
+        parse(protocol.task("QVHighlight"), tmp_path)
+    fx.table(shard, [{"question": "x", "video_path": "qv0.mp4"}])
     with pytest.raises(MissingData, match="row 1 has no column 'query'"):
         parse(protocol.task("QVHighlight"), tmp_path)

@@ -65,11 +65,16 @@ def annotation_files(folder: Path, split: str | None = None) -> list[Path]:
 
 
 def read_table(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    import pyarrow.parquet as pq
+    """The rows of one annotation file; one that does not read (truncated parquet, a line that is not JSON)
+    is ``MissingData`` naming it, like a missing one."""
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist()
+        return pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid and json's JSONDecodeError are ValueErrors
+        raise MissingData([f"{path} does not read ({type(exc).__name__})"]) from None
 
 
 def read_rows(folder: Path, split: str | None, what: str) -> list[dict]:

@@ -63,6 +63,9 @@ def prepare(protocol, root: str | Path | None, allow_missing: bool = False) -> P
         except MissingData as exc:
             out.missing[pin.name] = exc.reasons
             continue
+        except (TypeError, KeyError, AttributeError) as exc:  # a value of the wrong kind: not this layout
+            out.missing[pin.name] = [f"rows not in the {pin.parser} layout ({type(exc).__name__}: {exc})"]
+            continue
         if len(task.queries) != pin.num_queries:
             out.missing[pin.name] = [f"{len(task.queries)} queries, the pin says {pin.num_queries}"]
             continue

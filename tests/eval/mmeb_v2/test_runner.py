@@ -132,14 +132,17 @@ def test_missing_and_miscounted_tasks_are_one_report_unless_allowed(setup, tmp_p
     fx.write_layout(tmp_path, [p for p in fx.TASKS if p not in ("msvd", "visrag")])
     fx.table(tmp_path / "K700" / "data" / "test-00000-of-00001.parquet",
              [{"video_id": "vid0", "pos_text": "abseiling"}])
+    fx.table(tmp_path / "SmthSmthV2" / "data" / "test-00000-of-00001.parquet",
+             [{"video_id": "0", "pos_text": "a", "neg_text": 3}])  # neg_text not a list
     with pytest.raises(UserError) as err:
         runner.prepare(protocol, tmp_path)
     message = str(err.value)
-    assert "\n" not in message and "3 of 17 tasks" in message
-    for part in ("MSVD: no folder", "VisRAG_ArxivQA: no folder", "K700: 1 queries, the pin says 4", "allow_missing=true"):
+    assert "\n" not in message and "4 of 17 tasks" in message
+    for part in ("MSVD: no folder", "VisRAG_ArxivQA: no folder", "K700: 1 queries, the pin says 4", "allow_missing=true",
+                 "SmthSmthV2: rows not in the ssv2 layout (TypeError"):
         assert part in message, message
     prepared = runner.prepare(protocol, tmp_path, allow_missing=True)
-    assert prepared.partial and list(prepared.missing) == ["K700", "MSVD", "VisRAG_ArxivQA"]
-    assert len(prepared.tasks) == 14
+    assert prepared.partial and list(prepared.missing) == ["K700", "SmthSmthV2", "MSVD", "VisRAG_ArxivQA"]
+    assert len(prepared.tasks) == 13
     with pytest.raises(UserError, match="data.eval.mmeb_v2_root=DIR"):
         runner.prepare(protocol, None)

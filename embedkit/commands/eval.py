@@ -181,6 +181,10 @@ def benchmark_main(opts: EvalOptions, cfg: dict, from_config: bool) -> int:
     from embedkit.eval.run import output_dir
 
     protocol = protocol_from_file(opts.protocol_file) if opts.protocol_file else load_protocol(opts.benchmark)
+    if opts.report:  # read now: a bad score file is found before hours of encoding, not after
+        from embedkit.eval.mmeb_v2.report import read_published
+
+        read_published(opts.report)
     prepared = runner.prepare(protocol, cfg["data"]["eval"]["mmeb_v2_root"], opts.allow_missing)
     rank = init_distributed()
     model, provenance = open_the_model(opts, cfg, from_config)

@@ -81,6 +81,8 @@ def test_a_missing_task_exits_2_with_the_list_and_allow_missing_marks_partial(se
     assert "PARTIAL" in (tmp / "b" / "mmeb_v2" / "summary.md").read_text()
     assert cli(["eval", *words, "report=x.json", "benchmark=mmeb_v2"]) == 2  # benchmark= and protocol_file=
     assert "not both" in capsys.readouterr().err
+    assert cli(["eval", *words, f"report={tmp / 'no-such-scores.json'}"]) == 2  # before anything is encoded
+    assert "no-such-scores.json" in capsys.readouterr().err
     assert cli(["eval", "model=x", "allow_missing=true"]) == 2
     assert "allow_missing: applies to benchmark=mmeb_v2" in capsys.readouterr().err
 

@@ -142,7 +142,7 @@ def scores_of(task: CorpusTask, q: torch.Tensor, c: torch.Tensor, normalize: boo
         q, c = torch.nn.functional.normalize(q.float(), dim=-1), torch.nn.functional.normalize(c.float(), dim=-1)
     sim = similarity_for(q)
     if task.candidates is None:
-        return sim(q.float(), c.float()).double(), task.qrels, [r["id"] for r in task.corpus]
+        return sim(q.float(), c.float()).double(), task.qrels, vlm2vec_ids(task.corpus)
     width = max(len(cands) for cands in task.candidates)
     scores = torch.full((len(task.queries), width), float("-inf"), dtype=torch.float64)
     qrels = []
@@ -150,6 +150,16 @@ def scores_of(task: CorpusTask, q: torch.Tensor, c: torch.Tensor, normalize: boo
         scores[n, : len(cands)] = sim(q[n : n + 1].float(), c[cands].float()).double()[0]
         qrels.append({pos: task.qrels[n][ci] for pos, ci in enumerate(cands) if ci in task.qrels[n]})
     return scores, qrels, None
+
+
+def vlm2vec_ids(corpus: list[dict]) -> list | None:
+    """The ids VLM2Vec's NDCG pairing keys on (``ranking.ndcg_vlm2vec_convention``): the dataset's own
+    integer corpus-ids (ViDoRe, the OOD sets: a set of ints has one order, so the number is VLM2Vec's);
+    for string ids (VisRAG's file names) their set order follows PYTHONHASHSEED in VLM2Vec's runs too, so
+    the corpus positions stand in (None), which keeps the result the same in every process. Grades are
+    uniform on those tasks, where the pairing cannot change the score."""
+    ids = [r.get("source_id") for r in corpus]
+    return ids if all(isinstance(i, int) and not isinstance(i, bool) for i in ids) else None
 
 
 def task_record(pin, task: CorpusTask, q: torch.Tensor, c: torch.Tensor, normalize: bool) -> dict:

@@ -76,6 +76,22 @@ def test_every_task_is_scored_as_a_naive_loop_scores_it(setup):
     assert len({r["score"] for r in records.values()}) > 3  # the fake encoder does not score everything alike
 
 
+def test_vlm2vec_ndcg_keys_on_the_datasets_integer_ids(setup):
+    """ViDoRe's int corpus-ids reach VLM2Vec's pairing (one set order in every process); VisRAG's string ids
+    do not (their set order would follow PYTHONHASHSEED), and its grades are uniform there."""
+    from embedkit.eval import ranking
+
+    _, _, prepared, records, _ = setup
+    by_name = {pin.name: (pin, task) for pin, task, _ in prepared.tasks}
+    pin, task = by_name["ViDoRe_esg_reports_human_labeled_v2"]
+    assert runner.vlm2vec_ids(task.corpus) == [0, 1, 2, 3, 4]
+    items = runner.TaskItems(task.queries, None), runner.TaskItems(task.corpus, None)
+    q, c = (torch.stack([vector(side[i]) for i in range(len(side))]) for side in items)
+    scores, qrels, _ = runner.scores_of(task, q, c, normalize=True)
+    assert records[pin.name]["ndcg_linear@5_vlm2vec"] == ranking.ndcg_vlm2vec_convention(scores, qrels, ids=[0, 1, 2, 3, 4])
+    assert runner.vlm2vec_ids(by_name["VisRAG_ArxivQA"][1].corpus) is None
+
+
 def test_summary_means_are_the_hand_computed_means(setup):
     tmp, protocol, prepared, records, _ = setup
     result, summary = runner.finish(tmp / "out", protocol, {"fingerprint": "m" * 64}, records, prepared,

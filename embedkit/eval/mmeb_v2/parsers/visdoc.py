@@ -83,9 +83,11 @@ def visdoc(pin, root: Path) -> CorpusTask:
     b = Builder(pin, task_dir(root, pin))
     tables = _configs(b.folder, pin.dataset.get("split"))
     for n, row in enumerate(tables["corpus"]):
-        cid = str(column(row, "corpus-id", n, pin.name))
-        b.doc(join(pin.candidate_instruction, None), images=_page(b, column(row, "image", n, pin.name), cid),
-              doc_id=cid)
+        raw = column(row, "corpus-id", n, pin.name)
+        cid = str(raw)
+        index = b.doc(join(pin.candidate_instruction, None), images=_page(b, column(row, "image", n, pin.name), cid),
+                      doc_id=cid)
+        b.corpus[index]["source_id"] = raw  # as the dataset types it: VLM2Vec's NDCG pairing keys on it
     qrels = _qrels(tables["qrels"], pin.name)
     language = (pin.extra or {}).get("language")
     for n, row in enumerate(tables["queries"]):

@@ -254,6 +254,8 @@ def report_text(results, theirs_path, their_protocol=None, our_protocol_spec=Non
             "theirs": {"file": str(theirs_path), "model": pub.model,
                        "protocol": {"version": theirs.version, "fingerprint": theirs.fingerprint(),
                                     "guessed": their_protocol is None}}}
+    groups = group_rows(ours, pub, theirs, our_protocol_spec)
+    meta["groups"] = groups
     if fmt == "json":
         return to_json(rows, meta)
     guessed = " (guessed from the file)" if their_protocol is None else ""
@@ -261,7 +263,35 @@ def report_text(results, theirs_path, their_protocol=None, our_protocol_spec=Non
     title = (f"ours{partial}: protocol {head.get('version', '?')} ({str(head.get('fingerprint', ''))[:12]}) | "
              f"theirs: {pub.model}, protocol {theirs.version}{guessed} ({theirs.fingerprint()[:12]}); "
              "scores in percent, gap = ours - theirs")
-    return to_markdown(rows, title)
+    return groups_markdown(groups) + "\n" + to_markdown(rows, title)
+
+
+def group_rows(ours: dict, pub: Published, theirs: Protocol, our_protocol_spec=None) -> dict[str, dict]:
+    """Both sides' leaderboard numbers, each under its own protocol (``summary.summarize``): ``{"ours":
+    {column: value}, "theirs": {...}, "partial": {"ours": bool, "theirs": bool}}``. A difference here mixes
+    model and protocol; the per-task rows below it separate them."""
+    from embedkit.eval.mmeb_v2 import summary as S
+
+    mine = resolve_protocol(our_protocol_spec) if our_protocol_spec else our_protocol(ours)
+    our_scores = {n: r["score"] for n, r in (ours.get("tasks") or {}).items() if isinstance(r, dict) and "score" in r}
+    their_scores = {p.name: pub.tasks[p.name][p.metric] for p in theirs.tasks
+                    if p.metric in pub.tasks.get(p.name, {})}
+    a, b = S.summarize(mine, our_scores), S.summarize(theirs, their_scores)
+    return {"ours": S.columns_from_summary(a), "theirs": S.columns_from_summary(b),
+            "partial": {"ours": a.partial, "theirs": b.partial},
+            "tasks": {"ours": a.counts["Overall"], "theirs": b.counts["Overall"]}}
+
+
+def groups_markdown(groups: dict) -> str:
+    """The two summaries and their difference as one small table (percent)."""
+    cols = [c for c in groups["ours"] if c in groups["theirs"]]
+    label = {side: side + (" (partial)" if groups["partial"][side] else "")
+             + f" [{groups['tasks'][side][0]} tasks]" for side in ("ours", "theirs")}
+    lines = ["| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for side in ("ours", "theirs"):
+        lines.append(f"| {label[side]} | " + " | ".join(f"{groups[side][c]:.2f}" for c in cols) + " |")
+    lines.append("| gap | " + " | ".join(f"{groups['ours'][c] - groups['theirs'][c]:+.2f}" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_report(path, text: str) -> Path:

@@ -125,9 +125,13 @@ def test_the_report_verb_reads_a_run_folder_and_writes_the_table(tmp_path, capsy
     code = cli.main(["report", str(V20), f"results={tmp_path / 'run'}", f"out={tmp_path / 'r.md'}"])
     out = capsys.readouterr().out
     assert code == 0 and "protocol v2.0.0 (guessed from the file)" in out and "| MomentSeeker |" in out
+    # the leaderboard numbers of both sides, each under its own protocol: v2.1 (76 tasks) vs v2.0.0 (78)
+    assert "| ours [76 tasks] | 59.01 | 64.92 |" in out and "| theirs [78 tasks] | 58.02 | 64.85 |" in out
+    assert "| gap | +0.98 | +0.07 |" in out  # the unrounded difference (59.007 - 58.022)
     assert (tmp_path / "r.md").read_text() == out
     assert cli.main(["report", str(V21), f"results={tmp_path / 'run'}", "format=json", "protocol=mmeb_v2@v2.1"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["theirs"]["protocol"]["version"] == "v2.1" and len(doc["rows"]) == 76
+    assert doc["groups"]["ours"]["Overall"] == pytest.approx(doc["groups"]["theirs"]["Overall"])
     assert cli.main(["report", str(V21), f"results={tmp_path / 'nothing'}"]) == 2
     assert "no mmeb_v2/results.json under" in capsys.readouterr().err

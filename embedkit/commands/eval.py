@@ -13,6 +13,15 @@
                                                      # without data.eval.root: visual documents by NDCG@5,
                                                      # text<->video R@k, classification, moments
     embedkit eval ... data.eval.retrieval=muvera [data.eval.muvera.candidates=100]   # multi_vector models
+    embedkit eval model=DIR benchmark=mmeb_v2[@version] data.eval.mmeb_v2_root=DIR [allow_missing=true]
+                  [report=SCORES.json]               # MMEB-V2's pinned protocol (docs/mmeb-v2.md "Running it");
+    embedkit eval model=DIR protocol_file=FILE.yaml data.eval.mmeb_v2_root=DIR   # or an edited protocol file
+
+``benchmark=`` checks every task's data and counts before the model is opened (one error line naming
+each missing task, exit 2; ``allow_missing=true`` scores the rest, marked partial), caches each task's
+embeddings under ``<out>/mmeb_v2/cache/`` keyed by the model's and the task's fingerprints (a killed run
+resumes), and writes ``<out>/mmeb_v2/results.json``, ``summary.json``/``summary.md`` (and ``report.md``
+with ``report=``); ``eval/mmeb_v2/runner.py``.
 
 ``quantize`` also scores the same embeddings quantised (``eval/quantize.py``: binary codes by Hamming
 distance, int8 by per-dimension scalar quantisation) and prints P@1 next to bytes per vector for float
@@ -72,6 +81,14 @@ class EvalOptions:
                                                                         "null: as stored")
     num_workers: int = option(0, "loader processes that tokenise and decode images ahead of the model; "
                                  "0: in this process", minimum=0)
+    benchmark: Optional[str] = option(None, "mmeb_v2[@version]: every task of the pinned MMEB-V2 protocol, "
+                                            "from data.eval.mmeb_v2_root (docs/mmeb-v2.md)", metavar="NAME[@VERSION]")
+    protocol_file: Optional[str] = option(None, "benchmark: a protocol YAML (an edited copy of a shipped one) "
+                                                "instead of a shipped version", metavar="FILE")
+    allow_missing: bool = option(False, "benchmark: score the tasks found when some are missing or "
+                                        "miscounted; every output is marked partial")
+    report: Optional[str] = option(None, "benchmark: a published VLM2Vec score file to diff against, task by "
+                                         "task, naming the pins that differ", metavar="FILE")
     overrides: list[str] = config_words()
 
     def __post_init__(self):
@@ -79,11 +96,26 @@ class EvalOptions:
             raise UserError("rescore: rescoring applies to binary codes; add quantize=binary")
 
 
+
 VERB = Verb("eval", "MMEB and corpus-task evaluation: ckpt=PATH | model=DIR | model.backbone.path=PATH, and "
                     "data.eval.root=DIR and/or data.eval.tasks=[DIR,...]",
             EvalOptions, config=("data.eval", "train.chunk_size", "tracking"),
             words=(("model.backbone.path=PATH", "evaluate the recipe's model with these weights (e.g. a released "
                                                 "checkpoint); outputs in runs/eval-<recipe>/"),))
+
+
+def check_benchmark_words(opts: EvalOptions) -> None:
+    """One-line errors for the ``benchmark=`` words used where they do not apply (checked by ``main``, not
+    at parse time: each option alone is valid)."""
+    benchmark_only = [k for k in ("allow_missing", "report") if getattr(opts, k)]
+    if benchmark_only and not (opts.benchmark or opts.protocol_file):
+        raise UserError(f"{benchmark_only[0]}: applies to benchmark=mmeb_v2 (or protocol_file=FILE) only")
+    if opts.benchmark and opts.protocol_file:
+        raise UserError("benchmark: give benchmark=mmeb_v2[@version] or protocol_file=FILE, not both")
+    if opts.benchmark or opts.protocol_file:
+        unsupported = [k for k in ("quantize", "layer", "dim") if getattr(opts, k)]
+        if unsupported:
+            raise UserError(f"{unsupported[0]}: not supported with benchmark= (it scores the full float model)")
 
 
 def init_distributed() -> int:
@@ -98,6 +130,7 @@ def main(args: list[str]) -> int:
     from embedkit.config.loader import compose
 
     opts = VERB.parse(args)
+    check_benchmark_words(opts)
     from_config = opts.ckpt is None and opts.model is None and any(
         a.startswith("model.backbone.path=") for a in opts.overrides)
     if (opts.ckpt is None) == (opts.model is None) and not from_config:
@@ -105,16 +138,14 @@ def main(args: list[str]) -> int:
                         "folder, a run dir or a sentence-transformers folder) or model.backbone.path=PATH "
                         "(weights the recipe's backbone loads, e.g. a released checkpoint)")
     cfg = compose(opts.overrides)
+    if opts.benchmark or opts.protocol_file:
+        return benchmark_main(opts, cfg, from_config)
     from embedkit.eval.run import MMEBRun
-    from embedkit.export.reader import open_model
 
     run = MMEBRun(cfg["data"]["eval"], chunk_size=cfg["train"]["chunk_size"], quantize=opts.quantize,
                   rescore_k=opts.rescore_k if opts.rescore else None, dtype=opts.dtype, num_workers=opts.num_workers)
-    what = "ckpt" if opts.ckpt is not None else "model"
-    kinds = ("checkpoint",) if what == "ckpt" else ("config",) if from_config else MODEL_KINDS
     rank = init_distributed()
-    model, provenance = open_model(getattr(opts, what), recipe=cfg, what=what, kinds=kinds,
-                                   trust_checkpoint=opts.trust_checkpoint)
+    model, provenance = open_the_model(opts, cfg, from_config)
     result = run.evaluate(model, layer=opts.layer, dim=opts.dim, out=opts.out, recipe=cfg["recipe"], rank=rank,
                           log=lambda m: print(m, flush=True))
     if rank == 0 and cfg["tracking"]["enabled"]:
@@ -127,6 +158,76 @@ def main(args: list[str]) -> int:
 
 #: what ``model=`` accepts
 MODEL_KINDS = ("checkpoint", "run", "export", "sentence_transformers")
+
+
+def open_the_model(opts: EvalOptions, cfg: dict, from_config: bool):
+    """(model, provenance) of ``ckpt=``, ``model=`` or the recipe's ``model.backbone.path=``."""
+    from embedkit.export.reader import open_model
+
+    what = "ckpt" if opts.ckpt is not None else "model"
+    kinds = ("checkpoint",) if what == "ckpt" else ("config",) if from_config else MODEL_KINDS
+    return open_model(getattr(opts, what), recipe=cfg, what=what, kinds=kinds, trust_checkpoint=opts.trust_checkpoint)
+
+
+def benchmark_main(opts: EvalOptions, cfg: dict, from_config: bool) -> int:
+    """``benchmark=mmeb_v2[@version]`` / ``protocol_file=``: the data checked before the model is opened
+    (one report of what is missing), then every task encoded (resumable from the cache) and scored; rank 0
+    writes ``<out>/mmeb_v2/`` and logs to MLflow when tracking is on (``eval/mmeb_v2/runner.py``)."""
+    from pathlib import Path
+
+    from embedkit.eval.mmeb_v2 import runner
+    from embedkit.eval.mmeb_v2.cache import EmbeddingCache, model_fingerprint
+    from embedkit.eval.mmeb_v2.protocol import load_protocol, protocol_from_file
+    from embedkit.eval.run import output_dir
+
+    protocol = protocol_from_file(opts.protocol_file) if opts.protocol_file else load_protocol(opts.benchmark)
+    if opts.report:  # read now: a bad score file is found before hours of encoding, not after
+        from embedkit.eval.mmeb_v2.report import read_published
+
+        read_published(opts.report)
+    prepared = runner.prepare(protocol, cfg["data"]["eval"]["mmeb_v2_root"], opts.allow_missing)
+    rank = init_distributed()
+    model, provenance = open_the_model(opts, cfg, from_config)
+    log = (lambda m: print(m, flush=True)) if rank == 0 else None
+    fingerprint = model_fingerprint(model, {"normalize": getattr(model, "normalize", True), "dtype": opts.dtype})
+    encode = runner.model_encoder(model, cfg["train"]["chunk_size"], opts.dtype, opts.num_workers)
+    out = Path(opts.out) if opts.out else output_dir(provenance, None, cfg["recipe"])
+    cache = EmbeddingCache(out / "mmeb_v2" / "cache", fingerprint)
+    records = runner.evaluate(prepared, encode, cache, normalize=getattr(model, "normalize", True), log=log)
+    if rank == 0:
+        info = {"fingerprint": fingerprint, "kind": provenance.kind, "source": str(provenance.source),
+                "step": provenance.step}
+        result, summary = runner.finish(out, protocol, info, records, prepared, report_file=opts.report, log=log)
+        if cfg["tracking"]["enabled"]:
+            print(f"logged to MLflow run {log_benchmark(cfg, provenance, result, summary, out / 'mmeb_v2')}")
+    close_distributed()
+    return 0
+
+
+def log_benchmark(cfg: dict, provenance, result: dict, summary, folder) -> str:
+    """The leaderboard metrics (``mmeb_v2/overall``, groups; ``mmeb_v2_partial/`` when partial), each task's
+    score (``mmeb_v2/task/<name>``), the protocol's and the model's fingerprints as tags and the output
+    files, to the training run of the model (else a new ``eval-<name>`` run), as ``log_eval_result`` does."""
+    from pathlib import Path
+
+    from embedkit.eval.mmeb_v2 import summary as leaderboard
+    from embedkit.tracking.eval_log import log_eval
+    from embedkit.tracking.mlflow_setup import tracking_uri
+
+    trained, head = provenance.config, result["protocol"]
+    run = trained.get("run", {})
+    source = Path(provenance.checkpoint or provenance.source or ".")
+    name = run.get("name") or (f"eval-{cfg['recipe']}" if provenance.kind == "config" else source.stem)
+    metrics = {**leaderboard.metric_items(summary),
+               **{f"mmeb_v2/task/{n}": 100.0 * r["score"] for n, r in result["tasks"].items()}}
+    tags = {"embedkit.eval.ckpt": str(source.resolve()), "embedkit.mmeb_v2.version": head["version"],
+            "embedkit.mmeb_v2.protocol_fingerprint": head["fingerprint"],
+            "embedkit.mmeb_v2.model_fingerprint": result["model"]["fingerprint"],
+            "embedkit.mmeb_v2.partial": str(result["partial"]).lower()}
+    files = [folder / f for f in ("results.json", "summary.json", "summary.md", "report.md") if (folder / f).is_file()]
+    return log_eval(tracking_uri(cfg["tracking"]), trained.get("tracking", {}).get("experiment")
+                    or cfg["tracking"]["experiment"], name, run.get("dir"), tags=tags, metrics=metrics, files=files,
+                    step=provenance.step, artifact_path="mmeb_v2")
 
 
 def close_distributed() -> None:

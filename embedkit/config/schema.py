@@ -108,6 +108,8 @@ class EvalData:
     # candidate, or MUVERA's FDE picks data.eval.muvera.candidates per query and exact MaxSim re-ranks them
     retrieval: Literal["exact", "muvera"] = "exact"
     muvera: MuveraSettings = field(default_factory=MuveraSettings)
+    # -- s35 (helper C): MMEB-V2 eval data root for `embedkit eval benchmark=mmeb_v2` (docs/mmeb-v2.md "Running it")
+    mmeb_v2_root: Optional[str] = None
 
 
 @dataclass

@@ -11,7 +11,7 @@ PIP_INSTALL := $(BIN)/pip install -c constraints/cpu.txt
 $(BIN)/embedkit: pyproject.toml constraints/cpu.txt
 	$(PY) -m venv $(VENV)
 	$(PIP_INSTALL) -q torch==2.13.0
-	$(PIP_INSTALL) -q -e '.[test,plot,lint,st]'
+	$(PIP_INSTALL) -q -e '.[test,plot,lint,st,mteb]'
 	touch $@
 
 venv: $(BIN)/embedkit

@@ -101,3 +101,14 @@ def jsonl_lines(path: str | Path, errors: str = "strict"):
                 yield n, None, f"not JSON ({exc.msg})"
                 continue
             yield (n, row, None) if isinstance(row, dict) else (n, None, "not a JSON object")
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from embedkit.console import interactive
 from embedkit.errors import UserError
-from embedkit.files import read_jsonl, write_atomic
+from embedkit.files import read_jsonl, sha256_file, write_atomic
 
 REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 OPTIONAL = ("neg_text", "neg_image_path")
@@ -201,21 +201,13 @@ def write_one(job: dict, load=None) -> dict:
     if samples:
         write_shard(shard, samples)
         side["bytes"] = shard.stat().st_size
-        side["sha256"] = _sha256(shard)
+        side["sha256"] = sha256_file(shard)
     write_atomic(_sidecar(shard), json.dumps(side, sort_keys=True))
     return side
 
 
 def _sidecar(shard: Path) -> Path:
     return shard.with_name(f".{shard.name}.json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _done(shard: Path, plan: str) -> dict | None:

@@ -46,7 +46,7 @@ from embedkit.data.manifests import manifest_path
 from embedkit.data.schema import VIDEO_PLACEHOLDER, image_placeholder
 from embedkit.data.shard_set import write_manifest
 from embedkit.errors import UserError
-from embedkit.files import jsonl_lines, write_atomic
+from embedkit.files import jsonl_lines, sha256_file, write_atomic
 
 SOURCES_YAML = manifest_path("train_v2.yaml")
 FORMAT_VERSION = 1
@@ -392,7 +392,7 @@ def source_hashes(files: list[Path], out: Path) -> dict[str, str]:
         st = path.stat()
         known = cache.get(str(path))
         if not known or known[:2] != [st.st_size, st.st_mtime_ns]:
-            known = cache[str(path)] = [st.st_size, st.st_mtime_ns, mmeb._sha256(path)]
+            known = cache[str(path)] = [st.st_size, st.st_mtime_ns, sha256_file(path)]
         result[str(path)] = known[2]
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(cache_path, json.dumps(cache, sort_keys=True))

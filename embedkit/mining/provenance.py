@@ -19,13 +19,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from embedkit.files import sha256_file as file_sha256  # noqa: F401 -- mine's name for it (commands/mine.py)
 
 
 def model_sha256(model) -> str:

@@ -43,6 +43,8 @@ class Prepared:
 
     tasks: list[tuple] = field(default_factory=list)
     missing: dict[str, list[str]] = field(default_factory=dict)
+    #: task -> {annotation file: sha256} (``data_files``)
+    files: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def partial(self) -> bool:
@@ -66,14 +68,42 @@ def prepare(protocol, root: str | Path | None, allow_missing: bool = False) -> P
         except (TypeError, KeyError, AttributeError) as exc:  # a value of the wrong kind: not this layout
             out.missing[pin.name] = [f"rows not in the {pin.parser} layout ({type(exc).__name__}: {exc})"]
             continue
-        if len(task.queries) != pin.num_queries:
-            out.missing[pin.name] = [f"{len(task.queries)} queries, the pin says {pin.num_queries}"]
+        found = data_files(pin, root)
+        wrong = check_task(pin, task, found)
+        if wrong:
+            out.missing[pin.name] = wrong
             continue
         keys = [item_key(r) for r in task.queries + task.corpus]
-        out.tasks.append((pin, task, data_fingerprint([pin.fingerprint(), *keys])))
+        out.files[pin.name] = found
+        out.tasks.append((pin, task, data_fingerprint([pin.fingerprint(), found, *keys])))
     if out.missing and not allow_missing:
         raise UserError(missing_report(protocol, out.missing))
     return out
+
+
+def data_files(pin, root: str | Path) -> dict[str, str]:
+    """sha256 of every annotation file of a task's folder (relative path -> hex digest): recorded in each
+    task's result (``data_files``), so two runs on different downloads differ visibly; copy them into a
+    protocol file's ``dataset.files`` to pin a download."""
+    from embedkit.eval.mmeb_v2.parsers.common import annotation_files, task_dir
+    from embedkit.files import sha256_file
+
+    folder = task_dir(Path(root), pin)
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in annotation_files(folder)}
+
+
+def check_task(pin, task: CorpusTask, found: dict[str, str]) -> list[str]:
+    """What stops a parsed task: a query count other than the pin's, a pinned file absent or with other
+    bytes (``dataset.files``: another revision of the dataset)."""
+    problems = []
+    if len(task.queries) != pin.num_queries:
+        problems.append(f"{len(task.queries)} queries, the pin says {pin.num_queries}")
+    for rel, digest in sorted(((pin.dataset or {}).get("files") or {}).items()):
+        if rel not in found:
+            problems.append(f"pinned file {rel} not found")
+        elif found[rel] != digest:
+            problems.append(f"{rel} has sha256 {found[rel][:12]}, the pin says {digest[:12]} (another revision?)")
+    return problems
 
 
 def missing_report(protocol, missing: dict[str, list[str]]) -> str:
@@ -228,7 +258,7 @@ def evaluate(prepared: Prepared, encode: Callable, cache: EmbeddingCache, *, nor
                 f"{len(task.queries)} queries, {len(task.corpus)} candidates")
         q, c, cached = embed(pin, task, encode, key, cache)
         fault_point("eval_dataset")
-        records[pin.name] = task_record(pin, task, q, c, normalize)
+        records[pin.name] = {**task_record(pin, task, q, c, normalize), "data_files": prepared.files.get(pin.name, {})}
         if log:
             log(f"  {pin.name}: {pin.metric} {records[pin.name]['score']:.4f}" + (" (embeddings from the cache)" if cached else ""))
     return records

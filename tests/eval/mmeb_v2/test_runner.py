@@ -162,3 +162,27 @@ def test_missing_and_miscounted_tasks_are_one_report_unless_allowed(setup, tmp_p
     assert len(prepared.tasks) == 13
     with pytest.raises(UserError, match="data.eval.mmeb_v2_root=DIR"):
         runner.prepare(protocol, None)
+
+
+def test_annotation_files_are_hashed_into_the_results_and_a_pinned_hash_must_match(setup, tmp_path):
+    from dataclasses import replace
+
+    from embedkit.eval.mmeb_v2.protocol import Protocol
+    from embedkit.files import sha256_file
+
+    root, protocol, prepared, records, _ = setup
+    pin = protocol.tasks[0]
+    found = records[pin.name]["data_files"]
+    assert found and all(sha256_file(root / "data" / pin.name / rel) == d for rel, d in found.items())
+    rel, digest = sorted(found.items())[0]
+
+    def pinned(files):
+        task = replace(pin, dataset={**pin.dataset, "files": files})
+        return Protocol(protocol.benchmark, protocol.version, (task,))
+
+    assert runner.prepare(pinned({rel: digest}), root / "data").tasks  # the download the pin names
+    other = "f" * 64
+    with pytest.raises(UserError, match=f"{pin.name}: {rel} has sha256 {digest[:12]}, the pin says {other[:12]}"):
+        runner.prepare(pinned({rel: other}), root / "data")
+    with pytest.raises(UserError, match=f"{pin.name}: pinned file gone.parquet not found"):
+        runner.prepare(pinned({"gone.parquet": digest}), root / "data")

@@ -90,6 +90,13 @@ class ChunkProcessor:
         """Why this processor would refuse ``item`` (one line), None when it takes it. Default: takes all."""
         return None
 
+    def for_side(self, side: str | None) -> "ChunkProcessor":
+        """The processor of one side of a pair, ``"query"`` or ``"candidate"`` (None: the default, the query
+        side). A released embedder that frames the two sides apart (GME: the task instruction as the
+        query's system message, "You are a helpful assistant." for every candidate) returns a copy set for
+        that side; the default frames both alike and returns ``self``. ``data.batch`` asks it per side."""
+        return self
+
 
 def refusal_by_length(processor: ChunkProcessor, item: Item) -> str | None:
     """The vision-language families' ``refusal``: what ``num_tokens`` (arithmetic only) raises on, or a

@@ -149,8 +149,11 @@ class MMEBRun:
         if torch.cuda.is_available():
             model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
         encode = lambda items: model.encode_items(items, self.chunk_size, **self.engine)  # noqa: E731
+        # candidates framed as the model frames documents (GME, Qwen3-VL-Embedding: their own system message)
+        encode_candidates = lambda items: model.encode_items(items, self.chunk_size, side="candidate", **self.engine)  # noqa: E731
         summary = mmeb.evaluate(
             self.root, self.datasets, encode, normalize=model.normalize, manifest=self.manifest,
+            encode_candidates=encode_candidates,
             log=log if rank == 0 else None, quantize=self.quantize, rescore_k=self.rescore_k, muvera=self.muvera,
         ) if self.datasets else {}
         if self.tasks:

@@ -144,11 +144,16 @@ def reference_all(model, root, render, padding_side: str, batch_size: int, pool_
     return torch.cat(out)
 
 
-def embedkit_all(recipe: str, path, batch_size: int, *extra: str) -> torch.Tensor:
+def embedkit_encoder(recipe: str, path, *extra: str) -> Encoder:
     cfg = compose([f"recipe={recipe}", f"model.backbone.path={path}", "model.backbone.dtype=float32",
                    f"model.backbone.min_pixels={PIXELS}", f"model.backbone.max_pixels={PIXELS}", *extra])
-    encoder = Encoder.from_config(cfg["model"], seed=0).eval()
-    return encoder.encode(texts=[t for t, _ in INPUTS], images=[im for _, im in INPUTS], batch_size=batch_size)
+    return Encoder.from_config(cfg["model"], seed=0).eval()
+
+
+def embedkit_all(recipe: str, path, batch_size: int, *extra: str, side: str | None = None) -> torch.Tensor:
+    encoder = embedkit_encoder(recipe, path, *extra)
+    return encoder.encode(texts=[t for t, _ in INPUTS], images=[im for _, im in INPUTS], batch_size=batch_size,
+                          side=side)
 
 
 def assert_parity(ours: torch.Tensor, want: torch.Tensor) -> None:
@@ -194,6 +199,55 @@ def test_gme_matches_the_released_convention(gme, system):
     assert (reference_all(model, root, gme_prompt(system), "right", 5, pool_offset=1) - want).abs().max() > 1e-3
     other = gme_prompt("You are a helpful assistant." if system != "You are a helpful assistant." else "find")
     assert (reference_all(model, root, other, "right", 5) - want).abs().max() > 1e-3
+
+
+GME_DEFAULT = "You are a helpful assistant."
+
+
+def test_gme_frames_queries_and_candidates_apart(gme):
+    """GME's sides (gme_inference.py ``embed``: ``if not is_query or instruction is None: instruction =
+    default``): a query's system message is its instruction, a candidate's always "You are a helpful
+    assistant.". With ``system_prompt=<instruction>`` the query side (``side=query``, or no side) and the
+    candidate side (``side=candidate``: ``candidate_system_prompt``) each equal GME's reference; the wrong
+    side convention (the instruction on a candidate, the default on a query) does not."""
+    root, model = gme
+    extra = f"model.backbone.system_prompt={GME_QUERY_SYSTEM}"
+    queries = {bs: embedkit_all("gme_qwen2_vl", root, bs, extra, side="query") for bs in (1, 5)}
+    cands = {bs: embedkit_all("gme_qwen2_vl", root, bs, extra, side="candidate") for bs in (1, 5)}
+    for padding in ("left", "right"):
+        for bs in (1, 5):
+            assert_parity(queries[bs], reference_all(model, root, gme_prompt(GME_QUERY_SYSTEM), padding, bs))
+            assert_parity(cands[bs], reference_all(model, root, gme_prompt(GME_DEFAULT), padding, bs))
+    assert_parity(embedkit_all("gme_qwen2_vl", root, 5, extra), queries[5])  # no side: the query side
+    # the wrong side convention fails: the candidates framed as queries, or the queries as candidates
+    assert (cands[5] - reference_all(model, root, gme_prompt(GME_QUERY_SYSTEM), "right", 5)).abs().max() > 1e-3
+    assert (queries[5] - reference_all(model, root, gme_prompt(GME_DEFAULT), "right", 5)).abs().max() > 1e-3
+
+
+def test_training_batches_frame_each_side(gme):
+    """``ChunkCollate`` processes the queries for the query side and the candidates for the candidate side,
+    and validation chunks one role each (``ValItems(chunk_size)``): the rendered system messages show it."""
+    from embedkit.data.batch import ChunkCollate, ValCollate, ValItems
+    from embedkit.data.schema import Example
+
+    root, _ = gme
+    encoder = embedkit_encoder("gme_qwen2_vl", root, f"model.backbone.system_prompt={GME_QUERY_SYSTEM}")
+    tok = encoder.backbone.tokenizer
+    examples = [Example(Item(t or "x", im), Item("a red circle"), [Item("a green square")]) for t, im in INPUTS]
+
+    def systems(chunk) -> set:
+        texts = ["".join(tok.convert_ids_to_tokens(row)) for row in chunk["input_ids"].tolist()]
+        return {t.split("system\n")[1].split(END)[0] for t in texts}
+
+    batch = ChunkCollate(encoder.processor(), chunk_size=2, num_negatives=1, sort=True)(examples)
+    assert set.union(*map(systems, batch.query_chunks)) == {GME_QUERY_SYSTEM.lower()}
+    assert set.union(*map(systems, batch.candidate_chunks)) == {GME_DEFAULT.lower()}
+    rows = ValItems(examples, chunk_size=3)
+    collate = ValCollate(encoder.processor())
+    for chunk in rows:
+        roles, _, inputs = collate(chunk)
+        want = GME_QUERY_SYSTEM if roles[0] == 0 else GME_DEFAULT
+        assert len(set(roles.tolist())) == 1 and systems(inputs) == {want.lower()}
 
 
 def test_gme_without_the_appended_token_is_not_gme(gme):

@@ -17,6 +17,7 @@ position ids and vision bookkeeping of Qwen2-VL chunks are computed on the host 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -91,8 +92,10 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
     def __init__(self, tokenizer, image_processor, merge_size: int, max_length: int, append_eos: bool = True,
                  resize: Optional[list[int]] = None, host_positions: bool = False,
                  video: Optional[tuple[int, int, Optional[int]]] = None,
-                 layout: PromptLayout = PromptLayout(), end: Optional[str] = None):
+                 layout: PromptLayout = PromptLayout(), end: Optional[str] = None,
+                 candidate_layout: Optional[PromptLayout] = None):
         self.layout = layout  # prompt layout: the frame around the content; ``end``: the appended token
+        self.candidate_layout = candidate_layout  # the candidate side's frame (None: ``layout``; ``for_side``)
         self.host_positions = host_positions  # add ``host_inputs`` to chunks with images or videos (Qwen2-VL)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -104,6 +107,15 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
         self.video = video or (size["shortest_edge"], size["longest_edge"], None)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+
+    def for_side(self, side: Optional[str]) -> "Qwen2VLChunkProcessor":
+        """A copy framing the candidate side with ``candidate_layout`` (GME: "You are a helpful assistant." as
+        every candidate's system message, the query's instruction for queries); ``self`` otherwise."""
+        if side != "candidate" or self.candidate_layout is None:
+            return self
+        out = copy.copy(self)
+        out.layout, out.candidate_layout = self.candidate_layout, None
+        return out
 
     def _image(self, image):
         """The fixed pre-resize (``resize``, aspect not kept), before the processor's own policy."""
@@ -230,6 +242,7 @@ class Qwen2VLBackbone(Backbone):
         batched_vision_attention: bool = True,
         prompt: Literal["none", "chat", "bare"] = "none",
         system_prompt: str = DEFAULT_SYSTEM,
+        candidate_system_prompt: Optional[str] = None,
         append_token: Optional[str] = None,
     ):
         super().__init__()
@@ -255,6 +268,8 @@ class Qwen2VLBackbone(Backbone):
         self.append_eos, self.resize = append_eos, resize
         # prompt layout (issue 29): the frame of each item and the appended token (None: the tokenizer's EOS)
         self.layout, self.append_token = prompt_layout(prompt, system_prompt), append_token
+        # the candidate side's system message (GME: queries get the instruction, candidates the default)
+        self.candidate_layout = None if candidate_system_prompt is None else prompt_layout(prompt, candidate_system_prompt)
         _check_prompt_tokens(self.tokenizer, prompt, append_token if append_eos else None)
         # per frame; None: the image caps (VLM2Vec-V2 resizes frames like images), no per-video budget
         self.video = (video_min_pixels or min_pixels, video_max_pixels or max_pixels, video_total_pixels)
@@ -282,7 +297,8 @@ class Qwen2VLBackbone(Backbone):
         return Qwen2VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length,
                                      append_eos=self.append_eos, resize=self.resize,
                                      host_positions=self.host_positions, video=self.video,
-                                     layout=self.layout, end=self.append_token)
+                                     layout=self.layout, end=self.append_token,
+                                     candidate_layout=self.candidate_layout)
 
     @staticmethod
     def check_config(params: dict) -> None:
@@ -294,6 +310,8 @@ class Qwen2VLBackbone(Backbone):
                 raise ValueError(f"{key}: expected a positive number of pixels (or null), got {params[key]!r}")
         if params.get("append_token") and params.get("append_eos") is False:
             raise ValueError("append_token: set, but append_eos is false (nothing is appended)")
+        if params.get("candidate_system_prompt") is not None and params.get("prompt", "none") != "chat":
+            raise ValueError("candidate_system_prompt: a system message needs prompt=chat")
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
         if HOST_KEYS[0] in inputs:

@@ -85,6 +85,7 @@ class Qwen3VLBackbone(Backbone):
         append_token: Optional[str] = None,
         prompt: Literal["none", "chat"] = "none",
         system_prompt: str = DEFAULT_SYSTEM,
+        candidate_system_prompt: Optional[str] = None,
         resize: Optional[list[int]] = None,
         video_min_pixels: Optional[int] = None,
         video_max_pixels: Optional[int] = None,
@@ -112,6 +113,8 @@ class Qwen3VLBackbone(Backbone):
                 image_processor=(Qwen2VLImageProcessorPil, pixels))
         self.max_length, self.append_eos, self.resize = max_length, append_eos, resize
         self.system = system_prompt if prompt == "chat" else None
+        # the candidate side's system message (queries: their task instruction; documents: the default)
+        self.candidate_system = candidate_system_prompt if prompt == "chat" else None
         self.append_token = append_token
         _check_tokens(self.tokenizer, prompt, append_token if append_eos else None)
         # per frame; None: the image caps, no per-video budget
@@ -129,7 +132,8 @@ class Qwen3VLBackbone(Backbone):
     def make_processor(self) -> ChunkProcessor:
         return Qwen3VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length,
                                      append_eos=self.append_eos, resize=self.resize, video=self.video,
-                                     system=self.system, append_token=self.append_token)
+                                     system=self.system, append_token=self.append_token,
+                                     candidate_system=self.candidate_system)
 
     @staticmethod
     def check_config(params: dict) -> None:
@@ -139,6 +143,8 @@ class Qwen3VLBackbone(Backbone):
         for key in ("video_min_pixels", "video_max_pixels", "video_total_pixels"):
             if params.get(key) is not None and params[key] < 1:
                 raise ValueError(f"{key}: expected a positive number of pixels (or null), got {params[key]!r}")
+        if params.get("candidate_system_prompt") is not None and params.get("prompt", "none") != "chat":
+            raise ValueError("candidate_system_prompt: a system message needs prompt=chat")
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
         """transformers' forward on the chunk (its ``position_ids`` from the host when present)."""

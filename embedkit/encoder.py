@@ -85,6 +85,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
+        if getattr(pooling, "needs_span", False) and getattr(backbone, "vision_ids", None) is None:
+            raise UserError(f"model.pooling.span: vision needs a backbone that marks vision blocks (qwen2_vl, "
+                            f"qwen2_5_vl, qwen3_vl); {type(backbone).__name__} marks none")
         self.normalize = normalize
         self.provenance = provenance or Provenance()
         self._processor: ChunkProcessor | None = None
@@ -181,9 +184,15 @@ class Encoder(nn.Module):
         if layers:
             return self.layer_embeddings(inputs)
         out = self.backbone(inputs, output_all_layers=self.pooling.needs_all_layers)
-        emb = self.pooling(out.hidden, out.mask, out.all_layers).float()
+        emb = self.pool(out.hidden, out, out.all_layers).float()
         emb = F.normalize(emb, dim=-1) if self.normalize else emb
         return self.truncate(emb, self.dim)
+
+    def pool(self, hidden: torch.Tensor, out, all_layers) -> torch.Tensor:
+        """The pooling head on ``hidden`` with the backbone output's mask (and vision span when it asks)."""
+        if getattr(self.pooling, "needs_span", False):
+            return self.pooling(hidden, out.mask, all_layers, span=out.span)
+        return self.pooling(hidden, out.mask, all_layers)
 
     def layer_embeddings(self, inputs: dict, depth: int | None = None) -> torch.Tensor:
         """[n, L, D]: the pooled, normalised output of layers 1..L (``depth``: the single layer [n, D]).
@@ -197,7 +206,7 @@ class Encoder(nn.Module):
         per_layer = per_layer[:-1] + (out.hidden,)
         if depth is not None:
             per_layer = per_layer[depth - 1 : depth]
-        emb = torch.stack([self.pooling(h, out.mask, None).float() for h in per_layer], dim=1)
+        emb = torch.stack([self.pool(h, out, None).float() for h in per_layer], dim=1)
         emb = F.normalize(emb, dim=-1) if self.normalize else emb
         return emb[:, 0] if depth is not None else emb
 

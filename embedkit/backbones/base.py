@@ -60,6 +60,9 @@ class BackboneOutput:
     hidden: torch.Tensor  # [B, T, H] last layer
     mask: torch.Tensor  # [B, T] 1 for real tokens
     all_layers: tuple[torch.Tensor, ...] | None = None  # embeddings output + each layer, [B, T, H]
+    #: [B, T] bool: the tokens of each row's vision blocks, start and end markers included (jina-v4's image
+    #: pooling span, ``pooling.mean(span=vision)``); None where the family marks no vision blocks
+    span: torch.Tensor | None = None
 
 
 class ChunkProcessor:
@@ -123,6 +126,8 @@ class Backbone(nn.Module):
     projector_prefixes: tuple[str, ...] = ()
     #: whether LoRA leaves the projector trainable (``lora.apply_lora`` reads it)
     train_projector: bool = False
+    #: (vision start, vision end) token ids of a family whose outputs carry ``BackboneOutput.span``; else None
+    vision_ids: tuple[int, int] | None = None
 
     hidden_size: int
     num_layers: int

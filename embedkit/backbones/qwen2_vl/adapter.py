@@ -71,13 +71,24 @@ class PromptLayout:
     before: str = ""
     after: str = ""
     bare: bool = False
+    visual_only: bool = False  # the frame only around an item with a visual (jina-v4: text items are bare)
+    visual_text: str = ""  # the text of an item with a visual and no text of its own (jina-v4's)
+
+
+#: jina-embeddings-v4's image prompt (HF jinaai/jina-embeddings-v4 @ 509c533, its processor's image text):
+#: ``<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n``
+JINA_IMAGE_TEXT = "Describe the image."
 
 
 def prompt_layout(prompt: str, system_prompt: str) -> PromptLayout:
-    """``prompt`` (none | chat | bare) -> its layout; ``chat``: Qwen's chat template with the generation
-    prompt and ``system_prompt`` as the system message (``_common.chat_text_frame``, GME's)."""
+    """``prompt`` (none | chat | bare | jina) -> its layout; ``chat``: Qwen's chat template with the generation
+    prompt and ``system_prompt`` as the system message (``_common.chat_text_frame``, GME's); ``jina``: a
+    visual item as jina-v4's image prompt (a user turn without the generation prompt, "Describe the image."
+    where the item has no text), a text item bare (its "Query: "/"Passage: " prefix is the item's text)."""
     if prompt == "chat":
         return PromptLayout(*chat_text_frame(system_prompt))
+    if prompt == "jina":
+        return PromptLayout(f"{IM_START}user\n", f"{IM_END}\n", visual_only=True, visual_text=JINA_IMAGE_TEXT)
     return PromptLayout(bare=prompt == "bare")
 # -- end of prompt layout ---------------------------------------------------------------------------------
 
@@ -153,7 +164,19 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
                 parts.append(pad if self.layout.bare else VISION_START + pad + VISION_END)
         if parts:  # an empty text (no segments) renders as the frame alone
             parts[-1] = self._lead_space(segs) + parts[-1]
-        return self.layout.before + "".join(parts) + self.layout.after + self.end
+        before, after = self._frame(segs)
+        return before + "".join(parts) + after + self.end
+
+    def _frame(self, segs: list[Segment]) -> tuple[str, str]:
+        """The layout's text before and after an item's content: none around a text item in a frame for
+        visual items only (jina-v4), and the layout's ``visual_text`` after the visuals of an item without
+        text (jina-v4's "Describe the image.")."""
+        layout = self.layout
+        visual = any(kind != "text" for kind, _ in segs)
+        if layout.visual_only and not visual:
+            return "", ""
+        text_less = visual and all(kind != "text" for kind, _ in segs)
+        return layout.before, (layout.visual_text if text_less else "") + layout.after
 
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
         segs = [segments(it) for it in items]
@@ -174,8 +197,8 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
         """The processed length by arithmetic: text tokens, each image's and the video's tokens from their
         sizes (and frame count), 2 per visual for ``<|vision_start|>``/``<|vision_end|>`` (none in the bare
         layout), the prompt frame's tokens (counted apart from the content), EOS or ``append_token``."""
-        n = bool(self.end) + self._frame_tokens()
         segs = segments(item)
+        n = bool(self.end) + self._frame_tokens(segs)
         for i, (kind, value) in enumerate(segs):
             if kind == "text":
                 space = self._lead_space(segs) if i == len(segs) - 1 else ""
@@ -195,10 +218,9 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
         bare = self.layout.bare and len(segs) > 1
         return " " if bare and segs[-1][0] == "text" and segs[-2][0] != "text" else ""
 
-    def _frame_tokens(self) -> int:
-        """The tokens of the prompt layout's frame (the chat template's text around the content)."""
-        return sum(len(self.tokenizer(t, add_special_tokens=False)["input_ids"])
-                   for t in (self.layout.before, self.layout.after) if t)
+    def _frame_tokens(self, segs: list[Segment]) -> int:
+        """The tokens of the prompt layout's frame around an item (``_frame``: the template's text)."""
+        return sum(len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in self._frame(segs) if t)
 
 
 @register("backbone", FAMILY)
@@ -240,7 +262,7 @@ class Qwen2VLBackbone(Backbone):
         tiny_layers: int = 2,
         tiny_vision_layers: int = 2,
         batched_vision_attention: bool = True,
-        prompt: Literal["none", "chat", "bare"] = "none",
+        prompt: Literal["none", "chat", "bare", "jina"] = "none",
         system_prompt: str = DEFAULT_SYSTEM,
         candidate_system_prompt: Optional[str] = None,
         append_token: Optional[str] = None,
@@ -253,7 +275,7 @@ class Qwen2VLBackbone(Backbone):
         if tiny:
             from embedkit.backbones.processors import tiny_tokenizer
 
-            chat = [IM_START, IM_END] if prompt == "chat" else []  # (the default tiny vocabulary stays as it was)
+            chat = [IM_START, IM_END] if prompt in ("chat", "jina") else []  # (the default tiny vocabulary stays)
             self.tokenizer = tiny_tokenizer([VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD, *chat], pad=PAD, eos=EOS)
             self.image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
             with seeded(seed):
@@ -277,6 +299,8 @@ class Qwen2VLBackbone(Backbone):
         self.hidden_size = config.text_config.hidden_size
         self.num_layers = config.text_config.num_hidden_layers
         self.merge_size = config.vision_config.spatial_merge_size
+        #: (<|vision_start|>, <|vision_end|>) ids: the vision span a pooling head may read (``BackboneOutput.span``)
+        self.vision_ids = (config.vision_start_token_id, config.vision_end_token_id)
         set_attention(self.model.language_model, attention, self.family)
         self._vision_cache: dict | None = None  # the batched vision attention's grouping, per forward
         if batched_vision_attention and use_batched_vision_attention(self.model):
@@ -318,7 +342,8 @@ class Qwen2VLBackbone(Backbone):
             out = self._forward_prepared(inputs, output_all_layers)
         else:
             out = self.model(**inputs, output_hidden_states=output_all_layers, use_cache=False)
-        return model_output(self, inputs, out, output_all_layers, PIXEL_KEYS, self._vision_dummy)
+        return model_output(self, inputs, out, output_all_layers, PIXEL_KEYS, self._vision_dummy,
+                            vision_ids=self.vision_ids)
 
     def _vision_dummy(self, device: torch.device) -> torch.Tensor:
         """The trainable vision tower's output on a minimal input (one image of merge x merge zero patches),
@@ -377,7 +402,7 @@ class Qwen2VLBackbone(Backbone):
 def _check_prompt_tokens(tokenizer, prompt: str, append_token: Optional[str]) -> None:
     """One-line ValueError when the tokenizer lacks a token the prompt layout needs: the chat markers
     (``prompt=chat``) or ``append_token`` as one token."""
-    needed = ([IM_START, IM_END] if prompt == "chat" else []) + ([append_token] if append_token else [])
+    needed = ([IM_START, IM_END] if prompt in ("chat", "jina") else []) + ([append_token] if append_token else [])
     for token in needed:
         if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1 or \
                 tokenizer.convert_tokens_to_ids(token) == tokenizer.unk_token_id:

@@ -123,6 +123,8 @@ class Qwen3VLBackbone(Backbone):
         self.hidden_size = config.text_config.hidden_size
         self.num_layers = config.text_config.num_hidden_layers
         self.merge_size = config.vision_config.spatial_merge_size
+        #: (<|vision_start|>, <|vision_end|>) ids: the vision span a pooling head may read (``BackboneOutput.span``)
+        self.vision_ids = (config.vision_start_token_id, config.vision_end_token_id)
         set_attention(self.model.language_model, attention, FAMILY)
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision,
                          gradient_checkpointing=gradient_checkpointing)
@@ -149,7 +151,8 @@ class Qwen3VLBackbone(Backbone):
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
         """transformers' forward on the chunk (its ``position_ids`` from the host when present)."""
         out = self.model(**inputs, output_hidden_states=output_all_layers, use_cache=False)
-        return model_output(self, inputs, out, output_all_layers, PIXEL_KEYS, self._vision_dummy)
+        return model_output(self, inputs, out, output_all_layers, PIXEL_KEYS, self._vision_dummy,
+                            vision_ids=self.vision_ids)
 
     def _vision_dummy(self, device: torch.device) -> torch.Tensor:
         """The trainable tower's outputs on one image of merge x merge zero patches, for a chunk without

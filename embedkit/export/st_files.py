@@ -66,11 +66,15 @@ CHAT_TEMPLATES = {
 VLM_FAMILIES = ("qwen2_vl", "llava_onevision", "phi3_v", "qwen3_vl")
 
 
+#: the families whose ``prompt: chat`` layout the export writes as a chat template with the generation prompt
+CHAT_LAYOUT_FAMILIES = ("qwen2_vl", "qwen3_vl")
+
+
 def qwen3_vl_chat_template(system: str, end: str) -> str:
-    """The chat template of a Qwen3-VL-Embedding layout export (``prompt: chat``): what
-    ``apply_chat_template(add_generation_prompt=True)`` renders for the reference embedder (research note
-    qwen-vl-backbones.md sec. 1.2, 1.5), then ``end`` (the appended ``<|endoftext|>``, unless the tokenizer
-    appends it itself)::
+    """The chat template of a ``prompt: chat`` export (Qwen3-VL-Embedding; GME on qwen2_vl, the same frame):
+    what ``apply_chat_template(add_generation_prompt=True)`` renders for the reference embedder (research note
+    qwen-vl-backbones.md sec. 1.2, 1.5; GME: gme_inference.py), then ``end`` (the appended ``<|endoftext|>``,
+    unless the tokenizer appends it itself)::
 
         <|im_start|>system\n{system message, else ``system``}<|im_end|>\n<|im_start|>user\n{images}{texts}
         <|im_end|>\n<|im_start|>assistant\n{end}
@@ -105,9 +109,11 @@ def unsupported(model: dict) -> str | None:
     backbone = model["backbone"]
     family = backbone["name"]
     if family == "qwen3_vl":
-        return _qwen3_vl_unsupported(backbone)
+        return _chat_layout_unsupported(backbone)
     if family == "qwen2_5_vl":
         return f"no sentence-transformers layout for the {family} family yet"
+    if family == "qwen2_vl" and backbone.get("prompt") == "chat":  # GME's layout: the chat template below
+        return _chat_layout_unsupported(backbone)
     if backbone.get("prompt", "none") not in ("none", None) and family == "qwen2_vl":
         return f"the saved chat template does not render model.backbone.prompt={backbone['prompt']}"
     if backbone.get("append_token") is not None:
@@ -118,8 +124,9 @@ def unsupported(model: dict) -> str | None:
     return None
 
 
-def _qwen3_vl_unsupported(backbone: dict) -> str | None:
-    """The qwen3_vl family: only Qwen3-VL-Embedding's layout (``prompt: chat``, images and text) is written."""
+def _chat_layout_unsupported(backbone: dict) -> str | None:
+    """qwen3_vl: only Qwen3-VL-Embedding's layout (``prompt: chat``) is written; qwen2_vl's ``prompt: chat``
+    (GME) the same way. Images and text: the template renders no video."""
     if backbone.get("prompt", "none") != "chat":
         return "the qwen3_vl family's sentence-transformers layout is Qwen3-VL-Embedding's (model.backbone.prompt=chat)"
     if backbone.get("resize"):
@@ -134,7 +141,7 @@ def prepare_tokenizer(backbone, family: str) -> None:
     tokenizer.padding_side = "right"
     if family in CHAT_TEMPLATES:
         tokenizer.chat_template = CHAT_TEMPLATES[family]
-    if family == "qwen3_vl" and getattr(backbone, "system", None) is not None:
+    if family in CHAT_LAYOUT_FAMILIES and getattr(backbone, "system", None) is not None:
         system = backbone.candidate_system or backbone.system
         tokenizer.chat_template = qwen3_vl_chat_template(system, _template_end(backbone))
 
@@ -155,7 +162,7 @@ def st_prompts(meta: dict, encoder) -> dict:
     export, the query side's system message as prompt ``query`` where it differs from the documents' (the
     template's default): sentence-transformers sends a prompt as the system message."""
     backbone = encoder.backbone
-    if meta["model"]["backbone"]["name"] != "qwen3_vl" or getattr(backbone, "system", None) is None:
+    if meta["model"]["backbone"]["name"] not in CHAT_LAYOUT_FAMILIES or getattr(backbone, "system", None) is None:
         return meta["prompts"]
     default = backbone.candidate_system or backbone.system
     return {"query": backbone.system} if backbone.system != default else {}
@@ -216,7 +223,8 @@ def write(folder: Path, meta: dict, encoder) -> None:
     dump(folder / "modules.json", modules)
     forward = {"method": "forward", "method_output_name": "last_hidden_state"}
     bert = {"transformer_task": "feature-extraction", "module_output_name": "token_embeddings"}
-    if family == "qwen3_vl":  # Qwen3-VL-Embedding's ST config (research note sec. 1.5): the generation prompt
+    if family in CHAT_LAYOUT_FAMILIES and model["backbone"].get("prompt") == "chat":
+        # Qwen3-VL-Embedding's ST config (research note sec. 1.5): the generation prompt (GME: the same frame)
         bert["processing_kwargs"] = {"chat_template": {"add_generation_prompt": True}}
     if family in VLM_FAMILIES:
         bert["modality_config"] = {"text": forward, "image": forward, ("message"): {**forward, "format": "structured"}}

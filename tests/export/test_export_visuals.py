@@ -165,7 +165,8 @@ def test_eval_scores_a_corpus_task_of_videos_and_images_with_the_exports_policy(
     ({"name": "qwen2_vl"}, None),
     ({"name": "qwen2_vl", "prompt": "none", "append_token": None}, None),
     ({"name": "hf_text"}, None),
-    ({"name": "qwen2_vl", "prompt": "chat"}, "prompt=chat"),
+    ({"name": "qwen2_vl", "prompt": "chat"}, None),  # GME's layout (tests/export/test_st_qwen3_vl.py)
+    ({"name": "qwen2_vl", "prompt": "chat", "append_token": "<|endoftext|>"}, None),
     ({"name": "qwen2_vl", "prompt": "bare"}, "prompt=bare"),
     ({"name": "qwen2_vl", "append_token": "<|endoftext|>"}, "append_token"),
     ({"name": "qwen3_vl", "prompt": "chat"}, None),  # Qwen3-VL-Embedding's layout (tests/export/test_st_qwen3_vl.py)

@@ -1,5 +1,5 @@
-"""The sentence-transformers export of a fine-tuned Qwen3-VL-Embedding (issue 29 item 4): ``embedkit export`` of
-a qwen3_vl run in Qwen3-VL-Embedding's layout (``prompt: chat``, ``<|endoftext|>`` appended, last token, L2)
+"""The sentence-transformers export of a fine-tuned Qwen3-VL-Embedding (issue 29 item 4), and of GME (the same
+frame on qwen2_vl): ``embedkit export`` of a qwen3_vl run in Qwen3-VL-Embedding's layout (``prompt: chat``, ``<|endoftext|>`` appended, last token, L2)
 writes ``modules.json`` = Transformer (feature-extraction, structured messages, the chat template with the
 generation prompt) -> Pooling (lasttoken, include_prompt) -> Normalize, the layout of the released model's ST
 integration (research note qwen-vl-backbones.md sec. 1.5), and ``SentenceTransformer(export)`` embeds text,
@@ -29,28 +29,39 @@ from embedkit.export.writer import export_model
 from tests.export.test_export import trained_run
 
 INSTRUCTION = "find the red circle"
-RUN = ["model.backbone=qwen3_vl", "model.backbone.tiny=true", "model.backbone.prompt=chat",
-       "model.backbone.append_token=<|endoftext|>", "model.backbone.min_pixels=1024",
-       "model.backbone.max_pixels=16384", "model.lora.enabled=true"]
+#: the layouts: Qwen3-VL-Embedding's (qwen3_vl, 32-px tokens) and GME's (qwen2_vl, 28-px tokens; the same frame
+#: with "You are a helpful assistant." as the documents' system message)
+RUNS = {
+    "qwen3_vl_embedding": ["model.backbone=qwen3_vl", "model.backbone.min_pixels=1024", "model.backbone.max_pixels=16384",
+                           "model.backbone.candidate_system_prompt=Represent the user's input."],
+    "gme": ["model.backbone=qwen2_vl", "model.backbone.min_pixels=3136", "model.backbone.max_pixels=12544",
+            "model.backbone.system_prompt=You are a helpful assistant.",
+            "model.backbone.candidate_system_prompt=You are a helpful assistant."],
+}
+COMMON = ["model.backbone.tiny=true", "model.backbone.prompt=chat", "model.backbone.append_token=<|endoftext|>",
+          "model.lora.enabled=true"]
 
 
 def processor_loader():
     """An ``AutoProcessor`` stand-in: ``from_pretrained(folder)`` -> the folder's ``Qwen3VLProcessor`` (its
     saved image processor, tokenizer and chat template) without a video processor."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLProcessor
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor, Qwen3VLProcessor
 
-    class NoVideoProcessor(Qwen3VLProcessor):
-        def check_argument_for_proper_class(self, name, arg):
-            if name == "video_processor" and arg is None:
-                return None
-            return super().check_argument_for_proper_class(name, arg)
+    def no_video(base):
+        class NoVideoProcessor(base):
+            def check_argument_for_proper_class(self, name, arg):
+                if name == "video_processor" and arg is None:
+                    return None
+                return super().check_argument_for_proper_class(name, arg)
+        return NoVideoProcessor
 
     class Loader:
         @staticmethod
         def from_pretrained(folder, **kwargs):
             kwargs.pop("trust_remote_code", None)
             tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-            return NoVideoProcessor(image_processor=AutoImageProcessor.from_pretrained(folder), tokenizer=tokenizer,
+            base = Qwen3VLProcessor if AutoConfig.from_pretrained(folder).model_type == "qwen3_vl" else Qwen2VLProcessor
+            return no_video(base)(image_processor=AutoImageProcessor.from_pretrained(folder), tokenizer=tokenizer,
                                     video_processor=None, chat_template=tokenizer.chat_template)
 
     return Loader
@@ -59,8 +70,9 @@ def processor_loader():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, request):
     """An export of a trained-looking qwen3_vl run (``trained_run``: LoRA moved off zero, merged on export)."""
-    tmp = tmp_path_factory.mktemp("qwen3_vl_st")
-    run, _ = trained_run(tmp, RUN + getattr(request, "param", []))
+    layout, *extra = request.param
+    tmp = tmp_path_factory.mktemp(layout)
+    run, _ = trained_run(tmp, RUNS[layout][:1] + COMMON + RUNS[layout][1:] + extra)  # the family first
     return export_model(run, tmp / "export", log=lambda m: None)
 
 
@@ -76,6 +88,10 @@ def pictures():
     return [Image.new("RGB", (64, 96), (200, 30, 30)), Image.new("RGB", (96, 64), (30, 30, 200))]
 
 
+LAYOUTS = pytest.mark.parametrize("exported", [[name] for name in RUNS], indirect=True, ids=list(RUNS))
+
+
+@LAYOUTS
 def test_export_writes_the_released_st_layout(exported):
     modules = json.loads((exported / "modules.json").read_text())
     assert [m["type"].rsplit(".", 1)[1] for m in modules] == ["Transformer", "Pooling", "Normalize"]
@@ -88,6 +104,7 @@ def test_export_writes_the_released_st_layout(exported):
     assert "no_sentence_transformers" not in json.loads((exported / "embedkit.json").read_text())
 
 
+@LAYOUTS
 def test_sentence_transformers_embeds_as_embedkit(exported, monkeypatch):
     """Text, image and image+text, each modality a batch of its own and all in one: ST's embeddings equal
     ``embedkit.load``'s (<= 1e-5)."""
@@ -109,9 +126,8 @@ def test_sentence_transformers_embeds_as_embedkit(exported, monkeypatch):
     assert (torch.as_tensor(model.encode(texts, batch_size=2)) - ours.encode(texts=texts)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("exported", [[f"model.backbone.system_prompt={INSTRUCTION}",
-                                       "model.backbone.candidate_system_prompt=Represent the user's input."]],
-                         indirect=True)
+@pytest.mark.parametrize("exported", [[name, f"model.backbone.system_prompt={INSTRUCTION}"] for name in RUNS],
+                         indirect=True, ids=list(RUNS))
 def test_the_query_side_is_the_st_query_prompt(exported, monkeypatch):
     """A run whose queries had an instruction as system message: ST's ``prompt_name="query"`` sends it as the
     system message (side ``query``), no prompt gives the documents' (side ``candidate``)."""

@@ -290,6 +290,9 @@ class Qwen2VLBackbone(Backbone):
         self.append_eos, self.resize = append_eos, resize
         # prompt layout (issue 29): the frame of each item and the appended token (None: the tokenizer's EOS)
         self.layout, self.append_token = prompt_layout(prompt, system_prompt), append_token
+        # the system messages of the chat layout (None otherwise; the export's chat template reads them)
+        self.system = system_prompt if prompt == "chat" else None
+        self.candidate_system = candidate_system_prompt if prompt == "chat" else None
         # the candidate side's system message (GME: queries get the instruction, candidates the default)
         self.candidate_layout = None if candidate_system_prompt is None else prompt_layout(prompt, candidate_system_prompt)
         _check_prompt_tokens(self.tokenizer, prompt, append_token if append_eos else None)

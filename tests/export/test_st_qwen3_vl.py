@@ -140,3 +140,25 @@ def test_the_query_side_is_the_st_query_prompt(exported, monkeypatch):
     assert (queries - ours.encode(texts=texts, side="query")).abs().max() <= 1e-5
     assert (documents - ours.encode(texts=texts, side="candidate")).abs().max() <= 1e-5
     assert (queries - documents).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("exported", [["gme", f"model.backbone.system_prompt={INSTRUCTION}"]], indirect=True,
+                         ids=["gme"])
+def test_encode_a_corpus_as_candidates(exported, tmp_path):
+    """``embedkit encode side=candidate`` frames the rows as documents (GME's default system message), as
+    ``encode(side="candidate")``; without it they are queries (the instruction)."""
+    import numpy as np
+
+    from embedkit.cli import main as cli_main
+
+    texts = ["a red circle at the top left", "blue square"]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    ours = embedkit.load(exported)
+    for side in ("candidate", None):
+        out = tmp_path / f"{side}.npy"
+        assert cli_main(["encode", f"model={exported}", f"input={corpus}", f"out={out}",
+                         *([f"side={side}"] if side else [])]) == 0
+        want = ours.encode(texts=texts, side=side)
+        assert (torch.from_numpy(np.load(out)) - want).abs().max() <= 1e-5
+    assert (torch.from_numpy(np.load(tmp_path / "candidate.npy")) - ours.encode(texts=texts)).abs().max() > 1e-3

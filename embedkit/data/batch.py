@@ -139,11 +139,11 @@ class ChunkCollate:
         self.chunk_tokens = chunk_tokens
         self.sort = sort
 
-    def split(self, items: list[Item], processor) -> list[list[Item]]:
-        """Arrival-order chunks (``sort=False``'s layout)."""
+    def split(self, items: list[Item], processor=None) -> list[list[Item]]:
+        """Arrival-order chunks (``sort=False``'s layout); ``processor``: the side's, else ``self.processor``."""
         if not self.chunk_tokens:
             return chunked(items, self.chunk_size)
-        lengths = [processor.num_tokens(it) for it in items]
+        lengths = [(processor or self.processor).num_tokens(it) for it in items]
         return chunked_by_tokens(items, lengths, self.chunk_size, self.chunk_tokens)
 
     def layout(self, items: list[Item], processor=None) -> tuple[list[list[Item]], torch.Tensor | None]:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedkit.backbones.base import Backbone, ChunkProcessor
+from embedkit.data.batch import side_processor
 from embedkit.data.schema import Item
 from embedkit.errors import UserError
 from embedkit.inference import Batching, encode_in_order
@@ -84,6 +85,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
+        if getattr(pooling, "needs_span", False) and getattr(backbone, "vision_ids", None) is None:
+            raise UserError(f"model.pooling.span: vision needs a backbone that marks vision blocks (qwen2_vl, "
+                            f"qwen2_5_vl, qwen3_vl); {type(backbone).__name__} marks none")
         self.normalize = normalize
         self.provenance = provenance or Provenance()
         self._processor: ChunkProcessor | None = None
@@ -180,9 +184,15 @@ class Encoder(nn.Module):
         if layers:
             return self.layer_embeddings(inputs)
         out = self.backbone(inputs, output_all_layers=self.pooling.needs_all_layers)
-        emb = self.pooling(out.hidden, out.mask, out.all_layers).float()
+        emb = self.pool(out.hidden, out, out.all_layers).float()
         emb = F.normalize(emb, dim=-1) if self.normalize else emb
         return self.truncate(emb, self.dim)
+
+    def pool(self, hidden: torch.Tensor, out, all_layers) -> torch.Tensor:
+        """The pooling head on ``hidden`` with the backbone output's mask (and vision span when it asks)."""
+        if getattr(self.pooling, "needs_span", False):
+            return self.pooling(hidden, out.mask, all_layers, span=out.span)
+        return self.pooling(hidden, out.mask, all_layers)
 
     def layer_embeddings(self, inputs: dict, depth: int | None = None) -> torch.Tensor:
         """[n, L, D]: the pooled, normalised output of layers 1..L (``depth``: the single layer [n, D]).
@@ -196,7 +206,7 @@ class Encoder(nn.Module):
         per_layer = per_layer[:-1] + (out.hidden,)
         if depth is not None:
             per_layer = per_layer[depth - 1 : depth]
-        emb = torch.stack([self.pooling(h, out.mask, None).float() for h in per_layer], dim=1)
+        emb = torch.stack([self.pool(h, out, None).float() for h in per_layer], dim=1)
         emb = F.normalize(emb, dim=-1) if self.normalize else emb
         return emb[:, 0] if depth is not None else emb
 
@@ -222,6 +232,7 @@ class Encoder(nn.Module):
         sort: bool = True,
         num_workers: int = 0,
         videos: Sequence | None = None,
+        side: str | None = None,
     ) -> torch.Tensor:
         """Texts, images (PIL) and/or videos -> embeddings [N, D] on the CPU, float32, no grad.
 
@@ -235,13 +246,14 @@ class Encoder(nn.Module):
         first ``dim`` coordinates (Matryoshka), re-normalised when the encoder normalises. ``layer``
         runs the model to that depth only, 1..L (2D Matryoshka / Starbucks: the pooling head on the
         output of layer ``layer``; L, or None, is the full model). ``batch_tokens``, ``sort``,
-        ``num_workers``: how the inference engine batches (``encode_items``).
+        ``num_workers``: how the inference engine batches (``encode_items``). ``side``: ``"query"`` (as None) or
+        ``"candidate"``, for a model that frames the sides apart (GME's system messages; ``encode_items``).
         """
         decoding = self.decoding
         items = make_items(texts, images, self.instruction_prefix(instruction), videos, decoding.policy)
         items = [capped(it, decoding.max_image_pixels) for it in items]
         return self.encode_items(items, batch_size, layer=layer, dim=dim, batch_tokens=batch_tokens, sort=sort,
-                                 num_workers=num_workers)
+                                 num_workers=num_workers, side=side)
 
     def instruction_prefix(self, instruction: str | None) -> str | None:
         """The text put before every text for ``instruction``: the model's prompt of that name, else the
@@ -259,19 +271,24 @@ class Encoder(nn.Module):
     @torch.no_grad()
     def encode_items(self, items: Sequence[Item], batch_size: int = 32, layer: int | None = None,
                      dim: int | None = None, *, batch_tokens: int = 0, sort: bool = True, num_workers: int = 0,
-                     progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                     progress: Callable[[int, int], None] | None = None, side: str | None = None) -> torch.Tensor:
         """Raw ``Item``s (a list, or ``inference.LazyItems`` made on demand) -> embeddings [N, D] on the
         CPU, in input order, through the inference engine (``embedkit/inference.py``): ordered by exact
         token cost (``sort``), at most ``batch_size`` items and ``batch_tokens`` padded tokens (0: no
         budget) per forward pass, processed in ``num_workers`` loader workers; ``progress(done, total)``
-        after each pass. ``layer``, ``dim``: the model cut to that depth and size, as ``encode``."""
+        after each pass. ``layer``, ``dim``: the model cut to that depth and size, as ``encode``. ``side``:
+        the processor of that side (``ChunkProcessor.for_side``: ``"candidate"`` frames documents as a released
+        embedder does, e.g. GME's default system message; None or ``"query"``: the default)."""
         batching = Batching(batch_size, batch_tokens, sort, num_workers)
         self.check_depth(layer, dim)
         if layer is None or layer == self.backbone.num_layers:
             forward = lambda x: self.truncate(self(x), dim)  # noqa: E731
         else:
             forward = lambda x: self.truncate(self.truncate(self.layer_embeddings(x, depth=layer), self.dim), dim)  # noqa: E731
-        emb, _ = encode_in_order(items, forward, self.processor(), batching, self.device, progress)
+        if side not in (None, "query", "candidate"):
+            raise UserError(f"side: expected query or candidate, got {side!r}")
+        processor = side_processor(self.processor(), side) if side else self.processor()
+        emb, _ = encode_in_order(items, forward, processor, batching, self.device, progress)
         return emb if emb is not None else torch.empty(0, dim or self.embedding_dim)
 
 

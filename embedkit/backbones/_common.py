@@ -112,14 +112,27 @@ def vision_trainable(module: torch.nn.Module, prefixes: tuple[str, ...]) -> bool
     return any(p.requires_grad for name, p in module.named_parameters() if name.startswith(prefixes))
 
 
-def model_output(backbone: torch.nn.Module, inputs: dict, out, output_all_layers: bool, pixel_keys, dummy) -> Any:
+def vision_span(input_ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
+    """[B, T] bool: the tokens from each ``start_id`` to the next ``end_id``, both included (a Qwen-VL row's
+    ``<|vision_start|> ... <|vision_end|>`` blocks; several blocks in a row: their union). Tensor ops only,
+    no host sync. jina-embeddings-v4 pools an image over this span (``position >= start & position <= end``,
+    HF jinaai/jina-embeddings-v4 ``get_single_vector_embeddings``)."""
+    starts, ends = (input_ids == start_id).long(), (input_ids == end_id).long()
+    # open blocks up to and including each position, minus those closed before it: > 0 inside a block
+    return (starts.cumsum(1) - ends.cumsum(1) + ends) > 0
+
+
+def model_output(backbone: torch.nn.Module, inputs: dict, out, output_all_layers: bool, pixel_keys, dummy,
+                 vision_ids: tuple[int, int] | None = None) -> Any:
     """A transformers model output of a chunk as a ``BackboneOutput`` (last hidden state, the chunk's mask, every
-    layer when asked); a chunk with none of ``pixel_keys`` keeps a trainable tower in the graph
-    (``keep_vision_in_graph`` with ``dummy(device)``)."""
+    layer when asked; with ``vision_ids`` (start, end token ids) the rows' ``vision_span``); a chunk with none of
+    ``pixel_keys`` keeps a trainable tower in the graph (``keep_vision_in_graph`` with ``dummy(device)``)."""
     from embedkit.backbones.base import BackboneOutput
 
     hidden = out.last_hidden_state
     result = BackboneOutput(hidden, inputs["attention_mask"], out.hidden_states if output_all_layers else None)
+    if vision_ids is not None:
+        result.span = vision_span(inputs["input_ids"], *vision_ids)
     if any(k in inputs for k in pixel_keys):
         return result
     return keep_vision_in_graph(backbone, result, lambda: dummy(hidden.device))

@@ -60,6 +60,9 @@ class BackboneOutput:
     hidden: torch.Tensor  # [B, T, H] last layer
     mask: torch.Tensor  # [B, T] 1 for real tokens
     all_layers: tuple[torch.Tensor, ...] | None = None  # embeddings output + each layer, [B, T, H]
+    #: [B, T] bool: the tokens of each row's vision blocks, start and end markers included (jina-v4's image
+    #: pooling span, ``pooling.mean(span=vision)``); None where the family marks no vision blocks
+    span: torch.Tensor | None = None
 
 
 class ChunkProcessor:
@@ -90,6 +93,13 @@ class ChunkProcessor:
         """Why this processor would refuse ``item`` (one line), None when it takes it. Default: takes all."""
         return None
 
+    def for_side(self, side: str | None) -> "ChunkProcessor":
+        """The processor of one side of a pair, ``"query"`` or ``"candidate"`` (None: the default, the query
+        side). A released embedder that frames the two sides apart (GME: the task instruction as the
+        query's system message, "You are a helpful assistant." for every candidate) returns a copy set for
+        that side; the default frames both alike and returns ``self``. ``data.batch`` asks it per side."""
+        return self
+
 
 def refusal_by_length(processor: ChunkProcessor, item: Item) -> str | None:
     """The vision-language families' ``refusal``: what ``num_tokens`` (arithmetic only) raises on, or a
@@ -116,6 +126,8 @@ class Backbone(nn.Module):
     projector_prefixes: tuple[str, ...] = ()
     #: whether LoRA leaves the projector trainable (``lora.apply_lora`` reads it)
     train_projector: bool = False
+    #: (vision start, vision end) token ids of a family whose outputs carry ``BackboneOutput.span``; else None
+    vision_ids: tuple[int, int] | None = None
 
     hidden_size: int
     num_layers: int

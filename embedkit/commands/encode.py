@@ -3,6 +3,7 @@
     embedkit encode model=PATH input=FILE.jsonl|.parquet out=FILE.npy|.parquet
                     [batch_size=32] [batch_tokens=0] [num_workers=0] [instruction=NAME|TEXT] [dim=N]
                     [part_size=1024] [device=cpu|cuda] [dtype=float32|bfloat16|float16] [quantize=binary|int8]
+                    [side=query|candidate]
 
 ``model`` is an export folder, a run dir or a checkpoint. Rows need a ``text`` and/or ``image``
 column, or ``images`` (a list of paths, in the order of the text's ``<|image_k|>``) or ``video`` (a
@@ -40,6 +41,9 @@ class EncodeOptions:
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = option(None, "run the model in this dtype; "
                                                                         "null: as stored")
     quantize: Optional[Literal["binary", "int8"]] = option(None, "write packed sign bits or int8 codes")
+    side: Optional[Literal["query", "candidate"]] = option(None, "the rows' side, for a model that frames queries "
+                                                           "and documents apart (GME, Qwen3-VL-Embedding: a "
+                                                           "corpus is candidate); null: as queries")
     trust_checkpoint: bool = option(False, "read a checkpoint you trust with the full unpickler (it may run code "
                                            "from the file); default: weights and embedkit's own states only")
 
@@ -57,7 +61,7 @@ def main(args: list[str]) -> int:
     encoder = load(opts.model, device=opts.device, dtype=opts.dtype, trust_checkpoint=opts.trust_checkpoint)
     encode_file(encoder, opts.input, opts.out, batch_size=opts.batch_size,
                 instruction=opts.instruction, dim=opts.dim, part_size=opts.part_size,
-                quantize=opts.quantize, batch_tokens=opts.batch_tokens, num_workers=opts.num_workers,
+                quantize=opts.quantize, batch_tokens=opts.batch_tokens, num_workers=opts.num_workers, side=opts.side,
                 model_id=f"{opts.model} {opts.dtype or ''}",  # parts of another model or dtype are not reused
                 log=rank_logger())
     if joined:

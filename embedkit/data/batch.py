@@ -72,6 +72,13 @@ def _pinned(x):
     return apply_to_collection(x, torch.Tensor, lambda t: t.pin_memory())
 
 
+def side_processor(processor, side: str):
+    """``processor`` set for one side, ``"query"`` or ``"candidate"`` (``ChunkProcessor.for_side``: a released
+    embedder may frame the sides apart, GME's system messages); a plain callable as it is."""
+    pick = getattr(processor, "for_side", None)
+    return pick(side) if pick is not None else processor
+
+
 def chunked(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -132,19 +139,21 @@ class ChunkCollate:
         self.chunk_tokens = chunk_tokens
         self.sort = sort
 
-    def split(self, items: list[Item]) -> list[list[Item]]:
-        """Arrival-order chunks (``sort=False``'s layout)."""
+    def split(self, items: list[Item], processor=None) -> list[list[Item]]:
+        """Arrival-order chunks (``sort=False``'s layout); ``processor``: the side's, else ``self.processor``."""
         if not self.chunk_tokens:
             return chunked(items, self.chunk_size)
-        lengths = [self.processor.num_tokens(it) for it in items]
+        lengths = [(processor or self.processor).num_tokens(it) for it in items]
         return chunked_by_tokens(items, lengths, self.chunk_size, self.chunk_tokens)
 
-    def layout(self, items: list[Item]) -> tuple[list[list[Item]], torch.Tensor | None]:
-        """(chunks, restore): ``restore`` maps batch rows to rows of the concatenated chunks (None: in order)."""
+    def layout(self, items: list[Item], processor=None) -> tuple[list[list[Item]], torch.Tensor | None]:
+        """(chunks, restore): ``restore`` maps batch rows to rows of the concatenated chunks (None: in order).
+        ``processor``: the side's (``side_processor``; its frame counts in the costs), else ``self.processor``."""
+        processor = processor or self.processor
         if not self.sort or len(items) < 2:
-            return self.split(items), None
-        costs = self.processor.costs(items) if hasattr(self.processor, "costs") else [
-            self.processor.num_tokens(it) for it in items]
+            return self.split(items, processor), None
+        costs = processor.costs(items) if hasattr(processor, "costs") else [
+            processor.num_tokens(it) for it in items]
         if self.chunk_tokens:
             groups = packed_by_tokens(costs, self.chunk_size, self.chunk_tokens)
         else:
@@ -173,10 +182,11 @@ class ChunkCollate:
         queries = [ex.query for ex in examples]
         cands = [ex.positive for ex in examples]
         cands += [n for i in range(len(examples)) for n in self.negatives(i, examples)]
-        query_groups, query_restore = self.layout(queries)
-        cand_groups, cand_restore = self.layout(cands)
-        query_chunks = [self.processor(c) for c in query_groups]
-        candidate_chunks = [self.processor(c) for c in cand_groups]
+        query_proc, cand_proc = side_processor(self.processor, "query"), side_processor(self.processor, "candidate")
+        query_groups, query_restore = self.layout(queries, query_proc)
+        cand_groups, cand_restore = self.layout(cands, cand_proc)
+        query_chunks = [query_proc(c) for c in query_groups]
+        candidate_chunks = [cand_proc(c) for c in cand_groups]
         padded, real = pad_counts(query_chunks + candidate_chunks)
         return TrainBatch(
             query_chunks=query_chunks,
@@ -211,11 +221,16 @@ class Role(IntEnum):
 
 
 class ValItems(torch.utils.data.Dataset):
-    """Validation: every query, then every candidate, as (role, index, item)."""
+    """Validation: every query, then every candidate, as (role, index, item); with ``chunk_size``, those rows
+    cut into chunks of at most ``chunk_size`` rows of one role each (``self[i]`` a list of rows: a loader
+    with ``batch_size=None``), so that each chunk is processed for its side (``ValCollate``)."""
 
-    def __init__(self, examples: list[Example]):
-        self.rows = [(Role.QUERY, i, ex.query) for i, ex in enumerate(examples)]
-        self.rows += [(Role.CANDIDATE, i, ex.positive) for i, ex in enumerate(examples)]
+    def __init__(self, examples: list[Example], chunk_size: int | None = None):
+        queries = [(Role.QUERY, i, ex.query) for i, ex in enumerate(examples)]
+        candidates = [(Role.CANDIDATE, i, ex.positive) for i, ex in enumerate(examples)]
+        self.rows = queries + candidates
+        if chunk_size:
+            self.rows = chunked(queries, chunk_size) + chunked(candidates, chunk_size)
 
     def __len__(self):
         return len(self.rows)
@@ -225,7 +240,9 @@ class ValItems(torch.utils.data.Dataset):
 
 
 class ValCollate:
-    """Rows of ``ValItems`` -> (roles [n] long, with ``Role`` values; example indices [n]; processed items)."""
+    """Rows of ``ValItems`` -> (roles [n] long, with ``Role`` values; example indices [n]; processed items).
+    Rows of one role are processed for their side (``side_processor``); a chunk mixing roles (a ``ValItems``
+    without ``chunk_size``) by the default processor."""
 
     def __init__(self, processor):
         self.processor = processor
@@ -233,4 +250,8 @@ class ValCollate:
     def __call__(self, rows):
         roles = torch.tensor([int(r[0]) for r in rows])
         index = torch.tensor([r[1] for r in rows])
-        return roles, index, self.processor([r[2] for r in rows])
+        sides = {r[0] for r in rows}
+        processor = self.processor
+        if len(sides) == 1:
+            processor = side_processor(processor, "query" if sides == {Role.QUERY} else "candidate")
+        return roles, index, processor([r[2] for r in rows])

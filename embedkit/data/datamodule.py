@@ -222,7 +222,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.reader_states = dict(self.resume_states)
 
     def val_dataloader(self):
-        return DataLoader(ValItems(self.val_examples), batch_size=self.chunk_size,
+        # one role per chunk (``ValItems(chunk_size)``): each chunk is processed for its side (GME's system messages)
+        return DataLoader(ValItems(self.val_examples, self.chunk_size), batch_size=None,
                           collate_fn=ValCollate(self.processor), num_workers=0, generator=self._generator(),
                           pin_memory=self.pin_memory())
 

@@ -164,9 +164,11 @@ def task_scores(task: CorpusTask, q: torch.Tensor, c: torch.Tensor, normalize: b
 
 
 def evaluate_task(task: CorpusTask, encode: Callable, *, normalize: bool = True, item_options: dict | None = None,
-                  log: Callable[[str], None] | None = None) -> dict:
+                  log: Callable[[str], None] | None = None, encode_candidates: Callable | None = None) -> dict:
     """Encode a task's queries and corpus (the ranks sharing the work) and score it; the result also
-    records the sizes and ``item_options`` (the frame policy and caps the items were made with)."""
+    records the sizes and ``item_options`` (the frame policy and caps the items were made with).
+    ``encode_candidates``: the corpus's encoder where a model frames documents apart (GME's system message;
+    None: ``encode``)."""
     from embedkit.inference import encode_shared
     from embedkit.rows import RowItems
 
@@ -176,7 +178,7 @@ def evaluate_task(task: CorpusTask, encode: Callable, *, normalize: bool = True,
         items = RowItems(rows, task.folder, task.instructions.get(side), **options)
         if log:
             log(f"  {task.name}: encoding {len(rows)} {'queries' if side == 'query' else 'corpus items'}")
-        sides[side] = encode_shared(items, encode)
+        sides[side] = encode_shared(items, encode if side == "query" else (encode_candidates or encode))
     result = task_scores(task, sides["query"], sides["candidate"], normalize)
     result.update(kind=task.kind, queries=len(task.queries), corpus=len(task.corpus))
     return result

@@ -149,12 +149,15 @@ class MMEBRun:
         if torch.cuda.is_available():
             model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
         encode = lambda items: model.encode_items(items, self.chunk_size, **self.engine)  # noqa: E731
+        # candidates framed as the model frames documents (GME, Qwen3-VL-Embedding: their own system message)
+        encode_candidates = lambda items: model.encode_items(items, self.chunk_size, side="candidate", **self.engine)  # noqa: E731
         summary = mmeb.evaluate(
             self.root, self.datasets, encode, normalize=model.normalize, manifest=self.manifest,
+            encode_candidates=encode_candidates,
             log=log if rank == 0 else None, quantize=self.quantize, rescore_k=self.rescore_k, muvera=self.muvera,
         ) if self.datasets else {}
         if self.tasks:
-            summary["tasks"] = self.score_tasks(model, encode, log if rank == 0 else None)
+            summary["tasks"] = self.score_tasks(model, (encode, encode_candidates), log if rank == 0 else None)
         if depth:
             summary["depth"] = depth
         result = EvalResult(summary, out_dir, tag, str(self.root))
@@ -162,8 +165,9 @@ class MMEBRun:
             self.report(result, depth, log)
         return result
 
-    def score_tasks(self, model, encode, log: Callable[[str], None] | None) -> dict:
-        """Every corpus task scored (``eval/corpus_tasks.py``), each result with the item settings it used."""
+    def score_tasks(self, model, encoders, log: Callable[[str], None] | None) -> dict:
+        """Every corpus task scored (``eval/corpus_tasks.py``), each result with the item settings it used;
+        ``encoders``: (queries', corpus's)."""
         from embedkit.eval.corpus_tasks import evaluate_task
 
         options, record = item_settings(model)
@@ -171,7 +175,8 @@ class MMEBRun:
         for i, task in enumerate(self.tasks):
             if log:
                 log(f"[task {i + 1}/{len(self.tasks)}] {task.name} ({task.kind})")
-            results[task.name] = evaluate_task(task, encode, normalize=model.normalize, item_options=options, log=log)
+            results[task.name] = evaluate_task(task, encoders[0], normalize=model.normalize, item_options=options,
+                                               log=log, encode_candidates=encoders[1])
             results[task.name]["items"] = record
             if log:
                 log(f"  {task.name}: {task.main} {results[task.name]['score']:.4f}")

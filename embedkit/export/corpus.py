@@ -44,7 +44,10 @@ def fingerprint(*parts) -> str:
 def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruction: str | None = None,
                 dim: int | None = None, part_size: int = 1024, model_id: str = "",
                 log: Callable[[str], None] = print, quantize: str | None = None, batch_tokens: int = 0,
-                num_workers: int = 0) -> Path:
+                num_workers: int = 0, side: str | None = None) -> Path:
+    """``input_path``'s rows embedded to ``out_path`` in resumable parts (module docstring). ``side``: the rows'
+    side of a pair (``"candidate"``: documents, for a model that frames the sides apart, GME's and
+    Qwen3-VL-Embedding's system messages; None: as queries)."""
     input_path, out = Path(input_path).expanduser(), Path(out_path).expanduser()
     if out.suffix not in OUTPUTS:
         raise UserError(f"out: {out} must end in {' or '.join(OUTPUTS)}")
@@ -54,7 +57,8 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
     if not any(k in r for r in rows[:1] for k in ("text", "image", "images", "video")):
         raise UserError(f"input: {input_path} needs a text, image, images or video column; has {sorted(rows[0])}")
     stat = input_path.stat()
-    key = fingerprint(input_path.resolve(), stat.st_size, stat.st_mtime_ns, model_id, instruction, dim, part_size)
+    key = fingerprint(input_path.resolve(), stat.st_size, stat.st_mtime_ns, model_id, instruction, dim, part_size,
+                      *([side] if side else []))  # (no side: the key of earlier runs, whose parts stay reusable)
     parts_dir = out.with_name(out.name + ".parts")
     rank, world = rank_and_world()
     if rank == 0:
@@ -76,7 +80,7 @@ def encode_file(encoder, input_path, out_path, *, batch_size: int = 32, instruct
         items = RowItems(chunk, root, prefix, getattr(decoding, "policy", None), first=start,
                          max_pixels=getattr(decoding, "max_image_pixels", None))
         emb = encoder.encode_items(items, batch_size, dim=dim, batch_tokens=batch_tokens,
-                                   num_workers=num_workers)
+                                   num_workers=num_workers, **({"side": side} if side else {}))
         write_part(part, emb.numpy().astype(np.float32))
         encoded += len(chunk)
         rate = encoded / max(time.monotonic() - began, 1e-9)

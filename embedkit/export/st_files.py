@@ -63,7 +63,43 @@ CHAT_TEMPLATES = {
         "{%- endfor -%}{%- endif -%}{%- endfor -%}{{ eos_token }}"
     ),
 }
-VLM_FAMILIES = ("qwen2_vl", "llava_onevision", "phi3_v")
+VLM_FAMILIES = ("qwen2_vl", "llava_onevision", "phi3_v", "qwen3_vl")
+
+
+#: the families whose ``prompt: chat`` layout the export writes as a chat template with the generation prompt
+CHAT_LAYOUT_FAMILIES = ("qwen2_vl", "qwen3_vl")
+
+
+def qwen3_vl_chat_template(system: str, end: str) -> str:
+    """The chat template of a ``prompt: chat`` export (Qwen3-VL-Embedding; GME on qwen2_vl, the same frame):
+    what ``apply_chat_template(add_generation_prompt=True)`` renders for the reference embedder (research note
+    qwen-vl-backbones.md sec. 1.2, 1.5; GME: gme_inference.py), then ``end`` (the appended ``<|endoftext|>``,
+    unless the tokenizer appends it itself)::
+
+        <|im_start|>system\n{system message, else ``system``}<|im_end|>\n<|im_start|>user\n{images}{texts}
+        <|im_end|>\n<|im_start|>assistant\n{end}
+
+    sentence-transformers sends a prompt as a system message (``prepend_prompt_to_messages``): a query's
+    instruction; without one the template's default ``system`` (the documents' message). The user turn
+    puts every image before the text, as embedkit's processor (``schema.segments``) and the reference do."""
+    nl = "{{ '\\n' }}"
+    return (
+        "{%- set ns = namespace(system=" + json.dumps(system) + ") -%}"
+        "{%- for message in messages if message['role'] == 'system' -%}"
+        "{%- if message['content'] is string -%}{%- set ns.system = message['content'] -%}"
+        "{%- else -%}{%- set ns.system = message['content'] | selectattr('type', 'equalto', 'text') "
+        "| map(attribute='text') | join('') -%}{%- endif -%}{%- endfor -%}"
+        "<|im_start|>system" + nl + "{{ ns.system }}<|im_end|>" + nl + "<|im_start|>user" + nl +
+        "{%- for message in messages if message['role'] != 'system' -%}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}"
+        "{%- for part in message['content'] if part['type'] == 'image' -%}"
+        "<|vision_start|><|image_pad|><|vision_end|>{%- endfor -%}"
+        "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+        "{%- endif -%}{%- endfor -%}"
+        "<|im_end|>" + nl + "{%- if add_generation_prompt -%}<|im_start|>assistant" + nl + "{%- endif -%}"
+        + end.replace("{", "{{ '{' }}")
+    )
 
 
 def unsupported(model: dict) -> str | None:
@@ -72,21 +108,64 @@ def unsupported(model: dict) -> str | None:
     no ``append_token``), and the Qwen2.5-VL / Qwen3-VL families have no template here yet."""
     backbone = model["backbone"]
     family = backbone["name"]
-    if family not in VLM_FAMILIES and family in ("qwen2_5_vl", "qwen3_vl"):
+    if family == "qwen3_vl":
+        return _chat_layout_unsupported(backbone)
+    if family == "qwen2_5_vl":
         return f"no sentence-transformers layout for the {family} family yet"
+    if family == "qwen2_vl" and backbone.get("prompt") == "chat":  # GME's layout: the chat template below
+        return _chat_layout_unsupported(backbone)
     if backbone.get("prompt", "none") not in ("none", None) and family == "qwen2_vl":
         return f"the saved chat template does not render model.backbone.prompt={backbone['prompt']}"
     if backbone.get("append_token") is not None:
         return f"the saved tokenizer does not append model.backbone.append_token={backbone['append_token']}"
+    pooling = model.get("pooling") or {}
+    if isinstance(pooling, dict) and pooling.get("span", "all") != "all":
+        return f"sentence-transformers' pooling has no mode for model.pooling.span={pooling['span']}"
+    return None
+
+
+def _chat_layout_unsupported(backbone: dict) -> str | None:
+    """qwen3_vl: only Qwen3-VL-Embedding's layout (``prompt: chat``) is written; qwen2_vl's ``prompt: chat``
+    (GME) the same way. Images and text: the template renders no video."""
+    if backbone.get("prompt", "none") != "chat":
+        return "the qwen3_vl family's sentence-transformers layout is Qwen3-VL-Embedding's (model.backbone.prompt=chat)"
+    if backbone.get("resize"):
+        return "sentence-transformers' image processor does not apply model.backbone.resize"
     return None
 
 
 def prepare_tokenizer(backbone, family: str) -> None:
-    """Before saving: right padding (what embedkit's processors use) and the family's chat template."""
+    """Before saving: right padding (what embedkit's processors use) and the family's chat template (qwen3_vl
+    in the chat layout: ``qwen3_vl_chat_template`` with the documents' system message and the appended token)."""
     tokenizer = backbone.tokenizer
     tokenizer.padding_side = "right"
     if family in CHAT_TEMPLATES:
         tokenizer.chat_template = CHAT_TEMPLATES[family]
+    if family in CHAT_LAYOUT_FAMILIES and getattr(backbone, "system", None) is not None:
+        system = backbone.candidate_system or backbone.system
+        tokenizer.chat_template = qwen3_vl_chat_template(system, _template_end(backbone))
+
+
+def _template_end(backbone) -> str:
+    """The token embedkit appends (``append_token``, else EOS; none without ``append_eos``), unless the
+    tokenizer appends it itself when sentence-transformers' processor tokenizes (special tokens on)."""
+    tokenizer = backbone.tokenizer
+    end = (backbone.append_token or tokenizer.eos_token) if backbone.append_eos else ""
+    ids = tokenizer("a")["input_ids"]
+    if end and ids and ids[-1] == tokenizer.convert_tokens_to_ids(end):
+        return ""
+    return end
+
+
+def st_prompts(meta: dict, encoder) -> dict:
+    """``config_sentence_transformers.json``'s prompts: the export's (text prefixes); for a qwen3_vl chat
+    export, the query side's system message as prompt ``query`` where it differs from the documents' (the
+    template's default): sentence-transformers sends a prompt as the system message."""
+    backbone = encoder.backbone
+    if meta["model"]["backbone"]["name"] not in CHAT_LAYOUT_FAMILIES or getattr(backbone, "system", None) is None:
+        return meta["prompts"]
+    default = backbone.candidate_system or backbone.system
+    return {"query": backbone.system} if backbone.system != default else {}
 
 
 def appends_eos(backbone, family: str) -> bool:
@@ -144,6 +223,9 @@ def write(folder: Path, meta: dict, encoder) -> None:
     dump(folder / "modules.json", modules)
     forward = {"method": "forward", "method_output_name": "last_hidden_state"}
     bert = {"transformer_task": "feature-extraction", "module_output_name": "token_embeddings"}
+    if family in CHAT_LAYOUT_FAMILIES and model["backbone"].get("prompt") == "chat":
+        # Qwen3-VL-Embedding's ST config (research note sec. 1.5): the generation prompt (GME: the same frame)
+        bert["processing_kwargs"] = {"chat_template": {"add_generation_prompt": True}}
     if family in VLM_FAMILIES:
         bert["modality_config"] = {"text": forward, "image": forward, ("message"): {**forward, "format": "structured"}}
         bert["unpad_inputs"] = False
@@ -157,7 +239,7 @@ def write(folder: Path, meta: dict, encoder) -> None:
     dump(folder / "sentence_bert_config.json", bert)
     st_config = {
         "model_type": "SentenceTransformer",
-        "prompts": meta["prompts"],
+        "prompts": st_prompts(meta, encoder),
         "default_prompt_name": None,
         "similarity_fn_name": "cosine" if meta["normalize"] else "dot",
     }

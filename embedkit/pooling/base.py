@@ -15,6 +15,8 @@ from torch import nn
 class Pooling(nn.Module):
     #: ask the backbone for every layer's hidden states (multi-layer heads)
     needs_all_layers: bool = False
+    #: take the backbone's vision span (``forward(..., span=[B,T])``; ``mean`` with ``span: vision``)
+    needs_span: bool = False
 
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor, all_layers: tuple[torch.Tensor, ...] | None = None

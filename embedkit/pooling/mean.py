@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from embedkit.config.registry import register
@@ -22,7 +24,23 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @register("pooling", "mean")
 class MeanPooling(Pooling):
-    """Inputs: hidden [B,T,H], mask [B,T]. Output: [B,H], the mean over each row's real tokens."""
+    """Inputs: hidden [B,T,H], mask [B,T]. Output: [B,H], the mean over each row's real tokens.
 
-    def forward(self, hidden, mask, all_layers=None) -> torch.Tensor:
-        return masked_mean(hidden, mask)
+    ``span: vision`` (jina-embeddings-v4's single vector, HF jinaai/jina-embeddings-v4
+    ``get_single_vector_embeddings``): a row with vision blocks is averaged over them only, from
+    ``<|vision_start|>`` to ``<|vision_end|>`` inclusive (``span`` [B,T], ``BackboneOutput.span``: the backbone
+    marks them); a row without, over its real tokens. jina picks one rule per batch from its first row (its
+    batches hold one modality); this rule is per row, so an embedding never depends on its batch."""
+
+    def __init__(self, span: Literal["all", "vision"] = "all"):
+        super().__init__()
+        self.needs_span = span == "vision"
+
+    def forward(self, hidden, mask, all_layers=None, span=None) -> torch.Tensor:
+        if not self.needs_span:
+            return masked_mean(hidden, mask)
+        if span is None:
+            raise ValueError("mean pooling with span=vision got no vision span from the backbone")
+        span = span.bool() & mask.bool()
+        # per row: the vision span where the row has one, else every real token
+        return masked_mean(hidden, torch.where(span.any(dim=1, keepdim=True), span, mask.bool()))

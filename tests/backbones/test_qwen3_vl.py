@@ -247,7 +247,8 @@ def released(tmp_path_factory):
     return str(folder)
 
 
-def reference_embeddings(folder: str, inputs: list[tuple], side: str, shift: int = 0) -> torch.Tensor:
+def reference_embeddings(folder: str, inputs: list[tuple], side: str, shift: int = 0,
+                         system: str = SYSTEM) -> torch.Tensor:
     """Qwen3-VL-Embedding's steps by hand (QwenLM/Qwen3-VL-Embedding @ 8ce3aab
     ``src/models/qwen3_vl_embedding.py``; research note sec. 1.2/1.4): the chat template rendered with the
     default instruction as the system message, the user turn [image][text], the generation prompt and the
@@ -266,7 +267,7 @@ def reference_embeddings(folder: str, inputs: list[tuple], side: str, shift: int
     texts = []
     for text, img in inputs:
         content = ("<|vision_start|>" + "<|image_pad|>" * next(counts) + "<|vision_end|>" if img else "") + (text or "")
-        texts.append(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{content}<|im_end|>\n"
+        texts.append(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{content}<|im_end|>\n"
                      "<|im_start|>assistant\n<|endoftext|>")
     enc = tok(texts, padding=True, return_tensors="pt")
     types = (enc["input_ids"] == REAL_IDS["<|image_pad|>"]).int()
@@ -327,6 +328,27 @@ def test_gradients_reach_the_tower_and_deepstack_and_checkpointing_keeps_them():
     assert any(g.abs().sum() > 0 for n, g in plain.items() if n.startswith("model.visual.blocks."))
     assert max((plain[n] - checkpointed[n]).abs().max().item() for n in plain) <= 1e-5
 
+def test_queries_get_the_instruction_and_documents_the_default(released):
+    """Qwen3-VL-Embedding's sides (README L171-174, embedding.ipynb cells 11, 16): a query's system message is
+    its task instruction (``system_prompt``), a document's the default (``candidate_system_prompt``, the
+    recipe's); ``side=candidate`` frames documents so, and the wrong side's frame does not match."""
+    from embedkit.config.loader import compose
+    from embedkit.encoder import Encoder
+
+    instruction = "find a photo of a cat."
+    cfg = compose(["recipe=qwen3_vl_embedding", f"model.backbone.path={released}", "model.backbone.dtype=float32",
+                   "model.backbone.min_pixels=1024", "model.backbone.max_pixels=9216",
+                   f"model.backbone.system_prompt={instruction}"])
+    encoder = Encoder.from_config(cfg["model"]).eval()
+    inputs = [("a red circle at the top", None), (None, images(1, 5)[0]), ("two", None)]
+    texts, pictures = [t for t, _ in inputs], [im for _, im in inputs]
+    queries = encoder.encode(texts=texts, images=pictures, side="query")
+    documents = encoder.encode(texts=texts, images=pictures, side="candidate")
+    for padding in ("right", "left"):
+        assert (queries - reference_embeddings(released, inputs, padding, system=instruction)).abs().max() <= 1e-5
+        assert (documents - reference_embeddings(released, inputs, padding)).abs().max() <= 1e-5
+    assert (documents - reference_embeddings(released, inputs, "right", system=instruction)).abs().max() > 1e-3
+
 
 #: the Qwen3-VL-Embedding conventions and fine-tuning values, with their sources (research note sec. 1),
 #: kept apart from the recipe files so a recipe edit that drifts from a source fails here
@@ -337,6 +359,7 @@ SOURCED = {
         ("model.backbone.name", "qwen3_vl", "TR sec. 4.2: Qwen3-VL"),
         ("model.backbone.prompt", "chat", EMB + " L330-332"),
         ("model.backbone.system_prompt", "Represent the user's input.", EMB + " L170"),
+        ("model.backbone.candidate_system_prompt", "Represent the user's input.", "embedding.ipynb cells 11, 16"),
         ("model.backbone.append_eos", True, TR + " p.4"), ("model.backbone.append_token", "<|endoftext|>", TR + " p.4"),
         ("model.backbone.min_pixels", 4 * 32 * 32, EMB + " L24-33"),
         ("model.backbone.max_pixels", 1800 * 32 * 32, EMB + " L24-33"),

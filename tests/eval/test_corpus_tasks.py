@@ -76,6 +76,16 @@ def test_classification_is_accuracy_and_evaluate_task_encodes_both_sides_with_in
     out = evaluate_task(task, encode)
     assert out["score"] == pytest.approx(2 / 3) and out["queries"] == 3 and out["corpus"] == 3
     assert seen == ["Q: cat", "Q: dog", "Q: dog", "C: cat", "C: dog", "C: bird"]
+    # a model that frames documents apart (GME): the corpus goes through ``encode_candidates``
+    corpus_seen = []
+
+    def encode_candidates(items):
+        corpus_seen.extend(items[i].text for i in range(len(items)))
+        return encode(items)
+
+    seen.clear()
+    assert evaluate_task(task, encode, encode_candidates=encode_candidates)["score"] == pytest.approx(2 / 3)
+    assert corpus_seen == ["C: cat", "C: dog", "C: bird"] and seen == ["Q: cat", "Q: dog", "Q: dog", *corpus_seen]
 
 
 @pytest.mark.parametrize("mutate, words", [

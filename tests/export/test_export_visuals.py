@@ -165,10 +165,13 @@ def test_eval_scores_a_corpus_task_of_videos_and_images_with_the_exports_policy(
     ({"name": "qwen2_vl"}, None),
     ({"name": "qwen2_vl", "prompt": "none", "append_token": None}, None),
     ({"name": "hf_text"}, None),
-    ({"name": "qwen2_vl", "prompt": "chat"}, "prompt=chat"),
+    ({"name": "qwen2_vl", "prompt": "chat"}, None),  # GME's layout (tests/export/test_st_qwen3_vl.py)
+    ({"name": "qwen2_vl", "prompt": "chat", "append_token": "<|endoftext|>"}, None),
     ({"name": "qwen2_vl", "prompt": "bare"}, "prompt=bare"),
     ({"name": "qwen2_vl", "append_token": "<|endoftext|>"}, "append_token"),
-    ({"name": "qwen3_vl", "prompt": "chat"}, "qwen3_vl family"),
+    ({"name": "qwen3_vl", "prompt": "chat"}, None),  # Qwen3-VL-Embedding's layout (tests/export/test_st_qwen3_vl.py)
+    ({"name": "qwen3_vl"}, "qwen3_vl family"),
+    ({"name": "qwen3_vl", "prompt": "chat", "resize": [64, 64]}, "resize"),
     ({"name": "qwen2_5_vl"}, "qwen2_5_vl family"),
 ])
 def test_sentence_transformers_files_are_left_out_where_they_cannot_render_the_input(backbone, words):

@@ -76,6 +76,28 @@ def test_mean_is_the_masked_mean():
         assert torch.allclose(out[i], expected, atol=1e-12)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_mean_over_the_vision_span_per_row(side):
+    """``span: vision`` (jina-v4): a row with a vision block is averaged over the block (start to end token,
+    both included: ``_common.vision_span``), a row without over its real tokens; per row, either padding."""
+    from embedkit.backbones._common import vision_span
+
+    VS, VE = 5, 6
+    head = build("mean", span="vision")
+    assert head.needs_span and not build("mean").needs_span
+    seqs = rows([6, 3], seed=4)
+    hidden, mask, _ = pad(seqs, side, fill=9.0)
+    ids = torch.full(mask.shape, 1)
+    ids[mask == 0] = 0
+    first = mask[0].nonzero()[0, 0].item()  # row 0's first real token: <text> VS x x VE <text> <text>
+    ids[0, first + 1], ids[0, first + 3] = VS, VE
+    out = head(hidden, mask, None, span=vision_span(ids, VS, VE))
+    assert torch.allclose(out[0], seqs[0][-1, 1:4].mean(0), atol=1e-12)
+    assert torch.allclose(out[1], seqs[1][-1].mean(0), atol=1e-12)
+    with pytest.raises(ValueError, match="no vision span"):
+        head(hidden, mask, None)
+
+
 def test_last_token_picks_the_last_real_token():
     head = build("last_token")
     seqs = rows([4, 2], seed=4)

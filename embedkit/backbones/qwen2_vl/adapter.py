@@ -17,6 +17,7 @@ position ids and vision bookkeeping of Qwen2-VL chunks are computed on the host 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -70,13 +71,24 @@ class PromptLayout:
     before: str = ""
     after: str = ""
     bare: bool = False
+    visual_only: bool = False  # the frame only around an item with a visual (jina-v4: text items are bare)
+    visual_text: str = ""  # the text of an item with a visual and no text of its own (jina-v4's)
+
+
+#: jina-embeddings-v4's image prompt (HF jinaai/jina-embeddings-v4 @ 509c533, its processor's image text):
+#: ``<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n``
+JINA_IMAGE_TEXT = "Describe the image."
 
 
 def prompt_layout(prompt: str, system_prompt: str) -> PromptLayout:
-    """``prompt`` (none | chat | bare) -> its layout; ``chat``: Qwen's chat template with the generation
-    prompt and ``system_prompt`` as the system message (``_common.chat_text_frame``, GME's)."""
+    """``prompt`` (none | chat | bare | jina) -> its layout; ``chat``: Qwen's chat template with the generation
+    prompt and ``system_prompt`` as the system message (``_common.chat_text_frame``, GME's); ``jina``: a
+    visual item as jina-v4's image prompt (a user turn without the generation prompt, "Describe the image."
+    where the item has no text), a text item bare (its "Query: "/"Passage: " prefix is the item's text)."""
     if prompt == "chat":
         return PromptLayout(*chat_text_frame(system_prompt))
+    if prompt == "jina":
+        return PromptLayout(f"{IM_START}user\n", f"{IM_END}\n", visual_only=True, visual_text=JINA_IMAGE_TEXT)
     return PromptLayout(bare=prompt == "bare")
 # -- end of prompt layout ---------------------------------------------------------------------------------
 
@@ -91,8 +103,10 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
     def __init__(self, tokenizer, image_processor, merge_size: int, max_length: int, append_eos: bool = True,
                  resize: Optional[list[int]] = None, host_positions: bool = False,
                  video: Optional[tuple[int, int, Optional[int]]] = None,
-                 layout: PromptLayout = PromptLayout(), end: Optional[str] = None):
+                 layout: PromptLayout = PromptLayout(), end: Optional[str] = None,
+                 candidate_layout: Optional[PromptLayout] = None):
         self.layout = layout  # prompt layout: the frame around the content; ``end``: the appended token
+        self.candidate_layout = candidate_layout  # the candidate side's frame (None: ``layout``; ``for_side``)
         self.host_positions = host_positions  # add ``host_inputs`` to chunks with images or videos (Qwen2-VL)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -104,6 +118,15 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
         self.video = video or (size["shortest_edge"], size["longest_edge"], None)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+
+    def for_side(self, side: Optional[str]) -> "Qwen2VLChunkProcessor":
+        """A copy framing the candidate side with ``candidate_layout`` (GME: "You are a helpful assistant." as
+        every candidate's system message, the query's instruction for queries); ``self`` otherwise."""
+        if side != "candidate" or self.candidate_layout is None:
+            return self
+        out = copy.copy(self)
+        out.layout, out.candidate_layout = self.candidate_layout, None
+        return out
 
     def _image(self, image):
         """The fixed pre-resize (``resize``, aspect not kept), before the processor's own policy."""
@@ -141,7 +164,19 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
                 parts.append(pad if self.layout.bare else VISION_START + pad + VISION_END)
         if parts:  # an empty text (no segments) renders as the frame alone
             parts[-1] = self._lead_space(segs) + parts[-1]
-        return self.layout.before + "".join(parts) + self.layout.after + self.end
+        before, after = self._frame(segs)
+        return before + "".join(parts) + after + self.end
+
+    def _frame(self, segs: list[Segment]) -> tuple[str, str]:
+        """The layout's text before and after an item's content: none around a text item in a frame for
+        visual items only (jina-v4), and the layout's ``visual_text`` after the visuals of an item without
+        text (jina-v4's "Describe the image.")."""
+        layout = self.layout
+        visual = any(kind != "text" for kind, _ in segs)
+        if layout.visual_only and not visual:
+            return "", ""
+        text_less = visual and all(kind != "text" for kind, _ in segs)
+        return layout.before, (layout.visual_text if text_less else "") + layout.after
 
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
         segs = [segments(it) for it in items]
@@ -162,8 +197,8 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
         """The processed length by arithmetic: text tokens, each image's and the video's tokens from their
         sizes (and frame count), 2 per visual for ``<|vision_start|>``/``<|vision_end|>`` (none in the bare
         layout), the prompt frame's tokens (counted apart from the content), EOS or ``append_token``."""
-        n = bool(self.end) + self._frame_tokens()
         segs = segments(item)
+        n = bool(self.end) + self._frame_tokens(segs)
         for i, (kind, value) in enumerate(segs):
             if kind == "text":
                 space = self._lead_space(segs) if i == len(segs) - 1 else ""
@@ -183,10 +218,9 @@ class Qwen2VLChunkProcessor(ChunkProcessor):
         bare = self.layout.bare and len(segs) > 1
         return " " if bare and segs[-1][0] == "text" and segs[-2][0] != "text" else ""
 
-    def _frame_tokens(self) -> int:
-        """The tokens of the prompt layout's frame (the chat template's text around the content)."""
-        return sum(len(self.tokenizer(t, add_special_tokens=False)["input_ids"])
-                   for t in (self.layout.before, self.layout.after) if t)
+    def _frame_tokens(self, segs: list[Segment]) -> int:
+        """The tokens of the prompt layout's frame around an item (``_frame``: the template's text)."""
+        return sum(len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in self._frame(segs) if t)
 
 
 @register("backbone", FAMILY)
@@ -228,8 +262,9 @@ class Qwen2VLBackbone(Backbone):
         tiny_layers: int = 2,
         tiny_vision_layers: int = 2,
         batched_vision_attention: bool = True,
-        prompt: Literal["none", "chat", "bare"] = "none",
+        prompt: Literal["none", "chat", "bare", "jina"] = "none",
         system_prompt: str = DEFAULT_SYSTEM,
+        candidate_system_prompt: Optional[str] = None,
         append_token: Optional[str] = None,
     ):
         super().__init__()
@@ -240,7 +275,7 @@ class Qwen2VLBackbone(Backbone):
         if tiny:
             from embedkit.backbones.processors import tiny_tokenizer
 
-            chat = [IM_START, IM_END] if prompt == "chat" else []  # (the default tiny vocabulary stays as it was)
+            chat = [IM_START, IM_END] if prompt in ("chat", "jina") else []  # (the default tiny vocabulary stays)
             self.tokenizer = tiny_tokenizer([VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD, *chat], pad=PAD, eos=EOS)
             self.image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
             with seeded(seed):
@@ -255,6 +290,11 @@ class Qwen2VLBackbone(Backbone):
         self.append_eos, self.resize = append_eos, resize
         # prompt layout (issue 29): the frame of each item and the appended token (None: the tokenizer's EOS)
         self.layout, self.append_token = prompt_layout(prompt, system_prompt), append_token
+        # the system messages of the chat layout (None otherwise; the export's chat template reads them)
+        self.system = system_prompt if prompt == "chat" else None
+        self.candidate_system = candidate_system_prompt if prompt == "chat" else None
+        # the candidate side's system message (GME: queries get the instruction, candidates the default)
+        self.candidate_layout = None if candidate_system_prompt is None else prompt_layout(prompt, candidate_system_prompt)
         _check_prompt_tokens(self.tokenizer, prompt, append_token if append_eos else None)
         # per frame; None: the image caps (VLM2Vec-V2 resizes frames like images), no per-video budget
         self.video = (video_min_pixels or min_pixels, video_max_pixels or max_pixels, video_total_pixels)
@@ -262,6 +302,8 @@ class Qwen2VLBackbone(Backbone):
         self.hidden_size = config.text_config.hidden_size
         self.num_layers = config.text_config.num_hidden_layers
         self.merge_size = config.vision_config.spatial_merge_size
+        #: (<|vision_start|>, <|vision_end|>) ids: the vision span a pooling head may read (``BackboneOutput.span``)
+        self.vision_ids = (config.vision_start_token_id, config.vision_end_token_id)
         set_attention(self.model.language_model, attention, self.family)
         self._vision_cache: dict | None = None  # the batched vision attention's grouping, per forward
         if batched_vision_attention and use_batched_vision_attention(self.model):
@@ -282,7 +324,8 @@ class Qwen2VLBackbone(Backbone):
         return Qwen2VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length,
                                      append_eos=self.append_eos, resize=self.resize,
                                      host_positions=self.host_positions, video=self.video,
-                                     layout=self.layout, end=self.append_token)
+                                     layout=self.layout, end=self.append_token,
+                                     candidate_layout=self.candidate_layout)
 
     @staticmethod
     def check_config(params: dict) -> None:
@@ -294,13 +337,16 @@ class Qwen2VLBackbone(Backbone):
                 raise ValueError(f"{key}: expected a positive number of pixels (or null), got {params[key]!r}")
         if params.get("append_token") and params.get("append_eos") is False:
             raise ValueError("append_token: set, but append_eos is false (nothing is appended)")
+        if params.get("candidate_system_prompt") is not None and params.get("prompt", "none") != "chat":
+            raise ValueError("candidate_system_prompt: a system message needs prompt=chat")
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
         if HOST_KEYS[0] in inputs:
             out = self._forward_prepared(inputs, output_all_layers)
         else:
             out = self.model(**inputs, output_hidden_states=output_all_layers, use_cache=False)
-        return model_output(self, inputs, out, output_all_layers, PIXEL_KEYS, self._vision_dummy)
+        return model_output(self, inputs, out, output_all_layers, PIXEL_KEYS, self._vision_dummy,
+                            vision_ids=self.vision_ids)
 
     def _vision_dummy(self, device: torch.device) -> torch.Tensor:
         """The trainable vision tower's output on a minimal input (one image of merge x merge zero patches),
@@ -359,7 +405,7 @@ class Qwen2VLBackbone(Backbone):
 def _check_prompt_tokens(tokenizer, prompt: str, append_token: Optional[str]) -> None:
     """One-line ValueError when the tokenizer lacks a token the prompt layout needs: the chat markers
     (``prompt=chat``) or ``append_token`` as one token."""
-    needed = ([IM_START, IM_END] if prompt == "chat" else []) + ([append_token] if append_token else [])
+    needed = ([IM_START, IM_END] if prompt in ("chat", "jina") else []) + ([append_token] if append_token else [])
     for token in needed:
         if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1 or \
                 tokenizer.convert_tokens_to_ids(token) == tokenizer.unk_token_id:

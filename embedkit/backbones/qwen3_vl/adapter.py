@@ -85,6 +85,7 @@ class Qwen3VLBackbone(Backbone):
         append_token: Optional[str] = None,
         prompt: Literal["none", "chat"] = "none",
         system_prompt: str = DEFAULT_SYSTEM,
+        candidate_system_prompt: Optional[str] = None,
         resize: Optional[list[int]] = None,
         video_min_pixels: Optional[int] = None,
         video_max_pixels: Optional[int] = None,
@@ -112,6 +113,8 @@ class Qwen3VLBackbone(Backbone):
                 image_processor=(Qwen2VLImageProcessorPil, pixels))
         self.max_length, self.append_eos, self.resize = max_length, append_eos, resize
         self.system = system_prompt if prompt == "chat" else None
+        # the candidate side's system message (queries: their task instruction; documents: the default)
+        self.candidate_system = candidate_system_prompt if prompt == "chat" else None
         self.append_token = append_token
         _check_tokens(self.tokenizer, prompt, append_token if append_eos else None)
         # per frame; None: the image caps, no per-video budget
@@ -120,6 +123,8 @@ class Qwen3VLBackbone(Backbone):
         self.hidden_size = config.text_config.hidden_size
         self.num_layers = config.text_config.num_hidden_layers
         self.merge_size = config.vision_config.spatial_merge_size
+        #: (<|vision_start|>, <|vision_end|>) ids: the vision span a pooling head may read (``BackboneOutput.span``)
+        self.vision_ids = (config.vision_start_token_id, config.vision_end_token_id)
         set_attention(self.model.language_model, attention, FAMILY)
         self.finish_init(tiny=tiny, dtype=dtype, freeze_vision=freeze_vision,
                          gradient_checkpointing=gradient_checkpointing)
@@ -129,7 +134,8 @@ class Qwen3VLBackbone(Backbone):
     def make_processor(self) -> ChunkProcessor:
         return Qwen3VLChunkProcessor(self.tokenizer, self.image_processor, self.merge_size, self.max_length,
                                      append_eos=self.append_eos, resize=self.resize, video=self.video,
-                                     system=self.system, append_token=self.append_token)
+                                     system=self.system, append_token=self.append_token,
+                                     candidate_system=self.candidate_system)
 
     @staticmethod
     def check_config(params: dict) -> None:
@@ -139,11 +145,14 @@ class Qwen3VLBackbone(Backbone):
         for key in ("video_min_pixels", "video_max_pixels", "video_total_pixels"):
             if params.get(key) is not None and params[key] < 1:
                 raise ValueError(f"{key}: expected a positive number of pixels (or null), got {params[key]!r}")
+        if params.get("candidate_system_prompt") is not None and params.get("prompt", "none") != "chat":
+            raise ValueError("candidate_system_prompt: a system message needs prompt=chat")
 
     def forward(self, inputs: dict[str, Any], output_all_layers: bool = False) -> BackboneOutput:
         """transformers' forward on the chunk (its ``position_ids`` from the host when present)."""
         out = self.model(**inputs, output_hidden_states=output_all_layers, use_cache=False)
-        return model_output(self, inputs, out, output_all_layers, PIXEL_KEYS, self._vision_dummy)
+        return model_output(self, inputs, out, output_all_layers, PIXEL_KEYS, self._vision_dummy,
+                            vision_ids=self.vision_ids)
 
     def _vision_dummy(self, device: torch.device) -> torch.Tensor:
         """The trainable tower's outputs on one image of merge x merge zero patches, for a chunk without

@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -85,11 +86,22 @@ class Qwen3VLChunkProcessor(Qwen2VLChunkProcessor):
 
     def __init__(self, tokenizer, image_processor, merge_size: int, max_length: int, append_eos: bool = True,
                  resize: Optional[list[int]] = None, video: Optional[tuple[int, int, Optional[int]]] = None,
-                 system: Optional[str] = None, append_token: Optional[str] = None):
+                 system: Optional[str] = None, append_token: Optional[str] = None,
+                 candidate_system: Optional[str] = None):
         super().__init__(tokenizer, image_processor, merge_size, max_length, append_eos=append_eos,
                          resize=resize, host_positions=False, video=video)
         self.system = system  # None: no chat template
+        self.candidate_system = candidate_system  # the candidate side's system message (None: ``system``)
         self.end = (append_token or tokenizer.eos_token) if append_eos else ""
+
+    def for_side(self, side: Optional[str]) -> "Qwen3VLChunkProcessor":
+        """A copy with ``candidate_system`` as the system message for the candidate side (Qwen3-VL-Embedding:
+        a query's task instruction, the default instruction for documents); ``self`` otherwise."""
+        if side != "candidate" or self.candidate_system is None or self.system is None:
+            return self
+        out = copy.copy(self)
+        out.system, out.candidate_system = self.candidate_system, None
+        return out
 
     def _render(self, item: Item, segs: list[Segment], counts: dict) -> str:
         """An item's text, its visuals' tokens in place (``counts``: iterators over the token counts of the

@@ -189,11 +189,15 @@ def benchmark_main(opts: EvalOptions, cfg: dict, from_config: bool) -> int:
     rank = init_distributed()
     model, provenance = open_the_model(opts, cfg, from_config)
     log = (lambda m: print(m, flush=True)) if rank == 0 else None
-    fingerprint = model_fingerprint(model, {"normalize": getattr(model, "normalize", True), "dtype": opts.dtype})
-    encode = runner.model_encoder(model, cfg["train"]["chunk_size"], opts.dtype, opts.num_workers)
+    # the model's config too: a system prompt or pixel cap changes embeddings without touching a weight
+    fingerprint = model_fingerprint(model, {"normalize": getattr(model, "normalize", True), "dtype": opts.dtype,
+                                            "model": provenance.config.get("model")})
+    encode, encode_candidates = (runner.model_encoder(model, cfg["train"]["chunk_size"], opts.dtype, opts.num_workers,
+                                                      side) for side in (None, "candidate"))
     out = Path(opts.out) if opts.out else output_dir(provenance, None, cfg["recipe"])
     cache = EmbeddingCache(out / "mmeb_v2" / "cache", fingerprint)
-    records = runner.evaluate(prepared, encode, cache, normalize=getattr(model, "normalize", True), log=log)
+    records = runner.evaluate(prepared, encode, cache, normalize=getattr(model, "normalize", True), log=log,
+                              encode_candidates=encode_candidates)
     if rank == 0:
         info = {"fingerprint": fingerprint, "kind": provenance.kind, "source": str(provenance.source),
                 "step": provenance.step}

@@ -29,7 +29,8 @@ class STEncoder(nn.Module):
         self.provenance = Provenance(kind="sentence_transformers", source=Path(path))
 
     @torch.no_grad()
-    def encode_items(self, items, batch_size: int = 32) -> torch.Tensor:
+    def encode_items(self, items, batch_size: int = 32, side: str | None = None) -> torch.Tensor:
+        # ``side``: a sentence-transformers folder frames queries and documents alike (taken, not used)
         if any(it.has_visual for it in items):
             raise UserError("model: this sentence-transformers folder is scored on text only; an item has an image "
                             "or a video (choose text datasets with data.eval.datasets=[...])")

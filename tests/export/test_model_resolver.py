@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 import embedkit
 from embedkit.errors import UserError
@@ -51,6 +52,10 @@ def test_a_sentence_transformers_folder_is_scored_but_not_loaded(trained, tmp_pa
     assert provenance.kind == "sentence_transformers" and provenance.source == st_folder
     assert provenance.config == {} and provenance.step == 0
     assert model.provenance is provenance and hasattr(model, "encode_items")
+    from embedkit.data.schema import Item
+
+    items = [Item("a red square"), Item("a blue circle")]  # eval encodes a corpus with side="candidate"
+    assert torch.equal(model.encode_items(items, 2, side="candidate"), model.encode_items(items, 2))
     with pytest.raises(UserError, match=r"^model: .* is a sentence-transformers folder \(modules.json\); give "):
         embedkit.load(st_folder)
 

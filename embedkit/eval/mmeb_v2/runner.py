@@ -209,9 +209,11 @@ def task_record(pin, task: CorpusTask, q: torch.Tensor, c: torch.Tensor, normali
 # ---------------------------------------------------------------- the run
 
 
-def model_encoder(model, chunk_size: int, dtype: str | None = None, num_workers: int = 0) -> Callable:
+def model_encoder(model, chunk_size: int, dtype: str | None = None, num_workers: int = 0,
+                  side: str | None = None) -> Callable:
     """``encode(items)`` of an opened model, cast to ``dtype`` and on this rank's GPU when there is one:
-    its ``encode_items`` (the inference engine: each share ordered and batched by token cost)."""
+    its ``encode_items`` (the inference engine: each share ordered and batched by token cost); ``side``
+    ``"candidate"`` frames items as the model frames documents (GME's default system message)."""
     import os
 
     if dtype:
@@ -221,6 +223,8 @@ def model_encoder(model, chunk_size: int, dtype: str | None = None, num_workers:
     if torch.cuda.is_available():
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     engine = {"num_workers": num_workers} if num_workers else {}
+    if side is not None:
+        engine["side"] = side
     return lambda items: model.encode_items(items, chunk_size, **engine)
 
 
@@ -234,21 +238,23 @@ def distinct(rows: list[dict]) -> tuple[list[dict], list[int]]:
     return [firsts[i] for i in range(len(pos))], index
 
 
-def embed(pin, task: CorpusTask, encode: Callable, key: str, cache: EmbeddingCache) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(query embeddings, corpus embeddings, whether they came from the cache) of one task."""
+def embed(pin, task: CorpusTask, encode: Callable, key: str, cache: EmbeddingCache,
+          encode_candidates: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(query embeddings, corpus embeddings, whether they came from the cache) of one task; the corpus
+    through ``encode_candidates`` where given (the model's candidate side)."""
     entry = cache.load(pin.name, key)
     if entry is not None:
         return entry["query"], entry["corpus"], True
     cap = (pin.pixels or {}).get("max_pixels")
     unique, index = distinct(task.queries)
     q = encode_shared(TaskItems(unique, cap), encode)[torch.tensor(index)]
-    c = encode_shared(TaskItems(task.corpus, cap), encode)
+    c = encode_shared(TaskItems(task.corpus, cap), encode_candidates or encode)
     cache.save(pin.name, key, q, c)
     return q, c, False
 
 
 def evaluate(prepared: Prepared, encode: Callable, cache: EmbeddingCache, *, normalize: bool = True,
-             log: Callable[[str], None] | None = None) -> dict[str, dict]:
+             log: Callable[[str], None] | None = None, encode_candidates: Callable | None = None) -> dict[str, dict]:
     """Every prepared task encoded (or read from the cache) and scored: ``{name: record}``. Every rank
     calls this (the encodings are shared); the fault point ``eval_dataset`` follows each task's cache write."""
     records = {}
@@ -256,7 +262,7 @@ def evaluate(prepared: Prepared, encode: Callable, cache: EmbeddingCache, *, nor
         if log:
             log(f"[mmeb_v2 {i + 1}/{len(prepared.tasks)}] {pin.name} ({pin.group}, {pin.scope}): "
                 f"{len(task.queries)} queries, {len(task.corpus)} candidates")
-        q, c, cached = embed(pin, task, encode, key, cache)
+        q, c, cached = embed(pin, task, encode, key, cache, encode_candidates)
         fault_point("eval_dataset")
         records[pin.name] = {**task_record(pin, task, q, c, normalize), "data_files": prepared.files.get(pin.name, {})}
         if log:

@@ -186,3 +186,13 @@ def test_annotation_files_are_hashed_into_the_results_and_a_pinned_hash_must_mat
         runner.prepare(pinned({rel: other}), root / "data")
     with pytest.raises(UserError, match=f"{pin.name}: pinned file gone.parquet not found"):
         runner.prepare(pinned({"gone.parquet": digest}), root / "data")
+
+
+def test_the_corpus_is_encoded_on_the_candidate_side(setup, tmp_path):
+    _, _, prepared, records, _ = setup
+    queries, candidates = Counting(), Counting()
+    again = runner.evaluate(prepared, queries, EmbeddingCache(tmp_path / "cache", "c" * 64), log=lambda m: None,
+                            encode_candidates=candidates)
+    assert candidates.items == sum(len(task.corpus) for _, task, _ in prepared.tasks)
+    assert queries.items < sum(len(task.queries) for _, task, _ in prepared.tasks) + 1  # distinct queries only
+    assert {n: r["score"] for n, r in again.items()} == {n: r["score"] for n, r in records.items()}

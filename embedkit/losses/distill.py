@@ -80,6 +80,8 @@ class Distill(Loss):
     ``c2q`` (each positive over all queries); the KL is their mean.
     """
 
+    needs_teacher = True  # the module refuses, in one line naming the shards, a batch without teacher data
+
     def __init__(
         self,
         inner: Loss | str = "infonce",

@@ -77,6 +77,8 @@ class SoftLabels(Loss):
     embeddings). Output: weight · inner + soft_weight · KL(judge || student) over each query's own
     candidates."""
 
+    needs_teacher = True  # the module refuses, in one line naming the shards, a batch without teacher data
+
     def __init__(self, inner: Loss | str = "infonce", weight: float = 1.0, soft_weight: float = 1.0,
                  student_temperature: float = 0.02, judge_temperature: float = 1.0):
         super().__init__()

@@ -38,7 +38,7 @@ def tiny_run(tmp: Path, cache: Path) -> list[str]:
 
 
 #: losses that need teacher data in the shards (``embedkit teach``): trained end to end in
-#: tests/mining/test_teach_fit.py, on taught shards
+#: tests/e2e/test_teach_cli.py, on taught shards
 TEACHER_LOSSES = {"distill", "soft_labels"}
 
 

@@ -50,6 +50,17 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def check_teacher_nesting(loss_fn, name: str) -> None:
+    """A teacher wrapper (``distill``, ``soft_labels``) must be the outermost loss: the wrappers around
+    it (Matryoshka) do not pass the ``teacher`` keyword on. One line, before anything trains."""
+    inside = [m for m in loss_fn.modules() if m is not loss_fn and getattr(m, "needs_teacher", False)]
+    if inside and not getattr(loss_fn, "needs_teacher", False):
+        from embedkit.errors import ConfigError
+
+        raise ConfigError(f"loss: {name} wraps a teacher loss ({type(inside[0]).__name__}), which would get no "
+                          f"teacher data; put it outermost, e.g. loss=distill loss.inner={name}")
+
+
 class EmbeddingModule(L.LightningModule):
     """``encoder`` and ``loss_fn`` trained by the ``train`` config section for ``max_steps`` optimizer
     steps of ``accumulate`` training batches each (the run length and ``train.accumulate_steps``,
@@ -110,6 +121,7 @@ class EmbeddingModule(L.LightningModule):
 
             raise ConfigError(f"model.pooling: {model['pooling']['name']} pools across layers; loss "
                               f"{loss['name']} needs one embedding per layer (a head that pools one layer)")
+        check_teacher_nesting(loss_fn, loss["name"])
         return cls(encoder, loss_fn, train, max_steps=max_steps, accumulate=accumulate, config=config)
 
     @classmethod

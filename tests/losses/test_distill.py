@@ -221,3 +221,15 @@ def test_gradcache_equals_the_full_batch(name, inner):
     assert out_c.parts[name].item() > 1e-4  # the teacher term is there
     for a, b in zip(grads_c, grads_r):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_teacher_loss_nested_inside_another_wrapper_is_refused_in_one_line():
+    from embedkit.training.module import check_teacher_nesting
+
+    cfg = compose(["recipe=demo", "loss=matryoshka", "loss.inner=distill", "loss.dims=[4,8]"])
+    loss = registry.build("loss", cfg["loss"], embedding_dim=D)
+    with pytest.raises(ConfigError) as info:
+        check_teacher_nesting(loss, "matryoshka")
+    assert str(info.value).startswith("loss: matryoshka wraps a teacher loss") and "\n" not in str(info.value)
+    check_teacher_nesting(registry.build("loss", compose(["recipe=demo", "loss=distill", "loss.inner=matryoshka",
+                                                          "loss.inner.dims=[4,8]"])["loss"], embedding_dim=D), "distill")

@@ -233,3 +233,20 @@ def test_a_teacher_loss_nested_inside_another_wrapper_is_refused_in_one_line():
     assert str(info.value).startswith("loss: matryoshka wraps a teacher loss") and "\n" not in str(info.value)
     check_teacher_nesting(registry.build("loss", compose(["recipe=demo", "loss=distill", "loss.inner=matryoshka",
                                                           "loss.inner.dims=[4,8]"])["loss"], embedding_dim=D), "distill")
+
+
+def test_soft_labels_score_token_sets_by_the_losses_maxsim():
+    """model.pooling=multi_vector: the student's own-candidate scores are the core's MaxSim of the same pairs."""
+    from embedkit.losses.base import candidates
+    from embedkit.losses.similarity import similarity_for
+    from embedkit.losses.soft_labels import own_columns, student_own
+
+    g = torch.Generator().manual_seed(10)
+    q, p = (F.normalize(torch.randn(B, 3, D, generator=g, dtype=torch.float64), dim=-1) for _ in range(2))
+    n = F.normalize(torch.randn(B, K, 3, D, generator=g, dtype=torch.float64), dim=-1)
+    full = similarity_for(q, "mean")(q, candidates(p, n))  # [B, B + B*K]
+    own = slice(1, 3)
+    expected = full[own].gather(1, own_columns(B, K, own))
+    assert torch.allclose(student_own(q, p, n, own), expected, atol=1e-12)
+    assert torch.allclose(student_own(q[:, 0], p[:, 0], n[:, :, 0], own),
+                          (q[own, 0] @ candidates(p[:, 0], n[:, :, 0]).T).gather(1, own_columns(B, K, own)), atol=1e-12)

@@ -59,7 +59,9 @@ def main(args: list[str]) -> int:
 
     status = _printer()
     status(f"teach: model {opts.model}")
-    encoder, model = open_model(opts.model, kinds=ENCODER_KINDS, trust_checkpoint=opts.trust_checkpoint)
+    # a sentence-transformers folder too (text only: UniME stage 1 distils a text embedder on text pairs)
+    encoder, model = open_model(opts.model, kinds=(*ENCODER_KINDS, "sentence_transformers"),
+                                trust_checkpoint=opts.trust_checkpoint)
     if opts.dtype:
         from embedkit.backbones.base import torch_dtype
 

@@ -170,3 +170,27 @@ def test_the_batch_lays_the_teacher_rows_out_as_its_candidates():
 def test_the_manifest_of_a_cli_run_is_json(src, tmp_path):
     stats = teach(src, tmp_path / "out")
     assert json.dumps(build_manifest(stats, {}, {}), sort_keys=True)
+
+
+def test_a_sentence_transformers_folder_teaches_text_shards(src, tmp_path):
+    """``embedkit teach model=ST_FOLDER``: a text embedder (UniME stage 1's kind of teacher); the stored
+    embeddings are the folder's own, and the manifest hashes the folder's files."""
+    import shutil
+
+    from embedkit.cli import main as cli
+    from embedkit.export.reader import open_model
+    from embedkit.export.writer import export_model
+    from tests.export.test_export import trained_run
+
+    run, _ = trained_run(tmp_path / "run", ["model.backbone=hf_text", "model.backbone.tiny=true"])
+    st = tmp_path / "st"
+    shutil.copytree(export_model(run, tmp_path / "export", log=lambda m: None), st)
+    (st / "embedkit.json").unlink()  # no longer an embedkit export: a plain sentence-transformers folder
+    assert cli(["teach", f"model={st}", f"shards={src}", f"out={tmp_path / 'out'}", "store_dtype=float32"]) == 0
+    teaching = json.loads((tmp_path / "out" / "manifest.json").read_text())["teaching"]
+    model, provenance = open_model(st)
+    assert provenance.kind == "sentence_transformers" and len(teaching["model_sha256"]) == 64
+    key, files = next(iter_samples(tmp_path / "out" / "synth" / "train-000001.tar"))
+    ex = decode_sample(key, files)
+    want = model.encode_items([ex.query, ex.positive]).numpy()
+    assert np.abs(ex.teacher.embeddings - want).max() < 1e-5 and teaching["dim"] == want.shape[1]

@@ -14,7 +14,7 @@ import sys
 
 #: each verb is the module embedkit/commands/<verb>.py: ``VERB`` declares its options, ``main(args) -> int`` runs it
 VERBS = ("fit", "eval", "data", "compare", "ui", "config", "recipes", "export", "encode", "mine", "merge",
-         "report")
+         "report", "teach")
 
 EXAMPLES = """examples:
   embedkit fit

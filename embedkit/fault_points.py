@@ -12,7 +12,8 @@ The plan is parsed once per value of the variable; with neither variable set a c
 environment lookup. The points (docs/faults.md): ``checkpoint_write`` (the temporary is written, before
 the rename), ``train_batch`` (after a training batch), ``validation_batch``, ``encode_part`` (a part's
 temporary written, before its rename), ``mine_cache`` (a subset's embeddings cached),
-``mine_shard`` (a mined shard written, before its counts), ``eval_dataset`` (a dataset scored).
+``mine_shard`` (a mined shard written, before its counts), ``eval_dataset`` (a dataset scored),
+``teach_shard`` (a taught shard written, before its counts).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ PLAN_ENV = "EMBEDKIT_FAULT_PLAN"
 TRACE_ENV = "EMBEDKIT_FAULT_TRACE"
 POINTS = ("checkpoint_write", "train_batch", "validation_batch", "encode_part", "mine_cache", "mine_shard",
           "eval_dataset")
+POINTS += ("teach_shard",)  # s35-distill: a taught shard written, before its counts (mining/teacher.py)
 ACTIONS = ("kill", "enospc")
 
 

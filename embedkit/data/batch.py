@@ -47,6 +47,13 @@ class TrainBatch:
     #: where the worker's readers stood (``ShardStream.reader_state``): kept by the data module for an
     #: exact resume past skipped samples; None outside a ``ShardStream``
     reader_state: dict | None = None
+    #: taught shards (``embedkit teach``): the teacher's embeddings of the B queries [B, Dt] and of the
+    #: candidates [B + B*K, Dt] in ``candidate_keys``' layout; a judge's scores [B, 1 + K] of each
+    #: example's positive and K negative slots (NaN for a slot borrowed from another example). None
+    #: unless every example of the batch carries it (the loss says so in one line where it needs it).
+    teacher_queries: torch.Tensor | None = None
+    teacher_candidates: torch.Tensor | None = None
+    teacher_scores: torch.Tensor | None = None
 
     @property
     def pad_fraction(self) -> float:
@@ -62,7 +69,8 @@ class TrainBatch:
         return dataclasses.replace(
             self, query_chunks=_pinned(self.query_chunks), candidate_chunks=_pinned(self.candidate_chunks),
             candidate_keys=_pinned(self.candidate_keys), query_restore=_pinned(self.query_restore),
-            candidate_restore=_pinned(self.candidate_restore))
+            candidate_restore=_pinned(self.candidate_restore), teacher_queries=_pinned(self.teacher_queries),
+            teacher_candidates=_pinned(self.teacher_candidates), teacher_scores=_pinned(self.teacher_scores))
 
 
 def _pinned(x):
@@ -163,20 +171,26 @@ class ChunkCollate:
         restore[torch.tensor(order)] = torch.arange(len(order))
         return [[items[i] for i in g] for g in groups], restore
 
-    def negatives(self, i: int, examples: list[Example]) -> list[Item]:
-        """Exactly K negatives for example i: its own, cycled; an example with none (most MMEB
-        subsets) borrows the positives of the other examples of its batch, which are true
+    def negative_sources(self, i: int, examples: list[Example]) -> list[tuple[int, int | None]]:
+        """Where example i's K negative slots come from: (example, its negative index), or (another
+        example, None) for that example's positive. Its own negatives, cycled; an example with none
+        (most MMEB subsets) borrows the positives of the other examples of its batch, which are true
         in-batch negatives of its query."""
         k, ex = self.num_negatives, examples[i]
         if k == 0:
             return []
         if ex.negatives:
-            return [ex.negatives[j % len(ex.negatives)] for j in range(k)]
-        others = [e.positive for j, e in enumerate(examples) if j != i]
+            return [(i, j % len(ex.negatives)) for j in range(k)]
+        others = [j for j in range(len(examples)) if j != i]
         if not others:
             raise ValueError(f"data.train.num_negatives={k} but an example of task {ex.task!r} has none "
                              "and its batch has no other example to borrow from")
-        return [others[(i + j) % len(others)] for j in range(k)]
+        return [(others[(i + j) % len(others)], None) for j in range(k)]
+
+    def negatives(self, i: int, examples: list[Example]) -> list[Item]:
+        """Exactly K negatives for example i (``negative_sources``)."""
+        return [examples[e].positive if j is None else examples[e].negatives[j]
+                for e, j in self.negative_sources(i, examples)]
 
     def __call__(self, examples: list[Example]) -> TrainBatch:
         queries = [ex.query for ex in examples]
@@ -199,7 +213,29 @@ class ChunkCollate:
             candidate_restore=cand_restore,
             padded_tokens=padded,
             real_tokens=real,
+            **self.teacher(examples),
         )
+
+    def teacher(self, examples: list[Example]) -> dict:
+        """The ``teacher_*`` fields of the batch (``TrainBatch``), laid out as its candidates; {} unless
+        every example carries teacher data."""
+        import numpy as np
+
+        if not examples or any(ex.teacher is None for ex in examples):
+            return {}
+        sources = [self.negative_sources(i, examples) for i in range(len(examples))]
+        out = {}
+        if all(ex.teacher.embeddings is not None for ex in examples):
+            emb = [np.asarray(ex.teacher.embeddings, dtype=np.float32) for ex in examples]
+            rows = [e[1] for e in emb] + [emb[e][1 if j is None else 2 + j] for src in sources for e, j in src]
+            out["teacher_queries"] = torch.from_numpy(np.stack([e[0] for e in emb]))
+            out["teacher_candidates"] = torch.from_numpy(np.stack(rows))
+        if all(ex.teacher.scores is not None for ex in examples):
+            out["teacher_scores"] = torch.tensor(
+                [[float(ex.teacher.scores[0])] + [float(ex.teacher.scores[1 + j]) if e == i and j is not None
+                                                  else float("nan") for e, j in sources[i]]
+                 for i, ex in enumerate(examples)], dtype=torch.float32)
+        return out
 
 
 def pad_counts(chunks: list[dict]) -> tuple[int, int]:

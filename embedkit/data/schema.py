@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from PIL import Image
 
@@ -85,6 +85,16 @@ def _visuals(item: Item) -> str:
 
 
 @dataclass
+class TeacherArrays:
+    """A teacher's data of one example (``embedkit teach``; ``data/shards.py`` stores it): ``embeddings``
+    float16/32 numpy [2 + k, Dt] (query, positive, then the example's k negatives) and/or ``scores``
+    float32 [1 + k] (a judge's scores of the positive, then of the k negatives). Either may be None."""
+
+    embeddings: Any = None
+    scores: Any = None
+
+
+@dataclass
 class Example:
     query: Item
     positive: Item
@@ -92,6 +102,8 @@ class Example:
     task: str = "default"
     #: one score per negative where they were mined (``embedkit mine``: the judge's score), else None
     negative_scores: list[float] | None = None
+    #: the teacher's embeddings and/or judge scores where the shards were taught (``embedkit teach``), else None
+    teacher: TeacherArrays | None = None
 
 
 #: a segment of an item: ("text", str), ("image", k) with k the 0-based image index, or ("video", 0)

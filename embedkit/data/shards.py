@@ -12,6 +12,11 @@ lacks is ``missing_member``, never a silent text-only item). ``<tag>`` is ``q``,
     {"text": ..., "frames": ["frame000.png", ...],            a video's frames, in order, and their
      "timestamps": [float, ...] | null}                       timestamps (s): <key>.<tag>.frame000.png ...
     {"text": ..., "video": "video.mp4"}                       a video file, decoded at read time: <key>.<tag>.video.mp4
+A taught sample (``embedkit teach``) also holds its teacher's data, each a ``.npy`` array member
+(numpy's format, read without pickle): ``<key>.teacher.npy`` (float16 or float32 [2 + k, Dt]: the
+embeddings of the query, the positive and the k negatives, in slot order) and/or
+``<key>.teacher_scores.npy`` (float32 [1 + k]: a judge's scores of the positive and the negatives);
+``decode_sample`` puts them in ``Example.teacher`` (an array with the wrong row count is ``bad_json``).
 Image bytes are stored as they came (``ImageBytes``: MMEB's JPEGs are not re-encoded); decoded images
 and frames are written as PNG. A stored video is ``VideoBytes``. Reading applies the run's
 ``FramePolicy`` to frames (``frames_from_images``'s rule; only the picked frames are decoded) and to a
@@ -34,14 +39,17 @@ from typing import Callable, Iterator, Mapping
 
 from embedkit.data.pixels import SKIP_REASONS, BadSample, fit, open_image, to_rgb
 from embedkit.data.remote import is_remote
-from embedkit.data.schema import Example, Item
+from embedkit.data.schema import Example, Item, TeacherArrays
 from embedkit.data.video import FramePolicy, Frames, fps_indices, read_video, uniform_indices
 from embedkit.files import atomic_path
 
 #: the codec's names, and those of ``pixels`` it re-exports (``SKIP_REASONS``, ``BadSample``, ``to_rgb``: their old home)
-__all__ = ["SKIP_REASONS", "BadSample", "Decoding", "ImageBytes", "StoredSlot", "VideoBytes", "count_samples",
+__all__ = ["SKIP_REASONS", "TEACHER_MEMBERS", "BadSample", "Decoding", "ImageBytes", "StoredSlot", "VideoBytes", "count_samples",
            "decode_sample", "encode_example", "iter_samples", "list_shards", "sample_key", "slot_has_visual",
-           "stored_slot", "to_rgb", "write_shard"]
+           "npy_bytes", "stored_slot", "to_rgb", "write_shard"]
+
+#: the teacher's array members of a taught sample: ``<key>.<name>`` (module docstring)
+TEACHER_MEMBERS = {"embeddings": "teacher.npy", "scores": "teacher_scores.npy"}
 
 
 @dataclass
@@ -158,6 +166,10 @@ def encode_example(example: Example, key: str, videos: Mapping[str, VideoBytes] 
     if example.negative_scores is not None:
         meta["negative_scores"] = [float(x) for x in example.negative_scores]
     files[f"{key}.json"] = json.dumps(meta).encode()
+    if example.teacher is not None:  # a taught example's arrays (module docstring)
+        for field_name, member in TEACHER_MEMBERS.items():
+            if getattr(example.teacher, field_name) is not None:
+                files[f"{key}.{member}"] = npy_bytes(getattr(example.teacher, field_name))
     return files
 
 
@@ -288,6 +300,37 @@ def _meta(key: str, files: dict[str, bytes]) -> dict:
     return meta
 
 
+def npy_bytes(array) -> bytes:
+    """``array`` in numpy's ``.npy`` format (the same array, the same bytes)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _teacher(key: str, files: dict[str, bytes], negatives: int) -> TeacherArrays | None:
+    """The sample's teacher arrays (None when it was not taught); ``bad_json`` for an unreadable one or
+    one whose rows do not match the slots."""
+    import numpy as np
+
+    arrays = {}
+    for field_name, member in TEACHER_MEMBERS.items():
+        data = files.get(f"{key}.{member}")
+        if data is None:
+            continue
+        try:
+            arrays[field_name] = np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as exc:
+            raise BadSample("bad_json", f"{key}.{member}: not a .npy array ({exc})") from None
+    rows = {"embeddings": 2 + negatives, "scores": 1 + negatives}
+    for field_name, array in arrays.items():
+        if array.shape[0] != rows[field_name]:
+            raise BadSample("bad_json", f"{key}.{TEACHER_MEMBERS[field_name]}: {array.shape[0]} rows for "
+                                        f"{rows[field_name]} slots")
+    return TeacherArrays(**arrays) if arrays else None
+
+
 def decode_sample(key: str, files: dict[str, bytes], policy: FramePolicy | None = None,
                   max_image_pixels: int | None = None, on_resize: Callable[[str], None] | None = None) -> Example:
     """An ``Example`` from one sample's files (any slot form of the module docstring).
@@ -301,12 +344,14 @@ def decode_sample(key: str, files: dict[str, bytes], policy: FramePolicy | None 
     meta = _meta(key, files)
     reading = _Reading(key, files, policy or FramePolicy(), max_image_pixels, on_resize)
     scores = meta.get("negative_scores")
+    negatives = [_item(s, f"n{i}", reading) for i, s in enumerate(meta.get("negatives") or [])]
     return Example(
         query=_item(meta["query"], "q", reading),
         positive=_item(meta["positive"], "p", reading),
-        negatives=[_item(s, f"n{i}", reading) for i, s in enumerate(meta.get("negatives") or [])],
+        negatives=negatives,
         task=meta["task"] if isinstance(meta.get("task"), str) else "default",
         negative_scores=scores if isinstance(scores, list) else None,
+        teacher=_teacher(key, files, len(negatives)),
     )
 
 

@@ -35,6 +35,11 @@ candidates' content keys [b + b*K]; they are all-gathered too (integers, no grad
 like the gathered candidates (every rank's positives, then every rank's negatives), so a copy of a
 query's positive held by another rank is masked as well.
 
+Teacher data (``teacher``, a ``losses.teacher.TeacherBatch``: a teacher's embeddings of this rank's
+queries [b, Dt] and candidates [b + b*K, Dt], a judge's scores [b, 1 + K]) is all-gathered without
+gradients (a teacher is fixed) into the same global layout: queries and score rows in rank order, the
+candidates as the keys (every rank's positives, then every rank's negatives).
+
 Embeddings may carry more than one vector per item ([b, L, D] per layer for ``matryoshka_2d``,
 [b, T, d] token sets for ``multi_vector``, padded to a fixed T): the trailing shape travels as is.
 Every rank must have the same b, K and trailing shape (the per-rank batch is fixed; hard negatives are padded or
@@ -49,6 +54,7 @@ import torch.distributed as dist
 from embedkit.distributed.gather import all_gather_with_grad
 from embedkit.distributed.ranks import is_distributed
 from embedkit.losses.base import CandidateMask, LossOutput, call_loss
+from embedkit.losses.teacher import TeacherBatch
 
 
 def gather_batch(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None, group=None):
@@ -66,21 +72,42 @@ def gather_batch(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None, group
 
 
 def gather_keys(keys: torch.Tensor, b: int, group=None) -> torch.Tensor:
-    """Candidate keys [b + b*K] of every rank -> the gathered candidate layout [W*b + W*b*K]."""
+    """Candidate keys [b + b*K] (or per-candidate rows [b + b*K, ...]) of every rank -> the gathered
+    candidate layout [W*b + W*b*K, ...]."""
     world = dist.get_world_size(group)
     parts = [torch.empty_like(keys) for _ in range(world)]
     dist.all_gather(parts, keys.contiguous(), group=group)
-    per_rank = torch.stack(parts)  # [W, b + b*K]
-    return torch.cat([per_rank[:, :b].reshape(-1), per_rank[:, b:].reshape(-1)])
+    per_rank = torch.stack(parts)  # [W, b + b*K, ...]
+    tail = keys.shape[1:]
+    return torch.cat([per_rank[:, :b].reshape(-1, *tail), per_rank[:, b:].reshape(-1, *tail)])
+
+
+def gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
+    """``x`` [b, ...] of every rank concatenated in rank order, without gradients."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def gather_teacher(teacher: TeacherBatch, b: int, group=None) -> TeacherBatch:
+    """This rank's teacher data -> the gathered batch's (the module docstring's layout)."""
+    def rows(x):
+        return None if x is None else gather_rows(x, group)
+
+    cands = None if teacher.candidates is None else gather_keys(teacher.candidates, b, group)
+    return TeacherBatch(rows(teacher.queries), cands, rows(teacher.scores))
 
 
 def distributed_loss(loss_fn, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, group=None,
-                     mask: CandidateMask | None = None) -> LossOutput:
+                     mask: CandidateMask | None = None, teacher: TeacherBatch | None = None) -> LossOutput:
     """``loss_fn`` over the candidates of all ranks for this rank's queries; plain call otherwise.
-    ``mask`` is passed to losses that take it (``call_loss``), its keys gathered like the candidates."""
+    ``mask`` and ``teacher`` are passed to losses that take them (``call_loss``), the mask's keys and the
+    teacher's data gathered like the candidates."""
     if not is_distributed():
-        return call_loss(loss_fn, q, p, n, mask=mask)
+        return call_loss(loss_fn, q, p, n, mask=mask, teacher=teacher)
     Q, P, N, rows = gather_batch(q, p, n, group)
     if mask is not None and mask.keys is not None:
         mask = CandidateMask(gather_keys(mask.keys.to(q.device), q.shape[0], group), mask.margin)
-    return call_loss(loss_fn, Q, P, N, rows=rows, mask=mask)
+    if teacher is not None:
+        teacher = gather_teacher(teacher, q.shape[0], group)
+    return call_loss(loss_fn, Q, P, N, rows=rows, mask=mask, teacher=teacher)

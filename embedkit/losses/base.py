@@ -17,6 +17,12 @@ The mask says which candidates of a query are not negatives of it (a copy of its
 content key, ``train.mask_duplicates``; or, with ``train.false_negative_margin``, one scoring
 within the margin of the positive); they leave the softmax of that query. A loss that does not
 take ``mask`` is called without it (``call_loss``), and trains as before, unmasked.
+
+Teacher data adds a third keyword: ``loss(q, p, n, rows=..., mask=..., teacher=TeacherBatch)``
+(``losses/teacher.py``: a teacher's embeddings of the batch's queries and candidates, or a judge's
+scores of each example's own candidates, gathered across ranks like the embeddings, no gradient).
+Only the wrappers that need it take it (``distill``, ``soft_labels``); ``call_loss`` passes it only
+to a loss that takes it, like ``mask``.
 """
 
 from __future__ import annotations
@@ -73,14 +79,13 @@ def accepts_mask(loss_fn) -> bool:
     return accepts(loss_fn, "mask")
 
 
-def call_loss(loss_fn, q, p, n=None, rows: slice | None = None, mask: "CandidateMask | None" = None) -> LossOutput:
-    """``loss_fn(q, p, n, rows=rows, mask=mask)``, each keyword passed only when given and taken:
-    without ``rows`` the loss computes the whole batch, without ``mask`` it is unmasked."""
-    kwargs = {}
-    if rows is not None and accepts_rows(loss_fn):
-        kwargs["rows"] = rows
-    if mask is not None and accepts_mask(loss_fn):
-        kwargs["mask"] = mask
+def call_loss(loss_fn, q, p, n=None, rows: slice | None = None, mask: "CandidateMask | None" = None,
+              teacher=None) -> LossOutput:
+    """``loss_fn(q, p, n, rows=rows, mask=mask, teacher=teacher)``, each keyword passed only when given
+    and taken: without ``rows`` the loss computes the whole batch, without ``mask`` it is unmasked,
+    without ``teacher`` (a ``losses.teacher.TeacherBatch``) it sees no teacher data."""
+    given = {"rows": rows, "mask": mask, "teacher": teacher}
+    kwargs = {k: v for k, v in given.items() if v is not None and accepts(loss_fn, k)}
     return loss_fn(q, p, n, **kwargs)
 
 

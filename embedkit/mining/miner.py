@@ -110,7 +110,11 @@ class Slot:
 
 
 def _slot(key: str, files: dict[str, bytes], meta: dict, role: str, tag: str, decoding: Decoding) -> Slot:
-    s = meta[role]
+    return slot_of(key, files, meta[role], tag, decoding)
+
+
+def slot_of(key: str, files: dict[str, bytes], s: dict, tag: str, decoding: Decoding) -> Slot:
+    """The ``Slot`` of one sample JSON slot ``s`` (tag ``q``, ``p``, ``n<i>``), its bytes from ``files``."""
     if s.get("images") or s.get("frames") or s.get("video"):
         return Slot(s.get("text"), stored=stored_slot(key, files, s, tag), decoding=decoding)
     ext = s.get("image")

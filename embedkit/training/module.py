@@ -22,6 +22,7 @@ from embedkit.encoder import Encoder
 from embedkit.errors import UserError
 from embedkit.losses.base import CandidateMask, Loss, LossOutput, accepts_mask
 from embedkit.losses.similarity import similarity_for
+from embedkit.losses.teacher import TeacherBatch
 from embedkit.training import grad_sync, gradcache
 from embedkit.training.data_skips import SkipCounts
 from embedkit.training.optim import build_optimizer, build_scheduler
@@ -47,6 +48,17 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def check_teacher_nesting(loss_fn, name: str) -> None:
+    """A teacher wrapper (``distill``, ``soft_labels``) must be the outermost loss: the wrappers around
+    it (Matryoshka) do not pass the ``teacher`` keyword on. One line, before anything trains."""
+    inside = [m for m in loss_fn.modules() if m is not loss_fn and getattr(m, "needs_teacher", False)]
+    if inside and not getattr(loss_fn, "needs_teacher", False):
+        from embedkit.errors import ConfigError
+
+        raise ConfigError(f"loss: {name} wraps a teacher loss ({type(inside[0]).__name__}), which would get no "
+                          f"teacher data; put it outermost, e.g. loss=distill loss.inner={name}")
 
 
 class EmbeddingModule(L.LightningModule):
@@ -109,6 +121,7 @@ class EmbeddingModule(L.LightningModule):
 
             raise ConfigError(f"model.pooling: {model['pooling']['name']} pools across layers; loss "
                               f"{loss['name']} needs one embedding per layer (a head that pools one layer)")
+        check_teacher_nesting(loss_fn, loss["name"])
         return cls(encoder, loss_fn, train, max_steps=max_steps, accumulate=accumulate, config=config)
 
     @classmethod
@@ -141,12 +154,27 @@ class EmbeddingModule(L.LightningModule):
         return self._compiled
 
     def compute_loss(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None,
-                     candidate_keys: torch.Tensor | None = None) -> LossOutput:
+                     candidate_keys: torch.Tensor | None = None, teacher: TeacherBatch | None = None) -> LossOutput:
         """The loss of one batch's embeddings; ``candidate_keys`` (the batch's content keys, in
-        candidate order) feed the false-negative mask."""
+        candidate order) feed the false-negative mask; ``teacher`` (taught shards) reaches a loss that
+        takes it (``distill``, ``soft_labels``)."""
         # cross-device negatives when distributed (the plain loss otherwise); DDP's gradient
         # averaging then gives the full-batch gradient: see embedkit/distributed/loss.py
-        return distributed_loss(self.loss_fn, q, p, n, mask=self.candidate_mask(candidate_keys))
+        return distributed_loss(self.loss_fn, q, p, n, mask=self.candidate_mask(candidate_keys), teacher=teacher)
+
+    def teacher_of(self, batch: TrainBatch) -> TeacherBatch | None:
+        """The batch's teacher data for the loss (None when it has none); a loss that needs it
+        (``needs_teacher``) and a batch without it is one line naming the training shards."""
+        fields = (batch.teacher_queries, batch.teacher_candidates, batch.teacher_scores)
+        if any(f is not None for f in fields):
+            return TeacherBatch(*fields)
+        if getattr(self.loss_fn, "needs_teacher", False):
+            dm = self.trainer.datamodule if self._trainer is not None else None
+            shards = getattr(dm, "train_shards", None) or ["(unknown)"]
+            where = shards[0] + (f" and {len(shards) - 1} more" if len(shards) > 1 else "")
+            raise UserError(f"loss={type(self.loss_fn).__name__.lower()}: a training batch carries no teacher data: "
+                            f"the shards {where} were not made by `embedkit teach model=TEACHER shards=SRC out=DST`")
+        return None
 
     def candidate_mask(self, candidate_keys: torch.Tensor | None) -> CandidateMask | None:
         """The in-batch false-negative mask of ``train.mask_duplicates`` / ``train.false_negative_margin``.
@@ -330,6 +358,7 @@ class EmbeddingModule(L.LightningModule):
         """
         nq, nc = len(batch.query_chunks), len(batch.candidate_chunks)
         B, K = batch.per_device_batch, batch.num_negatives
+        teacher = self.teacher_of(batch)
         chunks = batch.query_chunks + batch.candidate_chunks
         real = nq + nc
         if min_passes > real:
@@ -343,8 +372,9 @@ class EmbeddingModule(L.LightningModule):
             if batch.candidate_restore is not None:
                 c = c[batch.candidate_restore]
             n = c[B:].view(B, K, *c.shape[1:]) if K else None
-            # the keys stay in batch order: the loss sees the candidates restored to it
-            return self.compute_loss(q, c[:B], n, batch.candidate_keys)
+            # the keys (and the teacher's rows) stay in batch order: the loss sees the candidates restored to it
+            # teacher only when there is one: subclasses' compute_loss(q, p, n, candidate_keys) keep working
+            return self.compute_loss(q, c[:B], n, batch.candidate_keys, **({"teacher": teacher} if teacher else {}))
 
         # each side in one forward pass: no cache, no extra forward (memory: both sides' activations);
         # padded passes need the cache (their zero gradients are backpropagated like any chunk's)

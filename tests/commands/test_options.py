@@ -130,6 +130,7 @@ WRONG = {
     "export": (["run", "out=x", "dim=abc"], "dim"),
     "encode": (["model=m", "input=i.jsonl", "out=o.npy", "batch_size=0"], "batch_size"),
     "mine": (["model=m", "shards=s", "out=o", "num_negatives=2", "threshold=abc"], "threshold"),
+    "teach": (["model=m", "shards=s", "out=o", "store_dtype=float64"], "store_dtype"),
     "merge": (["a", "b", "out=o", "density=abc"], "density"),
     "report": (["p.json", "results=r", "format=xml"], "format"),
 }

@@ -61,6 +61,23 @@ def test_ddp_masked_loss_and_gradients_equal_single_process_masked(ddp_results, 
     assert r["masked_negatives"] == r["full_masked_negatives"] >= 5, r
 
 
+TEACHER = ["distill_infonce", "distill_hardness_weighted", "soft_labels_infonce", "soft_labels_hardness_weighted",
+           "masked_distill_hardness_weighted"]
+
+
+@pytest.mark.parametrize("name", TEACHER)
+def test_ddp_teacher_wrappers_equal_single_process(ddp_results, name):
+    """distill / soft_labels around InfoNCE and the hardness-weighted loss: the teacher rows gathered like
+    the embeddings give the single-process full-batch loss and gradient (masked: the contrastive part)."""
+    r = ddp_results[name]
+    assert r["grad_scale"] > 1e-3
+    assert r["teacher_part"] > 1e-4  # the teacher term is there (mean of the ranks' rows)
+    assert r["grad_max_abs_diff"] < 1e-5, r
+    assert r["loss_abs_diff"] < 1e-8, r
+    if name.startswith("masked_"):
+        assert r["unmasked_loss_abs_diff"] > 1e-3 and r["masked_negatives"] == r["full_masked_negatives"] >= 5, r
+
+
 def test_the_check_catches_a_gather_without_gradients(ddp_results):
     assert ddp_results["detached_gather_bug"]["grad_max_abs_diff"] > 1e-4
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from embedkit.losses.base import call_loss
 from embedkit.losses.infonce import InfoNCE
+from embedkit.losses.teacher import TeacherBatch
 from embedkit.training.gradcache import cached_step
 
 
@@ -130,9 +132,14 @@ def test_every_loss_chunked_equals_one_graph_with_dropout(name):
         x = torch.randn(8, 6)
         chunks = list(x.split(2)) + list((x.flip(0) + 0.1).split(2)) + list((x.roll(3, 0) - 0.2).split(2))
 
+        # the teacher wrappers (distill, soft_labels) get fixed teacher data: 8 queries, 16 candidates, scores
+        g = torch.Generator().manual_seed(1)
+        teacher = TeacherBatch(torch.randn(8, 5, generator=g), torch.randn(16, 5, generator=g),
+                               torch.rand(8, 2, generator=g))
+
         def loss_of(e):  # 8 queries, 8 positives, 1 hard negative each
             n = torch.cat(e[8:])
-            return loss(torch.cat(e[:4]), torch.cat(e[4:8]), n.view(8, 1, *n.shape[1:]))
+            return call_loss(loss, torch.cat(e[:4]), torch.cat(e[4:8]), n.view(8, 1, *n.shape[1:]), teacher=teacher)
 
         torch.manual_seed(5)
         if cached:

@@ -57,7 +57,19 @@ MASKED = {
     "masked_hardness_weighted_margin": ("hardness_weighted", 0.2),
     "masked_matryoshka_hardness_weighted": ("matryoshka_hardness_weighted", None),
     "masked_multi_vector_hardness_weighted": ("hardness_weighted", None),
+    "masked_distill_hardness_weighted": ("distill_hardness_weighted", None),
 }
+#: the teacher wrappers (``embedkit teach`` data, ``losses/teacher.TeacherBatch``): each rank passes its
+#: local teacher rows, ``distributed_loss`` gathers them; the reference gets the whole batch's
+TEACHER_LOSSES = {
+    "distill_infonce": {"name": "distill", "inner": "infonce", "directions": ["q2c", "c2q"]},
+    "distill_hardness_weighted": {"name": "distill", "inner": {"name": "hardness_weighted", "alpha": 4.0},
+                                  "student_temperature": 0.1, "teacher_temperature": 0.05},
+    "soft_labels_infonce": {"name": "soft_labels", "inner": "infonce", "judge_temperature": 0.2},
+    "soft_labels_hardness_weighted": {"name": "soft_labels", "inner": "hardness_weighted"},
+}
+LOSSES.update(TEACHER_LOSSES)
+TEACHER = set(TEACHER_LOSSES) | {"masked_distill_hardness_weighted"}
 
 
 class Rowless(nn.Module):
@@ -121,6 +133,24 @@ def local_keys(keys: torch.Tensor, rank: int) -> torch.Tensor:
                       keys[n + rank * B_LOCAL * K:n + (rank + 1) * B_LOCAL * K]])
 
 
+def teacher_data(label: str, seed: int, rank: int):
+    """(this rank's TeacherBatch, the whole batch's), or (None, None) for a loss without a teacher:
+    teacher embeddings [n, 5] of the queries and [n + n*K, 5] of the candidates, judge scores [n, 1+K]."""
+    from embedkit.losses.base import candidates
+    from embedkit.losses.teacher import TeacherBatch
+
+    if label not in TEACHER:
+        return None, None
+    g = torch.Generator().manual_seed(seed)
+    n = WORLD * B_LOCAL
+    tq, tp, tn = (F.normalize(torch.randn(*shape, 5, generator=g, dtype=torch.float64), dim=-1)
+                  for shape in ((n,), (n,), (n, K)))
+    scores = torch.rand(n, 1 + K, generator=g, dtype=torch.float64)
+    own = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    local = TeacherBatch(tq[own], candidates(tp[own], tn[own]), scores[own])
+    return local, TeacherBatch(tq, candidates(tp, tn), scores)
+
+
 def encode(model, xq, xp, xn):
     b = xq.shape[0]
     e = model(torch.cat([xq, xp, xn.reshape(-1, D_IN)]))
@@ -144,7 +174,7 @@ def worker(rank: int, port: int, out_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     from embedkit.distributed import distributed_loss
     from embedkit.distributed.loss import gather_batch
-    from embedkit.losses.base import CandidateMask
+    from embedkit.losses.base import CandidateMask, call_loss
 
     results = {}
     own = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
@@ -160,11 +190,12 @@ def worker(rank: int, port: int, out_path: str) -> None:
         if label in MASKED:
             mask = CandidateMask(local_keys(keys, rank), MASKED[label][1])
             full_mask = CandidateMask(keys, MASKED[label][1])
+        teacher, full_teacher = teacher_data(label, 200 + i, rank)
         q, p, n = encode(ddp, xq[own], xp[own], xn[own])
         if buggy:
             out = detached_gather_loss(model.loss, q, p, n)
         else:
-            out = distributed_loss(model.loss, q, p, n, mask=mask)
+            out = distributed_loss(model.loss, q, p, n, mask=mask, teacher=teacher)
         masked = out.parts.get("masked_negatives", torch.tensor(0.0)).clone().double()
         dist.all_reduce(masked)
         out.loss.backward()
@@ -175,7 +206,7 @@ def worker(rank: int, port: int, out_path: str) -> None:
             Q, P, N, rows = gather_batch(q, p, n)
         if rank == 0:
             fq, fp, fn = encode(reference, xq, xp, xn)
-            full = reference.loss(fq, fp, fn, mask=full_mask) if full_mask else reference.loss(fq, fp, fn)
+            full = call_loss(reference.loss, fq, fp, fn, mask=full_mask, teacher=full_teacher)
             full.loss.backward()
             grad_diff = max(
                 (a.grad - b.grad).abs().max().item()
@@ -190,7 +221,10 @@ def worker(rank: int, port: int, out_path: str) -> None:
                 "parts": sorted(out.parts),
                 "masked_negatives": masked.item(),
                 "full_masked_negatives": full.parts.get("masked_negatives", torch.tensor(0.0)).item(),
-                "unmasked_loss_abs_diff": abs(loss_value.item() - reference.loss(fq, fp, fn).loss.item()),
+                "unmasked_loss_abs_diff": abs(loss_value.item() - call_loss(reference.loss, fq, fp, fn,
+                                                                            teacher=full_teacher).loss.item()),
+                "teacher_part": max((out.parts[k].item() for k in ("distill", "soft_labels") if k in out.parts),
+                                    default=0.0),
             }
         dist.barrier()
     if rank == 0:

@@ -169,11 +169,14 @@ def _sized_stored(slot: Slot) -> Item:
 
 
 def encode_slots(encoder, slots: Sequence[Slot], batch_size: int, log: Callable[[str], None], what: str,
-                 num_workers: int = 0) -> torch.Tensor:
+                 num_workers: int = 0, side: str | None = None) -> torch.Tensor:
     """Embeddings [N, D] (float32, CPU) of ``slots``, ``batch_size`` items per forward pass, through the
     inference engine (``encode_items``: cost-ordered; ``num_workers`` loader processes) in about ten
-    windows, one progress line each."""
+    windows, one progress line each. ``side="candidate"``: items framed as the model frames documents
+    (``Encoder.encode_items(side=)``: GME's default system message); None: as queries."""
     engine = {"num_workers": num_workers} if num_workers else {}
+    if side is not None:
+        engine["side"] = side
     parts, step = [], max(4 * batch_size, -(-len(slots) // 10))
     for start in range(0, len(slots), step):
         window = SlotItems(slots[start : start + step])
@@ -282,18 +285,19 @@ class Miner:
                 if z["q"].shape[0] == len(queries):
                     self.log(f"mine: {subset}: embeddings from {cache}")
                     return torch.from_numpy(z["q"]), torch.from_numpy(z["t"])
-        q, t = self.encode_split(queries, f"{subset} queries"), self.encode_split(targets, f"{subset} targets")
+        q = self.encode_split(queries, f"{subset} queries")
+        t = self.encode_split(targets, f"{subset} targets", side="candidate")
         if rank_and_world()[0] == 0:
             with atomic_path(cache) as tmp, open(tmp, "wb") as f:
                 np.savez(f, q=q.numpy(), t=t.numpy())
             fault_point("mine_cache")
         return q, t
 
-    def encode_split(self, slots: list[Slot], what: str) -> torch.Tensor:
+    def encode_split(self, slots: list[Slot], what: str, side: str | None = None) -> torch.Tensor:
         """``encode_slots`` of ``slots``, split across the ranks and gathered in order (every rank gets all)."""
         size, workers = self.settings.batch_size, self.settings.num_workers
         out = encode_split(len(slots), lambda a, b: encode_slots(self.encoder, slots[a:b], size, self.log, what,
-                                                                 workers))
+                                                                 workers, side))
         return out if out is not None else torch.empty(0, 0)
 
     def mine_subset(self, subset: str, shards: list[tuple[str, str]]) -> None:

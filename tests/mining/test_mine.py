@@ -26,9 +26,10 @@ class FixedEncoder:
     """``encode_items`` from a table keyed by text (what the mining model would return)."""
 
     def __init__(self, table):
-        self.table = table
+        self.table, self.sides = table, []
 
-    def encode_items(self, items, batch_size=32):
+    def encode_items(self, items, batch_size=32, side=None):
+        self.sides.extend((side, it.text.split()[0]) for it in items)
         return torch.stack([self.table[it.text] for it in items])
 
 
@@ -205,3 +206,11 @@ def test_the_false_negative_bar_is_percpos_and_keeps_its_side_for_negative_posit
     assert false_negative_bar(-0.8, 0.95) == pytest.approx(-0.84)  # below a negative positive, not above it
     assert false_negative_bar(-0.96, 2.0) == pytest.approx(0.0)  # a loose threshold stays loose
     assert false_negative_bar(0.0, 0.95) == 0.0
+
+
+def test_targets_are_encoded_on_the_candidate_side(fixture, tmp_path):
+    """A model that frames documents apart (GME's system message) mines with its targets framed as documents."""
+    _, encoder = fixture
+    encoder.sides.clear()
+    mine(fixture, tmp_path / "m", num_negatives=2, window=(1, 5))
+    assert set(encoder.sides) == {(None, "query"), ("candidate", "target")}

@@ -193,7 +193,7 @@ def trust_word(args: list[str]) -> tuple[bool, list[str]]:
 
 def check_inputs(cfg: dict) -> tuple[list[str] | None, list[str] | None]:
     """Every user error found without building a model or drawing data: the shards named
-    (``check_shards``), the eval root, the run dir's parent writable. Returns ``check_shards``'s
+    (``check_shards``), the eval root, B3's teacher, the run dir's parent writable. Returns ``check_shards``'s
     answer (None for a side the demo data will supply; ``Fit`` draws it)."""
     from embedkit.data.datamodule import check_shards
     from embedkit.errors import UserError
@@ -202,6 +202,9 @@ def check_inputs(cfg: dict) -> tuple[list[str] | None, list[str] | None]:
     if root and not Path(root).is_dir():
         raise UserError(f"data.eval.root: no such folder {root}")
     shards = check_shards(cfg["data"])
+    teacher = cfg["data"]["train"]["b3"]["teacher"] if cfg["data"]["train"]["batching"] == "b3" else None
+    if teacher and not Path(teacher).expanduser().exists():  # before any model is built or data drawn
+        raise UserError(f"data.train.b3.teacher: {teacher} does not exist")
     target = Path(cfg["run"]["dir"]).resolve()
     existing = next(p for p in target.parents if p.exists())
     if not os.access(existing, os.W_OK):
@@ -276,6 +279,7 @@ class Fit:
         self.max_steps = self._run_length(cfg["trainer"], cfg["train"], train_shards)
         L.seed_everything(cfg["seed"], workers=True, verbose=False)
         self.module = self._setup_module(cfg["model"], cfg["loss"], cfg["train"], cfg["seed"])
+        self.b3 = self._setup_b3(cfg["data"]["train"], cfg["seed"], train_shards)
         self.data = self._setup_data(cfg["data"], cfg["train"], cfg["seed"], train_shards, val_shards)
         self.validating = len(self.data.val_examples) > 0
         self._setup_held_out()
@@ -335,13 +339,34 @@ class Fit:
         return EmbeddingModule.build(model, loss, train, seed=seed, max_steps=self.max_steps,
                                      accumulate=self.accumulate, config=self.cfg)
 
+    def _setup_b3(self, train: dict, seed: int, train_shards: list[str]):
+        """``data.train.batching=b3``: the partition the batches are drawn from (mining/b3_ranking.py: the
+        run dir's on a resume, else the cache's, else ranked by the teacher now); None otherwise. After the
+        module is built, so ranking leaves the model's initialisation as it was."""
+        if train["batching"] != "b3":
+            return None
+        from embedkit.data.b3 import B3Settings
+        from embedkit.data.demo import cache_base
+        from embedkit.data.shard_set import ShardSet
+        from embedkit.errors import UserError
+        from embedkit.mining.b3_ranking import ensure_partition
+
+        b3 = train["b3"]
+        try:
+            settings = B3Settings(tuple(b3["window"]), b3["cluster_size"], b3["resolution"])
+            return ensure_partition(b3["teacher"], ShardSet(train_shards), settings, seed,
+                                    cache_base({"cache_dir": b3["cache_dir"]}), self.run_dir.b3_partition_path,
+                                    b3["batch_size"], log=lambda m: print(m, flush=True))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
     def _setup_data(self, data: dict, train: dict, seed: int, train_shards: list[str], val_shards: list[str]):
         from embedkit.data.datamodule import EmbeddingDataModule
 
         return EmbeddingDataModule(data, self.module.encoder.processor(), train_shards, val_shards, seed=seed,
                                    global_batch_size=train["global_batch_size"], chunk_size=train["chunk_size"],
                                    chunk_tokens=train["chunk_tokens"], accumulate=self.accumulate,
-                                   sort_chunks=train["sort_chunks"], stop_signals=self.stop_signals)
+                                   sort_chunks=train["sort_chunks"], stop_signals=self.stop_signals, b3=self.b3)
 
     def _setup_held_out(self) -> None:
         """A graded held-out set (the docs demo's qrels) is scored by eval.ranking's NDCG@5, its metric."""

@@ -8,7 +8,15 @@ import itertools
 import numpy as np
 import pytest
 
-from embedkit.data.b3 import B3Partition, B3Plan, B3Settings, ExampleIndex, build_partition, mean_intra_batch_similarity
+from embedkit.data.b3 import (
+    B3Partition,
+    B3Plan,
+    B3Settings,
+    ExampleIndex,
+    build_partition,
+    mean_intra_batch_similarity,
+    partition_fingerprint,
+)
 from embedkit.data.batch import ChunkCollate
 from embedkit.data.schema import Example, Item
 from embedkit.data.shard_set import ShardSet
@@ -196,6 +204,14 @@ def test_misuses_are_one_line_errors(shards, partition):
         make(paths, wrong)
     with pytest.raises(ValueError, match="window"):
         B3Settings(window=(0, 4))
+
+
+def test_the_cache_key_names_teacher_data_settings_and_seed():
+    base = partition_fingerprint("T", "D", B3Settings(), 0)
+    assert len({base, partition_fingerprint("T2", "D", B3Settings(), 0), partition_fingerprint("T", "D2", B3Settings(), 0),
+                partition_fingerprint("T", "D", B3Settings(window=(1, 9)), 0),
+                partition_fingerprint("T", "D", B3Settings(), 1)}) == 5
+    assert partition_fingerprint("T", "D", B3Settings(block=7), 0) == base  # block does not change the result
 
 
 def test_the_partition_file_round_trips(tmp_path, partition):

@@ -28,6 +28,7 @@ class RunSection:
     name: Optional[str] = None  # default: <recipe>-<timestamp>
     dir: Optional[str] = None  # default: runs/<run.name>
     resume: Literal["never", "auto"] = "never"  # auto: continue run.dir's newest checkpoint when there is one
+    init_from: Optional[str] = None  # s35-b3: start from this run dir's, checkpoint's or export's weights (a new stage: fresh optimizer and schedule; docs/stages.md)
 
 
 @dataclass

@@ -212,9 +212,13 @@ def check_inputs(cfg: dict) -> tuple[list[str] | None, list[str] | None]:
     parent = cfg["run"].get("init_from")  # .get: a resumed run saved before the key existed
     if parent and not Path(parent).expanduser().exists():
         raise UserError(f"init_from: {parent} does not exist")
-    teacher = cfg["data"]["train"]["b3"]["teacher"] if cfg["data"]["train"].get("batching") == "b3" else None
-    if teacher and not Path(teacher).expanduser().exists():  # before any model is built or data drawn
-        raise UserError(f"data.train.b3.teacher: {teacher} does not exist")
+    if cfg["data"]["train"].get("batching") == "b3":  # before any model is built or data drawn
+        teacher = cfg["data"]["train"]["b3"]["teacher"]
+        if not teacher:
+            raise UserError("data.train.b3.teacher is not set: data.train.batching=b3 ranks the training set with a "
+                            "teacher (a run dir, checkpoint, export or sentence-transformers folder)")
+        if not Path(teacher).expanduser().exists():
+            raise UserError(f"data.train.b3.teacher: {teacher} does not exist")
     target = Path(cfg["run"]["dir"]).resolve()
     existing = next(p for p in target.parents if p.exists())
     if not os.access(existing, os.W_OK):

@@ -305,13 +305,11 @@ def check_combinations(cfg: dict, overridden: Collection[str] = ()) -> None:
 
 
 def _check_b3(train: dict) -> None:
-    """s35-b3: batching=b3 needs its teacher and a window lo <= hi of positive ranks."""
+    """s35-b3: batching=b3's settings in range (its teacher is checked by ``fit``, as data.train.shards is:
+    a recipe names no teacher, the command line does)."""
     if train["batching"] != "b3":
         return
     b3 = train["b3"]
-    if not b3["teacher"]:
-        raise ConfigError("data.train.b3.teacher is not set: data.train.batching=b3 ranks the training set with a "
-                          "teacher (a run dir, checkpoint, export or sentence-transformers folder)")
     for key in ("cluster_size", "batch_size"):
         if b3[key] < 1:
             raise ConfigError(f"data.train.b3.{key}: {b3[key]!r} is below its minimum, 1")

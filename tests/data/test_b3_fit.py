@@ -65,3 +65,17 @@ def test_a_teacher_that_is_no_model_is_one_line(teacher, capsys):
                 f"run.dir={tmp / 'y'}"]) == 2
     assert capsys.readouterr().err.startswith(f"embedkit: error: data.train.b3.teacher: {tmp / 'empty'} holds no model")
     assert not (tmp / "y").exists()
+
+
+def test_the_b3_recipes_tiny_form_trains_two_steps(teacher, capsys):
+    """recipes/b3_qwen2vl_2b.yaml with a tiny random Qwen2-VL on the demo data: the line of its header."""
+    tmp = teacher
+    assert cli(["fit", "recipe=b3_qwen2vl_2b", "model.backbone.tiny=true", "~model.backbone.path",
+                "data.demo.enabled=true", f"data.train.b3.teacher={tmp / 'teacher'}", "data.train.b3.window=[1,8]",
+                "data.train.b3.cluster_size=8", "data.demo.train_size=64", "data.demo.val_size=8",
+                "data.demo.holdout_combinations=4", "train.global_batch_size=8", "data.train.task_batch_size=8",
+                "train.chunk_size=4", "trainer.max_steps=2", "model.backbone.min_pixels=3136",
+                "model.backbone.max_pixels=3136", "data.train.num_workers=0", "tracking.enabled=false",
+                f"run.dir={tmp / 'recipe'}"]) == 0
+    out = capsys.readouterr().out
+    assert "step 2/2" in out and (tmp / "recipe" / "b3_partition.json").is_file()

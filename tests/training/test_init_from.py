@@ -44,8 +44,17 @@ def stages(tmp_path_factory):
 
 
 def test_a_stage_starts_from_its_parents_weights(stages):
+    from mlflow.tracking import MlflowClient
+
+    from embedkit.tracking.lineage import LINEAGE_TAG, PARENT_TAG
+
     tmp = stages
-    assert cli(["fit", *SMALL, *FROZEN, f"init_from={tmp / 'one'}", f"run.dir={tmp / 'two'}", "run.name=two"]) == 0
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    assert cli(["fit", *SMALL, *FROZEN, f"init_from={tmp / 'one'}", f"run.dir={tmp / 'two'}", "run.name=two",
+                "tracking.enabled=true", f"tracking.uri={uri}"]) == 0
+    run_id = (tmp / "two" / "mlflow_run_id").read_text().strip()
+    tags = MlflowClient(tracking_uri=uri).get_run(run_id).data.tags
+    assert tags[PARENT_TAG] == str((tmp / "one").resolve()) and tags[LINEAGE_TAG] == "one -> two"
     one, two = weights(tmp / "one"), weights(tmp / "two")
     assert all(torch.equal(one[k], two[k]) for k in one)
     # the parent did train: the seeded initialisation the stage would otherwise have started from differs

@@ -151,31 +151,32 @@ def preference_edges(q: np.ndarray, t: np.ndarray, sources: np.ndarray, window: 
     """The sparse preference graph: ``{(i, j) with i < j: weight}``, an edge for each ``j`` among the ranks
     ``window`` of query ``i`` over the positives of the other examples of its own source (``q``, ``t``
     [N, D] teacher embeddings; ``sources`` [N]); weight 2 where both chose each other."""
-    edges: dict[tuple[int, int], int] = {}
+    pairs = []
     for s in np.unique(sources):
         members = np.flatnonzero(sources == s)
-        for i, js in _windows(q[members], t[members], window, block):
-            a = int(members[i])
-            for j in members[js]:
-                e = (min(a, int(j)), max(a, int(j)))
-                edges[e] = edges.get(e, 0) + 1
-    return edges
+        for rows, picks in _windows(q[members], t[members], window, block):
+            pairs.append(np.stack([np.repeat(members[rows], picks.shape[1]), members[picks].ravel()], axis=1))
+    if not pairs:
+        return {}
+    both = np.sort(np.concatenate(pairs), axis=1)  # undirected: (min, max)
+    edges, weight = np.unique(both, axis=0, return_counts=True)
+    return {(int(a), int(b)): int(w) for (a, b), w in zip(edges, weight)}
 
 
 def _windows(q: np.ndarray, t: np.ndarray, window: tuple[int, int], block: int):
-    """(i, the local indices of ``t`` at ranks window[0]..window[1] of query i), the query's own positive
-    excluded; the window clipped to the ``n - 1`` others."""
+    """Per block of queries: (their local indices [b], the local indices of ``t`` at ranks
+    window[0]..window[1] of each [b, w]), the query's own positive excluded; the window clipped to the
+    ``n - 1`` others. Ties: the lower index first."""
     n = q.shape[0]
     lo, hi = min(window[0], n - 1), min(window[1], n - 1)
     if n < 2:
         return
+    t64 = t.astype(np.float64)
     for start in range(0, n, block):
-        sim = q[start:start + block].astype(np.float64) @ t.astype(np.float64).T
+        sim = q[start:start + block].astype(np.float64) @ t64.T
         rows = np.arange(sim.shape[0])
         sim[rows, rows + start] = -np.inf
-        order = np.argsort(-sim, axis=1, kind="stable")[:, lo - 1:hi]  # ties: the lower index first
-        for r in rows:
-            yield start + int(r), order[r]
+        yield rows + start, np.argsort(-sim, axis=1, kind="stable")[:, lo - 1:hi]
 
 
 def communities(n: int, edges: dict[tuple[int, int], int], seed: int, resolution: float = 1.0) -> list[list[int]]:

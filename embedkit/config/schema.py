@@ -28,7 +28,8 @@ class RunSection:
     name: Optional[str] = None  # default: <recipe>-<timestamp>
     dir: Optional[str] = None  # default: runs/<run.name>
     resume: Literal["never", "auto"] = "never"  # auto: continue run.dir's newest checkpoint when there is one
-    init_from: Optional[str] = None  # s35-b3: start from this run dir's, checkpoint's or export's weights (a new stage: fresh optimizer and schedule; docs/stages.md)
+    # s35-b3 (helper E): stages with lineage
+    init_from: Optional[str] = None  # start from this run dir's, checkpoint's or export's weights (a new stage: fresh optimizer and schedule; docs/stages.md)
 
 
 @dataclass
@@ -93,8 +94,9 @@ class TrainData:
     epoch_steps: int = 0  # batches per rank per epoch (resampled shards); 0: endless, trainer.max_steps ends the run
     group_by: Literal["none", "modality"] = "none"  # modality: every optimizer step's queries all image or all text (drawn per step by the weights of each modality's subsets)
     length_order: Literal["none", "sorted", "balanced"] = "none"  # re-deal a worker's micro-batches of one optimizer step by words: sorted = length-homogeneous, balanced = equal word totals
-    batching: Literal["random", "b3"] = "random"  # s35-b3: random = the mixture plan; b3 = batches from teacher-ranked communities (data.train.b3)
-    b3: B3Data = field(default_factory=B3Data)  # s35-b3
+    # s35-b3 (helper E): B3 batch mining
+    batching: Literal["random", "b3"] = "random"  # random = the mixture plan; b3 = batches from teacher-ranked communities (data.train.b3)
+    b3: B3Data = field(default_factory=B3Data)
 
 
 @dataclass

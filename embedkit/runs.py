@@ -6,6 +6,8 @@ that a checkpoint file reads (the ground floor: no torch import).
     <run>/mlflow_run_id               the MLflow run the run logs to (so a resume continues it)
     <run>/eval/, <run>/eval-l<L>_d<D>/   evaluation outputs (the full model; a model cut to a depth)
     <run>/.lock                       held (``flock``) by the one ``embedkit fit`` writing the run; names its pid and host
+    <run>/b3_partition.json           data.train.batching=b3: the clusters the batches are drawn from (data/b3.py)
+    <run>/lineage.json                the run's parents (``init_from``; merge's inputs), each with its own lineage
 
 Every verb and library module reaches these through this class; no other file spells the names
 (``tests/test_architecture.py`` greps for them). A merged run (``embedkit merge``) is a run dir too.
@@ -29,6 +31,8 @@ LAST = "last.ckpt"
 RUN_ID = "mlflow_run_id"
 STEP_GLOB = "step-*.ckpt"
 LOCK = ".lock"
+B3_PARTITION = "b3_partition.json"
+LINEAGE = "lineage.json"
 
 
 def eval_folder(tag: str | None = None) -> str:
@@ -66,6 +70,16 @@ class RunDir:
     @property
     def lock_path(self) -> Path:
         return self.path / LOCK
+
+    @property
+    def b3_partition_path(self) -> Path:
+        """``b3_partition.json``: the B3 clusters this run draws its batches from (a resume reads it back)."""
+        return self.path / B3_PARTITION
+
+    @property
+    def lineage_path(self) -> Path:
+        """``lineage.json``: where this run's weights came from (``tracking/lineage.py``)."""
+        return self.path / LINEAGE
 
     def step_checkpoint(self, step: int) -> Path:
         return self.checkpoints_dir / f"step-{int(step):08d}.ckpt"

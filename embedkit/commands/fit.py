@@ -25,7 +25,9 @@ VERB = Verb("fit", "train (no recipe: the demo, a tiny VLM on drawn scenes, CPU,
             words=(("resume=RUN_DIR", "continue that run from its newest checkpoint; a resume may change only "
                                       "trainer.max_steps, the logging and checkpoint cadence and tracking.tags"),
                    ("trust_checkpoint=true", "resume from a checkpoint you trust with the full unpickler (it may "
-                                             "run code from the file); default: weights and embedkit's states only")))
+                                             "run code from the file); default: weights and embedkit's states only"),
+                   ("init_from=RUN_DIR|EXPORT", "start from that model's weights with a fresh optimizer and schedule "
+                                                "(a new stage; = run.init_from; LoRA folded, a new adapter trained)")))
 
 #: the run name the launching process chose, for the ranks Lightning's DDP launcher starts later by
 #: re-running the command line (a default name drawn from the clock again would be another run dir)
@@ -161,7 +163,12 @@ def compose_run(args: list[str]) -> tuple[dict, list[str], Path | None, bool]:
     from embedkit.config.loader import compose, split_args
 
     resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
-    args = [a for a in args if not a.startswith("resume=")]
+    args = [f"run.{a}" if a.startswith("init_from=") else a for a in args if not a.startswith("resume=")]
+    if resume and any(a.startswith("run.init_from=") for a in args):
+        from embedkit.errors import UserError
+
+        raise UserError("init_from: not with resume= (a resume continues its own run's weights; init_from starts "
+                        "a new run from another's)")
     if resume:
         return (*resume_config(RunDir(resume[-1]), args), True)
     cfg = compose(args)
@@ -193,7 +200,7 @@ def trust_word(args: list[str]) -> tuple[bool, list[str]]:
 
 def check_inputs(cfg: dict) -> tuple[list[str] | None, list[str] | None]:
     """Every user error found without building a model or drawing data: the shards named
-    (``check_shards``), the eval root, the run dir's parent writable. Returns ``check_shards``'s
+    (``check_shards``), the eval root, the init_from parent, B3's teacher, the run dir's parent writable. Returns ``check_shards``'s
     answer (None for a side the demo data will supply; ``Fit`` draws it)."""
     from embedkit.data.datamodule import check_shards
     from embedkit.errors import UserError
@@ -202,6 +209,16 @@ def check_inputs(cfg: dict) -> tuple[list[str] | None, list[str] | None]:
     if root and not Path(root).is_dir():
         raise UserError(f"data.eval.root: no such folder {root}")
     shards = check_shards(cfg["data"])
+    parent = cfg["run"].get("init_from")  # .get: a resumed run saved before the key existed
+    if parent and not Path(parent).expanduser().exists():
+        raise UserError(f"init_from: {parent} does not exist")
+    if cfg["data"]["train"].get("batching") == "b3":  # before any model is built or data drawn
+        teacher = cfg["data"]["train"]["b3"]["teacher"]
+        if not teacher:
+            raise UserError("data.train.b3.teacher is not set: data.train.batching=b3 ranks the training set with a "
+                            "teacher (a run dir, checkpoint, export or sentence-transformers folder)")
+        if not Path(teacher).expanduser().exists():
+            raise UserError(f"data.train.b3.teacher: {teacher} does not exist")
     target = Path(cfg["run"]["dir"]).resolve()
     existing = next(p for p in target.parents if p.exists())
     if not os.access(existing, os.W_OK):
@@ -248,6 +265,26 @@ def main(args: list[str]) -> int:
             raise
 
 
+def parent_lineage(spec: str, provenance) -> dict:
+    """The lineage of an init_from parent: a run dir's (or the run dir of a checkpoint) with the step its
+    weights were taken at; an export's as its ``embedkit.json`` records it (the run it was exported from)."""
+    from embedkit.tracking import lineage
+
+    if provenance.kind == "export":
+        from embedkit.export.reader import read_meta
+
+        meta = read_meta(Path(spec).expanduser())
+        config = meta.get("training_config") or {}
+        return meta.get("lineage") or lineage.node((config.get("run") or {}).get("name") or Path(spec).name, spec,
+                                                   "fit", provenance.step)
+    run = RunDir(spec) if provenance.kind == "run" else RunDir.of_checkpoint(provenance.checkpoint)
+    if run is None or not run.is_run():
+        return lineage.node(Path(spec).name, spec, "fit", provenance.step)
+    tree = lineage.of_run(run, provenance.step)
+    tree["step"] = provenance.step
+    return tree
+
+
 class Fit:
     """One ``embedkit fit``: setup steps that each get their config section, then ``train`` and ``report``.
 
@@ -276,6 +313,8 @@ class Fit:
         self.max_steps = self._run_length(cfg["trainer"], cfg["train"], train_shards)
         L.seed_everything(cfg["seed"], workers=True, verbose=False)
         self.module = self._setup_module(cfg["model"], cfg["loss"], cfg["train"], cfg["seed"])
+        self.lineage = self._setup_init_from(cfg["run"])
+        self.b3 = self._setup_b3(cfg["data"]["train"], cfg["seed"], train_shards)
         self.data = self._setup_data(cfg["data"], cfg["train"], cfg["seed"], train_shards, val_shards)
         self.validating = len(self.data.val_examples) > 0
         self._setup_held_out()
@@ -335,13 +374,58 @@ class Fit:
         return EmbeddingModule.build(model, loss, train, seed=seed, max_steps=self.max_steps,
                                      accumulate=self.accumulate, config=self.cfg)
 
+    def _setup_init_from(self, run: dict) -> dict | None:
+        """``run.init_from``: the parent's weights (LoRA folded) into the module built from this run's own
+        config (architecture checked first: one line naming the key), and ``lineage.json`` naming the
+        parent with its own lineage (export/init_from.py, tracking/lineage.py); returns the lineage, None
+        without a parent. Not on a resume: the checkpoint holds the run's own weights by then."""
+        from embedkit.tracking import lineage
+
+        if not run.get("init_from"):
+            return lineage.of_run(self.run_dir) if self.run_dir.lineage_path.is_file() else None
+        if self.ckpt is not None:
+            return lineage.of_run(self.run_dir)
+        from embedkit.export.init_from import check_architecture, load_parent, parent_state
+
+        config, state, provenance = parent_state(run["init_from"], self.trust)
+        check_architecture(config, self.cfg, run["init_from"])
+        copied = load_parent(self.module.encoder, state, run["init_from"])
+        print(f"init_from {run['init_from']}: {copied} tensors of its weights (step {provenance.step}); a fresh "
+              "optimizer and schedule", flush=True)
+        tree = lineage.node(run["name"], self.run_dir.path, "fit init_from",
+                            parents=[parent_lineage(run["init_from"], provenance)])
+        if launching_process():
+            lineage.write(self.run_dir, tree)
+        return tree
+
+    def _setup_b3(self, train: dict, seed: int, train_shards: list[str]):
+        """``data.train.batching=b3``: the partition the batches are drawn from (mining/b3_ranking.py: the
+        run dir's on a resume, else the cache's, else ranked by the teacher now); None otherwise. After the
+        module is built, so ranking leaves the model's initialisation as it was."""
+        if train.get("batching", "random") != "b3":
+            return None
+        from embedkit.data.b3 import B3Settings
+        from embedkit.data.demo import cache_base
+        from embedkit.data.shard_set import ShardSet
+        from embedkit.errors import UserError
+        from embedkit.mining.b3_ranking import ensure_partition
+
+        b3 = train["b3"]
+        try:
+            settings = B3Settings(tuple(b3["window"]), b3["cluster_size"], b3["resolution"])
+            return ensure_partition(b3["teacher"], ShardSet(train_shards), settings, seed,
+                                    cache_base({"cache_dir": b3["cache_dir"]}), self.run_dir.b3_partition_path,
+                                    b3["batch_size"], log=lambda m: print(m, flush=True))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
     def _setup_data(self, data: dict, train: dict, seed: int, train_shards: list[str], val_shards: list[str]):
         from embedkit.data.datamodule import EmbeddingDataModule
 
         return EmbeddingDataModule(data, self.module.encoder.processor(), train_shards, val_shards, seed=seed,
                                    global_batch_size=train["global_batch_size"], chunk_size=train["chunk_size"],
                                    chunk_tokens=train["chunk_tokens"], accumulate=self.accumulate,
-                                   sort_chunks=train["sort_chunks"], stop_signals=self.stop_signals)
+                                   sort_chunks=train["sort_chunks"], stop_signals=self.stop_signals, b3=self.b3)
 
     def _setup_held_out(self) -> None:
         """A graded held-out set (the docs demo's qrels) is scored by eval.ranking's NDCG@5, its metric."""
@@ -412,6 +496,11 @@ class Fit:
             tag_mined_shards(logger, train_shards)
         if self.trainer.is_global_zero:
             self.run_dir.write_mlflow_run_id(logger.run_id)
+            if self.lineage and not self.continuing:  # the parents and the chain (tracking/lineage.py)
+                from embedkit.tracking.lineage import tags
+
+                for key, value in tags(self.lineage).items():
+                    logger.experiment.set_tag(logger.run_id, key, value)
 
     # -- training and the report ----------------------------------------------------------------
     def train(self) -> tuple[dict, dict]:

@@ -28,6 +28,8 @@ class RunSection:
     name: Optional[str] = None  # default: <recipe>-<timestamp>
     dir: Optional[str] = None  # default: runs/<run.name>
     resume: Literal["never", "auto"] = "never"  # auto: continue run.dir's newest checkpoint when there is one
+    # s35-b3 (helper E): stages with lineage
+    init_from: Optional[str] = None  # start from this run dir's, checkpoint's or export's weights (a new stage: fresh optimizer and schedule; docs/stages.md)
 
 
 @dataclass
@@ -66,6 +68,21 @@ class DemoData:
     text_only: bool = False  # captions on both sides (for text-only backbones)
 
 
+# -- s35-b3 (helper E): B3 batch mining (data/b3.py, docs/batching.md) ----------------------------
+@dataclass
+class B3Data:
+    """``data.train.batching=b3``: batches from communities of a teacher-ranked preference graph (B3,
+    arXiv 2505.11293; defaults and their sources in data/b3.py)."""
+
+    teacher: Optional[str] = None  # the ranking model: a run dir, checkpoint, export or sentence-transformers folder
+    window: list = field(default_factory=lambda: [30, 130])  # rank window lo..hi per query (B3's run name "30.130") [unverified]
+    cluster_size: int = 32  # examples per cluster (B3's METIS part size, src/arguments.py chunk_size=32)
+    resolution: float = 1.0  # Louvain resolution: > 1 gives smaller communities
+    batch_size: int = 32  # the teacher's items per forward pass while ranking
+    cache_dir: Optional[str] = None  # partitions cached by teacher + data + settings + seed; default: $EMBEDKIT_CACHE or ~/.cache/embedkit
+# -- end s35-b3 ------------------------------------------------------------------------------------
+
+
 @dataclass
 class TrainData:
     shards: Optional[str] = None  # a folder of .tar shards or a brace pattern; None: the demo data
@@ -77,6 +94,9 @@ class TrainData:
     epoch_steps: int = 0  # batches per rank per epoch (resampled shards); 0: endless, trainer.max_steps ends the run
     group_by: Literal["none", "modality"] = "none"  # modality: every optimizer step's queries all image or all text (drawn per step by the weights of each modality's subsets)
     length_order: Literal["none", "sorted", "balanced"] = "none"  # re-deal a worker's micro-batches of one optimizer step by words: sorted = length-homogeneous, balanced = equal word totals
+    # s35-b3 (helper E): B3 batch mining
+    batching: Literal["random", "b3"] = "random"  # random = the mixture plan; b3 = batches from teacher-ranked communities (data.train.b3)
+    b3: B3Data = field(default_factory=B3Data)
 
 
 @dataclass
@@ -260,6 +280,7 @@ INEFFECTIVE_OVERRIDES = (
     ("train.betas", "train.optimizer", lambda v: v != "adamw", "train.optimizer=adamw"),
     ("train.min_lr_ratio", "train.schedule", lambda v: v == "constant", "train.schedule=cosine or linear"),
     ("data.eval.muvera.", "data.eval.retrieval", lambda v: v != "muvera", "data.eval.retrieval=muvera"),
+    ("data.train.b3.", "data.train.batching", lambda v: v != "b3", "data.train.batching=b3"),  # s35-b3
 )
 
 
@@ -284,6 +305,23 @@ def check_combinations(cfg: dict, overridden: Collection[str] = ()) -> None:
             raise ConfigError(f"train.global_batch_size={train['global_batch_size']} is not divisible by the "
                               f"{world} devices (trainer.devices x trainer.num_nodes)")
     _check_video(cfg["data"]["video"])
+    _check_b3(cfg["data"]["train"])  # s35-b3
+
+
+def _check_b3(train: dict) -> None:
+    """s35-b3: batching=b3's settings in range (its teacher is checked by ``fit``, as data.train.shards is:
+    a recipe names no teacher, the command line does)."""
+    if train["batching"] != "b3":
+        return
+    b3 = train["b3"]
+    for key in ("cluster_size", "batch_size"):
+        if b3[key] < 1:
+            raise ConfigError(f"data.train.b3.{key}: {b3[key]!r} is below its minimum, 1")
+    if not b3["resolution"] > 0:
+        raise ConfigError(f"data.train.b3.resolution: {b3['resolution']!r} must be > 0")
+    w = b3["window"]
+    if len(w) != 2 or not all(isinstance(x, int) for x in w) or not 1 <= w[0] <= w[1]:
+        raise ConfigError(f"data.train.b3.window={w!r}: expected [lo, hi] with 1 <= lo <= hi (ranks, 1-based)")
 
 
 def _check_video(video: dict) -> None:

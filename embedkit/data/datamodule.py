@@ -140,15 +140,17 @@ class EmbeddingDataModule(L.LightningDataModule):
 
     ``global_batch_size`` is the contrastive batch across all ranks, split evenly; ``chunk_size``
     and ``chunk_tokens`` cut each side of a device's batch into forward passes (ordered by cost
-    first when ``sort_chunks``); ``processor`` (the
+    first when ``sort_chunks``); ``b3``: a ``data.b3.B3Partition`` to draw the batches from
+    (``data.train.batching=b3``), else None; ``processor`` (the
     encoder's) runs in the DataLoader workers, which ignore the stop signals (SIGTERM, SIGINT and
     ``stop_signals``, e.g. ``["SIGUSR1"]``): the main process decides when to stop (``WorkerSignals``).
     """
 
     def __init__(self, data: dict, processor, train_shards: list[str], val_shards: list[str], *, seed: int,
                  global_batch_size: int, chunk_size: int, chunk_tokens: int = 0, accumulate: int = 1,
-                 sort_chunks: bool = False, stop_signals: list[str] | None = None):
+                 sort_chunks: bool = False, stop_signals: list[str] | None = None, b3=None):
         super().__init__()
+        self.b3 = b3  # data.train.batching=b3: the partition (data/b3.py) the stream draws its batches from
         self.stop_signals = list(stop_signals or [])
         self.train_data = data["train"]
         self.processor = processor
@@ -185,7 +187,7 @@ class EmbeddingDataModule(L.LightningDataModule):
                                  mix=t["mix"], task_batch_size=t["task_batch_size"], epoch_steps=t["epoch_steps"],
                                  start_step=start, accumulate=self.accumulate, group_by=t["group_by"],
                                  length_order=t["length_order"], resume_states=self.resume_states,
-                                 decoding=self.decoding)
+                                 decoding=self.decoding, b3=self.b3)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         workers = t["num_workers"]

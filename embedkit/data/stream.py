@@ -33,6 +33,12 @@ from the next sample: batches are always full. Each ``TrainBatch`` carries the s
 since its previous batch (``TrainBatch.skipped``), so the module sums exactly the skips of the batches it
 trained on. The first few samples of each reason are logged as warnings, the rest at debug level. Shards
 may be URLs or ``pipe:`` commands (``embedkit.data.remote``). Everything is deterministic in ``seed``.
+
+``b3`` (``data.train.batching=b3``, ``data/b3.py``, docs/batching.md): the examples of each step are the
+batch plan's (a pure function of the partition, the seed and the step), read by index from the tars
+(``ExampleIndex``: member offsets read once from the headers); the mixture plan and the readers are not
+used. ``length_order`` still re-deals an optimizer step's micro-batches; ``task_batch_size`` > 0 makes
+each global batch one subset's clusters; ``mix`` and ``group_by`` are refused with it.
 """
 
 from __future__ import annotations
@@ -44,9 +50,10 @@ from collections import Counter
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from embedkit.data.b3 import B3Partition, B3Plan, ExampleIndex
 from embedkit.data.batch import ChunkCollate, TrainBatch
 from embedkit.data.mixture import MixturePlan, arrange_by_length, source_weights
-from embedkit.data.reader import SourceReader
+from embedkit.data.reader import SourceReader, take
 from embedkit.data.schema import Example
 from embedkit.data.shard_set import ShardSet
 from embedkit.data.shards import Decoding
@@ -68,10 +75,13 @@ class ShardStream(IterableDataset):
                  seed: int, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
                  mix: dict | None = None, task_batch_size: int = 0, epoch_steps: int = 0,
                  start_step: int = 0, accumulate: int = 1, group_by: str = "none", length_order: str = "none",
-                 resume_states: dict | None = None, decoding: Decoding | None = None):
+                 resume_states: dict | None = None, decoding: Decoding | None = None, b3: B3Partition | None = None):
         self.shard_set = shards if isinstance(shards, ShardSet) else ShardSet(shards)
         self.sources = self.shard_set.sources
         self.weights = source_weights(self.shard_set, mix)
+        self.b3 = None  # data.train.batching=b3: the batch plan (data/b3.py); the steps' examples by index
+        if b3 is not None:
+            self.b3 = self._b3_plan(b3, mix, group_by, seed, local_batch_size, rank, world_size, task_batch_size)
         if group_by not in ("none", "modality"):
             raise ValueError(f"data.train.group_by={group_by!r}: choose none or modality")
         if length_order not in ("none", "sorted", "balanced"):
@@ -149,6 +159,40 @@ class ShardStream(IterableDataset):
         """The source of each example of this rank's batch at ``step``."""
         return self.plan.step_sources(step)
 
+    # -- B3 (data/b3.py): each step's examples named by the batch plan, read by index -----------------
+    def _b3_plan(self, partition: B3Partition, mix, group_by: str, seed: int, local: int, rank: int, world: int,
+                 task_batch_size: int) -> B3Plan:
+        """The plan of ``partition`` for this rank (``task_batch_size`` > 0: one subset per batch)."""
+        if mix:
+            raise ValueError("data.train.mix: not with data.train.batching=b3, which draws every example once "
+                             "per epoch from its clusters")
+        if group_by != "none":
+            raise ValueError("data.train.group_by=modality: not with data.train.batching=b3 (batches are drawn "
+                             "from communities; use data.train.task_batch_size for one subset per batch)")
+        self.index = ExampleIndex(self.shard_set)
+        if len(self.index) != partition.n:
+            raise ValueError(f"data.train.batching=b3: the partition was made for {partition.n} examples, the "
+                             f"shards hold {len(self.index)}")
+        self._cluster_of = partition.cluster_of()
+        return B3Plan(partition, seed, local * world, rank, world, homogeneous=task_batch_size > 0)
+
+    def _b3_draw(self, step: int) -> list[Example]:
+        return [self._b3_read(i) for i in self.b3.step_indices(step)]
+
+    def _b3_read(self, i: int) -> Example:
+        """Example ``i``; one that does not decode (or that the processor refuses) is skipped and counted,
+        and the next member of its cluster read instead (cyclically), so the batch stays in its community."""
+        cluster = self.b3.partition.clusters[self._cluster_of[i]]
+        start = cluster.index(i)
+        processor = getattr(self.collate, "processor", None)
+        for k in range(len(cluster)):
+            key, files = self.index.read(cluster[(start + k) % len(cluster)])
+            example, reason, why = take(key, files, processor, self.decoding, self.resize)
+            if example is not None:
+                return example
+            self.skip(reason, f"sample {key} ({why})", key)
+        raise RuntimeError(f"data.train.batching=b3: no sample of the cluster of example {i} is readable")
+
     def batches(self, worker: int = 0, num_workers: int = 1, epoch: int = 0, start: int = 0,
                 resume: dict | None = None):
         """The examples of each batch this (rank, worker) builds, in order (before collation), from
@@ -161,12 +205,16 @@ class ShardStream(IterableDataset):
         # one reads that worker's earlier micro-batches of it again (and yields from ``start`` on)
         read_from = start - start % a if self.length_order != "none" else start
         skipped, steps = self._steps(worker, num_workers, epoch, read_from)
-        readers = self._readers(worker, num_workers, epoch, self.plan.drawn_before(skipped),
-                                _skipped_before(resume, epoch, read_from))
         state = {"epoch": epoch, "worker": worker}
+        if self.b3 is not None:  # a pure function of the step: no reader to move on
+            readers: dict = {}
+            draw = self._b3_draw
+        else:
+            readers = self._readers(worker, num_workers, epoch, self.plan.drawn_before(skipped),
+                                    _skipped_before(resume, epoch, read_from))
 
-        def draw(step):
-            return [readers[name].next() for name in self.step_sources(step)]
+            def draw(step):
+                return [readers[name].next() for name in self.step_sources(step)]
 
         if self.length_order == "none":
             for step in steps:

@@ -42,6 +42,7 @@ from embedkit.encoder import CHECKPOINT_PREFIX, Encoder, read_checkpoint
 from embedkit.errors import UserError
 from embedkit.export.reader import checkpoint_of, from_checkpoint
 from embedkit.runs import RunDir
+from embedkit.tracking import lineage
 
 METHODS = ("average", "slerp", "ties")
 
@@ -199,6 +200,9 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path, *, method: str = "av
     merged = merge_states(states, method, weights, base, density, scale, log)
 
     write_run(RunDir(out), merged_config(config, out), merged, record_of(runs, method, weights, density, scale))
+    # the inputs' lineage (each its own chain, as it stood), so a card or a later stage shows stage -> merge
+    lineage.write(RunDir(out), lineage.node(out.name, out, f"merge {method}", 0,
+                                            [lineage.of_source(r) for r in runs]))
     log(f"merge: wrote {out} ({method} of {len(runs)} runs, {len(merged)} tensors)")
     return out
 
@@ -208,7 +212,7 @@ def merged_config(config: dict, out: Path) -> dict:
     config = copy.deepcopy(config)
     if config["model"]["lora"].get("enabled"):
         config["model"]["lora"]["enabled"] = False
-    config["run"] = {**config.get("run", {}), "name": out.name, "dir": str(out)}
+    config["run"] = {**config.get("run", {}), "name": out.name, "dir": str(out), "init_from": None}
     return config
 
 

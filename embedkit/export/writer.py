@@ -136,6 +136,7 @@ def write_weights(folder: Path, encoder: Encoder, cut: Cut, *, lora_on: bool, me
 def metadata(encoder: Encoder, model: dict, cut: Cut, *, merged: bool, prompts: dict[str, str] | None) -> dict:
     """``embedkit.json``: what ``embedkit.load`` needs, the provenance, and the MLflow record of the
     training run (``"mlflow": {experiment, run_id, store}`` or ``{experiment, note}``; ``metrics``)."""
+    from embedkit.tracking import lineage
     from embedkit.tracking.training_run import training_run_record
 
     provenance = encoder.provenance
@@ -163,6 +164,7 @@ def metadata(encoder: Encoder, model: dict, cut: Cut, *, merged: bool, prompts: 
         "training_config": config,
     }
     meta.update(training_run_record(config, RunDir.of_checkpoint(ckpt)))  # the MLflow run, or why there is none
+    meta["lineage"] = lineage.of_source(ckpt, provenance.step)  # s35-b3: where the weights came from (the card's line)
     return meta
 
 

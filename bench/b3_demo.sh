@@ -5,7 +5,8 @@
 #   nice -n 10 bash bench/b3_demo.sh [OUT_DIR]        (default bench/out/b3; STEPS=250 student steps)
 #   INIT=1 nice -n 10 bash bench/b3_demo.sh OUT_DIR   both arms start from the teacher's weights (init_from:
 #                                                     a second stage, as B3 starts from VLM2Vec); TEACHER=DIR
-#                                                     reuses a finished teacher run
+#                                                     reuses a finished teacher run; EXTRA="train.lr=3e-4"
+#                                                     adds overrides to both arms
 # Prints one line per run and writes OUT_DIR/results.tsv (arm, seed, held-out P@1 after).
 set -euo pipefail
 OUT=${1:-bench/out/b3}
@@ -15,7 +16,7 @@ TEACHER=${TEACHER:-$OUT/teacher}
 STEPS=${STEPS:-250}
 DATA=(recipe=demo data.demo.train_size=2000 tracking.enabled=false)
 COMMON=("${DATA[@]}" train.global_batch_size=16 train.chunk_size=16 data.train.task_batch_size=16
-        trainer.max_steps=$STEPS trainer.val_check_interval=$STEPS)
+        trainer.max_steps=$STEPS trainer.val_check_interval=$STEPS ${EXTRA:-})
 if [ ! -f "$TEACHER/checkpoints/last.ckpt" ]; then
   $PY -m embedkit fit "${DATA[@]}" trainer.max_steps=200 trainer.val_check_interval=200 run.dir="$TEACHER" \
     > "$OUT/teacher.log" 2>&1

@@ -117,12 +117,24 @@ class Teach:
             stats[rel] = json.loads((self.state / f"{rel}.json").read_text())
         return stats
 
+    def embed(self, samples: list, rel: str) -> list[torch.Tensor]:
+        """Each sample's teacher rows [1 + 1 + k, D]: its query on the query side, its positive and negatives
+        on the candidate side (``encode_items(side=)``: a teacher that frames documents apart, GME's system
+        message, embeds them as documents)."""
+        if not samples:
+            return []
+        log, size, workers = (lambda m: self.log(m.replace("mine: ", "teach: ", 1))), self.settings.batch_size, \
+            self.settings.num_workers
+        q = encode_slots(self.encoder, [s.slots[0] for s in samples], size, log, f"{rel} queries", workers)
+        c = encode_slots(self.encoder, [slot for s in samples for slot in s.slots[1:]], size, log,
+                         f"{rel} candidates", workers, side="candidate")
+        return [torch.cat([q[i : i + 1], part]) for i, part in enumerate(c.split([len(s.slots) - 1 for s in samples]))]
+
     def teach_shard(self, src: str, rel: str, progress: str) -> None:
         samples = read_samples(src, getattr(self.encoder, "decoding", None))
         slots = [slot for sample in samples for slot in sample.slots]
-        emb = encode_slots(self.encoder, slots, self.settings.batch_size,
-                           lambda m: self.log(m.replace("mine: ", "teach: ", 1)), rel, self.settings.num_workers)
-        per_sample = list(emb.split([len(s.slots) for s in samples])) if samples else []
+        per_sample = self.embed(samples, rel)
+        emb = torch.cat(per_sample) if per_sample else torch.empty(0, 0)
         scores = judge_scores(self.judge, samples, per_sample) if self.judge is not None and samples else None
         dtype = STORE_DTYPES[self.settings.store_dtype]
         out = [taught_files(sample, e.numpy().astype(dtype), None if scores is None else scores[i])

@@ -23,6 +23,9 @@ one column per group in the leaderboard's order (Overall, Image, I-CLS..I-VG, Vi
 VisDoc, ViDoRe-V1..OOD), a partial summary's row marked ``(partial)``; ``plot=`` then also draws the
 groups as a bar chart (``<plot stem>_mmeb_v2.png``). ``runs=DIR,...`` reads the same from eval output
 folders (``<dir>/mmeb_v2/summary.json``) without an MLflow store.
+
+Stages: when a run was started from another's weights (``embedkit fit init_from=``; a merge's inputs), the
+table gets a ``lineage`` column with its chain (``stage1 -> stage2``, from the ``embedkit.lineage`` tag).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 from embedkit.errors import UserError
 from embedkit.eval.mmeb_v2 import summary as mmeb_summary
 from embedkit.files import atomic_path
+from embedkit.tracking.lineage import LINEAGE_TAG
 from embedkit.tracking.store import display_name, is_sqlite, resolve_uri, sqlite_path, stored_name
 
 DEFAULT_METRICS = ("val/p@1", "eval/overall/p@1", "train/loss")
@@ -118,13 +122,15 @@ def lower_is_better(name: str) -> bool:
 def build_table(client, runs: list, metrics: list[str]) -> tuple[list[str], list[list], dict]:
     """Header, rows and the curves ``{metric: {run label: [(step, value)]}}``."""
     params = differing_params(runs)
-    header = ["run", "run_id"] + params
+    # a staged run's chain (stage 1 -> stage 2 -> merge), from the tag fit sets (tracking/lineage.py)
+    chains = [r.data.tags.get(LINEAGE_TAG, "") for r in runs] if any(LINEAGE_TAG in r.data.tags for r in runs) else None
+    header = ["run", "run_id"] + (["lineage"] if chains else []) + params
     for m in metrics:
         header += [f"{m} best", f"{m} final"]
     rows, curves = [], {m: {} for m in metrics}
-    for r in runs:
+    for i, r in enumerate(runs):
         label = r.info.run_name or r.info.run_id[:8]
-        row = [label, r.info.run_id] + [r.data.params.get(k, "") for k in params]
+        row = [label, r.info.run_id] + ([chains[i] or label] if chains else []) + [r.data.params.get(k, "") for k in params]
         for m in metrics:
             points = history(client, r, m)
             curves[m][label] = points

@@ -26,6 +26,7 @@ class FixedEncoder:
 
     def __init__(self):
         self.table: dict[str, torch.Tensor] = {}
+        self.sides: set[tuple] = set()
 
     def vector(self, text: str) -> torch.Tensor:
         if text not in self.table:
@@ -33,7 +34,8 @@ class FixedEncoder:
             self.table[text] = F.normalize(torch.randn(DT, generator=g), dim=-1)
         return self.table[text]
 
-    def encode_items(self, items, batch_size=32):
+    def encode_items(self, items, batch_size=32, side=None):
+        self.sides.update((side, it.text[0]) for it in items)
         return torch.stack([self.vector(it.text) for it in items])
 
 
@@ -79,6 +81,8 @@ def test_taught_shards_hold_the_teachers_embeddings_and_the_judges_scores(src, t
             want = expected[1:] @ expected[0]  # the embedding judge: the teacher's cosine of (query, candidate)
             assert ex.teacher.scores.shape == (1 + len(ex.negatives),)
             assert np.abs(ex.teacher.scores - want).max() < 1e-6
+    # queries as queries; positives and negatives as documents (a GME teacher's candidate system message)
+    assert encoder.sides == {(None, "q"), ("candidate", "p"), ("candidate", "n")}
 
 
 def test_float16_is_the_default_store_and_untaught_samples_have_no_teacher(src, tmp_path):

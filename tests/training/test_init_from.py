@@ -43,7 +43,7 @@ def stages(tmp_path_factory):
         mp.undo()
 
 
-def test_a_stage_starts_from_its_parents_weights(stages):
+def test_a_stage_starts_from_its_parents_weights(stages, capsys):
     from mlflow.tracking import MlflowClient
 
     from embedkit.tracking.lineage import LINEAGE_TAG, PARENT_TAG
@@ -55,6 +55,10 @@ def test_a_stage_starts_from_its_parents_weights(stages):
     run_id = (tmp / "two" / "mlflow_run_id").read_text().strip()
     tags = MlflowClient(tracking_uri=uri).get_run(run_id).data.tags
     assert tags[PARENT_TAG] == str((tmp / "one").resolve()) and tags[LINEAGE_TAG] == "one -> two"
+    capsys.readouterr()
+    assert cli(["compare", f"tracking.uri={uri}"]) == 0  # compare shows the chain
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert "lineage" in table[0] and "| one -> two |" in table[2], table
     one, two = weights(tmp / "one"), weights(tmp / "two")
     assert all(torch.equal(one[k], two[k]) for k in one)
     # the parent did train: the seeded initialisation the stage would otherwise have started from differs

@@ -32,7 +32,7 @@ KEYS = {
                  "append_eos": True, "resize": None, "video_min_pixels": None, "video_max_pixels": None,
                  "video_total_pixels": None, "tiny_hidden_size": 64, "tiny_layers": 2, "tiny_vision_layers": 2,
                  "batched_vision_attention": True, "prompt": "none", "system_prompt": "You are a helpful assistant.",
-                 "append_token": None},
+                 "candidate_system_prompt": None, "append_token": None},
     "llava_onevision": {**COMMON, **VISION, "train_projector": False, "append_eos": True, "anyres_max": None,
                         "max_grid": None, "max_length": None, "prompt": "none",
                         "system_prompt": "You are a helpful assistant."},
@@ -45,7 +45,7 @@ FAMILIES["qwen3_vl"] = Qwen3VLBackbone
 VLMS.append("qwen3_vl")
 KEYS["qwen3_vl"] = {**COMMON, **VISION, "min_pixels": 4096, "max_pixels": 1843200, "max_length": 8192,
                     "append_eos": True, "append_token": None, "prompt": "none",
-                    "system_prompt": "Represent the user's input.", "resize": None, "video_min_pixels": None,
+                    "system_prompt": "Represent the user's input.", "candidate_system_prompt": None, "resize": None, "video_min_pixels": None,
                     "video_max_pixels": None, "video_total_pixels": None, "tiny_hidden_size": 64, "tiny_layers": 2,
                     "tiny_vision_layers": 2}
 

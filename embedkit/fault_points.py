@@ -27,7 +27,7 @@ PLAN_ENV = "EMBEDKIT_FAULT_PLAN"
 TRACE_ENV = "EMBEDKIT_FAULT_TRACE"
 POINTS = ("checkpoint_write", "train_batch", "validation_batch", "encode_part", "mine_cache", "mine_shard",
           "eval_dataset")
-POINTS += ("teach_shard",)  # s35-distill: a taught shard written, before its counts (mining/teacher.py)
+POINTS += ("teach_shard",)  # a taught shard written, before its counts (mining/teacher.py)
 ACTIONS = ("kill", "enospc")
 
 

@@ -28,7 +28,6 @@ class RunSection:
     name: Optional[str] = None  # default: <recipe>-<timestamp>
     dir: Optional[str] = None  # default: runs/<run.name>
     resume: Literal["never", "auto"] = "never"  # auto: continue run.dir's newest checkpoint when there is one
-    # s35-b3 (helper E): stages with lineage
     init_from: Optional[str] = None  # start from this run dir's, checkpoint's or export's weights (a new stage: fresh optimizer and schedule; docs/stages.md)
 
 
@@ -68,7 +67,6 @@ class DemoData:
     text_only: bool = False  # captions on both sides (for text-only backbones)
 
 
-# -- s35-b3 (helper E): B3 batch mining (data/b3.py, docs/batching.md) ----------------------------
 @dataclass
 class B3Data:
     """``data.train.batching=b3``: batches from communities of a teacher-ranked preference graph (B3,
@@ -80,7 +78,6 @@ class B3Data:
     resolution: float = 1.0  # Louvain resolution: > 1 gives smaller communities
     batch_size: int = 32  # the teacher's items per forward pass while ranking
     cache_dir: Optional[str] = None  # partitions cached by teacher + data + settings + seed; default: $EMBEDKIT_CACHE or ~/.cache/embedkit
-# -- end s35-b3 ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -94,7 +91,6 @@ class TrainData:
     epoch_steps: int = 0  # batches per rank per epoch (resampled shards); 0: endless, trainer.max_steps ends the run
     group_by: Literal["none", "modality"] = "none"  # modality: every optimizer step's queries all image or all text (drawn per step by the weights of each modality's subsets)
     length_order: Literal["none", "sorted", "balanced"] = "none"  # re-deal a worker's micro-batches of one optimizer step by words: sorted = length-homogeneous, balanced = equal word totals
-    # s35-b3 (helper E): B3 batch mining
     batching: Literal["random", "b3"] = "random"  # random = the mixture plan; b3 = batches from teacher-ranked communities (data.train.b3)
     b3: B3Data = field(default_factory=B3Data)
 
@@ -128,8 +124,7 @@ class EvalData:
     # candidate, or MUVERA's FDE picks data.eval.muvera.candidates per query and exact MaxSim re-ranks them
     retrieval: Literal["exact", "muvera"] = "exact"
     muvera: MuveraSettings = field(default_factory=MuveraSettings)
-    # -- s35 (helper C): MMEB-V2 eval data root for `embedkit eval benchmark=mmeb_v2` (docs/mmeb-v2.md "Running it")
-    mmeb_v2_root: Optional[str] = None
+    mmeb_v2_root: Optional[str] = None  # `embedkit eval benchmark=mmeb_v2`: the MMEB-V2 eval layout (docs/mmeb-v2.md "Running it")
 
 
 @dataclass
@@ -280,7 +275,7 @@ INEFFECTIVE_OVERRIDES = (
     ("train.betas", "train.optimizer", lambda v: v != "adamw", "train.optimizer=adamw"),
     ("train.min_lr_ratio", "train.schedule", lambda v: v == "constant", "train.schedule=cosine or linear"),
     ("data.eval.muvera.", "data.eval.retrieval", lambda v: v != "muvera", "data.eval.retrieval=muvera"),
-    ("data.train.b3.", "data.train.batching", lambda v: v != "b3", "data.train.batching=b3"),  # s35-b3
+    ("data.train.b3.", "data.train.batching", lambda v: v != "b3", "data.train.batching=b3"),
 )
 
 
@@ -305,11 +300,11 @@ def check_combinations(cfg: dict, overridden: Collection[str] = ()) -> None:
             raise ConfigError(f"train.global_batch_size={train['global_batch_size']} is not divisible by the "
                               f"{world} devices (trainer.devices x trainer.num_nodes)")
     _check_video(cfg["data"]["video"])
-    _check_b3(cfg["data"]["train"])  # s35-b3
+    _check_b3(cfg["data"]["train"])
 
 
 def _check_b3(train: dict) -> None:
-    """s35-b3: batching=b3's settings in range (its teacher is checked by ``fit``, as data.train.shards is:
+    """batching=b3's settings in range (its teacher is checked by ``fit``, as data.train.shards is:
     a recipe names no teacher, the command line does)."""
     if train["batching"] != "b3":
         return

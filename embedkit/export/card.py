@@ -53,7 +53,7 @@ def render(meta: dict) -> str:
         + (f", run id `{mlflow['run_id']}` (store `{mlflow.get('store')}`)" if mlflow.get("run_id") else "")
         + (f"; {mlflow['note']}" if mlflow.get("note") else ""),
     ]
-    if (meta.get("lineage") or {}).get("parents"):  # s35-b3: stage 1 -> stage 2 -> merge (tracking/lineage.py)
+    if (meta.get("lineage") or {}).get("parents"):  # stage 1 -> stage 2 -> merge (tracking/lineage.py)
         from embedkit.tracking.lineage import chain
 
         lines.append(f"- lineage: {chain(meta['lineage'])}")

@@ -164,7 +164,7 @@ def metadata(encoder: Encoder, model: dict, cut: Cut, *, merged: bool, prompts: 
         "training_config": config,
     }
     meta.update(training_run_record(config, RunDir.of_checkpoint(ckpt)))  # the MLflow run, or why there is none
-    meta["lineage"] = lineage.of_source(ckpt, provenance.step)  # s35-b3: where the weights came from (the card's line)
+    meta["lineage"] = lineage.of_source(ckpt, provenance.step)  # where the weights came from (the card's line)
     return meta
 
 

@@ -190,7 +190,7 @@ def test_gradcache_equals_the_full_batch(name, inner):
     """Chunked (GradCache, dropout replayed) == one graph, the wrapper around InfoNCE and LLaVE's loss."""
     from torch import nn
 
-    from embedkit.training.gradcache import cached_step
+    from tests.training.test_gradcache import one_step
 
     def run(cached: bool):
         torch.manual_seed(0)
@@ -208,12 +208,7 @@ def test_gradcache_equals_the_full_batch(name, inner):
             e = [F.normalize(x, dim=-1) for x in e]
             return loss(torch.cat(e[:4]), torch.cat(e[4:8]), torch.cat(e[8:]).view(8, 1, D), teacher=teacher)
 
-        torch.manual_seed(5)
-        if cached:
-            out = cached_step(enc, chunks, loss_of, lambda t: t.backward())
-        else:
-            out = loss_of([enc(c) for c in chunks])
-            out.loss.backward()
+        out = one_step(enc, chunks, loss_of, cached)
         return out, [p.grad.clone() for p in enc.parameters()]
 
     (out_c, grads_c), (out_r, grads_r) = run(True), run(False)

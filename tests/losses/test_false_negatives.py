@@ -16,7 +16,6 @@ from PIL import Image
 from embedkit.config import registry, schema
 from embedkit.data.schema import Example, Item, content_key
 from embedkit.losses.base import CandidateMask, LossOutput, call_loss, candidates
-from embedkit.training.gradcache import cached_step
 from tests.losses.test_losses import ref_loss
 
 B, K, D = 6, 2, 16
@@ -148,7 +147,7 @@ def test_user_losses_without_mask_keep_working_and_kwargs_losses_get_it():
 
 def test_gradcache_with_masking_equals_one_graph():
     """The cache step sees the same mask: chunked gradients == one graph, both masked."""
-    from tests.training.test_gradcache import Encoder
+    from tests.training.test_gradcache import Encoder, one_step
 
     keys = torch.tensor([0, 1, 2, 1, 4, 5, 6, 7] + [2, 9, 10, 4, 12, 13, 14, 15], dtype=torch.int64)
 
@@ -166,12 +165,7 @@ def test_gradcache_with_masking_equals_one_graph():
             c = torch.cat(e[3:])
             return loss(torch.cat(e[:3]), c[:8], c[8:].view(8, 1, -1), mask=CandidateMask(keys) if masked else None)
 
-        torch.manual_seed(5)
-        if cached:
-            out = cached_step(enc, chunks, loss_of, lambda t: t.backward())
-        else:
-            out = loss_of([enc(c) for c in chunks])
-            out.loss.backward()
+        out = one_step(enc, chunks, loss_of, cached)
         return out.loss.detach(), [p.grad for p in enc.parameters()]
 
     (loss_c, grads_c), (loss_r, grads_r) = run(True, True), run(False, True)

@@ -112,6 +112,18 @@ def test_gradient_checkpointing_non_reentrant_with_dropout_replays_exactly():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def one_step(enc, chunks, loss_of, cached: bool):
+    """One training step over ``chunks`` (the encoder's inputs; ``loss_of`` maps their embeddings to a
+    ``LossOutput``), its gradients left in ``enc``: through GradCache (``cached_step``) or as one graph, the
+    dropout seeded alike, so the two can be compared. Returns the ``LossOutput``."""
+    torch.manual_seed(5)
+    if cached:
+        return cached_step(enc, chunks, loss_of, lambda t: t.backward())
+    out = loss_of([enc(c) for c in chunks])
+    out.loss.backward()
+    return out
+
+
 def _every_loss():
     from embedkit.config import registry
 
@@ -141,12 +153,7 @@ def test_every_loss_chunked_equals_one_graph_with_dropout(name):
             n = torch.cat(e[8:])
             return call_loss(loss, torch.cat(e[:4]), torch.cat(e[4:8]), n.view(8, 1, *n.shape[1:]), teacher=teacher)
 
-        torch.manual_seed(5)
-        if cached:
-            out = cached_step(enc, chunks, loss_of, lambda t: t.backward())
-        else:
-            out = loss_of([enc(c) for c in chunks])
-            out.loss.backward()
+        out = one_step(enc, chunks, loss_of, cached)
         return out.loss.detach(), [p.grad for p in list(enc.parameters()) + list(loss.parameters())]
 
     (loss_c, grads_c), (loss_r, grads_r) = run(True), run(False)

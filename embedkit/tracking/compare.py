@@ -168,6 +168,16 @@ def to_csv(header: list[str], rows: list[list]) -> str:
     return buf.getvalue()
 
 
+def save_png(fig, path: str | Path) -> Path:
+    """``fig`` written to ``path`` as a PNG (atomically: a kill leaves the old file or none), then closed."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
+
+
 def plot_curves(curves: dict, path: str | Path, title: str) -> Path:
     import matplotlib
 
@@ -191,10 +201,7 @@ def plot_curves(curves: dict, path: str | Path, title: str) -> Path:
         ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def log_plot(client, experiment_id: str, png: Path, runs: list) -> str:
@@ -288,7 +295,4 @@ def plot_groups(rows: list[GroupRow], path: str | Path, title: str) -> Path:
     ax.legend(fontsize="small")
     ax.set_title(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
